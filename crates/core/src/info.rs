@@ -1,0 +1,200 @@
+//! What an instance reports about itself: [`VmInfo`], [`Capabilities`], [`VmEvent`],
+//! [`ExitInfo`].
+
+use std::fmt;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::state::VmState;
+
+bitflags::bitflags! {
+    /// What a backend (or one instance of it) can do. Callers check a bit before they
+    /// rely on a feature instead of finding out from a failure.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+    pub struct Capabilities: u32 {
+        /// vCPUs can be added (and maybe removed) while running.
+        const CPU_HOTPLUG = 1 << 0;
+        /// Memory can be added (and maybe removed) while running.
+        const MEMORY_HOTPLUG = 1 << 1;
+        /// Disks can be attached and detached while running.
+        const DISK_HOTPLUG = 1 << 2;
+        /// NICs can be attached and detached while running.
+        const NIC_HOTPLUG = 1 << 3;
+        /// Kernel vsock to the guest.
+        const VSOCK = 1 << 4;
+        /// Hybrid vsock (a Unix socket speaking `CONNECT <port>`) to the guest.
+        const HYBRID_VSOCK = 1 << 5;
+        /// `pause` / `resume`.
+        const PAUSE = 1 << 6;
+        /// A TTRPC guest agent is dialled and `start` waits for it.
+        const GUEST_AGENT = 1 << 7;
+        /// Raw byte streams to the guest (`start_stream`).
+        const GUEST_STREAMS = 1 << 8;
+    }
+}
+
+impl fmt::Display for Capabilities {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        bitflags::parser::to_writer(self, f)
+    }
+}
+
+/// A snapshot of an instance's identity and runtime details.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmInfo {
+    /// The config's id.
+    pub id: String,
+    /// The backend's name.
+    pub backend: String,
+    /// The state when the snapshot was taken.
+    pub state: VmState,
+    /// The VMM process's pid, while it runs.
+    pub pid: Option<u32>,
+    /// The guest's vsock CID, once assigned.
+    pub cid: Option<u32>,
+    /// The sockets the instance serves or uses, by role (`"control"`, `"vsock"`).
+    pub sockets: Vec<(String, PathBuf)>,
+    /// What this instance can do (may be narrower than the backend's list, e.g. without
+    /// memory slots there is no memory hotplug).
+    pub capabilities: Capabilities,
+}
+
+/// The stage of a staged shutdown that made the VMM exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ShutdownStage {
+    /// The guest agent powered the guest off.
+    GuestPowerOff,
+    /// ACPI power button (`system_powerdown` in QEMU); the guest shut itself down.
+    AcpiPowerdown,
+    /// The VMM's own quit command.
+    Quit,
+    /// SIGTERM to the VMM process.
+    Terminate,
+    /// SIGKILL to the VMM process.
+    Kill,
+}
+
+/// Why the VM is gone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExitReason {
+    /// The guest shut down by itself or in answer to a graceful request.
+    GuestShutdown,
+    /// The guest kernel panicked.
+    GuestPanic,
+    /// The host stopped it (`shutdown`, quit, a signal sent by vmkit).
+    HostShutdown,
+    /// The VMM process died without being asked.
+    Crashed,
+    /// `start` failed; the message says why.
+    StartFailed,
+    /// Shut down before it was ever started.
+    NeverStarted,
+}
+
+/// How a VM ended. Returned by `shutdown` and `wait`; every waiter gets the same one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitInfo {
+    /// Why it ended.
+    pub reason: ExitReason,
+    /// Which shutdown stage ended it; `None` when it ended on its own.
+    pub stage: Option<ShutdownStage>,
+    /// The VMM process's exit code, when it exited normally.
+    pub exit_code: Option<i32>,
+    /// The signal that killed the VMM process, if one did.
+    pub signal: Option<i32>,
+    /// Details: the error of a failed start, the last lines of a crashed VMM's stderr.
+    pub message: Option<String>,
+}
+
+impl ExitInfo {
+    /// An instance shut down before it was started.
+    pub fn never_started() -> Self {
+        ExitInfo {
+            reason: ExitReason::NeverStarted,
+            stage: None,
+            exit_code: None,
+            signal: None,
+            message: None,
+        }
+    }
+}
+
+/// Something that happened to a VM, published on [`crate::Instance::events`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum VmEvent {
+    /// The state changed.
+    StateChanged {
+        /// The state before.
+        from: VmState,
+        /// The state after.
+        to: VmState,
+    },
+    /// The guest was asked to power down (ACPI power button).
+    Powerdown,
+    /// The VMM reports a shutdown; `guest` is true when the guest initiated it.
+    ShutdownRequested {
+        /// Initiated by the guest.
+        guest: bool,
+        /// The VMM's reason string (`"guest-shutdown"`, `"host-signal"`, …).
+        reason: String,
+    },
+    /// The guest reset.
+    Reset {
+        /// Initiated by the guest.
+        guest: bool,
+    },
+    /// The vCPUs stopped.
+    Stopped,
+    /// The vCPUs resumed.
+    Resumed,
+    /// A device finished unplugging.
+    DeviceDeleted {
+        /// The device id, when it had one.
+        id: Option<String>,
+        /// The VMM's path for it.
+        path: String,
+    },
+    /// The guest kernel panicked.
+    GuestPanicked,
+    /// The VMM process is gone.
+    Exited(ExitInfo),
+    /// A VMM event vmkit has no variant for, as raw JSON.
+    Other {
+        /// The event's name.
+        name: String,
+        /// Its data.
+        data: serde_json::Value,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capabilities_print_by_name_and_serialise() {
+        let caps = Capabilities::CPU_HOTPLUG | Capabilities::PAUSE;
+        assert_eq!(caps.to_string(), "CPU_HOTPLUG | PAUSE");
+        let json = serde_json::to_string(&caps).unwrap();
+        assert_eq!(json, "\"CPU_HOTPLUG | PAUSE\"");
+        assert_eq!(serde_json::from_str::<Capabilities>(&json).unwrap(), caps);
+        assert!(!caps.contains(Capabilities::MEMORY_HOTPLUG));
+    }
+
+    #[test]
+    fn events_serialise_with_snake_case_tags() {
+        let ev = VmEvent::StateChanged {
+            from: VmState::Running,
+            to: VmState::Paused,
+        };
+        assert_eq!(
+            serde_json::to_string(&ev).unwrap(),
+            r#"{"state_changed":{"from":"running","to":"paused"}}"#
+        );
+    }
+}

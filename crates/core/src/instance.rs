@@ -1,0 +1,200 @@
+//! The instance traits: [`Instance`] (life cycle) and the parts it is made of,
+//! [`DeviceConfigurator`] and [`GuestCommunicator`]. Resource hot-plug is in
+//! [`crate::resources`].
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::broadcast;
+
+use crate::devices::{DiskConfig, MacAddr, NicConfig};
+use crate::error::Result;
+use crate::info::{ExitInfo, VmEvent, VmInfo};
+use crate::resources::ResourceManager;
+use crate::state::VmState;
+
+/// A TTRPC client connected to the guest agent. Cheap to clone; wrap it in the
+/// generated typed client (`vmkit_proto::AgentServiceClient::new(client)`).
+pub type GuestClient = ttrpc::r#async::Client;
+
+/// A raw, bidirectional byte stream to the guest (stdio, file copy).
+pub trait GuestStream: AsyncRead + AsyncWrite + Send + Unpin {}
+
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> GuestStream for T {}
+
+/// Options for [`Instance::start`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StartOptions {
+    /// Overrides the config's `timeouts.start` for this start.
+    pub timeout: Option<Duration>,
+}
+
+impl StartOptions {
+    /// Start with the config's deadline.
+    pub fn new() -> Self {
+        StartOptions::default()
+    }
+
+    /// Start with this deadline instead of the config's.
+    pub fn with_timeout(timeout: Duration) -> Self {
+        StartOptions {
+            timeout: Some(timeout),
+        }
+    }
+}
+
+/// One virtual machine, created by a [`crate::Backend`].
+///
+/// State machine: `New → Starting → Running ⇄ Paused`, and any state `→ Shutdown`
+/// (see [`VmState::can_transition_to`]). A method called in a state it does not allow
+/// returns [`crate::Error::InvalidState`].
+#[async_trait]
+pub trait Instance: DeviceConfigurator + GuestCommunicator + ResourceManager + Send + Sync {
+    /// Boots the VM: `New → Starting → Running`. Returns once the guest's ready signal
+    /// (its agent's first answer) arrived.
+    ///
+    /// Allowed in: `New`. Deadline: `opts.timeout`, else the config's `timeouts.start`.
+    ///
+    /// # Errors
+    /// `InvalidState` outside `New`; `Timeout` past the deadline; `Backend` when the VMM
+    /// could not be spawned or died. A failed start releases everything it took
+    /// (process, sockets, CID, TAP) and leaves the instance in `Shutdown`.
+    async fn start(&self, opts: StartOptions) -> Result<()>;
+
+    /// Stops the VM, gracefully first, then by force, each stage bounded by the config's
+    /// `timeouts.shutdown_grace`. Ends in `Shutdown`, always reaps the VMM process and
+    /// removes its sockets.
+    ///
+    /// Allowed in: any state. Idempotent: a second or concurrent caller waits for the
+    /// first and gets the same [`ExitInfo`].
+    ///
+    /// # Errors
+    /// Only when cleanup itself failed (e.g. a socket could not be removed); the VM is
+    /// gone all the same.
+    async fn shutdown(&self) -> Result<ExitInfo>;
+
+    /// Stops the vCPUs: `Running → Paused`.
+    ///
+    /// Allowed in: `Running`. Deadline: the config's `timeouts.command`.
+    ///
+    /// # Errors
+    /// `InvalidState`, `Timeout`, `Unsupported` (no [`crate::Capabilities::PAUSE`]).
+    async fn pause(&self) -> Result<()>;
+
+    /// Restarts the vCPUs: `Paused → Running`.
+    ///
+    /// Allowed in: `Paused`. Deadline: the config's `timeouts.command`.
+    ///
+    /// # Errors
+    /// `InvalidState`, `Timeout`, `Unsupported`.
+    async fn resume(&self) -> Result<()>;
+
+    /// Resolves when the VMM process is gone, for any reason (shutdown, crash, failed
+    /// start), with how it ended. Resolves at once in `Shutdown`. Waits as long as the
+    /// VM runs: bound it with `tokio::time::timeout` if needed.
+    async fn wait(&self) -> ExitInfo;
+
+    /// The current state.
+    fn state(&self) -> VmState;
+
+    /// A snapshot of id, pid, CID, sockets and capabilities.
+    fn vm_info(&self) -> VmInfo;
+
+    /// A new subscription to the VM's events. A slow subscriber that falls behind gets
+    /// `RecvError::Lagged`, never blocks the VM.
+    fn events(&self) -> broadcast::Receiver<VmEvent>;
+}
+
+/// Devices: cold-plugged before start, hot-plugged after.
+#[async_trait]
+pub trait DeviceConfigurator: Send + Sync {
+    /// Adds a disk to boot with. Validated now: the image must exist, the id must be
+    /// well-formed and unique.
+    ///
+    /// Allowed in: `New`.
+    ///
+    /// # Errors
+    /// `InvalidState`, `InvalidConfig`.
+    fn add_disk(&self, disk: DiskConfig) -> Result<()>;
+
+    /// Adds a NIC to boot with. Validated now (id, interface name or fd, MAC).
+    ///
+    /// Allowed in: `New`.
+    ///
+    /// # Errors
+    /// `InvalidState`, `InvalidConfig`.
+    fn add_nic(&self, nic: NicConfig) -> Result<()>;
+
+    /// Adds a NIC on the TAP device `tap`; shorthand for [`Self::add_nic`].
+    ///
+    /// # Errors
+    /// As [`Self::add_nic`].
+    fn add_tap_nic(&self, id: &str, tap: &str, mac: Option<MacAddr>) -> Result<()> {
+        self.add_nic(NicConfig::tap(id, tap, mac))
+    }
+
+    /// Attaches a disk to the running VM; returns once the VMM accepted it.
+    ///
+    /// Allowed in: `Running`, `Paused`. Deadline: the config's `timeouts.command` per
+    /// VMM command. Needs [`crate::Capabilities::DISK_HOTPLUG`].
+    ///
+    /// # Errors
+    /// `InvalidState`, `InvalidConfig`, `Unsupported`, `Timeout`, `Backend` with the
+    /// VMM's own error text; on failure nothing of the disk is left attached.
+    async fn hotplug_disk(&self, disk: DiskConfig) -> Result<()>;
+
+    /// Attaches a NIC to the running VM.
+    ///
+    /// Allowed in: `Running`, `Paused`. Needs [`crate::Capabilities::NIC_HOTPLUG`].
+    ///
+    /// # Errors
+    /// As [`Self::hotplug_disk`].
+    async fn hotplug_nic(&self, nic: NicConfig) -> Result<()>;
+
+    /// Detaches the hot-pluggable device `id` and waits until the VMM reports it gone.
+    ///
+    /// Allowed in: `Running`. Deadline: the config's `timeouts.command` for the request
+    /// plus the guest's acknowledgement.
+    ///
+    /// # Errors
+    /// `InvalidState`, `InvalidConfig` (no such device), `Timeout` (the guest never
+    /// released it), `Backend`.
+    async fn unplug(&self, id: &str) -> Result<()>;
+}
+
+/// Talking to the agent in the guest.
+#[async_trait]
+pub trait GuestCommunicator: Send + Sync {
+    /// The instance's cached client; re-dialled when its connection died.
+    ///
+    /// Allowed in: `Running`, `Paused` (calls then wait for `resume`).
+    /// Deadline: the config's `timeouts.dial` when it must re-dial.
+    ///
+    /// # Errors
+    /// `InvalidState`, `Unsupported` (no guest agent), `Timeout`, `Backend`.
+    async fn client(&self) -> Result<GuestClient>;
+
+    /// A fresh connection to the agent, one attempt.
+    ///
+    /// # Errors
+    /// As [`Self::client`], without retry: a refused connection fails at once.
+    async fn dial_client(&self) -> Result<GuestClient>;
+
+    /// A fresh connection, retried with backoff until `timeout` on transient errors
+    /// (refused, reset, closed early); permanent errors (bad address, permission) fail
+    /// at once.
+    ///
+    /// # Errors
+    /// `Timeout` naming how many attempts were made and the last cause.
+    async fn dial_client_with_retry(&self, timeout: Duration) -> Result<GuestClient>;
+
+    /// A raw byte stream to the guest's vsock `port`.
+    ///
+    /// Allowed in: `Running`. Deadline: the config's `timeouts.dial`.
+    ///
+    /// # Errors
+    /// As [`Self::dial_client`].
+    async fn start_stream(&self, port: u32) -> Result<Box<dyn GuestStream>>;
+}

@@ -1,0 +1,63 @@
+//! # vmkit-core
+//!
+//! The backend-neutral heart of vmkit: the traits every VMM backend implements
+//! ([`Instance`], [`DeviceConfigurator`], [`GuestCommunicator`], [`ResourceManager`],
+//! [`CpuHotplugger`], [`MemoryHotplugger`], [`Backend`]), the VM state machine
+//! ([`VmState`], [`StateCell`]), the plain-data configuration ([`InstanceConfig`]) with
+//! its validation, the reported types ([`VmInfo`], [`Capabilities`], [`VmEvent`],
+//! [`ExitInfo`]), the crate's [`Error`], and the backend [`Registry`].
+//!
+//! It knows nothing of QEMU: backends such as `vmkit-qemu` implement these traits and
+//! register themselves; runtimes program against the traits.
+//!
+//! ```no_run
+//! use vmkit_core::{InstanceConfig, Registry, StartOptions};
+//!
+//! # async fn run() -> vmkit_core::Result<()> {
+//! // Every backend linked into the binary (e.g. `use vmkit_qemu as _;`).
+//! let registry = Registry::from_inventory()?;
+//!
+//! let mut config = InstanceConfig::new("sandbox-1", "/run/vmkit/sandbox-1", "/var/lib/vmkit/vmlinux");
+//! config.resources.max_vcpus = 4;
+//! config.validate()?; // backends validate again in `create`; errors name the field
+//!
+//! let vm = registry.create("qemu", config)?;
+//! vm.start(StartOptions::new()).await?; // New → Starting → Running
+//! if let Some(cpus) = vm.cpu_hotplugger() {
+//!     cpus.set_vcpus(2).await?;
+//! }
+//! let exit = vm.shutdown().await?; // any → Shutdown; idempotent
+//! println!("{:?} by {:?}", exit.reason, exit.stage);
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod backend;
+pub mod config;
+pub mod devices;
+pub mod error;
+pub mod info;
+pub mod instance;
+pub mod resources;
+pub mod state;
+pub mod validate;
+
+pub use backend::{Backend, BackendRegistration, Registry};
+pub use config::{
+    Accel, DEFAULT_AGENT_PORT, GuestTransport, InstanceConfig, KernelConfig, Resources,
+    StateLayout, Timeouts,
+};
+pub use devices::{DiskConfig, DiskFormat, MacAddr, NicBackend, NicConfig};
+pub use error::{Error, Result};
+pub use info::{Capabilities, ExitInfo, ExitReason, ShutdownStage, VmEvent, VmInfo};
+pub use instance::{
+    DeviceConfigurator, GuestClient, GuestCommunicator, GuestStream, Instance, StartOptions,
+};
+pub use resources::{
+    CpuFailure, CpuHotplugger, CpuInfo, CpuTopology, DimmInfo, MemoryHotplugger, MemoryInfo,
+    ResourceManager, VcpuResize,
+};
+pub use state::{StateCell, VmState};
+
+#[doc(hidden)]
+pub use inventory as __inventory;

@@ -1,0 +1,79 @@
+//! Running commands: echoed, timed, with errors that say which command failed.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+/// The workspace root (the xtask lives in `crates/xtask`).
+pub(crate) fn workspace_root() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest
+        .ancestors()
+        .nth(2)
+        .map_or_else(|| manifest.clone(), PathBuf::from)
+}
+
+/// The cargo that runs us (so `+toolchain` and `CARGO` overrides carry through).
+pub(crate) fn cargo() -> Command {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+/// Runs `cmd` with inherited stdio, printing it first and its duration after.
+pub(crate) fn step(what: &str, cmd: &mut Command) -> Result<(), String> {
+    println!("==> {what}: {}", show(cmd));
+    let started = Instant::now();
+    let status = cmd
+        .status()
+        .map_err(|e| format!("{what}: cannot run {}: {e}", show(cmd)))?;
+    let took = started.elapsed().as_secs_f64();
+    if status.success() {
+        println!("==> {what}: ok ({took:.1} s)");
+        Ok(())
+    } else {
+        Err(format!(
+            "{what}: {} failed ({status}) after {took:.1} s",
+            show(cmd)
+        ))
+    }
+}
+
+/// `true` when `cmd` runs and exits 0 (its output discarded).
+pub(crate) fn succeeds(cmd: &mut Command) -> bool {
+    cmd.stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// `cmd`'s stdout when it runs and exits 0.
+pub(crate) fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.stderr(Stdio::null()).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A command line as a user would type it.
+pub(crate) fn show(cmd: &Command) -> String {
+    let program = cmd.get_program();
+    let is_our_cargo = std::env::var_os("CARGO").is_some_and(|c| c == program);
+    let program = if is_our_cargo {
+        "cargo".into()
+    } else {
+        program.to_string_lossy().into_owned()
+    };
+    let mut parts = vec![program];
+    parts.extend(cmd.get_args().map(|a| a.to_string_lossy().into_owned()));
+    let env: Vec<String> = cmd
+        .get_envs()
+        .filter_map(|(k, v)| Some(format!("{}={}", k.to_string_lossy(), v?.to_string_lossy())))
+        .collect();
+    if env.is_empty() {
+        parts.join(" ")
+    } else {
+        format!("{} {}", env.join(" "), parts.join(" "))
+    }
+}

@@ -1,0 +1,60 @@
+//! `cargo xtask test`: what CI runs (`.ci/run` calls exactly this).
+
+use crate::install;
+use crate::run::{cargo, step};
+
+pub(crate) fn run(args: &[String]) -> Result<(), String> {
+    let (ours, test_args) = match args.iter().position(|a| a == "--") {
+        Some(i) => (&args[..i], &args[i + 1..]),
+        None => (args, &[][..]),
+    };
+    let mut lint = true;
+    for arg in ours {
+        match arg.as_str() {
+            "--no-lint" => lint = false,
+            other => return Err(format!("test: unknown option {other:?}")),
+        }
+    }
+    install::ensure_all()?;
+    if lint {
+        step("format", cargo().args(["fmt", "--all", "--", "--check"]))?;
+        step(
+            "clippy",
+            cargo().args([
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--locked",
+                "--",
+                "-D",
+                "warnings",
+            ]),
+        )?;
+        step(
+            "doc",
+            cargo().env("RUSTDOCFLAGS", "-D warnings").args([
+                "doc",
+                "--workspace",
+                "--no-deps",
+                "--locked",
+            ]),
+        )?;
+        step(
+            "cargo deny",
+            cargo().args([
+                "deny",
+                "check",
+                "--hide-inclusion-graph",
+                "bans",
+                "licenses",
+                "sources",
+            ]),
+        )?;
+    }
+    step(
+        "tests",
+        cargo()
+            .args(["test", "--workspace", "--locked"])
+            .args(test_args),
+    )
+}
