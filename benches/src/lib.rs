@@ -1,0 +1,37 @@
+//! # vmkit-benches
+//!
+//! Benchmarks of vmkit, each against a baseline measured in the same run (these
+//! machines are noisy, so only same-run ratios mean anything). Run them with
+//! `cargo xtask bench` (or `cargo bench -p vmkit-benches`).
+//!
+//! - `qmp`: `query-status` latency through vmkit-qmp vs a minimal raw JSON-lines client
+//!   on the same paused QEMU, interleaved; and 16 concurrent callers' throughput vs the
+//!   raw client's sequential throughput.
+//!
+//! ```text
+//! cargo bench -p vmkit-benches --bench qmp -- --check   # exit 1 when a target is missed
+//! ```
+
+/// Percentile `p` (0–100) of `samples`, which must be sorted; `None` when empty.
+pub fn percentile<T: Copy>(sorted: &[T], p: f64) -> Option<T> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = (p / 100.0 * (sorted.len() - 1) as f64).round() as usize;
+    sorted.get(rank.min(sorted.len() - 1)).copied()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percentile;
+
+    #[test]
+    fn percentiles_pick_the_nearest_rank() {
+        let v: Vec<u32> = (1..=100).collect();
+        assert_eq!(percentile(&v, 50.0), Some(51));
+        assert_eq!(percentile(&v, 99.0), Some(99));
+        assert_eq!(percentile(&v, 0.0), Some(1));
+        assert_eq!(percentile(&v, 100.0), Some(100));
+        assert_eq!(percentile::<u32>(&[], 50.0), None);
+    }
+}

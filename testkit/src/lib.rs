@@ -1,0 +1,30 @@
+//! # vmkit-testkit
+//!
+//! Test code that drives VMs without a VM, or with the smallest real one:
+//!
+//! - [`MockQmpServer`]: a QMP server on a Unix socket, scripted per command (result,
+//!   QMP error, delay, never, garbage, disconnect mid-reply), that emits events on
+//!   demand and records what it received — for faults a real QEMU cannot be made to
+//!   produce on demand.
+//! - [`qemu`]: find the real QEMU (failing under CI when it is missing) and run a
+//!   paused, diskless one with a QMP socket.
+//!
+//! It is public so runtimes built on vmkit can test their own code the same way.
+//!
+//! ```no_run
+//! use vmkit_testkit::{MockQmpServer, MockReply};
+//!
+//! # async fn run() -> std::io::Result<()> {
+//! let server = MockQmpServer::start("/tmp/qmp.sock").await?;
+//! server.on("stop", MockReply::ok(serde_json::json!({})).then_event("STOP", serde_json::json!({})));
+//! server.on_once("device_add", MockReply::error("GenericError", "Duplicate device ID 'cpu1'"));
+//! // … point the code under test at /tmp/qmp.sock, then check what it sent:
+//! let sent: Vec<String> = server.received_commands().into_iter().map(|c| c.name).collect();
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod mock_qmp;
+pub mod qemu;
+
+pub use mock_qmp::{Greeting, MockQmpServer, MockReply, ReceivedCommand};
