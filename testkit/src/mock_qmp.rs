@@ -39,6 +39,7 @@ type ReplyFn = Arc<dyn Fn(&ReceivedCommand) -> MockReply + Send + Sync>;
 pub struct MockReply {
     kind: ReplyKind,
     delay: Duration,
+    overtakable: bool,
     events_after: Vec<(String, Value)>,
 }
 
@@ -67,6 +68,7 @@ impl std::fmt::Debug for MockReply {
         f.debug_struct("MockReply")
             .field("kind", &kind)
             .field("delay", &self.delay)
+            .field("overtakable", &self.overtakable)
             .field("events_after", &self.events_after)
             .finish()
     }
@@ -77,6 +79,7 @@ impl MockReply {
         MockReply {
             kind,
             delay: Duration::ZERO,
+            overtakable: false,
             events_after: Vec::new(),
         }
     }
@@ -120,10 +123,17 @@ impl MockReply {
         MockReply::new(ReplyKind::Dynamic(Arc::new(f)))
     }
 
-    /// Send the reply after `delay`; meanwhile later commands are read and may be
-    /// answered first (out of order).
+    /// Send the reply after `delay`. Like QEMU with in-band commands, replies stay in
+    /// order: later commands are answered only after this one.
     pub fn delayed(mut self, delay: Duration) -> Self {
         self.delay = delay;
+        self
+    }
+
+    /// Let later commands' replies overtake this delayed one (as QEMU's out-of-band
+    /// commands may): replies then arrive out of order.
+    pub fn out_of_order(mut self) -> Self {
+        self.overtakable = true;
         self
     }
 
@@ -433,15 +443,16 @@ async fn serve(
             s.received.push(command.clone());
             command
         };
-        let reply = next_reply(&state, &command);
+        let reply = resolve(next_reply(&state, &command), &command);
         let tx = tx.clone();
-        if reply.delay.is_zero() {
-            deliver(&tx, &command, reply).await;
-        } else {
+        if reply.overtakable && !reply.delay.is_zero() {
             tokio::spawn(async move {
                 tokio::time::sleep(reply.delay).await;
-                deliver(&tx, &command, reply).await;
+                deliver(&tx, &command, reply);
             });
+        } else {
+            tokio::time::sleep(reply.delay).await;
+            deliver(&tx, &command, reply);
         }
     }
     let _ = tx.send(Out::Close);
@@ -465,19 +476,22 @@ fn next_reply(state: &Mutex<State>, command: &ReceivedCommand) -> MockReply {
     })
 }
 
-async fn deliver(tx: &mpsc::UnboundedSender<Out>, command: &ReceivedCommand, reply: MockReply) {
-    let mut reply = reply;
+/// Turns a computed reply into the reply it computes, keeping the outer delay, order
+/// and events and adding the inner ones.
+fn resolve(mut reply: MockReply, command: &ReceivedCommand) -> MockReply {
     while let ReplyKind::Dynamic(f) = &reply.kind {
         let next = f(command);
         reply = MockReply {
             kind: next.kind,
-            delay: Duration::ZERO,
+            delay: reply.delay + next.delay,
+            overtakable: reply.overtakable || next.overtakable,
             events_after: [reply.events_after.clone(), next.events_after].concat(),
         };
-        if !next.delay.is_zero() {
-            tokio::time::sleep(next.delay).await;
-        }
     }
+    reply
+}
+
+fn deliver(tx: &mpsc::UnboundedSender<Out>, command: &ReceivedCommand, reply: MockReply) {
     let with_id = |mut body: serde_json::Map<String, Value>| {
         if let Some(id) = &command.id {
             body.insert("id".to_owned(), id.clone());
@@ -507,7 +521,7 @@ async fn deliver(tx: &mpsc::UnboundedSender<Out>, command: &ReceivedCommand, rep
             let _ = tx.send(Out::Close);
             return;
         }
-        // Resolved by the loop above.
+        // Resolved by `resolve` before delivery.
         ReplyKind::Dynamic(_) => return,
     };
     let _ = tx.send(Out::Line(line));

@@ -2,7 +2,7 @@
 //! short lock) and wait for a reply routed to them by id by the connection's one reader
 //! task, which also publishes events. Every wait is bounded.
 
-use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -21,7 +21,7 @@ use tracing::Instrument as _;
 
 use crate::error::{Error, Result};
 use crate::event::Event;
-use crate::options::QmpOptions;
+use crate::options::{CommandIds, QmpOptions};
 use crate::wire::{self, ErrorBody, Id, Message, ReadError};
 
 /// The longest pause between two connection attempts.
@@ -88,8 +88,20 @@ struct Router {
     events: broadcast::Sender<Event>,
 }
 
+/// A command on the wire, waiting for its reply.
+struct Waiter {
+    /// The command's sequence number on this connection.
+    seq: u64,
+    /// The id it was sent with, if any.
+    wire_id: Option<u64>,
+    tx: oneshot::Sender<Reply>,
+}
+
 struct RouterState {
-    pending: HashMap<u64, oneshot::Sender<Reply>>,
+    /// Commands in the order they were written. QEMU answers in-band commands one at a
+    /// time, in the order received, so the oldest waiter owns the next reply. A waiter
+    /// whose caller gave up stays until its late reply arrives, which is then dropped.
+    pending: VecDeque<Waiter>,
     /// Why the connection ended, once it has.
     closed: Option<Arc<str>>,
 }
@@ -102,17 +114,41 @@ impl Router {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn register(&self, id: u64, tx: oneshot::Sender<Reply>) -> std::result::Result<(), Arc<str>> {
+    /// Queues a waiter for a command about to be written (called under the writer
+    /// lock, so queue order is wire order).
+    fn push(&self, waiter: Waiter) -> std::result::Result<(), Arc<str>> {
         let mut state = self.lock();
         if let Some(reason) = &state.closed {
             return Err(Arc::clone(reason));
         }
-        state.pending.insert(id, tx);
+        state.pending.push_back(waiter);
         Ok(())
     }
 
-    fn take(&self, id: u64) -> Option<oneshot::Sender<Reply>> {
-        self.lock().pending.remove(&id)
+    /// Withdraws the newest waiter, `seq`, whose command never reached the wire.
+    fn withdraw(&self, seq: u64) {
+        let mut state = self.lock();
+        if state.pending.back().is_some_and(|w| w.seq == seq) {
+            state.pending.pop_back();
+        }
+    }
+
+    /// The waiter that owns a reply with this id: the one sent with `Some(n)` (anywhere
+    /// in the queue: replies may overtake each other), or, for a reply without an id,
+    /// the oldest waiter, provided it was sent without one.
+    fn take_for(&self, id: &Option<Id>) -> Option<Waiter> {
+        let mut state = self.lock();
+        match id {
+            Some(Id::Number(n)) => {
+                let at = state.pending.iter().position(|w| w.wire_id == Some(*n))?;
+                state.pending.remove(at)
+            }
+            Some(Id::Other(_)) => None,
+            None => match state.pending.front() {
+                Some(w) if w.wire_id.is_none() => state.pending.pop_front(),
+                _ => None,
+            },
+        }
     }
 
     fn closed(&self) -> Option<Arc<str>> {
@@ -129,7 +165,7 @@ impl Router {
             }
             let reason: Arc<str> = Arc::from(reason);
             state.closed = Some(Arc::clone(&reason));
-            let waiters: Vec<_> = state.pending.drain().map(|(_, tx)| tx).collect();
+            let waiters: Vec<_> = state.pending.drain(..).map(|w| w.tx).collect();
             (reason, waiters)
         };
         tracing::debug!(%reason, waiters = waiters.len(), "QMP connection closed");
@@ -148,7 +184,7 @@ struct Inner {
     version: QemuVersion,
     oob: bool,
     writer: tokio::sync::Mutex<OwnedWriteHalf>,
-    next_id: Arc<AtomicU64>,
+    next_seq: AtomicU64,
     router: Arc<Router>,
     reader: JoinHandle<()>,
 }
@@ -220,20 +256,13 @@ impl QmpClient {
         let (events, _) = broadcast::channel(opts.event_capacity.max(1));
         let router = Arc::new(Router {
             state: Mutex::new(RouterState {
-                pending: HashMap::new(),
+                pending: VecDeque::new(),
                 closed: None,
             }),
             events,
         });
-        let next_id = Arc::new(AtomicU64::new(0));
         let reader = tokio::spawn(
-            read_loop(
-                reader,
-                Arc::clone(&router),
-                Arc::clone(&next_id),
-                opts.max_message_size,
-            )
-            .instrument(span),
+            read_loop(reader, Arc::clone(&router), opts.max_message_size).instrument(span),
         );
         Ok(QmpClient {
             inner: Arc::new(Inner {
@@ -242,7 +271,7 @@ impl QmpClient {
                 version,
                 oob,
                 writer: tokio::sync::Mutex::new(write),
-                next_id,
+                next_seq: AtomicU64::new(0),
                 router,
                 reader,
             }),
@@ -335,44 +364,39 @@ impl QmpClient {
     ) -> Result<Box<RawValue>> {
         let inner = &*self.inner;
         let deadline = Instant::now() + timeout;
-        let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let seq = inner.next_seq.fetch_add(1, Ordering::Relaxed);
+        let wire_id = match inner.opts.command_ids {
+            CommandIds::Always => Some(seq),
+            CommandIds::WhenNeeded => None,
+        };
         let mut bytes = Vec::with_capacity(64);
-        wire::encode_command(&mut bytes, name, arguments, Some(id)).map_err(|source| {
+        wire::encode_command(&mut bytes, name, arguments, wire_id).map_err(|source| {
             Error::Encode {
                 command: name.to_owned(),
                 source,
             }
         })?;
         let (tx, rx) = oneshot::channel();
-        inner
-            .router
-            .register(id, tx)
-            .map_err(|reason| disconnected(name, &reason))?;
-        // Removes the waiter however this call ends (reply, timeout, or the caller
-        // dropping the future), so a late reply finds nobody and is discarded.
-        let _pending = PendingGuard {
-            router: &inner.router,
-            id,
-        };
+        let waiter = Waiter { seq, wire_id, tx };
         let exchange = async {
-            self.send(name, &bytes).await?;
+            self.send(name, &bytes, waiter).await?;
             rx.await
                 .map_err(|_| disconnected(name, "the reader stopped without an answer"))
         };
-        let span = tracing::trace_span!("qmp_command", command = name, id);
+        let span = tracing::trace_span!("qmp_command", command = name, seq);
         let started = std::time::Instant::now();
         let outcome = timeout_at(deadline, exchange).instrument(span).await;
         tracing::trace!(
             command = name,
-            id,
-            elapsed_us = started.elapsed().as_micros() as u64,
+            seq,
+            elapsed_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
             ok = matches!(outcome, Ok(Ok(Ok(_)))),
             "qmp reply"
         );
         match outcome {
             Err(_) => Err(Error::Timeout {
                 command: name.to_owned(),
-                id,
+                id: seq,
                 after: timeout,
             }),
             Ok(Err(e)) => Err(e),
@@ -386,18 +410,23 @@ impl QmpClient {
         }
     }
 
-    /// Writes one encoded command. A write that fails or is abandoned half-way leaves
-    /// the stream unusable, so it closes the connection.
-    async fn send(&self, name: &str, bytes: &[u8]) -> Result<()> {
+    /// Queues `waiter` and writes its encoded command, under the writer lock so that
+    /// queue order is wire order. A command abandoned before its first byte is
+    /// withdrawn; one abandoned or failed half-way leaves the stream unusable, so it
+    /// closes the connection.
+    async fn send(&self, name: &str, bytes: &[u8], waiter: Waiter) -> Result<()> {
         let inner = &*self.inner;
         let mut writer = inner.writer.lock().await;
-        if let Some(reason) = inner.router.closed() {
-            return Err(disconnected(name, &reason));
-        }
-        let mut guard = PartialWriteGuard {
+        let seq = waiter.seq;
+        inner
+            .router
+            .push(waiter)
+            .map_err(|reason| disconnected(name, &reason))?;
+        let mut guard = WriteGuard {
             inner,
+            seq,
             written: 0,
-            len: bytes.len(),
+            done: false,
         };
         while guard.written < bytes.len() {
             match writer.write(&bytes[guard.written..]).await {
@@ -414,6 +443,7 @@ impl QmpClient {
                 }
             }
         }
+        guard.done = true;
         Ok(())
     }
 }
@@ -440,26 +470,23 @@ fn decode<T: DeserializeOwned>(command: &str, reply: &RawValue) -> Result<T> {
     })
 }
 
-struct PendingGuard<'a> {
-    router: &'a Router,
-    id: u64,
-}
-
-impl Drop for PendingGuard<'_> {
-    fn drop(&mut self) {
-        self.router.take(self.id);
-    }
-}
-
-struct PartialWriteGuard<'a> {
+/// Undoes a write that did not finish: withdraws the waiter when nothing was written,
+/// closes the connection when part of the command is on the wire.
+struct WriteGuard<'a> {
     inner: &'a Inner,
+    seq: u64,
     written: usize,
-    len: usize,
+    done: bool,
 }
 
-impl Drop for PartialWriteGuard<'_> {
+impl Drop for WriteGuard<'_> {
     fn drop(&mut self) {
-        if self.written > 0 && self.written < self.len {
+        if self.done {
+            return;
+        }
+        if self.written == 0 {
+            self.inner.router.withdraw(self.seq);
+        } else {
             // Half a command is on the wire: whatever follows would be misread.
             self.inner
                 .router
@@ -558,14 +585,9 @@ async fn handshake(
     }
 }
 
-/// The connection's one reader: replies to their waiters, events to subscribers. Ends
-/// the connection on EOF, a socket error, or anything that is not QMP.
-async fn read_loop(
-    mut reader: BufReader<OwnedReadHalf>,
-    router: Arc<Router>,
-    next_id: Arc<AtomicU64>,
-    limit: usize,
-) {
+/// The connection's one reader: replies to their waiters (by id, else oldest first), events to
+/// subscribers. Ends the connection on EOF, a socket error, or anything that is not QMP.
+async fn read_loop(mut reader: BufReader<OwnedReadHalf>, router: Arc<Router>, limit: usize) {
     let mut line = Vec::with_capacity(4096);
     let reason = loop {
         if let Err(e) = wire::read_line(&mut reader, &mut line, limit).await {
@@ -590,36 +612,38 @@ async fn read_loop(
                 let _ = router.events.send(event);
             }
             Ok(Message::Reply { id, result }) => {
-                let id = match id {
-                    Some(Id::Number(id)) => id,
-                    Some(Id::Other(text)) => {
-                        break format!("a reply carries the id {text}, which no command was given");
-                    }
-                    None => {
-                        let what = match &result {
-                            Err(e) => format!("{}: {}", e.class, e.desc),
-                            Ok(v) => v.get().chars().take(QUOTE).collect(),
-                        };
-                        break format!("a reply without an id: {what}");
-                    }
+                let Some(waiter) = router.take_for(&id) else {
+                    break format!(
+                        "a reply matches no command in flight: it {}",
+                        describe(&id, &result)
+                    );
                 };
-                match router.take(id) {
-                    Some(tx) => {
-                        let reply = match result {
-                            Ok(value) => Ok(value.to_owned()),
-                            Err(body) => Err(Failure::Qmp(body)),
-                        };
-                        let _ = tx.send(reply);
-                    }
-                    None if id < next_id.load(Ordering::Relaxed) => {
-                        tracing::debug!(id, "late QMP reply discarded (its caller gave up)");
-                    }
-                    None => {
-                        break format!("a reply carries the id {id}, which no command was given");
-                    }
+                let reply = match result {
+                    Ok(value) => Ok(value.to_owned()),
+                    Err(body) => Err(Failure::Qmp(body)),
+                };
+                if waiter.tx.send(reply).is_err() {
+                    tracing::debug!(
+                        seq = waiter.seq,
+                        "late QMP reply discarded (its caller gave up)"
+                    );
                 }
             }
         }
     };
     router.close(&reason);
+}
+
+/// A reply in a few words, for errors.
+fn describe(id: &Option<Id>, result: &std::result::Result<&RawValue, ErrorBody>) -> String {
+    let id = match id {
+        Some(Id::Number(n)) => format!("carries id {n}"),
+        Some(Id::Other(text)) => format!("carries id {text}"),
+        None => "carries no id".to_owned(),
+    };
+    let body: String = match result {
+        Ok(v) => v.get().chars().take(QUOTE).collect(),
+        Err(e) => format!("error {}: {}", e.class, e.desc),
+    };
+    format!("{id} ({body})")
 }

@@ -43,7 +43,7 @@ mod wire;
 pub use client::{QemuVersion, QmpClient};
 pub use error::{Error, Result};
 pub use event::{Event, Timestamp};
-pub use options::QmpOptions;
+pub use options::{CommandIds, QmpOptions};
 /// The QMP schema's types (commands, results, events), re-exported.
 pub use qapi_qmp;
 /// The QAPI base traits (`Command`), re-exported.

