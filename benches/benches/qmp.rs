@@ -108,8 +108,13 @@ async fn run(binary: &Path, command_ids: CommandIds) -> bool {
     };
     let qmp = QmpClient::connect(qemu.qmp_path(), opts).await.unwrap();
     let mut raw = RawClient::connect(&raw_socket).await;
+    let role = if command_ids == CommandIds::default() {
+        "the default; targets apply"
+    } else {
+        "for comparison: what ids cost"
+    };
     println!(
-        "QEMU {} (oob negotiated: {})",
+        "\n== vmkit-qmp with CommandIds::{command_ids:?} ({role}); QEMU {}, oob: {} ==",
         qmp.version(),
         qmp.oob_enabled()
     );

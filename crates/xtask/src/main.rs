@@ -14,15 +14,36 @@ tasks:
   test [--no-lint] [-- <cargo test args>]
             install what is missing, then: fmt check, clippy -D warnings, doc with
             -D warnings, cargo deny (bans licenses sources), the whole test suite
+  bench [--check]
+            install what is missing, then run the benchmarks in benches/; each prints
+            its figures against a baseline measured in the same run (--check: exit
+            non-zero when a target is missed)
   install   install what is missing (system packages need root) and stop
   demo      boot a VM, talk to the guest, hotplug, shut down
 ";
+
+/// `cargo xtask bench`: every benchmark, in release mode, one at a time.
+fn bench(args: &[String]) -> Result<(), String> {
+    let check = match args {
+        [] => false,
+        [flag] if flag == "--check" => true,
+        other => return Err(format!("bench: unknown arguments {other:?}")),
+    };
+    install::ensure_all()?;
+    let mut cmd = run::cargo();
+    cmd.args(["bench", "--locked", "-p", "vmkit-benches", "--bench", "qmp"]);
+    if check {
+        cmd.args(["--", "--check"]);
+    }
+    run::step("bench qmp", &mut cmd)
+}
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("test") => test::run(&args[1..]),
         Some("install") => install::ensure_all(),
+        Some("bench") => bench(&args[1..]),
         Some("demo") => Err(
             "demo: not yet available: it lands with the QEMU backend (issue 4); \
              `cargo xtask test` runs everything that exists today"
