@@ -22,7 +22,7 @@ use tracing::Instrument as _;
 use crate::error::{Error, Result};
 use crate::event::Event;
 use crate::options::{CommandIds, QmpOptions};
-use crate::wire::{self, ErrorBody, Id, Message, ReadError};
+use crate::wire::{self, ErrorBody, Id, Message};
 
 /// The longest pause between two connection attempts.
 const MAX_CONNECT_BACKOFF: Duration = Duration::from_millis(25);
@@ -591,10 +591,7 @@ async fn read_loop(mut reader: BufReader<OwnedReadHalf>, router: Arc<Router>, li
     let mut line = Vec::with_capacity(4096);
     let reason = loop {
         if let Err(e) = wire::read_line(&mut reader, &mut line, limit).await {
-            break match e {
-                ReadError::Eof => "QEMU closed the connection".to_owned(),
-                other => other.to_string(),
-            };
+            break e.to_string();
         }
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
