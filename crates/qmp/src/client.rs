@@ -197,8 +197,9 @@ impl Drop for Inner {
 
 /// An async QMP client on a Unix socket. Cheap to clone; all clones share one connection.
 ///
-/// Many tasks may call [`QmpClient::execute`] at once: each command carries an id and its
-/// reply is routed back by id. Every call has a deadline; when the connection dies every
+/// Many tasks may call [`QmpClient::execute`] at once: replies are routed to their
+/// callers in the order QEMU answers in-band commands, or by id with
+/// [`CommandIds::Always`]. Every call has a deadline; when the connection dies every
 /// waiting call fails at once with [`Error::Disconnected`].
 #[derive(Clone)]
 pub struct QmpClient {
@@ -396,7 +397,7 @@ impl QmpClient {
         match outcome {
             Err(_) => Err(Error::Timeout {
                 command: name.to_owned(),
-                id: seq,
+                seq,
                 after: timeout,
             }),
             Ok(Err(e)) => Err(e),

@@ -41,12 +41,13 @@ pub enum Error {
 
     /// No reply before the command's deadline. The connection stays usable; a late
     /// reply is discarded.
-    #[error("{command}: no reply within {after:?} (QMP id {id})")]
+    #[error("{command}: no reply within {after:?} (command #{seq} on this connection)")]
     Timeout {
         /// The command's name.
         command: String,
-        /// The id it was sent with.
-        id: u64,
+        /// The command's sequence number on this connection (also its wire id with
+        /// [`crate::CommandIds::Always`]).
+        seq: u64,
         /// Its deadline.
         after: Duration,
     },

@@ -6,15 +6,17 @@
 //! - [`QmpClient::connect`] retries while QEMU has not created the socket yet (from 1 ms,
 //!   backing off), reads the greeting and negotiates `oob` when offered — all before a
 //!   deadline.
-//! - Commands carry ids; one reader task routes each reply to its caller, so many tasks
-//!   can have commands in flight on one connection. Each call has a deadline; a timeout
+//! - One reader task routes each reply to its caller, so many tasks can have commands
+//!   in flight on one connection. QEMU answers in-band commands in order, so by default
+//!   replies go to the oldest waiter and no id is sent ([`CommandIds`]); with
+//!   `CommandIds::Always` each command carries a short id and replies are routed by it. Each call has a deadline; a timeout
 //!   fails that call only, and a late reply is discarded.
 //! - Commands and results are the `qapi-qmp` crate's types; [`QmpClient::execute_raw`]
 //!   covers commands its schema lacks. Commands are encoded compactly: QEMU reads QMP
 //!   one byte per system call.
 //! - Events arrive on a broadcast channel, typed where the schema knows them and as
 //!   [`Event::Unknown`] where it does not; the stream never ends on an unknown event.
-//! - Bad input (not JSON, an id nobody sent, a message over the size limit, EOF in
+//! - Bad input (not JSON, a reply that matches no command, a message over the size limit, EOF in
 //!   mid-message) ends the connection with a reason; every waiter fails at once with
 //!   [`Error::Disconnected`] and subscribers get [`Event::Disconnected`].
 //!

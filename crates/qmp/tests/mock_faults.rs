@@ -214,7 +214,10 @@ async fn never_answered_commands_end_at_their_deadline() {
         .execute_with_timeout(qapi_qmp::cont {}, Duration::from_millis(150))
         .await
         .unwrap_err();
-    assert_eq!(err.to_string(), "cont: no reply within 150ms (QMP id 0)");
+    assert_eq!(
+        err.to_string(),
+        "cont: no reply within 150ms (command #0 on this connection)"
+    );
     assert!(started.elapsed() < Duration::from_millis(250));
 }
 
