@@ -427,24 +427,20 @@ impl QmpClient {
             inner,
             seq,
             written: 0,
-            done: false,
+            len: bytes.len(),
         };
         while guard.written < bytes.len() {
-            match writer.write(&bytes[guard.written..]).await {
-                Ok(0) => {
-                    let reason = "the socket accepts no more bytes";
-                    inner.router.close(reason);
-                    return Err(disconnected(name, reason));
+            let reason = match writer.write(&bytes[guard.written..]).await {
+                Ok(0) => "the socket accepts no more bytes".to_owned(),
+                Ok(n) => {
+                    guard.written += n;
+                    continue;
                 }
-                Ok(n) => guard.written += n,
-                Err(e) => {
-                    let reason = format!("writing the QMP socket: {e}");
-                    inner.router.close(&reason);
-                    return Err(disconnected(name, &reason));
-                }
-            }
+                Err(e) => format!("writing the QMP socket: {e}"),
+            };
+            inner.router.close(&reason);
+            return Err(disconnected(name, &reason));
         }
-        guard.done = true;
         Ok(())
     }
 }
@@ -477,12 +473,12 @@ struct WriteGuard<'a> {
     inner: &'a Inner,
     seq: u64,
     written: usize,
-    done: bool,
+    len: usize,
 }
 
 impl Drop for WriteGuard<'_> {
     fn drop(&mut self) {
-        if self.done {
+        if self.written == self.len {
             return;
         }
         if self.written == 0 {
