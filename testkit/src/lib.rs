@@ -6,6 +6,7 @@
 //!   QMP error, delay, never, garbage, disconnect mid-reply), that emits events on
 //!   demand and records what it received — for faults a real QEMU cannot be made to
 //!   produce on demand.
+//! - [`guest`]: the test guest `cargo xtask image` builds, and configs that boot it.
 //! - [`qemu`]: find the real QEMU (failing under CI when it is missing) and run a
 //!   paused, diskless one with a QMP socket.
 //!
@@ -24,7 +25,9 @@
 //! # }
 //! ```
 
+pub mod guest;
 pub mod mock_qmp;
 pub mod qemu;
 
+pub use guest::{GuestImage, guest_image, require_guest_image};
 pub use mock_qmp::{Greeting, MockQmpServer, MockReply, ReceivedCommand};

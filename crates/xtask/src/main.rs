@@ -1,6 +1,7 @@
 //! `cargo xtask`: the project's tasks. The README's two set-up commands are
 //! `cargo xtask demo` and `cargo xtask test`; both install what is missing first.
 
+mod image;
 mod install;
 mod run;
 mod test;
@@ -19,6 +20,7 @@ tasks:
             its figures against a baseline measured in the same run (--check: exit
             non-zero when a target is missed)
   install   install what is missing (system packages need root) and stop
+  image     build the test guest (kernel + initramfs) into target/vmkit-image/, cached
   demo      boot a VM, talk to the guest, hotplug, shut down
 ";
 
@@ -43,6 +45,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("test") => test::run(&args[1..]),
         Some("install") => install::ensure_all(),
+        Some("image") => install::ensure_all().and_then(|()| image::ensure_image().map(drop)),
         Some("bench") => bench(&args[1..]),
         Some("demo") => Err(
             "demo: not yet available: it lands with the QEMU backend (issue 4); \

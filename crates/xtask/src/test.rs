@@ -1,7 +1,7 @@
 //! `cargo xtask test`: what CI runs (`.ci/run` calls exactly this).
 
-use crate::install;
 use crate::run::{cargo, step};
+use crate::{image, install};
 
 pub(crate) fn run(args: &[String]) -> Result<(), String> {
     let (ours, test_args) = match args.iter().position(|a| a == "--") {
@@ -16,6 +16,7 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
         }
     }
     install::ensure_all()?;
+    let image = image::ensure_image()?;
     if lint {
         step("format", cargo().args(["fmt", "--all", "--", "--check"]))?;
         step(
@@ -54,6 +55,7 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
     step(
         "tests",
         cargo()
+            .env("VMKIT_IMAGE_DIR", &image)
             .args(["test", "--workspace", "--locked"])
             .args(test_args),
     )

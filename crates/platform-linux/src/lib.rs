@@ -1,0 +1,34 @@
+//! # vmkit-linux
+//!
+//! What vmkit needs from Linux itself, in one place (the rest of the tree has no
+//! `cfg(target_os)`):
+//!
+//! - [`kvm::probe`]: is KVM really usable here? `/dev/kvm` opening is not enough: on
+//!   hosts with `kvm_pvm` (a software hypervisor for PVM-built kernels) or without the
+//!   CPU's `vmx`/`svm` flags, a stock guest crawls and dies, so the probe says so.
+//! - [`spawn::Spawner`]: spawns VMM processes from one thread that lives as long as the
+//!   process, with `PR_SET_PDEATHSIG` = `SIGKILL`, so a VMM can never outlive its host.
+//!   (Linux delivers the parent-death signal when the *thread* that forked exits: a VMM
+//!   spawned from a tokio worker or blocking-pool thread would be killed when that
+//!   thread retires.)
+//! - [`process`]: signals to children, the host CPU frequency.
+//! - [`tap::open_tap`]: opens (creating if needed) a TAP interface and returns its fd,
+//!   to be passed to the VMM.
+//!
+//! ```no_run
+//! use vmkit_linux::{kvm, spawn::{SpawnRequest, Spawner}};
+//!
+//! # async fn run() -> std::io::Result<()> {
+//! println!("KVM: {}", kvm::probe());
+//! let mut cmd = tokio::process::Command::new("qemu-system-x86_64");
+//! cmd.arg("-version");
+//! let mut child = Spawner::global().spawn(SpawnRequest::new(cmd)).await?;
+//! child.wait().await?;
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod kvm;
+pub mod process;
+pub mod spawn;
+pub mod tap;

@@ -1,0 +1,280 @@
+//! The QEMU command line. QEMU is spawned directly (no shell), so only QEMU's own
+//! option syntax needs care: inside a `key=value,…` option a comma in a value must be
+//! doubled ([`escape_opt`]); devices are passed as JSON instead.
+
+use std::ffi::OsString;
+use std::os::fd::RawFd;
+use std::path::Path;
+
+use serde_json::json;
+use vmkit_core::{Accel, DiskConfig, InstanceConfig, NicConfig};
+
+use crate::devices::{disk_args, nic_args};
+use crate::options::{Machine, QemuOptions};
+
+/// The `-sandbox` policy vmkit uses: seccomp on, and QEMU may not use obsolete system
+/// calls, gain privileges, spawn processes or change its scheduling and CPU affinity.
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
+/// The chardev id of the QMP socket.
+pub const QMP_CHARDEV: &str = "vmkit-qmp";
+/// The chardev id of the serial console.
+pub const CONSOLE_CHARDEV: &str = "vmkit-console";
+/// The id prefix of the PCIe root ports reserved for hot-plug (`vmkit-rp0`, …).
+pub const ROOT_PORT_PREFIX: &str = "vmkit-rp";
+
+/// Escapes a value for QEMU's `key=value,…` option syntax: a comma is doubled, so it
+/// cannot end the value and start another option.
+pub fn escape_opt(value: &str) -> String {
+    value.replace(',', ",,")
+}
+
+fn escape_path(path: &Path) -> String {
+    escape_opt(&path.to_string_lossy())
+}
+
+/// Everything the command line is built from.
+#[derive(Debug)]
+pub struct Launch<'a> {
+    /// The instance's config (id, resources, kernel, sockets via its layout).
+    pub config: &'a InstanceConfig,
+    /// The backend options.
+    pub options: &'a QemuOptions,
+    /// The resolved accelerator (never `Auto`).
+    pub accel: Accel,
+    /// The kernel command line.
+    pub cmdline: &'a str,
+    /// Whether to pass `-sandbox`.
+    pub sandbox: bool,
+    /// Disks, in order.
+    pub disks: &'a [DiskConfig],
+    /// NICs, each with the TAP fd to pass (if vmkit opened one).
+    pub nics: &'a [(NicConfig, Option<RawFd>)],
+}
+
+/// The arguments (without the binary).
+pub fn build(launch: &Launch<'_>) -> Vec<OsString> {
+    let config = launch.config;
+    let layout = config.layout();
+    let res = &config.resources;
+    let machine = launch.options.machine;
+    let mut args: Vec<OsString> = Vec::with_capacity(48);
+    let mut push = |parts: &[&str]| args.extend(parts.iter().map(OsString::from));
+
+    push(&[
+        "-name",
+        &format!("guest={},debug-threads=on", escape_opt(&config.id)),
+    ]);
+    push(&[
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+    ]);
+    push(&["-machine", machine.as_str()]);
+    push(&["-accel", launch.accel.as_str()]);
+    if matches!(launch.accel, Accel::Kvm | Accel::Hvf) {
+        push(&["-cpu", "host"]);
+    }
+    push(&[
+        "-smp",
+        &format!("{},maxcpus={}", res.boot_vcpus, res.max_vcpus),
+    ]);
+    let memory = if res.memory_slots > 0 {
+        format!(
+            "{}M,slots={},maxmem={}M",
+            res.memory_mib,
+            res.memory_slots,
+            res.max_memory()
+        )
+    } else {
+        format!("{}M", res.memory_mib)
+    };
+    push(&["-m", &memory]);
+    if launch.sandbox {
+        push(&["-sandbox", SANDBOX]);
+    }
+    push(&[
+        "-chardev",
+        &format!(
+            "socket,id={QMP_CHARDEV},path={},server=on,wait=off",
+            escape_path(&layout.control_socket())
+        ),
+        "-mon",
+        &format!("chardev={QMP_CHARDEV},mode=control"),
+        "-chardev",
+        &format!(
+            "file,id={CONSOLE_CHARDEV},path={}",
+            escape_path(&layout.console_log())
+        ),
+        "-serial",
+        &format!("chardev:{CONSOLE_CHARDEV}"),
+    ]);
+    // -kernel, -initrd and -append take their value whole: no escaping.
+    args.push("-kernel".into());
+    args.push(config.kernel.path.clone().into());
+    if let Some(initrd) = &config.kernel.initrd {
+        args.push("-initrd".into());
+        args.push(initrd.clone().into());
+    }
+    args.push("-append".into());
+    args.push(launch.cmdline.into());
+    if machine == Machine::Q35 {
+        for i in 0..launch.options.hotplug_ports {
+            let port = json!({
+                "driver": "pcie-root-port",
+                "id": format!("{ROOT_PORT_PREFIX}{i}"),
+                "chassis": i + 1,
+            });
+            args.push("-device".into());
+            args.push(port.to_string().into());
+        }
+    }
+    for (i, disk) in launch.disks.iter().enumerate() {
+        args.extend(disk_args(i, disk, machine));
+    }
+    for (i, (nic, fd)) in launch.nics.iter().enumerate() {
+        args.extend(nic_args(i, &config.id, nic, *fd, machine));
+    }
+    args
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmkit_core::Resources;
+
+    fn config() -> InstanceConfig {
+        let mut c = InstanceConfig::new("vm1", "/run/vmkit/a,b", "/boot/vmlinuz");
+        c.kernel.initrd = Some("/boot/initrd,x.img".into());
+        c
+    }
+
+    fn args_of(launch: &Launch<'_>) -> Vec<String> {
+        build(launch)
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect()
+    }
+
+    fn value_after<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
+        args.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].as_str())
+            .collect()
+    }
+
+    #[test]
+    fn a_typical_q35_command_line() {
+        let mut c = config();
+        c.resources = Resources {
+            boot_vcpus: 1,
+            max_vcpus: 4,
+            memory_mib: 256,
+            memory_slots: 4,
+            max_memory_mib: Some(2048),
+        };
+        let opts = QemuOptions::from_map(&Default::default()).unwrap();
+        let args = args_of(&Launch {
+            config: &c,
+            options: &opts,
+            accel: Accel::Tcg,
+            cmdline: "console=ttyS0 quiet",
+            sandbox: true,
+            disks: &[],
+            nics: &[],
+        });
+        assert_eq!(value_after(&args, "-accel"), ["tcg"]);
+        assert!(
+            value_after(&args, "-cpu").is_empty(),
+            "TCG keeps the default CPU model"
+        );
+        assert_eq!(value_after(&args, "-smp"), ["1,maxcpus=4"]);
+        assert_eq!(value_after(&args, "-m"), ["256M,slots=4,maxmem=2048M"]);
+        assert_eq!(value_after(&args, "-machine"), ["q35"]);
+        assert_eq!(value_after(&args, "-sandbox"), [SANDBOX]);
+        assert_eq!(value_after(&args, "-append"), ["console=ttyS0 quiet"]);
+        assert_eq!(
+            value_after(&args, "-device").len(),
+            4,
+            "4 root ports by default"
+        );
+        for flag in ["-nodefaults", "-no-user-config", "-no-reboot"] {
+            assert!(args.iter().any(|a| a == flag), "{flag} missing");
+        }
+    }
+
+    #[test]
+    fn kvm_uses_the_host_cpu_and_no_slots_means_plain_memory() {
+        let c = config();
+        let opts = QemuOptions::from_map(&Default::default()).unwrap();
+        let args = args_of(&Launch {
+            config: &c,
+            options: &opts,
+            accel: Accel::Kvm,
+            cmdline: "",
+            sandbox: false,
+            disks: &[],
+            nics: &[],
+        });
+        assert_eq!(value_after(&args, "-cpu"), ["host"]);
+        assert_eq!(value_after(&args, "-m"), ["256M"]);
+        assert!(value_after(&args, "-sandbox").is_empty());
+    }
+
+    #[test]
+    fn commas_in_paths_are_doubled_in_options_and_kept_whole_elsewhere() {
+        let c = config();
+        let opts = QemuOptions::from_map(&Default::default()).unwrap();
+        let args = args_of(&Launch {
+            config: &c,
+            options: &opts,
+            accel: Accel::Tcg,
+            cmdline: "",
+            sandbox: false,
+            disks: &[],
+            nics: &[],
+        });
+        let chardevs = value_after(&args, "-chardev");
+        assert_eq!(
+            chardevs[0],
+            "socket,id=vmkit-qmp,path=/run/vmkit/a,,b/control.sock,server=on,wait=off"
+        );
+        assert_eq!(
+            chardevs[1],
+            "file,id=vmkit-console,path=/run/vmkit/a,,b/logs/console.log"
+        );
+        assert_eq!(value_after(&args, "-initrd"), ["/boot/initrd,x.img"]);
+    }
+
+    /// QEMU's own `key=value,…` splitter (QemuOpts): `,,` is a literal comma.
+    fn split_qemu_opts(text: &str) -> Vec<String> {
+        let mut out = vec![String::new()];
+        let mut chars = text.chars().peekable();
+        while let Some(c) = chars.next() {
+            if c == ',' {
+                if chars.peek() == Some(&',') {
+                    chars.next();
+                    out.last_mut().unwrap().push(',');
+                } else {
+                    out.push(String::new());
+                }
+            } else {
+                out.last_mut().unwrap().push(c);
+            }
+        }
+        out
+    }
+
+    proptest::proptest! {
+        /// Whatever a value holds, escaped it stays exactly one QEMU option.
+        #[test]
+        fn an_escaped_value_is_one_option(value in "[ -~]{0,24}") {
+            let opt = format!("file,id=x,path={}", escape_opt(&value));
+            let parts = split_qemu_opts(&opt);
+            proptest::prop_assert_eq!(parts.len(), 3);
+            proptest::prop_assert_eq!(&parts[2], &format!("path={value}"));
+        }
+    }
+}

@@ -1,0 +1,107 @@
+//! The QEMU backend's error type. Each message names what was being done and why it
+//! failed; the core wraps it in `vmkit_core::Error::Backend` with the operation.
+
+use std::path::PathBuf;
+
+/// What went wrong in the QEMU backend.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The QEMU binary could not be started.
+    #[error("spawn {}: {source}", binary.display())]
+    Spawn {
+        /// The binary that was run.
+        binary: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// QEMU exited before the VM was running.
+    #[error("QEMU exited during start ({status}){}", stderr_suffix(.stderr))]
+    ExitedEarly {
+        /// How it exited (`exit code 1`, `signal 9`).
+        status: String,
+        /// The last lines of its stderr.
+        stderr: String,
+    },
+
+    /// A QMP command or the QMP connection failed.
+    #[error(transparent)]
+    Qmp(#[from] vmkit_qmp::Error),
+
+    /// A host file or directory operation failed.
+    #[error("{op}: {source}")]
+    Io {
+        /// What was being done (`"create state dir /run/vm"`).
+        op: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A backend option (`backend_options` key) is wrong.
+    #[error("backend option {key}: {reason}")]
+    Option {
+        /// The key.
+        key: String,
+        /// Why it is refused.
+        reason: String,
+    },
+
+    /// The accelerator asked for cannot be used on this host.
+    #[error("accelerator {accel}: {reason}")]
+    Accel {
+        /// The accelerator's name.
+        accel: String,
+        /// Why it is unusable.
+        reason: String,
+    },
+
+    /// `start` was cancelled by a concurrent `shutdown`.
+    #[error("cancelled by shutdown")]
+    Cancelled,
+
+    /// QEMU did not exit after the last shutdown stage (SIGKILL).
+    #[error("QEMU (pid {pid}) still running {waited:?} after SIGKILL")]
+    Unkillable {
+        /// Its pid.
+        pid: u32,
+        /// How long we waited.
+        waited: std::time::Duration,
+    },
+}
+
+fn stderr_suffix(stderr: &str) -> String {
+    if stderr.trim().is_empty() {
+        ": no output on stderr".to_owned()
+    } else {
+        format!(": {}", stderr.trim())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn early_exit_quotes_stderr() {
+        let err = Error::ExitedEarly {
+            status: "exit code 1".into(),
+            stderr: "qemu-system-x86_64: -device foo: 'foo' is not a valid device model name\n"
+                .into(),
+        };
+        assert_eq!(
+            err.to_string(),
+            "QEMU exited during start (exit code 1): qemu-system-x86_64: -device foo: 'foo' is not a valid device model name"
+        );
+        let silent = Error::ExitedEarly {
+            status: "signal 9".into(),
+            stderr: String::new(),
+        };
+        assert_eq!(
+            silent.to_string(),
+            "QEMU exited during start (signal 9): no output on stderr"
+        );
+    }
+}

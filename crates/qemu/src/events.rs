@@ -1,0 +1,144 @@
+//! QMP events turned into [`VmEvent`]s.
+
+use vmkit_core::VmEvent;
+use vmkit_qmp::Event;
+use vmkit_qmp::qapi_qmp::Event as QapiEvent;
+
+/// The [`VmEvent`] for a QMP event; `None` for the end of the stream.
+pub fn to_vm_event(event: &Event) -> Option<VmEvent> {
+    match event {
+        Event::Qmp { name, event, .. } => Some(match event.as_ref() {
+            QapiEvent::SHUTDOWN { data, .. } => VmEvent::ShutdownRequested {
+                guest: data.guest,
+                reason: enum_name(&data.reason),
+            },
+            QapiEvent::POWERDOWN { .. } => VmEvent::Powerdown,
+            QapiEvent::RESET { data, .. } => VmEvent::Reset { guest: data.guest },
+            QapiEvent::STOP { .. } => VmEvent::Stopped,
+            QapiEvent::RESUME { .. } => VmEvent::Resumed,
+            QapiEvent::DEVICE_DELETED { data, .. } => VmEvent::DeviceDeleted {
+                id: data.device.clone(),
+                path: data.path.clone(),
+            },
+            QapiEvent::GUEST_PANICKED { .. } => VmEvent::GuestPanicked,
+            other => VmEvent::Other {
+                name: name.clone(),
+                data: serde_json::to_value(other)
+                    .ok()
+                    .and_then(|v| v.get("data").cloned())
+                    .unwrap_or(serde_json::Value::Null),
+            },
+        }),
+        Event::Unknown { name, data, .. } => Some(VmEvent::Other {
+            name: name.clone(),
+            data: data.clone(),
+        }),
+        Event::Disconnected { .. } => None,
+        _ => None,
+    }
+}
+
+/// A QAPI enum value as QEMU spells it (`"guest-shutdown"`).
+fn enum_name(value: &impl serde::Serialize) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(s)) => s,
+        Ok(other) => other.to_string(),
+        Err(_) => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use vmkit_qmp::Timestamp;
+
+    /// The event as vmkit-qmp delivers a line QEMU sent.
+    fn qmp_event(name: &str, data: serde_json::Value) -> Event {
+        let line =
+            json!({"event": name, "data": data, "timestamp": {"seconds": 1, "microseconds": 2}});
+        match serde_json::from_value::<QapiEvent>(line) {
+            Ok(event) => Event::Qmp {
+                name: name.to_owned(),
+                event: Box::new(event),
+                timestamp: Timestamp::default(),
+            },
+            Err(_) => Event::Unknown {
+                name: name.to_owned(),
+                data,
+                timestamp: Timestamp::default(),
+            },
+        }
+    }
+
+    #[test]
+    fn the_events_vmkit_acts_on() {
+        assert_eq!(
+            to_vm_event(&qmp_event(
+                "SHUTDOWN",
+                json!({"guest": true, "reason": "guest-shutdown"})
+            )),
+            Some(VmEvent::ShutdownRequested {
+                guest: true,
+                reason: "guest-shutdown".into()
+            })
+        );
+        assert_eq!(
+            to_vm_event(&qmp_event("POWERDOWN", json!({}))),
+            Some(VmEvent::Powerdown)
+        );
+        assert_eq!(
+            to_vm_event(&qmp_event(
+                "RESET",
+                json!({"guest": false, "reason": "host-qmp-system-reset"})
+            )),
+            Some(VmEvent::Reset { guest: false })
+        );
+        assert_eq!(
+            to_vm_event(&qmp_event("STOP", json!({}))),
+            Some(VmEvent::Stopped)
+        );
+        assert_eq!(
+            to_vm_event(&qmp_event("RESUME", json!({}))),
+            Some(VmEvent::Resumed)
+        );
+        assert_eq!(
+            to_vm_event(&qmp_event(
+                "DEVICE_DELETED",
+                json!({"device": "cpu1", "path": "/machine/peripheral/cpu1"})
+            )),
+            Some(VmEvent::DeviceDeleted {
+                id: Some("cpu1".into()),
+                path: "/machine/peripheral/cpu1".into()
+            })
+        );
+        assert_eq!(
+            to_vm_event(&qmp_event("GUEST_PANICKED", json!({"action": "pause"}))),
+            Some(VmEvent::GuestPanicked)
+        );
+    }
+
+    #[test]
+    fn other_and_unknown_events_keep_their_data() {
+        assert_eq!(
+            to_vm_event(&qmp_event("BALLOON_CHANGE", json!({"actual": 1024}))),
+            Some(VmEvent::Other {
+                name: "BALLOON_CHANGE".into(),
+                data: json!({"actual": 1024})
+            })
+        );
+        assert_eq!(
+            to_vm_event(&qmp_event("VMKIT_FUTURE_EVENT", json!({"x": 1}))),
+            Some(VmEvent::Other {
+                name: "VMKIT_FUTURE_EVENT".into(),
+                data: json!({"x": 1})
+            })
+        );
+        assert_eq!(
+            to_vm_event(&Event::Disconnected {
+                reason: "eof".into()
+            }),
+            None
+        );
+    }
+}

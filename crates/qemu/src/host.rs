@@ -1,0 +1,50 @@
+//! The one place this crate meets the host OS: everything goes through the platform
+//! crate for the target (`vmkit-linux` on Linux).
+
+use std::io;
+use std::os::fd::OwnedFd;
+
+use tokio::process::{Child, Command};
+use vmkit_core::Accel;
+
+#[cfg(target_os = "linux")]
+use vmkit_linux as os;
+
+#[cfg(not(target_os = "linux"))]
+compile_error!("vmkit-qemu supports Linux hosts only so far (vmkit-macos is planned)");
+
+/// The accelerator `Accel::Auto` means on this host: KVM when the probe finds it really
+/// usable, else TCG.
+pub(crate) fn default_accel() -> Accel {
+    let status = os::kvm::probe();
+    tracing::debug!(kvm = %status, "accelerator probe");
+    if status.is_usable() {
+        Accel::Kvm
+    } else {
+        Accel::Tcg
+    }
+}
+
+/// Spawns `command` so it dies with this process, letting it inherit `keep_fds`.
+pub(crate) async fn spawn(command: Command, keep_fds: &[i32]) -> io::Result<Child> {
+    let mut request = os::spawn::SpawnRequest::new(command);
+    for fd in keep_fds {
+        request = request.keep_fd(*fd);
+    }
+    os::spawn::Spawner::global().spawn(request).await
+}
+
+/// Opens (creating if needed) the TAP interface `name`.
+pub(crate) fn open_tap(name: &str) -> io::Result<OwnedFd> {
+    os::tap::open_tap(name).map(|tap| tap.fd)
+}
+
+/// Sends `signal` to `pid`, a child not yet reaped.
+pub(crate) fn send_signal(pid: u32, signal: i32) -> io::Result<()> {
+    os::process::signal(pid, signal)
+}
+
+/// The host's TSC frequency in kHz, for microvm guests (`tsc_early_khz`).
+pub(crate) fn tsc_khz() -> Option<u64> {
+    os::process::tsc_khz()
+}

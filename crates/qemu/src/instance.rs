@@ -1,0 +1,449 @@
+//! [`QemuInstance`]: one VM. The state lives in [`Shared`], which the instance and its
+//! background tasks (process monitor, QMP event pump) share; the tasks hold it weakly,
+//! so dropping the instance kills its QEMU.
+
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::{broadcast, watch};
+use vmkit_core::{
+    Capabilities, CpuHotplugger, DeviceConfigurator, DiskConfig, Error as CoreError, ExitInfo,
+    ExitReason, GuestClient, GuestCommunicator, GuestStream, Instance, InstanceConfig,
+    MemoryHotplugger, NicConfig, ResourceManager, ShutdownStage, StartOptions, StateCell, VmEvent,
+    VmInfo, VmState,
+};
+use vmkit_qmp::{QmpClient, qapi_qmp};
+
+use crate::devices::ColdDevices;
+use crate::events::to_vm_event;
+use crate::options::QemuOptions;
+use crate::process::{Process, ProcessExit, tail};
+use crate::{BACKEND_NAME, shutdown, start};
+
+/// What the backend offers in this version.
+pub const CAPABILITIES: Capabilities = Capabilities::PAUSE;
+
+/// How many lines of QEMU's stderr go into an error or a crash report.
+pub(crate) const STDERR_LINES: usize = 8;
+
+/// A VM run by QEMU. Created by [`crate::QemuBackend`]; implements [`Instance`].
+pub struct QemuInstance {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for QemuInstance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QemuInstance")
+            .field("id", &self.shared.config.id)
+            .field("state", &self.shared.state.get())
+            .finish()
+    }
+}
+
+/// The state of one VM, shared with its background tasks.
+pub(crate) struct Shared {
+    pub(crate) config: InstanceConfig,
+    pub(crate) options: QemuOptions,
+    pub(crate) state: StateCell,
+    pub(crate) events: broadcast::Sender<VmEvent>,
+    pub(crate) devices: Mutex<ColdDevices>,
+    pub(crate) life: Mutex<Life>,
+    /// `Some` once the VM is gone; every `wait`/`shutdown` caller reads it.
+    pub(crate) exit: watch::Sender<Option<ExitInfo>>,
+    /// Set by `shutdown` to cancel a `start` in progress.
+    pub(crate) cancel: watch::Sender<bool>,
+}
+
+/// What exists while the VM lives.
+#[derive(Default)]
+pub(crate) struct Life {
+    pub(crate) process: Option<Arc<Process>>,
+    pub(crate) qmp: Option<QmpClient>,
+    /// TAP fds vmkit opened; closed when the VM is gone (a TAP vmkit created vanishes).
+    pub(crate) tap_fds: Vec<OwnedFd>,
+    /// A `shutdown` has begun; the exit is its to report.
+    pub(crate) shutting_down: bool,
+    /// The last SHUTDOWN event: (initiated by the guest, QEMU's reason).
+    pub(crate) last_shutdown: Option<(bool, String)>,
+    /// A GUEST_PANICKED event arrived.
+    pub(crate) panicked: bool,
+}
+
+impl Shared {
+    pub(crate) fn new(config: InstanceConfig, options: QemuOptions, devices: ColdDevices) -> Self {
+        let (events, _) = broadcast::channel(256);
+        Shared {
+            config,
+            options,
+            state: StateCell::new(),
+            events,
+            devices: Mutex::new(devices),
+            life: Mutex::new(Life::default()),
+            exit: watch::channel(None).0,
+            cancel: watch::channel(false).0,
+        }
+    }
+
+    pub(crate) fn life(&self) -> MutexGuard<'_, Life> {
+        // Every critical section is a few field reads/writes: a panic cannot leave the
+        // data half-updated, so a poisoned lock is safe to keep using.
+        self.life.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn devices(&self) -> MutexGuard<'_, ColdDevices> {
+        self.devices.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A checked transition that also publishes [`VmEvent::StateChanged`].
+    pub(crate) fn transition(
+        &self,
+        op: &'static str,
+        from: VmState,
+        to: VmState,
+    ) -> vmkit_core::Result<()> {
+        self.state.transition(op, from, to)?;
+        let _ = self.events.send(VmEvent::StateChanged { from, to });
+        Ok(())
+    }
+
+    pub(crate) fn exit_info(&self) -> Option<ExitInfo> {
+        self.exit.borrow().clone()
+    }
+
+    /// Waits until the VM is gone.
+    pub(crate) async fn wait_exit(&self) -> ExitInfo {
+        let mut rx = self.exit.subscribe();
+        match rx.wait_for(Option::is_some).await {
+            Ok(info) => info.clone().unwrap_or_else(ExitInfo::never_started),
+            // The sender lives in `self`: it cannot be dropped while we borrow it.
+            Err(_) => ExitInfo::never_started(),
+        }
+    }
+
+    /// Ends the VM's life: releases what it held (QMP, TAP fds, the control socket),
+    /// moves to `Shutdown` and publishes `info`. The first call wins; later calls do
+    /// nothing and return `false`.
+    pub(crate) fn finish(&self, info: ExitInfo) -> bool {
+        let (qmp, taps) = {
+            let mut life = self.life();
+            if self.exit.borrow().is_some() {
+                return false;
+            }
+            (life.qmp.take(), std::mem::take(&mut life.tap_fds))
+        };
+        drop(qmp);
+        drop(taps);
+        let socket = self.config.layout().control_socket();
+        if let Err(e) = std::fs::remove_file(&socket)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(socket = %socket.display(), error = %e, "cannot remove the QMP socket");
+        }
+        if let Ok(from) = self
+            .state
+            .transition_from_any("shutdown", VmState::Shutdown)
+        {
+            let _ = self.events.send(VmEvent::StateChanged {
+                from,
+                to: VmState::Shutdown,
+            });
+        }
+        tracing::info!(vm = %self.config.id, reason = ?info.reason, stage = ?info.stage, "VM gone");
+        let _ = self.events.send(VmEvent::Exited(info.clone()));
+        self.exit.send_replace(Some(info));
+        true
+    }
+
+    /// The exit of a VM that stopped on its own (no `shutdown` under way).
+    pub(crate) fn unrequested_exit(&self, exit: ProcessExit) -> ExitInfo {
+        let (last_shutdown, panicked) = {
+            let life = self.life();
+            (life.last_shutdown.clone(), life.panicked)
+        };
+        let stderr = tail(&self.config.layout().vmm_log(), STDERR_LINES);
+        let (reason, message) = match (panicked, last_shutdown) {
+            (true, _) => (
+                ExitReason::GuestPanic,
+                "the guest kernel panicked".to_owned(),
+            ),
+            (false, Some((true, reason))) if reason == "guest-reset" => (
+                ExitReason::GuestShutdown,
+                "the guest reset (rebooted or panicked); vmkit runs QEMU with -no-reboot"
+                    .to_owned(),
+            ),
+            (false, Some((true, reason))) => (
+                ExitReason::GuestShutdown,
+                format!("the guest shut down ({reason})"),
+            ),
+            (false, Some((false, reason))) => (
+                ExitReason::HostShutdown,
+                format!("QEMU was stopped from outside vmkit ({reason})"),
+            ),
+            (false, None) => (
+                ExitReason::Crashed,
+                if stderr.is_empty() {
+                    format!("QEMU died ({exit}) with no output on stderr")
+                } else {
+                    format!("QEMU died ({exit}): {stderr}")
+                },
+            ),
+        };
+        ExitInfo {
+            reason,
+            stage: None,
+            exit_code: exit.code,
+            signal: exit.signal,
+            message: Some(message),
+        }
+    }
+
+    pub(crate) fn qmp(&self, op: &'static str) -> vmkit_core::Result<QmpClient> {
+        self.life()
+            .qmp
+            .clone()
+            .ok_or_else(|| CoreError::InvalidState {
+                op,
+                state: self.state.get(),
+            })
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // The instance is gone: its QEMU must not outlive it. Dropping the process
+        // handle kills it (the supervisor reaps it).
+        let life = self.life.get_mut().unwrap_or_else(|p| p.into_inner());
+        if let Some(process) = life.process.take()
+            && process.exited().is_none()
+        {
+            tracing::warn!(
+                pid = process.pid(),
+                "instance dropped while QEMU runs: killing it"
+            );
+            process.signal(libc::SIGKILL);
+        }
+    }
+}
+
+/// Watches the process: when it exits while no `start` or `shutdown` is handling it
+/// (a crash, or a guest that powered off by itself), ends the VM's life.
+pub(crate) fn spawn_monitor(shared: &Arc<Shared>, process: Arc<Process>) {
+    let weak: Weak<Shared> = Arc::downgrade(shared);
+    tokio::spawn(async move {
+        let exit = process.wait().await;
+        let Some(shared) = weak.upgrade() else { return };
+        let handle = {
+            let life = shared.life();
+            !life.shutting_down && shared.state.get() != VmState::Starting
+        };
+        if handle {
+            let info = shared.unrequested_exit(exit);
+            shared.finish(info);
+        }
+    });
+}
+
+/// Pumps QMP events into the VM's event stream and remembers what the exit report
+/// needs. Ends with the QMP connection.
+pub(crate) fn spawn_event_pump(shared: &Arc<Shared>, qmp: &QmpClient) {
+    let weak: Weak<Shared> = Arc::downgrade(shared);
+    let mut rx = qmp.events();
+    tokio::spawn(async move {
+        loop {
+            let event = match rx.recv().await {
+                Ok(event) => event,
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(missed = n, "QMP events dropped (slow event pump)");
+                    continue;
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            };
+            let Some(vm_event) = to_vm_event(&event) else {
+                return;
+            };
+            let Some(shared) = weak.upgrade() else { return };
+            {
+                let mut life = shared.life();
+                match &vm_event {
+                    VmEvent::ShutdownRequested { guest, reason } => {
+                        life.last_shutdown = Some((*guest, reason.clone()));
+                    }
+                    VmEvent::GuestPanicked => life.panicked = true,
+                    _ => {}
+                }
+            }
+            let _ = shared.events.send(vm_event);
+        }
+    });
+}
+
+impl QemuInstance {
+    pub(crate) fn new(shared: Shared) -> Self {
+        QemuInstance {
+            shared: Arc::new(shared),
+        }
+    }
+
+    /// The config the instance was created with (cold devices added later are not in it).
+    pub fn config(&self) -> &InstanceConfig {
+        &self.shared.config
+    }
+
+    /// The backend options in force.
+    pub fn options(&self) -> &QemuOptions {
+        &self.shared.options
+    }
+
+    fn not_yet(op: &str, reason: &str) -> CoreError {
+        CoreError::unsupported(op, BACKEND_NAME, reason)
+    }
+}
+
+const GUEST_LATER: &str = "guest communication lands with the vsock/agent work (issue 5)";
+const HOTPLUG_LATER: &str = "hot-plug lands with the ResourceManager work (issue 6)";
+
+#[async_trait]
+impl Instance for QemuInstance {
+    async fn start(&self, opts: StartOptions) -> vmkit_core::Result<()> {
+        start::start(&self.shared, opts).await
+    }
+
+    async fn shutdown(&self) -> vmkit_core::Result<ExitInfo> {
+        shutdown::shutdown(&self.shared).await
+    }
+
+    async fn pause(&self) -> vmkit_core::Result<()> {
+        let qmp = self.shared.qmp("pause")?;
+        self.shared
+            .transition("pause", VmState::Running, VmState::Paused)?;
+        if let Err(e) = qmp.execute(qapi_qmp::stop {}).await {
+            let _ = self
+                .shared
+                .transition("pause", VmState::Paused, VmState::Running);
+            return Err(CoreError::backend("pause: stop", crate::Error::from(e)));
+        }
+        Ok(())
+    }
+
+    async fn resume(&self) -> vmkit_core::Result<()> {
+        let qmp = self.shared.qmp("resume")?;
+        self.shared
+            .transition("resume", VmState::Paused, VmState::Running)?;
+        if let Err(e) = qmp.execute(qapi_qmp::cont {}).await {
+            let _ = self
+                .shared
+                .transition("resume", VmState::Running, VmState::Paused);
+            return Err(CoreError::backend("resume: cont", crate::Error::from(e)));
+        }
+        Ok(())
+    }
+
+    async fn wait(&self) -> ExitInfo {
+        self.shared.wait_exit().await
+    }
+
+    fn state(&self) -> VmState {
+        self.shared.state.get()
+    }
+
+    fn vm_info(&self) -> VmInfo {
+        let pid = self
+            .shared
+            .life()
+            .process
+            .as_ref()
+            .filter(|p| p.exited().is_none())
+            .map(|p| p.pid());
+        VmInfo {
+            id: self.shared.config.id.clone(),
+            backend: BACKEND_NAME.to_owned(),
+            state: self.shared.state.get(),
+            pid,
+            cid: None,
+            sockets: vec![(
+                "control".to_owned(),
+                self.shared.config.layout().control_socket(),
+            )],
+            capabilities: CAPABILITIES,
+        }
+    }
+
+    fn events(&self) -> broadcast::Receiver<VmEvent> {
+        self.shared.events.subscribe()
+    }
+}
+
+#[async_trait]
+impl DeviceConfigurator for QemuInstance {
+    fn add_disk(&self, disk: DiskConfig) -> vmkit_core::Result<()> {
+        let mut devices = self.shared.devices();
+        self.shared.state.require("add_disk", &[VmState::New])?;
+        devices.add_disk(disk)
+    }
+
+    fn add_nic(&self, nic: NicConfig) -> vmkit_core::Result<()> {
+        let mut devices = self.shared.devices();
+        self.shared.state.require("add_nic", &[VmState::New])?;
+        devices.add_nic(nic)
+    }
+
+    async fn hotplug_disk(&self, _disk: DiskConfig) -> vmkit_core::Result<()> {
+        Err(Self::not_yet("hotplug_disk", HOTPLUG_LATER))
+    }
+
+    async fn hotplug_nic(&self, _nic: NicConfig) -> vmkit_core::Result<()> {
+        Err(Self::not_yet("hotplug_nic", HOTPLUG_LATER))
+    }
+
+    async fn unplug(&self, _id: &str) -> vmkit_core::Result<()> {
+        Err(Self::not_yet("unplug", HOTPLUG_LATER))
+    }
+}
+
+#[async_trait]
+impl GuestCommunicator for QemuInstance {
+    async fn client(&self) -> vmkit_core::Result<GuestClient> {
+        Err(Self::not_yet("client", GUEST_LATER))
+    }
+
+    async fn dial_client(&self) -> vmkit_core::Result<GuestClient> {
+        Err(Self::not_yet("dial_client", GUEST_LATER))
+    }
+
+    async fn dial_client_with_retry(&self, _timeout: Duration) -> vmkit_core::Result<GuestClient> {
+        Err(Self::not_yet("dial_client_with_retry", GUEST_LATER))
+    }
+
+    async fn start_stream(&self, _port: u32) -> vmkit_core::Result<Box<dyn GuestStream>> {
+        Err(Self::not_yet("start_stream", GUEST_LATER))
+    }
+}
+
+impl ResourceManager for QemuInstance {
+    fn cpu_hotplugger(&self) -> Option<&dyn CpuHotplugger> {
+        None
+    }
+
+    fn memory_hotplugger(&self) -> Option<&dyn MemoryHotplugger> {
+        None
+    }
+}
+
+/// The stage's [`ExitInfo`] once QEMU is gone during a `shutdown`.
+pub(crate) fn requested_exit(shared: &Shared, stage: ShutdownStage, exit: ProcessExit) -> ExitInfo {
+    let guest_initiated = matches!(shared.life().last_shutdown, Some((true, _)));
+    let reason = if stage == ShutdownStage::AcpiPowerdown && guest_initiated {
+        ExitReason::GuestShutdown
+    } else {
+        ExitReason::HostShutdown
+    };
+    ExitInfo {
+        reason,
+        stage: Some(stage),
+        exit_code: exit.code,
+        signal: exit.signal,
+        message: None,
+    }
+}

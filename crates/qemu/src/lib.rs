@@ -1,0 +1,101 @@
+//! # vmkit-qemu
+//!
+//! The QEMU backend of vmkit: [`QemuBackend`] creates [`QemuInstance`]s that boot a
+//! Linux guest under QEMU (KVM where it really works, TCG elsewhere), drive it over QMP,
+//! and stop it in bounded stages (ACPI power button, `quit`, SIGTERM, SIGKILL). QEMU is
+//! spawned directly with a parent-death signal, so it never outlives the host process;
+//! a failed or finished VM leaves no process or socket behind.
+//!
+//! Linking the crate registers the backend as `"qemu"` (name it somewhere so it links:
+//! `use vmkit_qemu as _;`).
+//!
+//! ```no_run
+//! use vmkit_core::{DiskConfig, InstanceConfig, Registry, StartOptions};
+//! use vmkit_qemu as _;
+//!
+//! # async fn run() -> vmkit_core::Result<()> {
+//! let mut config = InstanceConfig::new("vm1", "/run/vmkit/vm1", "/var/lib/vmkit/vmlinuz");
+//! config.kernel.initrd = Some("/var/lib/vmkit/initrd.img".into());
+//! let vm = Registry::from_inventory()?.create("qemu", config)?;
+//! vm.add_disk(DiskConfig::new("data", "/var/lib/vmkit/data.img"))?;
+//! vm.start(StartOptions::new()).await?; // the guest printed its ready line
+//! let exit = vm.shutdown().await?;
+//! println!("{:?} by {:?}", exit.reason, exit.stage);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Backend options (`InstanceConfig::backend_options`) are listed in [`options`].
+//! Files follow the life cycle: [`command`] (argv), [`kernel_cmdline`], [`devices`],
+//! `start.rs`, `shutdown.rs`, [`events`].
+
+pub mod accel;
+pub mod command;
+pub mod devices;
+mod error;
+pub mod events;
+mod host;
+mod instance;
+pub mod kernel_cmdline;
+pub mod options;
+mod process;
+mod shutdown;
+mod start;
+
+use std::sync::Arc;
+
+use vmkit_core::{Backend, Capabilities, Instance, InstanceConfig};
+
+pub use error::Error;
+pub use instance::{CAPABILITIES, QemuInstance};
+pub use options::{Machine, QemuOptions, Sandbox};
+
+/// The backend's registry name.
+pub const BACKEND_NAME: &str = "qemu";
+
+/// The QEMU backend.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct QemuBackend;
+
+impl QemuBackend {
+    /// Creates a [`QemuInstance`] (the concrete type; [`Backend::create`] boxes it).
+    ///
+    /// # Errors
+    /// `InvalidConfig` naming the field, for the config or a backend option.
+    pub fn create_instance(&self, config: InstanceConfig) -> vmkit_core::Result<QemuInstance> {
+        config.validate()?;
+        let options = QemuOptions::from_map(&config.backend_options).map_err(|e| match e {
+            Error::Option { key, reason } => {
+                vmkit_core::Error::config(format!("backend_options.{key}"), reason)
+            }
+            other => vmkit_core::Error::backend("create", other),
+        })?;
+        // The config's own devices go through the same checks as later add_* calls.
+        let mut devices = devices::ColdDevices::default();
+        for disk in &config.disks {
+            devices.add_disk(disk.clone())?;
+        }
+        for nic in &config.nics {
+            devices.add_nic(nic.clone())?;
+        }
+        Ok(QemuInstance::new(instance::Shared::new(
+            config, options, devices,
+        )))
+    }
+}
+
+impl Backend for QemuBackend {
+    fn name(&self) -> &str {
+        BACKEND_NAME
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        CAPABILITIES
+    }
+
+    fn create(&self, config: InstanceConfig) -> vmkit_core::Result<Box<dyn Instance>> {
+        Ok(Box::new(self.create_instance(config)?))
+    }
+}
+
+vmkit_core::register_backend!(|| Arc::new(QemuBackend));

@@ -1,0 +1,205 @@
+//! The QEMU backend's own settings, read from `InstanceConfig::backend_options`.
+//!
+//! | key | values | default |
+//! | --- | --- | --- |
+//! | `binary` | path of the QEMU binary | `$VMKIT_QEMU`, else `qemu-system-x86_64` on `PATH` |
+//! | `machine` | `q35`, `microvm` | `q35` |
+//! | `hotplug_ports` | PCIe root ports reserved for hot-plug (q35), 0–32 | `4` |
+//! | `ready_line` | the serial-console line prefix that says the guest is up | `VMKIT_READY` |
+//! | `sandbox` | `auto` (on when QEMU has seccomp), `on`, `off` | `auto` |
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use crate::error::Error;
+
+/// The machine type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Machine {
+    /// PC with PCIe (`q35`): hot-plug of CPUs, memory and PCIe devices.
+    Q35,
+    /// The minimal `microvm` machine: virtio-mmio, fastest boot, no PCI hot-plug.
+    Microvm,
+}
+
+impl Machine {
+    /// QEMU's name for it.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Machine::Q35 => "q35",
+            Machine::Microvm => "microvm",
+        }
+    }
+}
+
+/// `-sandbox` policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sandbox {
+    /// On when the QEMU binary was built with seccomp.
+    Auto,
+    /// Always on (start fails when QEMU lacks seccomp).
+    On,
+    /// Never.
+    Off,
+}
+
+/// Most PCIe root ports that can be reserved.
+pub const MAX_HOTPLUG_PORTS: u32 = 32;
+
+/// The backend's settings for one instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QemuOptions {
+    /// The QEMU binary.
+    pub binary: PathBuf,
+    /// The machine type.
+    pub machine: Machine,
+    /// PCIe root ports reserved for hot-plug (q35 only).
+    pub hotplug_ports: u32,
+    /// The serial-console line prefix that marks the guest ready.
+    pub ready_line: String,
+    /// `-sandbox` policy.
+    pub sandbox: Sandbox,
+}
+
+impl QemuOptions {
+    /// Reads the options from `backend_options`; unknown keys are refused.
+    ///
+    /// # Errors
+    /// [`Error::Option`] naming the key.
+    pub fn from_map(map: &BTreeMap<String, String>) -> Result<Self, Error> {
+        let mut opts = QemuOptions {
+            binary: default_binary(),
+            machine: Machine::Q35,
+            hotplug_ports: 4,
+            ready_line: "VMKIT_READY".to_owned(),
+            sandbox: Sandbox::Auto,
+        };
+        for (key, value) in map {
+            let bad = |reason: String| Error::Option {
+                key: key.clone(),
+                reason,
+            };
+            match key.as_str() {
+                "binary" => {
+                    if value.is_empty() {
+                        return Err(bad("must not be empty".into()));
+                    }
+                    opts.binary = PathBuf::from(value);
+                }
+                "machine" => {
+                    opts.machine = match value.as_str() {
+                        "q35" => Machine::Q35,
+                        "microvm" => Machine::Microvm,
+                        other => {
+                            return Err(bad(format!("{other:?}: expected q35 or microvm")));
+                        }
+                    }
+                }
+                "hotplug_ports" => {
+                    opts.hotplug_ports = value
+                        .parse()
+                        .ok()
+                        .filter(|n| *n <= MAX_HOTPLUG_PORTS)
+                        .ok_or_else(|| bad(format!("{value:?}: expected 0-{MAX_HOTPLUG_PORTS}")))?;
+                }
+                "ready_line" => {
+                    if value.trim().is_empty() {
+                        return Err(bad("must not be blank".into()));
+                    }
+                    opts.ready_line = value.clone();
+                }
+                "sandbox" => {
+                    opts.sandbox = match value.as_str() {
+                        "auto" => Sandbox::Auto,
+                        "on" => Sandbox::On,
+                        "off" => Sandbox::Off,
+                        other => return Err(bad(format!("{other:?}: expected auto, on or off"))),
+                    }
+                }
+                _ => {
+                    return Err(bad(
+                        "unknown key; known: binary, machine, hotplug_ports, ready_line, sandbox"
+                            .into(),
+                    ));
+                }
+            }
+        }
+        Ok(opts)
+    }
+}
+
+/// `$VMKIT_QEMU`, else `qemu-system-x86_64` found on `PATH`, else the bare name (the
+/// spawn then fails with a clear "not found").
+pub fn default_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("VMKIT_QEMU") {
+        return PathBuf::from(path);
+    }
+    let name = Path::new("qemu-system-x86_64");
+    std::env::var_os("PATH")
+        .and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|dir| dir.join(name))
+                .find(|p| p.is_file())
+        })
+        .unwrap_or_else(|| name.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(pairs: &[(&str, &str)]) -> Result<QemuOptions, String> {
+        let map = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        QemuOptions::from_map(&map).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults() {
+        let opts = parse(&[]).unwrap();
+        assert_eq!(opts.machine, Machine::Q35);
+        assert_eq!(opts.hotplug_ports, 4);
+        assert_eq!(opts.ready_line, "VMKIT_READY");
+        assert_eq!(opts.sandbox, Sandbox::Auto);
+    }
+
+    #[test]
+    fn every_key_is_read() {
+        let opts = parse(&[
+            ("binary", "/opt/qemu/bin/qemu-system-x86_64"),
+            ("machine", "microvm"),
+            ("hotplug_ports", "0"),
+            ("ready_line", "UP"),
+            ("sandbox", "off"),
+        ])
+        .unwrap();
+        assert_eq!(opts.binary, Path::new("/opt/qemu/bin/qemu-system-x86_64"));
+        assert_eq!(opts.machine, Machine::Microvm);
+        assert_eq!(opts.hotplug_ports, 0);
+        assert_eq!(opts.ready_line, "UP");
+        assert_eq!(opts.sandbox, Sandbox::Off);
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        assert_eq!(
+            parse(&[("machine", "pc")]).unwrap_err(),
+            "backend option machine: \"pc\": expected q35 or microvm"
+        );
+        assert_eq!(
+            parse(&[("hotplug_ports", "33")]).unwrap_err(),
+            "backend option hotplug_ports: \"33\": expected 0-32"
+        );
+        assert_eq!(
+            parse(&[("sandbox", "yes")]).unwrap_err(),
+            "backend option sandbox: \"yes\": expected auto, on or off"
+        );
+        assert!(
+            parse(&[("cpu", "host")])
+                .unwrap_err()
+                .starts_with("backend option cpu: unknown key")
+        );
+    }
+}

@@ -1,0 +1,382 @@
+//! `start`: `New → Starting → Running`. Spawns QEMU (directly, stdin closed, stderr to
+//! the log dir, dying with us), connects QMP and waits for the guest's ready line on the
+//! serial console — all before one deadline. Any failure kills and reaps QEMU, removes
+//! its socket and ends in `Shutdown` with an error that names the phase and the cause.
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+use tokio::time::{Instant, sleep, timeout_at};
+use vmkit_core::{Error as CoreError, ExitInfo, ExitReason, NicBackend, StartOptions, VmState};
+use vmkit_qmp::{QmpClient, QmpOptions};
+
+use crate::command::{Launch, build};
+use crate::error::Error;
+use crate::instance::{STDERR_LINES, Shared, spawn_event_pump, spawn_monitor};
+use crate::options::Sandbox;
+use crate::process::{Process, tail};
+use crate::{accel, host, kernel_cmdline};
+
+/// How often the serial console log is checked for the ready line.
+const READY_POLL: Duration = Duration::from_millis(5);
+/// How long a killed QEMU may take to be reaped after a failed start.
+const REAP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The phases of a start, named in errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Prepare,
+    Spawn,
+    Qmp,
+    Ready,
+}
+
+impl Phase {
+    fn describe(self) -> &'static str {
+        match self {
+            Phase::Prepare => "preparing the state dir and command line",
+            Phase::Spawn => "spawning QEMU",
+            Phase::Qmp => "waiting for QEMU's QMP socket",
+            Phase::Ready => "waiting for the guest's ready line on the serial console",
+        }
+    }
+}
+
+pub(crate) async fn start(shared: &Arc<Shared>, opts: StartOptions) -> vmkit_core::Result<()> {
+    shared.transition("start", VmState::New, VmState::Starting)?;
+    let timeout = opts.timeout.unwrap_or(shared.config.timeouts.start);
+    let deadline = Instant::now() + timeout;
+    let phase = Mutex::new(Phase::Prepare);
+    let started = std::time::Instant::now();
+    let mut cancel = shared.cancel.subscribe();
+    let outcome = tokio::select! {
+        result = timeout_at(deadline, boot(shared, &phase, deadline)) => match result {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(CoreError::Timeout {
+                op: format!("start: {}", current(&phase).describe()),
+                after: timeout,
+            }),
+        },
+        _ = async { cancel.wait_for(|c| *c).await.map(|_| ()) } => Err(CoreError::backend(
+            format!("start: {}", current(&phase).describe()),
+            Error::Cancelled,
+        )),
+    };
+    if let Err(error) = outcome {
+        fail(shared, &error).await;
+        return Err(error);
+    }
+    // Running only if QEMU is still there: an exit that happened while we were
+    // Starting was left to us by the monitor (see `spawn_monitor`).
+    let exited = {
+        let life = shared.life();
+        shared.transition("start", VmState::Starting, VmState::Running)?;
+        life.process.as_ref().and_then(|p| p.exited())
+    };
+    if let Some(exit) = exited {
+        let info = shared.unrequested_exit(exit);
+        shared.finish(info);
+    }
+    tracing::info!(vm = %shared.config.id, elapsed_ms = started.elapsed().as_millis(), "VM running");
+    Ok(())
+}
+
+fn current(phase: &Mutex<Phase>) -> Phase {
+    *phase.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn set(phase: &Mutex<Phase>, to: Phase) {
+    *phase.lock().unwrap_or_else(|p| p.into_inner()) = to;
+}
+
+/// The work of a start; bounded by the caller's deadline.
+async fn boot(
+    shared: &Arc<Shared>,
+    phase: &Mutex<Phase>,
+    deadline: Instant,
+) -> vmkit_core::Result<()> {
+    let config = &shared.config;
+    let options = &shared.options;
+    let layout = config.layout();
+    let op = |what: &str| format!("start: {what}");
+
+    // Prepare: directories, stale files, accelerator, sandbox, command line.
+    for dir in [layout.state_dir(), layout.log_dir()] {
+        tokio::fs::create_dir_all(dir)
+            .await
+            .map_err(|e| CoreError::io(op(&format!("create {}", dir.display())), e))?;
+    }
+    for stale in [layout.control_socket(), layout.console_log()] {
+        match tokio::fs::remove_file(&stale).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(CoreError::io(
+                    op(&format!("remove stale {}", stale.display())),
+                    e,
+                ));
+            }
+        }
+    }
+    let accel =
+        accel::resolve(config.accel).map_err(|e| CoreError::backend(op("accelerator"), e))?;
+    let sandbox = match options.sandbox {
+        Sandbox::On => true,
+        Sandbox::Off => false,
+        Sandbox::Auto => has_seccomp(&options.binary).await,
+    };
+    let cmdline = kernel_cmdline::build(options.machine, host::tsc_khz(), &config.kernel.cmdline)?;
+    let devices = shared
+        .devices
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let mut nics: Vec<(vmkit_core::NicConfig, Option<RawFd>)> = Vec::new();
+    let mut keep_fds = Vec::new();
+    let mut opened: Vec<OwnedFd> = Vec::new();
+    for nic in &devices.nics {
+        let fd = match &nic.backend {
+            NicBackend::Tap { name } => {
+                let fd = host::open_tap(name).map_err(|e| {
+                    CoreError::io(op(&format!("open TAP {name} for NIC {}", nic.id)), e)
+                })?;
+                let raw = fd.as_raw_fd();
+                opened.push(fd);
+                raw
+            }
+            NicBackend::TapFd { fd } => *fd,
+        };
+        keep_fds.push(fd);
+        nics.push((nic.clone(), Some(fd)));
+    }
+    let args = build(&Launch {
+        config,
+        options,
+        accel,
+        cmdline: &cmdline,
+        sandbox,
+        disks: &devices.disks,
+        nics: &nics,
+    });
+    let vmm_log = layout.vmm_log();
+    let stderr = std::fs::File::create(&vmm_log)
+        .map_err(|e| CoreError::io(op(&format!("create {}", vmm_log.display())), e))?;
+    tracing::debug!(vm = %config.id, binary = %options.binary.display(), ?args, "spawning QEMU");
+
+    // Spawn.
+    set(phase, Phase::Spawn);
+    let process = Arc::new(
+        Process::spawn(&options.binary, args, stderr, &keep_fds)
+            .await
+            .map_err(|e| CoreError::backend(op("spawn QEMU"), e))?,
+    );
+    {
+        let mut life = shared.life();
+        life.process = Some(Arc::clone(&process));
+        life.tap_fds = opened;
+    }
+    spawn_monitor(shared, Arc::clone(&process));
+
+    // QMP.
+    set(phase, Phase::Qmp);
+    let qmp_opts = QmpOptions {
+        connect_timeout: deadline.saturating_duration_since(Instant::now()),
+        command_timeout: config.timeouts.command,
+        ..QmpOptions::default()
+    };
+    let qmp = tokio::select! {
+        qmp = QmpClient::connect(layout.control_socket(), qmp_opts) => {
+            qmp.map_err(|e| CoreError::backend(op("connect QMP"), Error::from(e)))?
+        }
+        exit = process.wait() => return Err(exited_early(&vmm_log, exit)),
+    };
+    shared.life().qmp = Some(qmp.clone());
+    spawn_event_pump(shared, &qmp);
+
+    // The guest.
+    set(phase, Phase::Ready);
+    let console = layout.console_log();
+    tokio::select! {
+        ready = wait_ready_line(&console, &options.ready_line) => {
+            ready.map_err(|e| CoreError::io(op("read the serial console"), e))?;
+        }
+        exit = process.wait() => return Err(exited_early(&vmm_log, exit)),
+    }
+    Ok(())
+}
+
+fn exited_early(vmm_log: &Path, exit: crate::process::ProcessExit) -> CoreError {
+    CoreError::backend(
+        "start",
+        Error::ExitedEarly {
+            status: exit.to_string(),
+            stderr: tail(vmm_log, STDERR_LINES),
+        },
+    )
+}
+
+/// Kills and reaps QEMU, releases everything, and ends in `Shutdown` with `error` as
+/// the exit's message.
+async fn fail(shared: &Arc<Shared>, error: &CoreError) {
+    let process = shared.life().process.clone();
+    let mut exit = None;
+    if let Some(process) = process {
+        process.signal(libc::SIGKILL);
+        exit = process.wait_timeout(REAP_TIMEOUT).await;
+        if exit.is_none() {
+            tracing::error!(
+                pid = process.pid(),
+                "QEMU not reaped {REAP_TIMEOUT:?} after SIGKILL"
+            );
+        }
+    }
+    tracing::warn!(vm = %shared.config.id, %error, "start failed");
+    shared.finish(ExitInfo {
+        reason: ExitReason::StartFailed,
+        stage: None,
+        exit_code: exit.and_then(|e| e.code),
+        signal: exit.and_then(|e| e.signal),
+        message: Some(error.to_string()),
+    });
+}
+
+/// Waits until a line of the file at `path` starts with `ready`. The file may not exist
+/// yet (QEMU creates it). Unbounded: the caller's deadline bounds it.
+async fn wait_ready_line(path: &Path, ready: &str) -> std::io::Result<()> {
+    let mut file = loop {
+        match tokio::fs::File::open(path).await {
+            Ok(file) => break file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => sleep(READY_POLL).await,
+            Err(e) => return Err(e),
+        }
+    };
+    let mut scanner = LineScanner::new(ready);
+    let mut buf = vec![0u8; 16 << 10];
+    loop {
+        let n = file.read(&mut buf).await?;
+        if n == 0 {
+            sleep(READY_POLL).await;
+            continue;
+        }
+        if scanner.feed(&buf[..n]) {
+            return Ok(());
+        }
+    }
+}
+
+/// Finds a line starting with a marker in a byte stream fed in arbitrary pieces.
+struct LineScanner {
+    marker: Vec<u8>,
+    /// The start of the current line, up to the marker's length.
+    line: Vec<u8>,
+    /// The current line is already longer than the marker and did not match.
+    skip: bool,
+}
+
+impl LineScanner {
+    fn new(marker: &str) -> Self {
+        LineScanner {
+            marker: marker.as_bytes().to_vec(),
+            line: Vec::new(),
+            skip: false,
+        }
+    }
+
+    /// `true` once a line started with the marker.
+    fn feed(&mut self, bytes: &[u8]) -> bool {
+        for &b in bytes {
+            if b == b'\n' || b == b'\r' {
+                self.line.clear();
+                self.skip = false;
+                continue;
+            }
+            if self.skip {
+                continue;
+            }
+            self.line.push(b);
+            if self.line == self.marker {
+                return true;
+            }
+            if !self.marker.starts_with(&self.line) {
+                self.skip = true;
+            }
+        }
+        false
+    }
+}
+
+/// Whether `binary` was built with seccomp (`-sandbox` in its `-help`). Asked once per
+/// binary per process; a binary that cannot be asked gets no sandbox (its start will
+/// report the real problem).
+async fn has_seccomp(binary: &Path) -> bool {
+    static CACHE: OnceLock<Mutex<HashMap<PathBuf, bool>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(known) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(binary) {
+        return *known;
+    }
+    let mut command = tokio::process::Command::new(binary);
+    command
+        .arg("-help")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let has = match tokio::time::timeout(Duration::from_secs(10), command.output()).await {
+        Ok(Ok(out)) => String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .any(|l| l.starts_with("-sandbox ")),
+        _ => false,
+    };
+    cache
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(binary.to_owned(), has);
+    has
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn the_marker_must_start_a_line() {
+        let mut s = LineScanner::new("VMKIT_READY");
+        assert!(!s.feed(b"[    0.1] booting\nnot VMKIT_READY here\n"));
+        assert!(s.feed(b"VMKIT_READY uptime=1.2\n"));
+        let mut s = LineScanner::new("VMKIT_READY");
+        assert!(s.feed(b"VMKIT_READY"), "the very first line counts");
+    }
+
+    proptest! {
+        /// However the console output is cut into reads, the marker is found exactly
+        /// when some line starts with it.
+        #[test]
+        fn found_whatever_the_chunking(
+            before in proptest::collection::vec("[a-zA-Z _]{0,20}", 0..5),
+            with_marker in any::<bool>(),
+            cuts in proptest::collection::vec(1usize..8, 1..40),
+        ) {
+            let mut text = before.join("\n");
+            if with_marker {
+                text.push_str("\r\nVMKIT_READY x=1\n");
+            }
+            let bytes = text.as_bytes();
+            let expected = text.lines().any(|l| l.trim_start_matches('\r').starts_with("VMKIT_READY"));
+            let mut s = LineScanner::new("VMKIT_READY");
+            let mut found = false;
+            let mut at = 0;
+            for cut in cuts.iter().cycle() {
+                if at >= bytes.len() { break; }
+                let end = (at + cut).min(bytes.len());
+                found |= s.feed(&bytes[at..end]);
+                at = end;
+            }
+            prop_assert_eq!(found, expected, "{:?}", text);
+        }
+    }
+}

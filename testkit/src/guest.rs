@@ -1,0 +1,81 @@
+//! The test guest that `cargo xtask image` builds (kernel + initramfs in
+//! `target/vmkit-image/`), and configs that boot it quickly under TCG.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use vmkit_core::{Accel, InstanceConfig};
+
+use crate::qemu::under_ci;
+
+/// The test guest's files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestImage {
+    /// The kernel (`vmlinuz`).
+    pub kernel: PathBuf,
+    /// The initramfs (`initrd.img`): busybox init, modules, the ready line.
+    pub initrd: PathBuf,
+}
+
+/// The directory the image is looked for in: `$VMKIT_IMAGE_DIR`, else
+/// `<workspace>/target/vmkit-image` (`$CARGO_TARGET_DIR/vmkit-image` when set).
+pub fn image_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("VMKIT_IMAGE_DIR") {
+        return PathBuf::from(dir);
+    }
+    if let Some(target) = std::env::var_os("CARGO_TARGET_DIR") {
+        return PathBuf::from(target).join("vmkit-image");
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join("target/vmkit-image")
+}
+
+/// The test guest, if built.
+pub fn guest_image() -> Option<GuestImage> {
+    let dir = image_dir();
+    let image = GuestImage {
+        kernel: dir.join("vmlinuz"),
+        initrd: dir.join("initrd.img"),
+    };
+    (image.kernel.is_file() && image.initrd.is_file()).then_some(image)
+}
+
+/// The test guest, or `None` with a note on stderr so the caller can skip.
+///
+/// # Panics
+/// Under CI, when the image is missing: `cargo xtask test` builds it first, so its
+/// absence is a failure there, never a silent skip.
+pub fn require_guest_image() -> Option<GuestImage> {
+    match guest_image() {
+        Some(image) => Some(image),
+        None if under_ci() => panic!(
+            "the test guest is missing from {} and CI is set: `cargo xtask test` builds it \
+             (or run `cargo xtask image`)",
+            image_dir().display()
+        ),
+        None => {
+            eprintln!(
+                "note: no test guest in {} (run `cargo xtask image`); skipping",
+                image_dir().display()
+            );
+            None
+        }
+    }
+}
+
+impl GuestImage {
+    /// A config that boots this guest under TCG with deadlines that allow for a loaded
+    /// 2-core machine: state in `state_dir`, 1 vCPU (up to 4), 256 MiB.
+    pub fn config(&self, id: &str, state_dir: &Path) -> InstanceConfig {
+        let mut config = InstanceConfig::new(id, state_dir, &self.kernel);
+        config.kernel.initrd = Some(self.initrd.clone());
+        config.kernel.cmdline = vec!["mitigations=off".into()];
+        config.accel = Accel::Tcg;
+        config.resources.max_vcpus = 4;
+        config.timeouts.start = Duration::from_secs(60);
+        config.timeouts.shutdown_grace = Duration::from_secs(10);
+        config
+    }
+}
