@@ -161,6 +161,14 @@ pub enum VmEvent {
     },
     /// The guest kernel panicked.
     GuestPanicked,
+    /// A step of `start` finished (`"spawned"`, `"qmp connected"`, `"guest ready"`), with
+    /// the time since `start` was called: boot latency, observable.
+    StartProgress {
+        /// What was reached, with details (`"spawned QEMU (pid 4242)"`).
+        step: String,
+        /// Milliseconds since `start` was called.
+        elapsed_ms: u64,
+    },
     /// The VMM process is gone.
     Exited(ExitInfo),
     /// A VMM event vmkit has no variant for, as raw JSON.

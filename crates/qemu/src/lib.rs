@@ -50,6 +50,15 @@ pub use error::Error;
 pub use instance::{CAPABILITIES, QemuInstance};
 pub use options::{Machine, QemuOptions, Sandbox};
 
+/// Checks that vmkit can open (and so create) the TAP interface `name` on this host:
+/// opens it and closes it again (a TAP vmkit created is not persistent, so it vanishes).
+///
+/// # Errors
+/// Why not: no `/dev/net/tun`, no `CAP_NET_ADMIN`, a bad name, the TAP in use.
+pub fn probe_tap(name: &str) -> std::io::Result<()> {
+    host::open_tap(name).map(drop)
+}
+
 /// The backend's registry name.
 pub const BACKEND_NAME: &str = "qemu";
 

@@ -54,7 +54,7 @@ pub(crate) async fn start(shared: &Arc<Shared>, opts: StartOptions) -> vmkit_cor
     let started = std::time::Instant::now();
     let mut cancel = shared.cancel.subscribe();
     let outcome = tokio::select! {
-        result = timeout_at(deadline, boot(shared, &phase, deadline)) => match result {
+        result = timeout_at(deadline, boot(shared, &phase, deadline, started)) => match result {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(CoreError::Timeout {
@@ -99,7 +99,14 @@ async fn boot(
     shared: &Arc<Shared>,
     phase: &Mutex<Phase>,
     deadline: Instant,
+    started: std::time::Instant,
 ) -> vmkit_core::Result<()> {
+    let progress = |step: String| {
+        let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let _ = shared
+            .events
+            .send(vmkit_core::VmEvent::StartProgress { step, elapsed_ms });
+    };
     let config = &shared.config;
     let options = &shared.options;
     let layout = config.layout();
@@ -181,6 +188,7 @@ async fn boot(
         life.tap_fds = opened;
     }
     spawn_monitor(shared, Arc::clone(&process));
+    progress(format!("spawned QEMU (pid {})", process.pid()));
 
     // QMP.
     set(phase, Phase::Qmp);
@@ -197,6 +205,7 @@ async fn boot(
     };
     shared.life().qmp = Some(qmp.clone());
     spawn_event_pump(shared, &qmp);
+    progress(format!("QMP connected (QEMU {})", qmp.version()));
 
     // The guest.
     set(phase, Phase::Ready);
@@ -207,6 +216,7 @@ async fn boot(
         }
         exit = process.wait() => return Err(exited_early(&vmm_log, exit)),
     }
+    progress("guest ready".to_owned());
     Ok(())
 }
 
