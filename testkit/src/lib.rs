@@ -6,6 +6,8 @@
 //!   QMP error, delay, never, garbage, disconnect mid-reply), that emits events on
 //!   demand and records what it received — for faults a real QEMU cannot be made to
 //!   produce on demand.
+//! - [`fake_qemu`]: a QEMU stand-in process (QMP on its socket, a ready line) that
+//!   crashes, hangs or ignores signals on demand.
 //! - [`guest`]: the test guest `cargo xtask image` builds, and configs that boot it.
 //! - [`qemu`]: find the real QEMU (failing under CI when it is missing) and run a
 //!   paused, diskless one with a QMP socket.
@@ -25,6 +27,7 @@
 //! # }
 //! ```
 
+pub mod fake_qemu;
 pub mod guest;
 pub mod mock_qmp;
 pub mod qemu;

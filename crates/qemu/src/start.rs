@@ -193,7 +193,10 @@ async fn boot(
     // QMP.
     set(phase, Phase::Qmp);
     let qmp_opts = QmpOptions {
-        connect_timeout: deadline.saturating_duration_since(Instant::now()),
+        // The start's own deadline ends this wait (and names the phase); the margin
+        // keeps the client's deadline from racing it.
+        connect_timeout: deadline.saturating_duration_since(Instant::now())
+            + Duration::from_secs(1),
         command_timeout: config.timeouts.command,
         ..QmpOptions::default()
     };

@@ -1,0 +1,375 @@
+//! The start/stop fault matrix, against a fake QEMU (`vmkit_testkit::fake_qemu`) for the
+//! faults a real QEMU cannot be made to produce on demand, plus the orphan test with a
+//! real QEMU. Each fault must end in `Shutdown` with a typed error naming the cause and
+//! leave no child process, socket or fd behind.
+//!
+//! A custom harness: this binary is also the fake QEMU (when `VMKIT_FAKE_QEMU_SELF` is
+//! set) and the host process the orphan test kills (when `VMKIT_ORPHAN_HOST` is set).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)] // a test binary
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use vmkit_core::{
+    Error as CoreError, ExitReason, Instance, InstanceConfig, ShutdownStage, StartOptions, VmEvent,
+    VmState,
+};
+use vmkit_qemu::{QemuBackend, QemuInstance};
+use vmkit_testkit::fake_qemu;
+
+type TestFn = fn(&tokio::runtime::Runtime);
+
+fn main() -> ExitCode {
+    if std::env::var_os("VMKIT_FAKE_QEMU_SELF").is_some() {
+        std::process::exit(fake_qemu::main());
+    }
+    if std::env::var_os("VMKIT_ORPHAN_HOST").is_some() {
+        orphan_host();
+    }
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let tests: &[(&str, TestFn)] = &[
+        ("missing_binary", missing_binary),
+        (
+            "exits_at_once_with_its_message",
+            exits_at_once_with_its_message,
+        ),
+        ("never_creates_the_qmp_socket", never_creates_the_qmp_socket),
+        ("hangs_on_qmp_commands", hangs_on_qmp_commands),
+        ("ignores_sigterm", ignores_sigterm),
+        ("crashes_while_running", crashes_while_running),
+        (
+            "pause_that_hangs_times_out_and_stays_running",
+            pause_that_hangs_times_out_and_stays_running,
+        ),
+        ("fifty_cycles_leak_nothing", fifty_cycles_leak_nothing),
+        (
+            "killing_the_host_kills_its_qemu",
+            killing_the_host_kills_its_qemu,
+        ),
+    ];
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (mut passed, mut failed) = (0, 0);
+    for (name, test) in tests {
+        if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
+            continue;
+        }
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| test(&runtime)));
+        if result.is_ok() {
+            println!("test {name} ... ok");
+            passed += 1;
+        } else {
+            println!("test {name} ... FAILED");
+            failed += 1;
+        }
+    }
+    println!("\nfault matrix: {passed} passed, {failed} failed");
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// A VM whose "QEMU" is this binary acting as the fake, told `behaviour`.
+struct Fake {
+    _dir: tempfile::TempDir,
+    vm: QemuInstance,
+}
+
+fn fake(behaviour: &str, edit: impl FnOnce(&mut InstanceConfig)) -> Fake {
+    let dir = tempfile::tempdir().unwrap();
+    let wrapper = dir.path().join("qemu");
+    let me = std::env::current_exe().unwrap();
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexport VMKIT_FAKE_QEMU_SELF=1 {}='{behaviour}'\nexec '{}' \"$@\"\n",
+            fake_qemu::BEHAVIOUR_ENV,
+            me.display()
+        ),
+    )
+    .unwrap();
+    make_executable(&wrapper);
+    let kernel = dir.path().join("vmlinuz");
+    std::fs::write(&kernel, b"not a kernel: the fake never reads it").unwrap();
+    let mut config = InstanceConfig::new("fake", dir.path().join("state"), &kernel);
+    config
+        .backend_options
+        .insert("binary".into(), wrapper.display().to_string());
+    config
+        .backend_options
+        .insert("sandbox".into(), "off".into());
+    config
+        .backend_options
+        .insert("ready_line".into(), "VMKIT_READY".into());
+    config.timeouts.start = Duration::from_secs(10);
+    config.timeouts.command = Duration::from_millis(500);
+    config.timeouts.shutdown_grace = Duration::from_millis(500);
+    edit(&mut config);
+    let vm = QemuBackend.create_instance(config).unwrap();
+    Fake { _dir: dir, vm }
+}
+
+fn make_executable(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// Pids whose parent is this process.
+fn children() -> Vec<u32> {
+    let me = std::process::id();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    // "pid (comm) state ppid …": comm may hold spaces; split after ')'.
+                    let rest = &stat[stat.rfind(')')? + 2..];
+                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+                })
+                == Some(me)
+        })
+        .collect()
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+/// The VM ended cleanly after a failure: `Shutdown`, no QEMU child, no socket.
+fn assert_released(f: &Fake) {
+    assert_eq!(f.vm.state(), VmState::Shutdown);
+    let socket = f.vm.config().layout().control_socket();
+    assert!(!socket.exists(), "{} left behind", socket.display());
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !children().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(children(), Vec::<u32>::new(), "child processes left");
+}
+
+fn missing_binary(rt: &tokio::runtime::Runtime) {
+    let f = fake("", |c| {
+        c.backend_options
+            .insert("binary".into(), "/nonexistent/qemu-system-x86_64".into());
+    });
+    let err = rt.block_on(f.vm.start(StartOptions::new())).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "start: spawn QEMU: spawn /nonexistent/qemu-system-x86_64: No such file or directory (os error 2)"
+    );
+    let exit = rt.block_on(f.vm.wait());
+    assert_eq!(exit.reason, ExitReason::StartFailed);
+    assert_eq!(exit.message.as_deref(), Some(err.to_string().as_str()));
+    assert_released(&f);
+}
+
+fn exits_at_once_with_its_message(rt: &tokio::runtime::Runtime) {
+    let f = fake("crash-at-start", |_| {});
+    let err = rt.block_on(f.vm.start(StartOptions::new())).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "start: QEMU exited during start (exit code 1): fake-qemu: -device bogus: crashing at start as told"
+    );
+    assert!(matches!(err, CoreError::Backend { .. }));
+    let exit = rt.block_on(f.vm.wait());
+    assert_eq!(
+        (exit.reason, exit.exit_code),
+        (ExitReason::StartFailed, Some(1))
+    );
+    assert_released(&f);
+}
+
+fn never_creates_the_qmp_socket(rt: &tokio::runtime::Runtime) {
+    let f = fake("no-socket", |c| {
+        c.timeouts.start = Duration::from_millis(1500)
+    });
+    let began = Instant::now();
+    let err = rt.block_on(f.vm.start(StartOptions::new())).unwrap_err();
+    let took = began.elapsed();
+    match &err {
+        CoreError::Timeout { op, after } => {
+            assert_eq!(op, "start: waiting for QEMU's QMP socket");
+            assert_eq!(*after, Duration::from_millis(1500));
+        }
+        other => panic!("expected a timeout, got {other}"),
+    }
+    assert!(took < Duration::from_millis(2500), "took {took:?}");
+    let exit = rt.block_on(f.vm.wait());
+    assert_eq!(exit.signal, Some(libc::SIGKILL), "{exit:?}");
+    assert_released(&f);
+}
+
+fn hangs_on_qmp_commands(rt: &tokio::runtime::Runtime) {
+    let f = fake("hang-on=system_powerdown,hang-on=quit", |_| {});
+    rt.block_on(f.vm.start(StartOptions::new())).unwrap();
+    let began = Instant::now();
+    let exit = rt.block_on(f.vm.shutdown()).unwrap();
+    assert_eq!(exit.stage, Some(ShutdownStage::Terminate), "{exit:?}");
+    assert_eq!(exit.reason, ExitReason::HostShutdown);
+    // powerdown (0.5 s command timeout) + quit (0.5 s) + SIGTERM: well under 3 s.
+    assert!(
+        began.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        began.elapsed()
+    );
+    assert_released(&f);
+}
+
+fn ignores_sigterm(rt: &tokio::runtime::Runtime) {
+    let f = fake("ignore-sigterm,ignore-powerdown,hang-on=quit", |_| {});
+    rt.block_on(f.vm.start(StartOptions::new())).unwrap();
+    let exit = rt.block_on(f.vm.shutdown()).unwrap();
+    assert_eq!(exit.stage, Some(ShutdownStage::Kill), "{exit:?}");
+    assert_eq!(exit.signal, Some(libc::SIGKILL), "{exit:?}");
+    let log = std::fs::read_to_string(f.vm.config().layout().vmm_log()).unwrap();
+    assert!(log.contains("ignoring SIGTERM as told"), "{log}");
+    assert_released(&f);
+}
+
+fn crashes_while_running(rt: &tokio::runtime::Runtime) {
+    let f = fake("crash-after-ready=300", |_| {});
+    let mut events = f.vm.events();
+    rt.block_on(f.vm.start(StartOptions::new())).unwrap();
+    let exit = rt
+        .block_on(async { tokio::time::timeout(Duration::from_secs(5), f.vm.wait()).await })
+        .expect("wait() resolves when QEMU dies");
+    assert_eq!(exit.reason, ExitReason::Crashed, "{exit:?}");
+    assert_eq!(exit.exit_code, Some(3));
+    assert_eq!(exit.stage, None);
+    let message = exit.message.clone().unwrap();
+    assert!(
+        message.contains("fake-qemu: crashing after ready as told"),
+        "{message}"
+    );
+    let mut saw_exit = false;
+    while let Ok(event) = events.try_recv() {
+        saw_exit |= event == VmEvent::Exited(exit.clone());
+    }
+    assert!(saw_exit, "no Exited event");
+    assert_eq!(
+        rt.block_on(f.vm.shutdown()).unwrap(),
+        exit,
+        "shutdown after a crash reports it"
+    );
+    assert_released(&f);
+}
+
+fn pause_that_hangs_times_out_and_stays_running(rt: &tokio::runtime::Runtime) {
+    let f = fake("hang-on=stop", |_| {});
+    rt.block_on(f.vm.start(StartOptions::new())).unwrap();
+    let err = rt.block_on(f.vm.pause()).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        "pause: stop: stop: no reply within 500ms (command #0 on this connection)"
+    );
+    assert_eq!(f.vm.state(), VmState::Running);
+    rt.block_on(f.vm.shutdown()).unwrap();
+    assert_released(&f);
+}
+
+fn fifty_cycles_leak_nothing(rt: &tokio::runtime::Runtime) {
+    // Warm up once: lazily created runtime and spawner resources are not leaks.
+    let f = fake("", |_| {});
+    rt.block_on(f.vm.start(StartOptions::new())).unwrap();
+    rt.block_on(f.vm.shutdown()).unwrap();
+    drop(f);
+    let fds = open_fds();
+    for i in 0..50 {
+        let f = fake("", |_| {});
+        rt.block_on(f.vm.start(StartOptions::new()))
+            .unwrap_or_else(|e| panic!("cycle {i}: {e}"));
+        let exit = rt.block_on(f.vm.shutdown()).unwrap();
+        assert_eq!(exit.stage, Some(ShutdownStage::AcpiPowerdown), "cycle {i}");
+        assert_released(&f);
+        drop(f);
+    }
+    assert_eq!(open_fds(), fds, "fds leaked over 50 cycles");
+    assert!(children().is_empty());
+}
+
+/// The orphan test's host: starts a real VM from a blocking-pool thread that then
+/// retires, prints QEMU's pid, and waits to be killed.
+fn orphan_host() -> ! {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_keep_alive(Duration::from_millis(200))
+        .enable_all()
+        .build()
+        .unwrap();
+    let image = vmkit_testkit::guest_image().expect("guest image");
+    let dir = PathBuf::from(std::env::var("VMKIT_ORPHAN_HOST").unwrap());
+    let vm = QemuBackend
+        .create_instance(image.config("orphan", &dir))
+        .unwrap();
+    let handle = runtime.handle().clone();
+    let vm = runtime.block_on(async move {
+        tokio::task::spawn_blocking(move || {
+            handle.block_on(vm.start(StartOptions::new())).unwrap();
+            vm
+        })
+        .await
+        .unwrap()
+    });
+    println!("{}", vm.vm_info().pid.unwrap());
+    loop {
+        std::thread::sleep(Duration::from_secs(60));
+    }
+}
+
+fn killing_the_host_kills_its_qemu(_rt: &tokio::runtime::Runtime) {
+    if vmkit_testkit::qemu::require_qemu().is_none()
+        || vmkit_testkit::require_guest_image().is_none()
+    {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut host = std::process::Command::new(std::env::current_exe().unwrap())
+        .env("VMKIT_ORPHAN_HOST", dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(host.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let qemu: u32 = line
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("host said {line:?}"));
+    let proc = PathBuf::from(format!("/proc/{qemu}"));
+    // The thread that called start retires after 200 ms idle: QEMU must survive that.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        proc.exists(),
+        "QEMU died with the blocking-pool thread that started it"
+    );
+    host.kill().unwrap();
+    host.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while is_alive(&proc) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(!is_alive(&proc), "QEMU {qemu} outlived its host");
+}
+
+/// Alive, and not a zombie waiting for a reaper.
+fn is_alive(proc: &Path) -> bool {
+    std::fs::read_to_string(proc.join("stat"))
+        .ok()
+        .and_then(|s| s.rfind(')').map(|i| s[i + 2..].starts_with('Z')))
+        .is_some_and(|zombie| !zombie)
+}
