@@ -32,12 +32,23 @@ fn bench(args: &[String]) -> Result<(), String> {
         other => return Err(format!("bench: unknown arguments {other:?}")),
     };
     install::ensure_all()?;
-    let mut cmd = run::cargo();
-    cmd.args(["bench", "--locked", "-p", "vmkit-benches", "--bench", "qmp"]);
-    if check {
-        cmd.args(["--", "--check"]);
+    let image = image::ensure_image()?;
+    for bench in ["qmp", "boot"] {
+        let mut cmd = run::cargo();
+        cmd.env("VMKIT_IMAGE_DIR", &image).args([
+            "bench",
+            "--locked",
+            "-p",
+            "vmkit-benches",
+            "--bench",
+            bench,
+        ]);
+        if check {
+            cmd.args(["--", "--check"]);
+        }
+        run::step(&format!("bench {bench}"), &mut cmd)?;
     }
-    run::step("bench qmp", &mut cmd)
+    Ok(())
 }
 
 /// `cargo xtask demo`: install what is missing, build the guest, run `vmkit demo`.

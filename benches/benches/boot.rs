@@ -1,0 +1,141 @@
+//! Boot overhead: spawn → guest ready for the test guest started by vmkit, against the
+//! same guest started by a bare `qemu-system-x86_64` command line written out here (the
+//! baseline), in one run, interleaved. Both wait for the same ready line on the serial
+//! console file, polled every 5 ms.
+//!
+//! Target (issue 4): vmkit's median within 1.05x of the baseline's.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)] // a benchmark
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use vmkit_benches::percentile;
+use vmkit_core::{Instance, StartOptions};
+use vmkit_qemu::QemuBackend;
+use vmkit_testkit::{GuestImage, qemu::require_qemu, require_guest_image};
+
+const ROUNDS: usize = 6;
+
+fn main() {
+    let check = std::env::args().any(|a| a == "--check");
+    let (Some(qemu), Some(image)) = (require_qemu(), require_guest_image()) else {
+        return;
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    // One warm-up of each (page cache, the sandbox probe), not counted.
+    bare_boot(&qemu, &image);
+    runtime.block_on(vmkit_boot(&image));
+    let (mut bare, mut ours) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        bare.push(bare_boot(&qemu, &image));
+        ours.push(runtime.block_on(vmkit_boot(&image)));
+    }
+    bare.sort();
+    ours.sort();
+    let (b, v) = (
+        percentile(&bare, 50.0).unwrap(),
+        percentile(&ours, 50.0).unwrap(),
+    );
+    let ratio = v.as_secs_f64() / b.as_secs_f64();
+    println!("boot, spawn -> guest ready (TCG, {ROUNDS} rounds each, interleaved)");
+    println!("  bare QEMU : p50 {b:?}  all {bare:?}");
+    println!("  vmkit     : p50 {v:?}  all {ours:?}");
+    let ok = ratio <= 1.05;
+    println!(
+        "  vmkit / bare = {ratio:.3} (target <= 1.05: {})",
+        if ok { "met" } else { "missed" }
+    );
+    if check && !ok {
+        std::process::exit(1);
+    }
+}
+
+fn cmdline() -> String {
+    let mut parts: Vec<&str> = vmkit_qemu::kernel_cmdline::BASE_PARAMS.to_vec();
+    parts.push("mitigations=off");
+    parts.join(" ")
+}
+
+/// The baseline: the command line a person would write for the same VM.
+fn bare_boot(qemu: &Path, image: &GuestImage) -> Duration {
+    let dir = tempfile::tempdir().unwrap();
+    let console = dir.path().join("console.log");
+    let qmp = dir.path().join("qmp.sock");
+    let began = Instant::now();
+    let mut child = Command::new(qemu)
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
+        .args([
+            "-machine",
+            "q35",
+            "-accel",
+            "tcg",
+            "-smp",
+            "1,maxcpus=4",
+            "-m",
+            "256M",
+        ])
+        .args([
+            "-sandbox",
+            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+        ])
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+        .arg("-serial")
+        .arg(format!("file:{}", console.display()))
+        .arg("-kernel")
+        .arg(&image.kernel)
+        .arg("-initrd")
+        .arg(&image.initrd)
+        .arg("-append")
+        .arg(cmdline())
+        .args((0..4).flat_map(|i| {
+            [
+                "-device".to_owned(),
+                format!("pcie-root-port,id=rp{i},chassis={}", i + 1),
+            ]
+        }))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    loop {
+        let text = std::fs::read_to_string(&console).unwrap_or_default();
+        if text.lines().any(|l| l.starts_with("VMKIT_READY")) {
+            break;
+        }
+        assert!(
+            began.elapsed() < Duration::from_secs(60),
+            "bare guest never ready"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let took = began.elapsed();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    took
+}
+
+async fn vmkit_boot(image: &GuestImage) -> Duration {
+    let dir = tempfile::tempdir().unwrap();
+    let vm = QemuBackend
+        .create_instance(image.config("bench", &dir.path().join("state")))
+        .unwrap();
+    let began = Instant::now();
+    vm.start(StartOptions::new()).await.unwrap();
+    let took = began.elapsed();
+    vm.shutdown().await.unwrap();
+    took
+}
