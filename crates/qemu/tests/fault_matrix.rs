@@ -57,12 +57,28 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .unwrap();
+    // Warm up: the runtime's and the spawner's lazily created fds are not leaks.
+    let warm = fake("", |_| {});
+    runtime
+        .block_on(warm.vm.start(StartOptions::new()))
+        .unwrap();
+    runtime.block_on(warm.vm.shutdown()).unwrap();
+    drop(warm);
     let (mut passed, mut failed) = (0, 0);
     for (name, test) in tests {
         if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
             continue;
         }
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| test(&runtime)));
+        let fds = open_fds();
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            test(&runtime);
+            // Everything the test opened is closed again once its VM is dropped.
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while open_fds() != fds && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            assert_eq!(open_fds(), fds, "fds leaked");
+        }));
         if result.is_ok() {
             println!("test {name} ... ok");
             passed += 1;
