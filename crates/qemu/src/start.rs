@@ -289,6 +289,8 @@ struct LineScanner {
     line: Vec<u8>,
     /// The current line is already longer than the marker and did not match.
     skip: bool,
+    /// The current line starts with the marker; it counts once it is complete.
+    matched: bool,
 }
 
 impl LineScanner {
@@ -297,13 +299,18 @@ impl LineScanner {
             marker: marker.as_bytes().to_vec(),
             line: Vec::new(),
             skip: false,
+            matched: false,
         }
     }
 
-    /// `true` once a line started with the marker.
+    /// `true` once a whole line (ended by a newline) started with the marker, so the
+    /// line the guest printed is complete in the log when `start` returns.
     fn feed(&mut self, bytes: &[u8]) -> bool {
         for &b in bytes {
             if b == b'\n' || b == b'\r' {
+                if self.matched {
+                    return true;
+                }
                 self.line.clear();
                 self.skip = false;
                 continue;
@@ -313,7 +320,9 @@ impl LineScanner {
             }
             self.line.push(b);
             if self.line == self.marker {
-                return true;
+                self.matched = true;
+                self.skip = true;
+                continue;
             }
             if !self.marker.starts_with(&self.line) {
                 self.skip = true;
@@ -362,7 +371,11 @@ mod tests {
         assert!(!s.feed(b"[    0.1] booting\nnot VMKIT_READY here\n"));
         assert!(s.feed(b"VMKIT_READY uptime=1.2\n"));
         let mut s = LineScanner::new("VMKIT_READY");
-        assert!(s.feed(b"VMKIT_READY"), "the very first line counts");
+        assert!(
+            !s.feed(b"VMKIT_READY up"),
+            "not before the line is complete"
+        );
+        assert!(s.feed(b"time=1\n"), "the very first line counts");
     }
 
     proptest! {
@@ -379,7 +392,9 @@ mod tests {
                 text.push_str("\r\nVMKIT_READY x=1\n");
             }
             let bytes = text.as_bytes();
-            let expected = text.lines().any(|l| l.trim_start_matches('\r').starts_with("VMKIT_READY"));
+            let segments: Vec<&str> = text.split(['\n', '\r']).collect();
+            let complete = &segments[..segments.len() - 1];
+            let expected = complete.iter().any(|l| l.starts_with("VMKIT_READY"));
             let mut s = LineScanner::new("VMKIT_READY");
             let mut found = false;
             let mut at = 0;
