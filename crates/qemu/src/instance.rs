@@ -28,6 +28,13 @@ pub const CAPABILITIES: Capabilities = Capabilities::PAUSE;
 /// How many lines of QEMU's stderr go into an error or a crash report.
 pub(crate) const STDERR_LINES: usize = 8;
 
+/// Locks `mutex`, also when a panicking holder poisoned it. Every critical section in
+/// this crate is a few field reads and writes: a panic cannot leave the data
+/// half-updated, so a poisoned lock is safe to keep using.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// A VM run by QEMU. Created by [`crate::QemuBackend`]; implements [`Instance`].
 pub struct QemuInstance {
     shared: Arc<Shared>,
@@ -87,13 +94,11 @@ impl Shared {
     }
 
     pub(crate) fn life(&self) -> MutexGuard<'_, Life> {
-        // Every critical section is a few field reads/writes: a panic cannot leave the
-        // data half-updated, so a poisoned lock is safe to keep using.
-        self.life.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.life)
     }
 
-    fn devices(&self) -> MutexGuard<'_, ColdDevices> {
-        self.devices.lock().unwrap_or_else(|p| p.into_inner())
+    pub(crate) fn devices(&self) -> MutexGuard<'_, ColdDevices> {
+        lock(&self.devices)
     }
 
     /// A checked transition that also publishes [`VmEvent::StateChanged`].

@@ -16,7 +16,7 @@ use vmkit_qmp::{QmpClient, QmpOptions};
 
 use crate::command::{Launch, build};
 use crate::error::Error;
-use crate::instance::{STDERR_LINES, Shared, spawn_event_pump, spawn_monitor};
+use crate::instance::{STDERR_LINES, Shared, lock, spawn_event_pump, spawn_monitor};
 use crate::options::Sandbox;
 use crate::process::{Process, tail};
 use crate::{accel, host, kernel_cmdline};
@@ -87,11 +87,11 @@ pub(crate) async fn start(shared: &Arc<Shared>, opts: StartOptions) -> vmkit_cor
 }
 
 fn current(phase: &Mutex<Phase>) -> Phase {
-    *phase.lock().unwrap_or_else(|p| p.into_inner())
+    *lock(phase)
 }
 
 fn set(phase: &Mutex<Phase>, to: Phase) {
-    *phase.lock().unwrap_or_else(|p| p.into_inner()) = to;
+    *lock(phase) = to;
 }
 
 /// The work of a start; bounded by the caller's deadline.
@@ -138,11 +138,7 @@ async fn boot(
         Sandbox::Auto => has_seccomp(&options.binary).await,
     };
     let cmdline = kernel_cmdline::build(options.machine, host::tsc_khz(), &config.kernel.cmdline)?;
-    let devices = shared
-        .devices
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
+    let devices = shared.devices().clone();
     let mut nics: Vec<(vmkit_core::NicConfig, Option<RawFd>)> = Vec::new();
     let mut keep_fds = Vec::new();
     let mut opened: Vec<OwnedFd> = Vec::new();
@@ -338,7 +334,7 @@ impl LineScanner {
 async fn has_seccomp(binary: &Path) -> bool {
     static CACHE: OnceLock<Mutex<HashMap<PathBuf, bool>>> = OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
-    if let Some(known) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(binary) {
+    if let Some(known) = lock(cache).get(binary) {
         return *known;
     }
     let mut command = tokio::process::Command::new(binary);
@@ -353,10 +349,7 @@ async fn has_seccomp(binary: &Path) -> bool {
             .any(|l| l.starts_with("-sandbox ")),
         _ => false,
     };
-    cache
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(binary.to_owned(), has);
+    lock(cache).insert(binary.to_owned(), has);
     has
 }
 
