@@ -128,13 +128,13 @@ impl Shared {
     }
 
     /// Ends the VM's life: releases what it held (QMP, TAP fds, the control socket),
-    /// moves to `Shutdown` and publishes `info`. The first call wins; later calls do
-    /// nothing and return `false`.
-    pub(crate) fn finish(&self, info: ExitInfo) -> bool {
+    /// moves to `Shutdown` and publishes `info`. The first call wins; a later call
+    /// changes nothing. Returns the exit in force (the first call's).
+    pub(crate) fn finish(&self, info: ExitInfo) -> ExitInfo {
         let (qmp, taps) = {
             let mut life = self.life();
-            if self.exit.borrow().is_some() {
-                return false;
+            if let Some(first) = self.exit_info() {
+                return first;
             }
             (life.qmp.take(), std::mem::take(&mut life.tap_fds))
         };
@@ -157,8 +157,8 @@ impl Shared {
         }
         tracing::info!(vm = %self.config.id, reason = ?info.reason, stage = ?info.stage, "VM gone");
         let _ = self.events.send(VmEvent::Exited(info.clone()));
-        self.exit.send_replace(Some(info));
-        true
+        self.exit.send_replace(Some(info.clone()));
+        info
     }
 
     /// The exit of a VM that stopped on its own (no `shutdown` under way).

@@ -15,7 +15,8 @@ use crate::error::Error;
 use crate::host;
 
 /// How the process ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// `Default` (neither) is an exit whose status could not be read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct ProcessExit {
     /// Its exit code, when it exited.
     pub(crate) code: Option<i32>,
@@ -101,10 +102,7 @@ impl Process {
                 }
                 Err(e) => {
                     tracing::warn!(pid, error = %e, "waiting for QEMU failed");
-                    ProcessExit {
-                        code: None,
-                        signal: None,
-                    }
+                    ProcessExit::default()
                 }
             };
             tracing::debug!(pid, %exit, "QEMU exited");
@@ -132,10 +130,7 @@ impl Process {
     pub(crate) async fn wait(&self) -> ProcessExit {
         let mut rx = self.exit.clone();
         match rx.wait_for(Option::is_some).await {
-            Ok(exit) => exit.unwrap_or(ProcessExit {
-                code: None,
-                signal: None,
-            }),
+            Ok(exit) => exit.unwrap_or_default(),
             // The supervisor always sends before it ends; if it was dropped (runtime
             // shutting down), the process was killed with it.
             Err(_) => ProcessExit {

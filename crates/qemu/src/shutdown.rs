@@ -30,17 +30,12 @@ pub(crate) async fn shutdown(shared: &Arc<Shared>) -> vmkit_core::Result<ExitInf
         // The first caller's stages are bounded; its answer is ours.
         return Ok(shared.wait_exit().await);
     }
+    // New → Shutdown as one compare-and-swap, so a racing `start` cannot slip in.
     if shared
-        .state
         .transition("shutdown", VmState::New, VmState::Shutdown)
         .is_ok()
     {
-        let _ = shared.events.send(vmkit_core::VmEvent::StateChanged {
-            from: VmState::New,
-            to: VmState::Shutdown,
-        });
-        shared.finish(ExitInfo::never_started());
-        return Ok(shared.wait_exit().await);
+        return Ok(shared.finish(ExitInfo::never_started()));
     }
     if shared.state.get() == VmState::Starting {
         // Cancel the start; it releases everything and reports. If it finished first,
@@ -68,20 +63,15 @@ pub(crate) async fn shutdown(shared: &Arc<Shared>) -> vmkit_core::Result<ExitInf
     };
     let Some(process) = process else {
         // Nothing was ever spawned (cannot happen after a successful start; kept total).
-        shared.finish(ExitInfo::never_started());
-        return Ok(shared.wait_exit().await);
+        return Ok(shared.finish(ExitInfo::never_started()));
     };
     if let Some(exit) = process.exited() {
         // It was already gone (a crash, or the guest powered off) when we came.
-        shared.finish(shared.unrequested_exit(exit));
-        return Ok(shared.wait_exit().await);
+        return Ok(shared.finish(shared.unrequested_exit(exit)));
     }
     let (stage, exit) = stop_in_stages(shared, &process, qmp).await;
     match exit {
-        Some(exit) => {
-            shared.finish(requested_exit(shared, stage, exit));
-            Ok(shared.wait_exit().await)
-        }
+        Some(exit) => Ok(shared.finish(requested_exit(shared, stage, exit))),
         None => {
             let error = Error::Unkillable {
                 pid: process.pid(),
@@ -90,10 +80,7 @@ pub(crate) async fn shutdown(shared: &Arc<Shared>) -> vmkit_core::Result<ExitInf
             let mut info = requested_exit(
                 shared,
                 ShutdownStage::Kill,
-                crate::process::ProcessExit {
-                    code: None,
-                    signal: None,
-                },
+                crate::process::ProcessExit::default(),
             );
             info.message = Some(error.to_string());
             shared.finish(info);
