@@ -48,8 +48,8 @@ pub struct Launch<'a> {
     pub sandbox: bool,
     /// Disks, in order.
     pub disks: &'a [DiskConfig],
-    /// NICs, each with the TAP fd to pass (if vmkit opened one).
-    pub nics: &'a [(NicConfig, Option<RawFd>)],
+    /// NICs, each with the open TAP fd QEMU inherits.
+    pub nics: &'a [(NicConfig, RawFd)],
 }
 
 /// The arguments (without the binary).

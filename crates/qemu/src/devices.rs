@@ -6,9 +6,8 @@ use std::ffi::OsString;
 use std::os::fd::RawFd;
 
 use serde_json::{Value, json};
-use vmkit_core::{DiskConfig, Error as CoreError, MacAddr, NicBackend, NicConfig};
+use vmkit_core::{DiskConfig, Error as CoreError, MacAddr, NicConfig};
 
-use crate::command::escape_opt;
 use crate::options::Machine;
 
 /// The devices a VM boots with. Ids are unique across disks and NICs.
@@ -103,23 +102,17 @@ pub fn disk_args(index: usize, disk: &DiskConfig, machine: Machine) -> Vec<OsStr
     ]
 }
 
-/// `-netdev` and `-device` for NIC number `index` of VM `vm_id`; `fd` is the open TAP
-/// fd for a [`NicBackend::TapFd`] (or a TAP vmkit opened for it).
+/// `-netdev` and `-device` for NIC number `index` of VM `vm_id`. `fd` is the open TAP
+/// QEMU inherits: the caller's for a [`vmkit_core::NicBackend::TapFd`], the one vmkit
+/// opened for a [`vmkit_core::NicBackend::Tap`] (so QEMU never opens, creates or names a TAP itself).
 pub fn nic_args(
     index: usize,
     vm_id: &str,
     nic: &NicConfig,
-    fd: Option<RawFd>,
+    fd: RawFd,
     machine: Machine,
 ) -> Vec<OsString> {
     let netdev_id = format!("vmkit-net{index}");
-    let host_side = match (&nic.backend, fd) {
-        (_, Some(fd)) => format!("fd={fd}"),
-        (NicBackend::Tap { name }, None) => {
-            format!("ifname={},script=no,downscript=no", escape_opt(name))
-        }
-        (NicBackend::TapFd { fd }, None) => format!("fd={fd}"),
-    };
     let mac = nic.mac.unwrap_or_else(|| stable_mac(vm_id, &nic.id));
     let device = json!({
         "driver": match machine {
@@ -132,7 +125,7 @@ pub fn nic_args(
     });
     vec![
         "-netdev".into(),
-        format!("tap,id={netdev_id},{host_side}").into(),
+        format!("tap,id={netdev_id},fd={fd}").into(),
         "-device".into(),
         device.to_string().into(),
     ]
@@ -159,6 +152,7 @@ fn insert(object: &mut Value, key: &str, value: Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vmkit_core::NicBackend;
 
     fn image() -> (tempfile::TempDir, std::path::PathBuf) {
         let dir = tempfile::tempdir().unwrap();
@@ -192,25 +186,27 @@ mod tests {
         let args = disk_args(1, &DiskConfig::new("d", &path), Machine::Microvm);
         assert!(args[3].to_str().unwrap().contains("\"virtio-blk-device\""));
         let nic = NicConfig::tap("n", "tap0", None);
-        let args = nic_args(0, "vm", &nic, None, Machine::Microvm);
+        let args = nic_args(0, "vm", &nic, 5, Machine::Microvm);
         assert!(args[3].to_str().unwrap().contains("\"virtio-net-device\""));
     }
 
     #[test]
-    fn nic_by_name_or_fd() {
+    fn nics_pass_their_tap_fd_whatever_the_backend() {
         let nic = NicConfig::tap("net0", "tap0", Some(MacAddr([0x52, 0x54, 0, 1, 2, 3])));
-        let args = nic_args(0, "vm", &nic, None, Machine::Q35);
-        assert_eq!(
-            args[1],
-            "tap,id=vmkit-net0,ifname=tap0,script=no,downscript=no"
-        );
+        let args = nic_args(0, "vm", &nic, 9, Machine::Q35);
+        assert_eq!(args[1], "tap,id=vmkit-net0,fd=9");
         assert!(
             args[3]
                 .to_str()
                 .unwrap()
                 .contains("\"mac\":\"52:54:00:01:02:03\"")
         );
-        let args = nic_args(1, "vm", &nic, Some(7), Machine::Q35);
+        let by_fd = NicConfig {
+            id: "net1".into(),
+            backend: NicBackend::TapFd { fd: 7 },
+            mac: None,
+        };
+        let args = nic_args(1, "vm", &by_fd, 7, Machine::Q35);
         assert_eq!(args[1], "tap,id=vmkit-net1,fd=7");
     }
 

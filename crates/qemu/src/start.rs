@@ -139,8 +139,9 @@ async fn boot(
     };
     let cmdline = kernel_cmdline::build(options.machine, host::tsc_khz(), &config.kernel.cmdline)?;
     let devices = shared.devices().clone();
-    let mut nics: Vec<(vmkit_core::NicConfig, Option<RawFd>)> = Vec::new();
-    let mut keep_fds = Vec::new();
+    // vmkit opens every TAP itself (a TAP it creates vanishes with the VM); QEMU
+    // inherits the fds.
+    let mut nics: Vec<(vmkit_core::NicConfig, RawFd)> = Vec::new();
     let mut opened: Vec<OwnedFd> = Vec::new();
     for nic in &devices.nics {
         let fd = match &nic.backend {
@@ -154,9 +155,9 @@ async fn boot(
             }
             NicBackend::TapFd { fd } => *fd,
         };
-        keep_fds.push(fd);
-        nics.push((nic.clone(), Some(fd)));
+        nics.push((nic.clone(), fd));
     }
+    let keep_fds: Vec<RawFd> = nics.iter().map(|(_, fd)| *fd).collect();
     let args = build(&Launch {
         config,
         options,
