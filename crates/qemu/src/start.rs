@@ -17,7 +17,7 @@ use vmkit_qmp::{QmpClient, QmpOptions};
 use crate::command::{Launch, build};
 use crate::error::Error;
 use crate::instance::{STDERR_LINES, Shared, lock, spawn_event_pump, spawn_monitor};
-use crate::options::Sandbox;
+use crate::options::{Machine, Sandbox};
 use crate::process::{Process, tail};
 use crate::{accel, host, kernel_cmdline};
 
@@ -137,7 +137,11 @@ async fn boot(
         Sandbox::Off => false,
         Sandbox::Auto => has_seccomp(&options.binary).await,
     };
-    let cmdline = kernel_cmdline::build(options.machine, host::tsc_khz(), &config.kernel.cmdline)?;
+    // Only microvm needs the TSC frequency (a /proc/cpuinfo read).
+    let tsc_khz = (options.machine == Machine::Microvm)
+        .then(host::tsc_khz)
+        .flatten();
+    let cmdline = kernel_cmdline::build(options.machine, tsc_khz, &config.kernel.cmdline)?;
     let devices = shared.devices().clone();
     // vmkit opens every TAP itself (a TAP it creates vanishes with the VM); QEMU
     // inherits the fds.
