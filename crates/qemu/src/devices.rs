@@ -5,7 +5,7 @@
 use std::ffi::OsString;
 use std::os::fd::RawFd;
 
-use serde_json::{Value, json};
+use serde_json::json;
 use vmkit_core::{DiskConfig, Error as CoreError, MacAddr, NicConfig};
 
 use crate::options::Machine;
@@ -92,7 +92,7 @@ pub fn disk_args(index: usize, disk: &DiskConfig, machine: Machine) -> Vec<OsStr
         "id": disk.id,
     });
     if let Some(serial) = &disk.serial {
-        insert(&mut device, "serial", json!(serial));
+        device["serial"] = json!(serial);
     }
     vec![
         "-blockdev".into(),
@@ -143,15 +143,10 @@ pub fn stable_mac(vm_id: &str, nic_id: &str) -> MacAddr {
     MacAddr([(b[0] & 0xfc) | 0x02, b[1], b[2], b[3], b[4], b[5]])
 }
 
-fn insert(object: &mut Value, key: &str, value: Value) {
-    if let Value::Object(map) = object {
-        map.insert(key.to_owned(), value);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
     use vmkit_core::NicBackend;
 
     fn image() -> (tempfile::TempDir, std::path::PathBuf) {
