@@ -120,7 +120,7 @@ impl FakeArgs {
             if pair[0] != "-chardev" {
                 continue;
             }
-            let opts = split_opts(&pair[1]);
+            let opts = split_qemu_opts(&pair[1]);
             let path = opts
                 .iter()
                 .find_map(|o| o.strip_prefix("path="))
@@ -135,7 +135,9 @@ impl FakeArgs {
     }
 }
 
-fn split_opts(text: &str) -> Vec<String> {
+/// Splits a QEMU `key=value,…` option (QemuOpts syntax) into its parts, `,,` being a
+/// literal comma: how QEMU reads an option, for tests that check escaping.
+pub fn split_qemu_opts(text: &str) -> Vec<String> {
     let mut out = vec![String::new()];
     let mut chars = text.chars().peekable();
     while let Some(c) = chars.next() {

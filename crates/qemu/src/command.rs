@@ -248,31 +248,12 @@ mod tests {
         assert_eq!(value_after(&args, "-initrd"), ["/boot/initrd,x.img"]);
     }
 
-    /// QEMU's own `key=value,…` splitter (QemuOpts): `,,` is a literal comma.
-    fn split_qemu_opts(text: &str) -> Vec<String> {
-        let mut out = vec![String::new()];
-        let mut chars = text.chars().peekable();
-        while let Some(c) = chars.next() {
-            if c == ',' {
-                if chars.peek() == Some(&',') {
-                    chars.next();
-                    out.last_mut().unwrap().push(',');
-                } else {
-                    out.push(String::new());
-                }
-            } else {
-                out.last_mut().unwrap().push(c);
-            }
-        }
-        out
-    }
-
     proptest::proptest! {
         /// Whatever a value holds, escaped it stays exactly one QEMU option.
         #[test]
         fn an_escaped_value_is_one_option(value in "[ -~]{0,24}") {
             let opt = format!("file,id=x,path={}", escape_opt(&value));
-            let parts = split_qemu_opts(&opt);
+            let parts = vmkit_testkit::fake_qemu::split_qemu_opts(&opt);
             proptest::prop_assert_eq!(parts.len(), 3);
             proptest::prop_assert_eq!(&parts[2], &format!("path={value}"));
         }
