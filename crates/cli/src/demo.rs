@@ -72,6 +72,7 @@ async fn run_in(
     config.kernel.initrd = Some(initrd.to_owned());
     config.resources.max_vcpus = 4;
     config.timeouts.start = Duration::from_secs(60);
+    let layout = config.layout();
     let vm = Registry::from_inventory()
         .and_then(|r| r.create("qemu", config))
         .map_err(|e| e.to_string())?;
@@ -120,7 +121,7 @@ async fn run_in(
         began.elapsed().as_secs_f64()
     ));
     let info = vm.vm_info();
-    let console = work.join("state/logs/console.log");
+    let console = layout.console_log();
     let ready = std::fs::read_to_string(&console)
         .unwrap_or_default()
         .lines()
@@ -165,7 +166,7 @@ async fn run_in(
             format!("QEMU pid {pid}"),
         ),
         (
-            work.join("state/control.sock").exists(),
+            layout.control_socket().exists(),
             "the QMP socket".to_owned(),
         ),
         (
