@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
 use vmkit_core::{
-    DeviceConfigurator, DiskConfig, ExitReason, Instance, ShutdownStage, StartOptions, VmEvent,
-    VmState,
+    DeviceConfigurator, DiskConfig, ExitReason, Instance, NicConfig, ShutdownStage, StartOptions,
+    VmEvent, VmState,
 };
 use vmkit_qemu::{QemuBackend, QemuInstance};
 use vmkit_testkit::{GuestImage, qemu::require_qemu, require_guest_image};
@@ -167,4 +167,61 @@ async fn a_disk_path_with_commas_and_equals_is_one_path() {
     assert!(line.contains("serials=vda:"), "{line}");
     assert!(!line.contains("evil"), "{line}");
     vm.shutdown().await.unwrap();
+}
+
+/// A TAP device vmkit may create here, or `None` (with a note) where the host refuses
+/// TAP: without root or `/dev/net/tun`. Under CI the machine is root with a tun device,
+/// so a refusal there fails the test instead of skipping it.
+fn tap_name(tag: &str) -> Option<String> {
+    // IFNAMSIZ is 16 with the NUL: "vmkt" + tag + pid stays well under it.
+    let name = format!("vmkt{tag}{}", std::process::id() % 100_000);
+    match vmkit_qemu::probe_tap(&name) {
+        Ok(()) => Some(name),
+        Err(e) if vmkit_testkit::qemu::under_ci() => {
+            panic!("CI is set but TAP {name} cannot be created: {e}")
+        }
+        Err(e) => {
+            eprintln!("note: TAP {name} unavailable ({e}); skipping a test that needs it");
+            None
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tap_nics_appear_in_the_guest_with_their_macs_and_vanish_with_the_vm() {
+    let Some(image) = setup() else { return };
+    let (Some(first), Some(second)) = (tap_name("a"), tap_name("b")) else {
+        return;
+    };
+    let _slot = VMS.acquire().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let vm = QemuBackend
+        .create_instance(image.config("nics", &dir.path().join("state")))
+        .unwrap();
+    let chosen: vmkit_core::MacAddr = "52:54:00:12:34:56".parse().unwrap();
+    vm.add_nic(NicConfig::tap("net0", &first, Some(chosen)))
+        .unwrap();
+    vm.add_nic(NicConfig::tap("net1", &second, None)).unwrap();
+    vm.start(StartOptions::new()).await.unwrap();
+
+    let line = ready_line(&vm);
+    let derived = vmkit_qemu::devices::stable_mac("nics", "net1");
+    assert!(
+        line.ends_with(&format!("nics=eth0:{chosen},eth1:{derived}")),
+        "{line}"
+    );
+    for tap in [&first, &second] {
+        assert!(
+            Path::new("/sys/class/net").join(tap).exists(),
+            "TAP {tap} missing while the VM runs"
+        );
+    }
+
+    vm.shutdown().await.unwrap();
+    for tap in [&first, &second] {
+        assert!(
+            !Path::new("/sys/class/net").join(tap).exists(),
+            "TAP {tap} outlived its VM"
+        );
+    }
 }
