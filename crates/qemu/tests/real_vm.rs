@@ -225,3 +225,25 @@ async fn tap_nics_appear_in_the_guest_with_their_macs_and_vanish_with_the_vm() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn microvm_boots_with_a_virtio_mmio_disk_and_powers_off_by_acpi() {
+    let Some(image) = setup() else { return };
+    let _slot = VMS.acquire().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = image.config("micro", &dir.path().join("state"));
+    config
+        .backend_options
+        .insert("machine".into(), "microvm".into());
+    let vm = QemuBackend.create_instance(config).unwrap();
+    let mut data = DiskConfig::new("data", disk(dir.path(), "data.img"));
+    data.serial = Some("micro-data".into());
+    vm.add_disk(data).unwrap();
+    vm.start(StartOptions::new()).await.unwrap();
+    let line = ready_line(&vm);
+    assert!(line.contains(" disks=vda "), "{line}");
+    assert!(line.contains("serials=vda:micro-data"), "{line}");
+    let exit = vm.shutdown().await.unwrap();
+    assert_eq!(exit.reason, ExitReason::GuestShutdown, "{exit:?}");
+    assert_eq!(exit.stage, Some(ShutdownStage::AcpiPowerdown), "{exit:?}");
+}
