@@ -16,7 +16,7 @@ use vmkit_core::{Instance, StartOptions};
 use vmkit_qemu::QemuBackend;
 use vmkit_testkit::{GuestImage, qemu::require_qemu, require_guest_image};
 
-const ROUNDS: usize = 6;
+const ROUNDS: usize = 10;
 
 fn main() {
     let check = std::env::args().any(|a| a == "--check");
