@@ -1,0 +1,45 @@
+//! # vmkit-proto
+//!
+//! What the host and the vmkit guest agent say to each other:
+//!
+//! - the agent's TTRPC service (`proto/agent.proto`): [`AgentClient`] for the host,
+//!   [`Agent`] + [`create_agent`] for the agent. Messages are in [`agent`];
+//! - the header that opens a raw stream on the agent's stream port ([`StreamHeader`]),
+//!   and the agent's one-line answer to it ([`StreamReply`]).
+//!
+//! ```no_run
+//! use vmkit_proto::{AgentClient, agent::PingRequest};
+//!
+//! # async fn ping(client: ttrpc::r#async::Client) -> ttrpc::Result<()> {
+//! let agent = AgentClient::new(client);
+//! let pong = agent
+//!     .ping(ttrpc::context::with_timeout(1_000_000_000), &PingRequest::new())
+//!     .await?;
+//! println!("agent {} up {} ms", pong.agent_version, pong.uptime_ms);
+//! # Ok(())
+//! # }
+//! ```
+
+mod stream;
+
+#[allow(
+    missing_docs,
+    unreachable_pub,
+    clippy::all,
+    clippy::pedantic,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    unsafe_code
+)]
+mod generated {
+    include!(concat!(env!("OUT_DIR"), "/generated.rs"));
+}
+
+pub use generated::agent;
+pub use generated::agent_ttrpc::{Agent, AgentClient, create_agent};
+pub use stream::{MAGIC, MAX_HEADER, StreamHeader, StreamHeaderError, StreamReply};
+
+/// The vsock port the agent serves its TTRPC service on.
+pub const AGENT_PORT: u32 = 1025;
+/// The vsock port the agent serves raw streams on.
+pub const STREAM_PORT: u32 = 1026;

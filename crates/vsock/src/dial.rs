@@ -1,0 +1,234 @@
+//! Dialling the guest: one attempt ([`dial`]) or retried until a deadline
+//! ([`dial_with_retry`]), over kernel vsock or hybrid vsock.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::UnixStream;
+use tokio::time::{Instant, timeout_at};
+use tokio_vsock::{VsockAddr, VsockStream};
+
+use crate::addr::GuestAddr;
+use crate::error::{Error, Result};
+
+/// The longest `OK <n>` line a hybrid vsock peer may send.
+const MAX_HANDSHAKE_LINE: usize = 64;
+/// The first pause between attempts; it doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(1);
+/// The longest pause between attempts.
+const MAX_BACKOFF: Duration = Duration::from_millis(50);
+
+/// The cause of an attempt the deadline cut short.
+const OUT_OF_TIME: &str = "the attempt ran out of time";
+
+/// A connected byte stream to a guest port.
+#[derive(Debug)]
+pub enum GuestConn {
+    /// Over hybrid vsock, after the `OK`.
+    Hybrid(UnixStream),
+    /// Over kernel vsock.
+    Vsock(VsockStream),
+}
+
+impl AsyncRead for GuestConn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            GuestConn::Hybrid(s) => Pin::new(s).poll_read(cx, buf),
+            GuestConn::Vsock(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for GuestConn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            GuestConn::Hybrid(s) => Pin::new(s).poll_write(cx, buf),
+            GuestConn::Vsock(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            GuestConn::Hybrid(s) => Pin::new(s).poll_flush(cx),
+            GuestConn::Vsock(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            GuestConn::Hybrid(s) => Pin::new(s).poll_shutdown(cx),
+            GuestConn::Vsock(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// One connection attempt, bounded by `timeout`.
+///
+/// # Errors
+/// [`Error::Dial`], whose [`Error::is_transient`] says whether trying again may help;
+/// a timeout is transient.
+pub async fn dial(addr: &GuestAddr, timeout: Duration) -> Result<GuestConn> {
+    attempt(addr, Instant::now() + timeout).await
+}
+
+/// Dials until it connects or `timeout` passes, with a fresh socket per attempt and a
+/// backoff from 1 ms. Transient failures (refused, reset, no socket yet, closed before
+/// `OK`) are retried; permanent ones (permission, a bad address, a peer that answers
+/// something other than `OK`) fail at once.
+///
+/// # Errors
+/// The permanent [`Error::Dial`], or [`Error::DialTimeout`] with the attempt count and
+/// the last cause.
+pub async fn dial_with_retry(addr: &GuestAddr, timeout: Duration) -> Result<GuestConn> {
+    let deadline = Instant::now() + timeout;
+    let mut backoff = FIRST_BACKOFF;
+    let mut attempts = 0u32;
+    let mut last = String::new();
+    loop {
+        attempts += 1;
+        let cause = match attempt(addr, deadline).await {
+            Ok(conn) => {
+                tracing::debug!(%addr, attempts, "guest dialled");
+                return Ok(conn);
+            }
+            Err(Error::Dial {
+                cause,
+                transient: true,
+                ..
+            }) => cause,
+            Err(e) => return Err(e),
+        };
+        // An attempt cut short by the deadline says less than the failure before it.
+        if cause != OUT_OF_TIME || last.is_empty() {
+            last = cause;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(Error::DialTimeout {
+                addr: addr.to_string(),
+                attempts,
+                after: timeout,
+                last: std::mem::take(&mut last),
+            });
+        }
+        tracing::trace!(%addr, attempts, %last, "dial failed; retrying");
+        tokio::time::sleep_until((now + backoff).min(deadline)).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+fn failure(addr: &GuestAddr, cause: impl Into<String>, transient: bool) -> Error {
+    Error::Dial {
+        addr: addr.to_string(),
+        cause: cause.into(),
+        transient,
+    }
+}
+
+/// Whether an I/O error from connect or the handshake may go away by itself.
+fn transient_io(e: &io::Error) -> bool {
+    use io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        NotFound
+            | ConnectionRefused
+            | ConnectionReset
+            | ConnectionAborted
+            | BrokenPipe
+            | TimedOut
+            | HostUnreachable
+            | NetworkUnreachable
+            | UnexpectedEof
+            | Interrupted
+    )
+}
+
+async fn attempt(addr: &GuestAddr, deadline: Instant) -> Result<GuestConn> {
+    let work = async {
+        match addr {
+            GuestAddr::Vsock { cid, port } => VsockStream::connect(VsockAddr::new(*cid, *port))
+                .await
+                .map(GuestConn::Vsock)
+                .map_err(|e| failure(addr, format!("connect: {e}"), transient_io(&e))),
+            GuestAddr::HybridVsock { uds, port } => {
+                let mut stream = UnixStream::connect(uds).await.map_err(|e| {
+                    failure(
+                        addr,
+                        format!("connect {}: {e}", uds.display()),
+                        transient_io(&e),
+                    )
+                })?;
+                hybrid_handshake(addr, &mut stream, *port).await?;
+                Ok(GuestConn::Hybrid(stream))
+            }
+        }
+    };
+    match timeout_at(deadline, work).await {
+        Ok(result) => result,
+        Err(_) => Err(failure(addr, OUT_OF_TIME, true)),
+    }
+}
+
+/// `CONNECT <port>\n`, then `OK <n>\n`, read a byte at a time so that nothing the guest
+/// sends after the `OK` is swallowed.
+async fn hybrid_handshake(addr: &GuestAddr, stream: &mut UnixStream, port: u32) -> Result<()> {
+    stream
+        .write_all(format!("CONNECT {port}\n").as_bytes())
+        .await
+        .map_err(|e| failure(addr, format!("write CONNECT {port}: {e}"), transient_io(&e)))?;
+    let mut line = Vec::with_capacity(16);
+    loop {
+        let byte = match stream.read_u8().await {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                return Err(failure(
+                    addr,
+                    format!("closed before OK: nothing listens on guest port {port} yet"),
+                    true,
+                ));
+            }
+            Err(e) => {
+                return Err(failure(
+                    addr,
+                    format!("read the CONNECT answer: {e}"),
+                    transient_io(&e),
+                ));
+            }
+        };
+        if byte == b'\n' {
+            break;
+        }
+        line.push(byte);
+        if line.len() > MAX_HANDSHAKE_LINE {
+            return Err(garbage(addr, &line));
+        }
+    }
+    let text = String::from_utf8_lossy(&line);
+    match text.strip_prefix("OK ") {
+        Some(n) if n.parse::<u32>().is_ok() => Ok(()),
+        _ => Err(garbage(addr, &line)),
+    }
+}
+
+fn garbage(addr: &GuestAddr, line: &[u8]) -> Error {
+    let shown: String = String::from_utf8_lossy(line)
+        .chars()
+        .take(MAX_HANDSHAKE_LINE)
+        .collect();
+    failure(
+        addr,
+        format!("the hybrid vsock peer answered {shown:?} instead of \"OK <port>\""),
+        false,
+    )
+}

@@ -1,0 +1,34 @@
+//! # vmkit-vsock
+//!
+//! How the host reaches a guest: addresses ([`GuestAddr`], `vsock://3:1025` and
+//! `hvsock:///run/vm/vsock.sock:1025`), a dialer for kernel vsock and for hybrid vsock
+//! (`CONNECT <port>\n` → `OK <n>\n`), [`dial_with_retry`] with error classification, raw
+//! streams to the agent ([`open_stream`]), TTRPC over any of them ([`ttrpc_client`]),
+//! and the host-wide [`CidAllocator`].
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use vmkit_vsock::{GuestAddr, connect_ttrpc_with_retry};
+//!
+//! # async fn run() -> vmkit_vsock::Result<()> {
+//! let addr: GuestAddr = "hvsock:///run/vmkit/vm1/vsock.sock:1025".parse()?;
+//! let client = connect_ttrpc_with_retry(&addr, Duration::from_secs(5)).await?;
+//! let agent = vmkit_proto::AgentClient::new(client);
+//! # let _ = agent;
+//! # Ok(())
+//! # }
+//! ```
+
+mod addr;
+pub mod cid;
+mod client;
+mod dial;
+mod error;
+mod stream;
+
+pub use addr::GuestAddr;
+pub use cid::{CidAllocator, CidLease, CidOptions, Reservation};
+pub use client::{TtrpcClient, connect_ttrpc, connect_ttrpc_with_retry, ttrpc_client};
+pub use dial::{GuestConn, dial, dial_with_retry};
+pub use error::{Error, Result};
+pub use stream::open_stream;

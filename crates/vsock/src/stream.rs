@@ -1,0 +1,69 @@
+//! Raw streams to the agent's stream port: dial, send the header, read the answer.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::{Instant, timeout_at};
+use vmkit_proto::{MAX_HEADER, StreamHeader, StreamReply};
+
+use crate::addr::GuestAddr;
+use crate::dial::{GuestConn, dial};
+use crate::error::{Error, Result};
+
+fn kind_of(header: &StreamHeader) -> &'static str {
+    match header {
+        StreamHeader::Echo => "echo",
+        StreamHeader::Exec { .. } => "exec",
+    }
+}
+
+/// Opens a raw stream at `addr` (the agent's stream port): one dial, the header, and
+/// the agent's `OK`, all within `timeout`. The returned connection carries the
+/// stream's bytes.
+///
+/// # Errors
+/// [`Error::Dial`] when the connection fails, [`Error::Stream`] when the header cannot
+/// be sent, the agent refuses (its reason is in the message) or answers nonsense, or the
+/// time runs out.
+pub async fn open_stream(
+    addr: &GuestAddr,
+    header: &StreamHeader,
+    timeout: Duration,
+) -> Result<GuestConn> {
+    let deadline = Instant::now() + timeout;
+    let kind = kind_of(header);
+    let fail = |cause: String| Error::Stream {
+        addr: addr.to_string(),
+        kind,
+        cause,
+    };
+    let line = header.encode().map_err(|e| fail(e.to_string()))?;
+    let mut conn = dial(addr, timeout).await?;
+    let exchange = async {
+        conn.write_all(&line)
+            .await
+            .map_err(|e| fail(format!("write the header: {e}")))?;
+        let mut reply = Vec::with_capacity(8);
+        // A byte at a time: the stream's own bytes may follow the reply at once.
+        while reply.last() != Some(&b'\n') {
+            if reply.len() >= MAX_HEADER {
+                return Err(fail(format!(
+                    "the agent's reply exceeds {MAX_HEADER} bytes"
+                )));
+            }
+            match conn.read_u8().await {
+                Ok(b) => reply.push(b),
+                Err(e) => return Err(fail(format!("read the agent's reply: {e}"))),
+            }
+        }
+        match StreamReply::parse(&reply).map_err(|e| fail(e.to_string()))? {
+            StreamReply::Ok => Ok(()),
+            StreamReply::Err(reason) => Err(fail(format!("the agent refused: {reason}"))),
+        }
+    };
+    match timeout_at(deadline, exchange).await {
+        Ok(Ok(())) => Ok(conn),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(fail(format!("no answer to the header within {timeout:?}"))),
+    }
+}
