@@ -14,6 +14,8 @@
 //! - [`process`]: signals to children, the host CPU frequency.
 //! - [`tap::open_tap`]: opens (creating if needed) a TAP interface and returns its fd,
 //!   to be passed to the VMM.
+//! - [`vhost_vsock`]: whether kernel vsock for guests exists here, and the kernel's own
+//!   CID reservation (`VHOST_VSOCK_SET_GUEST_CID`) on an fd handed to the VMM.
 //!
 //! ```no_run
 //! use vmkit_linux::{kvm, spawn::{SpawnRequest, Spawner}};
@@ -32,3 +34,4 @@ pub mod kvm;
 pub mod process;
 pub mod spawn;
 pub mod tap;
+pub mod vhost_vsock;

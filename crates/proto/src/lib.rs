@@ -5,7 +5,9 @@
 //! - the agent's TTRPC service (`proto/agent.proto`): [`AgentClient`] for the host,
 //!   [`Agent`] + [`create_agent`] for the agent. Messages are in [`agent`];
 //! - the header that opens a raw stream on the agent's stream port ([`StreamHeader`]),
-//!   and the agent's one-line answer to it ([`StreamReply`]).
+//!   the agent's one-line answer to it ([`StreamReply`]), and the frames the stream's
+//!   bytes then travel in ([`FramedStream`]), so that each side's end of data survives
+//!   transports without half-close.
 //!
 //! ```no_run
 //! use vmkit_proto::{AgentClient, agent::PingRequest};
@@ -20,6 +22,7 @@
 //! # }
 //! ```
 
+pub mod framed;
 mod stream;
 
 #[allow(
@@ -35,6 +38,7 @@ mod generated {
     include!(concat!(env!("OUT_DIR"), "/generated.rs"));
 }
 
+pub use framed::FramedStream;
 pub use generated::agent;
 pub use generated::agent_ttrpc::{Agent, AgentClient, create_agent};
 pub use stream::{MAGIC, MAX_HEADER, StreamHeader, StreamHeaderError, StreamReply};

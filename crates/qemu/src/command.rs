@@ -10,6 +10,7 @@ use serde_json::json;
 use vmkit_core::{Accel, DiskConfig, InstanceConfig, NicConfig};
 
 use crate::devices::{disk_args, nic_args};
+use crate::guest::VsockDevice;
 use crate::options::{Machine, QemuOptions};
 
 /// The `-sandbox` policy vmkit uses: seccomp on, and QEMU may not use obsolete system
@@ -20,6 +21,10 @@ pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,re
 pub const QMP_CHARDEV: &str = "vmkit-qmp";
 /// The chardev id of the serial console.
 pub const CONSOLE_CHARDEV: &str = "vmkit-console";
+/// The id of the guest RAM's memory backend when it must be shared (vhost-user).
+pub const RAM_BACKEND: &str = "vmkit-ram";
+/// The id of the vsock device (and of its chardev, for vhost-user).
+pub const VSOCK_ID: &str = "vmkit-vsock";
 /// The id prefix of the PCIe root ports reserved for hot-plug (`vmkit-rp0`, …).
 pub const ROOT_PORT_PREFIX: &str = "vmkit-rp";
 
@@ -50,6 +55,8 @@ pub struct Launch<'a> {
     pub disks: &'a [DiskConfig],
     /// NICs, each with the open TAP fd QEMU inherits.
     pub nics: &'a [(NicConfig, RawFd)],
+    /// The vsock device, if the guest is reached over vsock.
+    pub vsock: Option<&'a VsockDevice>,
 }
 
 /// The arguments (without the binary).
@@ -72,7 +79,23 @@ pub fn build(launch: &Launch<'_>) -> Vec<OsString> {
         "none",
         "-no-reboot",
     ]);
-    push(&["-machine", machine.as_str()]);
+    let shared_ram = matches!(launch.vsock, Some(VsockDevice::VhostUser { .. }));
+    if shared_ram {
+        // A vhost-user daemon maps guest RAM: it must be a shared memfd.
+        push(&[
+            "-machine",
+            &format!("{},memory-backend={RAM_BACKEND}", machine.as_str()),
+        ]);
+        let ram = json!({
+            "qom-type": "memory-backend-memfd",
+            "id": RAM_BACKEND,
+            "size": res.memory_mib << 20,
+            "share": true,
+        });
+        push(&["-object", &ram.to_string()]);
+    } else {
+        push(&["-machine", machine.as_str()]);
+    }
     push(&["-accel", launch.accel.as_str()]);
     if matches!(launch.accel, Accel::Kvm | Accel::Hvf) {
         push(&["-cpu", "host"]);
@@ -137,7 +160,45 @@ pub fn build(launch: &Launch<'_>) -> Vec<OsString> {
     for (i, (nic, fd)) in launch.nics.iter().enumerate() {
         args.extend(nic_args(i, &config.id, nic, *fd, machine));
     }
+    if let Some(vsock) = launch.vsock {
+        args.extend(vsock_args(vsock, machine));
+    }
     args
+}
+
+/// The vsock device's arguments.
+pub fn vsock_args(vsock: &VsockDevice, machine: Machine) -> Vec<OsString> {
+    let pci = machine == Machine::Q35;
+    match vsock {
+        VsockDevice::VhostUser { socket } => {
+            let driver = if pci {
+                "vhost-user-vsock-pci"
+            } else {
+                "vhost-user-vsock-device"
+            };
+            let device = json!({"driver": driver, "id": VSOCK_ID, "chardev": VSOCK_ID});
+            vec![
+                "-chardev".into(),
+                format!("socket,id={VSOCK_ID},path={}", escape_path(socket)).into(),
+                "-device".into(),
+                device.to_string().into(),
+            ]
+        }
+        VsockDevice::Kernel { cid, vhostfd } => {
+            let driver = if pci {
+                "vhost-vsock-pci"
+            } else {
+                "vhost-vsock-device"
+            };
+            let device = json!({
+                "driver": driver,
+                "id": VSOCK_ID,
+                "guest-cid": cid,
+                "vhostfd": vhostfd.to_string(),
+            });
+            vec!["-device".into(), device.to_string().into()]
+        }
+    }
 }
 
 #[cfg(test)]
@@ -184,6 +245,7 @@ mod tests {
             sandbox: true,
             disks: &[],
             nics: &[],
+            vsock: None,
         });
         assert_eq!(value_after(&args, "-accel"), ["tcg"]);
         assert!(
@@ -206,6 +268,56 @@ mod tests {
     }
 
     #[test]
+    fn vhost_user_vsock_shares_guest_ram_and_kernel_vsock_passes_its_fd() {
+        let c = config();
+        let opts = QemuOptions::from_map(&Default::default()).unwrap();
+        let hybrid = VsockDevice::VhostUser {
+            socket: "/run/vmkit/a,b/vhost.sock".into(),
+        };
+        let args = args_of(&Launch {
+            config: &c,
+            options: &opts,
+            accel: Accel::Tcg,
+            cmdline: "",
+            sandbox: false,
+            disks: &[],
+            nics: &[],
+            vsock: Some(&hybrid),
+        });
+        assert_eq!(
+            value_after(&args, "-machine"),
+            ["q35,memory-backend=vmkit-ram"]
+        );
+        let ram: serde_json::Value =
+            serde_json::from_str(value_after(&args, "-object")[0]).unwrap();
+        assert_eq!(
+            ram,
+            serde_json::json!({"qom-type": "memory-backend-memfd", "id": "vmkit-ram",
+                "size": 256u64 << 20, "share": true})
+        );
+        assert_eq!(
+            value_after(&args, "-chardev").last().copied(),
+            Some("socket,id=vmkit-vsock,path=/run/vmkit/a,,b/vhost.sock")
+        );
+        assert!(value_after(&args, "-device").contains(
+            &r#"{"chardev":"vmkit-vsock","driver":"vhost-user-vsock-pci","id":"vmkit-vsock"}"#
+        ));
+
+        let kernel = VsockDevice::Kernel {
+            cid: 42,
+            vhostfd: 9,
+        };
+        assert_eq!(
+            vsock_args(&kernel, Machine::Microvm),
+            [
+                OsString::from("-device"),
+                r#"{"driver":"vhost-vsock-device","guest-cid":42,"id":"vmkit-vsock","vhostfd":"9"}"#
+                    .into()
+            ]
+        );
+    }
+
+    #[test]
     fn kvm_uses_the_host_cpu_and_no_slots_means_plain_memory() {
         let c = config();
         let opts = QemuOptions::from_map(&Default::default()).unwrap();
@@ -217,6 +329,7 @@ mod tests {
             sandbox: false,
             disks: &[],
             nics: &[],
+            vsock: None,
         });
         assert_eq!(value_after(&args, "-cpu"), ["host"]);
         assert_eq!(value_after(&args, "-m"), ["256M"]);
@@ -235,6 +348,7 @@ mod tests {
             sandbox: false,
             disks: &[],
             nics: &[],
+            vsock: None,
         });
         let chardevs = value_after(&args, "-chardev");
         assert_eq!(

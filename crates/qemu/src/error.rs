@@ -58,6 +58,49 @@ pub enum Error {
         reason: String,
     },
 
+    /// Talking to the guest over vsock failed.
+    #[error(transparent)]
+    Vsock(#[from] vmkit_vsock::Error),
+
+    /// The vhost-device-vsock daemon (hybrid vsock) cannot be run.
+    #[error(
+        "hybrid vsock needs vhost-device-vsock: {} cannot be run ({source}); install it with \
+         `cargo install --locked vhost-device-vsock`, name it with the backend option \
+         vhost_vsock_binary, or set transport none", binary.display()
+    )]
+    VsockDaemonMissing {
+        /// The binary that was tried.
+        binary: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The vhost-device-vsock daemon exited before QEMU could use it.
+    #[error("vhost-device-vsock exited during start ({status}){}", stderr_suffix(.stderr))]
+    VsockDaemonExited {
+        /// How it exited.
+        status: String,
+        /// The last lines of its output.
+        stderr: String,
+    },
+
+    /// The CID asked for is held by another VM.
+    #[error("guest CID {cid} is in use by another VM on this host")]
+    CidInUse {
+        /// The CID.
+        cid: u32,
+    },
+
+    /// The guest agent answered the dial but not the call.
+    #[error("the guest agent did not answer {call}: {cause}")]
+    Agent {
+        /// The call (`Ping`).
+        call: &'static str,
+        /// What happened.
+        cause: String,
+    },
+
     /// `start` was cancelled by a concurrent `shutdown`.
     #[error("cancelled by shutdown")]
     Cancelled,

@@ -48,3 +48,13 @@ pub(crate) fn send_signal(pid: u32, signal: i32) -> io::Result<()> {
 pub(crate) fn tsc_khz() -> Option<u64> {
     os::process::tsc_khz()
 }
+
+/// Whether kernel vsock for guests (`/dev/vhost-vsock`) is usable here.
+pub(crate) fn vhost_vsock_usable() -> bool {
+    os::vhost_vsock::usable()
+}
+
+/// Reserves `cid` in the kernel; `None` when another VM holds it.
+pub(crate) fn reserve_vsock_cid(cid: u32) -> io::Result<Option<OwnedFd>> {
+    os::vhost_vsock::reserve_cid(cid)
+}

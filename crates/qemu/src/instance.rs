@@ -10,20 +10,28 @@ use async_trait::async_trait;
 use tokio::sync::{broadcast, watch};
 use vmkit_core::{
     Capabilities, CpuHotplugger, DeviceConfigurator, DiskConfig, Error as CoreError, ExitInfo,
-    ExitReason, GuestClient, GuestCommunicator, GuestStream, Instance, InstanceConfig,
-    MemoryHotplugger, NicConfig, ResourceManager, ShutdownStage, StartOptions, StateCell, VmEvent,
-    VmInfo, VmState,
+    ExitReason, GuestClient, GuestCommunicator, GuestStream, GuestTransport, Instance,
+    InstanceConfig, MemoryHotplugger, NicConfig, ResourceManager, ShutdownStage, StartOptions,
+    StateCell, VmEvent, VmInfo, VmState,
 };
+use vmkit_proto::{AgentClient, StreamHeader};
 use vmkit_qmp::{QmpClient, qapi_qmp};
+use vmkit_vsock::{AgentStream, GuestAddr};
 
 use crate::devices::ColdDevices;
 use crate::events::to_vm_event;
+use crate::guest::{self, Agent, Link};
 use crate::options::QemuOptions;
 use crate::process::{Process, ProcessExit, tail};
 use crate::{BACKEND_NAME, shutdown, start};
 
-/// What the backend offers in this version.
-pub const CAPABILITIES: Capabilities = Capabilities::PAUSE;
+/// What the backend offers in this version (an instance without a guest agent,
+/// `transport: none`, reports [`Capabilities::PAUSE`] only).
+pub const CAPABILITIES: Capabilities = Capabilities::PAUSE
+    .union(Capabilities::GUEST_AGENT)
+    .union(Capabilities::GUEST_STREAMS)
+    .union(Capabilities::VSOCK)
+    .union(Capabilities::HYBRID_VSOCK);
 
 /// How many lines of QEMU's stderr go into an error or a crash report.
 pub(crate) const STDERR_LINES: usize = 8;
@@ -61,6 +69,11 @@ pub(crate) struct Shared {
     pub(crate) exit: watch::Sender<Option<ExitInfo>>,
     /// Set by `shutdown` to cancel a `start` in progress.
     pub(crate) cancel: watch::Sender<bool>,
+    /// Held while the VM's life is being ended ([`Shared::end`]), so that nobody sees
+    /// the exit before everything is released.
+    ending: tokio::sync::Mutex<()>,
+    /// Held while the cached agent client is re-dialled, so callers share one dial.
+    dialing: tokio::sync::Mutex<()>,
 }
 
 /// What exists while the VM lives.
@@ -76,6 +89,10 @@ pub(crate) struct Life {
     pub(crate) last_shutdown: Option<(bool, String)>,
     /// A GUEST_PANICKED event arrived.
     pub(crate) panicked: bool,
+    /// The vsock link (daemon, CID), when the guest is reached over vsock.
+    pub(crate) link: Option<Link>,
+    /// The cached agent client.
+    pub(crate) agent: Option<Agent>,
 }
 
 impl Shared {
@@ -90,6 +107,8 @@ impl Shared {
             life: Mutex::new(Life::default()),
             exit: watch::channel(None).0,
             cancel: watch::channel(false).0,
+            ending: tokio::sync::Mutex::new(()),
+            dialing: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -127,17 +146,28 @@ impl Shared {
         }
     }
 
-    /// Ends the VM's life: releases what it held (QMP, TAP fds, the control socket),
-    /// moves to `Shutdown` and publishes `info`. The first call wins; a later call
-    /// changes nothing. Returns the exit in force (the first call's).
-    pub(crate) fn finish(&self, info: ExitInfo) -> ExitInfo {
-        let (qmp, taps) = {
+    /// Ends the VM's life: releases what it held (the vsock daemon and CID, QMP, the
+    /// agent client, TAP fds, the control socket), moves to `Shutdown` and publishes
+    /// `info`. The first call wins; a later call waits for it and changes nothing.
+    /// Returns the exit in force (the first call's).
+    pub(crate) async fn end(&self, info: ExitInfo) -> ExitInfo {
+        let _ending = self.ending.lock().await;
+        if let Some(first) = self.exit_info() {
+            return first;
+        }
+        let (link, agent, qmp, taps) = {
             let mut life = self.life();
-            if let Some(first) = self.exit_info() {
-                return first;
-            }
-            (life.qmp.take(), std::mem::take(&mut life.tap_fds))
+            (
+                life.link.take(),
+                life.agent.take(),
+                life.qmp.take(),
+                std::mem::take(&mut life.tap_fds),
+            )
         };
+        drop(agent);
+        if let Some(link) = link {
+            link.release().await;
+        }
         drop(qmp);
         drop(taps);
         let socket = self.config.layout().control_socket();
@@ -245,7 +275,7 @@ pub(crate) fn spawn_monitor(shared: &Arc<Shared>, process: Arc<Process>) {
         };
         if handle {
             let info = shared.unrequested_exit(exit);
-            shared.finish(info);
+            shared.end(info).await;
         }
     });
 }
@@ -306,7 +336,6 @@ impl QemuInstance {
     }
 }
 
-const GUEST_LATER: &str = "guest communication lands with the vsock/agent work (issue 5)";
 const HOTPLUG_LATER: &str = "hot-plug lands with the ResourceManager work (issue 6)";
 
 #[async_trait]
@@ -361,17 +390,32 @@ impl Instance for QemuInstance {
             .as_ref()
             .filter(|p| p.exited().is_none())
             .map(|p| p.pid());
+        let layout = self.shared.config.layout();
+        let mut sockets = vec![("control".to_owned(), layout.control_socket())];
+        let (cid, hybrid) = {
+            let life = self.shared.life();
+            match life.link.as_ref().map(|l| (l.cid, l.agent.clone())) {
+                Some((cid, GuestAddr::HybridVsock { uds, .. })) => (Some(cid), Some(uds)),
+                Some((cid, _)) => (Some(cid), None),
+                None => (None, None),
+            }
+        };
+        if let Some(uds) = hybrid {
+            sockets.push(("vsock".to_owned(), uds));
+        }
+        let capabilities = if self.shared.config.transport == GuestTransport::None {
+            Capabilities::PAUSE
+        } else {
+            CAPABILITIES
+        };
         VmInfo {
             id: self.shared.config.id.clone(),
             backend: BACKEND_NAME.to_owned(),
             state: self.shared.state.get(),
             pid,
-            cid: None,
-            sockets: vec![(
-                "control".to_owned(),
-                self.shared.config.layout().control_socket(),
-            )],
-            capabilities: CAPABILITIES,
+            cid,
+            sockets,
+            capabilities,
         }
     }
 
@@ -407,22 +451,124 @@ impl DeviceConfigurator for QemuInstance {
     }
 }
 
+impl QemuInstance {
+    /// The agent's address, once the VM has a vsock link.
+    fn agent_addr(&self, op: &'static str) -> vmkit_core::Result<GuestAddr> {
+        self.shared
+            .state
+            .require(op, &[VmState::Running, VmState::Paused])?;
+        let life = self.shared.life();
+        match &life.link {
+            Some(link) => Ok(link.agent.clone()),
+            None if self.shared.config.transport == GuestTransport::None => {
+                Err(CoreError::unsupported(
+                    op,
+                    BACKEND_NAME,
+                    "the instance has no guest agent (transport: none)",
+                ))
+            }
+            None => Err(CoreError::InvalidState {
+                op,
+                state: self.shared.state.get(),
+            }),
+        }
+    }
+
+    /// The typed agent client (the cached connection; see [`GuestCommunicator::client`]).
+    ///
+    /// # Errors
+    /// As [`GuestCommunicator::client`].
+    pub async fn agent(&self) -> vmkit_core::Result<AgentClient> {
+        Ok(AgentClient::new(self.client().await?))
+    }
+
+    /// Opens a raw stream on the agent's stream port (`vmkit_proto::STREAM_PORT`): an
+    /// echo, or a program's stdio. Its bytes travel in frames; `shutdown()` ends your
+    /// side, EOF on read is the agent's end.
+    ///
+    /// Allowed in: `Running`. Deadline: the config's `timeouts.dial`.
+    ///
+    /// # Errors
+    /// `InvalidState`, `Unsupported` (no agent), `Backend` with the agent's refusal.
+    pub async fn open_stream(&self, header: &StreamHeader) -> vmkit_core::Result<AgentStream> {
+        let addr = self.agent_addr("open_stream")?;
+        self.shared
+            .state
+            .require("open_stream", &[VmState::Running])?;
+        vmkit_vsock::open_stream(
+            &addr.with_port(vmkit_proto::STREAM_PORT),
+            header,
+            self.shared.config.timeouts.dial,
+        )
+        .await
+        .map_err(|e| guest::core_error("open_stream", e))
+    }
+}
+
 #[async_trait]
 impl GuestCommunicator for QemuInstance {
     async fn client(&self) -> vmkit_core::Result<GuestClient> {
-        Err(Self::not_yet("client", GUEST_LATER))
+        let addr = self.agent_addr("client")?;
+        let cached = |shared: &Shared| {
+            shared
+                .life()
+                .agent
+                .as_ref()
+                .filter(|a| a.is_alive())
+                .map(|a| a.client.clone())
+        };
+        if let Some(client) = cached(&self.shared) {
+            return Ok(client);
+        }
+        // One re-dial for all callers that found the connection dead.
+        let _dialing = self.shared.dialing.lock().await;
+        if let Some(client) = cached(&self.shared) {
+            return Ok(client);
+        }
+        let timeout = self.shared.config.timeouts.dial;
+        let conn = vmkit_vsock::dial_with_retry(&addr, timeout)
+            .await
+            .map_err(|e| guest::core_error("client: re-dial the agent", e))?;
+        let (client, health) = vmkit_vsock::ttrpc_client_tracked(conn);
+        let mut life = self.shared.life();
+        if life.link.is_none() {
+            // The VM ended while we dialled.
+            return Err(CoreError::InvalidState {
+                op: "client",
+                state: self.shared.state.get(),
+            });
+        }
+        life.agent = Some(Agent {
+            client: client.clone(),
+            health,
+        });
+        tracing::debug!(vm = %self.shared.config.id, %addr, "agent client re-dialled");
+        Ok(client)
     }
 
     async fn dial_client(&self) -> vmkit_core::Result<GuestClient> {
-        Err(Self::not_yet("dial_client", GUEST_LATER))
+        let addr = self.agent_addr("dial_client")?;
+        vmkit_vsock::connect_ttrpc(&addr, self.shared.config.timeouts.dial)
+            .await
+            .map_err(|e| guest::core_error("dial_client", e))
     }
 
-    async fn dial_client_with_retry(&self, _timeout: Duration) -> vmkit_core::Result<GuestClient> {
-        Err(Self::not_yet("dial_client_with_retry", GUEST_LATER))
+    async fn dial_client_with_retry(&self, timeout: Duration) -> vmkit_core::Result<GuestClient> {
+        let addr = self.agent_addr("dial_client_with_retry")?;
+        vmkit_vsock::connect_ttrpc_with_retry(&addr, timeout)
+            .await
+            .map_err(|e| guest::core_error("dial_client_with_retry", e))
     }
 
-    async fn start_stream(&self, _port: u32) -> vmkit_core::Result<Box<dyn GuestStream>> {
-        Err(Self::not_yet("start_stream", GUEST_LATER))
+    async fn start_stream(&self, port: u32) -> vmkit_core::Result<Box<dyn GuestStream>> {
+        let addr = self.agent_addr("start_stream")?;
+        self.shared
+            .state
+            .require("start_stream", &[VmState::Running])?;
+        let conn = vmkit_vsock::dial(&addr.with_port(port), self.shared.config.timeouts.dial)
+            .await
+            .map_err(|e| guest::core_error("start_stream", e))?;
+        Ok(Box::new(conn))
     }
 }
 

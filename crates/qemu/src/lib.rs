@@ -34,6 +34,7 @@ pub mod command;
 pub mod devices;
 mod error;
 pub mod events;
+pub mod guest;
 mod host;
 mod instance;
 pub mod kernel_cmdline;

@@ -7,6 +7,7 @@
 //! | `hotplug_ports` | PCIe root ports reserved for hot-plug (q35), 0–32 | `4` |
 //! | `ready_line` | the serial-console line prefix that says the guest is up | `VMKIT_READY` |
 //! | `sandbox` | `auto` (on when QEMU has seccomp), `on`, `off` | `auto` |
+//! | `vhost_vsock_binary` | the `vhost-device-vsock` daemon for hybrid vsock | `$VMKIT_VHOST_VSOCK`, else on `PATH`, else `~/.cargo/bin` |
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -59,6 +60,9 @@ pub struct QemuOptions {
     pub ready_line: String,
     /// `-sandbox` policy.
     pub sandbox: Sandbox,
+    /// The `vhost-device-vsock` binary (hybrid vsock, when the host has no
+    /// `/dev/vhost-vsock`).
+    pub vhost_vsock_binary: PathBuf,
 }
 
 impl QemuOptions {
@@ -73,6 +77,7 @@ impl QemuOptions {
             hotplug_ports: 4,
             ready_line: "VMKIT_READY".to_owned(),
             sandbox: Sandbox::Auto,
+            vhost_vsock_binary: default_vhost_vsock_binary(),
         };
         for (key, value) in map {
             let bad = |reason: String| Error::Option {
@@ -116,11 +121,16 @@ impl QemuOptions {
                         other => return Err(bad(format!("{other:?}: expected auto, on or off"))),
                     }
                 }
+                "vhost_vsock_binary" => {
+                    if value.is_empty() {
+                        return Err(bad("must not be empty".into()));
+                    }
+                    opts.vhost_vsock_binary = PathBuf::from(value);
+                }
                 _ => {
-                    return Err(bad(
-                        "unknown key; known: binary, machine, hotplug_ports, ready_line, sandbox"
-                            .into(),
-                    ));
+                    return Err(bad("unknown key; known: binary, machine, hotplug_ports, \
+                         ready_line, sandbox, vhost_vsock_binary"
+                        .into()));
                 }
             }
         }
@@ -131,17 +141,38 @@ impl QemuOptions {
 /// `$VMKIT_QEMU`, else `qemu-system-x86_64` found on `PATH`, else the bare name (the
 /// spawn then fails with a clear "not found").
 pub fn default_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("VMKIT_QEMU") {
+    find_binary("VMKIT_QEMU", "qemu-system-x86_64", &[])
+}
+
+/// `$VMKIT_VHOST_VSOCK`, else `vhost-device-vsock` on `PATH`, else in `~/.cargo/bin`
+/// (where `cargo install` puts it), else the bare name.
+pub fn default_vhost_vsock_binary() -> PathBuf {
+    let cargo_bin = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .map(|home| home.join("bin"));
+    find_binary(
+        "VMKIT_VHOST_VSOCK",
+        "vhost-device-vsock",
+        cargo_bin.as_slice(),
+    )
+}
+
+/// The path in `env_var`, else `name` in a `PATH` directory or one of `extra_dirs`,
+/// else the bare name.
+fn find_binary(env_var: &str, name: &str, extra_dirs: &[PathBuf]) -> PathBuf {
+    if let Some(path) = std::env::var_os(env_var) {
         return PathBuf::from(path);
     }
-    let name = Path::new("qemu-system-x86_64");
-    std::env::var_os("PATH")
-        .and_then(|path| {
-            std::env::split_paths(&path)
-                .map(|dir| dir.join(name))
-                .find(|p| p.is_file())
-        })
-        .unwrap_or_else(|| name.to_owned())
+    let path_dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    path_dirs
+        .iter()
+        .chain(extra_dirs)
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| Path::new(name).to_owned())
 }
 
 #[cfg(test)]
@@ -173,6 +204,7 @@ mod tests {
             ("hotplug_ports", "0"),
             ("ready_line", "UP"),
             ("sandbox", "off"),
+            ("vhost_vsock_binary", "/opt/vhost-device-vsock"),
         ])
         .unwrap();
         assert_eq!(opts.binary, Path::new("/opt/qemu/bin/qemu-system-x86_64"));
@@ -180,6 +212,10 @@ mod tests {
         assert_eq!(opts.hotplug_ports, 0);
         assert_eq!(opts.ready_line, "UP");
         assert_eq!(opts.sandbox, Sandbox::Off);
+        assert_eq!(
+            opts.vhost_vsock_binary,
+            Path::new("/opt/vhost-device-vsock")
+        );
     }
 
     #[test]

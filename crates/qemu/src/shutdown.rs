@@ -35,7 +35,7 @@ pub(crate) async fn shutdown(shared: &Arc<Shared>) -> vmkit_core::Result<ExitInf
         .transition("shutdown", VmState::New, VmState::Shutdown)
         .is_ok()
     {
-        return Ok(shared.finish(ExitInfo::never_started()));
+        return Ok(shared.end(ExitInfo::never_started()).await);
     }
     if shared.state.get() == VmState::Starting {
         // Cancel the start; it releases everything and reports. If it finished first,
@@ -63,15 +63,15 @@ pub(crate) async fn shutdown(shared: &Arc<Shared>) -> vmkit_core::Result<ExitInf
     };
     let Some(process) = process else {
         // Nothing was ever spawned (cannot happen after a successful start; kept total).
-        return Ok(shared.finish(ExitInfo::never_started()));
+        return Ok(shared.end(ExitInfo::never_started()).await);
     };
     if let Some(exit) = process.exited() {
         // It was already gone (a crash, or the guest powered off) when we came.
-        return Ok(shared.finish(shared.unrequested_exit(exit)));
+        return Ok(shared.end(shared.unrequested_exit(exit)).await);
     }
     let (stage, exit) = stop_in_stages(shared, &process, qmp).await;
     match exit {
-        Some(exit) => Ok(shared.finish(requested_exit(shared, stage, exit))),
+        Some(exit) => Ok(shared.end(requested_exit(shared, stage, exit)).await),
         None => {
             let error = Error::Unkillable {
                 pid: process.pid(),
@@ -83,7 +83,7 @@ pub(crate) async fn shutdown(shared: &Arc<Shared>) -> vmkit_core::Result<ExitInf
                 crate::process::ProcessExit::default(),
             );
             info.message = Some(error.to_string());
-            shared.finish(info);
+            shared.end(info).await;
             Err(CoreError::backend("shutdown", error))
         }
     }

@@ -1,7 +1,9 @@
-//! `start`: `New → Starting → Running`. Spawns QEMU (directly, stdin closed, stderr to
-//! the log dir, dying with us), connects QMP and waits for the guest's ready line on the
-//! serial console — all before one deadline. Any failure kills and reaps QEMU, removes
-//! its socket and ends in `Shutdown` with an error that names the phase and the cause.
+//! `start`: `New → Starting → Running`. Sets up the guest's vsock link (a CID, or a
+//! vhost-device-vsock daemon), spawns QEMU (directly, stdin closed, stderr to the log
+//! dir, dying with us), connects QMP and waits for the guest: its agent's answer to
+//! `Ping`, or without an agent the ready line on the serial console — all before one
+//! deadline. Any failure kills and reaps QEMU (and the daemon), removes the sockets and
+//! ends in `Shutdown` with an error that names the phase and the cause.
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -16,6 +18,7 @@ use vmkit_qmp::{QmpClient, QmpOptions};
 
 use crate::command::{Launch, build};
 use crate::error::Error;
+use crate::guest::{self, VsockDevice};
 use crate::instance::{STDERR_LINES, Shared, lock, spawn_event_pump, spawn_monitor};
 use crate::options::{Machine, Sandbox};
 use crate::process::{Process, tail};
@@ -33,6 +36,7 @@ enum Phase {
     Spawn,
     Qmp,
     Ready,
+    Agent,
 }
 
 impl Phase {
@@ -42,6 +46,7 @@ impl Phase {
             Phase::Spawn => "spawning QEMU",
             Phase::Qmp => "waiting for QEMU's QMP socket",
             Phase::Ready => "waiting for the guest's ready line on the serial console",
+            Phase::Agent => "waiting for the guest agent to answer Ping",
         }
     }
 }
@@ -54,7 +59,7 @@ pub(crate) async fn start(shared: &Arc<Shared>, opts: StartOptions) -> vmkit_cor
     let started = std::time::Instant::now();
     let mut cancel = shared.cancel.subscribe();
     let outcome = tokio::select! {
-        result = timeout_at(deadline, boot(shared, &phase, deadline, started)) => match result {
+        result = timeout_at(deadline, boot(shared, &phase, deadline, timeout, started)) => match result {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(CoreError::Timeout {
@@ -80,7 +85,7 @@ pub(crate) async fn start(shared: &Arc<Shared>, opts: StartOptions) -> vmkit_cor
     };
     if let Some(exit) = exited {
         let info = shared.unrequested_exit(exit);
-        shared.finish(info);
+        shared.end(info).await;
     }
     tracing::info!(vm = %shared.config.id, elapsed_ms = started.elapsed().as_millis(), "VM running");
     Ok(())
@@ -99,6 +104,7 @@ async fn boot(
     shared: &Arc<Shared>,
     phase: &Mutex<Phase>,
     deadline: Instant,
+    timeout: Duration,
     started: std::time::Instant,
 ) -> vmkit_core::Result<()> {
     let progress = |step: String| {
@@ -161,7 +167,23 @@ async fn boot(
         };
         nics.push((nic.clone(), fd));
     }
-    let keep_fds: Vec<RawFd> = nics.iter().map(|(_, fd)| *fd).collect();
+    let mut keep_fds: Vec<RawFd> = nics.iter().map(|(_, fd)| *fd).collect();
+    let plan = guest::Plan::for_config(config);
+    let vsock = match guest::establish(&plan, config, options).await {
+        Ok(Some((link, device))) => {
+            if let VsockDevice::Kernel { vhostfd, .. } = &device {
+                keep_fds.push(*vhostfd);
+            }
+            progress(match link.daemon_pid() {
+                Some(pid) => format!("vhost-device-vsock up (pid {pid})"),
+                None => format!("guest CID {} reserved", link.cid),
+            });
+            shared.life().link = Some(link);
+            Some(device)
+        }
+        Ok(None) => None,
+        Err(e) => return Err(CoreError::backend(op("set up the guest's vsock"), e)),
+    };
     let args = build(&Launch {
         config,
         options,
@@ -170,6 +192,7 @@ async fn boot(
         sandbox,
         disks: &devices.disks,
         nics: &nics,
+        vsock: vsock.as_ref(),
     });
     let vmm_log = layout.vmm_log();
     let stderr = std::fs::File::create(&vmm_log)
@@ -211,16 +234,39 @@ async fn boot(
     spawn_event_pump(shared, &qmp);
     progress(format!("QMP connected (QEMU {})", qmp.version()));
 
-    // The guest.
-    set(phase, Phase::Ready);
-    let console = layout.console_log();
-    tokio::select! {
-        ready = wait_ready_line(&console, &options.ready_line) => {
-            ready.map_err(|e| CoreError::io(op("read the serial console"), e))?;
+    // The guest: its agent's answer, or without one the console's ready line.
+    let agent_addr = shared.life().link.as_ref().map(|l| l.agent.clone());
+    if let Some(addr) = agent_addr {
+        set(phase, Phase::Agent);
+        let agent = tokio::select! {
+            agent = guest::wait_for_agent(&addr, deadline) => agent.map_err(|e| match e {
+                // The dial used up the start's time: a start timeout, with what the dial saw.
+                Error::Vsock(vmkit_vsock::Error::DialTimeout { attempts, last, .. }) => {
+                    CoreError::Timeout {
+                        op: format!(
+                            "start: {} ({attempts} dials of {addr}; last: {last})",
+                            Phase::Agent.describe()
+                        ),
+                        after: timeout,
+                    }
+                }
+                other => CoreError::backend(op(&format!("reach the agent at {addr}")), other),
+            })?,
+            exit = process.wait() => return Err(exited_early(&vmm_log, exit)),
+        };
+        shared.life().agent = Some(agent);
+        progress("guest agent answered".to_owned());
+    } else {
+        set(phase, Phase::Ready);
+        let console = layout.console_log();
+        tokio::select! {
+            ready = wait_ready_line(&console, &options.ready_line) => {
+                ready.map_err(|e| CoreError::io(op("read the serial console"), e))?;
+            }
+            exit = process.wait() => return Err(exited_early(&vmm_log, exit)),
         }
-        exit = process.wait() => return Err(exited_early(&vmm_log, exit)),
+        progress("guest ready".to_owned());
     }
-    progress("guest ready".to_owned());
     Ok(())
 }
 
@@ -250,13 +296,15 @@ async fn fail(shared: &Arc<Shared>, error: &CoreError) {
         }
     }
     tracing::warn!(vm = %shared.config.id, %error, "start failed");
-    shared.finish(ExitInfo {
-        reason: ExitReason::StartFailed,
-        stage: None,
-        exit_code: exit.and_then(|e| e.code),
-        signal: exit.and_then(|e| e.signal),
-        message: Some(error.to_string()),
-    });
+    shared
+        .end(ExitInfo {
+            reason: ExitReason::StartFailed,
+            stage: None,
+            exit_code: exit.and_then(|e| e.code),
+            signal: exit.and_then(|e| e.signal),
+            message: Some(error.to_string()),
+        })
+        .await;
 }
 
 /// Waits until a line of the file at `path` starts with `ready`. The file may not exist

@@ -127,6 +127,8 @@ fn fake(behaviour: &str, edit: impl FnOnce(&mut InstanceConfig)) -> Fake {
     config
         .backend_options
         .insert("ready_line".into(), "VMKIT_READY".into());
+    // The fake serves QMP and prints the ready line; it has no guest agent.
+    config.transport = vmkit_core::GuestTransport::None;
     config.timeouts.start = Duration::from_secs(10);
     config.timeouts.command = Duration::from_millis(500);
     config.timeouts.shutdown_grace = Duration::from_millis(500);

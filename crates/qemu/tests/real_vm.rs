@@ -6,11 +6,14 @@ use std::path::Path;
 use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Semaphore;
 use vmkit_core::{
-    DeviceConfigurator, DiskConfig, ExitReason, Instance, NicConfig, ShutdownStage, StartOptions,
-    VmEvent, VmState,
+    Capabilities, DeviceConfigurator, DiskConfig, ExitReason, GuestCommunicator, Instance,
+    NicConfig, ShutdownStage, StartOptions, VmEvent, VmState,
 };
+use vmkit_proto::agent::{ExecRequest, GuestInfoRequest, PingRequest};
+use vmkit_proto::{AgentClient, StreamHeader};
 use vmkit_qemu::{QemuBackend, QemuInstance};
 use vmkit_testkit::{GuestImage, qemu::require_qemu, require_guest_image};
 
@@ -25,12 +28,20 @@ fn console(vm: &QemuInstance) -> String {
     std::fs::read_to_string(vm.config().layout().console_log()).unwrap_or_default()
 }
 
-fn ready_line(vm: &QemuInstance) -> String {
-    console(vm)
-        .lines()
-        .find(|l| l.starts_with("VMKIT_READY"))
-        .unwrap_or_default()
-        .to_owned()
+/// The guest's ready line. `start` returns once the agent answers, which the init
+/// starts just before it prints the line: give the line a moment.
+async fn ready_line(vm: &QemuInstance) -> String {
+    let began = Instant::now();
+    loop {
+        let console = console(vm);
+        if let Some(line) = console.lines().find(|l| l.starts_with("VMKIT_READY")) {
+            return line.to_owned();
+        }
+        if began.elapsed() > Duration::from_secs(10) {
+            return String::new();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 fn assert_gone(pid: u32, vm: &QemuInstance) {
@@ -64,7 +75,7 @@ async fn boots_with_a_disk_pauses_resumes_and_powers_off_by_acpi() {
 
     vm.start(StartOptions::new()).await.unwrap();
     assert_eq!(vm.state(), VmState::Running);
-    let line = ready_line(&vm);
+    let line = ready_line(&vm).await;
     assert!(line.contains(" disks=vda "), "{line}");
     assert!(line.contains("serials=vda:vmkit-data"), "{line}");
     let pid = vm.vm_info().pid.expect("a running VM has a pid");
@@ -162,7 +173,7 @@ async fn a_disk_path_with_commas_and_equals_is_one_path() {
         .unwrap();
     vm.add_disk(DiskConfig::new("odd", &path)).unwrap();
     vm.start(StartOptions::new()).await.unwrap();
-    let line = ready_line(&vm);
+    let line = ready_line(&vm).await;
     assert!(line.contains(" disks=vda "), "{line}");
     assert!(line.contains("serials=vda:"), "{line}");
     assert!(!line.contains("evil"), "{line}");
@@ -204,7 +215,7 @@ async fn tap_nics_appear_in_the_guest_with_their_macs_and_vanish_with_the_vm() {
     vm.add_nic(NicConfig::tap("net1", &second, None)).unwrap();
     vm.start(StartOptions::new()).await.unwrap();
 
-    let line = ready_line(&vm);
+    let line = ready_line(&vm).await;
     let derived = vmkit_qemu::devices::stable_mac("nics", "net1");
     assert!(
         line.ends_with(&format!("nics=eth0:{chosen},eth1:{derived}")),
@@ -240,10 +251,273 @@ async fn microvm_boots_with_a_virtio_mmio_disk_and_powers_off_by_acpi() {
     data.serial = Some("micro-data".into());
     vm.add_disk(data).unwrap();
     vm.start(StartOptions::new()).await.unwrap();
-    let line = ready_line(&vm);
+    let line = ready_line(&vm).await;
     assert!(line.contains(" disks=vda "), "{line}");
     assert!(line.contains("serials=vda:micro-data"), "{line}");
     let exit = vm.shutdown().await.unwrap();
     assert_eq!(exit.reason, ExitReason::GuestShutdown, "{exit:?}");
     assert_eq!(exit.stage, Some(ShutdownStage::AcpiPowerdown), "{exit:?}");
+}
+
+// --- The guest agent over hybrid vsock (vhost-device-vsock) ---
+
+fn ctx() -> ttrpc::context::Context {
+    ttrpc::context::with_timeout(30_000_000_000)
+}
+
+fn exec_req(argv: &[&str]) -> ExecRequest {
+    let mut req = ExecRequest::new();
+    req.argv = argv.iter().map(|s| (*s).to_owned()).collect();
+    req
+}
+
+/// Processes whose command line mentions `needle` (e.g. the VM's state dir).
+fn processes_mentioning(needle: &str) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(needle) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// The agent's pid, as a program it runs sees it.
+async fn agent_pid(agent: &AgentClient) -> String {
+    let out = agent
+        .exec(ctx(), &exec_req(&["sh", "-c", "echo $PPID"]))
+        .await
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_answers_ping_info_and_exec_and_nothing_is_left_after_shutdown() {
+    let Some(image) = setup() else { return };
+    let _slot = VMS.acquire().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let vm = QemuBackend
+        .create_instance(image.config("agent", &state))
+        .unwrap();
+    let mut data = DiskConfig::new("data", disk(dir.path(), "data.img"));
+    data.serial = Some("agent-data".into());
+    vm.add_disk(data).unwrap();
+    vm.start(StartOptions::new()).await.unwrap();
+    let info = vm.vm_info();
+    assert_eq!(info.cid, Some(3), "{info:?}");
+    assert!(info.capabilities.contains(Capabilities::GUEST_AGENT));
+    let daemons = processes_mentioning(&state.display().to_string());
+    assert_eq!(daemons.len(), 2, "QEMU and vhost-device-vsock: {daemons:?}");
+
+    let agent = vm.agent().await.unwrap();
+    let pong = agent.ping(ctx(), &PingRequest::new()).await.unwrap();
+    assert!(!pong.agent_version.is_empty());
+    let guest = agent
+        .guest_info(ctx(), &GuestInfoRequest::new())
+        .await
+        .unwrap();
+    assert!(guest.kernel_release.ends_with("-cloud-amd64"), "{guest:?}");
+    assert_eq!(guest.online_cpus, [0]);
+    assert!(guest.mem_total_bytes > 100 << 20, "{guest:?}");
+    assert_eq!(guest.disks.len(), 1, "{guest:?}");
+    assert_eq!(
+        (guest.disks[0].name.as_str(), guest.disks[0].serial.as_str()),
+        ("vda", "agent-data")
+    );
+    assert_eq!(guest.disks[0].size_bytes, 8 << 20);
+
+    let uname = agent
+        .exec(ctx(), &exec_req(&["uname", "-a"]))
+        .await
+        .unwrap();
+    assert_eq!(uname.exit_code, 0);
+    assert!(String::from_utf8_lossy(&uname.stdout).starts_with("Linux "));
+    let failing = agent
+        .exec(ctx(), &exec_req(&["sh", "-c", "echo oops >&2; exit 7"]))
+        .await
+        .unwrap();
+    assert_eq!(
+        (failing.exit_code, failing.stderr.as_slice()),
+        (7, &b"oops\n"[..])
+    );
+
+    // A request over ttrpc's 4 MiB limit is refused; the agent keeps serving.
+    let mut huge = exec_req(&["cat"]);
+    huge.stdin = vec![b'x'; 5 << 20];
+    assert!(agent.exec(ctx(), &huge).await.is_err());
+    vm.agent()
+        .await
+        .unwrap()
+        .ping(ctx(), &PingRequest::new())
+        .await
+        .unwrap();
+
+    let exit = vm.shutdown().await.unwrap();
+    assert_eq!(exit.reason, ExitReason::GuestShutdown, "{exit:?}");
+    assert_eq!(
+        processes_mentioning(&state.display().to_string()),
+        Vec::<u32>::new(),
+        "a daemon or QEMU outlived the VM"
+    );
+    let layout = vm.config().layout();
+    for socket in [layout.vsock_socket(), layout.vhost_user_vsock_socket()] {
+        assert!(!socket.exists(), "{} left behind", socket.display());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_16_mib_stream_echoes_byte_exact_and_exec_streams_carry_stdio() {
+    let Some(image) = setup() else { return };
+    let _slot = VMS.acquire().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let vm = QemuBackend
+        .create_instance(image.config("stream", &dir.path().join("state")))
+        .unwrap();
+    vm.start(StartOptions::new()).await.unwrap();
+
+    let stream = vm.open_stream(&StreamHeader::Echo).await.unwrap();
+    let (mut read, mut write) = tokio::io::split(stream);
+    let payload: Vec<u8> = (0..16u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    let send = async {
+        write.write_all(&payload).await.unwrap();
+        write.shutdown().await.unwrap();
+    };
+    let mut back = Vec::with_capacity(payload.len());
+    let (_, got) = tokio::join!(send, read.read_to_end(&mut back));
+    got.unwrap();
+    assert_eq!(back.len(), payload.len());
+    assert!(back == payload, "the echo changed bytes");
+
+    let header = StreamHeader::Exec {
+        argv: vec!["sh".into(), "-c".into(), "tr a-z A-Z; echo bye >&2".into()],
+    };
+    let mut exec = vm.open_stream(&header).await.unwrap();
+    exec.write_all(b"hello guest\n").await.unwrap();
+    exec.shutdown().await.unwrap();
+    let mut out = String::new();
+    exec.read_to_string(&mut out).await.unwrap();
+    assert_eq!(out, "HELLO GUEST\nbye\n");
+
+    let refused = vm
+        .open_stream(&StreamHeader::Exec {
+            argv: vec!["/no/such/program".into()],
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        refused
+            .to_string()
+            .contains("the agent refused: exec /no/such/program: No such file"),
+        "{refused}"
+    );
+    vm.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cached_client_redials_and_retry_waits_for_a_late_agent_or_says_why_not() {
+    let Some(image) = setup() else { return };
+    let _slot = VMS.acquire().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let vm = QemuBackend
+        .create_instance(image.config("redial", &dir.path().join("state")))
+        .unwrap();
+    vm.start(StartOptions::new()).await.unwrap();
+    let first = agent_pid(&vm.agent().await.unwrap()).await;
+
+    // The agent dies (its connection with it); the guest's init restarts it 0.2 s later.
+    let killed = vm
+        .agent()
+        .await
+        .unwrap()
+        .exec(ctx(), &exec_req(&["sh", "-c", "kill -9 $PPID"]))
+        .await;
+    assert!(killed.is_err(), "the agent cannot answer its own death");
+    // Retrying dials reach the new agent once it listens.
+    let began = Instant::now();
+    let late = AgentClient::new(
+        vm.dial_client_with_retry(Duration::from_secs(10))
+            .await
+            .unwrap(),
+    );
+    late.ping(ctx(), &PingRequest::new()).await.unwrap();
+    assert!(
+        began.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        began.elapsed()
+    );
+    // The cached client saw its connection close and re-dials by itself.
+    let second = agent_pid(&vm.agent().await.unwrap()).await;
+    assert_ne!(first, second, "a new agent answered");
+
+    // Now an agent that never comes back: retry gives up with the count and the cause.
+    let _ = vm
+        .agent()
+        .await
+        .unwrap()
+        .exec(
+            ctx(),
+            &exec_req(&["sh", "-c", "touch /run/vmkit-agent.stop; kill -9 $PPID"]),
+        )
+        .await;
+    let began = Instant::now();
+    let Err(err) = vm.dial_client_with_retry(Duration::from_secs(1)).await else {
+        panic!("dialled an agent that was stopped for good");
+    };
+    let err = err.to_string();
+    let took = began.elapsed();
+    assert!(
+        took >= Duration::from_secs(1) && took < Duration::from_secs(2),
+        "{took:?}"
+    );
+    assert!(
+        err.starts_with("dial_client_with_retry: dial hvsock://")
+            && err.contains(":1025: no connection after ")
+            && err.contains("; last: closed before OK: nothing listens on guest port 1025 yet"),
+        "{err}"
+    );
+    vm.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_whose_agent_never_answers_fails_start_and_leaves_nothing() {
+    let Some(image) = setup() else { return };
+    let _slot = VMS.acquire().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let mut config = image.config("mute", &state);
+    config.kernel.cmdline.push("vmkit.no_agent".into());
+    let vm = QemuBackend.create_instance(config).unwrap();
+    let err = vm
+        .start(StartOptions::with_timeout(Duration::from_secs(8)))
+        .await
+        .unwrap_err();
+    let err = err.to_string();
+    assert!(
+        err.starts_with("start: waiting for the guest agent to answer Ping (")
+            && err.contains(" dials of hvsock://")
+            && err.contains("; last: closed before OK: nothing listens on guest port 1025 yet)")
+            && err.ends_with(": timed out after 8s"),
+        "{err}"
+    );
+    assert_eq!(vm.state(), VmState::Shutdown);
+    assert_eq!(vm.wait().await.reason, ExitReason::StartFailed);
+    assert_eq!(
+        processes_mentioning(&state.display().to_string()),
+        Vec::<u32>::new()
+    );
+    let layout = vm.config().layout();
+    for socket in [
+        layout.control_socket(),
+        layout.vsock_socket(),
+        layout.vhost_user_vsock_socket(),
+    ] {
+        assert!(!socket.exists(), "{} left behind", socket.display());
+    }
 }

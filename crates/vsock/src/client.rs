@@ -1,6 +1,13 @@
 //! TTRPC over a guest connection.
 
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::addr::GuestAddr;
 use crate::dial::{GuestConn, dial, dial_with_retry};
@@ -29,4 +36,83 @@ pub async fn connect_ttrpc(addr: &GuestAddr, timeout: Duration) -> Result<TtrpcC
 /// As [`crate::dial_with_retry`].
 pub async fn connect_ttrpc_with_retry(addr: &GuestAddr, timeout: Duration) -> Result<TtrpcClient> {
     Ok(ttrpc_client(dial_with_retry(addr, timeout).await?))
+}
+
+/// Whether a connection given to TTRPC is still open: it turns false once its reader
+/// saw EOF or an error, or its writer an error. TTRPC's reader task reads without
+/// pause, so a peer that closes is noticed at once.
+#[derive(Debug, Clone)]
+pub struct ConnHealth(Arc<AtomicBool>);
+
+impl ConnHealth {
+    /// `false` once the connection is known to be dead.
+    pub fn is_alive(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+
+    fn dead(&self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+/// A TTRPC client over `conn`, and a handle that tells when the connection died (so a
+/// cached client can be re-dialled before a call fails on it).
+pub fn ttrpc_client_tracked(conn: GuestConn) -> (TtrpcClient, ConnHealth) {
+    let health = ConnHealth(Arc::new(AtomicBool::new(true)));
+    let tracked = Tracked {
+        inner: conn,
+        health: health.clone(),
+    };
+    let client = ttrpc::r#async::Client::new(ttrpc::r#async::transport::Socket::new(tracked));
+    (client, health)
+}
+
+struct Tracked {
+    inner: GuestConn,
+    health: ConnHealth,
+}
+
+impl AsyncRead for Tracked {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let result = Pin::new(&mut this.inner).poll_read(cx, buf);
+        match &result {
+            Poll::Ready(Ok(())) if buf.filled().len() == before && buf.remaining() > 0 => {
+                this.health.dead();
+            }
+            Poll::Ready(Err(_)) => this.health.dead(),
+            _ => {}
+        }
+        result
+    }
+}
+
+impl AsyncWrite for Tracked {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.inner).poll_write(cx, data);
+        if matches!(result, Poll::Ready(Err(_))) {
+            this.health.dead();
+        }
+        result
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.health.dead();
+        Pin::new(&mut this.inner).poll_shutdown(cx)
+    }
 }

@@ -28,7 +28,10 @@ mod stream;
 
 pub use addr::GuestAddr;
 pub use cid::{CidAllocator, CidLease, CidOptions, Reservation};
-pub use client::{TtrpcClient, connect_ttrpc, connect_ttrpc_with_retry, ttrpc_client};
+pub use client::{
+    ConnHealth, TtrpcClient, connect_ttrpc, connect_ttrpc_with_retry, ttrpc_client,
+    ttrpc_client_tracked,
+};
 pub use dial::{GuestConn, dial, dial_with_retry};
 pub use error::{Error, Result};
-pub use stream::open_stream;
+pub use stream::{AgentStream, open_stream};

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::{Instant, timeout_at};
-use vmkit_proto::{MAX_HEADER, StreamHeader, StreamReply};
+use vmkit_proto::{FramedStream, MAX_HEADER, StreamHeader, StreamReply};
 
 use crate::addr::GuestAddr;
 use crate::dial::{GuestConn, dial};
@@ -17,9 +17,13 @@ fn kind_of(header: &StreamHeader) -> &'static str {
     }
 }
 
+/// A raw stream to the agent: the connection in frames. Write, then `shutdown()` to
+/// end your side (the connection stays open); read until EOF, which is the agent's end
+/// of the stream (a connection cut short is an `UnexpectedEof` error instead).
+pub type AgentStream = FramedStream<GuestConn>;
+
 /// Opens a raw stream at `addr` (the agent's stream port): one dial, the header, and
-/// the agent's `OK`, all within `timeout`. The returned connection carries the
-/// stream's bytes.
+/// the agent's `OK`, all within `timeout`.
 ///
 /// # Errors
 /// [`Error::Dial`] when the connection fails, [`Error::Stream`] when the header cannot
@@ -29,7 +33,7 @@ pub async fn open_stream(
     addr: &GuestAddr,
     header: &StreamHeader,
     timeout: Duration,
-) -> Result<GuestConn> {
+) -> Result<AgentStream> {
     let deadline = Instant::now() + timeout;
     let kind = kind_of(header);
     let fail = |cause: String| Error::Stream {
@@ -62,7 +66,7 @@ pub async fn open_stream(
         }
     };
     match timeout_at(deadline, exchange).await {
-        Ok(Ok(())) => Ok(conn),
+        Ok(Ok(())) => Ok(FramedStream::new(conn)),
         Ok(Err(e)) => Err(e),
         Err(_) => Err(fail(format!("no answer to the header within {timeout:?}"))),
     }

@@ -7,10 +7,12 @@
 //! - Initramfs (`initrd.img`, uncompressed `newc` cpio written here, so neither `cpio`
 //!   nor `gzip` is needed, and the guest spends no time decompressing): static busybox,
 //!   `images/init` as `/init`, the modules listed in `images/modules.list`, the
-//!   hotplug helper and the ACPI power-button handler.
+//!   hotplug helper, the ACPI power-button handler, and `vmkit-agent` (built here as a
+//!   static binary: `--target x86_64-unknown-linux-gnu` with `+crt-static`, so the flag
+//!   stays off build scripts and proc macros and the host build's cache is kept).
 //!
-//! The build is skipped when `target/vmkit-image/stamp` matches the kernel package and
-//! the contents of `images/`.
+//! The build is skipped when `target/vmkit-image/stamp` matches the kernel package, the
+//! contents of `images/` and the agent binary.
 
 use std::collections::hash_map::DefaultHasher;
 use std::fs;
@@ -37,7 +39,13 @@ pub(crate) fn ensure_image() -> Result<PathBuf, String> {
     let dir = image_dir();
     let inputs = workspace_root().join("images");
     let kernel_pkg = kernel_package()?;
-    let stamp = format!("{kernel_pkg} {:016x}\n", hash_dir(&inputs)?);
+    let agent_path = build_agent()?;
+    let agent = read_bytes(&agent_path)?;
+    let stamp = format!(
+        "{kernel_pkg} {:016x} {:016x}\n",
+        hash_dir(&inputs)?,
+        hash_bytes(&agent)
+    );
     let stamp_path = dir.join("stamp");
     if fs::read_to_string(&stamp_path).is_ok_and(|s| s == stamp)
         && dir.join("vmlinuz").is_file()
@@ -107,6 +115,7 @@ pub(crate) fn ensure_image() -> Result<PathBuf, String> {
         0o755,
         &read_bytes(&inputs.join("vmkit-hotplug"))?,
     );
+    cpio.file("sbin/vmkit-agent", 0o755, &agent);
     cpio.file(
         "etc/acpi/PWRF/00000080",
         0o755,
@@ -275,6 +284,37 @@ fn hash_dir(dir: &Path) -> Result<u64, String> {
         read_bytes(&path)?.hash(&mut hasher);
     }
     Ok(hasher.finish())
+}
+
+/// The target triple the agent is built for: given explicitly so that `+crt-static`
+/// applies to the agent only, not to build scripts or proc macros.
+const AGENT_TARGET: &str = "x86_64-unknown-linux-gnu";
+
+/// Builds `vmkit-agent` as a static binary; returns its path. Cargo makes this a no-op
+/// when nothing changed.
+fn build_agent() -> Result<PathBuf, String> {
+    step(
+        "build the guest agent (static)",
+        crate::run::cargo()
+            .args([
+                "build",
+                "--release",
+                "-p",
+                "vmkit-agent",
+                "--target",
+                AGENT_TARGET,
+            ])
+            .env("RUSTFLAGS", "-C target-feature=+crt-static"),
+    )?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace_root().join("target"), PathBuf::from);
+    Ok(target.join(AGENT_TARGET).join("release/vmkit-agent"))
+}
+
+fn hash_bytes(bytes: &[u8]) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    bytes.hash(&mut hasher);
+    hasher.finish()
 }
 
 fn mkdir(dir: &Path) -> Result<(), String> {

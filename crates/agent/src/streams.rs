@@ -1,0 +1,194 @@
+//! Raw streams: a connection starts with a header line naming what it carries
+//! (`vmkit_proto::StreamHeader`); the agent answers `OK` or `ERR <reason>`, and the
+//! stream's bytes then travel in frames (`vmkit_proto::FramedStream`) so each side's
+//! end of data survives transports without half-close.
+
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::UnixListener;
+use tokio::sync::mpsc;
+use tokio_vsock::{VMADDR_CID_ANY, VsockAddr, VsockListener};
+use vmkit_proto::{FramedStream, MAX_HEADER, StreamHeader, StreamReply};
+
+use crate::exec::{ExecError, spawn_for_stream};
+
+/// How long a new connection may take to send its header.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the host may take to close the connection once both ends were sent.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A connected stream, whatever the transport.
+trait Conn: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Conn for T {}
+
+/// The stream port's listener.
+pub(crate) enum Listener {
+    Vsock(VsockListener, u32),
+    Unix(UnixListener, String),
+}
+
+impl fmt::Display for Listener {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Listener::Vsock(_, port) => write!(f, "vsock port {port}"),
+            Listener::Unix(_, path) => write!(f, "unix://{path}"),
+        }
+    }
+}
+
+impl Listener {
+    pub(crate) fn vsock(port: u32) -> std::io::Result<Listener> {
+        Ok(Listener::Vsock(
+            VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, port))?,
+            port,
+        ))
+    }
+
+    pub(crate) fn unix(path: &Path) -> std::io::Result<Listener> {
+        Ok(Listener::Unix(
+            UnixListener::bind(path)?,
+            path.display().to_string(),
+        ))
+    }
+
+    async fn accept(&self) -> std::io::Result<Box<dyn Conn>> {
+        Ok(match self {
+            Listener::Vsock(l, _) => Box::new(l.accept().await?.0),
+            Listener::Unix(l, _) => Box::new(l.accept().await?.0),
+        })
+    }
+
+    /// Accepts forever; each connection is served on its own task.
+    pub(crate) async fn serve(self) {
+        loop {
+            match self.accept().await {
+                Ok(conn) => {
+                    tokio::spawn(handle(conn));
+                }
+                Err(e) => {
+                    // E.g. EMFILE: pause rather than spin, then keep serving.
+                    eprintln!("vmkit-agent: accept on {self}: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Reads the header line a byte at a time (the stream's own bytes may follow it).
+async fn read_header(conn: &mut Box<dyn Conn>) -> Result<StreamHeader, String> {
+    let mut line = Vec::with_capacity(64);
+    while line.last() != Some(&b'\n') {
+        if line.len() >= MAX_HEADER {
+            return Err(format!("stream header longer than {MAX_HEADER} bytes"));
+        }
+        match conn.read_u8().await {
+            Ok(b) => line.push(b),
+            Err(e) => return Err(format!("read the stream header: {e}")),
+        }
+    }
+    StreamHeader::parse(&line).map_err(|e| e.to_string())
+}
+
+async fn handle(mut conn: Box<dyn Conn>) {
+    let header = match tokio::time::timeout(HEADER_TIMEOUT, read_header(&mut conn)).await {
+        Ok(Ok(h)) => h,
+        Ok(Err(reason)) => return refuse(conn, &reason).await,
+        Err(_) => return refuse(conn, "no stream header within 10 s").await,
+    };
+    match header {
+        StreamHeader::Echo => {
+            if conn.write_all(&StreamReply::Ok.encode()).await.is_err() {
+                return;
+            }
+            let (mut read, mut write) = tokio::io::split(FramedStream::new(conn));
+            let copied = tokio::io::copy(&mut read, &mut write).await;
+            if copied.is_ok() && write.shutdown().await.is_ok() {
+                linger(read.unsplit(write)).await;
+            }
+        }
+        StreamHeader::Exec { argv } => exec_stream(conn, &argv).await,
+    }
+}
+
+/// Both ends are sent: wait (bounded) for the host to close, so nothing we sent is cut
+/// off by our own close.
+async fn linger(stream: FramedStream<Box<dyn Conn>>) {
+    let mut conn = stream.into_inner();
+    let mut sink = [0u8; 512];
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+        while let Ok(1..) = conn.read(&mut sink).await {}
+    })
+    .await;
+}
+
+async fn refuse(mut conn: Box<dyn Conn>, reason: &str) {
+    let _ = conn
+        .write_all(&StreamReply::Err(reason.to_owned()).encode())
+        .await;
+    let _ = conn.shutdown().await;
+}
+
+/// The program's stdio over the stream: the stream's bytes go to stdin, stdout and
+/// stderr come back as they are produced.
+async fn exec_stream(mut conn: Box<dyn Conn>, argv: &[String]) {
+    let mut child = match spawn_for_stream(argv) {
+        Ok(c) => c,
+        Err(ExecError::Invalid(r) | ExecError::Spawn(r)) => return refuse(conn, &r).await,
+    };
+    if conn.write_all(&StreamReply::Ok.encode()).await.is_err() {
+        return;
+    }
+    let (mut from_host, mut to_host) = tokio::io::split(FramedStream::new(conn));
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(16);
+    let pumps = [
+        child
+            .stdout
+            .take()
+            .map(|o| Box::new(o) as Box<dyn AsyncRead + Send + Unpin>),
+        child
+            .stderr
+            .take()
+            .map(|e| Box::new(e) as Box<dyn AsyncRead + Send + Unpin>),
+    ];
+    for mut out in pumps.into_iter().flatten() {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 32 << 10];
+            while let Ok(n @ 1..) = out.read(&mut buf).await {
+                if tx.send(buf[..n].to_vec()).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    drop(tx);
+    let stdin = child.stdin.take();
+    // The host's bytes to the program's stdin; its end frame closes stdin. Hands the
+    // read half back for the final linger.
+    let feeder = tokio::spawn(async move {
+        if let Some(mut stdin) = stdin {
+            let _ = tokio::io::copy(&mut from_host, &mut stdin).await;
+        } else {
+            let _ = tokio::io::copy(&mut from_host, &mut tokio::io::sink()).await;
+        }
+        from_host
+    });
+    let mut delivered = true;
+    while let Some(chunk) = rx.recv().await {
+        if to_host.write_all(&chunk).await.is_err() {
+            delivered = false;
+            break;
+        }
+    }
+    let _ = child.wait().await;
+    if delivered
+        && to_host.shutdown().await.is_ok()
+        && let Ok(Ok(from_host)) = tokio::time::timeout(CLOSE_TIMEOUT, feeder).await
+    {
+        linger(from_host.unsplit(to_host)).await;
+    }
+}

@@ -1,0 +1,303 @@
+//! The agent binary on the host (`--unix`): every call, and bad input that must get an
+//! error while the agent keeps serving. (In a real guest over vsock: vmkit-qemu's tests.)
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test file: a failed step should panic
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use ttrpc::context;
+use vmkit_proto::agent::{
+    ExecRequest, GuestInfoRequest, OnlineResourcesRequest, PingRequest, PowerOffRequest,
+};
+use vmkit_proto::{AgentClient, FramedStream};
+
+/// The agent serving in a temp dir; killed when dropped.
+struct Agent {
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Agent {
+    async fn start() -> Agent {
+        let dir = tempfile::tempdir().unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_vmkit-agent"))
+            .arg("--unix")
+            .arg(dir.path())
+            .spawn()
+            .unwrap();
+        let agent = Agent { child, dir };
+        let began = Instant::now();
+        while !agent.stream_path().exists() || !agent.ttrpc_path().exists() {
+            assert!(
+                began.elapsed() < Duration::from_secs(10),
+                "the agent never listened"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        agent
+    }
+
+    fn ttrpc_path(&self) -> PathBuf {
+        self.dir.path().join("agent.sock")
+    }
+
+    fn stream_path(&self) -> PathBuf {
+        self.dir.path().join("stream.sock")
+    }
+
+    async fn client(&self) -> AgentClient {
+        let client =
+            ttrpc::r#async::Client::connect(&format!("unix://{}", self.ttrpc_path().display()))
+                .await
+                .unwrap();
+        AgentClient::new(client)
+    }
+}
+
+fn ctx() -> context::Context {
+    context::with_timeout(Duration::from_secs(10).as_nanos() as i64)
+}
+
+fn exec_req(argv: &[&str]) -> ExecRequest {
+    let mut req = ExecRequest::new();
+    req.argv = argv.iter().map(|s| (*s).to_owned()).collect();
+    req
+}
+
+/// The status code and message of a failed call.
+fn status(err: ttrpc::Error) -> (ttrpc::Code, String) {
+    match err {
+        ttrpc::Error::RpcStatus(s) => (s.code(), s.message().to_owned()),
+        other => panic!("expected an RPC status, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ping_and_guest_info_report_what_the_host_sees() {
+    let agent = Agent::start().await;
+    let client = agent.client().await;
+    let mut req = PingRequest::new();
+    req.payload = b"hello".to_vec();
+    let pong = client.ping(ctx(), &req).await.unwrap();
+    assert_eq!(pong.payload, b"hello");
+    assert_eq!(pong.agent_version, env!("CARGO_PKG_VERSION"));
+    assert!(pong.uptime_ms > 0);
+
+    let info = client
+        .guest_info(ctx(), &GuestInfoRequest::new())
+        .await
+        .unwrap();
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    assert_eq!(info.kernel_release, release.trim());
+    assert!(!info.online_cpus.is_empty());
+    assert!(info.mem_total_bytes > 0);
+    assert!(info.memory_block_size_bytes > 0 && info.mem_online_bytes > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_returns_exit_code_output_and_honours_stdin_env_and_cwd() {
+    let agent = Agent::start().await;
+    let client = agent.client().await;
+    let mut req = exec_req(&[
+        "sh",
+        "-c",
+        "echo out $GREETING; pwd; cat; echo err >&2; exit 3",
+    ]);
+    req.env = vec!["GREETING=hi".into()];
+    req.cwd = "/tmp".into();
+    req.stdin = b"from stdin\n".to_vec();
+    let resp = client.exec(ctx(), &req).await.unwrap();
+    assert_eq!(resp.exit_code, 3);
+    assert_eq!(
+        String::from_utf8_lossy(&resp.stdout),
+        "out hi\n/tmp\nfrom stdin\n"
+    );
+    assert_eq!(resp.stderr, b"err\n");
+    assert!(!resp.timed_out && !resp.stdout_truncated);
+
+    let killed = client
+        .exec(ctx(), &exec_req(&["sh", "-c", "kill -9 $$"]))
+        .await
+        .unwrap();
+    assert_eq!((killed.exit_code, killed.signal), (-1, 9));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_times_out_and_truncates_without_hanging() {
+    let agent = Agent::start().await;
+    let client = agent.client().await;
+    let mut slow = exec_req(&["sleep", "30"]);
+    slow.timeout_ms = 200;
+    let began = Instant::now();
+    let resp = client.exec(ctx(), &slow).await.unwrap();
+    assert!(resp.timed_out);
+    assert_eq!(resp.signal, 9);
+    assert!(
+        began.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        began.elapsed()
+    );
+
+    let big = client
+        .exec(ctx(), &exec_req(&["head", "-c", "3000000", "/dev/zero"]))
+        .await
+        .unwrap();
+    assert_eq!(big.exit_code, 0);
+    assert_eq!(big.stdout.len(), 1 << 20);
+    assert!(big.stdout_truncated);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_reasons_and_the_agent_keeps_serving() {
+    let agent = Agent::start().await;
+    let client = agent.client().await;
+
+    let (code, msg) = status(client.exec(ctx(), &exec_req(&[])).await.unwrap_err());
+    assert_eq!(
+        (code, msg.as_str()),
+        (ttrpc::Code::INVALID_ARGUMENT, "exec: argv is empty")
+    );
+    let (code, msg) = status(
+        client
+            .exec(ctx(), &exec_req(&["/nonexistent/prog"]))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, ttrpc::Code::FAILED_PRECONDITION);
+    assert!(
+        msg.starts_with("exec /nonexistent/prog: No such file"),
+        "{msg}"
+    );
+    let mut bad_env = exec_req(&["true"]);
+    bad_env.env = vec!["NOEQUALS".into()];
+    let (_, msg) = status(client.exec(ctx(), &bad_env).await.unwrap_err());
+    assert_eq!(msg, "exec: env[0] \"NOEQUALS\" is not KEY=VALUE");
+
+    let mut huge_ping = PingRequest::new();
+    huge_ping.payload = vec![0; 100 << 10];
+    let (code, msg) = status(client.ping(ctx(), &huge_ping).await.unwrap_err());
+    assert_eq!(code, ttrpc::Code::INVALID_ARGUMENT);
+    assert_eq!(msg, "ping payload of 102400 bytes exceeds 65536");
+
+    // Over ttrpc's 4 MiB message limit: refused, and the connection still works... or
+    // is dropped; either way a new one must be served.
+    let mut huge = exec_req(&["cat"]);
+    huge.stdin = vec![b'x'; 5 << 20];
+    assert!(client.exec(ctx(), &huge).await.is_err());
+
+    // A payload that is not the method's message.
+    let raw = ttrpc::r#async::Client::connect(&format!("unix://{}", agent.ttrpc_path().display()))
+        .await
+        .unwrap();
+    let mut request = ttrpc::Request::new();
+    request.service = "vmkit.agent.v1.Agent".into();
+    request.method = "Exec".into();
+    request.payload = vec![0xff; 64];
+    request.timeout_nano = 5_000_000_000;
+    let reply = raw.request(request).await;
+    let reply_status = match reply {
+        Ok(resp) => resp.status.into_option(),
+        Err(ttrpc::Error::RpcStatus(s)) => Some(s),
+        Err(other) => panic!("{other:?}"),
+    };
+    let reply_status = reply_status.expect("an error status for an undecodable request");
+    assert_ne!(reply_status.code(), ttrpc::Code::OK);
+    assert!(
+        reply_status.message().contains("Unpack request error"),
+        "{reply_status:?}"
+    );
+
+    // Bytes that are not TTRPC at all, on a connection of their own.
+    let mut junk = UnixStream::connect(agent.ttrpc_path()).await.unwrap();
+    junk.write_all(&[0xde; 4096]).await.unwrap();
+    let mut sink = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_millis(300), junk.read_to_end(&mut sink)).await;
+
+    // Still serving, old clients and new.
+    let fresh = agent.client().await;
+    fresh.ping(ctx(), &PingRequest::new()).await.unwrap();
+    client.ping(ctx(), &PingRequest::new()).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn power_off_is_refused_outside_a_guest_and_online_finds_nothing_to_do() {
+    let agent = Agent::start().await;
+    let client = agent.client().await;
+    let (code, msg) = status(
+        client
+            .power_off(ctx(), &PowerOffRequest::new())
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, ttrpc::Code::FAILED_PRECONDITION);
+    assert!(
+        msg.starts_with("power off: refused outside a guest"),
+        "{msg}"
+    );
+    // Reading sysfs only: on the host nothing is offline that the request covers,
+    // or the failures say why; either way the call answers.
+    let mut req = OnlineResourcesRequest::new();
+    req.cpus = false;
+    req.memory = false;
+    let resp = client.online_resources(ctx(), &req).await.unwrap();
+    assert!(resp.cpus_onlined.is_empty() && resp.memory_blocks_onlined.is_empty());
+}
+
+async fn stream(path: &Path, header: &[u8]) -> (FramedStream<UnixStream>, String) {
+    let mut conn = UnixStream::connect(path).await.unwrap();
+    conn.write_all(header).await.unwrap();
+    let mut reply = Vec::new();
+    while reply.last() != Some(&b'\n') {
+        reply.push(conn.read_u8().await.unwrap());
+    }
+    (FramedStream::new(conn), String::from_utf8(reply).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_echo_and_carry_a_programs_stdio_and_refuse_bad_headers() {
+    let agent = Agent::start().await;
+    let (mut echo, reply) = stream(&agent.stream_path(), b"VMKIT-STREAM/1 echo\n").await;
+    assert_eq!(reply, "OK\n");
+    let payload: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+    let (mut read, mut write) = tokio::io::split(&mut echo);
+    let send = async {
+        write.write_all(&payload).await.unwrap();
+        write.shutdown().await.unwrap();
+    };
+    let mut back = Vec::new();
+    let (_, got) = tokio::join!(send, read.read_to_end(&mut back));
+    got.unwrap();
+    assert!(back == payload, "echo changed the bytes");
+
+    let (mut exec, reply) = stream(
+        &agent.stream_path(),
+        b"VMKIT-STREAM/1 exec [\"sh\",\"-c\",\"tr a-z A-Z; echo done >&2\"]\n",
+    )
+    .await;
+    assert_eq!(reply, "OK\n");
+    exec.write_all(b"shout\n").await.unwrap();
+    exec.shutdown().await.unwrap();
+    let mut out = String::new();
+    exec.read_to_string(&mut out).await.unwrap();
+    assert_eq!(out, "SHOUT\ndone\n");
+
+    let (_, reply) = stream(&agent.stream_path(), b"VMKIT-STREAM/1 tar\n").await;
+    assert_eq!(
+        reply,
+        "ERR unknown stream kind \"tar\" (known: echo, exec)\n"
+    );
+    let (_, reply) = stream(&agent.stream_path(), b"VMKIT-STREAM/1 exec [\"/nope\"]\n").await;
+    assert!(reply.starts_with("ERR exec /nope: No such file"), "{reply}");
+    let (_, reply) = stream(&agent.stream_path(), &[b'x'; 5000]).await;
+    assert_eq!(reply, "ERR stream header longer than 4096 bytes\n");
+}

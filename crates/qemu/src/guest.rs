@@ -1,0 +1,414 @@
+//! Guest communication: the vsock link and the agent.
+//!
+//! - Kernel vsock where `/dev/vhost-vsock` works: a CID reserved in the kernel
+//!   (`VHOST_VSOCK_SET_GUEST_CID`) through the host-wide [`CidAllocator`], its fd handed
+//!   to QEMU's `vhost-vsock-pci`.
+//! - Otherwise hybrid vsock: one `vhost-device-vsock` daemon per VM, QEMU's
+//!   `vhost-user-vsock-pci` on its vhost-user socket, guest RAM in a shared memfd (the
+//!   daemon maps it), and the host dials the daemon's Unix socket (`CONNECT <port>`).
+//!   The daemon lives exactly as long as the VM: spawned with a parent-death signal,
+//!   killed and reaped when the VM is gone, its sockets removed.
+//!
+//! The agent's first answer to `Ping` is the guest's ready signal; the client that got
+//! it is cached, and re-dialled once its connection is seen to close.
+
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use tokio::time::{Instant, sleep};
+use vmkit_core::{Error as CoreError, GuestTransport, InstanceConfig};
+use vmkit_proto::AgentClient;
+use vmkit_proto::agent::PingRequest;
+use vmkit_vsock::{
+    CidAllocator, CidLease, CidOptions, ConnHealth, GuestAddr, Reservation, TtrpcClient,
+    dial_with_retry, ttrpc_client_tracked,
+};
+
+use crate::error::Error;
+use crate::host;
+use crate::options::QemuOptions;
+use crate::process::{Process, tail};
+
+/// The guest CID every hybrid-vsock VM gets: each has its own daemon, so CIDs need not
+/// differ between VMs.
+pub(crate) const HYBRID_GUEST_CID: u32 = 3;
+/// How long the daemon may take to die after SIGKILL.
+const DAEMON_REAP: Duration = Duration::from_secs(5);
+/// How many lines of the daemon's output go into an error.
+const DAEMON_LOG_LINES: usize = 8;
+
+/// How the guest will be reached, decided before QEMU starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Plan {
+    /// No agent: readiness is the serial console's ready line.
+    None,
+    /// Hybrid vsock through a vhost-device-vsock daemon serving `uds`.
+    Hybrid { port: u32, uds: PathBuf },
+    /// Kernel vsock; `cid` as configured, or allocated.
+    Kernel { port: u32, cid: Option<u32> },
+}
+
+impl Plan {
+    /// The plan for `config` on this host (`Auto` picks kernel vsock when it works).
+    pub(crate) fn for_config(config: &InstanceConfig) -> Plan {
+        let layout = config.layout();
+        match &config.transport {
+            GuestTransport::None => Plan::None,
+            GuestTransport::Auto { port } if host::vhost_vsock_usable() => Plan::Kernel {
+                port: *port,
+                cid: None,
+            },
+            GuestTransport::Auto { port } => Plan::Hybrid {
+                port: *port,
+                uds: layout.vsock_socket(),
+            },
+            GuestTransport::Vsock { cid, port } => Plan::Kernel {
+                port: *port,
+                cid: *cid,
+            },
+            GuestTransport::HybridVsock { uds, port } => Plan::Hybrid {
+                port: *port,
+                uds: uds.clone().unwrap_or_else(|| layout.vsock_socket()),
+            },
+        }
+    }
+}
+
+/// The vsock device QEMU gets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VsockDevice {
+    /// `vhost-user-vsock` on the daemon's vhost-user `socket`; guest RAM must then be a
+    /// shared memfd.
+    VhostUser {
+        /// The daemon's vhost-user socket.
+        socket: PathBuf,
+    },
+    /// `vhost-vsock` with the kernel-reserved fd.
+    Kernel {
+        /// The guest's CID.
+        cid: u32,
+        /// The `/dev/vhost-vsock` fd the CID is reserved on (QEMU inherits it).
+        vhostfd: RawFd,
+    },
+}
+
+/// The CID reservation of a kernel-vsock VM.
+enum Reserved {
+    /// From the allocator (lock file + kernel fd).
+    Leased(CidLease<OwnedFd>),
+    /// The CID the config named, reserved in the kernel only.
+    Fixed(OwnedFd),
+}
+
+impl Reserved {
+    fn fd(&self) -> Option<RawFd> {
+        match self {
+            Reserved::Leased(lease) => lease.reservation().map(AsRawFd::as_raw_fd),
+            Reserved::Fixed(fd) => Some(fd.as_raw_fd()),
+        }
+    }
+}
+
+/// What exists for guest communication while the VM lives. Dropping it kills the
+/// daemon (without waiting); [`Link::release`] also waits for it and removes sockets.
+pub(crate) struct Link {
+    /// The agent's address.
+    pub(crate) agent: GuestAddr,
+    /// The guest's CID (kernel vsock) or [`HYBRID_GUEST_CID`].
+    pub(crate) cid: u32,
+    daemon: Option<Arc<Process>>,
+    reserved: Option<Reserved>,
+    /// Sockets created for this VM, removed on release.
+    sockets: Vec<PathBuf>,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link")
+            .field("agent", &self.agent)
+            .field("cid", &self.cid)
+            .field("daemon", &self.daemon.as_ref().map(|d| d.pid()))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Link {
+    /// The daemon's pid (hybrid vsock), for reports and tests.
+    pub(crate) fn daemon_pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(|d| d.pid())
+    }
+
+    /// Kills and reaps the daemon, removes the sockets, releases the CID.
+    pub(crate) async fn release(mut self) {
+        if let Some(daemon) = self.daemon.take() {
+            daemon.signal(libc::SIGKILL);
+            if daemon.wait_timeout(DAEMON_REAP).await.is_none() {
+                tracing::error!(
+                    pid = daemon.pid(),
+                    "vhost-device-vsock not reaped {DAEMON_REAP:?} after SIGKILL"
+                );
+            }
+        }
+        for socket in &self.sockets {
+            remove_if_present(socket);
+        }
+        self.reserved = None;
+    }
+}
+
+fn remove_if_present(path: &Path) {
+    if let Err(e) = std::fs::remove_file(path)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(path = %path.display(), error = %e, "cannot remove a vsock socket");
+    }
+}
+
+/// The host-wide CID allocator of this process: lock files in `$VMKIT_CID_DIR`, else
+/// `/run/vmkit/cids` when writable, else `<tmp>/vmkit-cids`.
+fn cid_allocator() -> Result<&'static CidAllocator, Error> {
+    static CIDS: OnceLock<Result<CidAllocator, String>> = OnceLock::new();
+    let cids = CIDS.get_or_init(|| {
+        let dir = std::env::var_os("VMKIT_CID_DIR").map_or_else(
+            || {
+                let run = Path::new("/run/vmkit/cids");
+                if std::fs::create_dir_all(run).is_ok() {
+                    run.to_owned()
+                } else {
+                    std::env::temp_dir().join("vmkit-cids")
+                }
+            },
+            PathBuf::from,
+        );
+        CidAllocator::new(CidOptions {
+            lock_dir: Some(dir),
+            ..CidOptions::default()
+        })
+        .map_err(|e| e.to_string())
+    });
+    cids.as_ref().map_err(|e| Error::Io {
+        op: "set up the CID allocator".into(),
+        source: std::io::Error::other(e.clone()),
+    })
+}
+
+/// Sets the link up before QEMU starts: reserves the CID, or spawns the daemon and
+/// waits (until `deadline`) for its vhost-user socket. `None` for [`Plan::None`].
+///
+/// # Errors
+/// The daemon missing or dying, the CID in use, the deadline (as the caller's timeout).
+pub(crate) async fn establish(
+    plan: &Plan,
+    config: &InstanceConfig,
+    options: &QemuOptions,
+) -> Result<Option<(Link, VsockDevice)>, Error> {
+    match plan {
+        Plan::None => Ok(None),
+        Plan::Kernel { port, cid } => {
+            let reserved = match cid {
+                Some(cid) => match host::reserve_vsock_cid(*cid) {
+                    Ok(Some(fd)) => Reserved::Fixed(fd),
+                    Ok(None) => return Err(Error::CidInUse { cid: *cid }),
+                    Err(source) => {
+                        return Err(Error::Io {
+                            op: format!("reserve guest CID {cid} on /dev/vhost-vsock"),
+                            source,
+                        });
+                    }
+                },
+                None => Reserved::Leased(cid_allocator()?.allocate_with(|cid| {
+                    Ok(match host::reserve_vsock_cid(cid)? {
+                        Some(fd) => Reservation::Reserved(fd),
+                        None => Reservation::Taken,
+                    })
+                })?),
+            };
+            let cid = match &reserved {
+                Reserved::Leased(lease) => lease.cid(),
+                Reserved::Fixed(_) => cid.unwrap_or_default(),
+            };
+            let vhostfd = reserved.fd().ok_or_else(|| Error::Io {
+                op: format!("reserve guest CID {cid}"),
+                source: std::io::Error::other("the reservation holds no fd"),
+            })?;
+            let link = Link {
+                agent: GuestAddr::Vsock { cid, port: *port },
+                cid,
+                daemon: None,
+                reserved: Some(reserved),
+                sockets: Vec::new(),
+            };
+            Ok(Some((link, VsockDevice::Kernel { cid, vhostfd })))
+        }
+        Plan::Hybrid { port, uds } => {
+            let layout = config.layout();
+            let vhost = layout.vhost_user_vsock_socket();
+            for stale in [uds, &vhost] {
+                remove_if_present(stale);
+            }
+            let log_path = layout.log_dir().join("vsock.log");
+            let log = std::fs::File::create(&log_path).map_err(|source| Error::Io {
+                op: format!("create {}", log_path.display()),
+                source,
+            })?;
+            let args = vec![
+                "--guest-cid".into(),
+                HYBRID_GUEST_CID.to_string().into(),
+                "--socket".into(),
+                vhost.clone().into(),
+                "--uds-path".into(),
+                uds.clone().into(),
+            ];
+            let binary = &options.vhost_vsock_binary;
+            let daemon = Process::spawn(binary, args, log, &[])
+                .await
+                .map_err(|e| match e {
+                    Error::Spawn { binary, source } => Error::VsockDaemonMissing { binary, source },
+                    other => other,
+                })?;
+            let daemon = Arc::new(daemon);
+            let link = Link {
+                agent: GuestAddr::HybridVsock {
+                    uds: uds.clone(),
+                    port: *port,
+                },
+                cid: HYBRID_GUEST_CID,
+                daemon: Some(Arc::clone(&daemon)),
+                reserved: None,
+                sockets: vec![uds.clone(), vhost.clone()],
+            };
+            // The daemon creates its vhost-user socket when it is ready for QEMU.
+            let mut pause = Duration::from_millis(1);
+            while !vhost.exists() {
+                if let Some(exit) = daemon.exited() {
+                    link.release().await;
+                    return Err(Error::VsockDaemonExited {
+                        status: exit.to_string(),
+                        stderr: tail(&log_path, DAEMON_LOG_LINES),
+                    });
+                }
+                sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(20));
+            }
+            tracing::debug!(vm = %config.id, pid = daemon.pid(), "vhost-device-vsock up");
+            Ok(Some((link, VsockDevice::VhostUser { socket: vhost })))
+        }
+    }
+}
+
+/// A cached agent connection.
+#[derive(Clone)]
+pub(crate) struct Agent {
+    pub(crate) client: TtrpcClient,
+    pub(crate) health: ConnHealth,
+}
+
+impl Agent {
+    pub(crate) fn is_alive(&self) -> bool {
+        self.health.is_alive()
+    }
+}
+
+/// Dials `addr` until `deadline` and returns once the agent answers `Ping`. A connection
+/// the agent drops before answering (it is starting or restarting) is dialled again.
+///
+/// # Errors
+/// The last dial failure when the deadline passes before any connection.
+pub(crate) async fn wait_for_agent(addr: &GuestAddr, deadline: Instant) -> Result<Agent, Error> {
+    loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let conn = dial_with_retry(addr, remaining).await?;
+        let (client, health) = ttrpc_client_tracked(conn);
+        match ping(&client, deadline).await {
+            Ok(()) => return Ok(Agent { client, health }),
+            Err(cause) if Instant::now() < deadline => {
+                tracing::debug!(%addr, %cause, "agent connection dropped before Ping; redialling");
+                sleep(Duration::from_millis(10)).await;
+            }
+            Err(cause) => {
+                return Err(Error::Agent {
+                    call: "Ping",
+                    cause,
+                });
+            }
+        }
+    }
+}
+
+/// One `Ping`, bounded by `deadline`.
+pub(crate) async fn ping(client: &TtrpcClient, deadline: Instant) -> Result<(), String> {
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    let nanos = i64::try_from(remaining.as_nanos()).unwrap_or(i64::MAX);
+    let agent = AgentClient::new(client.clone());
+    match tokio::time::timeout_at(
+        deadline,
+        agent.ping(ttrpc::context::with_timeout(nanos), &PingRequest::new()),
+    )
+    .await
+    {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {remaining:?}")),
+    }
+}
+
+/// Maps a vsock error for `op` into the core's error: a dial deadline is a timeout
+/// that keeps the attempt count and last cause in its operation text.
+pub(crate) fn core_error(op: &str, e: vmkit_vsock::Error) -> CoreError {
+    match e {
+        vmkit_vsock::Error::DialTimeout { after, .. } => CoreError::Timeout {
+            op: format!("{op}: {e}"),
+            after,
+        },
+        other => CoreError::backend(op, Error::Vsock(other)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plans_follow_the_transport() {
+        let mut config = InstanceConfig::new("vm", "/run/vm", "/boot/vmlinuz");
+        config.transport = GuestTransport::None;
+        assert_eq!(Plan::for_config(&config), Plan::None);
+        config.transport = GuestTransport::HybridVsock {
+            uds: None,
+            port: 1025,
+        };
+        assert_eq!(
+            Plan::for_config(&config),
+            Plan::Hybrid {
+                port: 1025,
+                uds: "/run/vm/vsock.sock".into()
+            }
+        );
+        config.transport = GuestTransport::Vsock {
+            cid: Some(7),
+            port: 99,
+        };
+        assert_eq!(
+            Plan::for_config(&config),
+            Plan::Kernel {
+                port: 99,
+                cid: Some(7)
+            }
+        );
+        config.transport = GuestTransport::Auto { port: 1025 };
+        let expected = if host::vhost_vsock_usable() {
+            Plan::Kernel {
+                port: 1025,
+                cid: None,
+            }
+        } else {
+            Plan::Hybrid {
+                port: 1025,
+                uds: "/run/vm/vsock.sock".into(),
+            }
+        };
+        assert_eq!(Plan::for_config(&config), expected);
+    }
+}
