@@ -7,6 +7,9 @@
 //! - `qmp`: `query-status` latency through vmkit-qmp vs a minimal raw JSON-lines client
 //!   on the same paused QEMU, interleaved; and 16 concurrent callers' throughput vs the
 //!   raw client's sequential throughput.
+//! - `boot`: spawn → guest ready, vmkit vs a bare QEMU command line.
+//! - `guest`: TTRPC `Ping` vs a raw hybrid-vsock echo round trip, and stream throughput
+//!   through vmkit vs bare frames on a hand-driven connection, on one VM.
 //!
 //! ```text
 //! cargo bench -p vmkit-benches --bench qmp -- --check   # exit 1 when a target is missed

@@ -9,18 +9,14 @@ pub(crate) async fn read_trimmed(path: impl AsRef<Path>) -> std::io::Result<Stri
     Ok(tokio::fs::read_to_string(path).await?.trim().to_owned())
 }
 
-/// Milliseconds since boot, from /proc/uptime.
-pub(crate) async fn uptime_ms() -> u64 {
-    let text = read_trimmed("/proc/uptime").await.unwrap_or_default();
-    let secs = text
-        .split_whitespace()
-        .next()
-        .and_then(|s| s.parse::<f64>().ok())
-        .unwrap_or(0.0);
-    // Uptime is far below 2^53 ms: the conversion is exact enough.
-    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-    let ms = (secs * 1000.0) as u64;
-    ms
+/// Milliseconds since boot (`CLOCK_BOOTTIME`): a clock read, no file I/O, so `Ping`
+/// stays a pure round trip.
+pub(crate) fn uptime_ms() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).map_or(0, |t| {
+        let secs = u64::try_from(t.tv_sec()).unwrap_or(0);
+        let ms = u64::try_from(t.tv_nsec()).unwrap_or(0) / 1_000_000;
+        secs * 1000 + ms
+    })
 }
 
 /// Parses a kernel CPU list ("0-2,5") into ascending numbers; malformed parts are
@@ -152,7 +148,7 @@ pub(crate) async fn guest_info() -> GuestInfoResponse {
     let (block, online) = memory_blocks().await;
     info.memory_block_size_bytes = block;
     info.mem_online_bytes = block * online;
-    info.uptime_ms = uptime_ms().await;
+    info.uptime_ms = uptime_ms();
     info.disks = disks().await;
     info.nics = nics().await;
     info

@@ -41,7 +41,7 @@ impl vmkit_proto::Agent for AgentService {
         let mut resp = PingResponse::new();
         resp.payload = req.payload;
         resp.agent_version = env!("CARGO_PKG_VERSION").to_owned();
-        resp.uptime_ms = crate::info::uptime_ms().await;
+        resp.uptime_ms = crate::info::uptime_ms();
         Ok(resp)
     }
 

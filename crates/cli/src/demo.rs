@@ -3,7 +3,10 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use vmkit_core::{DiskConfig, InstanceConfig, NicConfig, Registry, StartOptions, VmEvent};
+use vmkit_proto::agent::{ExecRequest, GuestInfoRequest};
+use vmkit_proto::{AgentClient, STREAM_PORT, StreamHeader};
 
 /// The demo's settings.
 pub(crate) struct Options {
@@ -111,7 +114,7 @@ async fn run_in(
         }
     });
 
-    step("start: spawn QEMU, connect QMP, wait for the guest");
+    step("start: vsock daemon, spawn QEMU, connect QMP, wait for the guest agent");
     let began = Instant::now();
     vm.start(StartOptions::new())
         .await
@@ -121,16 +124,10 @@ async fn run_in(
         began.elapsed().as_secs_f64()
     ));
     let info = vm.vm_info();
-    let console = layout.console_log();
-    let ready = std::fs::read_to_string(&console)
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VMKIT_READY"))
-        .unwrap_or_default()
-        .to_owned();
     step(&format!(
-        "guest reports: {}",
-        ready.trim_start_matches("VMKIT_READY").trim()
+        "guest agent answered (guest CID {}, capabilities {})",
+        info.cid.map_or_else(|| "-".to_owned(), |c| c.to_string()),
+        info.capabilities
     ));
 
     let began = Instant::now();
@@ -141,10 +138,81 @@ async fn run_in(
         began.elapsed().as_secs_f64() * 1000.0
     ));
 
-    match vm.client().await {
-        Ok(_) => step("guest agent connected"),
-        Err(e) => step(&format!("talk to the guest: {e}")),
+    let agent = AgentClient::new(vm.client().await.map_err(|e| e.to_string())?);
+    let guest = agent
+        .guest_info(ctx(), &GuestInfoRequest::new())
+        .await
+        .map_err(|e| format!("GuestInfo: {e}"))?;
+    let disks: Vec<String> = guest
+        .disks
+        .iter()
+        .map(|d| {
+            format!(
+                "{} ({} MiB, serial {})",
+                d.name,
+                d.size_bytes >> 20,
+                d.serial
+            )
+        })
+        .collect();
+    let nics: Vec<String> = guest
+        .nics
+        .iter()
+        .map(|n| format!("{} {}", n.name, n.mac))
+        .collect();
+    step(&format!(
+        "guest sees: kernel {}, CPUs {:?}, {} MiB, disks [{}], NICs [{}]",
+        guest.kernel_release,
+        guest.online_cpus,
+        guest.mem_total_bytes >> 20,
+        disks.join(", "),
+        nics.join(", ")
+    ));
+
+    let began = Instant::now();
+    let mut uname = ExecRequest::new();
+    uname.argv = vec!["uname".into(), "-a".into()];
+    let out = agent
+        .exec(ctx(), &uname)
+        .await
+        .map_err(|e| format!("Exec uname -a: {e}"))?;
+    step(&format!(
+        "exec `uname -a` in {:.1} ms: exit {}, {}",
+        began.elapsed().as_secs_f64() * 1000.0,
+        out.exit_code,
+        String::from_utf8_lossy(&out.stdout).trim()
+    ));
+
+    let began = Instant::now();
+    let raw = vm
+        .start_stream(STREAM_PORT)
+        .await
+        .map_err(|e| e.to_string())?;
+    let echo = vmkit_vsock::begin_stream(raw, &StreamHeader::Echo, Duration::from_secs(10), "demo")
+        .await
+        .map_err(|e| e.to_string())?;
+    let sent: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+    let (mut read, mut write) = tokio::io::split(echo);
+    let send = async {
+        write.write_all(&sent).await?;
+        write.shutdown().await
+    };
+    let mut back = Vec::with_capacity(sent.len());
+    let (sent_ok, read_ok) = tokio::join!(send, read.read_to_end(&mut back));
+    sent_ok
+        .and(read_ok.map(drop))
+        .map_err(|e| format!("echo stream: {e}"))?;
+    if back != sent {
+        return Err(format!(
+            "echo stream: {} bytes came back for {} sent, or they differ",
+            back.len(),
+            sent.len()
+        ));
     }
+    step(&format!(
+        "1 MiB echoed byte-exact over a stream in {:.1} ms",
+        began.elapsed().as_secs_f64() * 1000.0
+    ));
     if vm.cpu_hotplugger().is_none() {
         step("vCPU hot-plug: not offered by this backend yet (issue 6)");
     }
@@ -170,6 +238,14 @@ async fn run_in(
             "the QMP socket".to_owned(),
         ),
         (
+            layout.vsock_socket().exists() || layout.vhost_user_vsock_socket().exists(),
+            "a vsock socket".to_owned(),
+        ),
+        (
+            still_running(&layout.state_dir().display().to_string()),
+            "a process of the VM (QEMU or vhost-device-vsock)".to_owned(),
+        ),
+        (
             Path::new(&format!("/sys/class/net/{TAP}")).exists(),
             format!("TAP {TAP}"),
         ),
@@ -180,6 +256,21 @@ async fn run_in(
     if !leftovers.is_empty() {
         return Err(format!("left behind: {}", leftovers.join(", ")));
     }
-    step("nothing left behind: no QEMU process, no socket, no TAP");
+    step("nothing left behind: no QEMU or vsock daemon, no socket, no TAP");
     Ok(())
+}
+
+fn ctx() -> ttrpc::context::Context {
+    ttrpc::context::with_timeout(30_000_000_000)
+}
+
+/// Whether a process's command line mentions `needle` (the VM's state dir).
+fn still_running(needle: &str) -> bool {
+    std::fs::read_dir("/proc").is_ok_and(|dir| {
+        dir.flatten().any(|entry| {
+            entry.file_name().to_string_lossy().parse::<u32>().is_ok()
+                && std::fs::read(entry.path().join("cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
+        })
+    })
 }

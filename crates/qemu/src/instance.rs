@@ -400,14 +400,17 @@ impl Instance for QemuInstance {
                 None => (None, None),
             }
         };
+        // What this instance offers: no guest parts without an agent, and once its link
+        // exists, only the vsock flavour it uses.
+        let capabilities = match (&self.shared.config.transport, cid, &hybrid) {
+            (GuestTransport::None, _, _) => Capabilities::PAUSE,
+            (_, Some(_), Some(_)) => CAPABILITIES.difference(Capabilities::VSOCK),
+            (_, Some(_), None) => CAPABILITIES.difference(Capabilities::HYBRID_VSOCK),
+            (_, None, _) => CAPABILITIES,
+        };
         if let Some(uds) = hybrid {
             sockets.push(("vsock".to_owned(), uds));
         }
-        let capabilities = if self.shared.config.transport == GuestTransport::None {
-            Capabilities::PAUSE
-        } else {
-            CAPABILITIES
-        };
         VmInfo {
             id: self.shared.config.id.clone(),
             backend: BACKEND_NAME.to_owned(),

@@ -2,9 +2,11 @@
 //!
 //! The QEMU backend of vmkit: [`QemuBackend`] creates [`QemuInstance`]s that boot a
 //! Linux guest under QEMU (KVM where it really works, TCG elsewhere), drive it over QMP,
-//! and stop it in bounded stages (ACPI power button, `quit`, SIGTERM, SIGKILL). QEMU is
-//! spawned directly with a parent-death signal, so it never outlives the host process;
-//! a failed or finished VM leaves no process or socket behind.
+//! talk to the vmkit agent in the guest over kernel or hybrid vsock ([`guest`]), and stop
+//! it in bounded stages (ACPI power button, `quit`, SIGTERM, SIGKILL). QEMU (and the
+//! per-VM vhost-device-vsock daemon) are spawned directly with a parent-death signal, so
+//! they never outlive the host process; a failed or finished VM leaves no process,
+//! socket or CID behind.
 //!
 //! Linking the crate registers the backend as `"qemu"` (name it somewhere so it links:
 //! `use vmkit_qemu as _;`).
@@ -18,7 +20,7 @@
 //! config.kernel.initrd = Some("/var/lib/vmkit/initrd.img".into());
 //! let vm = Registry::from_inventory()?.create("qemu", config)?;
 //! vm.add_disk(DiskConfig::new("data", "/var/lib/vmkit/data.img"))?;
-//! vm.start(StartOptions::new()).await?; // the guest printed its ready line
+//! vm.start(StartOptions::new()).await?; // the guest agent answered Ping
 //! let exit = vm.shutdown().await?;
 //! println!("{:?} by {:?}", exit.reason, exit.stage);
 //! # Ok(())
@@ -27,7 +29,7 @@
 //!
 //! Backend options (`InstanceConfig::backend_options`) are listed in [`options`].
 //! Files follow the life cycle: [`command`] (argv), [`kernel_cmdline`], [`devices`],
-//! `start.rs`, `shutdown.rs`, [`events`].
+//! [`guest`] (vsock link, agent), `start.rs`, `shutdown.rs`, [`events`].
 
 pub mod accel;
 pub mod command;

@@ -310,7 +310,11 @@ async fn the_agent_answers_ping_info_and_exec_and_nothing_is_left_after_shutdown
     vm.start(StartOptions::new()).await.unwrap();
     let info = vm.vm_info();
     assert_eq!(info.cid, Some(3), "{info:?}");
-    assert!(info.capabilities.contains(Capabilities::GUEST_AGENT));
+    assert!(
+        info.capabilities
+            .contains(Capabilities::GUEST_AGENT | Capabilities::HYBRID_VSOCK)
+    );
+    assert!(!info.capabilities.contains(Capabilities::VSOCK), "{info:?}");
     let daemons = processes_mentioning(&state.display().to_string());
     assert_eq!(daemons.len(), 2, "QEMU and vhost-device-vsock: {daemons:?}");
 

@@ -34,4 +34,4 @@ pub use client::{
 };
 pub use dial::{GuestConn, dial, dial_with_retry};
 pub use error::{Error, Result};
-pub use stream::{AgentStream, open_stream};
+pub use stream::{AgentStream, begin_stream, open_stream};

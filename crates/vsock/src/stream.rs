@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::time::{Instant, timeout_at};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
 use vmkit_proto::{FramedStream, MAX_HEADER, StreamHeader, StreamReply};
 
 use crate::addr::GuestAddr;
@@ -35,14 +35,30 @@ pub async fn open_stream(
     timeout: Duration,
 ) -> Result<AgentStream> {
     let deadline = Instant::now() + timeout;
+    let conn = dial(addr, timeout).await?;
+    let left = deadline.saturating_duration_since(Instant::now());
+    begin_stream(conn, header, left, &addr.to_string()).await
+}
+
+/// Starts a raw stream on a connection already open to the agent's stream port (e.g.
+/// from `GuestCommunicator::start_stream`): the header and the agent's `OK`, within
+/// `timeout`. `peer` names the connection in errors.
+///
+/// # Errors
+/// [`Error::Stream`], as for [`open_stream`].
+pub async fn begin_stream<S: AsyncRead + AsyncWrite + Unpin>(
+    mut conn: S,
+    header: &StreamHeader,
+    timeout: Duration,
+    peer: &str,
+) -> Result<FramedStream<S>> {
     let kind = kind_of(header);
     let fail = |cause: String| Error::Stream {
-        addr: addr.to_string(),
+        addr: peer.to_owned(),
         kind,
         cause,
     };
     let line = header.encode().map_err(|e| fail(e.to_string()))?;
-    let mut conn = dial(addr, timeout).await?;
     let exchange = async {
         conn.write_all(&line)
             .await
@@ -65,7 +81,7 @@ pub async fn open_stream(
             StreamReply::Err(reason) => Err(fail(format!("the agent refused: {reason}"))),
         }
     };
-    match timeout_at(deadline, exchange).await {
+    match tokio::time::timeout(timeout, exchange).await {
         Ok(Ok(())) => Ok(FramedStream::new(conn)),
         Ok(Err(e)) => Err(e),
         Err(_) => Err(fail(format!("no answer to the header within {timeout:?}"))),

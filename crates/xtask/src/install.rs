@@ -9,6 +9,9 @@ use crate::run::{cargo, output, show, step, succeeds};
 
 /// cargo-deny, pinned so every machine checks with the same rules.
 const CARGO_DENY_VERSION: &str = "0.20.2";
+/// vhost-device-vsock (hybrid vsock for guests on hosts without /dev/vhost-vsock),
+/// pinned to the version the vsock recipe was measured with.
+const VHOST_DEVICE_VSOCK_VERSION: &str = "0.3.0";
 /// The QEMU major version the project is tested with (Debian bookworm-backports).
 const QEMU_MAJOR: u32 = 10;
 
@@ -17,7 +20,40 @@ pub(crate) fn ensure_all() -> Result<(), String> {
     ensure_rust_components()?;
     ensure_cargo_deny()?;
     ensure_qemu()?;
+    ensure_vhost_device_vsock()?;
     Ok(())
+}
+
+/// `cargo install` puts vhost-device-vsock in `~/.cargo/bin`, where vmkit-qemu looks
+/// for it when it is not on `PATH`.
+fn ensure_vhost_device_vsock() -> Result<(), String> {
+    let binary = vmkit_qemu_vhost_vsock_path();
+    let have = output(Command::new(&binary).arg("--version")).unwrap_or_default();
+    if have.split_whitespace().nth(1) == Some(VHOST_DEVICE_VSOCK_VERSION) {
+        return Ok(());
+    }
+    step(
+        "install vhost-device-vsock (about a minute, once per machine)",
+        cargo().args([
+            "install",
+            "--locked",
+            "vhost-device-vsock",
+            "--version",
+            VHOST_DEVICE_VSOCK_VERSION,
+        ]),
+    )
+}
+
+/// Where vhost-device-vsock is: on `PATH`, else in cargo's bin dir.
+fn vmkit_qemu_vhost_vsock_path() -> std::path::PathBuf {
+    let name = "vhost-device-vsock";
+    if succeeds(Command::new(name).arg("--version")) {
+        return name.into();
+    }
+    std::env::var_os("CARGO_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")))
+        .map_or_else(|| name.into(), |home| home.join("bin").join(name))
 }
 
 fn ensure_rust_components() -> Result<(), String> {
