@@ -13,8 +13,10 @@
 
 mod exec;
 mod info;
+mod listen;
 mod online;
 mod power;
+mod rpc;
 mod service;
 mod streams;
 
@@ -22,6 +24,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use listen::Listener;
 use vmkit_proto::{AGENT_PORT, STREAM_PORT};
 
 /// Where the agent listens.
@@ -81,39 +84,30 @@ fn main() -> ExitCode {
 async fn serve(listen: Listen) -> Result<(), String> {
     let power_off = matches!(listen, Listen::Vsock);
     let service = Arc::new(service::AgentService::new(power_off));
-    let (ttrpc_addr, stream_listener) = match &listen {
-        Listen::Vsock => (
-            format!("vsock://-1:{AGENT_PORT}"),
-            streams::Listener::vsock(STREAM_PORT)
-                .map_err(|e| format!("listen on vsock port {STREAM_PORT}: {e}"))?,
-        ),
-        Listen::Unix(dir) => {
-            let agent = dir.join("agent.sock");
-            let stream = dir.join("stream.sock");
-            for path in [&agent, &stream] {
-                let _ = std::fs::remove_file(path);
-            }
-            (
-                format!("unix://{}", agent.display()),
-                streams::Listener::unix(&stream)
-                    .map_err(|e| format!("listen on {}: {e}", stream.display()))?,
-            )
-        }
+    let open = |what: &str, listener: std::io::Result<Listener>| {
+        listener.map_err(|e| format!("listen for {what}: {e}"))
     };
-    let mut server = ttrpc::r#async::Server::new()
-        .bind(&ttrpc_addr)
-        .map_err(|e| format!("listen on {ttrpc_addr}: {e}"))?
-        .register_service(vmkit_proto::create_agent(service));
-    server
-        .start()
-        .await
-        .map_err(|e| format!("serve {ttrpc_addr}: {e}"))?;
-    eprintln!("vmkit-agent: serving TTRPC on {ttrpc_addr}, streams on {stream_listener}");
-    tokio::spawn(stream_listener.serve());
+    let (rpc, streams) = match &listen {
+        Listen::Vsock => (
+            open("TTRPC", Listener::vsock(AGENT_PORT))?,
+            open("streams", Listener::vsock(STREAM_PORT))?,
+        ),
+        Listen::Unix(dir) => (
+            open("TTRPC", Listener::unix(&dir.join("agent.sock")))?,
+            open("streams", Listener::unix(&dir.join("stream.sock")))?,
+        ),
+    };
+    eprintln!("vmkit-agent: serving TTRPC on {rpc}, streams on {streams}");
+    tokio::spawn(streams::serve(streams));
+    tokio::spawn(async move {
+        loop {
+            let conn = rpc.accept_or_pause().await;
+            tokio::spawn(rpc::serve(conn, Arc::clone(&service)));
+        }
+    });
     // Serve until killed; in a guest the agent lives as long as the guest.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| format!("watch SIGTERM: {e}"))?;
     term.recv().await;
-    let _ = server.shutdown().await;
     Ok(())
 }

@@ -3,78 +3,25 @@
 //! stream's bytes then travel in frames (`vmkit_proto::FramedStream`) so each side's
 //! end of data survives transports without half-close.
 
-use std::fmt;
-use std::path::Path;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::UnixListener;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
-use tokio_vsock::{VMADDR_CID_ANY, VsockAddr, VsockListener};
 use vmkit_proto::{FramedStream, MAX_HEADER, StreamHeader, StreamReply};
 
 use crate::exec::{ExecError, spawn_for_stream};
+use crate::listen::{Conn, Listener};
 
 /// How long a new connection may take to send its header.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the host may take to close the connection once both ends were sent.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A connected stream, whatever the transport.
-trait Conn: AsyncRead + AsyncWrite + Send + Unpin {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin> Conn for T {}
-
-/// The stream port's listener.
-pub(crate) enum Listener {
-    Vsock(VsockListener, u32),
-    Unix(UnixListener, String),
-}
-
-impl fmt::Display for Listener {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Listener::Vsock(_, port) => write!(f, "vsock port {port}"),
-            Listener::Unix(_, path) => write!(f, "unix://{path}"),
-        }
-    }
-}
-
-impl Listener {
-    pub(crate) fn vsock(port: u32) -> std::io::Result<Listener> {
-        Ok(Listener::Vsock(
-            VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, port))?,
-            port,
-        ))
-    }
-
-    pub(crate) fn unix(path: &Path) -> std::io::Result<Listener> {
-        Ok(Listener::Unix(
-            UnixListener::bind(path)?,
-            path.display().to_string(),
-        ))
-    }
-
-    async fn accept(&self) -> std::io::Result<Box<dyn Conn>> {
-        Ok(match self {
-            Listener::Vsock(l, _) => Box::new(l.accept().await?.0),
-            Listener::Unix(l, _) => Box::new(l.accept().await?.0),
-        })
-    }
-
-    /// Accepts forever; each connection is served on its own task.
-    pub(crate) async fn serve(self) {
-        loop {
-            match self.accept().await {
-                Ok(conn) => {
-                    tokio::spawn(handle(conn));
-                }
-                Err(e) => {
-                    // E.g. EMFILE: pause rather than spin, then keep serving.
-                    eprintln!("vmkit-agent: accept on {self}: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }
+/// Accepts streams forever; each connection is served on its own task.
+pub(crate) async fn serve(listener: Listener) {
+    loop {
+        let conn = listener.accept_or_pause().await;
+        tokio::spawn(handle(conn));
     }
 }
 

@@ -211,10 +211,29 @@ async fn bad_requests_get_reasons_and_the_agent_keeps_serving() {
         Err(other) => panic!("{other:?}"),
     };
     let reply_status = reply_status.expect("an error status for an undecodable request");
-    assert_ne!(reply_status.code(), ttrpc::Code::OK);
-    assert!(
-        reply_status.message().contains("Unpack request error"),
-        "{reply_status:?}"
+    assert_eq!(reply_status.code(), ttrpc::Code::INVALID_ARGUMENT);
+    assert_eq!(
+        reply_status.message(),
+        "Exec: cannot decode the request: Incorrect varint"
+    );
+
+    // A method the service does not have.
+    let mut unknown = ttrpc::Request::new();
+    unknown.service = "vmkit.agent.v1.Agent".into();
+    unknown.method = "Reboot".into();
+    unknown.timeout_nano = 5_000_000_000;
+    let status = match raw.request(unknown).await {
+        Ok(resp) => resp.status.into_option(),
+        Err(ttrpc::Error::RpcStatus(s)) => Some(s),
+        Err(other) => panic!("{other:?}"),
+    }
+    .expect("a status for an unknown method");
+    assert_eq!(
+        (status.code(), status.message()),
+        (
+            ttrpc::Code::NOT_FOUND,
+            "/vmkit.agent.v1.Agent/Reboot is not supported"
+        )
     );
 
     // Bytes that are not TTRPC at all, on a connection of their own.

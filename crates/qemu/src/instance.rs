@@ -528,11 +528,16 @@ impl GuestCommunicator for QemuInstance {
         if let Some(client) = cached(&self.shared) {
             return Ok(client);
         }
-        let timeout = self.shared.config.timeouts.dial;
-        let conn = vmkit_vsock::dial_with_retry(&addr, timeout)
+        // A fresh connection counts once the agent answers on it: one accepted and then
+        // dropped (an agent restarting) is dialled again, within the dial deadline.
+        let deadline = tokio::time::Instant::now() + self.shared.config.timeouts.dial;
+        let agent = guest::wait_for_agent(&addr, deadline)
             .await
-            .map_err(|e| guest::core_error("client: re-dial the agent", e))?;
-        let (client, health) = vmkit_vsock::ttrpc_client_tracked(conn);
+            .map_err(|e| match e {
+                crate::Error::Vsock(v) => guest::core_error("client: re-dial the agent", v),
+                other => CoreError::backend("client: re-dial the agent", other),
+            })?;
+        let client = agent.client.clone();
         let mut life = self.shared.life();
         if life.link.is_none() {
             // The VM ended while we dialled.
@@ -541,10 +546,7 @@ impl GuestCommunicator for QemuInstance {
                 state: self.shared.state.get(),
             });
         }
-        life.agent = Some(Agent {
-            client: client.clone(),
-            health,
-        });
+        life.agent = Some(agent);
         tracing::debug!(vm = %self.shared.config.id, %addr, "agent client re-dialled");
         Ok(client)
     }
@@ -558,9 +560,16 @@ impl GuestCommunicator for QemuInstance {
 
     async fn dial_client_with_retry(&self, timeout: Duration) -> vmkit_core::Result<GuestClient> {
         let addr = self.agent_addr("dial_client_with_retry")?;
-        vmkit_vsock::connect_ttrpc_with_retry(&addr, timeout)
+        // Counted as connected once the agent answers a Ping on it: through
+        // vhost-device-vsock a connection can be accepted and reset right after.
+        let deadline = tokio::time::Instant::now() + timeout;
+        guest::wait_for_agent(&addr, deadline)
             .await
-            .map_err(|e| guest::core_error("dial_client_with_retry", e))
+            .map(|agent| agent.client)
+            .map_err(|e| match e {
+                crate::Error::Vsock(v) => guest::core_error("dial_client_with_retry", v),
+                other => CoreError::backend("dial_client_with_retry", other),
+            })
     }
 
     async fn start_stream(&self, port: u32) -> vmkit_core::Result<Box<dyn GuestStream>> {

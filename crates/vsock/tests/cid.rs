@@ -21,18 +21,7 @@ fn churn(cids: &CidAllocator, markers: &Path, rounds: usize) -> usize {
             std::thread::yield_now(); // all busy right now: someone else holds them
             continue;
         };
-        let marker = markers.join(lease.cid().to_string());
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&marker)
-        {
-            Ok(_) => {
-                std::thread::yield_now();
-                std::fs::remove_file(&marker).unwrap();
-            }
-            Err(_) => doubles += 1,
-        }
+        doubles += churn_one(markers, lease.cid());
         drop(lease);
         done += 1;
     }

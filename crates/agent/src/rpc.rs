@@ -1,0 +1,209 @@
+//! A lean TTRPC server for the agent's one service.
+//!
+//! The `ttrpc` crate's server spawns a task per request and passes every frame through
+//! channels; under emulation (TCG guests) that made a `Ping` 2.7x the cost of a bare
+//! echo round trip. This server speaks the same wire protocol (10-byte header, a
+//! protobuf `ttrpc.Request`, a `ttrpc.Response` back) with the same generated
+//! [`Agent`] trait as the contract, but answers `Ping` inline on the connection's task
+//! and spawns only the calls that may take time. Every bad request gets a status with a
+//! reason; only a connection whose bytes are not TTRPC at all is closed.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use protobuf::Message as _;
+use tokio::io::{AsyncRead, AsyncWrite, BufReader, WriteHalf};
+use tokio::sync::Mutex;
+use ttrpc::r#async::TtrpcContext;
+use ttrpc::proto::{
+    GenMessage, GenMessageError, MESSAGE_TYPE_REQUEST, MessageHeader, Request, Response,
+};
+use ttrpc::{Code, Status, get_status};
+use vmkit_proto::Agent;
+
+use crate::service::AgentService;
+
+/// The service name in requests.
+const SERVICE: &str = "vmkit.agent.v1.Agent";
+
+type Writer<S> = Arc<Mutex<WriteHalf<S>>>;
+
+/// Serves one connection until it closes or stops speaking TTRPC.
+pub(crate) async fn serve<S>(conn: S, service: Arc<AgentService>)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (reader, writer) = tokio::io::split(conn);
+    // Header and body usually arrive together: one read syscall instead of two (each
+    // syscall is expensive in an emulated guest).
+    let mut reader = BufReader::with_capacity(64 << 10, reader);
+    let writer: Writer<S> = Arc::new(Mutex::new(writer));
+    loop {
+        let msg = match GenMessage::read_from(&mut reader).await {
+            Ok(msg) => msg,
+            // Oversized: the body was discarded; tell the caller why.
+            Err(GenMessageError::ReturnError(header, e)) => {
+                let status = get_status(Code::INVALID_ARGUMENT, e.to_string());
+                if respond(&writer, header.stream_id, Err(status))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                continue;
+            }
+            // EOF, or bytes that are not TTRPC: nothing sensible can follow.
+            Err(GenMessageError::InternalError(_)) => return,
+        };
+        if msg.header.type_ != MESSAGE_TYPE_REQUEST {
+            continue; // streaming DATA frames: this service has no streaming methods
+        }
+        let stream_id = msg.header.stream_id;
+        let request = match Request::parse_from_bytes(&msg.payload) {
+            Ok(r) => r,
+            Err(e) => {
+                let status =
+                    get_status(Code::INVALID_ARGUMENT, format!("Unpack request error {e}"));
+                if respond(&writer, stream_id, Err(status)).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        if request.method == "Ping" {
+            // The liveness probe: answered here, no task, no channel.
+            let answer = call(&service, msg.header, request).await;
+            if respond(&writer, stream_id, answer).await.is_err() {
+                return;
+            }
+        } else {
+            let (service, writer) = (Arc::clone(&service), Arc::clone(&writer));
+            tokio::spawn(async move {
+                let answer = call(&service, msg.header, request).await;
+                let _ = respond(&writer, stream_id, answer).await;
+            });
+        }
+    }
+}
+
+/// Runs one request against the service, within its timeout.
+async fn call(
+    service: &AgentService,
+    header: MessageHeader,
+    request: Request,
+) -> Result<Vec<u8>, Status> {
+    if request.service != SERVICE {
+        return Err(get_status(
+            Code::NOT_FOUND,
+            format!("/{}/{} is not supported", request.service, request.method),
+        ));
+    }
+    let ctx = TtrpcContext {
+        mh: header,
+        metadata: HashMap::new(),
+        timeout_nano: request.timeout_nano,
+        connection_data: Arc::default(),
+    };
+    let work = dispatch(service, &ctx, &request.method, &request.payload);
+    match u64::try_from(request.timeout_nano) {
+        Ok(nanos) if nanos > 0 => tokio::time::timeout(Duration::from_nanos(nanos), work)
+            .await
+            .unwrap_or_else(|_| {
+                Err(get_status(
+                    Code::DEADLINE_EXCEEDED,
+                    format!("{} ran out of its {}ns", request.method, nanos),
+                ))
+            }),
+        _ => work.await,
+    }
+}
+
+/// Decodes the payload for `method`, calls it, encodes the answer.
+async fn dispatch(
+    service: &AgentService,
+    ctx: &TtrpcContext,
+    method: &str,
+    payload: &[u8],
+) -> Result<Vec<u8>, Status> {
+    macro_rules! unary {
+        ($call:ident) => {{
+            let req = protobuf::Message::parse_from_bytes(payload).map_err(|e| {
+                get_status(
+                    Code::INVALID_ARGUMENT,
+                    format!("{method}: cannot decode the request: {e}"),
+                )
+            })?;
+            let resp = service.$call(ctx, req).await.map_err(to_status)?;
+            resp.write_to_bytes().map_err(|e| {
+                get_status(
+                    Code::INTERNAL,
+                    format!("{method}: cannot encode the answer: {e}"),
+                )
+            })
+        }};
+    }
+    match method {
+        "Ping" => unary!(ping),
+        "GuestInfo" => unary!(guest_info),
+        "Exec" => unary!(exec),
+        "OnlineResources" => unary!(online_resources),
+        "PowerOff" => unary!(power_off),
+        other => Err(get_status(
+            Code::NOT_FOUND,
+            format!("/{SERVICE}/{other} is not supported"),
+        )),
+    }
+}
+
+fn to_status(e: ttrpc::Error) -> Status {
+    match e {
+        ttrpc::Error::RpcStatus(status) => status,
+        other => get_status(Code::INTERNAL, other.to_string()),
+    }
+}
+
+/// Writes the response for `stream_id`: the payload, or the error status.
+async fn respond<S: AsyncWrite>(
+    writer: &Writer<S>,
+    stream_id: u32,
+    answer: Result<Vec<u8>, Status>,
+) -> std::io::Result<()> {
+    let mut response = Response::new();
+    match answer {
+        Ok(payload) => {
+            response.set_status(get_status(Code::OK, ""));
+            response.payload = payload;
+        }
+        Err(status) => response.set_status(status),
+    }
+    let payload = response
+        .write_to_bytes()
+        .map_err(|e| std::io::Error::other(format!("encode a response: {e}")))?;
+    let too_big = payload.len() > ttrpc::proto::MESSAGE_LENGTH_MAX;
+    let payload = if too_big {
+        let mut small = Response::new();
+        small.set_status(get_status(
+            Code::RESOURCE_EXHAUSTED,
+            format!(
+                "the answer is {} bytes; TTRPC carries at most {}",
+                payload.len(),
+                ttrpc::proto::MESSAGE_LENGTH_MAX
+            ),
+        ));
+        small
+            .write_to_bytes()
+            .map_err(|e| std::io::Error::other(format!("encode a response: {e}")))?
+    } else {
+        payload
+    };
+    let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
+    let msg = GenMessage {
+        header: MessageHeader::new_response(stream_id, len),
+        payload,
+    };
+    let mut writer = writer.lock().await;
+    msg.write_to(&mut *writer)
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))
+}
