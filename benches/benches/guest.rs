@@ -46,7 +46,15 @@ fn main() {
             .unwrap();
         vm.start(StartOptions::new()).await.unwrap();
         let uds = vm.config().layout().vsock_socket();
-        let ok = latency(&vm, &uds).await & throughput(&vm, &uds).await;
+        // Nothing here may hang: each phase has a generous deadline.
+        let phase = Duration::from_secs(120);
+        let latency_ok = tokio::time::timeout(phase, latency(&vm, &uds))
+            .await
+            .expect("the latency phase hung for 120 s");
+        let throughput_ok = tokio::time::timeout(phase, throughput(&vm, &uds))
+            .await
+            .expect("the throughput phase hung for 120 s");
+        let ok = latency_ok && throughput_ok;
         vm.shutdown().await.unwrap();
         ok
     });
