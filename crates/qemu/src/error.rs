@@ -101,6 +101,10 @@ pub enum Error {
         cause: String,
     },
 
+    /// A hot-plug call was ended because the VM began shutting down.
+    #[error("the VM is shutting down")]
+    ShuttingDown,
+
     /// `start` was cancelled by a concurrent `shutdown`.
     #[error("cancelled by shutdown")]
     Cancelled,

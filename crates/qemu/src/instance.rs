@@ -28,6 +28,7 @@ use crate::{BACKEND_NAME, shutdown, start};
 /// What the backend offers in this version (an instance without a guest agent,
 /// `transport: none`, reports [`Capabilities::PAUSE`] only).
 pub const CAPABILITIES: Capabilities = Capabilities::PAUSE
+    .union(Capabilities::CPU_HOTPLUG)
     .union(Capabilities::GUEST_AGENT)
     .union(Capabilities::GUEST_STREAMS)
     .union(Capabilities::VSOCK)
@@ -46,6 +47,7 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// A VM run by QEMU. Created by [`crate::QemuBackend`]; implements [`Instance`].
 pub struct QemuInstance {
     shared: Arc<Shared>,
+    cpus: crate::hotplug::Cpus,
 }
 
 impl std::fmt::Debug for QemuInstance {
@@ -74,6 +76,8 @@ pub(crate) struct Shared {
     ending: tokio::sync::Mutex<()>,
     /// Held while the cached agent client is re-dialled, so callers share one dial.
     dialing: tokio::sync::Mutex<()>,
+    /// Hot-plug calls, one at a time.
+    pub(crate) hotplug: crate::hotplug::Queue,
 }
 
 /// What exists while the VM lives.
@@ -109,6 +113,7 @@ impl Shared {
             cancel: watch::channel(false).0,
             ending: tokio::sync::Mutex::new(()),
             dialing: tokio::sync::Mutex::new(()),
+            hotplug: crate::hotplug::Queue::default(),
         }
     }
 
@@ -234,6 +239,25 @@ impl Shared {
         }
     }
 
+    /// The agent's address, once the VM has a vsock link.
+    pub(crate) fn agent_addr(&self, op: &'static str) -> vmkit_core::Result<GuestAddr> {
+        self.state
+            .require(op, &[VmState::Running, VmState::Paused])?;
+        let life = self.life();
+        match &life.link {
+            Some(link) => Ok(link.agent.clone()),
+            None if self.config.transport == GuestTransport::None => Err(CoreError::unsupported(
+                op,
+                BACKEND_NAME,
+                "the instance has no guest agent (transport: none)",
+            )),
+            None => Err(CoreError::InvalidState {
+                op,
+                state: self.state.get(),
+            }),
+        }
+    }
+
     pub(crate) fn qmp(&self, op: &'static str) -> vmkit_core::Result<QmpClient> {
         self.life()
             .qmp
@@ -316,9 +340,22 @@ pub(crate) fn spawn_event_pump(shared: &Arc<Shared>, qmp: &QmpClient) {
 
 impl QemuInstance {
     pub(crate) fn new(shared: Shared) -> Self {
+        let shared = Arc::new(shared);
         QemuInstance {
-            shared: Arc::new(shared),
+            cpus: crate::hotplug::Cpus {
+                shared: Arc::downgrade(&shared),
+            },
+            shared,
         }
+    }
+
+    /// Whether this instance can hot-plug vCPUs: q35, an agent to online them, and room
+    /// above the boot vCPUs.
+    fn has_cpu_hotplug(&self) -> bool {
+        let config = &self.shared.config;
+        self.shared.options.machine == crate::options::Machine::Q35
+            && config.transport != GuestTransport::None
+            && config.resources.max_vcpus > config.resources.boot_vcpus
     }
 
     /// The config the instance was created with (cold devices added later are not in it).
@@ -408,6 +445,11 @@ impl Instance for QemuInstance {
             (_, Some(_), None) => CAPABILITIES.difference(Capabilities::HYBRID_VSOCK),
             (_, None, _) => CAPABILITIES,
         };
+        let capabilities = if self.has_cpu_hotplug() {
+            capabilities
+        } else {
+            capabilities.difference(Capabilities::CPU_HOTPLUG)
+        };
         if let Some(uds) = hybrid {
             sockets.push(("vsock".to_owned(), uds));
         }
@@ -455,28 +497,6 @@ impl DeviceConfigurator for QemuInstance {
 }
 
 impl QemuInstance {
-    /// The agent's address, once the VM has a vsock link.
-    fn agent_addr(&self, op: &'static str) -> vmkit_core::Result<GuestAddr> {
-        self.shared
-            .state
-            .require(op, &[VmState::Running, VmState::Paused])?;
-        let life = self.shared.life();
-        match &life.link {
-            Some(link) => Ok(link.agent.clone()),
-            None if self.shared.config.transport == GuestTransport::None => {
-                Err(CoreError::unsupported(
-                    op,
-                    BACKEND_NAME,
-                    "the instance has no guest agent (transport: none)",
-                ))
-            }
-            None => Err(CoreError::InvalidState {
-                op,
-                state: self.shared.state.get(),
-            }),
-        }
-    }
-
     /// The typed agent client (the cached connection; see [`GuestCommunicator::client`]).
     ///
     /// # Errors
@@ -494,7 +514,7 @@ impl QemuInstance {
     /// # Errors
     /// `InvalidState`, `Unsupported` (no agent), `Backend` with the agent's refusal.
     pub async fn open_stream(&self, header: &StreamHeader) -> vmkit_core::Result<AgentStream> {
-        let addr = self.agent_addr("open_stream")?;
+        let addr = self.shared.agent_addr("open_stream")?;
         self.shared
             .state
             .require("open_stream", &[VmState::Running])?;
@@ -511,55 +531,18 @@ impl QemuInstance {
 #[async_trait]
 impl GuestCommunicator for QemuInstance {
     async fn client(&self) -> vmkit_core::Result<GuestClient> {
-        let addr = self.agent_addr("client")?;
-        let cached = |shared: &Shared| {
-            shared
-                .life()
-                .agent
-                .as_ref()
-                .filter(|a| a.is_alive())
-                .map(|a| a.client.clone())
-        };
-        if let Some(client) = cached(&self.shared) {
-            return Ok(client);
-        }
-        // One re-dial for all callers that found the connection dead.
-        let _dialing = self.shared.dialing.lock().await;
-        if let Some(client) = cached(&self.shared) {
-            return Ok(client);
-        }
-        // A fresh connection counts once the agent answers on it: one accepted and then
-        // dropped (an agent restarting) is dialled again, within the dial deadline.
-        let deadline = tokio::time::Instant::now() + self.shared.config.timeouts.dial;
-        let agent = guest::wait_for_agent(&addr, deadline)
-            .await
-            .map_err(|e| match e {
-                crate::Error::Vsock(v) => guest::core_error("client: re-dial the agent", v),
-                other => CoreError::backend("client: re-dial the agent", other),
-            })?;
-        let client = agent.client.clone();
-        let mut life = self.shared.life();
-        if life.link.is_none() {
-            // The VM ended while we dialled.
-            return Err(CoreError::InvalidState {
-                op: "client",
-                state: self.shared.state.get(),
-            });
-        }
-        life.agent = Some(agent);
-        tracing::debug!(vm = %self.shared.config.id, %addr, "agent client re-dialled");
-        Ok(client)
+        cached_client(&self.shared).await
     }
 
     async fn dial_client(&self) -> vmkit_core::Result<GuestClient> {
-        let addr = self.agent_addr("dial_client")?;
+        let addr = self.shared.agent_addr("dial_client")?;
         vmkit_vsock::connect_ttrpc(&addr, self.shared.config.timeouts.dial)
             .await
             .map_err(|e| guest::core_error("dial_client", e))
     }
 
     async fn dial_client_with_retry(&self, timeout: Duration) -> vmkit_core::Result<GuestClient> {
-        let addr = self.agent_addr("dial_client_with_retry")?;
+        let addr = self.shared.agent_addr("dial_client_with_retry")?;
         // Counted as connected once the agent answers a Ping on it: through
         // vhost-device-vsock a connection can be accepted and reset right after.
         let deadline = tokio::time::Instant::now() + timeout;
@@ -573,7 +556,7 @@ impl GuestCommunicator for QemuInstance {
     }
 
     async fn start_stream(&self, port: u32) -> vmkit_core::Result<Box<dyn GuestStream>> {
-        let addr = self.agent_addr("start_stream")?;
+        let addr = self.shared.agent_addr("start_stream")?;
         self.shared
             .state
             .require("start_stream", &[VmState::Running])?;
@@ -586,12 +569,56 @@ impl GuestCommunicator for QemuInstance {
 
 impl ResourceManager for QemuInstance {
     fn cpu_hotplugger(&self) -> Option<&dyn CpuHotplugger> {
-        None
+        self.has_cpu_hotplug()
+            .then_some(&self.cpus as &dyn CpuHotplugger)
     }
 
     fn memory_hotplugger(&self) -> Option<&dyn MemoryHotplugger> {
         None
     }
+}
+
+/// The VM's cached agent client, re-dialled (and verified with a `Ping`) when its
+/// connection is seen closed.
+pub(crate) async fn cached_client(shared: &Arc<Shared>) -> vmkit_core::Result<GuestClient> {
+    let addr = shared.agent_addr("client")?;
+    let cached = |shared: &Shared| {
+        shared
+            .life()
+            .agent
+            .as_ref()
+            .filter(|a| a.is_alive())
+            .map(|a| a.client.clone())
+    };
+    if let Some(client) = cached(shared) {
+        return Ok(client);
+    }
+    // One re-dial for all callers that found the connection dead.
+    let _dialing = shared.dialing.lock().await;
+    if let Some(client) = cached(shared) {
+        return Ok(client);
+    }
+    // A fresh connection counts once the agent answers on it: one accepted and then
+    // dropped (an agent restarting) is dialled again, within the dial deadline.
+    let deadline = tokio::time::Instant::now() + shared.config.timeouts.dial;
+    let agent = guest::wait_for_agent(&addr, deadline)
+        .await
+        .map_err(|e| match e {
+            crate::Error::Vsock(v) => guest::core_error("client: re-dial the agent", v),
+            other => CoreError::backend("client: re-dial the agent", other),
+        })?;
+    let client = agent.client.clone();
+    let mut life = shared.life();
+    if life.link.is_none() {
+        // The VM ended while we dialled.
+        return Err(CoreError::InvalidState {
+            op: "client",
+            state: shared.state.get(),
+        });
+    }
+    life.agent = Some(agent);
+    tracing::debug!(vm = %shared.config.id, %addr, "agent client re-dialled");
+    Ok(client)
 }
 
 /// The stage's [`ExitInfo`] once QEMU is gone during a `shutdown`.

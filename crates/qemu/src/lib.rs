@@ -38,6 +38,7 @@ mod error;
 pub mod events;
 pub mod guest;
 mod host;
+mod hotplug;
 mod instance;
 pub mod kernel_cmdline;
 pub mod options;

@@ -30,6 +30,8 @@ pub(crate) async fn shutdown(shared: &Arc<Shared>) -> vmkit_core::Result<ExitInf
         // The first caller's stages are bounded; its answer is ours.
         return Ok(shared.wait_exit().await);
     }
+    // Tell everything in flight (a start, hot-plug jobs) that the VM is going away.
+    shared.cancel.send_replace(true);
     // New → Shutdown as one compare-and-swap, so a racing `start` cannot slip in.
     if shared
         .transition("shutdown", VmState::New, VmState::Shutdown)
@@ -38,9 +40,8 @@ pub(crate) async fn shutdown(shared: &Arc<Shared>) -> vmkit_core::Result<ExitInf
         return Ok(shared.end(ExitInfo::never_started()).await);
     }
     if shared.state.get() == VmState::Starting {
-        // Cancel the start; it releases everything and reports. If it finished first,
-        // the VM is running and is stopped below.
-        shared.cancel.send_replace(true);
+        // The start was cancelled above; it releases everything and reports. If it
+        // finished first, the VM is running and is stopped below.
         let mut exit = shared.exit.subscribe();
         let mut state_poll = tokio::time::interval(Duration::from_millis(5));
         loop {

@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Semaphore;
 use vmkit_core::{
     Capabilities, DeviceConfigurator, DiskConfig, ExitReason, GuestCommunicator, Instance,
-    NicConfig, ShutdownStage, StartOptions, VmEvent, VmState,
+    NicConfig, ResourceManager, ShutdownStage, StartOptions, VmEvent, VmState,
 };
 use vmkit_proto::agent::{ExecRequest, GuestInfoRequest, PingRequest};
 use vmkit_proto::{AgentClient, StreamHeader};
@@ -540,4 +540,83 @@ async fn a_guest_whose_agent_never_answers_fails_start_and_leaves_nothing() {
     ] {
         assert!(!socket.exists(), "{} left behind", socket.display());
     }
+}
+
+// --- vCPU hot-plug ---
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_vcpus_grows_to_four_online_in_the_guest_and_back_to_one() {
+    let Some(image) = setup() else { return };
+    let _slot = VMS.acquire().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let vm = QemuBackend
+        .create_instance(image.config("cpus", &dir.path().join("state")))
+        .unwrap();
+    vm.start(StartOptions::new()).await.unwrap();
+    assert!(
+        vm.vm_info()
+            .capabilities
+            .contains(Capabilities::CPU_HOTPLUG)
+    );
+    let cpus = vm
+        .cpu_hotplugger()
+        .expect("q35 with an agent and max_vcpus 4");
+
+    for bad in [0, 5] {
+        let err = cpus.set_vcpus(bad).await.unwrap_err().to_string();
+        assert_eq!(
+            err,
+            format!("invalid config: count: set_vcpus {bad}: must be within 1..=4 (max_vcpus)")
+        );
+    }
+    let err = cpus.unplug_cpu(0).await.unwrap_err().to_string();
+    assert!(err.contains("vCPU 0 was there at boot"), "{err}");
+
+    let grown = cpus.set_vcpus(4).await.unwrap();
+    assert_eq!((grown.before, grown.achieved), (1, 4), "{grown:?}");
+    assert!(grown.failures.is_empty(), "{grown:?}");
+    let agent = vm.agent().await.unwrap();
+    let info = agent
+        .guest_info(ctx(), &GuestInfoRequest::new())
+        .await
+        .unwrap();
+    assert_eq!(info.online_cpus, [0, 1, 2, 3]);
+    let listed = cpus.query_cpus().await.unwrap();
+    assert_eq!(listed.len(), 4);
+    assert!(listed.iter().all(|c| c.online == Some(true)), "{listed:?}");
+    assert_eq!(listed[0].device_id, None, "the boot vCPU");
+    assert!(
+        listed[1]
+            .device_id
+            .as_deref()
+            .unwrap()
+            .starts_with("vmkit-cpu")
+    );
+    let full = cpus.hotplug_cpu().await.unwrap_err().to_string();
+    assert_eq!(
+        full,
+        "invalid config: resources.max_vcpus: hotplug_cpu: all 4 vCPUs are present"
+    );
+
+    let shrunk = cpus.set_vcpus(1).await.unwrap();
+    if shrunk.failures.is_empty() {
+        assert_eq!(shrunk.achieved, 1, "{shrunk:?}");
+        let info = agent
+            .guest_info(ctx(), &GuestInfoRequest::new())
+            .await
+            .unwrap();
+        assert_eq!(info.online_cpus, [0]);
+    } else {
+        // Where QEMU cannot unplug, the error says why and the VM stays healthy.
+        eprintln!("vCPU unplug failed: {shrunk:?}");
+        assert!(shrunk.achieved < 4 || !shrunk.failures.is_empty());
+    }
+    vm.agent()
+        .await
+        .unwrap()
+        .ping(ctx(), &PingRequest::new())
+        .await
+        .unwrap();
+    assert_eq!(vm.state(), VmState::Running);
+    vm.shutdown().await.unwrap();
 }
