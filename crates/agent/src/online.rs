@@ -44,6 +44,8 @@ pub(crate) async fn online(cpus: bool, memory: bool) -> OnlineResourcesResponse 
             }
             match write(&state, "1").await {
                 Ok(()) => out.cpus_onlined.push(n),
+                // The guest's own hotplug helper may have won the race: fine.
+                Err(_) if read_trimmed(&state).await.ok().as_deref() == Some("1") => {}
                 Err(e) => out.failures.push(format!("cpu{n}: {e}")),
             }
         }
@@ -61,6 +63,8 @@ pub(crate) async fn online(cpus: bool, memory: bool) -> OnlineResourcesResponse 
             };
             match result {
                 Ok(()) => out.memory_blocks_onlined.push(n),
+                // The guest's own hotplug helper may have won the race: fine.
+                Err(_) if read_trimmed(&state).await.ok().as_deref() != Some("offline") => {}
                 Err(e) => out.failures.push(format!("memory{n}: {e}")),
             }
         }

@@ -29,6 +29,7 @@ use crate::{BACKEND_NAME, shutdown, start};
 /// `transport: none`, reports [`Capabilities::PAUSE`] only).
 pub const CAPABILITIES: Capabilities = Capabilities::PAUSE
     .union(Capabilities::CPU_HOTPLUG)
+    .union(Capabilities::MEMORY_HOTPLUG)
     .union(Capabilities::GUEST_AGENT)
     .union(Capabilities::GUEST_STREAMS)
     .union(Capabilities::VSOCK)
@@ -48,6 +49,7 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct QemuInstance {
     shared: Arc<Shared>,
     cpus: crate::hotplug::Cpus,
+    memory: crate::hotplug::Memory,
 }
 
 impl std::fmt::Debug for QemuInstance {
@@ -258,6 +260,15 @@ impl Shared {
         }
     }
 
+    /// Whether guest RAM is shared with a vhost-user daemon (hybrid vsock), so that
+    /// hot-added RAM must be shared too.
+    pub(crate) fn shares_ram(&self) -> bool {
+        matches!(
+            self.life().link.as_ref().map(|l| &l.agent),
+            Some(GuestAddr::HybridVsock { .. })
+        )
+    }
+
     pub(crate) fn qmp(&self, op: &'static str) -> vmkit_core::Result<QmpClient> {
         self.life()
             .qmp
@@ -345,8 +356,40 @@ impl QemuInstance {
             cpus: crate::hotplug::Cpus {
                 shared: Arc::downgrade(&shared),
             },
+            memory: crate::hotplug::Memory {
+                shared: Arc::downgrade(&shared),
+            },
             shared,
         }
+    }
+
+    /// Whether this instance can hot-plug memory: q35, an agent to online it, DIMM slots
+    /// and room above boot memory.
+    fn has_memory_hotplug(&self) -> bool {
+        let config = &self.shared.config;
+        self.shared.options.machine == crate::options::Machine::Q35
+            && config.transport != GuestTransport::None
+            && config.resources.memory_slots > 0
+            && config.resources.max_memory() > config.resources.memory_mib
+    }
+
+    /// [`MemoryHotplugger::hotplug_memory`] into a chosen DIMM slot: QEMU's refusal
+    /// of the slot comes back in the error, and nothing created for it is left.
+    ///
+    /// # Errors
+    /// As [`MemoryHotplugger::hotplug_memory`]; `Unsupported` without memory hot-plug.
+    pub async fn hotplug_memory_in_slot(
+        &self,
+        size_mib: u64,
+        slot: u32,
+    ) -> vmkit_core::Result<String> {
+        if !self.has_memory_hotplug() {
+            return Err(Self::not_yet(
+                "hotplug_memory_in_slot",
+                "this instance has no memory hot-plug (q35, an agent, memory_slots and max_memory_mib)",
+            ));
+        }
+        self.memory.hotplug_at(size_mib, Some(slot)).await
     }
 
     /// Whether this instance can hot-plug vCPUs: q35, an agent to online them, and room
@@ -445,11 +488,13 @@ impl Instance for QemuInstance {
             (_, Some(_), None) => CAPABILITIES.difference(Capabilities::HYBRID_VSOCK),
             (_, None, _) => CAPABILITIES,
         };
-        let capabilities = if self.has_cpu_hotplug() {
-            capabilities
-        } else {
-            capabilities.difference(Capabilities::CPU_HOTPLUG)
-        };
+        let mut capabilities = capabilities;
+        if !self.has_cpu_hotplug() {
+            capabilities.remove(Capabilities::CPU_HOTPLUG);
+        }
+        if !self.has_memory_hotplug() {
+            capabilities.remove(Capabilities::MEMORY_HOTPLUG);
+        }
         if let Some(uds) = hybrid {
             sockets.push(("vsock".to_owned(), uds));
         }
@@ -574,7 +619,8 @@ impl ResourceManager for QemuInstance {
     }
 
     fn memory_hotplugger(&self) -> Option<&dyn MemoryHotplugger> {
-        None
+        self.has_memory_hotplug()
+            .then_some(&self.memory as &dyn MemoryHotplugger)
     }
 }
 

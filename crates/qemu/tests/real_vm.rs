@@ -620,3 +620,82 @@ async fn set_vcpus_grows_to_four_online_in_the_guest_and_back_to_one() {
     assert_eq!(vm.state(), VmState::Running);
     vm.shutdown().await.unwrap();
 }
+
+// --- Memory hot-plug ---
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_grows_by_dimms_shrinks_by_unplug_and_refuses_bad_sizes_first() {
+    let Some(image) = setup() else { return };
+    let _slot = VMS.acquire().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = image.config("memory", &dir.path().join("state"));
+    config.resources.memory_slots = 4;
+    config.resources.max_memory_mib = Some(2048);
+    let vm = QemuBackend.create_instance(config).unwrap();
+    vm.start(StartOptions::new()).await.unwrap();
+    assert!(
+        vm.vm_info()
+            .capabilities
+            .contains(Capabilities::MEMORY_HOTPLUG)
+    );
+    let memory = vm.memory_hotplugger().expect("q35 with slots and an agent");
+    let agent = vm.agent().await.unwrap();
+    let total = || async {
+        agent
+            .guest_info(ctx(), &GuestInfoRequest::new())
+            .await
+            .unwrap()
+            .mem_total_bytes
+            >> 20
+    };
+    let base = total().await;
+
+    // Refused before any QMP command, with the reason.
+    let unaligned = memory.hotplug_memory(100).await.unwrap_err().to_string();
+    assert_eq!(
+        unaligned,
+        "invalid config: size_mib: hotplug_memory 100 MiB: not a multiple of the guest's memory block size (128 MiB)"
+    );
+    let too_big = memory.hotplug_memory(4096).await.unwrap_err().to_string();
+    assert_eq!(
+        too_big,
+        "invalid config: size_mib: hotplug_memory 4096 MiB: 256 MiB boot + 0 MiB plugged + 4096 MiB exceeds max_memory_mib 2048"
+    );
+
+    // A slot QEMU rejects: its own words in our error, and no backend object left.
+    let rejected = vm
+        .hotplug_memory_in_slot(256, 99)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        rejected.contains("device_add pc-dimm vmkit-mem0 (256 MiB)")
+            && rejected.contains("invalid slot number 99, valid range is [0-3]"),
+        "{rejected}"
+    );
+    assert_eq!(memory.query_memory().await.unwrap().dimms, []);
+
+    let first = memory.hotplug_memory(256).await.unwrap();
+    assert_eq!(total().await, base + 256);
+    let second = memory.hotplug_memory(512).await.unwrap();
+    assert_eq!(total().await, base + 768);
+    let info = memory.query_memory().await.unwrap();
+    assert_eq!(
+        (info.base_mib, info.plugged_mib, info.max_mib),
+        (256, 768, 2048)
+    );
+    assert_eq!(info.dimms.len(), 2, "{info:?}");
+    assert_eq!(info.guest_total_mib, Some(base + 768));
+
+    memory.unplug_memory(&first).await.unwrap();
+    assert_eq!(total().await, base + 512);
+    let unknown = memory.unplug_memory("nope").await.unwrap_err().to_string();
+    assert!(
+        unknown.starts_with("invalid config: id: unplug_memory nope: no such DIMM"),
+        "{unknown}"
+    );
+    let left = memory.query_memory().await.unwrap();
+    assert_eq!(left.dimms.len(), 1);
+    assert_eq!(left.dimms[0].id, second);
+    vm.shutdown().await.unwrap();
+}
