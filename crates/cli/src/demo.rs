@@ -74,6 +74,8 @@ async fn run_in(
     let mut config = InstanceConfig::new("demo", work.join("state"), kernel);
     config.kernel.initrd = Some(initrd.to_owned());
     config.resources.max_vcpus = 4;
+    config.resources.memory_slots = 2;
+    config.resources.max_memory_mib = Some(1024);
     config.timeouts.start = Duration::from_secs(60);
     let layout = config.layout();
     let vm = Registry::from_inventory()
@@ -213,9 +215,42 @@ async fn run_in(
         "1 MiB echoed byte-exact over a stream in {:.1} ms",
         began.elapsed().as_secs_f64() * 1000.0
     ));
-    if vm.cpu_hotplugger().is_none() {
-        step("vCPU hot-plug: not offered by this backend yet (issue 6)");
+    let began = Instant::now();
+    match vm.cpu_hotplugger() {
+        Some(cpus) => {
+            let grown = cpus.set_vcpus(2).await.map_err(|e| e.to_string())?;
+            if let Some(failure) = grown.failures.first() {
+                return Err(format!("set_vcpus 2: cpu{}: {}", failure.index, failure.error));
+            }
+            step(&format!(
+                "vCPUs {} -> {} in {:.0} ms (hot-plugged, onlined by the agent)",
+                grown.before,
+                grown.achieved,
+                began.elapsed().as_secs_f64() * 1000.0
+            ));
+        }
+        None => step("vCPU hot-plug: not offered by this instance"),
     }
+    let began = Instant::now();
+    match vm.memory_hotplugger() {
+        Some(memory) => {
+            let id = memory.hotplug_memory(256).await.map_err(|e| e.to_string())?;
+            step(&format!(
+                "+256 MiB as {id} in {:.0} ms",
+                began.elapsed().as_secs_f64() * 1000.0
+            ));
+        }
+        None => step("memory hot-plug: not offered by this instance"),
+    }
+    let guest = agent
+        .guest_info(ctx(), &GuestInfoRequest::new())
+        .await
+        .map_err(|e| format!("GuestInfo: {e}"))?;
+    step(&format!(
+        "guest now sees: CPUs {:?}, {} MiB",
+        guest.online_cpus,
+        guest.mem_total_bytes >> 20
+    ));
 
     let began = Instant::now();
     let exit = vm.shutdown().await.map_err(|e| e.to_string())?;

@@ -597,7 +597,7 @@ async fn add_memory(
     let agent = agent(&shared).await?;
     let (total_before, block) = guest_memory(&agent, &op).await?;
     let block_mib = (block / MIB).max(1);
-    if size_mib == 0 || size_mib % block_mib != 0 {
+    if size_mib == 0 || !size_mib.is_multiple_of(block_mib) {
         return Err(CoreError::config(
             field,
             format!("{op}: not a multiple of the guest's memory block size ({block_mib} MiB)"),
@@ -696,13 +696,12 @@ async fn add_memory(
 
 /// Deletes a backend object, logging (not failing) when QEMU refuses.
 async fn remove_object(shared: &Shared, object: &str) {
-    if let Ok(qmp) = shared.qmp("hotplug") {
-        if let Err(e) = qmp
+    if let Ok(qmp) = shared.qmp("hotplug")
+        && let Err(e) = qmp
             .execute_raw("object-del", Some(json!({ "id": object })))
             .await
-        {
-            tracing::warn!(%object, error = %e, "object-del failed");
-        }
+    {
+        tracing::warn!(%object, error = %e, "object-del failed");
     }
 }
 
