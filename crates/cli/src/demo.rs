@@ -220,7 +220,10 @@ async fn run_in(
         Some(cpus) => {
             let grown = cpus.set_vcpus(2).await.map_err(|e| e.to_string())?;
             if let Some(failure) = grown.failures.first() {
-                return Err(format!("set_vcpus 2: cpu{}: {}", failure.index, failure.error));
+                return Err(format!(
+                    "set_vcpus 2: cpu{}: {}",
+                    failure.index, failure.error
+                ));
             }
             step(&format!(
                 "vCPUs {} -> {} in {:.0} ms (hot-plugged, onlined by the agent)",
@@ -234,7 +237,10 @@ async fn run_in(
     let began = Instant::now();
     match vm.memory_hotplugger() {
         Some(memory) => {
-            let id = memory.hotplug_memory(256).await.map_err(|e| e.to_string())?;
+            let id = memory
+                .hotplug_memory(256)
+                .await
+                .map_err(|e| e.to_string())?;
             step(&format!(
                 "+256 MiB as {id} in {:.0} ms",
                 began.elapsed().as_secs_f64() * 1000.0

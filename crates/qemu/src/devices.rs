@@ -45,7 +45,11 @@ impl ColdDevices {
         Ok(())
     }
 
-    fn check_free_id(&self, field: &str, id: &str) -> vmkit_core::Result<()> {
+    /// Checks `id` is not taken by a cold device (hot-plug checks its own devices too).
+    ///
+    /// # Errors
+    /// `InvalidConfig` naming `field.id`.
+    pub fn check_free_id(&self, field: &str, id: &str) -> vmkit_core::Result<()> {
         let taken = self.disks.iter().map(|d| d.id.as_str());
         let taken = taken.chain(self.nics.iter().map(|n| n.id.as_str()));
         for other in taken {
@@ -73,9 +77,12 @@ fn utf8_path(field: &str, path: &std::path::Path) -> vmkit_core::Result<()> {
     Ok(())
 }
 
-/// `-blockdev` and `-device` for disk number `index`.
-pub fn disk_args(index: usize, disk: &DiskConfig, machine: Machine) -> Vec<OsString> {
-    let node = format!("vmkit-disk{index}");
+/// The `blockdev-add` and `device_add` JSON of `disk` on block node `node`.
+pub fn disk_json(
+    node: &str,
+    disk: &DiskConfig,
+    machine: Machine,
+) -> (serde_json::Value, serde_json::Value) {
     let filename = disk.path.to_string_lossy();
     let blockdev = json!({
         "driver": disk.format.as_str(),
@@ -94,6 +101,12 @@ pub fn disk_args(index: usize, disk: &DiskConfig, machine: Machine) -> Vec<OsStr
     if let Some(serial) = &disk.serial {
         device["serial"] = json!(serial);
     }
+    (blockdev, device)
+}
+
+/// `-blockdev` and `-device` for disk number `index`.
+pub fn disk_args(index: usize, disk: &DiskConfig, machine: Machine) -> Vec<OsString> {
+    let (blockdev, device) = disk_json(&format!("vmkit-disk{index}"), disk, machine);
     vec![
         "-blockdev".into(),
         blockdev.to_string().into(),

@@ -23,7 +23,7 @@ use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, sleep};
 use vmkit_core::{
-    CpuFailure, CpuHotplugger, CpuInfo, CpuTopology, DimmInfo, Error as CoreError,
+    CpuFailure, CpuHotplugger, CpuInfo, CpuTopology, DimmInfo, DiskConfig, Error as CoreError,
     MemoryHotplugger, MemoryInfo, VcpuResize, VmState,
 };
 use vmkit_proto::AgentClient;
@@ -781,4 +781,170 @@ impl MemoryHotplugger for Memory {
             })
             .await
     }
+}
+
+// --- Disks ---
+
+/// How long the guest may take to show a hot-plugged disk (measured 60–100 ms).
+const DISK_VISIBLE_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long the guest may take to release a disk on `device_del`.
+const DEVICE_DELETED_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A device hot-plugged into this VM.
+#[derive(Debug, Clone)]
+pub(crate) struct HotDevice {
+    /// The device id.
+    pub(crate) id: String,
+    /// Its block node (disks).
+    node: String,
+    /// The root port it sits on.
+    port: String,
+}
+
+/// Adds `disk` on a free reserved root port and waits until the guest lists it (by
+/// serial when it has one, else by a new disk appearing).
+pub(crate) async fn add_disk(shared: Arc<Shared>, disk: DiskConfig) -> vmkit_core::Result<()> {
+    let op = format!("hotplug_disk {}", disk.id);
+    let field = "disk";
+    disk.validate(field)?;
+    shared.devices().check_free_id(field, &disk.id)?;
+    let (port, node) = {
+        let hot = crate::instance::lock(&shared.hot_devices);
+        if hot.iter().any(|d| d.id == disk.id) {
+            return Err(CoreError::config(
+                format!("{field}.id"),
+                format!("duplicate device id {:?} (already hot-plugged)", disk.id),
+            ));
+        }
+        let ports = shared.options.hotplug_ports;
+        let port = (0..ports)
+            .map(|i| format!("{}{i}", crate::command::ROOT_PORT_PREFIX))
+            .find(|p| hot.iter().all(|d| &d.port != p))
+            .ok_or_else(|| {
+                CoreError::config(
+                    "backend_options.hotplug_ports",
+                    format!("{op}: all {ports} hot-plug root ports are in use"),
+                )
+            })?;
+        let node = (0..)
+            .map(|n| format!("vmkit-hot{n}"))
+            .find(|n| hot.iter().all(|d| &d.node != n))
+            .unwrap_or_default();
+        (port, node)
+    };
+    let agent = agent(&shared).await.ok();
+    let disks_before = match &agent {
+        Some(agent) => Some(guest_disks(agent, &op).await?),
+        None => None,
+    };
+    let (blockdev, mut device) = crate::devices::disk_json(&node, &disk, shared.options.machine);
+    device["bus"] = json!(port);
+    let qmp = shared.qmp("hotplug_disk")?;
+    qmp.execute_raw("blockdev-add", Some(blockdev))
+        .await
+        .map_err(|e| {
+            qmp_err(
+                &format!("blockdev-add {} ({})", node, disk.path.display()),
+                e,
+            )
+        })?;
+    if let Err(e) = qmp.execute_raw("device_add", Some(device)).await {
+        if let Err(del) = qmp
+            .execute_raw("blockdev-del", Some(json!({ "node-name": node })))
+            .await
+        {
+            tracing::warn!(%node, error = %del, "blockdev-del after a failed device_add failed");
+        }
+        return Err(qmp_err(
+            &format!("device_add virtio-blk-pci {} on {port}", disk.id),
+            e,
+        ));
+    }
+    crate::instance::lock(&shared.hot_devices).push(HotDevice {
+        id: disk.id.clone(),
+        node,
+        port,
+    });
+    let (Some(agent), Some(before)) = (agent, disks_before) else {
+        return Ok(());
+    };
+    let deadline = Instant::now() + DISK_VISIBLE_TIMEOUT;
+    loop {
+        let now = guest_disks(&agent, &op).await?;
+        let seen = match &disk.serial {
+            Some(serial) => now.iter().any(|(_, s)| s == serial),
+            None => now.len() > before.len(),
+        };
+        if seen {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(CoreError::Timeout {
+                op: format!("{op}: the guest showing the new disk"),
+                after: DISK_VISIBLE_TIMEOUT,
+            });
+        }
+        sleep(POLL).await;
+    }
+}
+
+/// The guest's disks as (name, serial).
+async fn guest_disks(agent: &AgentClient, op: &str) -> vmkit_core::Result<Vec<(String, String)>> {
+    agent
+        .guest_info(ctx(), &GuestInfoRequest::new())
+        .await
+        .map(|info| info.disks.into_iter().map(|d| (d.name, d.serial)).collect())
+        .map_err(|e| agent_err(op, "GuestInfo", &e))
+}
+
+/// `device_del`s a hot-plugged device, waits for its `DEVICE_DELETED`, then removes
+/// its block node.
+pub(crate) async fn remove_device(shared: Arc<Shared>, id: String) -> vmkit_core::Result<()> {
+    let op = format!("unplug {id}");
+    let Some(device) = crate::instance::lock(&shared.hot_devices)
+        .iter()
+        .find(|d| d.id == id)
+        .cloned()
+    else {
+        return Err(CoreError::config(
+            "id",
+            format!(
+                "{op}: no hot-plugged device with that id (cold-plugged devices stay for the VM's life)"
+            ),
+        ));
+    };
+    let mut events = shared.events.subscribe();
+    let qmp = shared.qmp("unplug")?;
+    qmp.execute_raw("device_del", Some(json!({ "id": id })))
+        .await
+        .map_err(|e| qmp_err(&format!("device_del {id}"), e))?;
+    let deleted = tokio::time::timeout(DEVICE_DELETED_TIMEOUT, async {
+        loop {
+            match events.recv().await {
+                Ok(vmkit_core::VmEvent::DeviceDeleted { id: Some(gone), .. }) if gone == id => {
+                    return true;
+                }
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return false,
+            }
+        }
+    })
+    .await;
+    match deleted {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(CoreError::backend(op, Error::ShuttingDown));
+        }
+        Err(_) => {
+            return Err(CoreError::Timeout {
+                op: format!("{op}: waiting for DEVICE_DELETED (the guest did not release it)"),
+                after: DEVICE_DELETED_TIMEOUT,
+            });
+        }
+    }
+    crate::instance::lock(&shared.hot_devices).retain(|d| d.id != id);
+    qmp.execute_raw("blockdev-del", Some(json!({ "node-name": device.node })))
+        .await
+        .map_err(|e| qmp_err(&format!("blockdev-del {}", device.node), e))?;
+    Ok(())
 }

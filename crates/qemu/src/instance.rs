@@ -30,6 +30,7 @@ use crate::{BACKEND_NAME, shutdown, start};
 pub const CAPABILITIES: Capabilities = Capabilities::PAUSE
     .union(Capabilities::CPU_HOTPLUG)
     .union(Capabilities::MEMORY_HOTPLUG)
+    .union(Capabilities::DISK_HOTPLUG)
     .union(Capabilities::GUEST_AGENT)
     .union(Capabilities::GUEST_STREAMS)
     .union(Capabilities::VSOCK)
@@ -80,6 +81,8 @@ pub(crate) struct Shared {
     dialing: tokio::sync::Mutex<()>,
     /// Hot-plug calls, one at a time.
     pub(crate) hotplug: crate::hotplug::Queue,
+    /// Devices hot-plugged while running.
+    pub(crate) hot_devices: Mutex<Vec<crate::hotplug::HotDevice>>,
 }
 
 /// What exists while the VM lives.
@@ -116,6 +119,7 @@ impl Shared {
             ending: tokio::sync::Mutex::new(()),
             dialing: tokio::sync::Mutex::new(()),
             hotplug: crate::hotplug::Queue::default(),
+            hot_devices: Mutex::new(Vec::new()),
         }
     }
 
@@ -392,6 +396,12 @@ impl QemuInstance {
         self.memory.hotplug_at(size_mib, Some(slot)).await
     }
 
+    /// Whether this instance can hot-plug disks: q35 with reserved root ports.
+    fn has_disk_hotplug(&self) -> bool {
+        self.shared.options.machine == crate::options::Machine::Q35
+            && self.shared.options.hotplug_ports > 0
+    }
+
     /// Whether this instance can hot-plug vCPUs: q35, an agent to online them, and room
     /// above the boot vCPUs.
     fn has_cpu_hotplug(&self) -> bool {
@@ -416,7 +426,8 @@ impl QemuInstance {
     }
 }
 
-const HOTPLUG_LATER: &str = "hot-plug lands with the ResourceManager work (issue 6)";
+const NIC_HOTPLUG_LATER: &str =
+    "NIC hot-plug needs the TAP fd passed over QMP (getfd), which is not built yet (issue 6)";
 
 #[async_trait]
 impl Instance for QemuInstance {
@@ -495,6 +506,9 @@ impl Instance for QemuInstance {
         if !self.has_memory_hotplug() {
             capabilities.remove(Capabilities::MEMORY_HOTPLUG);
         }
+        if !self.has_disk_hotplug() {
+            capabilities.remove(Capabilities::DISK_HOTPLUG);
+        }
         if let Some(uds) = hybrid {
             sockets.push(("vsock".to_owned(), uds));
         }
@@ -528,16 +542,39 @@ impl DeviceConfigurator for QemuInstance {
         devices.add_nic(nic)
     }
 
-    async fn hotplug_disk(&self, _disk: DiskConfig) -> vmkit_core::Result<()> {
-        Err(Self::not_yet("hotplug_disk", HOTPLUG_LATER))
+    async fn hotplug_disk(&self, disk: DiskConfig) -> vmkit_core::Result<()> {
+        if !self.has_disk_hotplug() {
+            return Err(Self::not_yet(
+                "hotplug_disk",
+                "disk hot-plug needs q35 with hot-plug root ports (backend option hotplug_ports)",
+            ));
+        }
+        self.shared
+            .state
+            .require("hotplug_disk", &[VmState::Running])?;
+        let shared = Arc::clone(&self.shared);
+        let op = format!("hotplug_disk {}", disk.id);
+        self.shared
+            .hotplug
+            .run(&self.shared, op, crate::hotplug::add_disk(shared, disk))
+            .await
     }
 
     async fn hotplug_nic(&self, _nic: NicConfig) -> vmkit_core::Result<()> {
-        Err(Self::not_yet("hotplug_nic", HOTPLUG_LATER))
+        Err(Self::not_yet("hotplug_nic", NIC_HOTPLUG_LATER))
     }
 
-    async fn unplug(&self, _id: &str) -> vmkit_core::Result<()> {
-        Err(Self::not_yet("unplug", HOTPLUG_LATER))
+    async fn unplug(&self, id: &str) -> vmkit_core::Result<()> {
+        self.shared.state.require("unplug", &[VmState::Running])?;
+        let shared = Arc::clone(&self.shared);
+        self.shared
+            .hotplug
+            .run(
+                &self.shared,
+                format!("unplug {id}"),
+                crate::hotplug::remove_device(shared, id.to_owned()),
+            )
+            .await
     }
 }
 

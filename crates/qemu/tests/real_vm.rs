@@ -699,3 +699,54 @@ async fn memory_grows_by_dimms_shrinks_by_unplug_and_refuses_bad_sizes_first() {
     assert_eq!(left.dimms[0].id, second);
     vm.shutdown().await.unwrap();
 }
+
+// --- Disk hot-plug ---
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hotplugged_disk_appears_with_its_serial_and_size_and_goes_on_unplug() {
+    let Some(image) = setup() else { return };
+    let _slot = VMS.acquire().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let vm = QemuBackend
+        .create_instance(image.config("hotdisk", &dir.path().join("state")))
+        .unwrap();
+    vm.start(StartOptions::new()).await.unwrap();
+    assert!(
+        vm.vm_info()
+            .capabilities
+            .contains(Capabilities::DISK_HOTPLUG)
+    );
+    let agent = vm.agent().await.unwrap();
+    let disks = || async {
+        agent
+            .guest_info(ctx(), &GuestInfoRequest::new())
+            .await
+            .unwrap()
+            .disks
+            .into_iter()
+            .map(|d| (d.serial, d.size_bytes))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(disks().await, []);
+
+    let path = dir.path().join("hot.img");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let mut hot = DiskConfig::new("hot", &path);
+    hot.serial = Some("hot-data".into());
+    vm.hotplug_disk(hot.clone()).await.unwrap();
+    assert_eq!(disks().await, [("hot-data".to_owned(), 16u64 << 20)]);
+    let again = vm.hotplug_disk(hot).await.unwrap_err().to_string();
+    assert!(again.contains("duplicate device id \"hot\""), "{again}");
+
+    vm.unplug("hot").await.unwrap();
+    assert_eq!(disks().await, []);
+    let unknown = vm.unplug("hot").await.unwrap_err().to_string();
+    assert!(
+        unknown.contains("no hot-plugged device with that id"),
+        "{unknown}"
+    );
+    vm.shutdown().await.unwrap();
+}
