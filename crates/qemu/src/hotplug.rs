@@ -150,11 +150,16 @@ pub(crate) struct Cpus {
 
 impl Cpus {
     fn shared(&self, op: &'static str) -> vmkit_core::Result<Arc<Shared>> {
-        self.shared.upgrade().ok_or(CoreError::InvalidState {
-            op,
-            state: VmState::Shutdown,
-        })
+        upgrade(&self.shared, op)
     }
+}
+
+/// The VM behind a hot-plugger; a dropped instance counts as shut down.
+fn upgrade(shared: &Weak<Shared>, op: &'static str) -> vmkit_core::Result<Arc<Shared>> {
+    shared.upgrade().ok_or(CoreError::InvalidState {
+        op,
+        state: VmState::Shutdown,
+    })
 }
 
 fn qmp_err(op: &str, e: vmkit_qmp::Error) -> CoreError {
@@ -175,38 +180,34 @@ fn ctx() -> ttrpc::context::Context {
     ttrpc::context::with_timeout(10_000_000_000)
 }
 
-async fn slots(shared: &Shared, op: &str) -> vmkit_core::Result<Vec<Slot>> {
+/// Runs the QMP query `command` and reads its answer as `T`.
+async fn qmp_query<T: serde::de::DeserializeOwned>(
+    shared: &Shared,
+    op: &str,
+    command: &str,
+) -> vmkit_core::Result<T> {
     let qmp = shared.qmp("hotplug")?;
     let value = qmp
-        .execute_raw("query-hotpluggable-cpus", None)
+        .execute_raw(command, None)
         .await
         .map_err(|e| qmp_err(op, e))?;
     serde_json::from_value(value).map_err(|e| {
         CoreError::backend(
             op.to_owned(),
             Error::Io {
-                op: "read query-hotpluggable-cpus".into(),
+                op: format!("read {command}"),
                 source: std::io::Error::other(e),
             },
         )
     })
 }
 
+async fn slots(shared: &Shared, op: &str) -> vmkit_core::Result<Vec<Slot>> {
+    qmp_query(shared, op, "query-hotpluggable-cpus").await
+}
+
 async fn present(shared: &Shared, op: &str) -> vmkit_core::Result<Vec<Present>> {
-    let qmp = shared.qmp("hotplug")?;
-    let value = qmp
-        .execute_raw("query-cpus-fast", None)
-        .await
-        .map_err(|e| qmp_err(op, e))?;
-    let mut cpus: Vec<Present> = serde_json::from_value(value).map_err(|e| {
-        CoreError::backend(
-            op.to_owned(),
-            Error::Io {
-                op: "read query-cpus-fast".into(),
-                source: std::io::Error::other(e),
-            },
-        )
-    })?;
+    let mut cpus: Vec<Present> = qmp_query(shared, op, "query-cpus-fast").await?;
     cpus.sort_by_key(|c| c.index);
     Ok(cpus)
 }
@@ -508,20 +509,7 @@ fn backend_id(id: &str) -> String {
 }
 
 async fn dimms(shared: &Shared, op: &str) -> vmkit_core::Result<Vec<DimmInfo>> {
-    let qmp = shared.qmp("hotplug")?;
-    let value = qmp
-        .execute_raw("query-memory-devices", None)
-        .await
-        .map_err(|e| qmp_err(op, e))?;
-    let devices: Vec<MemoryDevice> = serde_json::from_value(value).map_err(|e| {
-        CoreError::backend(
-            op.to_owned(),
-            Error::Io {
-                op: "read query-memory-devices".into(),
-                source: std::io::Error::other(e),
-            },
-        )
-    })?;
+    let devices: Vec<MemoryDevice> = qmp_query(shared, op, "query-memory-devices").await?;
     Ok(devices
         .into_iter()
         .filter(|d| d.kind == "dimm")
@@ -550,10 +538,7 @@ pub(crate) struct Memory {
 
 impl Memory {
     fn shared(&self, op: &'static str) -> vmkit_core::Result<Arc<Shared>> {
-        self.shared.upgrade().ok_or(CoreError::InvalidState {
-            op,
-            state: VmState::Shutdown,
-        })
+        upgrade(&self.shared, op)
     }
 
     /// [`MemoryHotplugger::hotplug_memory`] with the DIMM slot chosen by the caller

@@ -421,6 +421,13 @@ impl QemuInstance {
         &self.shared.options
     }
 
+    /// The VM's QMP client while it runs, for commands vmkit does not wrap (queries,
+    /// diagnostics). Do not change what vmkit manages behind its back (devices it
+    /// plugged, the run state): its view would go stale.
+    pub fn qmp_client(&self) -> Option<QmpClient> {
+        self.shared.life().qmp.clone()
+    }
+
     fn not_yet(op: &str, reason: &str) -> CoreError {
         CoreError::unsupported(op, BACKEND_NAME, reason)
     }

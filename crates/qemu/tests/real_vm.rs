@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test file: a failed step should panic
 
 use std::path::Path;
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -51,6 +51,29 @@ fn assert_gone(pid: u32, vm: &QemuInstance) {
     );
     let socket = vm.config().layout().control_socket();
     assert!(!socket.exists(), "{} left behind", socket.display());
+}
+
+/// A running test guest with the default config, its temp dir and its boot slot.
+struct Booted {
+    vm: QemuInstance,
+    dir: tempfile::TempDir,
+    _slot: tokio::sync::SemaphorePermit<'static>,
+}
+
+/// Boots the test guest as `id` (`None` when QEMU or the image is missing outside CI).
+async fn boot(id: &str) -> Option<Booted> {
+    let image = setup()?;
+    let slot = VMS.acquire().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let vm = QemuBackend
+        .create_instance(image.config(id, &dir.path().join("state")))
+        .unwrap();
+    vm.start(StartOptions::new()).await.unwrap();
+    Some(Booted {
+        vm,
+        dir,
+        _slot: slot,
+    })
 }
 
 fn disk(dir: &Path, name: &str) -> std::path::PathBuf {
@@ -376,13 +399,10 @@ async fn the_agent_answers_ping_info_and_exec_and_nothing_is_left_after_shutdown
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_16_mib_stream_echoes_byte_exact_and_exec_streams_carry_stdio() {
-    let Some(image) = setup() else { return };
-    let _slot = VMS.acquire().await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let vm = QemuBackend
-        .create_instance(image.config("stream", &dir.path().join("state")))
-        .unwrap();
-    vm.start(StartOptions::new()).await.unwrap();
+    let Some(booted) = boot("stream").await else {
+        return;
+    };
+    let vm = &booted.vm;
 
     let stream = vm.open_stream(&StreamHeader::Echo).await.unwrap();
     let (mut read, mut write) = tokio::io::split(stream);
@@ -426,13 +446,10 @@ async fn a_16_mib_stream_echoes_byte_exact_and_exec_streams_carry_stdio() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cached_client_redials_and_retry_waits_for_a_late_agent_or_says_why_not() {
-    let Some(image) = setup() else { return };
-    let _slot = VMS.acquire().await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let vm = QemuBackend
-        .create_instance(image.config("redial", &dir.path().join("state")))
-        .unwrap();
-    vm.start(StartOptions::new()).await.unwrap();
+    let Some(booted) = boot("redial").await else {
+        return;
+    };
+    let vm = &booted.vm;
     let first = agent_pid(&vm.agent().await.unwrap()).await;
 
     // The agent dies (its connection with it); the guest's init restarts it 0.2 s later.
@@ -546,13 +563,10 @@ async fn a_guest_whose_agent_never_answers_fails_start_and_leaves_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn set_vcpus_grows_to_four_online_in_the_guest_and_back_to_one() {
-    let Some(image) = setup() else { return };
-    let _slot = VMS.acquire().await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let vm = QemuBackend
-        .create_instance(image.config("cpus", &dir.path().join("state")))
-        .unwrap();
-    vm.start(StartOptions::new()).await.unwrap();
+    let Some(booted) = boot("cpus").await else {
+        return;
+    };
+    let vm = &booted.vm;
     assert!(
         vm.vm_info()
             .capabilities
@@ -674,6 +688,16 @@ async fn memory_grows_by_dimms_shrinks_by_unplug_and_refuses_bad_sizes_first() {
         "{rejected}"
     );
     assert_eq!(memory.query_memory().await.unwrap().dimms, []);
+    let objects = vm
+        .qmp_client()
+        .unwrap()
+        .execute_raw("qom-list", Some(serde_json::json!({"path": "/objects"})))
+        .await
+        .unwrap();
+    assert!(
+        !objects.to_string().contains("vmkit-mem"),
+        "a stray backend object: {objects}"
+    );
 
     let first = memory.hotplug_memory(256).await.unwrap();
     assert_eq!(total().await, base + 256);
@@ -704,13 +728,10 @@ async fn memory_grows_by_dimms_shrinks_by_unplug_and_refuses_bad_sizes_first() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hotplugged_disk_appears_with_its_serial_and_size_and_goes_on_unplug() {
-    let Some(image) = setup() else { return };
-    let _slot = VMS.acquire().await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let vm = QemuBackend
-        .create_instance(image.config("hotdisk", &dir.path().join("state")))
-        .unwrap();
-    vm.start(StartOptions::new()).await.unwrap();
+    let Some(booted) = boot("hotdisk").await else {
+        return;
+    };
+    let vm = &booted.vm;
     assert!(
         vm.vm_info()
             .capabilities
@@ -729,7 +750,7 @@ async fn a_hotplugged_disk_appears_with_its_serial_and_size_and_goes_on_unplug()
     };
     assert_eq!(disks().await, []);
 
-    let path = dir.path().join("hot.img");
+    let path = booted.dir.path().join("hot.img");
     std::fs::File::create(&path)
         .unwrap()
         .set_len(16 << 20)
@@ -749,4 +770,32 @@ async fn a_hotplugged_disk_appears_with_its_serial_and_size_and_goes_on_unplug()
         "{unknown}"
     );
     vm.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_during_a_hotplug_ends_it_with_a_clear_error() {
+    let Some(booted) = boot("interrupt").await else {
+        return;
+    };
+    let vm = Arc::new(booted.vm);
+    let adding = {
+        let vm = Arc::clone(&vm);
+        // A vCPU takes ~0.7 s to come online under TCG: the shutdown lands inside it.
+        tokio::spawn(async move { vm.cpu_hotplugger().unwrap().hotplug_cpu().await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let exit = vm.shutdown().await.unwrap();
+    let err = adding.await.unwrap().unwrap_err().to_string();
+    assert_eq!(err, "hotplug_cpu: the VM is shutting down");
+    assert_eq!(vm.state(), VmState::Shutdown, "{exit:?}");
+    let after = vm
+        .cpu_hotplugger()
+        .unwrap()
+        .hotplug_cpu()
+        .await
+        .unwrap_err();
+    assert_eq!(
+        after.to_string(),
+        "hotplug_cpu: not allowed while the VM is shutdown"
+    );
 }
