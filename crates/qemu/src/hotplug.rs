@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, sleep};
 use vmkit_core::{
     CpuFailure, CpuHotplugger, CpuInfo, CpuTopology, DimmInfo, DiskConfig, Error as CoreError,
-    MemoryHotplugger, MemoryInfo, VcpuResize, VmState,
+    MemoryHotplugger, MemoryInfo, NicBackend, NicConfig, VcpuResize, VmState,
 };
 use vmkit_proto::AgentClient;
 use vmkit_proto::agent::{GuestInfoRequest, OnlineResourcesRequest};
@@ -780,10 +780,63 @@ const DEVICE_DELETED_TIMEOUT: Duration = Duration::from_secs(30);
 pub(crate) struct HotDevice {
     /// The device id.
     pub(crate) id: String,
-    /// Its block node (disks).
-    node: String,
+    /// What backs it.
+    backend: HotBackend,
     /// The root port it sits on.
     port: String,
+}
+
+/// The QEMU backend object of a hot-plugged device, removed after the device.
+#[derive(Debug, Clone)]
+enum HotBackend {
+    /// A disk's block node.
+    Block(String),
+    /// A NIC's netdev, and the TAP fd vmkit opened for it (closed on unplug, so a TAP
+    /// vmkit created goes with it).
+    Net {
+        netdev: String,
+        /// Held for its drop: closing it removes a TAP vmkit created.
+        _tap: Option<Arc<std::os::fd::OwnedFd>>,
+    },
+}
+
+impl HotBackend {
+    fn name(&self) -> &str {
+        match self {
+            HotBackend::Block(n) | HotBackend::Net { netdev: n, .. } => n,
+        }
+    }
+}
+
+/// A free reserved root port and a free backend name `<prefix><n>`, or why not.
+fn free_port_and_name(
+    shared: &Shared,
+    op: &str,
+    id: &str,
+    prefix: &str,
+) -> vmkit_core::Result<(String, String)> {
+    let hot = crate::instance::lock(&shared.hot_devices);
+    if hot.iter().any(|d| d.id == id) {
+        return Err(CoreError::config(
+            "id",
+            format!("{op}: duplicate device id {id:?} (already hot-plugged)"),
+        ));
+    }
+    let ports = shared.options.hotplug_ports;
+    let port = (0..ports)
+        .map(|i| format!("{}{i}", crate::command::ROOT_PORT_PREFIX))
+        .find(|p| hot.iter().all(|d| &d.port != p))
+        .ok_or_else(|| {
+            CoreError::config(
+                "backend_options.hotplug_ports",
+                format!("{op}: all {ports} hot-plug root ports are in use"),
+            )
+        })?;
+    let name = (0..)
+        .map(|n| format!("{prefix}{n}"))
+        .find(|n| hot.iter().all(|d| d.backend.name() != n))
+        .unwrap_or_default();
+    Ok((port, name))
 }
 
 /// Adds `disk` on a free reserved root port and waits until the guest lists it (by
@@ -793,30 +846,7 @@ pub(crate) async fn add_disk(shared: Arc<Shared>, disk: DiskConfig) -> vmkit_cor
     let field = "disk";
     disk.validate(field)?;
     shared.devices().check_free_id(field, &disk.id)?;
-    let (port, node) = {
-        let hot = crate::instance::lock(&shared.hot_devices);
-        if hot.iter().any(|d| d.id == disk.id) {
-            return Err(CoreError::config(
-                format!("{field}.id"),
-                format!("duplicate device id {:?} (already hot-plugged)", disk.id),
-            ));
-        }
-        let ports = shared.options.hotplug_ports;
-        let port = (0..ports)
-            .map(|i| format!("{}{i}", crate::command::ROOT_PORT_PREFIX))
-            .find(|p| hot.iter().all(|d| &d.port != p))
-            .ok_or_else(|| {
-                CoreError::config(
-                    "backend_options.hotplug_ports",
-                    format!("{op}: all {ports} hot-plug root ports are in use"),
-                )
-            })?;
-        let node = (0..)
-            .map(|n| format!("vmkit-hot{n}"))
-            .find(|n| hot.iter().all(|d| &d.node != n))
-            .unwrap_or_default();
-        (port, node)
-    };
+    let (port, node) = free_port_and_name(&shared, &op, &disk.id, "vmkit-hot")?;
     let agent = agent(&shared).await.ok();
     let disks_before = match &agent {
         Some(agent) => Some(guest_disks(agent, &op).await?),
@@ -847,7 +877,7 @@ pub(crate) async fn add_disk(shared: Arc<Shared>, disk: DiskConfig) -> vmkit_cor
     }
     crate::instance::lock(&shared.hot_devices).push(HotDevice {
         id: disk.id.clone(),
-        node,
+        backend: HotBackend::Block(node),
         port,
     });
     let (Some(agent), Some(before)) = (agent, disks_before) else {
@@ -928,8 +958,119 @@ pub(crate) async fn remove_device(shared: Arc<Shared>, id: String) -> vmkit_core
         }
     }
     crate::instance::lock(&shared.hot_devices).retain(|d| d.id != id);
-    qmp.execute_raw("blockdev-del", Some(json!({ "node-name": device.node })))
-        .await
-        .map_err(|e| qmp_err(&format!("blockdev-del {}", device.node), e))?;
+    match &device.backend {
+        HotBackend::Block(node) => qmp
+            .execute_raw("blockdev-del", Some(json!({ "node-name": node })))
+            .await
+            .map_err(|e| qmp_err(&format!("blockdev-del {node}"), e))?,
+        HotBackend::Net { netdev, .. } => qmp
+            .execute_raw("netdev_del", Some(json!({ "id": netdev })))
+            .await
+            .map_err(|e| qmp_err(&format!("netdev_del {netdev}"), e))?,
+    };
+    // Dropping `device` closes the TAP fd vmkit held for a NIC.
     Ok(())
+}
+
+/// Adds `nic` on a free reserved root port: its TAP fd goes to QEMU over QMP
+/// (`getfd`), then `netdev_add tap` and `virtio-net-pci`; returns once the guest lists
+/// its MAC. Any failure removes what was created.
+pub(crate) async fn add_nic(shared: Arc<Shared>, nic: NicConfig) -> vmkit_core::Result<()> {
+    let op = format!("hotplug_nic {}", nic.id);
+    nic.validate("nic")?;
+    shared.devices().check_free_id("nic", &nic.id)?;
+    let (port, netdev) = free_port_and_name(&shared, &op, &nic.id, "vmkit-hotnet")?;
+    let tap: Option<Arc<std::os::fd::OwnedFd>> = match &nic.backend {
+        NicBackend::Tap { name } => {
+            Some(Arc::new(crate::host::open_tap(name).map_err(|e| {
+                CoreError::io(format!("{op}: open TAP {name}"), e)
+            })?))
+        }
+        NicBackend::TapFd { .. } => None,
+    };
+    let fd: std::os::fd::BorrowedFd<'_> = match (&tap, &nic.backend) {
+        (Some(owned), _) => std::os::fd::AsFd::as_fd(owned.as_ref()),
+        (None, NicBackend::TapFd { fd }) => {
+            // SAFETY: a `TapFd` NIC's fd is the caller's open TAP, kept open while the
+            // VM may use it (the `NicBackend::TapFd` contract); it is only borrowed for
+            // the `getfd` below, and QEMU takes its own copy.
+            #[allow(unsafe_code)]
+            unsafe {
+                std::os::fd::BorrowedFd::borrow_raw(*fd)
+            }
+        }
+        (None, NicBackend::Tap { .. }) => unreachable_tap(&op)?,
+    };
+    let mac = nic
+        .mac
+        .unwrap_or_else(|| crate::devices::stable_mac(&shared.config.id, &nic.id));
+    let fdname = format!("{netdev}-fd");
+    let qmp = shared.qmp("hotplug_nic")?;
+    qmp.execute_raw_with_fd("getfd", Some(json!({ "fdname": fdname })), fd)
+        .await
+        .map_err(|e| qmp_err(&format!("getfd {fdname} (the TAP fd)"), e))?;
+    let netdev_args = json!({"type": "tap", "id": netdev, "fd": fdname});
+    if let Err(e) = qmp.execute_raw("netdev_add", Some(netdev_args)).await {
+        let _ = qmp
+            .execute_raw("closefd", Some(json!({ "fdname": fdname })))
+            .await;
+        return Err(qmp_err(&format!("netdev_add tap {netdev}"), e));
+    }
+    let device = json!({
+        "driver": "virtio-net-pci",
+        "id": nic.id,
+        "netdev": netdev,
+        "mac": mac.to_string(),
+        "bus": port,
+    });
+    if let Err(e) = qmp.execute_raw("device_add", Some(device)).await {
+        if let Err(del) = qmp
+            .execute_raw("netdev_del", Some(json!({ "id": netdev })))
+            .await
+        {
+            tracing::warn!(%netdev, error = %del, "netdev_del after a failed device_add failed");
+        }
+        return Err(qmp_err(
+            &format!("device_add virtio-net-pci {} on {port}", nic.id),
+            e,
+        ));
+    }
+    crate::instance::lock(&shared.hot_devices).push(HotDevice {
+        id: nic.id.clone(),
+        backend: HotBackend::Net { netdev, _tap: tap },
+        port,
+    });
+    let Ok(agent) = agent(&shared).await else {
+        return Ok(());
+    };
+    let mac = mac.to_string();
+    let deadline = Instant::now() + DISK_VISIBLE_TIMEOUT;
+    loop {
+        let nics = agent
+            .guest_info(ctx(), &GuestInfoRequest::new())
+            .await
+            .map_err(|e| agent_err(&op, "GuestInfo", &e))?
+            .nics;
+        if nics.iter().any(|n| n.mac == mac) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(CoreError::Timeout {
+                op: format!("{op}: the guest showing a NIC with MAC {mac}"),
+                after: DISK_VISIBLE_TIMEOUT,
+            });
+        }
+        sleep(POLL).await;
+    }
+}
+
+/// A `Tap` NIC always has the fd opened above; kept total without a panic.
+fn unreachable_tap(op: &str) -> vmkit_core::Result<std::os::fd::BorrowedFd<'static>> {
+    Err(CoreError::backend(
+        op.to_owned(),
+        Error::Io {
+            op: "open the TAP".into(),
+            source: std::io::Error::other("no fd for a TAP NIC"),
+        },
+    ))
 }

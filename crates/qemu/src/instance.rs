@@ -31,6 +31,7 @@ pub const CAPABILITIES: Capabilities = Capabilities::PAUSE
     .union(Capabilities::CPU_HOTPLUG)
     .union(Capabilities::MEMORY_HOTPLUG)
     .union(Capabilities::DISK_HOTPLUG)
+    .union(Capabilities::NIC_HOTPLUG)
     .union(Capabilities::GUEST_AGENT)
     .union(Capabilities::GUEST_STREAMS)
     .union(Capabilities::VSOCK)
@@ -433,9 +434,6 @@ impl QemuInstance {
     }
 }
 
-const NIC_HOTPLUG_LATER: &str =
-    "NIC hot-plug needs the TAP fd passed over QMP (getfd), which is not built yet (issue 6)";
-
 #[async_trait]
 impl Instance for QemuInstance {
     async fn start(&self, opts: StartOptions) -> vmkit_core::Result<()> {
@@ -514,7 +512,7 @@ impl Instance for QemuInstance {
             capabilities.remove(Capabilities::MEMORY_HOTPLUG);
         }
         if !self.has_disk_hotplug() {
-            capabilities.remove(Capabilities::DISK_HOTPLUG);
+            capabilities.remove(Capabilities::DISK_HOTPLUG | Capabilities::NIC_HOTPLUG);
         }
         if let Some(uds) = hybrid {
             sockets.push(("vsock".to_owned(), uds));
@@ -567,8 +565,22 @@ impl DeviceConfigurator for QemuInstance {
             .await
     }
 
-    async fn hotplug_nic(&self, _nic: NicConfig) -> vmkit_core::Result<()> {
-        Err(Self::not_yet("hotplug_nic", NIC_HOTPLUG_LATER))
+    async fn hotplug_nic(&self, nic: NicConfig) -> vmkit_core::Result<()> {
+        if !self.has_disk_hotplug() {
+            return Err(Self::not_yet(
+                "hotplug_nic",
+                "NIC hot-plug needs q35 with hot-plug root ports (backend option hotplug_ports)",
+            ));
+        }
+        self.shared
+            .state
+            .require("hotplug_nic", &[VmState::Running])?;
+        let shared = Arc::clone(&self.shared);
+        let op = format!("hotplug_nic {}", nic.id);
+        self.shared
+            .hotplug
+            .run(&self.shared, op, crate::hotplug::add_nic(shared, nic))
+            .await
     }
 
     async fn unplug(&self, id: &str) -> vmkit_core::Result<()> {

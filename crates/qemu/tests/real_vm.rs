@@ -799,3 +799,43 @@ async fn a_shutdown_during_a_hotplug_ends_it_with_a_clear_error() {
         "hotplug_cpu: not allowed while the VM is shutdown"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hotplugged_tap_nic_appears_with_its_mac_and_goes_with_its_tap_on_unplug() {
+    let Some(tap) = tap_name("h") else { return };
+    let Some(booted) = boot("hotnic").await else {
+        return;
+    };
+    let vm = &booted.vm;
+    assert!(
+        vm.vm_info()
+            .capabilities
+            .contains(Capabilities::NIC_HOTPLUG)
+    );
+    let agent = vm.agent().await.unwrap();
+    let macs = || async {
+        agent
+            .guest_info(ctx(), &GuestInfoRequest::new())
+            .await
+            .unwrap()
+            .nics
+            .into_iter()
+            .map(|n| n.mac)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(macs().await, Vec::<String>::new());
+    let mac: vmkit_core::MacAddr = "52:54:00:ab:cd:ef".parse().unwrap();
+    vm.hotplug_nic(NicConfig::tap("hot0", &tap, Some(mac)))
+        .await
+        .unwrap();
+    assert_eq!(macs().await, [mac.to_string()]);
+    assert!(Path::new("/sys/class/net").join(&tap).exists());
+
+    vm.unplug("hot0").await.unwrap();
+    assert_eq!(macs().await, Vec::<String>::new());
+    assert!(
+        !Path::new("/sys/class/net").join(&tap).exists(),
+        "TAP {tap} outlived its unplugged NIC"
+    );
+    vm.shutdown().await.unwrap();
+}

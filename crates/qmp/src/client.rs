@@ -3,6 +3,7 @@
 //! task, which also publishes events. Every wait is bounded.
 
 use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -343,6 +344,28 @@ impl QmpClient {
             .await
     }
 
+    /// Runs `name` with `fd` passed alongside (SCM_RIGHTS on the command's bytes), for
+    /// QMP's `getfd` and `add-fd`; QEMU keeps its own copy, the caller keeps `fd`.
+    ///
+    /// # Errors
+    /// As [`QmpClient::execute`].
+    pub async fn execute_raw_with_fd(
+        &self,
+        name: &str,
+        arguments: Option<serde_json::Value>,
+        fd: BorrowedFd<'_>,
+    ) -> Result<serde_json::Value> {
+        let reply = self
+            .call_with_fd(
+                name,
+                &arguments,
+                self.inner.opts.command_timeout,
+                Some(fd.as_raw_fd()),
+            )
+            .await?;
+        decode(name, &reply)
+    }
+
     /// [`QmpClient::execute_raw`] with its own deadline.
     ///
     /// # Errors
@@ -363,6 +386,16 @@ impl QmpClient {
         arguments: &impl serde::Serialize,
         timeout: Duration,
     ) -> Result<Box<RawValue>> {
+        self.call_with_fd(name, arguments, timeout, None).await
+    }
+
+    async fn call_with_fd(
+        &self,
+        name: &str,
+        arguments: &impl serde::Serialize,
+        timeout: Duration,
+        fd: Option<RawFd>,
+    ) -> Result<Box<RawValue>> {
         let inner = &*self.inner;
         let deadline = Instant::now() + timeout;
         let seq = inner.next_seq.fetch_add(1, Ordering::Relaxed);
@@ -380,7 +413,7 @@ impl QmpClient {
         let (tx, rx) = oneshot::channel();
         let waiter = Waiter { seq, wire_id, tx };
         let exchange = async {
-            self.send(name, &bytes, waiter).await?;
+            self.send(name, &bytes, waiter, fd).await?;
             rx.await
                 .map_err(|_| disconnected(name, "the reader stopped without an answer"))
         };
@@ -415,7 +448,13 @@ impl QmpClient {
     /// queue order is wire order. A command abandoned before its first byte is
     /// withdrawn; one abandoned or failed half-way leaves the stream unusable, so it
     /// closes the connection.
-    async fn send(&self, name: &str, bytes: &[u8], waiter: Waiter) -> Result<()> {
+    async fn send(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        waiter: Waiter,
+        fd: Option<RawFd>,
+    ) -> Result<()> {
         let inner = &*self.inner;
         let mut writer = inner.writer.lock().await;
         let seq = waiter.seq;
@@ -429,6 +468,18 @@ impl QmpClient {
             written: 0,
             len: bytes.len(),
         };
+        if let Some(fd) = fd {
+            // The fd rides on the command's first bytes (SCM_RIGHTS), as QMP's getfd
+            // and add-fd expect.
+            match send_with_fd(writer.as_ref(), bytes, fd).await {
+                Ok(n) => guard.written = n,
+                Err(e) => {
+                    let reason = format!("writing the QMP socket with an fd: {e}");
+                    inner.router.close(&reason);
+                    return Err(disconnected(name, &reason));
+                }
+            }
+        }
         while guard.written < bytes.len() {
             let reason = match writer.write(&bytes[guard.written..]).await {
                 Ok(0) => "the socket accepts no more bytes".to_owned(),
@@ -640,4 +691,30 @@ fn describe(id: &Option<Id>, result: &std::result::Result<&RawValue, ErrorBody>)
         Err(e) => format!("error {}: {}", e.class, e.desc),
     };
     format!("{id} ({body})")
+}
+
+/// Writes (a first part of) `bytes` with `fd` attached; returns how many bytes went.
+async fn send_with_fd(stream: &UnixStream, bytes: &[u8], fd: RawFd) -> std::io::Result<usize> {
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+    loop {
+        stream.writable().await?;
+        let sent = stream.try_io(tokio::io::Interest::WRITABLE, || {
+            let iov = [std::io::IoSlice::new(bytes)];
+            let fds = [fd];
+            let cmsg = [ControlMessage::ScmRights(&fds)];
+            sendmsg::<()>(
+                stream.as_raw_fd(),
+                &iov,
+                &cmsg,
+                MsgFlags::MSG_NOSIGNAL,
+                None,
+            )
+            .map_err(std::io::Error::from)
+        });
+        match sent {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
 }

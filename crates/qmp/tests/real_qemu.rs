@@ -257,3 +257,25 @@ async fn many_concurrent_callers_share_one_connection() {
         task.await.unwrap().unwrap();
     }
 }
+
+#[tokio::test]
+async fn getfd_receives_the_fd_passed_with_the_command() {
+    let Some(vm) = paused_qemu() else { return };
+    let qmp = QmpClient::connect(vm.qemu.qmp_path(), opts())
+        .await
+        .unwrap();
+    let args = || Some(serde_json::json!({"fdname": "passed"}));
+    // Without an fd QEMU refuses; with one it keeps it under the name.
+    let err = qmp.execute_raw("getfd", args()).await.unwrap_err();
+    assert!(
+        err.to_string().contains("No file descriptor supplied"),
+        "{err}"
+    );
+    let file = std::fs::File::open("/dev/null").unwrap();
+    qmp.execute_raw_with_fd("getfd", args(), std::os::fd::AsFd::as_fd(&file))
+        .await
+        .unwrap();
+    qmp.execute_raw("closefd", args()).await.unwrap();
+    let gone = qmp.execute_raw("closefd", args()).await.unwrap_err();
+    assert!(gone.to_string().contains("not found"), "{gone}");
+}
