@@ -1,12 +1,19 @@
-//! What the guest sees, read from /proc and /sys.
+//! What the guest sees, read from /proc and /sys. The reads are plain `std::fs` calls
+//! made on one blocking-pool thread per request (procfs and sysfs answer from memory):
+//! one hop instead of one per file, which matters in an emulated guest.
 
 use std::path::Path;
 
 use vmkit_proto::agent::{BlockDevice, GuestInfoResponse, NetInterface};
 
-/// Reads a small kernel file, trimmed.
+/// Reads a small kernel file, trimmed (async, for the agent's other callers).
 pub(crate) async fn read_trimmed(path: impl AsRef<Path>) -> std::io::Result<String> {
     Ok(tokio::fs::read_to_string(path).await?.trim().to_owned())
+}
+
+/// Reads a small kernel file, trimmed.
+fn read_sync(path: impl AsRef<Path>) -> std::io::Result<String> {
+    Ok(std::fs::read_to_string(path)?.trim().to_owned())
 }
 
 /// Milliseconds since boot (`CLOCK_BOOTTIME`): a clock read, no file I/O, so `Ping`
@@ -55,22 +62,17 @@ fn meminfo_bytes(meminfo: &str, key: &str) -> u64 {
 }
 
 /// The memory block size (bytes) and the number of online blocks.
-pub(crate) async fn memory_blocks() -> (u64, u64) {
+fn memory_blocks() -> (u64, u64) {
     let base = Path::new("/sys/devices/system/memory");
-    let block = read_trimmed(base.join("block_size_bytes"))
-        .await
+    let block = read_sync(base.join("block_size_bytes"))
         .ok()
         .and_then(|h| u64::from_str_radix(&h, 16).ok())
         .unwrap_or(0);
     let mut online = 0;
-    if let Ok(mut dir) = tokio::fs::read_dir(base).await {
-        while let Ok(Some(entry)) = dir.next_entry().await {
+    if let Ok(dir) = std::fs::read_dir(base) {
+        for entry in dir.flatten() {
             if entry.file_name().to_string_lossy().starts_with("memory")
-                && read_trimmed(entry.path().join("online"))
-                    .await
-                    .ok()
-                    .as_deref()
-                    == Some("1")
+                && read_sync(entry.path().join("online")).ok().as_deref() == Some("1")
             {
                 online += 1;
             }
@@ -79,26 +81,25 @@ pub(crate) async fn memory_blocks() -> (u64, u64) {
     (block, online)
 }
 
-async fn disks() -> Vec<BlockDevice> {
+fn disks() -> Vec<BlockDevice> {
     let mut disks = Vec::new();
-    let Ok(mut dir) = tokio::fs::read_dir("/sys/block").await else {
+    let Ok(dir) = std::fs::read_dir("/sys/block") else {
         return disks;
     };
-    while let Ok(Some(entry)) = dir.next_entry().await {
+    for entry in dir.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         if !name.starts_with("vd") && !name.starts_with("sd") && !name.starts_with("nvme") {
             continue;
         }
         let path = entry.path();
-        let sectors: u64 = read_trimmed(path.join("size"))
-            .await
+        let sectors: u64 = read_sync(path.join("size"))
             .ok()
             .and_then(|s| s.parse().ok())
             .unwrap_or(0);
         let mut disk = BlockDevice::new();
-        disk.serial = read_trimmed(path.join("serial")).await.unwrap_or_default();
+        disk.serial = read_sync(path.join("serial")).unwrap_or_default();
         disk.size_bytes = sectors * 512;
-        disk.read_only = read_trimmed(path.join("ro")).await.ok().as_deref() == Some("1");
+        disk.read_only = read_sync(path.join("ro")).ok().as_deref() == Some("1");
         disk.name = name;
         disks.push(disk);
     }
@@ -106,20 +107,18 @@ async fn disks() -> Vec<BlockDevice> {
     disks
 }
 
-async fn nics() -> Vec<NetInterface> {
+fn nics() -> Vec<NetInterface> {
     let mut nics = Vec::new();
-    let Ok(mut dir) = tokio::fs::read_dir("/sys/class/net").await else {
+    let Ok(dir) = std::fs::read_dir("/sys/class/net") else {
         return nics;
     };
-    while let Ok(Some(entry)) = dir.next_entry().await {
+    for entry in dir.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         if name == "lo" {
             continue;
         }
         let mut nic = NetInterface::new();
-        nic.mac = read_trimmed(entry.path().join("address"))
-            .await
-            .unwrap_or_default();
+        nic.mac = read_sync(entry.path().join("address")).unwrap_or_default();
         nic.name = name;
         nics.push(nic);
     }
@@ -128,30 +127,28 @@ async fn nics() -> Vec<NetInterface> {
 }
 
 /// Everything [`GuestInfoResponse`] carries.
-pub(crate) async fn guest_info() -> GuestInfoResponse {
+fn guest_info_sync() -> GuestInfoResponse {
     let mut info = GuestInfoResponse::new();
-    info.kernel_release = read_trimmed("/proc/sys/kernel/osrelease")
-        .await
-        .unwrap_or_default();
-    info.kernel_version = read_trimmed("/proc/sys/kernel/version")
-        .await
-        .unwrap_or_default();
-    info.online_cpus = parse_cpu_list(
-        &read_trimmed("/sys/devices/system/cpu/online")
-            .await
-            .unwrap_or_default(),
-    );
-    let meminfo = tokio::fs::read_to_string("/proc/meminfo")
-        .await
-        .unwrap_or_default();
+    info.kernel_release = read_sync("/proc/sys/kernel/osrelease").unwrap_or_default();
+    info.kernel_version = read_sync("/proc/sys/kernel/version").unwrap_or_default();
+    info.online_cpus =
+        parse_cpu_list(&read_sync("/sys/devices/system/cpu/online").unwrap_or_default());
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     info.mem_total_bytes = meminfo_bytes(&meminfo, "MemTotal");
-    let (block, online) = memory_blocks().await;
+    let (block, online) = memory_blocks();
     info.memory_block_size_bytes = block;
     info.mem_online_bytes = block * online;
     info.uptime_ms = uptime_ms();
-    info.disks = disks().await;
-    info.nics = nics().await;
+    info.disks = disks();
+    info.nics = nics();
     info
+}
+
+/// Everything [`GuestInfoResponse`] carries, read on the blocking pool.
+pub(crate) async fn guest_info() -> GuestInfoResponse {
+    tokio::task::spawn_blocking(guest_info_sync)
+        .await
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

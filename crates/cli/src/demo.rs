@@ -194,15 +194,23 @@ async fn run_in(
         .await
         .map_err(|e| e.to_string())?;
     let sent: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
-    let (mut read, mut write) = tokio::io::split(echo);
-    let send = async {
-        write.write_all(&sent).await?;
-        write.shutdown().await
-    };
+    let mut echo = echo;
     let mut back = Vec::with_capacity(sent.len());
-    let (sent_ok, read_ok) = tokio::join!(send, read.read_to_end(&mut back));
-    sent_ok
-        .and(read_ok.map(drop))
+    // 64 KiB at a time, each read back before the next goes: vhost-device-vsock 0.3 can
+    // stall when both directions run flat out (docs/guest-communication.md).
+    let exchange = async {
+        for chunk in sent.chunks(64 << 10) {
+            echo.write_all(chunk).await?;
+            let mut part = vec![0u8; chunk.len()];
+            echo.read_exact(&mut part).await?;
+            back.extend_from_slice(&part);
+        }
+        echo.shutdown().await?;
+        echo.read_to_end(&mut Vec::new()).await.map(drop)
+    };
+    tokio::time::timeout(Duration::from_secs(60), exchange)
+        .await
+        .map_err(|_| "echo stream: no progress for 60 s".to_owned())?
         .map_err(|e| format!("echo stream: {e}"))?;
     if back != sent {
         return Err(format!(

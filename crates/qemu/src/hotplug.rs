@@ -27,7 +27,7 @@ use vmkit_core::{
     MemoryHotplugger, MemoryInfo, NicBackend, NicConfig, VcpuResize, VmState,
 };
 use vmkit_proto::AgentClient;
-use vmkit_proto::agent::{GuestInfoRequest, OnlineResourcesRequest};
+use vmkit_proto::agent::{GuestInfoRequest, OnlineResourcesRequest, OnlineResourcesResponse};
 
 use crate::error::Error;
 use crate::instance::Shared;
@@ -36,8 +36,11 @@ use crate::instance::Shared;
 const ONLINE_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long QEMU and the guest may take to remove a vCPU.
 const UNPLUG_TIMEOUT: Duration = Duration::from_secs(20);
+/// While waiting for the guest to online something, every this many looks the agent
+/// is asked to online it (the guest's own uevent helper usually does it first).
+const ONLINE_NUDGE_EVERY: u32 = 10;
 /// How often the guest or QEMU is asked again while waiting.
-const POLL: Duration = Duration::from_millis(50);
+const POLL: Duration = Duration::from_millis(10);
 /// The id prefix of hot-plugged vCPUs.
 const CPU_ID_PREFIX: &str = "vmkit-cpu";
 
@@ -296,9 +299,20 @@ async fn add_one(shared: Arc<Shared>) -> vmkit_core::Result<CpuInfo> {
     // The guest's uevent helper usually onlines it; the agent makes sure.
     let agent = agent(&shared).await?;
     let deadline = Instant::now() + ONLINE_TIMEOUT;
-    loop {
+    for round in 0u32.. {
         if guest_online(&agent, op).await?.contains(&index) {
             break;
+        }
+        // The guest's own hotplug helper usually wins; the agent nudges every 10th look.
+        if round % ONLINE_NUDGE_EVERY != ONLINE_NUDGE_EVERY - 1 {
+            if Instant::now() >= deadline {
+                return Err(CoreError::Timeout {
+                    op: format!("hotplug_cpu: the guest onlining cpu{index} ({id})"),
+                    after: ONLINE_TIMEOUT,
+                });
+            }
+            sleep(POLL).await;
+            continue;
         }
         let mut req = OnlineResourcesRequest::new();
         req.cpus = true;
@@ -639,13 +653,21 @@ async fn add_memory(
     }
     // Online it (movable, so it can go again) and wait until MemTotal shows it.
     let deadline = Instant::now() + MEMORY_ONLINE_TIMEOUT;
+    let mut looks = 0u32;
     loop {
-        let mut req = OnlineResourcesRequest::new();
-        req.memory = true;
-        let online = agent
-            .online_resources(ctx(), &req)
-            .await
-            .map_err(|e| agent_err(&op, "OnlineResources", &e));
+        let round = looks;
+        looks = looks.wrapping_add(1);
+        // The guest's own hotplug helper usually onlines it; the agent nudges every 10th look.
+        let online = if round % ONLINE_NUDGE_EVERY == ONLINE_NUDGE_EVERY - 1 {
+            let mut req = OnlineResourcesRequest::new();
+            req.memory = true;
+            agent
+                .online_resources(ctx(), &req)
+                .await
+                .map_err(|e| agent_err(&op, "OnlineResources", &e))
+        } else {
+            Ok(OnlineResourcesResponse::new())
+        };
         let grown = match online {
             Ok(resp) if !resp.failures.is_empty() => Err(CoreError::backend(
                 op.clone(),
@@ -848,9 +870,11 @@ pub(crate) async fn add_disk(shared: Arc<Shared>, disk: DiskConfig) -> vmkit_cor
     shared.devices().check_free_id(field, &disk.id)?;
     let (port, node) = free_port_and_name(&shared, &op, &disk.id, "vmkit-hot")?;
     let agent = agent(&shared).await.ok();
-    let disks_before = match &agent {
-        Some(agent) => Some(guest_disks(agent, &op).await?),
-        None => None,
+    // With a serial the new disk is recognised by it; without, by the count going up.
+    let disks_before = match (&agent, &disk.serial) {
+        (Some(agent), None) => Some(guest_disks(agent, &op).await?.len()),
+        (Some(_), Some(_)) => Some(0),
+        (None, _) => None,
     };
     let (blockdev, mut device) = crate::devices::disk_json(&node, &disk, shared.options.machine);
     device["bus"] = json!(port);
@@ -888,7 +912,7 @@ pub(crate) async fn add_disk(shared: Arc<Shared>, disk: DiskConfig) -> vmkit_cor
         let now = guest_disks(&agent, &op).await?;
         let seen = match &disk.serial {
             Some(serial) => now.iter().any(|(_, s)| s == serial),
-            None => now.len() > before.len(),
+            None => now.len() > before,
         };
         if seen {
             return Ok(());
