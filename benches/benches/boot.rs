@@ -19,15 +19,10 @@ use vmkit_testkit::{GuestImage, qemu::require_qemu, require_guest_image};
 const ROUNDS: usize = 10;
 
 fn main() {
-    let check = std::env::args().any(|a| a == "--check");
     let (Some(qemu), Some(image)) = (require_qemu(), require_guest_image()) else {
         return;
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = vmkit_benches::runtime().unwrap();
     // One warm-up of each (page cache, the sandbox probe), not counted.
     bare_boot(&qemu, &image);
     runtime.block_on(vmkit_boot(&image));
@@ -51,9 +46,7 @@ fn main() {
         "  vmkit / bare = {ratio:.3} (target <= 1.05: {})",
         if ok { "met" } else { "missed" }
     );
-    if check && !ok {
-        std::process::exit(1);
-    }
+    vmkit_benches::finish(ok);
 }
 
 fn cmdline() -> String {

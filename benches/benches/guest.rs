@@ -30,15 +30,10 @@ const STREAM_BYTES: usize = 32 << 20;
 const STREAM_ROUNDS: usize = 3;
 
 fn main() {
-    let check = std::env::args().any(|a| a == "--check");
     let (Some(_), Some(image)) = (require_qemu(), require_guest_image()) else {
         return;
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = vmkit_benches::runtime().unwrap();
     let ok = runtime.block_on(async {
         let dir = tempfile::tempdir().unwrap();
         let vm = QemuBackend
@@ -58,9 +53,7 @@ fn main() {
         vm.shutdown().await.unwrap();
         ok
     });
-    if check && !ok {
-        std::process::exit(1);
-    }
+    vmkit_benches::finish(ok);
 }
 
 /// The baseline's connection: `CONNECT 1026`, the echo header, both answers.

@@ -23,15 +23,10 @@ const CPU_ROUNDS: usize = 3;
 const POLL: Duration = Duration::from_millis(10);
 
 fn main() {
-    let check = std::env::args().any(|a| a == "--check");
     let (Some(_), Some(image)) = (require_qemu(), require_guest_image()) else {
         return;
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = vmkit_benches::runtime().unwrap();
     let ok = runtime.block_on(async {
         let dir = tempfile::tempdir().unwrap();
         let mut config = image.config("hotplug-bench", &dir.path().join("state"));
@@ -47,9 +42,7 @@ fn main() {
         vm.shutdown().await.unwrap();
         ok
     });
-    if check && !ok {
-        std::process::exit(1);
-    }
+    vmkit_benches::finish(ok);
 }
 
 fn ctx() -> ttrpc::context::Context {

@@ -109,13 +109,8 @@ fn micros(d: Duration) -> f64 {
 }
 
 fn main() {
-    let check = std::env::args().any(|a| a == "--check");
     let Some(binary) = require_qemu() else { return };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = vmkit_benches::runtime().unwrap();
     let mut ok = true;
     for ids in [CommandIds::WhenNeeded, CommandIds::Always] {
         let met = runtime.block_on(run(&binary, ids));
@@ -124,9 +119,7 @@ fn main() {
             ok = met;
         }
     }
-    if check && !ok {
-        std::process::exit(1);
-    }
+    vmkit_benches::finish(ok);
 }
 
 async fn run(binary: &Path, command_ids: CommandIds) -> bool {

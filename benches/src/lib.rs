@@ -15,6 +15,30 @@
 //! cargo bench -p vmkit-benches --bench qmp -- --check   # exit 1 when a target is missed
 //! ```
 
+/// The runtime every benchmark runs on: multi-threaded with 2 workers, like the
+/// machines it was measured on.
+///
+/// # Errors
+/// The runtime cannot be built (out of threads or fds).
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+}
+
+/// Whether `--check` was given: exit non-zero when a target is missed.
+pub fn check_requested() -> bool {
+    std::env::args().any(|a| a == "--check")
+}
+
+/// Ends a benchmark: exit code 1 when `--check` was given and `targets_met` is false.
+pub fn finish(targets_met: bool) {
+    if check_requested() && !targets_met {
+        std::process::exit(1);
+    }
+}
+
 /// Percentile `p` (0–100) of `samples`, which must be sorted; `None` when empty.
 pub fn percentile<T: Copy>(sorted: &[T], p: f64) -> Option<T> {
     if sorted.is_empty() {
