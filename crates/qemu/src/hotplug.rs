@@ -792,8 +792,8 @@ impl MemoryHotplugger for Memory {
 
 // --- Disks ---
 
-/// How long the guest may take to show a hot-plugged disk (measured 60–100 ms).
-const DISK_VISIBLE_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long the guest may take to show a hot-plugged disk or NIC (disks: 60–100 ms).
+const DEVICE_VISIBLE_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long the guest may take to release a disk on `device_del`.
 const DEVICE_DELETED_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -872,7 +872,7 @@ pub(crate) async fn add_disk(shared: Arc<Shared>, disk: DiskConfig) -> vmkit_cor
     let agent = agent(&shared).await.ok();
     // With a serial the new disk is recognised by it; without, by the count going up.
     let disks_before = match (&agent, &disk.serial) {
-        (Some(agent), None) => Some(guest_disks(agent, &op).await?.len()),
+        (Some(agent), None) => Some(guest_disk_count(agent, &op).await?),
         (Some(_), Some(_)) => Some(0),
         (None, _) => None,
     };
@@ -907,37 +907,52 @@ pub(crate) async fn add_disk(shared: Arc<Shared>, disk: DiskConfig) -> vmkit_cor
     let (Some(agent), Some(before)) = (agent, disks_before) else {
         return Ok(());
     };
-    let deadline = Instant::now() + DISK_VISIBLE_TIMEOUT;
+    let serial = disk.serial.clone();
+    until_guest_shows(&agent, &op, "the new disk", move |info| match &serial {
+        Some(serial) => info.disks.iter().any(|d| &d.serial == serial),
+        None => info.disks.len() > before,
+    })
+    .await
+}
+
+/// Polls the agent's GuestInfo until `seen` holds, within [`DEVICE_VISIBLE_TIMEOUT`];
+/// the timeout names `what` the guest never showed.
+async fn until_guest_shows(
+    agent: &AgentClient,
+    op: &str,
+    what: &str,
+    seen: impl Fn(&vmkit_proto::agent::GuestInfoResponse) -> bool,
+) -> vmkit_core::Result<()> {
+    let deadline = Instant::now() + DEVICE_VISIBLE_TIMEOUT;
     loop {
-        let now = guest_disks(&agent, &op).await?;
-        let seen = match &disk.serial {
-            Some(serial) => now.iter().any(|(_, s)| s == serial),
-            None => now.len() > before,
-        };
-        if seen {
+        let info = agent
+            .guest_info(ctx(), &GuestInfoRequest::new())
+            .await
+            .map_err(|e| agent_err(op, "GuestInfo", &e))?;
+        if seen(&info) {
             return Ok(());
         }
         if Instant::now() >= deadline {
             return Err(CoreError::Timeout {
-                op: format!("{op}: the guest showing the new disk"),
-                after: DISK_VISIBLE_TIMEOUT,
+                op: format!("{op}: the guest showing {what}"),
+                after: DEVICE_VISIBLE_TIMEOUT,
             });
         }
         sleep(POLL).await;
     }
 }
 
-/// The guest's disks as (name, serial).
-async fn guest_disks(agent: &AgentClient, op: &str) -> vmkit_core::Result<Vec<(String, String)>> {
+/// How many disks the guest lists.
+async fn guest_disk_count(agent: &AgentClient, op: &str) -> vmkit_core::Result<usize> {
     agent
         .guest_info(ctx(), &GuestInfoRequest::new())
         .await
-        .map(|info| info.disks.into_iter().map(|d| (d.name, d.serial)).collect())
+        .map(|info| info.disks.len())
         .map_err(|e| agent_err(op, "GuestInfo", &e))
 }
 
 /// `device_del`s a hot-plugged device, waits for its `DEVICE_DELETED`, then removes
-/// its block node.
+/// its block node or netdev.
 pub(crate) async fn remove_device(shared: Arc<Shared>, id: String) -> vmkit_core::Result<()> {
     let op = format!("unplug {id}");
     let Some(device) = crate::instance::lock(&shared.hot_devices)
@@ -1068,24 +1083,10 @@ pub(crate) async fn add_nic(shared: Arc<Shared>, nic: NicConfig) -> vmkit_core::
         return Ok(());
     };
     let mac = mac.to_string();
-    let deadline = Instant::now() + DISK_VISIBLE_TIMEOUT;
-    loop {
-        let nics = agent
-            .guest_info(ctx(), &GuestInfoRequest::new())
-            .await
-            .map_err(|e| agent_err(&op, "GuestInfo", &e))?
-            .nics;
-        if nics.iter().any(|n| n.mac == mac) {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            return Err(CoreError::Timeout {
-                op: format!("{op}: the guest showing a NIC with MAC {mac}"),
-                after: DISK_VISIBLE_TIMEOUT,
-            });
-        }
-        sleep(POLL).await;
-    }
+    until_guest_shows(&agent, &op, &format!("a NIC with MAC {mac}"), |info| {
+        info.nics.iter().any(|n| n.mac == mac)
+    })
+    .await
 }
 
 /// A `Tap` NIC always has the fd opened above; kept total without a panic.

@@ -397,8 +397,9 @@ impl QemuInstance {
         self.memory.hotplug_at(size_mib, Some(slot)).await
     }
 
-    /// Whether this instance can hot-plug disks: q35 with reserved root ports.
-    fn has_disk_hotplug(&self) -> bool {
+    /// Whether this instance can hot-plug PCIe devices (disks, NICs): q35 with reserved
+    /// root ports.
+    fn has_pcie_hotplug(&self) -> bool {
         self.shared.options.machine == crate::options::Machine::Q35
             && self.shared.options.hotplug_ports > 0
     }
@@ -511,7 +512,7 @@ impl Instance for QemuInstance {
         if !self.has_memory_hotplug() {
             capabilities.remove(Capabilities::MEMORY_HOTPLUG);
         }
-        if !self.has_disk_hotplug() {
+        if !self.has_pcie_hotplug() {
             capabilities.remove(Capabilities::DISK_HOTPLUG | Capabilities::NIC_HOTPLUG);
         }
         if let Some(uds) = hybrid {
@@ -548,7 +549,7 @@ impl DeviceConfigurator for QemuInstance {
     }
 
     async fn hotplug_disk(&self, disk: DiskConfig) -> vmkit_core::Result<()> {
-        if !self.has_disk_hotplug() {
+        if !self.has_pcie_hotplug() {
             return Err(Self::not_yet(
                 "hotplug_disk",
                 "disk hot-plug needs q35 with hot-plug root ports (backend option hotplug_ports)",
@@ -566,7 +567,7 @@ impl DeviceConfigurator for QemuInstance {
     }
 
     async fn hotplug_nic(&self, nic: NicConfig) -> vmkit_core::Result<()> {
-        if !self.has_disk_hotplug() {
+        if !self.has_pcie_hotplug() {
             return Err(Self::not_yet(
                 "hotplug_nic",
                 "NIC hot-plug needs q35 with hot-plug root ports (backend option hotplug_ports)",
