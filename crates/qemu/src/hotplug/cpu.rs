@@ -1,0 +1,367 @@
+//! vCPU hot-plug ([`CpuHotplugger`]): `query-hotpluggable-cpus` gives the free slots,
+//! `device_add` fills the first one (id `vmkit-cpu<socket>-<core>-<thread>`), and the
+//! agent onlines it; the call returns once the guest reports it online. Unplug is
+//! `device_del`, confirmed by `query-cpus-fast` no longer listing the CPU (one event is
+//! not trusted: GUEST.md).
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::time::{Instant, sleep};
+use vmkit_core::{
+    CpuFailure, CpuHotplugger, CpuInfo, CpuTopology, Error as CoreError, VcpuResize, VmState,
+};
+use vmkit_proto::AgentClient;
+use vmkit_proto::agent::{GuestInfoRequest, OnlineResourcesRequest};
+
+use super::{ONLINE_NUDGE_EVERY, POLL, agent, agent_err, ctx, qmp_err, qmp_query, upgrade};
+use crate::error::Error;
+use crate::instance::Shared;
+
+/// How long a guest may take to online a new vCPU (measured 0.3–0.4 s under TCG).
+const ONLINE_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long QEMU and the guest may take to remove a vCPU.
+const UNPLUG_TIMEOUT: Duration = Duration::from_secs(20);
+/// The id prefix of hot-plugged vCPUs.
+const CPU_ID_PREFIX: &str = "vmkit-cpu";
+
+/// A slot of `query-hotpluggable-cpus`.
+#[derive(Debug, Clone, Deserialize)]
+struct Slot {
+    #[serde(rename = "type")]
+    driver: String,
+    props: Props,
+    #[serde(rename = "qom-path")]
+    qom_path: Option<String>,
+}
+
+/// A vCPU's topology as QMP writes it.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+struct Props {
+    #[serde(rename = "socket-id", default)]
+    socket: u32,
+    #[serde(rename = "core-id", default)]
+    core: u32,
+    #[serde(rename = "thread-id", default)]
+    thread: u32,
+}
+
+impl Props {
+    fn topology(self) -> CpuTopology {
+        CpuTopology {
+            socket: self.socket,
+            core: self.core,
+            thread: self.thread,
+        }
+    }
+
+    fn device_id(self) -> String {
+        format!(
+            "{CPU_ID_PREFIX}{}-{}-{}",
+            self.socket, self.core, self.thread
+        )
+    }
+}
+
+/// A present vCPU of `query-cpus-fast`.
+#[derive(Debug, Clone, Deserialize)]
+struct Present {
+    #[serde(rename = "cpu-index")]
+    index: u32,
+    props: Props,
+    #[serde(rename = "qom-path")]
+    qom_path: String,
+}
+
+/// vCPU hot-plug for one VM; holds the VM weakly.
+pub(crate) struct Cpus {
+    pub(crate) shared: Weak<Shared>,
+}
+
+impl Cpus {
+    fn shared(&self, op: &'static str) -> vmkit_core::Result<Arc<Shared>> {
+        upgrade(&self.shared, op)
+    }
+}
+
+async fn slots(shared: &Shared, op: &str) -> vmkit_core::Result<Vec<Slot>> {
+    qmp_query(shared, op, "query-hotpluggable-cpus").await
+}
+
+async fn present(shared: &Shared, op: &str) -> vmkit_core::Result<Vec<Present>> {
+    let mut cpus: Vec<Present> = qmp_query(shared, op, "query-cpus-fast").await?;
+    cpus.sort_by_key(|c| c.index);
+    Ok(cpus)
+}
+
+/// The CPUs the guest has online, through the agent.
+async fn guest_online(agent: &AgentClient, op: &str) -> vmkit_core::Result<Vec<u32>> {
+    agent
+        .guest_info(ctx(), &GuestInfoRequest::new())
+        .await
+        .map(|info| info.online_cpus)
+        .map_err(|e| agent_err(op, "GuestInfo", &e))
+}
+
+async fn query(shared: Arc<Shared>) -> vmkit_core::Result<Vec<CpuInfo>> {
+    let op = "query_cpus";
+    let cpus = present(&shared, op).await?;
+    let online = match agent(&shared).await {
+        Ok(agent) => Some(guest_online(&agent, op).await?),
+        Err(_) => None,
+    };
+    Ok(cpus
+        .into_iter()
+        .map(|c| CpuInfo {
+            index: c.index,
+            topology: c.props.topology(),
+            device_id: c
+                .qom_path
+                .contains(CPU_ID_PREFIX)
+                .then(|| c.props.device_id()),
+            online: online.as_ref().map(|set| set.contains(&c.index)),
+        })
+        .collect())
+}
+
+async fn add_one(shared: Arc<Shared>) -> vmkit_core::Result<CpuInfo> {
+    let op = "hotplug_cpu";
+    let all = slots(&shared, op).await?;
+    let max = shared.config.resources.max_vcpus;
+    let mut free: Vec<&Slot> = all.iter().filter(|s| s.qom_path.is_none()).collect();
+    free.sort_by_key(|s| (s.props.socket, s.props.core, s.props.thread));
+    let Some(slot) = free.first() else {
+        return Err(CoreError::config(
+            "resources.max_vcpus",
+            format!("hotplug_cpu: all {max} vCPUs are present"),
+        ));
+    };
+    let id = slot.props.device_id();
+    let args = json!({
+        "driver": slot.driver,
+        "id": id,
+        "socket-id": slot.props.socket,
+        "core-id": slot.props.core,
+        "thread-id": slot.props.thread,
+    });
+    let qmp = shared.qmp(op)?;
+    qmp.execute_raw("device_add", Some(args))
+        .await
+        .map_err(|e| {
+            qmp_err(
+                &format!(
+                    "device_add cpu socket={} core={} thread={}",
+                    slot.props.socket, slot.props.core, slot.props.thread
+                ),
+                e,
+            )
+        })?;
+    let index = present(&shared, op)
+        .await?
+        .into_iter()
+        .find(|c| c.props == slot.props)
+        .map(|c| c.index)
+        .ok_or_else(|| {
+            CoreError::backend(
+                op,
+                Error::Io {
+                    op: format!("find {id} after device_add"),
+                    source: std::io::Error::other("QEMU does not list it"),
+                },
+            )
+        })?;
+    // The guest's uevent helper usually onlines it; the agent makes sure.
+    let agent = agent(&shared).await?;
+    let deadline = Instant::now() + ONLINE_TIMEOUT;
+    for round in 0u32.. {
+        if guest_online(&agent, op).await?.contains(&index) {
+            break;
+        }
+        // The guest's own hotplug helper usually wins; the agent nudges every 10th look.
+        if round % ONLINE_NUDGE_EVERY != ONLINE_NUDGE_EVERY - 1 {
+            if Instant::now() >= deadline {
+                return Err(CoreError::Timeout {
+                    op: format!("hotplug_cpu: the guest onlining cpu{index} ({id})"),
+                    after: ONLINE_TIMEOUT,
+                });
+            }
+            sleep(POLL).await;
+            continue;
+        }
+        let mut req = OnlineResourcesRequest::new();
+        req.cpus = true;
+        let resp = agent
+            .online_resources(ctx(), &req)
+            .await
+            .map_err(|e| agent_err(op, "OnlineResources", &e))?;
+        if let Some(failure) = resp
+            .failures
+            .iter()
+            .find(|f| f.starts_with(&format!("cpu{index}:")))
+        {
+            return Err(CoreError::backend(
+                op,
+                Error::Agent {
+                    call: "OnlineResources",
+                    cause: failure.clone(),
+                },
+            ));
+        }
+        if Instant::now() >= deadline {
+            return Err(CoreError::Timeout {
+                op: format!("hotplug_cpu: the guest onlining cpu{index} ({id})"),
+                after: ONLINE_TIMEOUT,
+            });
+        }
+        sleep(POLL).await;
+    }
+    Ok(CpuInfo {
+        index,
+        topology: slot.props.topology(),
+        device_id: Some(id),
+        online: Some(true),
+    })
+}
+
+async fn remove_one(shared: Arc<Shared>, index: u32) -> vmkit_core::Result<()> {
+    let op = "unplug_cpu";
+    let cpus = present(&shared, op).await?;
+    let Some(cpu) = cpus.iter().find(|c| c.index == index) else {
+        return Err(CoreError::config(
+            "index",
+            format!(
+                "unplug_cpu: no vCPU {index} (present: {:?})",
+                cpus.iter().map(|c| c.index).collect::<Vec<_>>()
+            ),
+        ));
+    };
+    if !cpu.qom_path.contains(CPU_ID_PREFIX) {
+        return Err(CoreError::config(
+            "index",
+            format!(
+                "unplug_cpu: vCPU {index} was there at boot; only hot-plugged vCPUs can be removed"
+            ),
+        ));
+    }
+    let id = cpu.props.device_id();
+    let qmp = shared.qmp(op)?;
+    qmp.execute_raw("device_del", Some(json!({ "id": id })))
+        .await
+        .map_err(|e| qmp_err(&format!("device_del {id}"), e))?;
+    let deadline = Instant::now() + UNPLUG_TIMEOUT;
+    loop {
+        if !present(&shared, op).await?.iter().any(|c| c.index == index) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(CoreError::Timeout {
+                op: format!(
+                    "unplug_cpu: QEMU still lists vCPU {index} ({id}); the guest did not release it"
+                ),
+                after: UNPLUG_TIMEOUT,
+            });
+        }
+        sleep(POLL).await;
+    }
+}
+
+#[async_trait]
+impl CpuHotplugger for Cpus {
+    async fn query_cpus(&self) -> vmkit_core::Result<Vec<CpuInfo>> {
+        let shared = self.shared("query_cpus")?;
+        shared
+            .state
+            .require("query_cpus", &[VmState::Running, VmState::Paused])?;
+        shared
+            .hotplug
+            .run(&shared, "query_cpus".into(), query(Arc::clone(&shared)))
+            .await
+    }
+
+    async fn hotplug_cpu(&self) -> vmkit_core::Result<CpuInfo> {
+        let shared = self.shared("hotplug_cpu")?;
+        shared.state.require("hotplug_cpu", &[VmState::Running])?;
+        shared
+            .hotplug
+            .run(&shared, "hotplug_cpu".into(), add_one(Arc::clone(&shared)))
+            .await
+    }
+
+    async fn unplug_cpu(&self, index: u32) -> vmkit_core::Result<()> {
+        let shared = self.shared("unplug_cpu")?;
+        shared.state.require("unplug_cpu", &[VmState::Running])?;
+        shared
+            .hotplug
+            .run(
+                &shared,
+                format!("unplug_cpu {index}"),
+                remove_one(Arc::clone(&shared), index),
+            )
+            .await
+    }
+
+    async fn set_vcpus(&self, count: u32) -> vmkit_core::Result<VcpuResize> {
+        let shared = self.shared("set_vcpus")?;
+        shared.state.require("set_vcpus", &[VmState::Running])?;
+        let max = shared.config.resources.max_vcpus;
+        if count == 0 || count > max {
+            return Err(CoreError::config(
+                "count",
+                format!("set_vcpus {count}: must be within 1..={max} (max_vcpus)"),
+            ));
+        }
+        let job_shared = Arc::clone(&shared);
+        shared
+            .hotplug
+            .run(&shared, format!("set_vcpus {count}"), async move {
+                resize(job_shared, count).await
+            })
+            .await
+    }
+}
+
+/// Adds or removes vCPUs (newest first) until `count` are present and online.
+async fn resize(shared: Arc<Shared>, count: u32) -> vmkit_core::Result<VcpuResize> {
+    let before = u32::try_from(present(&shared, "set_vcpus").await?.len()).unwrap_or(u32::MAX);
+    let mut failures = Vec::new();
+    let mut now = before;
+    while now < count {
+        match add_one(Arc::clone(&shared)).await {
+            Ok(_) => now += 1,
+            Err(error) => {
+                failures.push(CpuFailure { index: now, error });
+                break;
+            }
+        }
+    }
+    while now > count {
+        let cpus = present(&shared, "set_vcpus").await?;
+        let Some(newest) = cpus
+            .iter()
+            .filter(|c| c.qom_path.contains(CPU_ID_PREFIX))
+            .map(|c| c.index)
+            .max()
+        else {
+            break;
+        };
+        match remove_one(Arc::clone(&shared), newest).await {
+            Ok(()) => now -= 1,
+            Err(error) => {
+                failures.push(CpuFailure {
+                    index: newest,
+                    error,
+                });
+                break;
+            }
+        }
+    }
+    Ok(VcpuResize {
+        requested: count,
+        before,
+        achieved: now,
+        failures,
+    })
+}

@@ -1,0 +1,317 @@
+//! Memory hot-plug ([`MemoryHotplugger`]) as DIMMs: `object-add` of a RAM backend —
+//! memfd, shared, when a vhost-user daemon maps guest RAM — then `device_add pc-dimm`;
+//! any failure removes what was created. With `memory_hotplug = virtio_mem` the calls go
+//! to [`super::virtio_mem`] instead.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::time::{Instant, sleep};
+use vmkit_core::{DimmInfo, Error as CoreError, MemoryHotplugger, MemoryInfo, VmState};
+use vmkit_proto::AgentClient;
+use vmkit_proto::agent::{GuestInfoRequest, OnlineResourcesRequest, OnlineResourcesResponse};
+
+use super::{MIB, ONLINE_NUDGE_EVERY, POLL, agent, agent_err, ctx, qmp_err, qmp_query, upgrade};
+use crate::error::Error;
+use crate::instance::Shared;
+
+/// The id prefix of hot-plugged DIMMs; the backend object is `<id>-ram`.
+const DIMM_ID_PREFIX: &str = "vmkit-mem";
+/// How long the guest may take to online a DIMM (measured ≈ 0.15 s under TCG).
+const MEMORY_ONLINE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long QEMU and the guest may take to release a DIMM.
+const MEMORY_UNPLUG_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A DIMM of `query-memory-devices`.
+#[derive(Debug, Clone, Deserialize)]
+struct MemoryDevice {
+    #[serde(rename = "type")]
+    kind: String,
+    data: DimmData,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct DimmData {
+    #[serde(default)]
+    id: Option<String>,
+    size: u64,
+    #[serde(default)]
+    slot: Option<u32>,
+    #[serde(default)]
+    addr: Option<u64>,
+}
+
+fn backend_id(id: &str) -> String {
+    format!("{id}-ram")
+}
+
+async fn dimms(shared: &Shared, op: &str) -> vmkit_core::Result<Vec<DimmInfo>> {
+    let devices: Vec<MemoryDevice> = qmp_query(shared, op, "query-memory-devices").await?;
+    Ok(devices
+        .into_iter()
+        .filter(|d| d.kind == "dimm")
+        .map(|d| DimmInfo {
+            id: d.data.id.unwrap_or_default(),
+            size_mib: d.data.size / MIB,
+            slot: d.data.slot,
+            address: d.data.addr,
+        })
+        .collect())
+}
+
+/// The guest's MemTotal and memory block size, in bytes.
+async fn guest_memory(agent: &AgentClient, op: &str) -> vmkit_core::Result<(u64, u64)> {
+    agent
+        .guest_info(ctx(), &GuestInfoRequest::new())
+        .await
+        .map(|info| (info.mem_total_bytes, info.memory_block_size_bytes))
+        .map_err(|e| agent_err(op, "GuestInfo", &e))
+}
+
+/// Memory hot-plug for one VM; holds the VM weakly.
+pub(crate) struct Memory {
+    pub(crate) shared: Weak<Shared>,
+}
+
+impl Memory {
+    fn shared(&self, op: &'static str) -> vmkit_core::Result<Arc<Shared>> {
+        upgrade(&self.shared, op)
+    }
+
+    /// [`MemoryHotplugger::hotplug_memory`] with the DIMM slot chosen by the caller
+    /// (`None`: QEMU picks). QEMU's refusal of a slot comes back in the error, and the
+    /// backend object made for it is removed again.
+    pub(crate) async fn hotplug_at(
+        &self,
+        size_mib: u64,
+        slot: Option<u32>,
+    ) -> vmkit_core::Result<String> {
+        let shared = self.shared("hotplug_memory")?;
+        shared
+            .state
+            .require("hotplug_memory", &[VmState::Running])?;
+        let job_shared = Arc::clone(&shared);
+        shared
+            .hotplug
+            .run(
+                &shared,
+                format!("hotplug_memory {size_mib} MiB"),
+                async move { add_memory(job_shared, size_mib, slot).await },
+            )
+            .await
+    }
+}
+
+async fn add_memory(
+    shared: Arc<Shared>,
+    size_mib: u64,
+    slot: Option<u32>,
+) -> vmkit_core::Result<String> {
+    let op = format!("hotplug_memory {size_mib} MiB");
+    let res = &shared.config.resources;
+    let field = "size_mib";
+    if res.memory_slots == 0 {
+        return Err(CoreError::config(
+            "resources.memory_slots",
+            format!("{op}: the VM has no DIMM slots (set memory_slots and max_memory_mib)"),
+        ));
+    }
+    let agent = agent(&shared).await?;
+    let (total_before, block) = guest_memory(&agent, &op).await?;
+    let block_mib = (block / MIB).max(1);
+    if size_mib == 0 || !size_mib.is_multiple_of(block_mib) {
+        return Err(CoreError::config(
+            field,
+            format!("{op}: not a multiple of the guest's memory block size ({block_mib} MiB)"),
+        ));
+    }
+    let present = dimms(&shared, &op).await?;
+    let plugged: u64 = present.iter().map(|d| d.size_mib).sum();
+    let max = res.max_memory();
+    if res.memory_mib + plugged + size_mib > max {
+        return Err(CoreError::config(
+            field,
+            format!(
+                "{op}: {} MiB boot + {plugged} MiB plugged + {size_mib} MiB exceeds max_memory_mib {max}",
+                res.memory_mib
+            ),
+        ));
+    }
+    if present.len() >= res.memory_slots as usize {
+        return Err(CoreError::config(
+            "resources.memory_slots",
+            format!("{op}: all {} DIMM slots are in use", res.memory_slots),
+        ));
+    }
+    let id = (0..)
+        .map(|n| format!("{DIMM_ID_PREFIX}{n}"))
+        .find(|candidate| present.iter().all(|d| &d.id != candidate))
+        .unwrap_or_else(|| format!("{DIMM_ID_PREFIX}x"));
+    let object = backend_id(&id);
+    // A vhost-user daemon must see guest RAM: hot-added RAM too (QEMU would accept a
+    // private backend silently).
+    let qom_type = if shared.shares_ram() {
+        "memory-backend-memfd"
+    } else {
+        "memory-backend-ram"
+    };
+    let mut backend = json!({"qom-type": qom_type, "id": object, "size": size_mib * MIB});
+    if shared.shares_ram() {
+        backend["share"] = json!(true);
+    }
+    let qmp = shared.qmp("hotplug_memory")?;
+    qmp.execute_raw("object-add", Some(backend))
+        .await
+        .map_err(|e| qmp_err(&format!("object-add {qom_type} {object}"), e))?;
+    let mut dimm = json!({"driver": "pc-dimm", "id": id, "memdev": object});
+    if let Some(slot) = slot {
+        dimm["slot"] = json!(slot);
+    }
+    if let Err(e) = qmp.execute_raw("device_add", Some(dimm)).await {
+        remove_object(&shared, &object).await;
+        return Err(qmp_err(
+            &format!("device_add pc-dimm {id} ({size_mib} MiB)"),
+            e,
+        ));
+    }
+    // Online it (movable, so it can go again) and wait until MemTotal shows it.
+    let deadline = Instant::now() + MEMORY_ONLINE_TIMEOUT;
+    let mut looks = 0u32;
+    loop {
+        let round = looks;
+        looks = looks.wrapping_add(1);
+        // The guest's own hotplug helper usually onlines it; the agent nudges every 10th look.
+        let online = if round % ONLINE_NUDGE_EVERY == ONLINE_NUDGE_EVERY - 1 {
+            let mut req = OnlineResourcesRequest::new();
+            req.memory = true;
+            agent
+                .online_resources(ctx(), &req)
+                .await
+                .map_err(|e| agent_err(&op, "OnlineResources", &e))
+        } else {
+            Ok(OnlineResourcesResponse::new())
+        };
+        let grown = match online {
+            Ok(resp) if !resp.failures.is_empty() => Err(CoreError::backend(
+                op.clone(),
+                Error::Agent {
+                    call: "OnlineResources",
+                    cause: resp.failures.join("; "),
+                },
+            )),
+            Ok(_) => guest_memory(&agent, &op)
+                .await
+                .map(|(total, _)| total >= total_before + size_mib * MIB),
+            Err(e) => Err(e),
+        };
+        let failure = match grown {
+            Ok(true) => return Ok(id),
+            Ok(false) if Instant::now() < deadline => {
+                sleep(POLL).await;
+                continue;
+            }
+            Ok(false) => CoreError::Timeout {
+                op: format!("{op}: the guest onlining {id}"),
+                after: MEMORY_ONLINE_TIMEOUT,
+            },
+            Err(e) => e,
+        };
+        // Roll back: the DIMM and its backend go again (best effort; reported in logs).
+        if let Err(e) = remove_dimm(&shared, &id).await {
+            tracing::warn!(%id, error = %e, "rollback of a DIMM the guest did not online failed");
+        }
+        return Err(failure);
+    }
+}
+
+/// Deletes a backend object, logging (not failing) when QEMU refuses.
+async fn remove_object(shared: &Shared, object: &str) {
+    if let Ok(qmp) = shared.qmp("hotplug")
+        && let Err(e) = qmp
+            .execute_raw("object-del", Some(json!({ "id": object })))
+            .await
+    {
+        tracing::warn!(%object, error = %e, "object-del failed");
+    }
+}
+
+/// `device_del` the DIMM, wait until QEMU no longer lists it, then delete its backend.
+async fn remove_dimm(shared: &Shared, id: &str) -> vmkit_core::Result<()> {
+    let op = format!("unplug_memory {id}");
+    let qmp = shared.qmp("unplug_memory")?;
+    qmp.execute_raw("device_del", Some(json!({ "id": id })))
+        .await
+        .map_err(|e| qmp_err(&format!("device_del {id}"), e))?;
+    let deadline = Instant::now() + MEMORY_UNPLUG_TIMEOUT;
+    while dimms(shared, &op).await?.iter().any(|d| d.id == id) {
+        if Instant::now() >= deadline {
+            return Err(CoreError::Timeout {
+                op: format!("{op}: QEMU still lists it; the guest did not release the memory"),
+                after: MEMORY_UNPLUG_TIMEOUT,
+            });
+        }
+        sleep(POLL).await;
+    }
+    remove_object(shared, &backend_id(id)).await;
+    Ok(())
+}
+
+#[async_trait]
+impl MemoryHotplugger for Memory {
+    async fn query_memory(&self) -> vmkit_core::Result<MemoryInfo> {
+        let shared = self.shared("query_memory")?;
+        shared
+            .state
+            .require("query_memory", &[VmState::Running, VmState::Paused])?;
+        let job_shared = Arc::clone(&shared);
+        shared
+            .hotplug
+            .run(&shared, "query_memory".into(), async move {
+                let shared = job_shared;
+                let dimms = dimms(&shared, "query_memory").await?;
+                let guest_total_mib = match agent(&shared).await {
+                    Ok(agent) => Some(guest_memory(&agent, "query_memory").await?.0 / MIB),
+                    Err(_) => None,
+                };
+                let res = &shared.config.resources;
+                Ok(MemoryInfo {
+                    base_mib: res.memory_mib,
+                    plugged_mib: dimms.iter().map(|d| d.size_mib).sum(),
+                    max_mib: res.max_memory(),
+                    dimms,
+                    guest_total_mib,
+                })
+            })
+            .await
+    }
+
+    async fn hotplug_memory(&self, size_mib: u64) -> vmkit_core::Result<String> {
+        self.hotplug_at(size_mib, None).await
+    }
+
+    async fn unplug_memory(&self, id: &str) -> vmkit_core::Result<()> {
+        let shared = self.shared("unplug_memory")?;
+        shared.state.require("unplug_memory", &[VmState::Running])?;
+        let (job_shared, id) = (Arc::clone(&shared), id.to_owned());
+        shared
+            .hotplug
+            .run(&shared, format!("unplug_memory {id}"), async move {
+                let op = format!("unplug_memory {id}");
+                let present = dimms(&job_shared, &op).await?;
+                if !present.iter().any(|d| d.id == id) {
+                    return Err(CoreError::config(
+                        "id",
+                        format!(
+                            "{op}: no such DIMM (present: {:?})",
+                            present.iter().map(|d| d.id.as_str()).collect::<Vec<_>>()
+                        ),
+                    ));
+                }
+                remove_dimm(&job_shared, &id).await
+            })
+            .await
+    }
+}
