@@ -158,6 +158,27 @@ pub struct Resources {
     pub memory_slots: u32,
     /// Most memory after hot-plug, in MiB; `None` = `memory_mib` (no room to grow).
     pub max_memory_mib: Option<u64>,
+    /// How memory is hot-plugged: DIMMs (the default) or one virtio-mem device.
+    pub memory_hotplug: MemoryHotplug,
+}
+
+/// The memory hot-plug strategy.
+///
+/// | | DIMMs | virtio-mem |
+/// | --- | --- | --- |
+/// | unit | one device per hot-plug call, in `memory_slots` slots | one device spanning `max_memory_mib − memory_mib`; a call grows it |
+/// | granularity | the guest's memory block (128 MiB on x86) | the device block (2 MiB) |
+/// | guest needs | ACPI memory hot-plug | the `virtio_mem` driver |
+/// | unplug | the guest releases the whole DIMM | the guest releases any 2 MiB blocks it can |
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MemoryHotplug {
+    /// A `pc-dimm` per hot-plug call; needs `memory_slots` > 0.
+    #[default]
+    Dimm,
+    /// One virtio-mem device whose requested size grows and shrinks; needs
+    /// `memory_slots` = 0 and a guest kernel with `virtio_mem`.
+    VirtioMem,
 }
 
 impl Default for Resources {
@@ -168,6 +189,7 @@ impl Default for Resources {
             memory_mib: 256,
             memory_slots: 0,
             max_memory_mib: None,
+            memory_hotplug: MemoryHotplug::Dimm,
         }
     }
 }
@@ -219,6 +241,26 @@ impl Resources {
                 "resources.memory_slots",
                 format!("{} is more than {MAX_MEMORY_SLOTS}", self.memory_slots),
             ));
+        }
+        if self.memory_hotplug == MemoryHotplug::VirtioMem {
+            if self.memory_slots > 0 {
+                return Err(Error::config(
+                    "resources.memory_slots",
+                    format!(
+                        "{} DIMM slots with memory_hotplug = virtio_mem: virtio-mem uses all the room above memory_mib; set memory_slots to 0",
+                        self.memory_slots
+                    ),
+                ));
+            }
+            if self.max_memory() == self.memory_mib {
+                return Err(Error::config(
+                    "resources.max_memory_mib",
+                    format!(
+                        "memory_hotplug = virtio_mem but no room to grow into: set max_memory_mib above memory_mib ({} MiB)",
+                        self.memory_mib
+                    ),
+                ));
+            }
         }
         if self.memory_slots > 0 && self.max_memory() == self.memory_mib {
             return Err(Error::config(
@@ -437,6 +479,9 @@ pub struct Timeouts {
     /// How long a graceful shutdown may take before the backend forces it.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// How long a hot-plug may take to show in the guest, and an unplug to leave it.
+    #[serde(with = "humantime_serde")]
+    pub hotplug: Duration,
 }
 
 impl Default for Timeouts {
@@ -446,6 +491,7 @@ impl Default for Timeouts {
             command: Duration::from_secs(5),
             dial: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(5),
+            hotplug: Duration::from_secs(30),
         }
     }
 }
@@ -461,6 +507,7 @@ impl Timeouts {
             ("timeouts.command", self.command),
             ("timeouts.dial", self.dial),
             ("timeouts.shutdown_grace", self.shutdown_grace),
+            ("timeouts.hotplug", self.hotplug),
         ] {
             if value.is_zero() || value > MAX_TIMEOUT {
                 return Err(Error::config(
@@ -580,6 +627,7 @@ mod tests {
             memory_mib: 256,
             memory_slots: 4,
             max_memory_mib: Some(2048),
+            memory_hotplug: MemoryHotplug::Dimm,
         };
         f.config.disks.push(DiskConfig::new("root", &f.image));
         f.config.nics.push(NicConfig::tap(
@@ -674,6 +722,30 @@ mod tests {
             error_after(|c, _| c.resources.max_vcpus = 5000),
             "resources.max_vcpus: 5000 is more than 1024"
         );
+    }
+
+    #[test]
+    fn virtio_mem_takes_no_slots_and_needs_room() {
+        assert_eq!(
+            error_after(|c, _| {
+                c.resources.memory_hotplug = MemoryHotplug::VirtioMem;
+                c.resources.memory_slots = 2;
+                c.resources.max_memory_mib = Some(1024);
+            }),
+            "resources.memory_slots: 2 DIMM slots with memory_hotplug = virtio_mem: virtio-mem uses all the room above memory_mib; set memory_slots to 0"
+        );
+        assert_eq!(
+            error_after(|c, _| c.resources.memory_hotplug = MemoryHotplug::VirtioMem),
+            "resources.max_memory_mib: memory_hotplug = virtio_mem but no room to grow into: set max_memory_mib above memory_mib (256 MiB)"
+        );
+        let mut f = fixture();
+        f.config.resources.memory_hotplug = MemoryHotplug::VirtioMem;
+        f.config.resources.max_memory_mib = Some(1024);
+        f.config.validate().unwrap();
+        let json = serde_json::to_string(&f.config).unwrap();
+        assert!(json.contains(r#""memory_hotplug":"virtio_mem""#), "{json}");
+        let back: InstanceConfig = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.resources.memory_hotplug, MemoryHotplug::VirtioMem);
     }
 
     #[test]

@@ -44,8 +44,8 @@ pub mod validate;
 
 pub use backend::{Backend, BackendRegistration, Registry};
 pub use config::{
-    Accel, DEFAULT_AGENT_PORT, GuestTransport, InstanceConfig, KernelConfig, Resources,
-    StateLayout, Timeouts,
+    Accel, DEFAULT_AGENT_PORT, GuestTransport, InstanceConfig, KernelConfig, MemoryHotplug,
+    Resources, StateLayout, Timeouts,
 };
 pub use devices::{DiskConfig, DiskFormat, MacAddr, NicBackend, NicConfig};
 pub use error::{Error, Result};

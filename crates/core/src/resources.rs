@@ -130,6 +130,11 @@ pub struct MemoryInfo {
 }
 
 /// Memory hot-plug. Calls on one VM are serialised by the backend.
+///
+/// With DIMMs ([`MemoryHotplug::Dimm`](crate::MemoryHotplug::Dimm)) each hot-plug is one
+/// device. With virtio-mem ([`MemoryHotplug::VirtioMem`](crate::MemoryHotplug::VirtioMem))
+/// each hot-plug is a *grant* on the VM's one virtio-mem device: the id names the grant,
+/// [`MemoryInfo::dimms`] lists the grants, and unplugging one takes back its size.
 #[async_trait]
 pub trait MemoryHotplugger: Send + Sync {
     /// Boot, plugged and per-device memory, and the guest's view.
@@ -146,8 +151,9 @@ pub trait MemoryHotplugger: Send + Sync {
     /// Allowed in: `Running`.
     ///
     /// # Errors
-    /// `InvalidConfig` for a size that is not aligned to the guest's memory block or
-    /// exceeds `max_memory_mib` or the free slots (checked before any VMM command);
+    /// `InvalidConfig` for a size that is not aligned (to the guest's memory block for
+    /// DIMMs, to the device block for virtio-mem) or exceeds `max_memory_mib` or the free
+    /// slots (checked before any VMM command);
     /// `InvalidState`; `Timeout`; `Backend` with the VMM's error text.
     async fn hotplug_memory(&self, size_mib: u64) -> Result<String>;
 

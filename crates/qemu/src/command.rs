@@ -7,7 +7,7 @@ use std::os::fd::RawFd;
 use std::path::Path;
 
 use serde_json::json;
-use vmkit_core::{Accel, DiskConfig, InstanceConfig, NicConfig};
+use vmkit_core::{Accel, DiskConfig, InstanceConfig, MemoryHotplug, NicConfig};
 
 use crate::devices::{disk_args, nic_args};
 use crate::guest::VsockDevice;
@@ -23,6 +23,10 @@ pub const QMP_CHARDEV: &str = "vmkit-qmp";
 pub const CONSOLE_CHARDEV: &str = "vmkit-console";
 /// The id of the guest RAM's memory backend when it must be shared (vhost-user).
 pub const RAM_BACKEND: &str = "vmkit-ram";
+/// The id of the virtio-mem device (with `memory_hotplug = virtio_mem`).
+pub const VIRTIO_MEM_ID: &str = "vmkit-vmem";
+/// The id of the virtio-mem device's memory backend.
+pub const VIRTIO_MEM_BACKEND: &str = "vmkit-vmem-ram";
 /// The id of the vsock device (and of its chardev, for vhost-user).
 pub const VSOCK_ID: &str = "vmkit-vsock";
 /// The id prefix of the PCIe root ports reserved for hot-plug (`vmkit-rp0`, …).
@@ -104,6 +108,7 @@ pub fn build(launch: &Launch<'_>) -> Vec<OsString> {
         "-smp",
         &format!("{},maxcpus={}", res.boot_vcpus, res.max_vcpus),
     ]);
+    let virtio_mem = res.memory_hotplug == MemoryHotplug::VirtioMem;
     let memory = if res.memory_slots > 0 {
         format!(
             "{}M,slots={},maxmem={}M",
@@ -111,10 +116,31 @@ pub fn build(launch: &Launch<'_>) -> Vec<OsString> {
             res.memory_slots,
             res.max_memory()
         )
+    } else if virtio_mem {
+        // virtio-mem needs the device-memory region (maxmem), not slots.
+        format!("{}M,maxmem={}M", res.memory_mib, res.max_memory())
     } else {
         format!("{}M", res.memory_mib)
     };
     push(&["-m", &memory]);
+    if virtio_mem {
+        // One backend spanning all the room; nothing is allocated until the guest
+        // touches plugged blocks. Shared like boot RAM when a vhost-user daemon maps it.
+        let room = (res.max_memory() - res.memory_mib) << 20;
+        let backend = if shared_ram {
+            json!({"qom-type": "memory-backend-memfd", "id": VIRTIO_MEM_BACKEND,
+                   "size": room, "share": true})
+        } else {
+            json!({"qom-type": "memory-backend-ram", "id": VIRTIO_MEM_BACKEND,
+                   "size": room, "reserve": false})
+        };
+        push(&["-object", &backend.to_string()]);
+        // On the root complex: it is never unplugged, so it takes no hot-plug port.
+        let device = json!({"driver": "virtio-mem-pci", "id": VIRTIO_MEM_ID,
+                            "memdev": VIRTIO_MEM_BACKEND, "requested-size": 0,
+                            "bus": "pcie.0"});
+        push(&["-device", &device.to_string()]);
+    }
     if launch.sandbox {
         push(&["-sandbox", SANDBOX]);
     }
@@ -235,6 +261,7 @@ mod tests {
             memory_mib: 256,
             memory_slots: 4,
             max_memory_mib: Some(2048),
+            memory_hotplug: MemoryHotplug::Dimm,
         };
         let opts = QemuOptions::from_map(&Default::default()).unwrap();
         let args = args_of(&Launch {
@@ -264,6 +291,53 @@ mod tests {
         );
         for flag in ["-nodefaults", "-no-user-config", "-no-reboot"] {
             assert!(args.iter().any(|a| a == flag), "{flag} missing");
+        }
+    }
+
+    #[test]
+    fn virtio_mem_spans_the_room_above_boot_memory_and_is_shared_under_vhost_user() {
+        let mut c = config();
+        c.resources.memory_hotplug = MemoryHotplug::VirtioMem;
+        c.resources.max_memory_mib = Some(1280);
+        let opts = QemuOptions::from_map(&Default::default()).unwrap();
+        let hybrid = VsockDevice::VhostUser {
+            socket: "/run/v.sock".into(),
+        };
+        for (vsock, qom_type) in [
+            (None, "memory-backend-ram"),
+            (Some(&hybrid), "memory-backend-memfd"),
+        ] {
+            let args = args_of(&Launch {
+                config: &c,
+                options: &opts,
+                accel: Accel::Tcg,
+                cmdline: "",
+                sandbox: false,
+                disks: &[],
+                nics: &[],
+                vsock,
+            });
+            assert_eq!(value_after(&args, "-m"), ["256M,maxmem=1280M"]);
+            let objects: Vec<serde_json::Value> = value_after(&args, "-object")
+                .into_iter()
+                .map(|o| serde_json::from_str(o).unwrap())
+                .collect();
+            let backend = objects
+                .iter()
+                .find(|o| o["id"] == VIRTIO_MEM_BACKEND)
+                .expect("virtio-mem backend");
+            assert_eq!(backend["qom-type"], qom_type);
+            assert_eq!(backend["size"], 1024u64 << 20);
+            assert_eq!(backend["share"].as_bool(), vsock.map(|_| true));
+            let device: serde_json::Value = value_after(&args, "-device")
+                .into_iter()
+                .map(|d| serde_json::from_str::<serde_json::Value>(d).unwrap())
+                .find(|d| d["driver"] == "virtio-mem-pci")
+                .expect("virtio-mem-pci device");
+            assert_eq!(device["id"], VIRTIO_MEM_ID);
+            assert_eq!(device["memdev"], VIRTIO_MEM_BACKEND);
+            assert_eq!(device["requested-size"], 0);
+            assert_eq!(device["bus"], "pcie.0");
         }
     }
 

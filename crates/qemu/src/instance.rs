@@ -84,6 +84,8 @@ pub(crate) struct Shared {
     pub(crate) hotplug: crate::hotplug::Queue,
     /// Devices hot-plugged while running.
     pub(crate) hot_devices: Mutex<Vec<crate::hotplug::HotDevice>>,
+    /// Memory granted through virtio-mem, one entry per hot-plug call.
+    pub(crate) virtio_mem_grants: Mutex<Vec<crate::hotplug::Grant>>,
 }
 
 /// What exists while the VM lives.
@@ -121,6 +123,7 @@ impl Shared {
             dialing: tokio::sync::Mutex::new(()),
             hotplug: crate::hotplug::Queue::default(),
             hot_devices: Mutex::new(Vec::new()),
+            virtio_mem_grants: Mutex::new(Vec::new()),
         }
     }
 
@@ -368,14 +371,15 @@ impl QemuInstance {
         }
     }
 
-    /// Whether this instance can hot-plug memory: q35, an agent to online it, DIMM slots
-    /// and room above boot memory.
+    /// Whether this instance can hot-plug memory: q35, an agent to online it, room above
+    /// boot memory, and DIMM slots or virtio-mem.
     fn has_memory_hotplug(&self) -> bool {
         let config = &self.shared.config;
+        let res = &config.resources;
         self.shared.options.machine == crate::options::Machine::Q35
             && config.transport != GuestTransport::None
-            && config.resources.memory_slots > 0
-            && config.resources.max_memory() > config.resources.memory_mib
+            && (res.memory_slots > 0 || res.memory_hotplug == vmkit_core::MemoryHotplug::VirtioMem)
+            && res.max_memory() > res.memory_mib
     }
 
     /// [`MemoryHotplugger::hotplug_memory`] into a chosen DIMM slot: QEMU's refusal

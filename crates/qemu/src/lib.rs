@@ -83,6 +83,17 @@ impl QemuBackend {
             }
             other => vmkit_core::Error::backend("create", other),
         })?;
+        if config.resources.memory_hotplug == vmkit_core::MemoryHotplug::VirtioMem
+            && options.machine != Machine::Q35
+        {
+            return Err(vmkit_core::Error::config(
+                "resources.memory_hotplug",
+                format!(
+                    "virtio_mem needs machine q35 (virtio-mem is a PCI device; {} has no PCI)",
+                    options.machine.as_str()
+                ),
+            ));
+        }
         // The config's own devices go through the same checks as later add_* calls.
         let mut devices = devices::ColdDevices::default();
         for disk in &config.disks {
@@ -112,3 +123,28 @@ impl Backend for QemuBackend {
 }
 
 vmkit_core::register_backend!(|| Arc::new(QemuBackend));
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn virtio_mem_on_microvm_is_refused_at_create() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("vmlinuz");
+        std::fs::write(&kernel, b"k").unwrap();
+        let mut config = InstanceConfig::new("vm1", dir.path().join("state"), &kernel);
+        config.resources.memory_hotplug = vmkit_core::MemoryHotplug::VirtioMem;
+        config.resources.max_memory_mib = Some(1024);
+        config
+            .backend_options
+            .insert("machine".into(), "microvm".into());
+        let err = QemuBackend.create_instance(config.clone()).err().unwrap();
+        assert_eq!(
+            err.to_string(),
+            "invalid config: resources.memory_hotplug: virtio_mem needs machine q35 (virtio-mem is a PCI device; microvm has no PCI)"
+        );
+        config.backend_options.clear();
+        assert!(QemuBackend.create_instance(config).is_ok());
+    }
+}

@@ -5,7 +5,6 @@
 //! not trusted: GUEST.md).
 
 use std::sync::{Arc, Weak};
-use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::Deserialize;
@@ -21,10 +20,6 @@ use super::{ONLINE_NUDGE_EVERY, POLL, agent, agent_err, ctx, qmp_err, qmp_query,
 use crate::error::Error;
 use crate::instance::Shared;
 
-/// How long a guest may take to online a new vCPU (measured 0.3–0.4 s under TCG).
-const ONLINE_TIMEOUT: Duration = Duration::from_secs(20);
-/// How long QEMU and the guest may take to remove a vCPU.
-const UNPLUG_TIMEOUT: Duration = Duration::from_secs(20);
 /// The id prefix of hot-plugged vCPUs.
 const CPU_ID_PREFIX: &str = "vmkit-cpu";
 
@@ -175,7 +170,7 @@ async fn add_one(shared: Arc<Shared>) -> vmkit_core::Result<CpuInfo> {
         })?;
     // The guest's uevent helper usually onlines it; the agent makes sure.
     let agent = agent(&shared).await?;
-    let deadline = Instant::now() + ONLINE_TIMEOUT;
+    let deadline = Instant::now() + shared.config.timeouts.hotplug;
     for round in 0u32.. {
         if guest_online(&agent, op).await?.contains(&index) {
             break;
@@ -185,7 +180,7 @@ async fn add_one(shared: Arc<Shared>) -> vmkit_core::Result<CpuInfo> {
             if Instant::now() >= deadline {
                 return Err(CoreError::Timeout {
                     op: format!("hotplug_cpu: the guest onlining cpu{index} ({id})"),
-                    after: ONLINE_TIMEOUT,
+                    after: shared.config.timeouts.hotplug,
                 });
             }
             sleep(POLL).await;
@@ -213,7 +208,7 @@ async fn add_one(shared: Arc<Shared>) -> vmkit_core::Result<CpuInfo> {
         if Instant::now() >= deadline {
             return Err(CoreError::Timeout {
                 op: format!("hotplug_cpu: the guest onlining cpu{index} ({id})"),
-                after: ONLINE_TIMEOUT,
+                after: shared.config.timeouts.hotplug,
             });
         }
         sleep(POLL).await;
@@ -251,7 +246,7 @@ async fn remove_one(shared: Arc<Shared>, index: u32) -> vmkit_core::Result<()> {
     qmp.execute_raw("device_del", Some(json!({ "id": id })))
         .await
         .map_err(|e| qmp_err(&format!("device_del {id}"), e))?;
-    let deadline = Instant::now() + UNPLUG_TIMEOUT;
+    let deadline = Instant::now() + shared.config.timeouts.hotplug;
     loop {
         if !present(&shared, op).await?.iter().any(|c| c.index == index) {
             return Ok(());
@@ -261,7 +256,7 @@ async fn remove_one(shared: Arc<Shared>, index: u32) -> vmkit_core::Result<()> {
                 op: format!(
                     "unplug_cpu: QEMU still lists vCPU {index} ({id}); the guest did not release it"
                 ),
-                after: UNPLUG_TIMEOUT,
+                after: shared.config.timeouts.hotplug,
             });
         }
         sleep(POLL).await;

@@ -13,11 +13,6 @@ use super::{POLL, agent, agent_err, ctx, qmp_err};
 use crate::error::Error;
 use crate::instance::Shared;
 
-/// How long the guest may take to show a hot-plugged disk or NIC (disks: 60–100 ms).
-const DEVICE_VISIBLE_TIMEOUT: Duration = Duration::from_secs(20);
-/// How long the guest may take to release a disk on `device_del`.
-const DEVICE_DELETED_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// A device hot-plugged into this VM.
 #[derive(Debug, Clone)]
 pub(crate) struct HotDevice {
@@ -129,22 +124,29 @@ pub(crate) async fn add_disk(shared: Arc<Shared>, disk: DiskConfig) -> vmkit_cor
         return Ok(());
     };
     let serial = disk.serial.clone();
-    until_guest_shows(&agent, &op, "the new disk", move |info| match &serial {
-        Some(serial) => info.disks.iter().any(|d| &d.serial == serial),
-        None => info.disks.len() > before,
-    })
+    until_guest_shows(
+        &agent,
+        &op,
+        "the new disk",
+        shared.config.timeouts.hotplug,
+        move |info| match &serial {
+            Some(serial) => info.disks.iter().any(|d| &d.serial == serial),
+            None => info.disks.len() > before,
+        },
+    )
     .await
 }
 
-/// Polls the agent's GuestInfo until `seen` holds, within [`DEVICE_VISIBLE_TIMEOUT`];
+/// Polls the agent's GuestInfo until `seen` holds, within `limit`;
 /// the timeout names `what` the guest never showed.
 async fn until_guest_shows(
     agent: &AgentClient,
     op: &str,
     what: &str,
+    limit: Duration,
     seen: impl Fn(&vmkit_proto::agent::GuestInfoResponse) -> bool,
 ) -> vmkit_core::Result<()> {
-    let deadline = Instant::now() + DEVICE_VISIBLE_TIMEOUT;
+    let deadline = Instant::now() + limit;
     loop {
         let info = agent
             .guest_info(ctx(), &GuestInfoRequest::new())
@@ -156,7 +158,7 @@ async fn until_guest_shows(
         if Instant::now() >= deadline {
             return Err(CoreError::Timeout {
                 op: format!("{op}: the guest showing {what}"),
-                after: DEVICE_VISIBLE_TIMEOUT,
+                after: limit,
             });
         }
         sleep(POLL).await;
@@ -193,7 +195,7 @@ pub(crate) async fn remove_device(shared: Arc<Shared>, id: String) -> vmkit_core
     qmp.execute_raw("device_del", Some(json!({ "id": id })))
         .await
         .map_err(|e| qmp_err(&format!("device_del {id}"), e))?;
-    let deleted = tokio::time::timeout(DEVICE_DELETED_TIMEOUT, async {
+    let deleted = tokio::time::timeout(shared.config.timeouts.hotplug, async {
         loop {
             match events.recv().await {
                 Ok(vmkit_core::VmEvent::DeviceDeleted { id: Some(gone), .. }) if gone == id => {
@@ -213,7 +215,7 @@ pub(crate) async fn remove_device(shared: Arc<Shared>, id: String) -> vmkit_core
         Err(_) => {
             return Err(CoreError::Timeout {
                 op: format!("{op}: waiting for DEVICE_DELETED (the guest did not release it)"),
-                after: DEVICE_DELETED_TIMEOUT,
+                after: shared.config.timeouts.hotplug,
             });
         }
     }
@@ -304,9 +306,13 @@ pub(crate) async fn add_nic(shared: Arc<Shared>, nic: NicConfig) -> vmkit_core::
         return Ok(());
     };
     let mac = mac.to_string();
-    until_guest_shows(&agent, &op, &format!("a NIC with MAC {mac}"), |info| {
-        info.nics.iter().any(|n| n.mac == mac)
-    })
+    until_guest_shows(
+        &agent,
+        &op,
+        &format!("a NIC with MAC {mac}"),
+        shared.config.timeouts.hotplug,
+        |info| info.nics.iter().any(|n| n.mac == mac),
+    )
     .await
 }
 

@@ -10,29 +10,54 @@ use async_trait::async_trait;
 use serde::Deserialize;
 use serde_json::json;
 use tokio::time::{Instant, sleep};
-use vmkit_core::{DimmInfo, Error as CoreError, MemoryHotplugger, MemoryInfo, VmState};
+use vmkit_core::{
+    DimmInfo, Error as CoreError, MemoryHotplug, MemoryHotplugger, MemoryInfo, VmState,
+};
 use vmkit_proto::AgentClient;
-use vmkit_proto::agent::{GuestInfoRequest, OnlineResourcesRequest, OnlineResourcesResponse};
+use vmkit_proto::agent::{GuestInfoRequest, OnlineResourcesRequest};
 
-use super::{MIB, ONLINE_NUDGE_EVERY, POLL, agent, agent_err, ctx, qmp_err, qmp_query, upgrade};
+use super::{
+    MIB, ONLINE_NUDGE_EVERY, POLL, agent, agent_err, ctx, qmp_err, qmp_query, upgrade, virtio_mem,
+};
 use crate::error::Error;
 use crate::instance::Shared;
 
 /// The id prefix of hot-plugged DIMMs; the backend object is `<id>-ram`.
 const DIMM_ID_PREFIX: &str = "vmkit-mem";
-/// How long the guest may take to online a DIMM (measured ≈ 0.15 s under TCG).
-const MEMORY_ONLINE_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long QEMU and the guest may take to release a DIMM.
-const MEMORY_UNPLUG_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A DIMM of `query-memory-devices`.
+/// An entry of `query-memory-devices`; `data` depends on the `type`.
 #[derive(Debug, Clone, Deserialize)]
 struct MemoryDevice {
     #[serde(rename = "type")]
     kind: String,
-    data: DimmData,
+    data: serde_json::Value,
 }
 
+/// The `data` of the `query-memory-devices` entries of type `kind`, read as `T`.
+pub(super) async fn memory_devices<T: serde::de::DeserializeOwned>(
+    shared: &Shared,
+    op: &str,
+    kind: &str,
+) -> vmkit_core::Result<Vec<T>> {
+    let devices: Vec<MemoryDevice> = qmp_query(shared, op, "query-memory-devices").await?;
+    devices
+        .into_iter()
+        .filter(|d| d.kind == kind)
+        .map(|d| {
+            serde_json::from_value(d.data).map_err(|e| {
+                CoreError::backend(
+                    op.to_owned(),
+                    Error::Io {
+                        op: format!("read query-memory-devices ({kind})"),
+                        source: std::io::Error::other(e),
+                    },
+                )
+            })
+        })
+        .collect()
+}
+
+/// A DIMM's `data` in `query-memory-devices`.
 #[derive(Debug, Clone, Deserialize)]
 struct DimmData {
     #[serde(default)]
@@ -49,21 +74,20 @@ fn backend_id(id: &str) -> String {
 }
 
 async fn dimms(shared: &Shared, op: &str) -> vmkit_core::Result<Vec<DimmInfo>> {
-    let devices: Vec<MemoryDevice> = qmp_query(shared, op, "query-memory-devices").await?;
+    let devices: Vec<DimmData> = memory_devices(shared, op, "dimm").await?;
     Ok(devices
         .into_iter()
-        .filter(|d| d.kind == "dimm")
         .map(|d| DimmInfo {
-            id: d.data.id.unwrap_or_default(),
-            size_mib: d.data.size / MIB,
-            slot: d.data.slot,
-            address: d.data.addr,
+            id: d.id.unwrap_or_default(),
+            size_mib: d.size / MIB,
+            slot: d.slot,
+            address: d.addr,
         })
         .collect())
 }
 
 /// The guest's MemTotal and memory block size, in bytes.
-async fn guest_memory(agent: &AgentClient, op: &str) -> vmkit_core::Result<(u64, u64)> {
+pub(super) async fn guest_memory(agent: &AgentClient, op: &str) -> vmkit_core::Result<(u64, u64)> {
     agent
         .guest_info(ctx(), &GuestInfoRequest::new())
         .await
@@ -99,7 +123,20 @@ impl Memory {
             .run(
                 &shared,
                 format!("hotplug_memory {size_mib} MiB"),
-                async move { add_memory(job_shared, size_mib, slot).await },
+                async move {
+                    match (job_shared.config.resources.memory_hotplug, slot) {
+                        (MemoryHotplug::Dimm, _) => add_memory(job_shared, size_mib, slot).await,
+                        (MemoryHotplug::VirtioMem, None) => {
+                            virtio_mem::add(job_shared, size_mib).await
+                        }
+                        (MemoryHotplug::VirtioMem, Some(slot)) => Err(CoreError::config(
+                            "slot",
+                            format!(
+                                "hotplug_memory {size_mib} MiB in slot {slot}: virtio-mem has no DIMM slots"
+                            ),
+                        )),
+                    }
+                },
             )
             .await
     }
@@ -120,7 +157,9 @@ async fn add_memory(
         ));
     }
     let agent = agent(&shared).await?;
-    let (total_before, block) = guest_memory(&agent, &op).await?;
+    // The guest's view and QEMU's, asked at once (both are round trips on a busy VM).
+    let ((total_before, block), present) =
+        tokio::try_join!(guest_memory(&agent, &op), dimms(&shared, &op))?;
     let block_mib = (block / MIB).max(1);
     if size_mib == 0 || !size_mib.is_multiple_of(block_mib) {
         return Err(CoreError::config(
@@ -128,7 +167,6 @@ async fn add_memory(
             format!("{op}: not a multiple of the guest's memory block size ({block_mib} MiB)"),
         ));
     }
-    let present = dimms(&shared, &op).await?;
     let plugged: u64 = present.iter().map(|d| d.size_mib).sum();
     let max = res.max_memory();
     if res.memory_mib + plugged + size_mib > max {
@@ -178,52 +216,67 @@ async fn add_memory(
         ));
     }
     // Online it (movable, so it can go again) and wait until MemTotal shows it.
-    let deadline = Instant::now() + MEMORY_ONLINE_TIMEOUT;
-    let mut looks = 0u32;
-    loop {
-        let round = looks;
-        looks = looks.wrapping_add(1);
-        // The guest's own hotplug helper usually onlines it; the agent nudges every 10th look.
-        let online = if round % ONLINE_NUDGE_EVERY == ONLINE_NUDGE_EVERY - 1 {
-            let mut req = OnlineResourcesRequest::new();
-            req.memory = true;
-            agent
-                .online_resources(ctx(), &req)
-                .await
-                .map_err(|e| agent_err(&op, "OnlineResources", &e))
-        } else {
-            Ok(OnlineResourcesResponse::new())
-        };
-        let grown = match online {
-            Ok(resp) if !resp.failures.is_empty() => Err(CoreError::backend(
-                op.clone(),
-                Error::Agent {
-                    call: "OnlineResources",
-                    cause: resp.failures.join("; "),
-                },
-            )),
-            Ok(_) => guest_memory(&agent, &op)
-                .await
-                .map(|(total, _)| total >= total_before + size_mib * MIB),
-            Err(e) => Err(e),
-        };
-        let failure = match grown {
-            Ok(true) => return Ok(id),
-            Ok(false) if Instant::now() < deadline => {
-                sleep(POLL).await;
-                continue;
-            }
-            Ok(false) => CoreError::Timeout {
-                op: format!("{op}: the guest onlining {id}"),
-                after: MEMORY_ONLINE_TIMEOUT,
-            },
-            Err(e) => e,
-        };
+    let waited = until_guest_memory(
+        &agent,
+        &op,
+        &format!("the guest onlining {id}"),
+        total_before + size_mib * MIB,
+        shared.config.timeouts.hotplug,
+    )
+    .await;
+    if let Err(failure) = waited {
         // Roll back: the DIMM and its backend go again (best effort; reported in logs).
         if let Err(e) = remove_dimm(&shared, &id).await {
             tracing::warn!(%id, error = %e, "rollback of a DIMM the guest did not online failed");
         }
         return Err(failure);
+    }
+    Ok(id)
+}
+
+/// Waits up to `limit` until the guest's MemTotal reaches `at_least` bytes. The guest's own hot-plug
+/// helper usually onlines new memory; every [`ONLINE_NUDGE_EVERY`]th look the agent is
+/// asked to as well. A timeout names `what` was awaited.
+pub(super) async fn until_guest_memory(
+    agent: &AgentClient,
+    op: &str,
+    what: &str,
+    at_least: u64,
+    limit: Duration,
+) -> vmkit_core::Result<()> {
+    let deadline = Instant::now() + limit;
+    let mut looks = 0u32;
+    loop {
+        let round = looks;
+        looks = looks.wrapping_add(1);
+        if round % ONLINE_NUDGE_EVERY == ONLINE_NUDGE_EVERY - 1 {
+            let mut req = OnlineResourcesRequest::new();
+            req.memory = true;
+            let resp = agent
+                .online_resources(ctx(), &req)
+                .await
+                .map_err(|e| agent_err(op, "OnlineResources", &e))?;
+            if !resp.failures.is_empty() {
+                return Err(CoreError::backend(
+                    op.to_owned(),
+                    Error::Agent {
+                        call: "OnlineResources",
+                        cause: resp.failures.join("; "),
+                    },
+                ));
+            }
+        }
+        let (total, _) = guest_memory(agent, op).await?;
+        if total >= at_least {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(CoreError::Timeout {
+                op: format!("{op}: {what}"),
+                after: limit,
+            });
+        }
+        sleep(POLL).await;
     }
 }
 
@@ -245,12 +298,12 @@ async fn remove_dimm(shared: &Shared, id: &str) -> vmkit_core::Result<()> {
     qmp.execute_raw("device_del", Some(json!({ "id": id })))
         .await
         .map_err(|e| qmp_err(&format!("device_del {id}"), e))?;
-    let deadline = Instant::now() + MEMORY_UNPLUG_TIMEOUT;
+    let deadline = Instant::now() + shared.config.timeouts.hotplug;
     while dimms(shared, &op).await?.iter().any(|d| d.id == id) {
         if Instant::now() >= deadline {
             return Err(CoreError::Timeout {
                 op: format!("{op}: QEMU still lists it; the guest did not release the memory"),
-                after: MEMORY_UNPLUG_TIMEOUT,
+                after: shared.config.timeouts.hotplug,
             });
         }
         sleep(POLL).await;
@@ -271,7 +324,19 @@ impl MemoryHotplugger for Memory {
             .hotplug
             .run(&shared, "query_memory".into(), async move {
                 let shared = job_shared;
-                let dimms = dimms(&shared, "query_memory").await?;
+                let op = "query_memory";
+                let (dimms, plugged_mib) = match shared.config.resources.memory_hotplug {
+                    MemoryHotplug::Dimm => {
+                        let dimms = dimms(&shared, op).await?;
+                        let plugged = dimms.iter().map(|d| d.size_mib).sum();
+                        (dimms, plugged)
+                    }
+                    // QEMU's view of what is plugged; the grants say who asked for it.
+                    MemoryHotplug::VirtioMem => (
+                        virtio_mem::grants(&shared),
+                        virtio_mem::plugged(&shared, op).await? / MIB,
+                    ),
+                };
                 let guest_total_mib = match agent(&shared).await {
                     Ok(agent) => Some(guest_memory(&agent, "query_memory").await?.0 / MIB),
                     Err(_) => None,
@@ -279,7 +344,7 @@ impl MemoryHotplugger for Memory {
                 let res = &shared.config.resources;
                 Ok(MemoryInfo {
                     base_mib: res.memory_mib,
-                    plugged_mib: dimms.iter().map(|d| d.size_mib).sum(),
+                    plugged_mib,
                     max_mib: res.max_memory(),
                     dimms,
                     guest_total_mib,
@@ -299,6 +364,9 @@ impl MemoryHotplugger for Memory {
         shared
             .hotplug
             .run(&shared, format!("unplug_memory {id}"), async move {
+                if job_shared.config.resources.memory_hotplug == MemoryHotplug::VirtioMem {
+                    return virtio_mem::remove(job_shared, id).await;
+                }
                 let op = format!("unplug_memory {id}");
                 let present = dimms(&job_shared, &op).await?;
                 if !present.iter().any(|d| d.id == id) {

@@ -9,6 +9,7 @@
 mod cpu;
 mod devices;
 mod memory;
+mod virtio_mem;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -22,6 +23,7 @@ use vmkit_proto::AgentClient;
 pub(crate) use cpu::Cpus;
 pub(crate) use devices::{HotDevice, add_disk, add_nic, remove_device};
 pub(crate) use memory::Memory;
+pub(crate) use virtio_mem::Grant;
 
 use crate::error::Error;
 use crate::instance::Shared;

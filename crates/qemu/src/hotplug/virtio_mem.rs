@@ -1,0 +1,212 @@
+//! Memory hot-plug through virtio-mem (`memory_hotplug = virtio_mem`).
+//!
+//! One `virtio-mem-pci` device ([`VIRTIO_MEM_ID`]) spans all the room above boot memory
+//! from boot on. A hot-plug raises its `requested-size` (`qom-set`); the guest's
+//! `virtio_mem` driver plugs the blocks and QEMU's `size` follows. The call returns once
+//! the guest's MemTotal shows the memory, and rolls the request back when it does not.
+//!
+//! Each call is a *grant* with its own id (`vmkit-vmem.<n>`), so the
+//! [`MemoryHotplugger`](vmkit_core::MemoryHotplugger) contract is the same as with
+//! DIMMs: unplugging a grant lowers the requested size by the grant's size and waits
+//! until QEMU reports the guest gave the blocks back. A guest that gives back only part
+//! of it keeps the rest: the grant shrinks to what is still plugged, and the error says
+//! how much was released.
+
+use std::sync::Arc;
+
+use serde::Deserialize;
+use serde_json::json;
+use tokio::time::{Instant, sleep};
+use vmkit_core::{DimmInfo, Error as CoreError};
+
+use super::memory::{guest_memory, memory_devices, until_guest_memory};
+use super::{MIB, POLL, agent, qmp_err};
+use crate::command::VIRTIO_MEM_ID;
+use crate::instance::{Shared, lock};
+
+/// The id prefix of virtio-mem grants (`vmkit-vmem.0`, …).
+const GRANT_PREFIX: &str = "vmkit-vmem.";
+
+/// Memory granted to the guest by one hot-plug call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Grant {
+    /// Its id, as returned by `hotplug_memory`.
+    pub(crate) id: String,
+    /// Its size in MiB.
+    pub(crate) size_mib: u64,
+}
+
+/// The virtio-mem device as `query-memory-devices` reports it (sizes in bytes).
+#[derive(Debug, Clone, Deserialize)]
+struct Device {
+    #[serde(default)]
+    id: Option<String>,
+    size: u64,
+    #[serde(rename = "requested-size")]
+    requested_size: u64,
+    #[serde(rename = "block-size")]
+    block_size: u64,
+    #[serde(rename = "max-size")]
+    max_size: u64,
+}
+
+/// vmkit's virtio-mem device, or an error saying QEMU does not list it.
+async fn device(shared: &Shared, op: &str) -> vmkit_core::Result<Device> {
+    let devices: Vec<Device> = memory_devices(shared, op, "virtio-mem").await?;
+    devices
+        .into_iter()
+        .find(|d| d.id.as_deref() == Some(VIRTIO_MEM_ID))
+        .ok_or_else(|| {
+            CoreError::backend(
+                op.to_owned(),
+                crate::error::Error::Io {
+                    op: "query-memory-devices".into(),
+                    source: std::io::Error::other(format!(
+                        "QEMU lists no virtio-mem device {VIRTIO_MEM_ID}"
+                    )),
+                },
+            )
+        })
+}
+
+async fn set_requested(shared: &Shared, op: &str, bytes: u64) -> vmkit_core::Result<()> {
+    let qmp = shared.qmp("virtio-mem")?;
+    qmp.execute_raw(
+        "qom-set",
+        Some(json!({
+            "path": format!("/machine/peripheral/{VIRTIO_MEM_ID}"),
+            "property": "requested-size",
+            "value": bytes,
+        })),
+    )
+    .await
+    .map(drop)
+    .map_err(|e| {
+        qmp_err(
+            &format!("{op}: qom-set {VIRTIO_MEM_ID} requested-size={bytes}"),
+            e,
+        )
+    })
+}
+
+/// The grants, as DIMM-like entries for `query_memory`.
+pub(crate) fn grants(shared: &Shared) -> Vec<DimmInfo> {
+    lock(&shared.virtio_mem_grants)
+        .iter()
+        .map(|g| DimmInfo {
+            id: g.id.clone(),
+            size_mib: g.size_mib,
+            slot: None,
+            address: None,
+        })
+        .collect()
+}
+
+/// Bytes QEMU reports plugged into the guest through virtio-mem.
+pub(crate) async fn plugged(shared: &Shared, op: &str) -> vmkit_core::Result<u64> {
+    Ok(device(shared, op).await?.size)
+}
+
+/// Grants `size_mib` more to the guest and waits until its MemTotal shows it.
+pub(crate) async fn add(shared: Arc<Shared>, size_mib: u64) -> vmkit_core::Result<String> {
+    let op = format!("hotplug_memory {size_mib} MiB (virtio-mem)");
+    let agent = agent(&shared).await?;
+    // The guest's view and QEMU's, asked at once (both are round trips on a busy VM).
+    let ((total_before, _), dev) =
+        tokio::try_join!(guest_memory(&agent, &op), device(&shared, &op))?;
+    let block_mib = (dev.block_size / MIB).max(1);
+    if size_mib == 0 || !size_mib.is_multiple_of(block_mib) {
+        return Err(CoreError::config(
+            "size_mib",
+            format!("{op}: not a multiple of the virtio-mem block size ({block_mib} MiB)"),
+        ));
+    }
+    let base = shared.config.resources.memory_mib;
+    let requested = dev.requested_size / MIB;
+    let max = shared.config.resources.max_memory();
+    if dev.requested_size + size_mib * MIB > dev.max_size {
+        return Err(CoreError::config(
+            "size_mib",
+            format!(
+                "{op}: {base} MiB boot + {requested} MiB plugged + {size_mib} MiB exceeds max_memory_mib {max}"
+            ),
+        ));
+    }
+    let target = dev.requested_size + size_mib * MIB;
+    set_requested(&shared, &op, target).await?;
+    let waited = until_guest_memory(
+        &agent,
+        &op,
+        "the guest plugging the memory (does its kernel load virtio_mem?)",
+        total_before + size_mib * MIB,
+        shared.config.timeouts.hotplug,
+    )
+    .await;
+    if let Err(failure) = waited {
+        // Roll back: ask for the old size again (best effort; logged).
+        if let Err(e) = set_requested(&shared, &op, dev.requested_size).await {
+            tracing::warn!(error = %e, "rollback of a virtio-mem request failed");
+        }
+        return Err(failure);
+    }
+    let mut grants = lock(&shared.virtio_mem_grants);
+    let id = (0..)
+        .map(|n| format!("{GRANT_PREFIX}{n}"))
+        .find(|candidate| grants.iter().all(|g| &g.id != candidate))
+        .unwrap_or_else(|| format!("{GRANT_PREFIX}x"));
+    grants.push(Grant {
+        id: id.clone(),
+        size_mib,
+    });
+    Ok(id)
+}
+
+/// Takes grant `id` back from the guest and waits until QEMU reports it released.
+pub(crate) async fn remove(shared: Arc<Shared>, id: String) -> vmkit_core::Result<()> {
+    let op = format!("unplug_memory {id} (virtio-mem)");
+    let grant = lock(&shared.virtio_mem_grants)
+        .iter()
+        .find(|g| g.id == id)
+        .cloned();
+    let Some(grant) = grant else {
+        let present: Vec<String> = grants(&shared).into_iter().map(|g| g.id).collect();
+        return Err(CoreError::config(
+            "id",
+            format!("{op}: no such grant (present: {present:?})"),
+        ));
+    };
+    let dev = device(&shared, &op).await?;
+    let target = dev.requested_size.saturating_sub(grant.size_mib * MIB);
+    set_requested(&shared, &op, target).await?;
+    let deadline = Instant::now() + shared.config.timeouts.hotplug;
+    let mut size = dev.size;
+    loop {
+        if size <= target {
+            lock(&shared.virtio_mem_grants).retain(|g| g.id != id);
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        sleep(POLL).await;
+        size = device(&shared, &op).await?.size;
+    }
+    // The guest could not give everything back: keep what is still plugged, stop QEMU
+    // asking for more, and shrink the grant to what is left of it.
+    let released_mib = dev.size.saturating_sub(size) / MIB;
+    if let Err(e) = set_requested(&shared, &op, size).await {
+        tracing::warn!(error = %e, "virtio-mem: re-requesting the plugged size failed");
+    }
+    let mut grants = lock(&shared.virtio_mem_grants);
+    if let Some(g) = grants.iter_mut().find(|g| g.id == id) {
+        g.size_mib = g.size_mib.saturating_sub(released_mib);
+    }
+    grants.retain(|g| g.size_mib > 0);
+    Err(CoreError::Timeout {
+        op: format!(
+            "{op}: the guest released {released_mib} of {} MiB",
+            grant.size_mib
+        ),
+        after: shared.config.timeouts.hotplug,
+    })
+}
