@@ -116,8 +116,9 @@ async fn run(vm: &QemuInstance, dir: &std::path::Path) -> Vec<Row> {
     let memory = vm.memory_hotplugger().unwrap();
     let mut rows = Vec::new();
 
-    // vCPU. No unplug between rounds: on QEMU 10 + TCG, plugging a vCPU again after an
-    // unplug took QEMU down in this bench (seen once); each round adds a new one.
+    // vCPU. No unplug between rounds: under TCG QEMU never reuses an unplugged vCPU's
+    // thread context, so a VM starts at most max_vcpus vCPU threads in its life (vmkit
+    // refuses the one more that would abort QEMU); each round adds new ones.
     let (mut ours, mut raw) = (Vec::new(), Vec::new());
     for round in 0..CPU_ROUNDS {
         let online = info(&agent).await.online_cpus.len();

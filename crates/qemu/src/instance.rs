@@ -105,6 +105,11 @@ pub(crate) struct Life {
     pub(crate) link: Option<Link>,
     /// The cached agent client.
     pub(crate) agent: Option<Agent>,
+    /// The accelerator QEMU runs with (resolved at start).
+    pub(crate) accel: Option<vmkit_core::Accel>,
+    /// vCPU threads QEMU has started in this VM's life: boot vCPUs plus every hot-plug.
+    /// Under TCG this may not exceed `max_vcpus` (see [`crate::hotplug`]'s vCPU notes).
+    pub(crate) vcpu_threads: u32,
 }
 
 impl Shared {

@@ -138,6 +138,11 @@ async fn boot(
     }
     let accel =
         accel::resolve(config.accel).map_err(|e| CoreError::backend(op("accelerator"), e))?;
+    {
+        let mut life = shared.life();
+        life.accel = Some(accel);
+        life.vcpu_threads = config.resources.boot_vcpus;
+    }
     let sandbox = match options.sandbox {
         Sandbox::On => true,
         Sandbox::Off => false,

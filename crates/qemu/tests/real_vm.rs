@@ -649,6 +649,51 @@ async fn set_vcpus_grows_to_four_online_in_the_guest_and_back_to_one() {
     vm.shutdown().await.unwrap();
 }
 
+/// Under TCG, QEMU never reuses an unplugged vCPU's translation context: with
+/// `max_vcpus` 3, the boot vCPU and two hot-plugs use all three, and a third hot-plug
+/// would abort QEMU. vmkit refuses it, says why, and the VM keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replugging_vcpus_under_tcg_stops_before_qemu_would_abort() {
+    let Some(image) = setup() else { return };
+    let _slot = VMS.acquire().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = image.config("replug", &dir.path().join("state"));
+    config.resources.max_vcpus = 3;
+    config.accel = vmkit_core::Accel::Tcg;
+    let vm = QemuBackend.create_instance(config).unwrap();
+    vm.start(StartOptions::new()).await.unwrap();
+    let cpus = vm.cpu_hotplugger().unwrap();
+    for _ in 0..2 {
+        let cpu = cpus.hotplug_cpu().await.unwrap();
+        assert_eq!(cpu.online, Some(true));
+        cpus.unplug_cpu(cpu.index).await.unwrap();
+    }
+    let err = cpus.hotplug_cpu().await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "hotplug_cpu: not supported by the qemu backend: under TCG QEMU starts at most \
+         max_vcpus (3) vCPU threads in a VM's life and never reuses an unplugged vCPU's; 3 \
+         have started, and one more would abort QEMU"
+    );
+    // set_vcpus reports the same reason per vCPU and QEMU keeps running.
+    let resize = cpus.set_vcpus(2).await.unwrap();
+    assert_eq!((resize.before, resize.achieved), (1, 1));
+    assert_eq!(resize.failures.len(), 1, "{resize:?}");
+    assert!(
+        resize.failures[0]
+            .error
+            .to_string()
+            .contains("one more would abort QEMU"),
+        "{resize:?}"
+    );
+    assert_eq!(vm.state(), VmState::Running);
+    let agent = vm.agent().await.unwrap();
+    agent.ping(ctx(), &PingRequest::new()).await.unwrap();
+    assert_eq!(cpus.query_cpus().await.unwrap().len(), 1);
+    let exit = vm.shutdown().await.unwrap();
+    assert_ne!(exit.reason, ExitReason::Crashed, "{exit:?}");
+}
+
 // --- Memory hot-plug ---
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

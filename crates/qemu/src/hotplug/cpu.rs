@@ -3,6 +3,11 @@
 //! agent onlines it; the call returns once the guest reports it online. Unplug is
 //! `device_del`, confirmed by `query-cpus-fast` no longer listing the CPU (one event is
 //! not trusted: GUEST.md).
+//!
+//! Under TCG, QEMU gives every vCPU thread it ever starts a translation context and
+//! never reuses an unplugged one's; a VM can therefore start at most `max_vcpus` vCPU
+//! threads in its life. Plugging one more aborts QEMU 10.0, so vmkit refuses it with
+//! `Unsupported` and QEMU keeps running. KVM has no such limit.
 
 use std::sync::{Arc, Weak};
 
@@ -11,12 +16,13 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::time::{Instant, sleep};
 use vmkit_core::{
-    CpuFailure, CpuHotplugger, CpuInfo, CpuTopology, Error as CoreError, VcpuResize, VmState,
+    Accel, CpuFailure, CpuHotplugger, CpuInfo, CpuTopology, Error as CoreError, VcpuResize, VmState,
 };
 use vmkit_proto::AgentClient;
 use vmkit_proto::agent::{GuestInfoRequest, OnlineResourcesRequest};
 
 use super::{ONLINE_NUDGE_EVERY, POLL, agent, agent_err, ctx, qmp_err, qmp_query, upgrade};
+use crate::BACKEND_NAME;
 use crate::error::Error;
 use crate::instance::Shared;
 
@@ -134,6 +140,25 @@ async fn add_one(shared: Arc<Shared>) -> vmkit_core::Result<CpuInfo> {
             format!("hotplug_cpu: all {max} vCPUs are present"),
         ));
     };
+    {
+        // QEMU's multi-threaded TCG gives each vCPU thread a translation context and
+        // never takes an unplugged vCPU's back: a VM can start at most max_vcpus vCPU
+        // threads in its life, and one more aborts QEMU (`tcg_register_thread:
+        // assertion failed: (n < tcg_max_ctxs)`, QEMU 10.0). Refuse instead.
+        let life = shared.life();
+        if life.accel == Some(Accel::Tcg) && life.vcpu_threads >= max {
+            return Err(CoreError::unsupported(
+                op,
+                BACKEND_NAME,
+                format!(
+                    "under TCG QEMU starts at most max_vcpus ({max}) vCPU threads in a VM's life \
+                     and never reuses an unplugged vCPU's; {} have started, and one more would \
+                     abort QEMU",
+                    life.vcpu_threads
+                ),
+            ));
+        }
+    }
     let id = slot.props.device_id();
     let args = json!({
         "driver": slot.driver,
@@ -154,6 +179,7 @@ async fn add_one(shared: Arc<Shared>) -> vmkit_core::Result<CpuInfo> {
                 e,
             )
         })?;
+    shared.life().vcpu_threads += 1;
     let index = present(&shared, op)
         .await?
         .into_iter()
