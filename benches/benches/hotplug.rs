@@ -2,7 +2,9 @@
 //! 256 MiB of memory as a DIMM and a disk (one VM), and 256 MiB through virtio-mem (a
 //! second VM), through vmkit, against the raw QMP sequence doing the same (the same
 //! commands on the same QMP connection, including the lookups it needs first, then
-//! polling the agent every 10 ms until the guest shows it), interleaved, several rounds.
+//! polling the agent's GuestInfo every 10 ms until the guest shows it), interleaved,
+//! several rounds. vmkit itself waits for vCPUs and memory with one `WaitResources`
+//! call, which the agent answers from inside the guest.
 //!
 //! Target (issue 6): vmkit within 1.1x of the raw sequence for each.
 
@@ -19,8 +21,8 @@ use vmkit_qmp::QmpClient;
 use vmkit_testkit::{qemu::require_qemu, require_guest_image};
 
 const ROUNDS: usize = 9;
-/// vCPU rounds: each adds two vCPUs (ours, then raw), within `max_vcpus` 12.
-const CPU_ROUNDS: usize = 5;
+/// vCPU rounds: each adds two vCPUs (ours, then raw), within `max_vcpus` 24.
+const CPU_ROUNDS: usize = 11;
 const POLL: Duration = Duration::from_millis(10);
 
 fn main() {
@@ -32,7 +34,7 @@ fn main() {
         let phase = Duration::from_secs(300);
         let dir = tempfile::tempdir().unwrap();
         let mut config = image.config("hotplug-bench", &dir.path().join("state"));
-        config.resources.max_vcpus = 12;
+        config.resources.max_vcpus = 24;
         config.resources.memory_slots = 4;
         config.resources.max_memory_mib = Some(2048);
         let vm = QemuBackend.create_instance(config).unwrap();

@@ -53,7 +53,7 @@ pub(crate) fn parse_cpu_list(text: &str) -> Vec<u32> {
 }
 
 /// A value in kB from /proc/meminfo, in bytes.
-fn meminfo_bytes(meminfo: &str, key: &str) -> u64 {
+pub(crate) fn meminfo_bytes(meminfo: &str, key: &str) -> u64 {
     meminfo
         .lines()
         .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))

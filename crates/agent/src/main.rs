@@ -19,6 +19,7 @@ mod power;
 mod rpc;
 mod service;
 mod streams;
+mod wait;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -150,6 +150,7 @@ async fn dispatch(
         "GuestInfo" => unary!(guest_info),
         "Exec" => unary!(exec),
         "OnlineResources" => unary!(online_resources),
+        "WaitResources" => unary!(wait_resources),
         "PowerOff" => unary!(power_off),
         other => Err(get_status(
             Code::NOT_FOUND,

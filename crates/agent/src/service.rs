@@ -7,6 +7,7 @@ use ttrpc::error::get_rpc_status;
 use vmkit_proto::agent::{
     ExecRequest, ExecResponse, GuestInfoRequest, GuestInfoResponse, OnlineResourcesRequest,
     OnlineResourcesResponse, PingRequest, PingResponse, PowerOffRequest, PowerOffResponse,
+    WaitResourcesRequest, WaitResourcesResponse,
 };
 
 use crate::exec::ExecError;
@@ -68,6 +69,14 @@ impl vmkit_proto::Agent for AgentService {
         req: OnlineResourcesRequest,
     ) -> ttrpc::Result<OnlineResourcesResponse> {
         Ok(crate::online::online(req.cpus, req.memory).await)
+    }
+
+    async fn wait_resources(
+        &self,
+        _ctx: &TtrpcContext,
+        req: WaitResourcesRequest,
+    ) -> ttrpc::Result<WaitResourcesResponse> {
+        Ok(crate::wait::wait(req).await)
     }
 
     async fn power_off(

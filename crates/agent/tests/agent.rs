@@ -11,6 +11,7 @@ use tokio::net::UnixStream;
 use ttrpc::context;
 use vmkit_proto::agent::{
     ExecRequest, GuestInfoRequest, OnlineResourcesRequest, PingRequest, PowerOffRequest,
+    WaitResourcesRequest,
 };
 use vmkit_proto::{AgentClient, FramedStream};
 
@@ -270,6 +271,47 @@ async fn power_off_is_refused_outside_a_guest_and_online_finds_nothing_to_do() {
     req.memory = false;
     let resp = client.online_resources(ctx(), &req).await.unwrap();
     assert!(resp.cpus_onlined.is_empty() && resp.memory_blocks_onlined.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_resources_answers_at_once_when_met_and_at_its_timeout_when_not() {
+    let agent = Agent::start().await;
+    let client = agent.client().await;
+    // What the host has (cpu0 is always online): met on the first look.
+    let mut req = WaitResourcesRequest::new();
+    req.cpus = vec![0];
+    req.mem_total_at_least = 1 << 20;
+    req.timeout_ms = 5_000;
+    let began = Instant::now();
+    let resp = client.wait_resources(ctx(), &req).await.unwrap();
+    assert!(resp.reached, "{resp:?}");
+    assert!(
+        began.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        began.elapsed()
+    );
+    let host_cpus = resp.online_cpus;
+    assert_eq!(host_cpus.first(), Some(&0));
+    assert!(resp.mem_total_bytes >= 1 << 20);
+
+    // A CPU the host does not have and more memory than it has: not met, and the
+    // answer comes at the timeout, with what the guest had.
+    for (cpus, floor) in [(vec![4096], 0), (vec![], u64::MAX)] {
+        let mut req = WaitResourcesRequest::new();
+        req.cpus = cpus;
+        req.mem_total_at_least = floor;
+        req.timeout_ms = 300;
+        let began = Instant::now();
+        let resp = client.wait_resources(ctx(), &req).await.unwrap();
+        let took = began.elapsed();
+        assert!(!resp.reached, "{resp:?}");
+        assert!(
+            (Duration::from_millis(300)..Duration::from_secs(3)).contains(&took),
+            "{took:?}"
+        );
+        assert!(resp.waited_ms >= 300, "{resp:?}");
+        assert_eq!(resp.online_cpus, host_cpus);
+    }
 }
 
 async fn stream(path: &Path, header: &[u8]) -> (FramedStream<UnixStream>, String) {

@@ -19,9 +19,9 @@ use vmkit_core::{
     Accel, CpuFailure, CpuHotplugger, CpuInfo, CpuTopology, Error as CoreError, VcpuResize, VmState,
 };
 use vmkit_proto::AgentClient;
-use vmkit_proto::agent::{GuestInfoRequest, OnlineResourcesRequest};
+use vmkit_proto::agent::{GuestInfoRequest, WaitResourcesRequest};
 
-use super::{ONLINE_NUDGE_EVERY, POLL, agent, agent_err, ctx, qmp_err, qmp_query, upgrade};
+use super::{POLL, agent, agent_err, ctx, qmp_err, qmp_query, upgrade, wait_in_guest};
 use crate::BACKEND_NAME;
 use crate::error::Error;
 use crate::instance::Shared;
@@ -194,51 +194,19 @@ async fn add_one(shared: Arc<Shared>) -> vmkit_core::Result<CpuInfo> {
                 },
             )
         })?;
-    // The guest's uevent helper usually onlines it; the agent makes sure.
+    // The guest's uevent helper usually onlines it; the agent waits for it in the
+    // guest and onlines it itself when the helper is slow.
     let agent = agent(&shared).await?;
-    let deadline = Instant::now() + shared.config.timeouts.hotplug;
-    for round in 0u32.. {
-        if guest_online(&agent, op).await?.contains(&index) {
-            break;
-        }
-        // The guest's own hotplug helper usually wins; the agent nudges every 10th look.
-        if round % ONLINE_NUDGE_EVERY != ONLINE_NUDGE_EVERY - 1 {
-            if Instant::now() >= deadline {
-                return Err(CoreError::Timeout {
-                    op: format!("hotplug_cpu: the guest onlining cpu{index} ({id})"),
-                    after: shared.config.timeouts.hotplug,
-                });
-            }
-            sleep(POLL).await;
-            continue;
-        }
-        let mut req = OnlineResourcesRequest::new();
-        req.cpus = true;
-        let resp = agent
-            .online_resources(ctx(), &req)
-            .await
-            .map_err(|e| agent_err(op, "OnlineResources", &e))?;
-        if let Some(failure) = resp
-            .failures
-            .iter()
-            .find(|f| f.starts_with(&format!("cpu{index}:")))
-        {
-            return Err(CoreError::backend(
-                op,
-                Error::Agent {
-                    call: "OnlineResources",
-                    cause: failure.clone(),
-                },
-            ));
-        }
-        if Instant::now() >= deadline {
-            return Err(CoreError::Timeout {
-                op: format!("hotplug_cpu: the guest onlining cpu{index} ({id})"),
-                after: shared.config.timeouts.hotplug,
-            });
-        }
-        sleep(POLL).await;
-    }
+    let mut req = WaitResourcesRequest::new();
+    req.cpus = vec![index];
+    wait_in_guest(
+        &agent,
+        op,
+        &format!("the guest onlining cpu{index} ({id})"),
+        req,
+        shared.config.timeouts.hotplug,
+    )
+    .await?;
     Ok(CpuInfo {
         index,
         topology: slot.props.topology(),

@@ -14,10 +14,10 @@ use vmkit_core::{
     DimmInfo, Error as CoreError, MemoryHotplug, MemoryHotplugger, MemoryInfo, VmState,
 };
 use vmkit_proto::AgentClient;
-use vmkit_proto::agent::{GuestInfoRequest, OnlineResourcesRequest};
+use vmkit_proto::agent::{GuestInfoRequest, WaitResourcesRequest};
 
 use super::{
-    MIB, ONLINE_NUDGE_EVERY, POLL, agent, agent_err, ctx, qmp_err, qmp_query, upgrade, virtio_mem,
+    MIB, POLL, agent, agent_err, ctx, qmp_err, qmp_query, upgrade, virtio_mem, wait_in_guest,
 };
 use crate::error::Error;
 use crate::instance::Shared;
@@ -234,9 +234,9 @@ async fn add_memory(
     Ok(id)
 }
 
-/// Waits up to `limit` until the guest's MemTotal reaches `at_least` bytes. The guest's own hot-plug
-/// helper usually onlines new memory; every [`ONLINE_NUDGE_EVERY`]th look the agent is
-/// asked to as well. A timeout names `what` was awaited.
+/// Waits up to `limit` until the guest's MemTotal reaches `at_least` bytes; the agent
+/// waits in the guest and onlines new blocks (movable) when the guest's own helper is
+/// slow. A timeout names `what` was awaited.
 pub(super) async fn until_guest_memory(
     agent: &AgentClient,
     op: &str,
@@ -244,40 +244,9 @@ pub(super) async fn until_guest_memory(
     at_least: u64,
     limit: Duration,
 ) -> vmkit_core::Result<()> {
-    let deadline = Instant::now() + limit;
-    let mut looks = 0u32;
-    loop {
-        let round = looks;
-        looks = looks.wrapping_add(1);
-        if round % ONLINE_NUDGE_EVERY == ONLINE_NUDGE_EVERY - 1 {
-            let mut req = OnlineResourcesRequest::new();
-            req.memory = true;
-            let resp = agent
-                .online_resources(ctx(), &req)
-                .await
-                .map_err(|e| agent_err(op, "OnlineResources", &e))?;
-            if !resp.failures.is_empty() {
-                return Err(CoreError::backend(
-                    op.to_owned(),
-                    Error::Agent {
-                        call: "OnlineResources",
-                        cause: resp.failures.join("; "),
-                    },
-                ));
-            }
-        }
-        let (total, _) = guest_memory(agent, op).await?;
-        if total >= at_least {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            return Err(CoreError::Timeout {
-                op: format!("{op}: {what}"),
-                after: limit,
-            });
-        }
-        sleep(POLL).await;
-    }
+    let mut req = WaitResourcesRequest::new();
+    req.mem_total_at_least = at_least;
+    wait_in_guest(agent, op, what, req, limit).await.map(drop)
 }
 
 /// Deletes a backend object, logging (not failing) when QEMU refuses.

@@ -19,6 +19,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use vmkit_core::{Error as CoreError, VmState};
 use vmkit_proto::AgentClient;
+use vmkit_proto::agent::{WaitResourcesRequest, WaitResourcesResponse};
 
 pub(crate) use cpu::Cpus;
 pub(crate) use devices::{HotDevice, add_disk, add_nic, remove_device};
@@ -28,9 +29,6 @@ pub(crate) use virtio_mem::Grant;
 use crate::error::Error;
 use crate::instance::Shared;
 
-/// While waiting for the guest to online something, every this many looks the agent
-/// is asked to online it (the guest's own uevent helper usually does it first).
-const ONLINE_NUDGE_EVERY: u32 = 10;
 /// How often the guest or QEMU is asked again while waiting.
 const POLL: Duration = Duration::from_millis(10);
 /// Bytes in a MiB.
@@ -136,6 +134,44 @@ async fn qmp_query<T: serde::de::DeserializeOwned>(
             },
         )
     })
+}
+
+/// Has the agent wait inside the guest until `req` holds, onlining what is still
+/// offline as it goes, within `limit`. A timeout names `what` was awaited; an onlining
+/// failure comes back with the guest's reason.
+async fn wait_in_guest(
+    agent: &AgentClient,
+    op: &str,
+    what: &str,
+    mut req: WaitResourcesRequest,
+    limit: Duration,
+) -> vmkit_core::Result<WaitResourcesResponse> {
+    req.online = true;
+    req.timeout_ms = u32::try_from(limit.as_millis()).unwrap_or(u32::MAX);
+    // The call's own deadline leaves the agent time to answer after its wait ends.
+    let call_limit = limit + Duration::from_secs(10);
+    let ctx =
+        ttrpc::context::with_timeout(i64::try_from(call_limit.as_nanos()).unwrap_or(i64::MAX));
+    let resp = agent
+        .wait_resources(ctx, &req)
+        .await
+        .map_err(|e| agent_err(op, "WaitResources", &e))?;
+    if !resp.failures.is_empty() {
+        return Err(CoreError::backend(
+            op.to_owned(),
+            Error::Agent {
+                call: "WaitResources",
+                cause: resp.failures.join("; "),
+            },
+        ));
+    }
+    if !resp.reached {
+        return Err(CoreError::Timeout {
+            op: format!("{op}: {what}"),
+            after: limit,
+        });
+    }
+    Ok(resp)
 }
 
 async fn agent(shared: &Arc<Shared>) -> vmkit_core::Result<AgentClient> {
