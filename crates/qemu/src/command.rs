@@ -25,6 +25,8 @@ pub const CONSOLE_CHARDEV: &str = "vmkit-console";
 pub const RAM_BACKEND: &str = "vmkit-ram";
 /// The id of the virtio-mem device (with `memory_hotplug = virtio_mem`).
 pub const VIRTIO_MEM_ID: &str = "vmkit-vmem";
+/// The virtio-mem device's block size in MiB: hot-plug granularity (x86's default).
+pub const VIRTIO_MEM_BLOCK_MIB: u64 = 2;
 /// The id of the virtio-mem device's memory backend.
 pub const VIRTIO_MEM_BACKEND: &str = "vmkit-vmem-ram";
 /// The id of the vsock device (and of its chardev, for vhost-user).
@@ -138,6 +140,7 @@ pub fn build(launch: &Launch<'_>) -> Vec<OsString> {
         // On the root complex: it is never unplugged, so it takes no hot-plug port.
         let device = json!({"driver": "virtio-mem-pci", "id": VIRTIO_MEM_ID,
                             "memdev": VIRTIO_MEM_BACKEND, "requested-size": 0,
+                            "block-size": VIRTIO_MEM_BLOCK_MIB << 20,
                             "bus": "pcie.0"});
         push(&["-device", &device.to_string()]);
     }
@@ -337,6 +340,7 @@ mod tests {
             assert_eq!(device["id"], VIRTIO_MEM_ID);
             assert_eq!(device["memdev"], VIRTIO_MEM_BACKEND);
             assert_eq!(device["requested-size"], 0);
+            assert_eq!(device["block-size"], 2u64 << 20);
             assert_eq!(device["bus"], "pcie.0");
         }
     }

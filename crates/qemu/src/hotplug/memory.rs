@@ -157,9 +157,7 @@ async fn add_memory(
         ));
     }
     let agent = agent(&shared).await?;
-    // The guest's view and QEMU's, asked at once (both are round trips on a busy VM).
-    let ((total_before, block), present) =
-        tokio::try_join!(guest_memory(&agent, &op), dimms(&shared, &op))?;
+    let (total_before, block) = guest_memory(&agent, &op).await?;
     let block_mib = (block / MIB).max(1);
     if size_mib == 0 || !size_mib.is_multiple_of(block_mib) {
         return Err(CoreError::config(
@@ -167,6 +165,8 @@ async fn add_memory(
             format!("{op}: not a multiple of the guest's memory block size ({block_mib} MiB)"),
         ));
     }
+    // A read-only query; nothing changes before the checks pass.
+    let present = dimms(&shared, &op).await?;
     let plugged: u64 = present.iter().map(|d| d.size_mib).sum();
     let max = res.max_memory();
     if res.memory_mib + plugged + size_mib > max {

@@ -21,7 +21,7 @@ use vmkit_core::{DimmInfo, Error as CoreError};
 
 use super::memory::{guest_memory, memory_devices, until_guest_memory};
 use super::{MIB, POLL, agent, qmp_err};
-use crate::command::VIRTIO_MEM_ID;
+use crate::command::{VIRTIO_MEM_BLOCK_MIB, VIRTIO_MEM_ID};
 use crate::instance::{Shared, lock};
 
 /// The id prefix of virtio-mem grants (`vmkit-vmem.0`, …).
@@ -44,8 +44,6 @@ struct Device {
     size: u64,
     #[serde(rename = "requested-size")]
     requested_size: u64,
-    #[serde(rename = "block-size")]
-    block_size: u64,
     #[serde(rename = "max-size")]
     max_size: u64,
 }
@@ -110,25 +108,41 @@ pub(crate) async fn plugged(shared: &Shared, op: &str) -> vmkit_core::Result<u64
 /// Grants `size_mib` more to the guest and waits until its MemTotal shows it.
 pub(crate) async fn add(shared: Arc<Shared>, size_mib: u64) -> vmkit_core::Result<String> {
     let op = format!("hotplug_memory {size_mib} MiB (virtio-mem)");
-    let agent = agent(&shared).await?;
-    // The guest's view and QEMU's, asked at once (both are round trips on a busy VM).
-    let ((total_before, _), dev) =
-        tokio::try_join!(guest_memory(&agent, &op), device(&shared, &op))?;
-    let block_mib = (dev.block_size / MIB).max(1);
+    // Checked before any QMP command or guest call: the block size is vmkit's own
+    // choice, and only vmkit's grants change the request.
+    let block_mib = VIRTIO_MEM_BLOCK_MIB;
     if size_mib == 0 || !size_mib.is_multiple_of(block_mib) {
         return Err(CoreError::config(
             "size_mib",
             format!("{op}: not a multiple of the virtio-mem block size ({block_mib} MiB)"),
         ));
     }
-    let base = shared.config.resources.memory_mib;
-    let requested = dev.requested_size / MIB;
-    let max = shared.config.resources.max_memory();
-    if dev.requested_size + size_mib * MIB > dev.max_size {
+    let res = &shared.config.resources;
+    let (base, max) = (res.memory_mib, res.max_memory());
+    let granted: u64 = lock(&shared.virtio_mem_grants)
+        .iter()
+        .map(|g| g.size_mib)
+        .sum();
+    if base + granted + size_mib > max {
         return Err(CoreError::config(
             "size_mib",
             format!(
-                "{op}: {base} MiB boot + {requested} MiB plugged + {size_mib} MiB exceeds max_memory_mib {max}"
+                "{op}: {base} MiB boot + {granted} MiB plugged + {size_mib} MiB exceeds max_memory_mib {max}"
+            ),
+        ));
+    }
+    let agent = agent(&shared).await?;
+    // The guest's view and QEMU's, asked at once (both are round trips on a busy VM).
+    let ((total_before, _), dev) =
+        tokio::try_join!(guest_memory(&agent, &op), device(&shared, &op))?;
+    if dev.requested_size + size_mib * MIB > dev.max_size {
+        // Someone else (the QMP escape hatch) asked for more than vmkit's grants.
+        return Err(CoreError::config(
+            "size_mib",
+            format!(
+                "{op}: QEMU already has {} MiB requested; {size_mib} MiB more exceeds the device's {} MiB",
+                dev.requested_size / MIB,
+                dev.max_size / MIB
             ),
         ));
     }
