@@ -248,6 +248,25 @@ mod tests {
             .collect()
     }
 
+    /// The arguments for `c` with no disks, NICs, kernel command line or sandbox.
+    fn plain_args(
+        c: &InstanceConfig,
+        opts: &QemuOptions,
+        accel: Accel,
+        vsock: Option<&VsockDevice>,
+    ) -> Vec<String> {
+        args_of(&Launch {
+            config: c,
+            options: opts,
+            accel,
+            cmdline: "",
+            sandbox: false,
+            disks: &[],
+            nics: &[],
+            vsock,
+        })
+    }
+
     fn value_after<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
         args.windows(2)
             .filter(|w| w[0] == flag)
@@ -310,16 +329,7 @@ mod tests {
             (None, "memory-backend-ram"),
             (Some(&hybrid), "memory-backend-memfd"),
         ] {
-            let args = args_of(&Launch {
-                config: &c,
-                options: &opts,
-                accel: Accel::Tcg,
-                cmdline: "",
-                sandbox: false,
-                disks: &[],
-                nics: &[],
-                vsock,
-            });
+            let args = plain_args(&c, &opts, Accel::Tcg, vsock);
             assert_eq!(value_after(&args, "-m"), ["256M,maxmem=1280M"]);
             let objects: Vec<serde_json::Value> = value_after(&args, "-object")
                 .into_iter()
@@ -352,16 +362,7 @@ mod tests {
         let hybrid = VsockDevice::VhostUser {
             socket: "/run/vmkit/a,b/vhost.sock".into(),
         };
-        let args = args_of(&Launch {
-            config: &c,
-            options: &opts,
-            accel: Accel::Tcg,
-            cmdline: "",
-            sandbox: false,
-            disks: &[],
-            nics: &[],
-            vsock: Some(&hybrid),
-        });
+        let args = plain_args(&c, &opts, Accel::Tcg, Some(&hybrid));
         assert_eq!(
             value_after(&args, "-machine"),
             ["q35,memory-backend=vmkit-ram"]
@@ -399,16 +400,7 @@ mod tests {
     fn kvm_uses_the_host_cpu_and_no_slots_means_plain_memory() {
         let c = config();
         let opts = QemuOptions::from_map(&Default::default()).unwrap();
-        let args = args_of(&Launch {
-            config: &c,
-            options: &opts,
-            accel: Accel::Kvm,
-            cmdline: "",
-            sandbox: false,
-            disks: &[],
-            nics: &[],
-            vsock: None,
-        });
+        let args = plain_args(&c, &opts, Accel::Kvm, None);
         assert_eq!(value_after(&args, "-cpu"), ["host"]);
         assert_eq!(value_after(&args, "-m"), ["256M"]);
         assert!(value_after(&args, "-sandbox").is_empty());
@@ -418,16 +410,7 @@ mod tests {
     fn commas_in_paths_are_doubled_in_options_and_kept_whole_elsewhere() {
         let c = config();
         let opts = QemuOptions::from_map(&Default::default()).unwrap();
-        let args = args_of(&Launch {
-            config: &c,
-            options: &opts,
-            accel: Accel::Tcg,
-            cmdline: "",
-            sandbox: false,
-            disks: &[],
-            nics: &[],
-            vsock: None,
-        });
+        let args = plain_args(&c, &opts, Accel::Tcg, None);
         let chardevs = value_after(&args, "-chardev");
         assert_eq!(
             chardevs[0],

@@ -713,14 +713,7 @@ async fn memory_grows_by_dimms_shrinks_by_unplug_and_refuses_bad_sizes_first() {
     );
     let memory = vm.memory_hotplugger().expect("q35 with slots and an agent");
     let agent = vm.agent().await.unwrap();
-    let total = || async {
-        agent
-            .guest_info(ctx(), &GuestInfoRequest::new())
-            .await
-            .unwrap()
-            .mem_total_bytes
-            >> 20
-    };
+    let total = || guest_total_mib(&agent);
     let base = total().await;
 
     // Refused before any QMP command, with the reason.
