@@ -105,6 +105,15 @@ pub enum Error {
     #[error("the VM is shutting down")]
     ShuttingDown,
 
+    /// The guest refused to eject a device (its ACPI `_OST` answer to the eject request).
+    #[error("the guest refused to eject it: ACPI _OST status {status:#04x} ({meaning})")]
+    GuestRefusedEject {
+        /// The `_OST` status code.
+        status: u64,
+        /// What the ACPI specification says the code means.
+        meaning: &'static str,
+    },
+
     /// `start` was cancelled by a concurrent `shutdown`.
     #[error("cancelled by shutdown")]
     Cancelled,

@@ -952,6 +952,82 @@ async fn virtio_mem_in_a_guest_without_the_driver_times_out_and_rolls_back() {
     vm.shutdown().await.unwrap();
 }
 
+/// Turns the guest's ACPI memory and CPU hot-plug handling on or off, through the agent.
+async fn guest_acpi_hotplug(agent: &AgentClient, on: bool) {
+    let value = if on { "1" } else { "0" };
+    let script = format!(
+        "echo {value} > /sys/firmware/acpi/hotplug/memory/enabled && \
+         echo {value} > /sys/firmware/acpi/hotplug/processor/enabled"
+    );
+    let out = agent
+        .exec(ctx(), &exec_req(&["sh", "-c", &script]))
+        .await
+        .unwrap();
+    assert_eq!(out.exit_code, 0, "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A guest that refuses to eject memory or a vCPU answers QEMU's eject request with an
+/// ACPI _OST failure; vmkit ends the unplug at once with the guest's reason (not after
+/// the deadline), the device stays and works, and once the guest agrees, unplug works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unplug_the_guest_refuses_fails_at_once_with_its_reason() {
+    let Some(image) = setup() else { return };
+    let _slot = VMS.acquire().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = image.config("refuse", &dir.path().join("state"));
+    config.resources.memory_slots = 2;
+    config.resources.max_memory_mib = Some(1024);
+    config.resources.max_vcpus = 3;
+    let vm = QemuBackend.create_instance(config).unwrap();
+    vm.start(StartOptions::new()).await.unwrap();
+    let agent = vm.agent().await.unwrap();
+    let memory = vm.memory_hotplugger().unwrap();
+    let cpus = vm.cpu_hotplugger().unwrap();
+    let base = guest_total_mib(&agent).await;
+    let dimm = memory.hotplug_memory(128).await.unwrap();
+    let cpu = cpus.hotplug_cpu().await.unwrap();
+
+    guest_acpi_hotplug(&agent, false).await;
+    let began = Instant::now();
+    let err = memory.unplug_memory(&dimm).await.unwrap_err().to_string();
+    assert_eq!(
+        err,
+        format!(
+            "unplug_memory {dimm}: the guest refused to eject it: ACPI _OST status 0x80 \
+             (ejection not supported by the guest: its ACPI hot-plug is off or cannot remove \
+             this device)"
+        )
+    );
+    let err = cpus.unplug_cpu(cpu.index).await.unwrap_err().to_string();
+    assert!(
+        err.starts_with(&format!(
+            "unplug_cpu {} (vmkit-cpu0-1-0): the guest refused to eject it: ACPI _OST status 0x80",
+            cpu.index
+        )),
+        "{err}"
+    );
+    // Both answers came long before the 30 s deadline.
+    assert!(
+        began.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        began.elapsed()
+    );
+    assert_eq!(guest_total_mib(&agent).await, base + 128);
+    let online = agent
+        .guest_info(ctx(), &GuestInfoRequest::new())
+        .await
+        .unwrap()
+        .online_cpus;
+    assert_eq!(online, [0, cpu.index]);
+
+    guest_acpi_hotplug(&agent, true).await;
+    memory.unplug_memory(&dimm).await.unwrap();
+    cpus.unplug_cpu(cpu.index).await.unwrap();
+    assert_eq!(guest_total_mib(&agent).await, base);
+    assert_eq!(cpus.query_cpus().await.unwrap().len(), 1);
+    vm.shutdown().await.unwrap();
+}
+
 // --- Disk hot-plug ---
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,14 +14,13 @@ use std::sync::{Arc, Weak};
 use async_trait::async_trait;
 use serde::Deserialize;
 use serde_json::json;
-use tokio::time::{Instant, sleep};
 use vmkit_core::{
     Accel, CpuFailure, CpuHotplugger, CpuInfo, CpuTopology, Error as CoreError, VcpuResize, VmState,
 };
 use vmkit_proto::AgentClient;
 use vmkit_proto::agent::{GuestInfoRequest, WaitResourcesRequest};
 
-use super::{POLL, agent, agent_err, ctx, qmp_err, qmp_query, upgrade, wait_in_guest};
+use super::{agent, agent_err, ctx, qmp_err, qmp_query, until_ejected, upgrade, wait_in_guest};
 use crate::BACKEND_NAME;
 use crate::error::Error;
 use crate::instance::Shared;
@@ -237,24 +236,20 @@ async fn remove_one(shared: Arc<Shared>, index: u32) -> vmkit_core::Result<()> {
     }
     let id = cpu.props.device_id();
     let qmp = shared.qmp(op)?;
+    let mut events = shared.events.subscribe();
     qmp.execute_raw("device_del", Some(json!({ "id": id })))
         .await
         .map_err(|e| qmp_err(&format!("device_del {id}"), e))?;
-    let deadline = Instant::now() + shared.config.timeouts.hotplug;
-    loop {
-        if !present(&shared, op).await?.iter().any(|c| c.index == index) {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            return Err(CoreError::Timeout {
-                op: format!(
-                    "unplug_cpu: QEMU still lists vCPU {index} ({id}); the guest did not release it"
-                ),
-                after: shared.config.timeouts.hotplug,
-            });
-        }
-        sleep(POLL).await;
-    }
+    let shared = &shared;
+    until_ejected(
+        shared,
+        &mut events,
+        &format!("unplug_cpu {index} ({id})"),
+        &id,
+        "QEMU still lists it; the guest did not release it",
+        || async move { Ok(!present(shared, op).await?.iter().any(|c| c.index == index)) },
+    )
+    .await
 }
 
 #[async_trait]

@@ -9,7 +9,6 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::Deserialize;
 use serde_json::json;
-use tokio::time::{Instant, sleep};
 use vmkit_core::{
     DimmInfo, Error as CoreError, MemoryHotplug, MemoryHotplugger, MemoryInfo, VmState,
 };
@@ -17,7 +16,8 @@ use vmkit_proto::AgentClient;
 use vmkit_proto::agent::{GuestInfoRequest, WaitResourcesRequest};
 
 use super::{
-    MIB, POLL, agent, agent_err, ctx, qmp_err, qmp_query, upgrade, virtio_mem, wait_in_guest,
+    MIB, agent, agent_err, ctx, qmp_err, qmp_query, until_ejected, upgrade, virtio_mem,
+    wait_in_guest,
 };
 use crate::error::Error;
 use crate::instance::Shared;
@@ -264,19 +264,20 @@ async fn remove_object(shared: &Shared, object: &str) {
 async fn remove_dimm(shared: &Shared, id: &str) -> vmkit_core::Result<()> {
     let op = format!("unplug_memory {id}");
     let qmp = shared.qmp("unplug_memory")?;
+    let mut events = shared.events.subscribe();
     qmp.execute_raw("device_del", Some(json!({ "id": id })))
         .await
         .map_err(|e| qmp_err(&format!("device_del {id}"), e))?;
-    let deadline = Instant::now() + shared.config.timeouts.hotplug;
-    while dimms(shared, &op).await?.iter().any(|d| d.id == id) {
-        if Instant::now() >= deadline {
-            return Err(CoreError::Timeout {
-                op: format!("{op}: QEMU still lists it; the guest did not release the memory"),
-                after: shared.config.timeouts.hotplug,
-            });
-        }
-        sleep(POLL).await;
-    }
+    let op = &op;
+    until_ejected(
+        shared,
+        &mut events,
+        op,
+        id,
+        "QEMU still lists it; the guest did not release the memory",
+        || async move { Ok(!dimms(shared, op).await?.iter().any(|d| d.id == id)) },
+    )
+    .await?;
     remove_object(shared, &backend_id(id)).await;
     Ok(())
 }
