@@ -122,6 +122,8 @@ pub(crate) struct Link {
     reserved: Option<Reserved>,
     /// Sockets created for this VM, removed on release.
     sockets: Vec<PathBuf>,
+    /// The daemon's vhost-user socket and its identity once QEMU could connect (hybrid).
+    vhost_server: Option<(PathBuf, SocketIdentity)>,
 }
 
 impl std::fmt::Debug for Link {
@@ -135,6 +137,11 @@ impl std::fmt::Debug for Link {
 }
 
 impl Link {
+    /// The daemon's vhost-user socket and its identity when QEMU connected (hybrid).
+    pub(crate) fn vhost_server(&self) -> Option<(PathBuf, SocketIdentity)> {
+        self.vhost_server.clone()
+    }
+
     /// The daemon's pid (hybrid vsock), for reports and tests.
     pub(crate) fn daemon_pid(&self) -> Option<u32> {
         self.daemon.as_ref().map(|d| d.pid())
@@ -239,6 +246,7 @@ pub(crate) async fn establish(
                 daemon: None,
                 reserved: Some(reserved),
                 sockets: Vec::new(),
+                vhost_server: None,
             };
             Ok(Some((link, VsockDevice::Kernel { cid, vhostfd })))
         }
@@ -262,7 +270,11 @@ pub(crate) async fn establish(
                 uds.clone().into(),
             ];
             let binary = &options.vhost_vsock_binary;
-            let daemon = Process::spawn(binary, args, log, &[])
+            // Its warnings (a refused connection, a failed vring) go to vsock.log, and
+            // so into vmkit's errors; the one it logs for every dial made while the
+            // guest's driver is still starting is left out.
+            let env = [("RUST_LOG", DAEMON_LOG_FILTER)];
+            let daemon = Process::spawn_with_env(binary, args, log, &[], &env)
                 .await
                 .map_err(|e| match e {
                     Error::Spawn { binary, source } => Error::VsockDaemonMissing { binary, source },
@@ -278,6 +290,7 @@ pub(crate) async fn establish(
                 daemon: Some(Arc::clone(&daemon)),
                 reserved: None,
                 sockets: vec![uds.clone(), vhost.clone()],
+                vhost_server: None,
             };
             // The daemon creates its vhost-user socket when it is ready for QEMU.
             let mut pause = Duration::from_millis(1);
@@ -292,8 +305,48 @@ pub(crate) async fn establish(
                 sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_millis(20));
             }
+            let mut link = link;
+            link.vhost_server = tokio::fs::metadata(&vhost)
+                .await
+                .ok()
+                .map(|m| (vhost.clone(), SocketIdentity::of(&m)));
             tracing::debug!(vm = %config.id, pid = daemon.pid(), "vhost-device-vsock up");
             Ok(Some((link, VsockDevice::VhostUser { socket: vhost })))
+        }
+    }
+}
+
+/// What vhost-device-vsock logs: warnings, without the one it repeats for each early dial
+/// (`Received a backend event before vring initialization`).
+const DAEMON_LOG_FILTER: &str = "warn,vhost_device_vsock::vhu_vsock=error";
+
+/// Whether the hybrid daemon has re-created its vhost-user socket (`server`: the path
+/// and the inode QEMU connected to). vhost-device-vsock 0.3 does that when its
+/// connection to QEMU ends: it treats a disconnect or a partial message as normal and
+/// serves anew. QEMU is not told, and the new server has no guest memory, so it refuses
+/// every host dial.
+pub(crate) async fn daemon_restarted(server: &(PathBuf, SocketIdentity)) -> bool {
+    tokio::fs::metadata(&server.0)
+        .await
+        .is_ok_and(|m| SocketIdentity::of(&m) != server.1)
+}
+
+/// What tells one socket file from a later one at the same path: the inode alone does
+/// not (tmpfs hands a freed inode number straight out again), so its change time too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SocketIdentity {
+    inode: u64,
+    ctime: i64,
+    ctime_nsec: i64,
+}
+
+impl SocketIdentity {
+    pub(crate) fn of(meta: &std::fs::Metadata) -> SocketIdentity {
+        use std::os::unix::fs::MetadataExt;
+        SocketIdentity {
+            inode: meta.ino(),
+            ctime: meta.ctime(),
+            ctime_nsec: meta.ctime_nsec(),
         }
     }
 }
@@ -369,6 +422,28 @@ pub(crate) fn core_error(op: &str, e: vmkit_vsock::Error) -> CoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_recreated_vhost_user_socket_counts_as_a_daemon_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vhost.sock");
+        let first = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let server = (
+            path.clone(),
+            SocketIdentity::of(&std::fs::metadata(&path).unwrap()),
+        );
+        assert!(!daemon_restarted(&server).await);
+        drop(first);
+        std::fs::remove_file(&path).unwrap();
+        // A gone socket is not a restart (the daemon may have exited; that is reported
+        // elsewhere); a new one at the same path is.
+        assert!(!daemon_restarted(&server).await);
+        // File times tick with the kernel's coarse clock (a few ms); a real restart comes
+        // long after QEMU connected.
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let _second = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        assert!(daemon_restarted(&server).await);
+    }
 
     #[test]
     fn plans_follow_the_transport() {

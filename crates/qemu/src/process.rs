@@ -54,8 +54,23 @@ impl Process {
         stderr: std::fs::File,
         keep_fds: &[i32],
     ) -> Result<Process, Error> {
+        Self::spawn_with_env(binary, args, stderr, keep_fds, &[]).await
+    }
+
+    /// [`Process::spawn`] with `env` added to the inherited environment.
+    ///
+    /// # Errors
+    /// As [`Process::spawn`].
+    pub(crate) async fn spawn_with_env(
+        binary: &Path,
+        args: Vec<OsString>,
+        stderr: std::fs::File,
+        keep_fds: &[i32],
+        env: &[(&str, &str)],
+    ) -> Result<Process, Error> {
         let mut command = Command::new(binary);
         command
+            .envs(env.iter().copied())
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

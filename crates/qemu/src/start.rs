@@ -244,20 +244,38 @@ async fn boot(
     if let Some(addr) = agent_addr {
         set(phase, Phase::Agent);
         let agent = tokio::select! {
-            agent = guest::wait_for_agent(&addr, deadline) => agent.map_err(|e| match e {
-                // The dial used up the start's time: a start timeout, with what the dial saw.
-                Error::Vsock(vmkit_vsock::Error::DialTimeout { attempts, last, .. }) => {
-                    CoreError::Timeout {
-                        op: format!(
-                            "start: {} ({attempts} dials of {addr}; last: {last})",
-                            Phase::Agent.describe()
-                        ),
-                        after: timeout,
-                    }
-                }
-                other => CoreError::backend(op(&format!("reach the agent at {addr}")), other),
-            })?,
+            agent = guest::wait_for_agent(&addr, deadline) => agent,
             exit = process.wait() => return Err(exited_early(&vmm_log, exit)),
+        };
+        let agent = match agent {
+            Ok(agent) => agent,
+            // The dial used up the start's time: a start timeout, with what the dial saw.
+            Err(Error::Vsock(vmkit_vsock::Error::DialTimeout { attempts, last, .. })) => {
+                let server = shared.life().link.as_ref().and_then(|l| l.vhost_server());
+                let restarted = match server {
+                    Some(server) => guest::daemon_restarted(&server).await,
+                    None => false,
+                };
+                let why = if restarted {
+                    "; vhost-device-vsock lost QEMU's vhost-user connection and restarted \
+                     its server, so the guest's vsock is unreachable"
+                } else {
+                    ""
+                };
+                return Err(CoreError::Timeout {
+                    op: format!(
+                        "start: {} ({attempts} dials of {addr}; last: {last}{why})",
+                        Phase::Agent.describe()
+                    ),
+                    after: timeout,
+                });
+            }
+            Err(other) => {
+                return Err(CoreError::backend(
+                    op(&format!("reach the agent at {addr}")),
+                    other,
+                ));
+            }
         };
         shared.life().agent = Some(agent);
         progress("guest agent answered".to_owned());

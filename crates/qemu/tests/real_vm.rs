@@ -34,13 +34,33 @@ async fn ready_line(vm: &QemuInstance) -> String {
     let began = Instant::now();
     loop {
         let console = console(vm);
-        if let Some(line) = console.lines().find(|l| l.starts_with("VMKIT_READY")) {
+        // The line may share its line with the firmware's last escape codes.
+        if let Some(line) = console
+            .lines()
+            .find_map(|l| l.find("VMKIT_READY").map(|at| &l[at..]))
+        {
             return line.to_owned();
         }
-        if began.elapsed() > Duration::from_secs(10) {
-            return String::new();
+        if began.elapsed() > Duration::from_secs(30) {
+            panic!("no VMKIT_READY line on the console within 30 s:\n{console}");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Starts `vm`; a failed start panics with the error and what the guest, QEMU and the
+/// vsock daemon logged, so a flaky boot can be told from a vmkit bug.
+async fn start(vm: &QemuInstance) {
+    if let Err(e) = vm.start(StartOptions::new()).await {
+        let layout = vm.config().layout();
+        let read = |p: std::path::PathBuf| std::fs::read_to_string(p).unwrap_or_default();
+        panic!(
+            "start {}: {e}\n--- console ---\n{}\n--- vmm.log ---\n{}\n--- vsock.log ---\n{}",
+            vm.config().id,
+            console(vm),
+            read(layout.vmm_log()),
+            read(layout.log_dir().join("vsock.log")),
+        );
     }
 }
 
@@ -68,7 +88,7 @@ async fn boot(id: &str) -> Option<Booted> {
     let vm = QemuBackend
         .create_instance(image.config(id, &dir.path().join("state")))
         .unwrap();
-    vm.start(StartOptions::new()).await.unwrap();
+    start(&vm).await;
     Some(Booted {
         vm,
         dir,
@@ -96,7 +116,7 @@ async fn boots_with_a_disk_pauses_resumes_and_powers_off_by_acpi() {
     vm.add_disk(data).unwrap();
     let mut events = vm.events();
 
-    vm.start(StartOptions::new()).await.unwrap();
+    start(&vm).await;
     assert_eq!(vm.state(), VmState::Running);
     let line = ready_line(&vm).await;
     assert!(line.contains(" disks=vda "), "{line}");
@@ -166,7 +186,7 @@ async fn a_guest_that_ignores_acpi_is_quit_within_grace_plus_one_second() {
     config.kernel.cmdline.push("vmkit.ignore_acpi".into());
     config.timeouts.shutdown_grace = Duration::from_secs(1);
     let vm = QemuBackend.create_instance(config).unwrap();
-    vm.start(StartOptions::new()).await.unwrap();
+    start(&vm).await;
     let pid = vm.vm_info().pid.unwrap();
 
     let began = Instant::now();
@@ -195,7 +215,7 @@ async fn a_disk_path_with_commas_and_equals_is_one_path() {
         .create_instance(image.config("commas", &state))
         .unwrap();
     vm.add_disk(DiskConfig::new("odd", &path)).unwrap();
-    vm.start(StartOptions::new()).await.unwrap();
+    start(&vm).await;
     let line = ready_line(&vm).await;
     assert!(line.contains(" disks=vda "), "{line}");
     assert!(line.contains("serials=vda:"), "{line}");
@@ -236,7 +256,7 @@ async fn tap_nics_appear_in_the_guest_with_their_macs_and_vanish_with_the_vm() {
     vm.add_nic(NicConfig::tap("net0", &first, Some(chosen)))
         .unwrap();
     vm.add_nic(NicConfig::tap("net1", &second, None)).unwrap();
-    vm.start(StartOptions::new()).await.unwrap();
+    start(&vm).await;
 
     let line = ready_line(&vm).await;
     let derived = vmkit_qemu::devices::stable_mac("nics", "net1");
@@ -273,7 +293,7 @@ async fn microvm_boots_with_a_virtio_mmio_disk_and_powers_off_by_acpi() {
     let mut data = DiskConfig::new("data", disk(dir.path(), "data.img"));
     data.serial = Some("micro-data".into());
     vm.add_disk(data).unwrap();
-    vm.start(StartOptions::new()).await.unwrap();
+    start(&vm).await;
     let line = ready_line(&vm).await;
     assert!(line.contains(" disks=vda "), "{line}");
     assert!(line.contains("serials=vda:micro-data"), "{line}");
@@ -330,7 +350,7 @@ async fn the_agent_answers_ping_info_and_exec_and_nothing_is_left_after_shutdown
     let mut data = DiskConfig::new("data", disk(dir.path(), "data.img"));
     data.serial = Some("agent-data".into());
     vm.add_disk(data).unwrap();
-    vm.start(StartOptions::new()).await.unwrap();
+    start(&vm).await;
     let info = vm.vm_info();
     assert_eq!(info.cid, Some(3), "{info:?}");
     assert!(
@@ -661,7 +681,7 @@ async fn replugging_vcpus_under_tcg_stops_before_qemu_would_abort() {
     config.resources.max_vcpus = 3;
     config.accel = vmkit_core::Accel::Tcg;
     let vm = QemuBackend.create_instance(config).unwrap();
-    vm.start(StartOptions::new()).await.unwrap();
+    start(&vm).await;
     let cpus = vm.cpu_hotplugger().unwrap();
     for _ in 0..2 {
         let cpu = cpus.hotplug_cpu().await.unwrap();
@@ -705,7 +725,7 @@ async fn memory_grows_by_dimms_shrinks_by_unplug_and_refuses_bad_sizes_first() {
     config.resources.memory_slots = 4;
     config.resources.max_memory_mib = Some(2048);
     let vm = QemuBackend.create_instance(config).unwrap();
-    vm.start(StartOptions::new()).await.unwrap();
+    start(&vm).await;
     assert!(
         vm.vm_info()
             .capabilities
@@ -794,7 +814,7 @@ async fn boot_virtio_mem(
         .cmdline
         .extend(cmdline.iter().map(|a| (*a).to_owned()));
     let vm = QemuBackend.create_instance(config).unwrap();
-    vm.start(StartOptions::new()).await.unwrap();
+    start(&vm).await;
     vm
 }
 
@@ -979,7 +999,7 @@ async fn an_unplug_the_guest_refuses_fails_at_once_with_its_reason() {
     config.resources.max_memory_mib = Some(1024);
     config.resources.max_vcpus = 3;
     let vm = QemuBackend.create_instance(config).unwrap();
-    vm.start(StartOptions::new()).await.unwrap();
+    start(&vm).await;
     let agent = vm.agent().await.unwrap();
     let memory = vm.memory_hotplugger().unwrap();
     let cpus = vm.cpu_hotplugger().unwrap();
