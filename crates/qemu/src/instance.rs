@@ -427,6 +427,12 @@ impl QemuInstance {
         &self.shared.config
     }
 
+    /// The disks and NICs the VM boots with: the config's, then those added with
+    /// `add_disk`/`add_nic`, in order.
+    pub fn cold_devices(&self) -> crate::devices::ColdDevices {
+        self.shared.devices().clone()
+    }
+
     /// The backend options in force.
     pub fn options(&self) -> &QemuOptions {
         &self.shared.options

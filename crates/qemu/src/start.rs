@@ -51,6 +51,9 @@ impl Phase {
     }
 }
 
+/// How long after the start's deadline the outer bound fires (see [`start`]).
+const PHASE_MARGIN: Duration = Duration::from_millis(250);
+
 pub(crate) async fn start(shared: &Arc<Shared>, opts: StartOptions) -> vmkit_core::Result<()> {
     shared.transition("start", VmState::New, VmState::Starting)?;
     let timeout = opts.timeout.unwrap_or(shared.config.timeouts.start);
@@ -59,7 +62,9 @@ pub(crate) async fn start(shared: &Arc<Shared>, opts: StartOptions) -> vmkit_cor
     let started = std::time::Instant::now();
     let mut cancel = shared.cancel.subscribe();
     let outcome = tokio::select! {
-        result = timeout_at(deadline, boot(shared, &phase, deadline, timeout, started)) => match result {
+        // The agent phase ends at `deadline` by itself, with what its dials saw; the
+        // margin keeps this outer bound from racing it and losing those details.
+        result = timeout_at(deadline + PHASE_MARGIN, boot(shared, &phase, deadline, timeout, started)) => match result {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(CoreError::Timeout {

@@ -1,5 +1,7 @@
 //! Real VMs: the test guest under real QEMU (TCG). Each test boots its own VM; a
-//! semaphore keeps at most two booting at once on these 2-core machines.
+//! semaphore lets one VM live at a time: on these 2-core machines two VMs plus the test
+//! harness starve each other's deadlines. A VM whose vsock daemon never serves it (a
+//! vhost-device-vsock 0.3 fault, docs/guest-communication.md) is started once more.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test file: a failed step should panic
 
 use std::path::Path;
@@ -17,7 +19,7 @@ use vmkit_proto::{AgentClient, StreamHeader};
 use vmkit_qemu::{QemuBackend, QemuInstance};
 use vmkit_testkit::{GuestImage, qemu::require_qemu, require_guest_image};
 
-static VMS: LazyLock<Semaphore> = LazyLock::new(|| Semaphore::new(2));
+static VMS: LazyLock<Semaphore> = LazyLock::new(|| Semaphore::new(1));
 
 fn setup() -> Option<GuestImage> {
     require_qemu()?;
@@ -48,20 +50,55 @@ async fn ready_line(vm: &QemuInstance) -> String {
     }
 }
 
-/// Starts `vm`; a failed start panics with the error and what the guest, QEMU and the
-/// vsock daemon logged, so a flaky boot can be told from a vmkit bug.
-async fn start(vm: &QemuInstance) {
-    if let Err(e) = vm.start(StartOptions::new()).await {
-        let layout = vm.config().layout();
-        let read = |p: std::path::PathBuf| std::fs::read_to_string(p).unwrap_or_default();
-        panic!(
-            "start {}: {e}\n--- console ---\n{}\n--- vmm.log ---\n{}\n--- vsock.log ---\n{}",
-            vm.config().id,
-            console(vm),
-            read(layout.vmm_log()),
-            read(layout.log_dir().join("vsock.log")),
-        );
+/// What QEMU, the guest and the vsock daemon logged, for a failed start's panic.
+fn logs(vm: &QemuInstance) -> String {
+    let layout = vm.config().layout();
+    let read = |p: std::path::PathBuf| std::fs::read_to_string(p).unwrap_or_default();
+    format!(
+        "--- console ---\n{}\n--- vmm.log ---\n{}\n--- vsock.log ---\n{}",
+        console(vm),
+        read(layout.vmm_log()),
+        read(layout.log_dir().join("vsock.log")),
+    )
+}
+
+/// The start failure vhost-device-vsock 0.3 causes about once in a hundred VMs: the
+/// daemon closes every host dial for the whole start although the guest is up
+/// (docs/guest-communication.md).
+fn daemon_never_served(e: &vmkit_core::Error) -> bool {
+    let text = e.to_string();
+    text.starts_with("start: waiting for the guest agent to answer Ping (")
+        && text.contains("; last: write CONNECT")
+        && text.contains("Broken pipe")
+}
+
+/// Starts `vm` and returns it. When the vsock daemon never served it (a daemon fault,
+/// not what these tests are about), the VM is made again from its config and cold
+/// devices and started once more. Any other failure panics with the logs.
+async fn start(vm: QemuInstance) -> QemuInstance {
+    let e = match vm.start(StartOptions::new()).await {
+        Ok(()) => return vm,
+        Err(e) if daemon_never_served(&e) => e,
+        Err(e) => panic!("start {}: {e}\n{}", vm.config().id, logs(&vm)),
+    };
+    eprintln!(
+        "start {}: {e}\n{}\n--- the vsock daemon never served it; starting it again ---",
+        vm.config().id,
+        logs(&vm)
+    );
+    let config = vm.config().clone();
+    let devices = vm.cold_devices();
+    let again = QemuBackend.create_instance(config.clone()).unwrap();
+    for disk in devices.disks.into_iter().skip(config.disks.len()) {
+        again.add_disk(disk).unwrap();
     }
+    for nic in devices.nics.into_iter().skip(config.nics.len()) {
+        again.add_nic(nic).unwrap();
+    }
+    if let Err(e) = again.start(StartOptions::new()).await {
+        panic!("start {} (again): {e}\n{}", again.config().id, logs(&again));
+    }
+    again
 }
 
 fn assert_gone(pid: u32, vm: &QemuInstance) {
@@ -88,7 +125,7 @@ async fn boot(id: &str) -> Option<Booted> {
     let vm = QemuBackend
         .create_instance(image.config(id, &dir.path().join("state")))
         .unwrap();
-    start(&vm).await;
+    let vm = start(vm).await;
     Some(Booted {
         vm,
         dir,
@@ -116,7 +153,7 @@ async fn boots_with_a_disk_pauses_resumes_and_powers_off_by_acpi() {
     vm.add_disk(data).unwrap();
     let mut events = vm.events();
 
-    start(&vm).await;
+    let vm = start(vm).await;
     assert_eq!(vm.state(), VmState::Running);
     let line = ready_line(&vm).await;
     assert!(line.contains(" disks=vda "), "{line}");
@@ -186,7 +223,7 @@ async fn a_guest_that_ignores_acpi_is_quit_within_grace_plus_one_second() {
     config.kernel.cmdline.push("vmkit.ignore_acpi".into());
     config.timeouts.shutdown_grace = Duration::from_secs(1);
     let vm = QemuBackend.create_instance(config).unwrap();
-    start(&vm).await;
+    let vm = start(vm).await;
     let pid = vm.vm_info().pid.unwrap();
 
     let began = Instant::now();
@@ -215,7 +252,7 @@ async fn a_disk_path_with_commas_and_equals_is_one_path() {
         .create_instance(image.config("commas", &state))
         .unwrap();
     vm.add_disk(DiskConfig::new("odd", &path)).unwrap();
-    start(&vm).await;
+    let vm = start(vm).await;
     let line = ready_line(&vm).await;
     assert!(line.contains(" disks=vda "), "{line}");
     assert!(line.contains("serials=vda:"), "{line}");
@@ -256,7 +293,7 @@ async fn tap_nics_appear_in_the_guest_with_their_macs_and_vanish_with_the_vm() {
     vm.add_nic(NicConfig::tap("net0", &first, Some(chosen)))
         .unwrap();
     vm.add_nic(NicConfig::tap("net1", &second, None)).unwrap();
-    start(&vm).await;
+    let vm = start(vm).await;
 
     let line = ready_line(&vm).await;
     let derived = vmkit_qemu::devices::stable_mac("nics", "net1");
@@ -293,7 +330,7 @@ async fn microvm_boots_with_a_virtio_mmio_disk_and_powers_off_by_acpi() {
     let mut data = DiskConfig::new("data", disk(dir.path(), "data.img"));
     data.serial = Some("micro-data".into());
     vm.add_disk(data).unwrap();
-    start(&vm).await;
+    let vm = start(vm).await;
     let line = ready_line(&vm).await;
     assert!(line.contains(" disks=vda "), "{line}");
     assert!(line.contains("serials=vda:micro-data"), "{line}");
@@ -350,7 +387,7 @@ async fn the_agent_answers_ping_info_and_exec_and_nothing_is_left_after_shutdown
     let mut data = DiskConfig::new("data", disk(dir.path(), "data.img"));
     data.serial = Some("agent-data".into());
     vm.add_disk(data).unwrap();
-    start(&vm).await;
+    let vm = start(vm).await;
     let info = vm.vm_info();
     assert_eq!(info.cid, Some(3), "{info:?}");
     assert!(
@@ -570,10 +607,13 @@ async fn a_guest_whose_agent_never_answers_fails_start_and_leaves_nothing() {
         .await
         .unwrap_err();
     let err = err.to_string();
+    // The last dial saw the guest's refusal, or, on a guest still booting under load,
+    // the daemon closing dials until the guest's vsock is up.
     assert!(
         err.starts_with("start: waiting for the guest agent to answer Ping (")
             && err.contains(" dials of hvsock://")
-            && err.contains("; last: closed before OK: nothing listens on guest port 1025 yet)")
+            && (err.contains("; last: closed before OK: nothing listens on guest port 1025 yet)")
+                || err.contains("; last: write CONNECT 1025: Broken pipe"))
             && err.ends_with(": timed out after 15s"),
         "{err}"
     );
@@ -681,7 +721,7 @@ async fn replugging_vcpus_under_tcg_stops_before_qemu_would_abort() {
     config.resources.max_vcpus = 3;
     config.accel = vmkit_core::Accel::Tcg;
     let vm = QemuBackend.create_instance(config).unwrap();
-    start(&vm).await;
+    let vm = start(vm).await;
     let cpus = vm.cpu_hotplugger().unwrap();
     for _ in 0..2 {
         let cpu = cpus.hotplug_cpu().await.unwrap();
@@ -725,7 +765,7 @@ async fn memory_grows_by_dimms_shrinks_by_unplug_and_refuses_bad_sizes_first() {
     config.resources.memory_slots = 4;
     config.resources.max_memory_mib = Some(2048);
     let vm = QemuBackend.create_instance(config).unwrap();
-    start(&vm).await;
+    let vm = start(vm).await;
     assert!(
         vm.vm_info()
             .capabilities
@@ -814,8 +854,7 @@ async fn boot_virtio_mem(
         .cmdline
         .extend(cmdline.iter().map(|a| (*a).to_owned()));
     let vm = QemuBackend.create_instance(config).unwrap();
-    start(&vm).await;
-    vm
+    start(vm).await
 }
 
 async fn guest_total_mib(agent: &AgentClient) -> u64 {
@@ -999,7 +1038,7 @@ async fn an_unplug_the_guest_refuses_fails_at_once_with_its_reason() {
     config.resources.max_memory_mib = Some(1024);
     config.resources.max_vcpus = 3;
     let vm = QemuBackend.create_instance(config).unwrap();
-    start(&vm).await;
+    let vm = start(vm).await;
     let agent = vm.agent().await.unwrap();
     let memory = vm.memory_hotplugger().unwrap();
     let cpus = vm.cpu_hotplugger().unwrap();
