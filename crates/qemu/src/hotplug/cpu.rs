@@ -20,7 +20,7 @@ use vmkit_core::{
 use vmkit_proto::AgentClient;
 use vmkit_proto::agent::{GuestInfoRequest, WaitResourcesRequest};
 
-use super::{agent, agent_err, ctx, qmp_err, qmp_query, until_ejected, upgrade, wait_in_guest};
+use super::{agent, agent_err, ctx, eject, qmp_err, qmp_query, upgrade, wait_in_guest};
 use crate::BACKEND_NAME;
 use crate::error::Error;
 use crate::instance::Shared;
@@ -235,15 +235,9 @@ async fn remove_one(shared: Arc<Shared>, index: u32) -> vmkit_core::Result<()> {
         ));
     }
     let id = cpu.props.device_id();
-    let qmp = shared.qmp(op)?;
-    let mut events = shared.events.subscribe();
-    qmp.execute_raw("device_del", Some(json!({ "id": id })))
-        .await
-        .map_err(|e| qmp_err(&format!("device_del {id}"), e))?;
     let shared = &shared;
-    until_ejected(
+    eject(
         shared,
-        &mut events,
         &format!("unplug_cpu {index} ({id})"),
         &id,
         "QEMU still lists it; the guest did not release it",

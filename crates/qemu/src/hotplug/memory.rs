@@ -16,8 +16,7 @@ use vmkit_proto::AgentClient;
 use vmkit_proto::agent::{GuestInfoRequest, WaitResourcesRequest};
 
 use super::{
-    MIB, agent, agent_err, ctx, qmp_err, qmp_query, until_ejected, upgrade, virtio_mem,
-    wait_in_guest,
+    MIB, agent, agent_err, ctx, eject, qmp_err, qmp_query, upgrade, virtio_mem, wait_in_guest,
 };
 use crate::error::Error;
 use crate::instance::Shared;
@@ -263,15 +262,9 @@ async fn remove_object(shared: &Shared, object: &str) {
 /// `device_del` the DIMM, wait until QEMU no longer lists it, then delete its backend.
 async fn remove_dimm(shared: &Shared, id: &str) -> vmkit_core::Result<()> {
     let op = format!("unplug_memory {id}");
-    let qmp = shared.qmp("unplug_memory")?;
-    let mut events = shared.events.subscribe();
-    qmp.execute_raw("device_del", Some(json!({ "id": id })))
-        .await
-        .map_err(|e| qmp_err(&format!("device_del {id}"), e))?;
     let op = &op;
-    until_ejected(
+    eject(
         shared,
-        &mut events,
         op,
         id,
         "QEMU still lists it; the guest did not release the memory",

@@ -209,12 +209,11 @@ fn ost_refusal(event: &VmEvent, id: &str) -> Option<Error> {
     Some(Error::GuestRefusedEject { status, meaning })
 }
 
-/// After a `device_del` of `id` (with `events` subscribed before it), waits until
-/// `gone` reports it gone, asking every [`POLL`] within `timeouts.hotplug`. The guest's
-/// ACPI refusal ends the wait at once with its reason; a timeout names `what` lingered.
-async fn until_ejected<F, Fut>(
+/// Runs `device_del` on `id`, then waits until `gone` reports it gone, asking every
+/// [`POLL`] within `timeouts.hotplug`. The guest's ACPI refusal ends the wait at once
+/// with its reason; a timeout names `what` lingered.
+async fn eject<F, Fut>(
     shared: &Shared,
-    events: &mut broadcast::Receiver<VmEvent>,
     op: &str,
     id: &str,
     what: &str,
@@ -224,6 +223,12 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = vmkit_core::Result<bool>>,
 {
+    let qmp = shared.qmp("unplug")?;
+    // Subscribed first, so the guest's answer cannot slip past.
+    let mut events = shared.events.subscribe();
+    qmp.execute_raw("device_del", Some(serde_json::json!({ "id": id })))
+        .await
+        .map_err(|e| qmp_err(&format!("device_del {id}"), e))?;
     let limit = shared.config.timeouts.hotplug;
     let deadline = Instant::now() + limit;
     loop {
