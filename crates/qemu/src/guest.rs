@@ -281,7 +281,7 @@ pub(crate) async fn establish(
                     other => other,
                 })?;
             let daemon = Arc::new(daemon);
-            let link = Link {
+            let mut link = Link {
                 agent: GuestAddr::HybridVsock {
                     uds: uds.clone(),
                     port: *port,
@@ -292,9 +292,14 @@ pub(crate) async fn establish(
                 sockets: vec![uds.clone(), vhost.clone()],
                 vhost_server: None,
             };
-            // The daemon creates its vhost-user socket when it is ready for QEMU.
+            // The daemon creates its vhost-user socket when it is ready for QEMU; the
+            // socket's identity then tells a later re-creation apart.
             let mut pause = Duration::from_millis(1);
-            while !vhost.exists() {
+            loop {
+                if let Ok(meta) = tokio::fs::metadata(&vhost).await {
+                    link.vhost_server = Some((vhost.clone(), SocketIdentity::of(&meta)));
+                    break;
+                }
                 if let Some(exit) = daemon.exited() {
                     link.release().await;
                     return Err(Error::VsockDaemonExited {
@@ -305,11 +310,6 @@ pub(crate) async fn establish(
                 sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_millis(20));
             }
-            let mut link = link;
-            link.vhost_server = tokio::fs::metadata(&vhost)
-                .await
-                .ok()
-                .map(|m| (vhost.clone(), SocketIdentity::of(&m)));
             tracing::debug!(vm = %config.id, pid = daemon.pid(), "vhost-device-vsock up");
             Ok(Some((link, VsockDevice::VhostUser { socket: vhost })))
         }

@@ -406,6 +406,27 @@ impl QemuInstance {
         self.memory.hotplug_at(size_mib, Some(slot)).await
     }
 
+    /// Runs a disk or NIC hot-plug (`work`, named `op`) on the VM's hot-plug queue, once
+    /// the instance can hot-plug PCIe devices and is running.
+    async fn pcie_hotplug(
+        &self,
+        call: &'static str,
+        kind: &str,
+        op: String,
+        work: impl std::future::Future<Output = vmkit_core::Result<()>> + Send + 'static,
+    ) -> vmkit_core::Result<()> {
+        if !self.has_pcie_hotplug() {
+            return Err(Self::not_yet(
+                call,
+                &format!(
+                    "{kind} hot-plug needs q35 with hot-plug root ports (backend option hotplug_ports)"
+                ),
+            ));
+        }
+        self.shared.state.require(call, &[VmState::Running])?;
+        self.shared.hotplug.run(&self.shared, op, work).await
+    }
+
     /// Whether this instance can hot-plug PCIe devices (disks, NICs): q35 with reserved
     /// root ports.
     fn has_pcie_hotplug(&self) -> bool {
@@ -564,39 +585,15 @@ impl DeviceConfigurator for QemuInstance {
     }
 
     async fn hotplug_disk(&self, disk: DiskConfig) -> vmkit_core::Result<()> {
-        if !self.has_pcie_hotplug() {
-            return Err(Self::not_yet(
-                "hotplug_disk",
-                "disk hot-plug needs q35 with hot-plug root ports (backend option hotplug_ports)",
-            ));
-        }
-        self.shared
-            .state
-            .require("hotplug_disk", &[VmState::Running])?;
-        let shared = Arc::clone(&self.shared);
         let op = format!("hotplug_disk {}", disk.id);
-        self.shared
-            .hotplug
-            .run(&self.shared, op, crate::hotplug::add_disk(shared, disk))
-            .await
+        let work = crate::hotplug::add_disk(Arc::clone(&self.shared), disk);
+        self.pcie_hotplug("hotplug_disk", "disk", op, work).await
     }
 
     async fn hotplug_nic(&self, nic: NicConfig) -> vmkit_core::Result<()> {
-        if !self.has_pcie_hotplug() {
-            return Err(Self::not_yet(
-                "hotplug_nic",
-                "NIC hot-plug needs q35 with hot-plug root ports (backend option hotplug_ports)",
-            ));
-        }
-        self.shared
-            .state
-            .require("hotplug_nic", &[VmState::Running])?;
-        let shared = Arc::clone(&self.shared);
         let op = format!("hotplug_nic {}", nic.id);
-        self.shared
-            .hotplug
-            .run(&self.shared, op, crate::hotplug::add_nic(shared, nic))
-            .await
+        let work = crate::hotplug::add_nic(Arc::clone(&self.shared), nic);
+        self.pcie_hotplug("hotplug_nic", "NIC", op, work).await
     }
 
     async fn unplug(&self, id: &str) -> vmkit_core::Result<()> {

@@ -401,10 +401,7 @@ async fn the_agent_answers_ping_info_and_exec_and_nothing_is_left_after_shutdown
     let agent = vm.agent().await.unwrap();
     let pong = agent.ping(ctx(), &PingRequest::new()).await.unwrap();
     assert!(!pong.agent_version.is_empty());
-    let guest = agent
-        .guest_info(ctx(), &GuestInfoRequest::new())
-        .await
-        .unwrap();
+    let guest = guest_info(&agent).await;
     assert!(guest.kernel_release.ends_with("-cloud-amd64"), "{guest:?}");
     assert_eq!(guest.online_cpus, [0]);
     assert!(guest.mem_total_bytes > 100 << 20, "{guest:?}");
@@ -664,10 +661,7 @@ async fn set_vcpus_grows_to_four_online_in_the_guest_and_back_to_one() {
     assert_eq!((grown.before, grown.achieved), (1, 4), "{grown:?}");
     assert!(grown.failures.is_empty(), "{grown:?}");
     let agent = vm.agent().await.unwrap();
-    let info = agent
-        .guest_info(ctx(), &GuestInfoRequest::new())
-        .await
-        .unwrap();
+    let info = guest_info(&agent).await;
     assert_eq!(info.online_cpus, [0, 1, 2, 3]);
     let listed = cpus.query_cpus().await.unwrap();
     assert_eq!(listed.len(), 4);
@@ -689,10 +683,7 @@ async fn set_vcpus_grows_to_four_online_in_the_guest_and_back_to_one() {
     let shrunk = cpus.set_vcpus(1).await.unwrap();
     if shrunk.failures.is_empty() {
         assert_eq!(shrunk.achieved, 1, "{shrunk:?}");
-        let info = agent
-            .guest_info(ctx(), &GuestInfoRequest::new())
-            .await
-            .unwrap();
+        let info = guest_info(&agent).await;
         assert_eq!(info.online_cpus, [0]);
     } else {
         // Where QEMU cannot unplug, the error says why and the VM stays healthy.
@@ -857,13 +848,16 @@ async fn boot_virtio_mem(
     start(vm).await
 }
 
-async fn guest_total_mib(agent: &AgentClient) -> u64 {
+/// What the agent reports the guest sees.
+async fn guest_info(agent: &AgentClient) -> vmkit_proto::agent::GuestInfoResponse {
     agent
         .guest_info(ctx(), &GuestInfoRequest::new())
         .await
         .unwrap()
-        .mem_total_bytes
-        >> 20
+}
+
+async fn guest_total_mib(agent: &AgentClient) -> u64 {
+    guest_info(agent).await.mem_total_bytes >> 20
 }
 
 /// QEMU's `requested-size` and `size` of the virtio-mem device, in MiB.
@@ -1072,11 +1066,7 @@ async fn an_unplug_the_guest_refuses_fails_at_once_with_its_reason() {
         began.elapsed()
     );
     assert_eq!(guest_total_mib(&agent).await, base + 128);
-    let online = agent
-        .guest_info(ctx(), &GuestInfoRequest::new())
-        .await
-        .unwrap()
-        .online_cpus;
+    let online = guest_info(&agent).await.online_cpus;
     assert_eq!(online, [0, cpu.index]);
 
     guest_acpi_hotplug(&agent, true).await;
@@ -1102,10 +1092,8 @@ async fn a_hotplugged_disk_appears_with_its_serial_and_size_and_goes_on_unplug()
     );
     let agent = vm.agent().await.unwrap();
     let disks = || async {
-        agent
-            .guest_info(ctx(), &GuestInfoRequest::new())
+        guest_info(&agent)
             .await
-            .unwrap()
             .disks
             .into_iter()
             .map(|d| (d.serial, d.size_bytes))
@@ -1177,10 +1165,8 @@ async fn a_hotplugged_tap_nic_appears_with_its_mac_and_goes_with_its_tap_on_unpl
     );
     let agent = vm.agent().await.unwrap();
     let macs = || async {
-        agent
-            .guest_info(ctx(), &GuestInfoRequest::new())
+        guest_info(&agent)
             .await
-            .unwrap()
             .nics
             .into_iter()
             .map(|n| n.mac)

@@ -12,6 +12,7 @@ use vmkit_proto::agent::GuestInfoRequest;
 use super::{POLL, agent, agent_err, ctx, qmp_err};
 use crate::error::Error;
 use crate::instance::Shared;
+use vmkit_qmp::QmpClient;
 
 /// A device hot-plugged into this VM.
 #[derive(Debug, Clone)]
@@ -44,6 +45,44 @@ impl HotBackend {
             HotBackend::Block(n) | HotBackend::Net { netdev: n, .. } => n,
         }
     }
+
+    /// Deletes the backend object in QEMU: `blockdev-del` or `netdev_del`.
+    async fn delete(&self, qmp: &QmpClient) -> vmkit_core::Result<()> {
+        let (command, args) = match self {
+            HotBackend::Block(node) => ("blockdev-del", json!({ "node-name": node })),
+            HotBackend::Net { netdev, .. } => ("netdev_del", json!({ "id": netdev })),
+        };
+        qmp.execute_raw(command, Some(args))
+            .await
+            .map(drop)
+            .map_err(|e| qmp_err(&format!("{command} {}", self.name()), e))
+    }
+}
+
+/// `device_add`s `device` (a `driver` with id `id` on `port`) over `backend` and records
+/// it as hot-plugged. When QEMU refuses, the backend is deleted again and QEMU's words
+/// come back in the error.
+async fn plug(
+    shared: &Shared,
+    qmp: &QmpClient,
+    driver: &str,
+    id: &str,
+    port: String,
+    device: serde_json::Value,
+    backend: HotBackend,
+) -> vmkit_core::Result<()> {
+    if let Err(e) = qmp.execute_raw("device_add", Some(device)).await {
+        if let Err(del) = backend.delete(qmp).await {
+            tracing::warn!(backend = backend.name(), error = %del, "deleting the backend after a failed device_add failed");
+        }
+        return Err(qmp_err(&format!("device_add {driver} {id} on {port}"), e));
+    }
+    crate::instance::lock(&shared.hot_devices).push(HotDevice {
+        id: id.to_owned(),
+        backend,
+        port,
+    });
+    Ok(())
 }
 
 /// A free reserved root port and a free backend name `<prefix><n>`, or why not.
@@ -103,23 +142,16 @@ pub(crate) async fn add_disk(shared: Arc<Shared>, disk: DiskConfig) -> vmkit_cor
                 e,
             )
         })?;
-    if let Err(e) = qmp.execute_raw("device_add", Some(device)).await {
-        if let Err(del) = qmp
-            .execute_raw("blockdev-del", Some(json!({ "node-name": node })))
-            .await
-        {
-            tracing::warn!(%node, error = %del, "blockdev-del after a failed device_add failed");
-        }
-        return Err(qmp_err(
-            &format!("device_add virtio-blk-pci {} on {port}", disk.id),
-            e,
-        ));
-    }
-    crate::instance::lock(&shared.hot_devices).push(HotDevice {
-        id: disk.id.clone(),
-        backend: HotBackend::Block(node),
+    plug(
+        &shared,
+        &qmp,
+        "virtio-blk-pci",
+        &disk.id,
         port,
-    });
+        device,
+        HotBackend::Block(node),
+    )
+    .await?;
     let (Some(agent), Some(before)) = (agent, disks_before) else {
         return Ok(());
     };
@@ -220,16 +252,7 @@ pub(crate) async fn remove_device(shared: Arc<Shared>, id: String) -> vmkit_core
         }
     }
     crate::instance::lock(&shared.hot_devices).retain(|d| d.id != id);
-    match &device.backend {
-        HotBackend::Block(node) => qmp
-            .execute_raw("blockdev-del", Some(json!({ "node-name": node })))
-            .await
-            .map_err(|e| qmp_err(&format!("blockdev-del {node}"), e))?,
-        HotBackend::Net { netdev, .. } => qmp
-            .execute_raw("netdev_del", Some(json!({ "id": netdev })))
-            .await
-            .map_err(|e| qmp_err(&format!("netdev_del {netdev}"), e))?,
-    };
+    device.backend.delete(&qmp).await?;
     // Dropping `device` closes the TAP fd vmkit held for a NIC.
     Ok(())
 }
@@ -285,23 +308,16 @@ pub(crate) async fn add_nic(shared: Arc<Shared>, nic: NicConfig) -> vmkit_core::
         "mac": mac.to_string(),
         "bus": port,
     });
-    if let Err(e) = qmp.execute_raw("device_add", Some(device)).await {
-        if let Err(del) = qmp
-            .execute_raw("netdev_del", Some(json!({ "id": netdev })))
-            .await
-        {
-            tracing::warn!(%netdev, error = %del, "netdev_del after a failed device_add failed");
-        }
-        return Err(qmp_err(
-            &format!("device_add virtio-net-pci {} on {port}", nic.id),
-            e,
-        ));
-    }
-    crate::instance::lock(&shared.hot_devices).push(HotDevice {
-        id: nic.id.clone(),
-        backend: HotBackend::Net { netdev, _tap: tap },
+    plug(
+        &shared,
+        &qmp,
+        "virtio-net-pci",
+        &nic.id,
         port,
-    });
+        device,
+        HotBackend::Net { netdev, _tap: tap },
+    )
+    .await?;
     let Ok(agent) = agent(&shared).await else {
         return Ok(());
     };
