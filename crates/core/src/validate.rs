@@ -127,9 +127,23 @@ pub fn check_option_text(field: &str, text: &str) -> Result<()> {
     Ok(())
 }
 
-/// One kernel command-line parameter: non-empty, no control characters, no whitespace
-/// outside a double-quoted value (the kernel would split it into several parameters),
-/// balanced quotes, and not the bare `--` (which would hand every later parameter to init).
+/// The bytes the Linux kernel's `isspace()` accepts (its `lib/ctype.c` table, which is
+/// Latin-1): tab, newline, vertical tab, form feed, carriage return, space and the
+/// no-break space 0xA0. The command-line parser (`next_arg`) splits on each of them,
+/// *byte by byte*: 0xA0 occurs inside the UTF-8 encoding of many characters (`à` is
+/// C3 A0), so a check on Unicode characters alone misses it.
+pub const KERNEL_SPACE_BYTES: [u8; 7] = [b'\t', b'\n', 0x0b, 0x0c, b'\r', b' ', 0xa0];
+
+/// Whether the guest kernel's parser treats `byte` as a separator.
+pub fn is_kernel_space(byte: u8) -> bool {
+    KERNEL_SPACE_BYTES.contains(&byte)
+}
+
+/// One kernel command-line parameter: non-empty, no control characters, no byte the
+/// kernel takes for a space ([`KERNEL_SPACE_BYTES`]) outside a double-quoted value (the
+/// kernel would split it into several parameters), balanced quotes, and not the bare
+/// `--` (which would hand every later parameter to init). The check runs on the bytes,
+/// as the kernel parses them.
 pub fn check_cmdline_part(field: &str, part: &str) -> Result<()> {
     if part.is_empty() {
         return Err(Error::config(field, "empty kernel parameter"));
@@ -147,18 +161,43 @@ pub fn check_cmdline_part(field: &str, part: &str) -> Result<()> {
         ));
     }
     let mut quoted = false;
-    for c in part.chars() {
-        match c {
-            '"' => quoted = !quoted,
-            c if c.is_whitespace() && !quoted => {
-                return Err(Error::config(
-                    field,
-                    format!(
-                        "{part:?} contains unquoted whitespace and would split into several kernel parameters"
-                    ),
-                ));
-            }
-            _ => {}
+    // A UTF-8 continuation byte is never '"', so toggling on the byte is the kernel's
+    // own reading of the quotes.
+    for (at, c) in part.char_indices() {
+        if c == '"' {
+            quoted = !quoted;
+            continue;
+        }
+        if quoted {
+            continue;
+        }
+        let mut utf8 = [0u8; 4];
+        let bytes = c.encode_utf8(&mut utf8).as_bytes();
+        if bytes.len() == 1 && (is_kernel_space(bytes[0]) || c.is_whitespace()) {
+            return Err(Error::config(
+                field,
+                format!(
+                    "{part:?} contains unquoted whitespace and would split into several kernel parameters"
+                ),
+            ));
+        }
+        if let Some(&byte) = bytes.iter().find(|b| is_kernel_space(**b)) {
+            return Err(Error::config(
+                field,
+                format!(
+                    "{part:?} contains {c:?} (byte offset {at}), whose UTF-8 encoding holds the \
+                     byte {byte:#04X} that the guest kernel takes for a space: it would split \
+                     into several kernel parameters"
+                ),
+            ));
+        }
+        if c.is_whitespace() {
+            return Err(Error::config(
+                field,
+                format!(
+                    "{part:?} contains the Unicode space {c:?} (byte offset {at}) outside quotes"
+                ),
+            ));
         }
     }
     if quoted {
@@ -300,6 +339,49 @@ mod tests {
         assert!(check_cmdline_part("c", "").is_err());
         assert!(check_cmdline_part("c", "a\nb").is_err());
         assert!(check_cmdline_part("c", "a\tb").is_err());
+    }
+
+    #[test]
+    fn a_character_holding_the_kernels_space_byte_is_refused() {
+        // 'à' is C3 A0: the kernel splits on the 0xA0 and would see `rdinit=/bin/false`.
+        assert_eq!(
+            reason(check_cmdline_part(
+                "kernel.cmdline[0]",
+                "app.arg=\u{e0}rdinit=/bin/false"
+            )),
+            "kernel.cmdline[0]: \"app.arg=\u{e0}rdinit=/bin/false\" contains '\u{e0}' (byte offset 8), \
+             whose UTF-8 encoding holds the byte 0xA0 that the guest kernel takes for a space: \
+             it would split into several kernel parameters"
+        );
+        // Quoted, the kernel keeps it in one parameter.
+        check_cmdline_part("c", "app.arg=\"\u{e0}x\"").unwrap();
+        // Other non-ASCII text holds no separator byte.
+        check_cmdline_part("c", "app.name=caf\u{e9}-\u{65e5}\u{672c}").unwrap();
+    }
+
+    /// Every character, exhaustively: one whose UTF-8 encoding holds a byte the
+    /// kernel's `isspace()` accepts is refused when unquoted, whichever byte it is and
+    /// wherever it sits in the encoding.
+    #[test]
+    fn no_character_smuggles_a_kernel_space_byte() {
+        let mut refused = 0u32;
+        for c in (0..=0x10_FFFFu32).filter_map(char::from_u32) {
+            let mut utf8 = [0u8; 4];
+            let holds_space = c.encode_utf8(&mut utf8).bytes().any(is_kernel_space);
+            if !holds_space {
+                continue;
+            }
+            let part = format!("a={c}b");
+            assert!(
+                check_cmdline_part("c", &part).is_err(),
+                "{c:?} ({:02X?}) accepted",
+                c.to_string().as_bytes()
+            );
+            refused += 1;
+        }
+        // The six ASCII separators and every character with an 0xA0 byte in its UTF-8
+        // encoding (U+00A0 among them), counted independently of this code.
+        assert_eq!(refused, 50_329);
     }
 
     #[test]

@@ -114,10 +114,14 @@ mod tests {
     }
 
     proptest! {
-        /// Whatever the caller passes, an accepted line splits (on whitespace outside
-        /// quotes) into exactly the base parameters plus one word per extra.
+        /// Whatever the caller passes (ASCII, any printable Unicode, and the characters
+        /// whose UTF-8 holds the kernel's 0xA0 space byte), an accepted line splits, byte
+        /// by byte as the kernel splits it, into exactly the base parameters plus one
+        /// word per extra.
         #[test]
-        fn accepted_extras_stay_one_parameter_each(extras in proptest::collection::vec("[ -~]{0,12}", 0..6)) {
+        fn accepted_extras_stay_one_parameter_each(
+            extras in proptest::collection::vec("([ -~]|\\PC|[\"\u{e0}\u{a0}\u{8a0}\u{3000}])*", 0..6)
+        ) {
             if let Ok(line) = build(Machine::Q35, None, &extras) {
                 let words = split_like_the_kernel(&line);
                 prop_assert_eq!(words.len(), BASE_PARAMS.len() + extras.len(), "{}", line);
@@ -126,29 +130,30 @@ mod tests {
         }
     }
 
-    /// The kernel's `next_arg`: whitespace separates, double quotes group.
+    /// The kernel's `next_arg`, on bytes: its `isspace()` bytes separate, double quotes
+    /// group.
     fn split_like_the_kernel(line: &str) -> Vec<String> {
         let mut words = Vec::new();
-        let mut current = String::new();
+        let mut current = Vec::new();
         let mut quoted = false;
         let mut in_word = false;
-        for c in line.chars() {
-            if c == '"' {
+        for &b in line.as_bytes() {
+            if b == b'"' {
                 quoted = !quoted;
-                current.push(c);
+                current.push(b);
                 in_word = true;
-            } else if c.is_ascii_whitespace() && !quoted {
+            } else if vmkit_core::validate::is_kernel_space(b) && !quoted {
                 if in_word {
-                    words.push(std::mem::take(&mut current));
+                    words.push(String::from_utf8_lossy(&std::mem::take(&mut current)).into_owned());
                     in_word = false;
                 }
             } else {
-                current.push(c);
+                current.push(b);
                 in_word = true;
             }
         }
         if in_word {
-            words.push(current);
+            words.push(String::from_utf8_lossy(&current).into_owned());
         }
         words
     }
