@@ -10,18 +10,22 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use protobuf::Message as _;
-use tokio::io::{AsyncRead, AsyncWrite, BufReader, WriteHalf};
+use tokio::io::{
+    AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, BufReader, WriteHalf,
+};
 use tokio::sync::Mutex;
 use ttrpc::r#async::TtrpcContext;
 use ttrpc::proto::{
-    GenMessage, GenMessageError, MESSAGE_TYPE_REQUEST, MessageHeader, Request, Response,
+    GenMessage, MESSAGE_LENGTH_MAX, MESSAGE_TYPE_REQUEST, MessageHeader, Request, Response,
 };
 use ttrpc::{Code, Status, get_status};
 use vmkit_proto::Agent;
 
+use crate::limits::{Budget, Held, Limits};
 use crate::service::AgentService;
 
 /// The service name in requests.
@@ -29,8 +33,9 @@ const SERVICE: &str = "vmkit.agent.v1.Agent";
 
 type Writer<S> = Arc<Mutex<WriteHalf<S>>>;
 
-/// Serves one connection until it closes or stops speaking TTRPC.
-pub(crate) async fn serve<S>(conn: S, service: Arc<AgentService>)
+/// Serves one connection until it closes, stops speaking TTRPC, stalls mid-frame or
+/// idles past the limits (see [`crate::limits`]).
+pub(crate) async fn serve<S>(conn: S, service: Arc<AgentService>, limits: Limits, budget: Budget)
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
@@ -39,12 +44,19 @@ where
     // syscall is expensive in an emulated guest).
     let mut reader = BufReader::with_capacity(64 << 10, reader);
     let writer: Writer<S> = Arc::new(Mutex::new(writer));
+    let in_flight = Arc::new(AtomicUsize::new(0));
     loop {
-        let msg = match GenMessage::read_from(&mut reader).await {
-            Ok(msg) => msg,
+        let (msg, held) = match read_frame(&mut reader, &limits, &budget, &in_flight).await {
+            Frame::Whole(msg, held) => (msg, held),
             // Oversized: the body was discarded; tell the caller why.
-            Err(GenMessageError::ReturnError(header, e)) => {
-                let status = get_status(Code::INVALID_ARGUMENT, e.to_string());
+            Frame::Oversized(header) => {
+                let status = get_status(
+                    Code::INVALID_ARGUMENT,
+                    format!(
+                        "message length {} exceeds the maximum of {MESSAGE_LENGTH_MAX} bytes",
+                        header.length
+                    ),
+                );
                 if respond(&writer, header.stream_id, Err(status))
                     .await
                     .is_err()
@@ -53,8 +65,8 @@ where
                 }
                 continue;
             }
-            // EOF, or bytes that are not TTRPC: nothing sensible can follow.
-            Err(GenMessageError::InternalError(_)) => return,
+            // EOF, a stall, an idle connection: nothing sensible can follow.
+            Frame::End => return,
         };
         if msg.header.type_ != MESSAGE_TYPE_REQUEST {
             continue; // streaming DATA frames: this service has no streaming methods
@@ -71,19 +83,109 @@ where
                 continue;
             }
         };
+        drop(msg.payload);
         if request.method == "Ping" {
             // The liveness probe: answered here, no task, no channel.
             let answer = call(&service, msg.header, request).await;
+            drop(held);
             if respond(&writer, stream_id, answer).await.is_err() {
                 return;
             }
         } else {
             let (service, writer) = (Arc::clone(&service), Arc::clone(&writer));
+            let busy = InFlight::enter(&in_flight);
             tokio::spawn(async move {
                 let answer = call(&service, msg.header, request).await;
+                // The request's bytes count against the budget until it is answered.
+                drop(held);
                 let _ = respond(&writer, stream_id, answer).await;
+                drop(busy);
             });
         }
+    }
+}
+
+/// What reading the next frame gave.
+enum Frame {
+    /// A whole frame, and the budget its body holds.
+    Whole(GenMessage, Held),
+    /// A frame over TTRPC's limit, whose body was read and dropped.
+    Oversized(MessageHeader),
+    /// The connection ended, stalled mid-frame, or idled out.
+    End,
+}
+
+/// Counts a connection's calls in flight; an idle connection is one with none.
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn enter(count: &Arc<AtomicUsize>) -> InFlight {
+        count.fetch_add(1, Ordering::SeqCst);
+        InFlight(Arc::clone(count))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Reads one frame within the limits: waits up to the idle timeout for it to begin
+/// (for ever while calls are in flight), holds budget for its body before reading it,
+/// and reads the rest within the frame timeout, growing the body as bytes arrive.
+async fn read_frame<R: AsyncBufRead + Unpin>(
+    reader: &mut R,
+    limits: &Limits,
+    budget: &Budget,
+    in_flight: &AtomicUsize,
+) -> Frame {
+    loop {
+        match tokio::time::timeout(limits.idle_timeout, reader.fill_buf()).await {
+            Ok(Ok([])) | Ok(Err(_)) => return Frame::End,
+            Ok(Ok(_)) => break,
+            Err(_) if in_flight.load(Ordering::SeqCst) > 0 => {}
+            Err(_) => return Frame::End,
+        }
+    }
+    let frame = async {
+        let header = MessageHeader::read_from(&mut *reader).await.ok()?;
+        let len = usize::try_from(header.length).unwrap_or(usize::MAX);
+        if len > MESSAGE_LENGTH_MAX {
+            let mut rest = (&mut *reader).take(u64::from(header.length));
+            let discarded = tokio::io::copy(&mut rest, &mut tokio::io::sink())
+                .await
+                .ok()?;
+            return (discarded == u64::from(header.length)).then_some(Err(header));
+        }
+        Some(Ok(header))
+    };
+    let header = match tokio::time::timeout(limits.frame_timeout, frame).await {
+        Ok(Some(Ok(header))) => header,
+        Ok(Some(Err(oversized))) => return Frame::Oversized(oversized),
+        Ok(None) | Err(_) => return Frame::End,
+    };
+    let len = usize::try_from(header.length).unwrap_or(usize::MAX);
+    let held = budget.hold(len).await;
+    let body = async {
+        let mut body = Vec::new();
+        while body.len() < len {
+            if body.len() == body.capacity() {
+                // Double, from 64 KiB, but never past the declared length.
+                let grow = (len - body.len()).min(body.capacity().max(64 << 10));
+                body.reserve_exact(grow);
+            }
+            let room = u64::try_from(body.capacity() - body.len()).unwrap_or(u64::MAX);
+            let n = (&mut *reader).take(room).read_buf(&mut body).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+        }
+        Some(body)
+    };
+    match tokio::time::timeout(limits.frame_timeout, body).await {
+        Ok(Some(payload)) => Frame::Whole(GenMessage { header, payload }, held),
+        Ok(None) | Err(_) => Frame::End,
     }
 }
 

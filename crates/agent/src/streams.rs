@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 use vmkit_proto::{FramedStream, MAX_HEADER, StreamHeader, StreamReply};
 
 use crate::exec::{ExecError, spawn_for_stream};
+use crate::limits::Gate;
 use crate::listen::{Conn, Listener};
 
 /// How long a new connection may take to send its header.
@@ -17,11 +18,19 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the host may take to close the connection once both ends were sent.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Accepts streams forever; each connection is served on its own task.
-pub(crate) async fn serve(listener: Listener) {
+/// Accepts streams forever; each connection is served on its own task, up to the
+/// gate's limit (one more is closed at once).
+pub(crate) async fn serve(listener: Listener, gate: Gate) {
     loop {
         let conn = listener.accept_or_pause().await;
-        tokio::spawn(handle(conn));
+        let Some(admitted) = gate.admit() else {
+            drop(conn);
+            continue;
+        };
+        tokio::spawn(async move {
+            handle(conn).await;
+            drop(admitted);
+        });
     }
 }
 
