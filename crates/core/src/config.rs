@@ -572,6 +572,32 @@ impl StateLayout {
         self.log_dir.join("vmm.log")
     }
 
+    /// Creates the state and log dirs 0700, or checks existing ones (see
+    /// [`crate::state_dir`]). Call before anything is written into them.
+    ///
+    /// # Errors
+    /// [`crate::Error::UnsafePath`] for a dir someone else controls; [`crate::Error::Io`].
+    pub fn prepare(&self, op: &str) -> crate::Result<()> {
+        crate::state_dir::prepare_private_dir(op, &self.state_dir)?;
+        if self.log_dir != self.state_dir {
+            crate::state_dir::prepare_private_dir(op, &self.log_dir)?;
+        }
+        Ok(())
+    }
+
+    /// Locks the state dir for `holder` until the returned guard is dropped.
+    ///
+    /// # Errors
+    /// [`crate::Error::InUse`] when a live instance holds it.
+    pub fn lock(&self, op: &str, holder: &str) -> crate::Result<crate::StateDirLock> {
+        crate::StateDirLock::acquire(op, &self.state_dir, holder)
+    }
+
+    /// The state dir's lock file (see [`crate::StateDirLock`]).
+    pub fn lock_file(&self) -> PathBuf {
+        self.state_dir.join(crate::state_dir::LOCK_FILE)
+    }
+
     /// Every socket a backend may create, with a short name for messages.
     pub fn sockets(&self) -> [(&'static str, PathBuf); 3] {
         [

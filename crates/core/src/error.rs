@@ -69,6 +69,41 @@ pub enum Error {
         after: Duration,
     },
 
+    /// `op` was called from an async context that cannot run it: a tokio runtime
+    /// without the IO or time driver (build it with `enable_all()`), or no runtime.
+    /// Nothing was taken or changed.
+    #[error("{op}: {reason}")]
+    Runtime {
+        /// The operation that was refused.
+        op: String,
+        /// What the runtime lacks.
+        reason: String,
+    },
+
+    /// A resource another owner holds: a state dir that a live instance (in this or
+    /// another process) has locked.
+    #[error("{op}: {resource} is in use by {holder}")]
+    InUse {
+        /// The operation that was refused.
+        op: String,
+        /// The resource, e.g. `state dir /run/vmkit/a`.
+        resource: String,
+        /// Who holds it, as far as known (`pid 1234 (vm "a")`).
+        holder: String,
+    },
+
+    /// A path vmkit would create files in, or open, is not safe to use: owned by
+    /// another user, writable by group or others, or a symbolic link.
+    #[error("{op}: {} is unsafe: {reason}", path.display())]
+    UnsafePath {
+        /// The operation that was refused.
+        op: String,
+        /// The path.
+        path: std::path::PathBuf,
+        /// Why it is refused.
+        reason: String,
+    },
+
     /// An operating-system call failed during `op`.
     #[error("{op}: {source}")]
     Io {

@@ -135,19 +135,22 @@ pub trait DeviceConfigurator: Send + Sync {
         self.add_nic(NicConfig::tap(id, tap, mac))
     }
 
-    /// Attaches a disk to the running VM; returns once the VMM accepted it.
+    /// Attaches a disk to the running VM; returns once the guest sees it.
     ///
-    /// Allowed in: `Running`, `Paused`. Deadline: the config's `timeouts.command` per
-    /// VMM command. Needs [`crate::Capabilities::DISK_HOTPLUG`].
+    /// Allowed in: `Running` only: the call waits for the guest to see the device,
+    /// which a paused guest never does (`Paused` is refused with `InvalidState`).
+    /// Deadline: the config's `timeouts.command` per VMM command, `timeouts.hotplug`
+    /// for the guest. Needs [`crate::Capabilities::DISK_HOTPLUG`].
     ///
     /// # Errors
     /// `InvalidState`, `InvalidConfig`, `Unsupported`, `Timeout`, `Backend` with the
     /// VMM's own error text; on failure nothing of the disk is left attached.
     async fn hotplug_disk(&self, disk: DiskConfig) -> Result<()>;
 
-    /// Attaches a NIC to the running VM.
+    /// Attaches a NIC to the running VM; returns once the guest sees it.
     ///
-    /// Allowed in: `Running`, `Paused`. Needs [`crate::Capabilities::NIC_HOTPLUG`].
+    /// Allowed in: `Running` only, as [`Self::hotplug_disk`]. Needs
+    /// [`crate::Capabilities::NIC_HOTPLUG`].
     ///
     /// # Errors
     /// As [`Self::hotplug_disk`].

@@ -40,6 +40,7 @@ pub mod info;
 pub mod instance;
 pub mod resources;
 pub mod state;
+pub mod state_dir;
 pub mod validate;
 
 pub use backend::{Backend, BackendRegistration, Registry};
@@ -58,6 +59,7 @@ pub use resources::{
     ResourceManager, VcpuResize,
 };
 pub use state::{StateCell, VmState};
+pub use state_dir::StateDirLock;
 
 #[doc(hidden)]
 pub use inventory as __inventory;

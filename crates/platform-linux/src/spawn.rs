@@ -5,15 +5,22 @@
 //! worker or blocking-pool thread would be killed when the pool retires that thread
 //! (after 10 s idle, by default). So every spawn happens on one dedicated thread that
 //! lives as long as the process; callers hand it their command and get the child back.
+//!
+//! That thread is every child's life line, so nothing a caller does may end it:
+//! - it runs its own tokio runtime (IO and time drivers on, never dropped), so a
+//!   child's `wait` and pipes work whatever runtime the caller has, even one built
+//!   without the IO driver, and orphaned children are reaped there;
+//! - each job runs under `catch_unwind`: a job that panics is that job's error only
+//!   ([`io::ErrorKind::Other`], naming the program and the panic), and the thread takes
+//!   the next job.
 
 use std::io;
 use std::os::fd::RawFd;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::OnceLock;
-use std::sync::mpsc;
 
 use tokio::process::{Child, Command};
-use tokio::runtime::Handle;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 /// What to spawn, and how.
 #[derive(Debug)]
@@ -24,7 +31,8 @@ pub struct SpawnRequest {
 
 impl SpawnRequest {
     /// Spawn `command` as it is set up (args, env, stdio); the spawner adds the
-    /// parent-death signal.
+    /// parent-death signal and a umask of 077 (whatever the child creates, sockets and
+    /// logs, is its owner's alone, whatever this process's umask is).
     pub fn new(command: Command) -> Self {
         SpawnRequest {
             command,
@@ -43,69 +51,87 @@ impl SpawnRequest {
 
 struct Job {
     request: SpawnRequest,
-    runtime: Handle,
     reply: oneshot::Sender<io::Result<Child>>,
 }
 
 /// Spawns processes from one long-lived thread, with a parent-death signal.
 #[derive(Debug)]
 pub struct Spawner {
-    jobs: mpsc::Sender<Job>,
+    /// `Err` when the spawner thread or its runtime could not be created: every spawn
+    /// then fails with this message.
+    jobs: Result<mpsc::UnboundedSender<Job>, String>,
 }
 
 impl Spawner {
     /// The process-wide spawner (its thread starts on first use and never exits).
-    ///
-    /// # Panics
-    /// Never in practice: only if the OS refuses to create the one spawner thread, in
-    /// which case nothing could be spawned anyway.
     pub fn global() -> &'static Spawner {
         static GLOBAL: OnceLock<Spawner> = OnceLock::new();
-        GLOBAL.get_or_init(|| {
-            let (jobs, rx) = mpsc::channel::<Job>();
-            let spawned = std::thread::Builder::new()
-                .name("vmkit-spawner".into())
-                .spawn(move || {
-                    // Runs until the process exits: every sender lives in a `static`.
-                    while let Ok(job) = rx.recv() {
-                        let _enter = job.runtime.enter();
-                        let result = spawn_here(job.request);
-                        let _ = job.reply.send(result);
-                    }
-                });
-            if let Err(e) = spawned {
-                // Without the spawner thread no VM can be started at all; there is no
-                // caller to hand an error to from a `static` initialiser.
-                #[allow(clippy::panic)]
-                {
-                    panic!("vmkit-linux: cannot start the spawner thread: {e}");
-                }
-            }
-            Spawner { jobs }
+        GLOBAL.get_or_init(|| Spawner {
+            jobs: start_thread(),
         })
     }
 
-    /// Spawns the request's command on the spawner thread and returns the child, whose
-    /// `wait` runs on the caller's tokio runtime.
+    /// Spawns the request's command on the spawner thread and returns the child. Works
+    /// from any async context: the child is tied to the spawner's own runtime, not the
+    /// caller's.
     ///
     /// # Errors
-    /// The spawn's own error (binary missing, permission, …).
-    ///
-    /// # Panics
-    /// When called outside a tokio runtime.
+    /// The spawn's own error (binary missing, permission, …); [`io::ErrorKind::Other`]
+    /// when the spawn panicked or the spawner could not be started.
     pub async fn spawn(&self, request: SpawnRequest) -> io::Result<Child> {
+        let jobs = self.jobs.as_ref().map_err(|e| {
+            io::Error::other(format!("the vmkit spawner thread could not start: {e}"))
+        })?;
         let (reply, rx) = oneshot::channel();
-        let job = Job {
-            request,
-            runtime: Handle::current(),
-            reply,
-        };
-        self.jobs
-            .send(job)
+        jobs.send(Job { request, reply })
             .map_err(|_| io::Error::other("the vmkit spawner thread is gone"))?;
-        // The thread answers every job it receives: spawn returns promptly (fork+exec).
+        // The thread answers every job it receives, also one whose spawn panicked:
+        // spawn returns promptly (fork+exec).
         rx.await
             .map_err(|_| io::Error::other("the vmkit spawner thread dropped the request"))?
+    }
+}
+
+/// Starts the spawner thread with its own current-thread runtime. The runtime is driven
+/// for as long as the thread waits for jobs, which is for ever: every sender lives in
+/// a `static`.
+fn start_thread() -> Result<mpsc::UnboundedSender<Job>, String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot build its tokio runtime: {e}"))?;
+    let (jobs, mut rx) = mpsc::unbounded_channel::<Job>();
+    std::thread::Builder::new()
+        .name("vmkit-spawner".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                while let Some(job) = rx.recv().await {
+                    let Job { request, reply } = job;
+                    let program = request.command.as_std().get_program().to_owned();
+                    let result = catch_unwind(AssertUnwindSafe(|| spawn_here(request)))
+                        .unwrap_or_else(|panic| {
+                            Err(io::Error::other(format!(
+                                "spawning {} panicked: {}",
+                                program.to_string_lossy(),
+                                panic_message(panic.as_ref())
+                            )))
+                        });
+                    let _ = reply.send(result);
+                }
+            });
+        })
+        .map_err(|e| format!("cannot start its thread: {e}"))?;
+    Ok(jobs)
+}
+
+/// The text of a panic payload.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a non-text panic".to_owned()
     }
 }
 
@@ -117,13 +143,14 @@ fn spawn_here(request: SpawnRequest) -> io::Result<Child> {
     } = request;
     let parent = libc_pid(std::process::id());
     // SAFETY: the closure runs in the child between fork and exec and calls only
-    // async-signal-safe functions (prctl, getppid, fcntl); it allocates nothing.
+    // async-signal-safe functions (prctl, umask, getppid, fcntl); it allocates nothing.
     #[allow(unsafe_code)]
     unsafe {
         command.pre_exec(move || {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
                 return Err(io::Error::last_os_error());
             }
+            libc::umask(0o077);
             // The parent may have died before the prctl: then nobody will send the
             // signal, so do not start at all.
             if libc::getppid() != parent {
@@ -191,6 +218,91 @@ mod tests {
             .unwrap();
         let out = child.wait_with_output().await.unwrap();
         assert_eq!(String::from_utf8_lossy(&out.stdout), "kept\n");
+    }
+
+    /// Issue 12, defect 3: a spawn from a runtime built without the IO driver used to
+    /// panic the spawner thread, and every child it had forked died by the parent-death
+    /// signal. Now the spawn works, the earlier child lives on, and so do later spawns.
+    #[test]
+    fn a_caller_runtime_without_io_neither_fails_nor_kills_other_children() {
+        let healthy = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut sleeper = healthy
+            .block_on(Spawner::global().spawn(SpawnRequest::new(sh("sleep 30"))))
+            .unwrap();
+        let sleeper_pid = sleeper.id().unwrap();
+
+        let no_io = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let out = no_io.block_on(async {
+            let child = Spawner::global()
+                .spawn(SpawnRequest::new(sh("echo from-a-runtime-without-io")))
+                .await
+                .expect("a runtime without the IO driver can spawn");
+            let pid = child.id().unwrap();
+            let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
+                .await
+                .expect("the child's wait is driven by the spawner's runtime")
+                .unwrap();
+            (pid, out)
+        });
+        assert_eq!(
+            String::from_utf8_lossy(&out.1.stdout),
+            "from-a-runtime-without-io\n"
+        );
+        assert!(
+            !std::path::Path::new(&format!("/proc/{}", out.0)).exists(),
+            "the finished child was reaped (no zombie)"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            std::path::Path::new(&format!("/proc/{sleeper_pid}")).exists()
+                && !std::fs::read_to_string(format!("/proc/{sleeper_pid}/stat"))
+                    .unwrap_or_default()
+                    .contains(") Z "),
+            "the earlier child still runs"
+        );
+        // And the spawner still serves everyone.
+        let again = healthy
+            .block_on(async {
+                let c = Spawner::global()
+                    .spawn(SpawnRequest::new(sh("echo again")))
+                    .await?;
+                c.wait_with_output().await
+            })
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&again.stdout), "again\n");
+        sleeper.start_kill().unwrap();
+    }
+
+    #[test]
+    fn children_create_files_for_their_owner_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("made-by-child");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let status = rt
+            .block_on(async {
+                let c = Spawner::global()
+                    .spawn(SpawnRequest::new(sh(&format!(
+                        "umask; : > {}",
+                        file.display()
+                    ))))
+                    .await?;
+                c.wait_with_output().await
+            })
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&status.stdout).trim(), "0077");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{mode:o}");
     }
 
     #[tokio::test]

@@ -142,6 +142,11 @@ impl Link {
         self.vhost_server.clone()
     }
 
+    /// The sockets made for this link (hybrid vsock), removed on release.
+    pub(crate) fn sockets(&self) -> &[PathBuf] {
+        &self.sockets
+    }
+
     /// The daemon's pid (hybrid vsock), for reports and tests.
     pub(crate) fn daemon_pid(&self) -> Option<u32> {
         self.daemon.as_ref().map(|d| d.pid())
@@ -158,10 +163,24 @@ impl Link {
                 );
             }
         }
-        for socket in &self.sockets {
-            remove_if_present(socket);
+        for socket in self.sockets.drain(..) {
+            remove_if_present(&socket);
         }
         self.reserved = None;
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        // `release` took the daemon and removed the sockets; a link dropped without it
+        // (its instance was dropped while running) kills the daemon without waiting
+        // (its supervisor reaps it) and removes the sockets now.
+        if let Some(daemon) = self.daemon.take() {
+            daemon.signal(libc::SIGKILL);
+        }
+        for socket in self.sockets.drain(..) {
+            remove_if_present(&socket);
+        }
     }
 }
 
@@ -174,21 +193,26 @@ fn remove_if_present(path: &Path) {
 }
 
 /// The host-wide CID allocator of this process: lock files in `$VMKIT_CID_DIR`, else
-/// `/run/vmkit/cids` when writable, else `<tmp>/vmkit-cids`.
+/// `/run/vmkit/cids` when this user may create it, else `<tmp>/vmkit-cids-<euid>`. The
+/// dir is private (0700, ours; see [`vmkit_core::state_dir`]): a dir another user
+/// planted in a shared `/tmp` is refused, not used.
 fn cid_allocator() -> Result<&'static CidAllocator, Error> {
     static CIDS: OnceLock<Result<CidAllocator, String>> = OnceLock::new();
     let cids = CIDS.get_or_init(|| {
-        let dir = std::env::var_os("VMKIT_CID_DIR").map_or_else(
-            || {
+        let op = "set up the CID lock dir";
+        let dir = match std::env::var_os("VMKIT_CID_DIR") {
+            Some(dir) => PathBuf::from(dir),
+            None => {
                 let run = Path::new("/run/vmkit/cids");
-                if std::fs::create_dir_all(run).is_ok() {
+                if vmkit_core::state_dir::prepare_private_dir(op, run).is_ok() {
                     run.to_owned()
                 } else {
-                    std::env::temp_dir().join("vmkit-cids")
+                    std::env::temp_dir()
+                        .join(format!("vmkit-cids-{}", vmkit_core::state_dir::euid()))
                 }
-            },
-            PathBuf::from,
-        );
+            }
+        };
+        vmkit_core::state_dir::prepare_private_dir(op, &dir).map_err(|e| e.to_string())?;
         CidAllocator::new(CidOptions {
             lock_dir: Some(dir),
             ..CidOptions::default()
@@ -257,9 +281,11 @@ pub(crate) async fn establish(
                 remove_if_present(stale);
             }
             let log_path = layout.log_dir().join("vsock.log");
-            let log = std::fs::File::create(&log_path).map_err(|source| Error::Io {
-                op: format!("create {}", log_path.display()),
-                source,
+            let log = vmkit_core::state_dir::create_private_file(&log_path).map_err(|source| {
+                Error::Io {
+                    op: format!("create {}", log_path.display()),
+                    source,
+                }
             })?;
             let args = vec![
                 "--guest-cid".into(),
@@ -277,7 +303,16 @@ pub(crate) async fn establish(
             let daemon = Process::spawn_with_env(binary, args, log, &[], &env)
                 .await
                 .map_err(|e| match e {
-                    Error::Spawn { binary, source } => Error::VsockDaemonMissing { binary, source },
+                    // Only a binary that is not there (or not runnable) is "missing";
+                    // any other spawn failure keeps its own words.
+                    Error::Spawn { binary, source }
+                        if matches!(
+                            source.kind(),
+                            std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+                        ) =>
+                    {
+                        Error::VsockDaemonMissing { binary, source }
+                    }
                     other => other,
                 })?;
             let daemon = Arc::new(daemon);

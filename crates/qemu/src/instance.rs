@@ -107,6 +107,9 @@ pub(crate) struct Life {
     pub(crate) agent: Option<Agent>,
     /// The accelerator QEMU runs with (resolved at start).
     pub(crate) accel: Option<vmkit_core::Accel>,
+    /// This VM's hold on its state dir, from the start until the VM is gone. Files in
+    /// the dir are this VM's to remove only while it is held.
+    pub(crate) state_lock: Option<vmkit_core::StateDirLock>,
     /// vCPU threads QEMU has started in this VM's life: boot vCPUs plus every hot-plug.
     /// Under TCG this may not exceed `max_vcpus` (see [`crate::hotplug`]'s vCPU notes).
     pub(crate) vcpu_threads: u32,
@@ -175,13 +178,14 @@ impl Shared {
         if let Some(first) = self.exit_info() {
             return first;
         }
-        let (link, agent, qmp, taps) = {
+        let (link, agent, qmp, taps, state_lock) = {
             let mut life = self.life();
             (
                 life.link.take(),
                 life.agent.take(),
                 life.qmp.take(),
                 std::mem::take(&mut life.tap_fds),
+                life.state_lock.take(),
             )
         };
         drop(agent);
@@ -190,12 +194,12 @@ impl Shared {
         }
         drop(qmp);
         drop(taps);
-        let socket = self.config.layout().control_socket();
-        if let Err(e) = std::fs::remove_file(&socket)
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            tracing::warn!(socket = %socket.display(), error = %e, "cannot remove the QMP socket");
+        // A start refused because another instance holds the dir never had it: the
+        // sockets there are the other instance's.
+        if state_lock.is_some() {
+            remove_sockets(&self.config);
         }
+        drop(state_lock);
         if let Ok(from) = self
             .state
             .transition_from_any("shutdown", VmState::Shutdown)
@@ -293,10 +297,23 @@ impl Shared {
     }
 }
 
+/// Removes every socket this VM's backend creates in its state dir (the caller holds
+/// the dir's lock). Plain unlinks: quick, and also needed from `Drop`.
+fn remove_sockets(config: &InstanceConfig) {
+    for (what, socket) in config.layout().sockets() {
+        if let Err(e) = std::fs::remove_file(&socket)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(socket = %socket.display(), error = %e, "cannot remove the {what}");
+        }
+    }
+}
+
 impl Drop for Shared {
     fn drop(&mut self) {
         // The instance is gone: its QEMU must not outlive it. Dropping the process
-        // handle kills it (the supervisor reaps it).
+        // handle kills it (the supervisor reaps it), dropping the link kills the vsock
+        // daemon; the sockets they served go too, then the state dir's lock.
         let life = self.life.get_mut().unwrap_or_else(|p| p.into_inner());
         if let Some(process) = life.process.take()
             && process.exited().is_none()
@@ -306,6 +323,11 @@ impl Drop for Shared {
                 "instance dropped while QEMU runs: killing it"
             );
             process.signal(libc::SIGKILL);
+        }
+        drop(life.link.take());
+        if let Some(lock) = life.state_lock.take() {
+            remove_sockets(&self.config);
+            drop(lock);
         }
     }
 }

@@ -43,6 +43,7 @@ mod instance;
 pub mod kernel_cmdline;
 pub mod options;
 mod process;
+mod runtime;
 mod shutdown;
 mod start;
 

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -55,6 +56,9 @@ impl Phase {
 const PHASE_MARGIN: Duration = Duration::from_millis(250);
 
 pub(crate) async fn start(shared: &Arc<Shared>, opts: StartOptions) -> vmkit_core::Result<()> {
+    // Refused before anything is taken: the VM stays New and may be started again from
+    // a runtime that has what QMP, vsock and deadlines need.
+    crate::runtime::check("start")?;
     shared.transition("start", VmState::New, VmState::Starting)?;
     let timeout = opts.timeout.unwrap_or(shared.config.timeouts.start);
     let deadline = Instant::now() + timeout;
@@ -123,12 +127,27 @@ async fn boot(
     let layout = config.layout();
     let op = |what: &str| format!("start: {what}");
 
-    // Prepare: directories, stale files, accelerator, sandbox, command line.
-    for dir in [layout.state_dir(), layout.log_dir()] {
-        tokio::fs::create_dir_all(dir)
-            .await
-            .map_err(|e| CoreError::io(op(&format!("create {}", dir.display())), e))?;
-    }
+    // Prepare: private dirs, this VM's hold on the state dir, stale files, accelerator,
+    // sandbox, command line.
+    let holder = format!("vm {:?}", config.id);
+    let prepared = {
+        let layout = layout.clone();
+        tokio::task::spawn_blocking(move || {
+            layout.prepare("start")?;
+            layout.lock("start", &holder)
+        })
+        .await
+    };
+    let lock = match prepared {
+        Ok(lock) => lock?,
+        Err(join) => {
+            return Err(CoreError::io(
+                op("prepare the state dir"),
+                std::io::Error::other(join.to_string()),
+            ));
+        }
+    };
+    shared.life().state_lock = Some(lock);
     for stale in [layout.control_socket(), layout.console_log()] {
         match tokio::fs::remove_file(&stale).await {
             Ok(()) => {}
@@ -205,7 +224,7 @@ async fn boot(
         vsock: vsock.as_ref(),
     });
     let vmm_log = layout.vmm_log();
-    let stderr = std::fs::File::create(&vmm_log)
+    let stderr = vmkit_core::state_dir::create_private_file(&vmm_log)
         .map_err(|e| CoreError::io(op(&format!("create {}", vmm_log.display())), e))?;
     tracing::debug!(vm = %config.id, binary = %options.binary.display(), ?args, "spawning QEMU");
 
@@ -294,6 +313,35 @@ async fn boot(
             exit = process.wait() => return Err(exited_early(&vmm_log, exit)),
         }
         progress("guest ready".to_owned());
+    }
+    restrict_sockets(shared).await
+}
+
+/// Sets every socket QEMU and the vsock daemon made to 0600. They spawn with umask 077
+/// (so a socket is 0700 at once, in a 0700 dir), but the owner's read and write are
+/// all a Unix socket needs.
+async fn restrict_sockets(shared: &Shared) -> vmkit_core::Result<()> {
+    let mut sockets: Vec<PathBuf> = shared
+        .config
+        .layout()
+        .sockets()
+        .into_iter()
+        .map(|(_, path)| path)
+        .collect();
+    if let Some(link) = shared.life().link.as_ref() {
+        sockets.extend(link.sockets().iter().cloned());
+    }
+    for socket in sockets {
+        match tokio::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600)).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(CoreError::io(
+                    format!("start: chmod 0600 {}", socket.display()),
+                    e,
+                ));
+            }
+        }
     }
     Ok(())
 }

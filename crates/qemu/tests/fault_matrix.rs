@@ -48,6 +48,26 @@ fn main() -> ExitCode {
         ),
         ("fifty_cycles_leak_nothing", fifty_cycles_leak_nothing),
         (
+            "a_start_from_a_runtime_without_io_spares_every_other_vm",
+            a_start_from_a_runtime_without_io_spares_every_other_vm,
+        ),
+        (
+            "a_live_state_dir_is_refused_to_a_second_instance",
+            a_live_state_dir_is_refused_to_a_second_instance,
+        ),
+        (
+            "a_dead_owners_state_dir_is_taken_over",
+            a_dead_owners_state_dir_is_taken_over,
+        ),
+        (
+            "dropping_a_running_instance_leaves_nothing",
+            dropping_a_running_instance_leaves_nothing,
+        ),
+        (
+            "disk_and_nic_hotplug_are_refused_while_paused_as_documented",
+            disk_and_nic_hotplug_are_refused_while_paused_as_documented,
+        ),
+        (
             "killing_the_host_kills_its_qemu",
             killing_the_host_kills_its_qemu,
         ),
@@ -316,6 +336,171 @@ fn fifty_cycles_leak_nothing(rt: &tokio::runtime::Runtime) {
     }
     assert_eq!(open_fds(), fds, "fds leaked over 50 cycles");
     assert!(children().is_empty());
+}
+
+/// Issue 12, defect 3: a start from a runtime without the IO driver used to panic the
+/// shared spawner thread, so every QEMU it had forked died by the parent-death signal
+/// and every later start failed. Now that start alone is refused, with the reason,
+/// before it takes anything.
+fn a_start_from_a_runtime_without_io_spares_every_other_vm(rt: &tokio::runtime::Runtime) {
+    let healthy = fake("", |_| {});
+    rt.block_on(healthy.vm.start(StartOptions::new())).unwrap();
+    let pid = healthy.vm.vm_info().pid.unwrap();
+
+    let careless = fake("", |_| {});
+    let no_io = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let err = no_io
+        .block_on(careless.vm.start(StartOptions::new()))
+        .unwrap_err();
+    assert!(matches!(err, CoreError::Runtime { .. }), "{err:?}");
+    assert!(
+        err.to_string()
+            .starts_with("start: the tokio runtime has no IO driver; build the runtime with"),
+        "{err}"
+    );
+    assert_eq!(careless.vm.state(), VmState::New, "nothing was taken");
+    drop(no_io);
+
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(healthy.vm.state(), VmState::Running);
+    assert!(
+        is_alive(Path::new(&format!("/proc/{pid}"))),
+        "QEMU {pid} died"
+    );
+    // The refused instance starts from a proper runtime, and so does a new one.
+    rt.block_on(careless.vm.start(StartOptions::new())).unwrap();
+    let next = fake("", |_| {});
+    rt.block_on(next.vm.start(StartOptions::new())).unwrap();
+    for f in [&healthy, &careless, &next] {
+        let exit = rt.block_on(f.vm.shutdown()).unwrap();
+        assert_eq!(exit.stage, Some(ShutdownStage::AcpiPowerdown), "{exit:?}");
+    }
+    for f in [&healthy, &careless, &next] {
+        assert_released(f);
+    }
+}
+
+/// Issue 12, defect 4: a second instance on a live state dir used to delete the first
+/// one's QMP socket and bind its own there. Now its start is refused, naming the dir and
+/// its holder, and the first VM keeps its sockets and its QMP.
+fn a_live_state_dir_is_refused_to_a_second_instance(rt: &tokio::runtime::Runtime) {
+    let first = fake("", |_| {});
+    rt.block_on(first.vm.start(StartOptions::new())).unwrap();
+    let state_dir = first.vm.config().state_dir.clone();
+    let socket = first.vm.config().layout().control_socket();
+    let inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&socket).unwrap());
+
+    let second = fake("", |c| c.state_dir = state_dir.clone());
+    let err = rt
+        .block_on(second.vm.start(StartOptions::new()))
+        .unwrap_err();
+    assert!(matches!(err, CoreError::InUse { .. }), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "start: state dir {} is in use by pid {} (vm \"fake\")",
+            state_dir.display(),
+            std::process::id()
+        )
+    );
+    assert_eq!(second.vm.state(), VmState::Shutdown);
+    let after = std::fs::metadata(&socket).expect("the first VM's QMP socket is still there");
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::ino(&after),
+        inode,
+        "and it is the same one"
+    );
+    // The first VM is still reachable through it.
+    rt.block_on(first.vm.pause()).unwrap();
+    rt.block_on(first.vm.resume()).unwrap();
+    rt.block_on(first.vm.shutdown()).unwrap();
+    assert_released(&first);
+    assert!(
+        !first.vm.config().layout().lock_file().exists(),
+        "lock file left"
+    );
+}
+
+/// A state dir whose owner died (a lock file nobody holds, sockets left behind) is taken
+/// over by the next start.
+fn a_dead_owners_state_dir_is_taken_over(rt: &tokio::runtime::Runtime) {
+    let f = fake("", |_| {});
+    let layout = f.vm.config().layout();
+    std::fs::create_dir_all(layout.state_dir()).unwrap();
+    std::fs::write(layout.lock_file(), "pid 4194000 (vm \"gone\")\n").unwrap();
+    let stale = std::os::unix::net::UnixListener::bind(layout.control_socket()).unwrap();
+    drop(stale); // the socket file stays, as a killed owner leaves it
+    rt.block_on(f.vm.start(StartOptions::new())).unwrap();
+    let holder = std::fs::read_to_string(layout.lock_file()).unwrap();
+    assert_eq!(
+        holder,
+        format!("pid {} (vm \"fake\")\n", std::process::id())
+    );
+    rt.block_on(f.vm.shutdown()).unwrap();
+    assert_released(&f);
+    assert!(!layout.lock_file().exists());
+}
+
+/// Issue 12, defect 8: dropping a running instance killed QEMU but left its sockets.
+fn dropping_a_running_instance_leaves_nothing(rt: &tokio::runtime::Runtime) {
+    let f = fake("", |_| {});
+    rt.block_on(f.vm.start(StartOptions::new())).unwrap();
+    let layout = f.vm.config().layout();
+    assert!(layout.control_socket().exists());
+    let Fake { _dir: dir, vm } = f;
+    drop(vm);
+    for (what, socket) in layout.sockets() {
+        assert!(!socket.exists(), "{what} {} left", socket.display());
+    }
+    assert!(!layout.lock_file().exists(), "lock file left");
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !children().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(children(), Vec::<u32>::new(), "child processes left");
+    drop(dir);
+}
+
+/// Issue 12, defect 8: the contract said disk and NIC hot-plug were allowed while
+/// Paused, the code refused them. The contract now says `Running` only (the call waits
+/// for the guest to see the device): a paused VM refuses both with `InvalidState`.
+fn disk_and_nic_hotplug_are_refused_while_paused_as_documented(rt: &tokio::runtime::Runtime) {
+    use vmkit_core::DeviceConfigurator as _;
+    let f = fake("", |_| {});
+    rt.block_on(f.vm.start(StartOptions::new())).unwrap();
+    rt.block_on(f.vm.pause()).unwrap();
+    let image = f.vm.config().state_dir.with_file_name("hot.img");
+    std::fs::write(&image, b"").unwrap();
+    let disk = rt
+        .block_on(f.vm.hotplug_disk(vmkit_core::DiskConfig::new("hot", &image)))
+        .unwrap_err();
+    assert!(
+        matches!(
+            disk,
+            CoreError::InvalidState {
+                state: VmState::Paused,
+                ..
+            }
+        ),
+        "{disk:?}"
+    );
+    assert_eq!(
+        disk.to_string(),
+        "hotplug_disk: not allowed while the VM is paused"
+    );
+    let nic = rt
+        .block_on(f.vm.hotplug_nic(vmkit_core::NicConfig::tap("net9", "vmkit-none", None)))
+        .unwrap_err();
+    assert_eq!(
+        nic.to_string(),
+        "hotplug_nic: not allowed while the VM is paused"
+    );
+    rt.block_on(f.vm.resume()).unwrap();
+    rt.block_on(f.vm.shutdown()).unwrap();
+    assert_released(&f);
 }
 
 /// The orphan test's host: starts a real VM from a blocking-pool thread that then

@@ -1,0 +1,152 @@
+//! Issue 12's real-VM proofs: what a hostile tenant, another local user and a careless
+//! embedder could do to a VM, tried against the test guest under real QEMU. One VM at a
+//! time, like `real_vm.rs` (the helpers are shared in `common/`).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test file: a failed step should panic
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+
+use vmkit_core::{Error as CoreError, GuestCommunicator, Instance, StartOptions, VmState};
+use vmkit_proto::AgentClient;
+use vmkit_qemu::QemuBackend;
+
+mod common;
+use common::*;
+
+fn mode(path: &Path) -> u32 {
+    std::fs::symlink_metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+/// The uid and gid of an unprivileged local user (Debian's `nobody`).
+const OTHER_USER: u32 = 65534;
+
+/// What `OTHER_USER` gets when it connects to each socket (and asks the hybrid-vsock
+/// socket for the agent's port) or opens each file: one line per path.
+fn probe_as_other_user(paths: &[PathBuf]) -> String {
+    const SCRIPT: &str = r#"
+use IO::Socket::UNIX;
+for my $p (@ARGV) {
+  if ($p =~ /\.sock$/) {
+    my $s = IO::Socket::UNIX->new(Peer => $p, Type => SOCK_STREAM);
+    if ($s) { print $s "CONNECT 1024\n"; my $l = <$s> // ""; chomp $l; print "$p: connected ($l)\n"; }
+    else { print "$p: $!\n"; }
+  } elsif (open(my $f, "<", $p)) { print "$p: readable\n"; }
+  else { print "$p: $!\n"; }
+}
+"#;
+    let out = std::process::Command::new("/usr/bin/perl")
+        .uid(OTHER_USER)
+        .gid(OTHER_USER)
+        .arg("-e")
+        .arg(SCRIPT)
+        .args(paths)
+        .output()
+        .expect("run perl as another user");
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Issue 12, defect 5: with the embedder's umask at 000, the state dir and sockets were
+/// 0777 (any local user connected to the vsock socket and ran commands as root in the
+/// guest, or reached QMP) and the logs 0666. Now the dirs are 0700 and sockets and logs
+/// 0600 whatever the umask, and another user reaches none of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_local_user_reaches_no_socket_and_no_log_even_with_umask_000() {
+    let Some(image) = setup() else { return };
+    if nix::unistd::geteuid().as_raw() != 0 {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs as root: this test needs it to act as a second user"
+        );
+        eprintln!("note: not root; skipping the second-user test");
+        return;
+    }
+    let _slot = VMS.acquire().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // Only vmkit's own modes stand between the other user and the VM's files.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let vm = QemuBackend
+        .create_instance(image.config("umask", &dir.path().join("state")))
+        .unwrap();
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::empty());
+    let vm = start(vm).await;
+    nix::sys::stat::umask(old);
+
+    let layout = vm.config().layout();
+    assert_eq!(mode(layout.state_dir()), 0o700);
+    assert_eq!(mode(layout.log_dir()), 0o700);
+    // vhost-device-vsock unlinks its vhost-user socket once QEMU is connected.
+    let mut paths: Vec<PathBuf> = vec![layout.control_socket(), layout.vsock_socket()];
+    paths.extend([
+        layout.console_log(),
+        layout.vmm_log(),
+        layout.log_dir().join("vsock.log"),
+        layout.lock_file(),
+    ]);
+    for path in &paths {
+        assert_eq!(mode(path) & 0o777, 0o600, "{}", path.display());
+    }
+    let seen = probe_as_other_user(&paths);
+    assert_eq!(seen.lines().count(), paths.len(), "{seen}");
+    for line in seen.lines() {
+        assert!(line.ends_with(": Permission denied"), "{seen}");
+    }
+    // The owner still reaches everything.
+    vm.agent().await.unwrap();
+    vm.shutdown().await.unwrap();
+}
+
+/// What the guest's kernel command line says, through `client`.
+async fn guest_cmdline(client: vmkit_core::GuestClient) -> String {
+    let out = AgentClient::new(client)
+        .exec(ctx(), &exec_req(&["cat", "/proc/cmdline"]))
+        .await
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Issue 12, defect 4: a second instance on the same state dir deleted the first one's
+/// sockets and bound its own at the same paths, so the first instance's new connections
+/// reached the *other* guest. Now the second start is refused, naming the dir and its
+/// holder, and the first instance's fresh dials still reach its own guest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_vm_on_a_live_state_dir_is_refused_and_the_first_keeps_its_guest() {
+    let Some(image) = setup() else { return };
+    let _slot = VMS.acquire().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let mut config = image.config("first", &state);
+    config.kernel.cmdline.push("vmkit.test=first".into());
+    let first = start(QemuBackend.create_instance(config).unwrap()).await;
+
+    let mut config = image.config("second", &state);
+    config.kernel.cmdline.push("vmkit.test=second".into());
+    let second = QemuBackend.create_instance(config).unwrap();
+    let err = second.start(StartOptions::new()).await.unwrap_err();
+    assert!(matches!(err, CoreError::InUse { .. }), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "start: state dir {} is in use by pid {} (vm \"first\")",
+            state.display(),
+            std::process::id()
+        )
+    );
+    assert_eq!(second.state(), VmState::Shutdown);
+    assert!(second.vm_info().pid.is_none(), "no QEMU was spawned");
+
+    let fresh = first.dial_client().await.unwrap();
+    assert!(
+        guest_cmdline(fresh).await.contains(" vmkit.test=first"),
+        "a fresh dial reached another guest"
+    );
+    let cached = first.client().await.unwrap();
+    assert!(guest_cmdline(cached).await.contains(" vmkit.test=first"));
+    first.shutdown().await.unwrap();
+    assert!(!first.config().layout().lock_file().exists());
+}
