@@ -26,6 +26,28 @@ pub enum Error {
         stderr: String,
     },
 
+    /// The guest kernel panicked before the VM was running (vmkit runs QEMU with
+    /// `-no-reboot` and the guest with `panic=-1`, so QEMU then exits).
+    #[error(
+        "the guest kernel panicked during start (QEMU {status}); the console's last lines:\n{console}"
+    )]
+    GuestPanickedAtStart {
+        /// How QEMU exited.
+        status: String,
+        /// The console lines up to and including the panic.
+        console: String,
+    },
+
+    /// The guest reset itself before the VM was running (a triple fault or a reboot;
+    /// QEMU exits on it under `-no-reboot`).
+    #[error("the guest reset during start (QEMU {status}); the console's last lines:\n{console}")]
+    GuestResetAtStart {
+        /// How QEMU exited.
+        status: String,
+        /// The console's last lines.
+        console: String,
+    },
+
     /// A QMP command or the QMP connection failed.
     #[error(transparent)]
     Qmp(#[from] vmkit_qmp::Error),

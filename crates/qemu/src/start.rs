@@ -257,7 +257,7 @@ async fn boot(
         qmp = QmpClient::connect(layout.control_socket(), qmp_opts) => {
             qmp.map_err(|e| CoreError::backend(op("connect QMP"), Error::from(e)))?
         }
-        exit = process.wait() => return Err(exited_early(&vmm_log, exit)),
+        exit = process.wait() => return Err(exited_early(shared, exit)),
     };
     shared.life().qmp = Some(qmp.clone());
     spawn_event_pump(shared, &qmp);
@@ -269,7 +269,7 @@ async fn boot(
         set(phase, Phase::Agent);
         let agent = tokio::select! {
             agent = guest::wait_for_agent(&addr, deadline) => agent,
-            exit = process.wait() => return Err(exited_early(&vmm_log, exit)),
+            exit = process.wait() => return Err(exited_early(shared, exit)),
         };
         let agent = match agent {
             Ok(agent) => agent,
@@ -310,7 +310,7 @@ async fn boot(
             ready = wait_ready_line(&console, &options.ready_line) => {
                 ready.map_err(|e| CoreError::io(op("read the serial console"), e))?;
             }
-            exit = process.wait() => return Err(exited_early(&vmm_log, exit)),
+            exit = process.wait() => return Err(exited_early(shared, exit)),
         }
         progress("guest ready".to_owned());
     }
@@ -346,14 +346,50 @@ async fn restrict_sockets(shared: &Shared) -> vmkit_core::Result<()> {
     Ok(())
 }
 
-fn exited_early(vmm_log: &Path, exit: crate::process::ProcessExit) -> CoreError {
-    CoreError::backend(
-        "start",
+/// Why QEMU exited before the VM was running: a guest kernel panic (its line on the
+/// console), a guest reset (QEMU's SHUTDOWN event said so), or QEMU's own failure (its
+/// stderr).
+fn exited_early(shared: &Shared, exit: crate::process::ProcessExit) -> CoreError {
+    let layout = shared.config.layout();
+    let status = exit.to_string();
+    let console = tail(&layout.console_log(), CONSOLE_SCAN_LINES);
+    let reset = shared
+        .life()
+        .last_shutdown
+        .as_ref()
+        .is_some_and(|(guest, reason)| *guest && reason == "guest-reset");
+    let error = if let Some(console) = panic_report(&console) {
+        Error::GuestPanickedAtStart { status, console }
+    } else if reset {
+        let lines: Vec<&str> = console.lines().collect();
+        Error::GuestResetAtStart {
+            status,
+            console: lines[lines.len().saturating_sub(PANIC_CONTEXT_LINES)..].join("\n"),
+        }
+    } else {
         Error::ExitedEarly {
-            status: exit.to_string(),
-            stderr: tail(vmm_log, STDERR_LINES),
-        },
-    )
+            status,
+            stderr: tail(&layout.vmm_log(), STDERR_LINES),
+        }
+    };
+    CoreError::backend("start", error)
+}
+
+/// How many of the console's last lines are searched for a panic.
+const CONSOLE_SCAN_LINES: usize = 200;
+/// How many console lines a start error quotes.
+const PANIC_CONTEXT_LINES: usize = 8;
+
+/// The console lines that end with the guest kernel's last panic line (`Kernel panic -
+/// not syncing: …`), with the lines before it that say what led there; `None` when the
+/// console shows no panic.
+fn panic_report(console: &str) -> Option<String> {
+    let lines: Vec<&str> = console.lines().collect();
+    let at = lines
+        .iter()
+        .rposition(|l| l.contains("Kernel panic - not syncing") && !l.contains("---[ end "))?;
+    let from = (at + 1).saturating_sub(PANIC_CONTEXT_LINES);
+    Some(lines[from..=at].join("\n"))
 }
 
 /// Kills and reaps QEMU, releases everything, and ends in `Shutdown` with `error` as
@@ -486,6 +522,26 @@ async fn has_seccomp(binary: &Path) -> bool {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_panic_is_quoted_with_what_led_to_it() {
+        let console = "[    0.5] Run /bin/false as init process\n\
+                       [    0.6] Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100\n\
+                       [    0.6] CPU: 0 PID: 1 Comm: false\n\
+                       [    0.6] ---[ end Kernel panic - not syncing: Attempted to kill init! ]---";
+        let report = panic_report(console).unwrap();
+        assert!(
+            report.starts_with("[    0.5] Run /bin/false as init process\n"),
+            "{report}"
+        );
+        assert!(
+            report.ends_with(
+                "Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100"
+            ),
+            "{report}"
+        );
+        assert_eq!(panic_report("[ 0.1] booting\nVMKIT_READY\n"), None);
+    }
 
     #[test]
     fn the_marker_must_start_a_line() {

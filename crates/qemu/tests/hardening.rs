@@ -150,3 +150,29 @@ async fn a_second_vm_on_a_live_state_dir_is_refused_and_the_first_keeps_its_gues
     first.shutdown().await.unwrap();
     assert!(!first.config().layout().lock_file().exists());
 }
+
+/// Issue 12, defect 8: a guest kernel panic during boot read "QEMU exited during start
+/// (exit code 0): no output on stderr". Now the error says the guest panicked and
+/// quotes the console up to the panic line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_kernel_panic_during_boot_is_named_with_the_console_lines() {
+    let Some(image) = setup() else { return };
+    let _slot = VMS.acquire().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = image.config("panics", &dir.path().join("state"));
+    // No such init in the initramfs, and no root disk to fall back to: the kernel panics.
+    config.kernel.cmdline.push("rdinit=/nonexistent".into());
+    let vm = QemuBackend.create_instance(config).unwrap();
+    let err = vm.start(StartOptions::new()).await.unwrap_err().to_string();
+    assert!(
+        err.starts_with("start: the guest kernel panicked during start (QEMU exit code 0); the console's last lines:\n"),
+        "{err}"
+    );
+    assert!(
+        err.contains("Kernel panic - not syncing: VFS: Unable to mount root fs"),
+        "{err}"
+    );
+    let exit = vm.wait().await;
+    assert_eq!(exit.reason, vmkit_core::ExitReason::StartFailed);
+    assert_eq!(exit.message.as_deref(), Some(err.as_str()));
+}
