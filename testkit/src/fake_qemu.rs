@@ -11,13 +11,14 @@
 //! | `crash-at-start` | prints an error on stderr and exits 1 at once |
 //! | `no-socket` | never creates the QMP socket (and runs until killed) |
 //! | `hang-on=<command>` | never answers `<command>` (e.g. `hang-on=quit`) |
+//! | `slow=<command>:<ms>` | answers `<command>` (and sends its events) that late, holding back every later reply as a stalled QEMU does |
 //! | `ignore-sigterm` | survives SIGTERM (SIGKILL still ends it) |
 //! | `ignore-powerdown` | accepts `system_powerdown` and does nothing |
 //! | `crash-after-ready=<ms>` | exits with code 3 that long after the ready line |
 //! | `no-ready` | never prints the ready line |
 //!
-//! Otherwise it acts like a healthy QEMU: `query-status`, `stop`/`cont` (with STOP and
-//! RESUME), `system_powerdown` (POWERDOWN, then SHUTDOWN by the guest, then exit 0),
+//! Otherwise it acts like a healthy QEMU: `query-status` (running or paused, as `stop`
+//! and `cont` left it), `stop`/`cont` (with STOP and RESUME), `system_powerdown` (POWERDOWN, then SHUTDOWN by the guest, then exit 0),
 //! `quit` (SHUTDOWN host-qmp-quit, exit 0); SIGTERM ends it.
 
 use std::path::PathBuf;
@@ -42,6 +43,8 @@ pub struct Behaviour {
     pub no_socket: bool,
     /// Commands never answered.
     pub hang_on: Vec<String>,
+    /// Commands answered this late (later replies wait behind them).
+    pub slow: Vec<(String, Duration)>,
     /// Survive SIGTERM.
     pub ignore_sigterm: bool,
     /// Ignore `system_powerdown`.
@@ -67,6 +70,15 @@ impl Behaviour {
                 None if word == "ignore-powerdown" => b.ignore_powerdown = true,
                 None if word == "no-ready" => b.no_ready = true,
                 Some(("hang-on", cmd)) => b.hang_on.push(cmd.to_owned()),
+                Some(("slow", spec)) => {
+                    let (cmd, ms) = spec
+                        .split_once(':')
+                        .ok_or_else(|| format!("{word:?}: expected slow=<command>:<ms>"))?;
+                    let ms: u64 = ms
+                        .parse()
+                        .map_err(|_| format!("bad milliseconds in {word:?}"))?;
+                    b.slow.push((cmd.to_owned(), Duration::from_millis(ms)));
+                }
                 Some(("crash-after-ready", ms)) => {
                     let ms: u64 = ms
                         .parse()
@@ -96,6 +108,11 @@ impl Behaviour {
                 .map(|(_, w)| (*w).to_owned()),
         );
         words.extend(self.hang_on.iter().map(|c| format!("hang-on={c}")));
+        words.extend(
+            self.slow
+                .iter()
+                .map(|(c, d)| format!("slow={c}:{}", d.as_millis())),
+        );
         if let Some(d) = self.crash_after_ready {
             words.push(format!("crash-after-ready={}", d.as_millis()));
         }
@@ -250,13 +267,43 @@ fn script(
     behaviour: &Behaviour,
     exit: &tokio::sync::mpsc::UnboundedSender<i32>,
 ) {
+    let delay = |command: &str| {
+        behaviour
+            .slow
+            .iter()
+            .find(|(c, _)| c == command)
+            .map_or(Duration::ZERO, |(_, d)| *d)
+    };
+    // The run state `stop` and `cont` change and `query-status` reports.
+    let running = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    for (command, runs, event) in [("stop", false, "STOP"), ("cont", true, "RESUME")] {
+        let (state, late) = (std::sync::Arc::clone(&running), delay(command));
+        server.on(
+            command,
+            MockReply::from_fn(move |_| {
+                // Like QEMU, an event only when the state really changes.
+                let was = state.swap(runs, std::sync::atomic::Ordering::SeqCst);
+                let reply = MockReply::ok(json!({})).delayed(late);
+                if was == runs {
+                    reply
+                } else {
+                    reply.then_event(event, json!({}))
+                }
+            }),
+        );
+    }
+    let (state, late) = (std::sync::Arc::clone(&running), delay("query-status"));
     server.on(
-        "stop",
-        MockReply::ok(json!({})).then_event("STOP", json!({})),
-    );
-    server.on(
-        "cont",
-        MockReply::ok(json!({})).then_event("RESUME", json!({})),
+        "query-status",
+        MockReply::from_fn(move |_| {
+            let runs = state.load(std::sync::atomic::Ordering::SeqCst);
+            MockReply::ok(json!({
+                "running": runs,
+                "status": if runs { "running" } else { "paused" },
+                "singlestep": false
+            }))
+            .delayed(late)
+        }),
     );
     let tx = exit.clone();
     server.on(
@@ -297,10 +344,13 @@ mod tests {
 
     #[test]
     fn behaviour_round_trips_through_its_env_form() {
-        let b = Behaviour::parse("ignore-sigterm,hang-on=quit,hang-on=stop,crash-after-ready=250")
-            .unwrap();
+        let b = Behaviour::parse(
+            "ignore-sigterm,hang-on=quit,hang-on=stop,slow=cont:1500,crash-after-ready=250",
+        )
+        .unwrap();
         assert!(b.ignore_sigterm);
         assert_eq!(b.hang_on, ["quit", "stop"]);
+        assert_eq!(b.slow, [("cont".to_owned(), Duration::from_millis(1500))]);
         assert_eq!(b.crash_after_ready, Some(Duration::from_millis(250)));
         assert_eq!(Behaviour::parse(&b.to_env()).unwrap(), b);
         assert_eq!(

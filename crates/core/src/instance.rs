@@ -79,11 +79,17 @@ pub trait Instance: DeviceConfigurator + GuestCommunicator + ResourceManager + S
     ///
     /// Allowed in: `Running`. Deadline: the config's `timeouts.command`.
     ///
+    /// The state follows what the VMM reports, not what was asked: after an error (a
+    /// timeout on a stalled VMM, which may still carry the command out later) the
+    /// state is what the VMM says when asked, and changes when the VMM announces a
+    /// change, so [`VmEvent::StateChanged`] is only sent for changes that happened.
+    ///
     /// # Errors
     /// `InvalidState`, `Timeout`, `Unsupported` (no [`crate::Capabilities::PAUSE`]).
     async fn pause(&self) -> Result<()>;
 
-    /// Restarts the vCPUs: `Paused → Running`.
+    /// Restarts the vCPUs: `Paused → Running`. The state follows the VMM as for
+    /// [`Self::pause`].
     ///
     /// Allowed in: `Paused`. Deadline: the config's `timeouts.command`.
     ///

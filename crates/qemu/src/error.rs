@@ -136,6 +136,15 @@ pub enum Error {
         meaning: &'static str,
     },
 
+    /// QEMU accepted a run-state change but reports another state.
+    #[error("QEMU accepted the command but reports the VM {reported}, not {asked}")]
+    RunState {
+        /// The state asked for.
+        asked: vmkit_core::VmState,
+        /// The state QEMU reports.
+        reported: vmkit_core::VmState,
+    },
+
     /// `start` was cancelled by a concurrent `shutdown`.
     #[error("cancelled by shutdown")]
     Cancelled,

@@ -15,7 +15,7 @@ use vmkit_core::{
     StateCell, VmEvent, VmInfo, VmState,
 };
 use vmkit_proto::{AgentClient, StreamHeader};
-use vmkit_qmp::{QmpClient, qapi_qmp};
+use vmkit_qmp::QmpClient;
 use vmkit_vsock::{AgentStream, GuestAddr};
 
 use crate::devices::ColdDevices;
@@ -80,6 +80,8 @@ pub(crate) struct Shared {
     ending: tokio::sync::Mutex<()>,
     /// Held while the cached agent client is re-dialled, so callers share one dial.
     dialing: tokio::sync::Mutex<()>,
+    /// Held by `pause` and `resume`, so run-state changes happen one at a time.
+    pub(crate) run_changes: tokio::sync::Mutex<()>,
     /// Hot-plug calls, one at a time.
     pub(crate) hotplug: crate::hotplug::Queue,
     /// Devices hot-plugged while running.
@@ -129,6 +131,7 @@ impl Shared {
             cancel: watch::channel(false).0,
             ending: tokio::sync::Mutex::new(()),
             dialing: tokio::sync::Mutex::new(()),
+            run_changes: tokio::sync::Mutex::new(()),
             hotplug: crate::hotplug::Queue::default(),
             hot_devices: Mutex::new(Vec::new()),
             virtio_mem_grants: Mutex::new(Vec::new()),
@@ -153,6 +156,19 @@ impl Shared {
         self.state.transition(op, from, to)?;
         let _ = self.events.send(VmEvent::StateChanged { from, to });
         Ok(())
+    }
+
+    /// Makes the run state what QEMU reports (`running`: its vCPUs run): `Running ↔
+    /// Paused` only; any other state is left alone. The one place a STOP or RESUME
+    /// event, or a `query-status` answer, changes the state.
+    pub(crate) fn follow_qemu(&self, running: bool) {
+        let (from, to) = if running {
+            (VmState::Paused, VmState::Running)
+        } else {
+            (VmState::Running, VmState::Paused)
+        };
+        // Not `from` (already there, starting, or gone): nothing to follow.
+        let _ = self.transition("follow QEMU's run state", from, to);
     }
 
     pub(crate) fn exit_info(&self) -> Option<ExitInfo> {
@@ -379,6 +395,11 @@ pub(crate) fn spawn_event_pump(shared: &Arc<Shared>, qmp: &QmpClient) {
                     _ => {}
                 }
             }
+            match &vm_event {
+                VmEvent::Stopped => shared.follow_qemu(false),
+                VmEvent::Resumed => shared.follow_qemu(true),
+                _ => {}
+            }
             let _ = shared.events.send(vm_event);
         }
     });
@@ -504,29 +525,11 @@ impl Instance for QemuInstance {
     }
 
     async fn pause(&self) -> vmkit_core::Result<()> {
-        let qmp = self.shared.qmp("pause")?;
-        self.shared
-            .transition("pause", VmState::Running, VmState::Paused)?;
-        if let Err(e) = qmp.execute(qapi_qmp::stop {}).await {
-            let _ = self
-                .shared
-                .transition("pause", VmState::Paused, VmState::Running);
-            return Err(CoreError::backend("pause: stop", crate::Error::from(e)));
-        }
-        Ok(())
+        crate::pause::change(&self.shared, "pause", VmState::Paused).await
     }
 
     async fn resume(&self) -> vmkit_core::Result<()> {
-        let qmp = self.shared.qmp("resume")?;
-        self.shared
-            .transition("resume", VmState::Paused, VmState::Running)?;
-        if let Err(e) = qmp.execute(qapi_qmp::cont {}).await {
-            let _ = self
-                .shared
-                .transition("resume", VmState::Running, VmState::Paused);
-            return Err(CoreError::backend("resume: cont", crate::Error::from(e)));
-        }
-        Ok(())
+        crate::pause::change(&self.shared, "resume", VmState::Running).await
     }
 
     async fn wait(&self) -> ExitInfo {

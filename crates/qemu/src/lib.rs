@@ -42,6 +42,7 @@ mod hotplug;
 mod instance;
 pub mod kernel_cmdline;
 pub mod options;
+mod pause;
 mod process;
 mod runtime;
 mod shutdown;

@@ -101,8 +101,20 @@ async fn stop_in_stages(
     let command_timeout = shared.config.timeouts.command.min(FORCED_STAGE_WAIT);
     let vm = &shared.config.id;
     if let Some(qmp) = &qmp {
-        // A paused guest cannot act on the power button: go straight to quit.
-        if shared.state.get() == VmState::Running {
+        // A paused guest cannot act on the power button: go straight to quit. QEMU
+        // says whether its vCPUs run (an earlier pause or resume may have timed out and
+        // been carried out since); vmkit's state stands in when it cannot answer.
+        let running = match qmp
+            .execute_with_timeout(qapi_qmp::query_status {}, command_timeout)
+            .await
+        {
+            Ok(status) => {
+                shared.follow_qemu(status.running);
+                status.running
+            }
+            Err(_) => shared.state.get() == VmState::Running,
+        };
+        if running {
             match qmp
                 .execute_with_timeout(qapi_qmp::system_powerdown {}, command_timeout)
                 .await

@@ -68,6 +68,14 @@ fn main() -> ExitCode {
             disk_and_nic_hotplug_are_refused_while_paused_as_documented,
         ),
         (
+            "a_pause_qemu_carries_out_after_its_timeout_is_followed",
+            a_pause_qemu_carries_out_after_its_timeout_is_followed,
+        ),
+        (
+            "a_late_resume_is_followed_and_shutdown_stays_graceful",
+            a_late_resume_is_followed_and_shutdown_stays_graceful,
+        ),
+        (
             "killing_the_host_kills_its_qemu",
             killing_the_host_kills_its_qemu,
         ),
@@ -500,6 +508,78 @@ fn disk_and_nic_hotplug_are_refused_while_paused_as_documented(rt: &tokio::runti
     );
     rt.block_on(f.vm.resume()).unwrap();
     rt.block_on(f.vm.shutdown()).unwrap();
+    assert_released(&f);
+}
+
+/// The run-state changes a subscriber saw.
+fn state_changes(
+    events: &mut tokio::sync::broadcast::Receiver<VmEvent>,
+) -> Vec<(VmState, VmState)> {
+    let mut seen = Vec::new();
+    while let Ok(event) = events.try_recv() {
+        if let VmEvent::StateChanged { from, to } = event {
+            seen.push((from, to));
+        }
+    }
+    seen
+}
+
+/// Waits up to 5 s for `vm` to be in `state`.
+fn await_state(vm: &QemuInstance, state: VmState) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while vm.state() != state && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(vm.state(), state);
+}
+
+/// Issue 12, defect 7: a `pause` that timed out rolled the state back to Running, then
+/// the stalled QEMU carried out the queued `stop`: QEMU paused, vmkit "running",
+/// `resume` refused, and subscribers saw a pause that was undone. Now the state
+/// follows QEMU: it stays Running while QEMU has not stopped, becomes Paused when
+/// QEMU's STOP comes, and `resume` works.
+fn a_pause_qemu_carries_out_after_its_timeout_is_followed(rt: &tokio::runtime::Runtime) {
+    let f = fake("slow=stop:1200", |_| {});
+    rt.block_on(f.vm.start(StartOptions::new())).unwrap();
+    let mut events = f.vm.events();
+    let err = rt.block_on(f.vm.pause()).unwrap_err().to_string();
+    assert!(
+        err.starts_with("pause: stop: stop: no reply within 500ms"),
+        "{err}"
+    );
+    assert_eq!(f.vm.state(), VmState::Running, "QEMU has not stopped yet");
+    await_state(&f.vm, VmState::Paused);
+    rt.block_on(f.vm.resume()).unwrap();
+    assert_eq!(f.vm.state(), VmState::Running);
+    assert_eq!(
+        state_changes(&mut events),
+        [
+            (VmState::Running, VmState::Paused),
+            (VmState::Paused, VmState::Running)
+        ],
+        "only the changes QEMU made"
+    );
+    rt.block_on(f.vm.shutdown()).unwrap();
+    assert_released(&f);
+}
+
+/// The mirror case: a `resume` that timed out left vmkit "paused" while QEMU ran, so
+/// shutdown skipped the guest's graceful power-off. Now the state follows QEMU's RESUME
+/// and shutdown asks QEMU before it chooses the first stage.
+fn a_late_resume_is_followed_and_shutdown_stays_graceful(rt: &tokio::runtime::Runtime) {
+    let f = fake("slow=cont:1200", |_| {});
+    rt.block_on(f.vm.start(StartOptions::new())).unwrap();
+    rt.block_on(f.vm.pause()).unwrap();
+    assert_eq!(f.vm.state(), VmState::Paused);
+    let err = rt.block_on(f.vm.resume()).unwrap_err().to_string();
+    assert!(
+        err.starts_with("resume: cont: cont: no reply within 500ms"),
+        "{err}"
+    );
+    assert_eq!(f.vm.state(), VmState::Paused, "QEMU has not resumed yet");
+    await_state(&f.vm, VmState::Running);
+    let exit = rt.block_on(f.vm.shutdown()).unwrap();
+    assert_eq!(exit.stage, Some(ShutdownStage::AcpiPowerdown), "{exit:?}");
     assert_released(&f);
 }
 

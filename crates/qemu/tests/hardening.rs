@@ -176,3 +176,97 @@ async fn a_guest_kernel_panic_during_boot_is_named_with_the_console_lines() {
     assert_eq!(exit.reason, vmkit_core::ExitReason::StartFailed);
     assert_eq!(exit.message.as_deref(), Some(err.as_str()));
 }
+
+fn signal(pid: u32, signal: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal).unwrap();
+}
+
+/// Waits up to 10 s for `vm` to reach `state`.
+async fn reaches(vm: &vmkit_qemu::QemuInstance, state: VmState) {
+    let began = std::time::Instant::now();
+    while vm.state() != state {
+        assert!(
+            began.elapsed() < std::time::Duration::from_secs(10),
+            "still {} after 10 s, expected {state}",
+            vm.state()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+/// Whether QEMU itself says its vCPUs run.
+async fn qemu_running(vm: &vmkit_qemu::QemuInstance) -> bool {
+    let qmp = vm.qmp_client().unwrap();
+    qmp.execute(vmkit_qmp::qapi_qmp::query_status {})
+        .await
+        .unwrap()
+        .running
+}
+
+/// Issue 12, defect 7, on a real QEMU stalled by SIGSTOP: a `pause` that times out is
+/// carried out by QEMU once it runs again, and vmkit's state follows (it used to roll
+/// back to Running, leaving QEMU paused and `resume` refused); the mirror case, a late
+/// `resume`, leaves the VM Running and its shutdown graceful (it used to skip the ACPI
+/// stage). Subscribers see exactly the changes QEMU made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_qemus_late_pause_and_resume_are_followed() {
+    let Some(image) = setup() else { return };
+    let _slot = VMS.acquire().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = image.config("stalled", &dir.path().join("state"));
+    config.timeouts.command = std::time::Duration::from_secs(1);
+    let vm = start(QemuBackend.create_instance(config).unwrap()).await;
+    let pid = vm.vm_info().pid.unwrap();
+    let mut events = vm.events();
+    use nix::sys::signal::Signal::{SIGCONT, SIGSTOP};
+
+    signal(pid, SIGSTOP);
+    let err = vm.pause().await.unwrap_err().to_string();
+    assert!(
+        err.starts_with("pause: stop: stop: no reply within 1s"),
+        "{err}"
+    );
+    assert_eq!(vm.state(), VmState::Running, "QEMU has not stopped yet");
+    signal(pid, SIGCONT);
+    reaches(&vm, VmState::Paused).await;
+    assert!(!qemu_running(&vm).await, "QEMU really is paused");
+    vm.resume().await.unwrap();
+    assert!(qemu_running(&vm).await);
+
+    vm.pause().await.unwrap();
+    signal(pid, SIGSTOP);
+    let err = vm.resume().await.unwrap_err().to_string();
+    assert!(
+        err.starts_with("resume: cont: cont: no reply within 1s"),
+        "{err}"
+    );
+    assert_eq!(vm.state(), VmState::Paused, "QEMU has not resumed yet");
+    signal(pid, SIGCONT);
+    reaches(&vm, VmState::Running).await;
+    assert!(qemu_running(&vm).await);
+    vm.agent()
+        .await
+        .unwrap()
+        .ping(ctx(), &vmkit_proto::agent::PingRequest::new())
+        .await
+        .unwrap();
+
+    let mut changes = Vec::new();
+    while let Ok(event) = events.try_recv() {
+        if let vmkit_core::VmEvent::StateChanged { from, to } = event {
+            changes.push((from, to));
+        }
+    }
+    let (r, p) = (VmState::Running, VmState::Paused);
+    assert_eq!(
+        changes,
+        [(r, p), (p, r), (r, p), (p, r)],
+        "only what QEMU did"
+    );
+    let exit = vm.shutdown().await.unwrap();
+    assert_eq!(
+        exit.stage,
+        Some(vmkit_core::ShutdownStage::AcpiPowerdown),
+        "{exit:?}"
+    );
+}

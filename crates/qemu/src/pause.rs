@@ -1,0 +1,102 @@
+//! `pause` and `resume`: the run state follows what QEMU reports, never what vmkit asked
+//! for. QEMU announces each change with a STOP or RESUME event, which the event pump
+//! applies ([`Shared::follow_qemu`]); `stop`/`cont` here only ask for the change and
+//! then wait for that event. When the command fails or times out (a stalled QEMU still
+//! queues it and may carry it out later), vmkit asks `query-status` and takes QEMU's
+//! answer; if QEMU cannot answer either, the state stays as it is until QEMU's event
+//! arrives. So nothing is rolled back that QEMU did, and subscribers see only changes
+//! that happened.
+
+use std::time::Duration;
+
+use tokio::sync::broadcast;
+use vmkit_core::{Error as CoreError, VmEvent, VmState};
+use vmkit_qmp::{QmpClient, qapi_qmp};
+
+use crate::error::Error;
+use crate::instance::Shared;
+
+/// `Running → Paused` (`stop`) or `Paused → Running` (`cont`).
+pub(crate) async fn change(
+    shared: &Shared,
+    op: &'static str,
+    to: VmState,
+) -> vmkit_core::Result<()> {
+    let from = match to {
+        VmState::Paused => VmState::Running,
+        _ => VmState::Paused,
+    };
+    // One change at a time: a resume waits for a pause in flight to settle.
+    let _one = shared.run_changes.lock().await;
+    let qmp = shared.qmp(op)?;
+    shared.state.require(op, &[from])?;
+    let mut states = shared.events.subscribe();
+    let timeout = shared.config.timeouts.command;
+    let (command, sent) = match to {
+        VmState::Paused => ("stop", qmp.execute(qapi_qmp::stop {}).await.map(drop)),
+        _ => ("cont", qmp.execute(qapi_qmp::cont {}).await.map(drop)),
+    };
+    match sent {
+        Ok(()) => {
+            // QEMU sent its event with (before) the reply: the pump applies it.
+            if reached(shared, &mut states, to, timeout).await {
+                return Ok(());
+            }
+            // No event: QEMU was in that state already, or the event was lost.
+            match reconcile(shared, &qmp).await {
+                Ok(state) if state == to => Ok(()),
+                Ok(state) => Err(CoreError::backend(
+                    format!("{op}: {command}"),
+                    Error::RunState {
+                        asked: to,
+                        reported: state,
+                    },
+                )),
+                Err(e) => Err(CoreError::backend(format!("{op}: query-status"), e)),
+            }
+        }
+        Err(e) => {
+            // QEMU may still carry the command out (a stalled QEMU queued it): take
+            // what it says now; its event corrects the state later if it does.
+            if let Err(why) = reconcile(shared, &qmp).await {
+                tracing::warn!(vm = %shared.config.id, %why, "{op}: QEMU's run state is unknown until its next STOP/RESUME event");
+            }
+            Err(CoreError::backend(
+                format!("{op}: {command}"),
+                Error::from(e),
+            ))
+        }
+    }
+}
+
+/// Waits up to `timeout` for the state to become `to`.
+async fn reached(
+    shared: &Shared,
+    states: &mut broadcast::Receiver<VmEvent>,
+    to: VmState,
+    timeout: Duration,
+) -> bool {
+    let wait = async {
+        loop {
+            if shared.state.get() == to {
+                return true;
+            }
+            match states.recv().await {
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => return false,
+            }
+        }
+    };
+    tokio::time::timeout(timeout, wait).await.unwrap_or(false)
+}
+
+/// Asks QEMU whether its vCPUs run and makes vmkit's state say the same. Returns the
+/// state in force afterwards.
+///
+/// # Errors
+/// `query-status` failed (QEMU stalled or gone): the state is left as it is.
+pub(crate) async fn reconcile(shared: &Shared, qmp: &QmpClient) -> Result<VmState, Error> {
+    let status = qmp.execute(qapi_qmp::query_status {}).await?;
+    shared.follow_qemu(status.running);
+    Ok(shared.state.get())
+}
