@@ -107,6 +107,19 @@ pub enum Error {
         stderr: String,
     },
 
+    /// The guest link was found dead after a resume: the agent did not answer on a
+    /// fresh connection. With hybrid vsock this is vhost-device-vsock 0.3 having ended
+    /// its worker (anything reaching it while the VM was paused does that).
+    #[error(
+        "the guest link is broken: {cause}; vmkit cannot reach the agent of this VM any more \
+         (with hybrid vsock: vhost-device-vsock stopped serving it, which it does when a \
+         connection reaches it while the VM is paused); restart the VM"
+    )]
+    GuestLinkBroken {
+        /// What the check after the resume saw.
+        cause: String,
+    },
+
     /// The CID asked for is held by another VM.
     #[error("guest CID {cid} is in use by another VM on this host")]
     CidInUse {

@@ -22,7 +22,7 @@ use vmkit_core::{Error as CoreError, GuestTransport, InstanceConfig};
 use vmkit_proto::AgentClient;
 use vmkit_proto::agent::PingRequest;
 use vmkit_vsock::{
-    CidAllocator, CidLease, CidOptions, ConnHealth, GuestAddr, Reservation, TtrpcClient,
+    CidAllocator, CidLease, CidOptions, ConnHealth, GuestAddr, LinkGate, Reservation, TtrpcClient,
     dial_with_retry, ttrpc_client_tracked,
 };
 
@@ -124,6 +124,9 @@ pub(crate) struct Link {
     sockets: Vec<PathBuf>,
     /// The daemon's vhost-user socket and its identity once QEMU could connect (hybrid).
     vhost_server: Option<(PathBuf, SocketIdentity)>,
+    /// Holds this process's traffic to the daemon while the VM is paused (hybrid; see
+    /// [`LinkGate`]).
+    gate: Option<LinkGate>,
 }
 
 impl std::fmt::Debug for Link {
@@ -140,6 +143,18 @@ impl Link {
     /// The daemon's vhost-user socket and its identity when QEMU connected (hybrid).
     pub(crate) fn vhost_server(&self) -> Option<(PathBuf, SocketIdentity)> {
         self.vhost_server.clone()
+    }
+
+    /// Holds (`false`) or lets through (`true`) the host's traffic to the guest. Only
+    /// hybrid vsock needs it: the kernel's vhost-vsock copes with a paused VM.
+    pub(crate) fn set_open(&self, open: bool) {
+        if let Some(gate) = &self.gate {
+            if open {
+                gate.open();
+            } else {
+                gate.close();
+            }
+        }
     }
 
     /// The sockets made for this link (hybrid vsock), removed on release.
@@ -163,6 +178,8 @@ impl Link {
                 );
             }
         }
+        // Nothing may wait on a VM that is gone.
+        self.set_open(true);
         for socket in self.sockets.drain(..) {
             remove_if_present(&socket);
         }
@@ -178,6 +195,7 @@ impl Drop for Link {
         if let Some(daemon) = self.daemon.take() {
             daemon.signal(libc::SIGKILL);
         }
+        self.set_open(true);
         for socket in self.sockets.drain(..) {
             remove_if_present(&socket);
         }
@@ -271,6 +289,7 @@ pub(crate) async fn establish(
                 reserved: Some(reserved),
                 sockets: Vec::new(),
                 vhost_server: None,
+                gate: None,
             };
             Ok(Some((link, VsockDevice::Kernel { cid, vhostfd })))
         }
@@ -326,6 +345,7 @@ pub(crate) async fn establish(
                 reserved: None,
                 sockets: vec![uds.clone(), vhost.clone()],
                 vhost_server: None,
+                gate: Some(LinkGate::register(uds)),
             };
             // The daemon creates its vhost-user socket when it is ready for QEMU; the
             // socket's identity then tells a later re-creation apart.

@@ -107,6 +107,9 @@ pub(crate) struct Life {
     pub(crate) link: Option<Link>,
     /// The cached agent client.
     pub(crate) agent: Option<Agent>,
+    /// Set when the guest link was found dead after a resume: every guest call then
+    /// fails at once with this cause instead of waiting for its deadline.
+    pub(crate) link_broken: Option<String>,
     /// The accelerator QEMU runs with (resolved at start).
     pub(crate) accel: Option<vmkit_core::Accel>,
     /// This VM's hold on its state dir, from the start until the VM is gone. Files in
@@ -169,6 +172,18 @@ impl Shared {
         };
         // Not `from` (already there, starting, or gone): nothing to follow.
         let _ = self.transition("follow QEMU's run state", from, to);
+        if !running {
+            self.open_link(false);
+        }
+    }
+
+    /// Lets the host's traffic reach the guest (`true`) or holds it (`false`; see
+    /// [`vmkit_vsock::LinkGate`]). Held while QEMU's vCPUs, and so the vsock device's
+    /// vrings, are stopped.
+    pub(crate) fn open_link(&self, open: bool) {
+        if let Some(link) = self.life().link.as_ref() {
+            link.set_open(open);
+        }
     }
 
     pub(crate) fn exit_info(&self) -> Option<ExitInfo> {
@@ -279,6 +294,14 @@ impl Shared {
         self.state
             .require(op, &[VmState::Running, VmState::Paused])?;
         let life = self.life();
+        if let Some(cause) = &life.link_broken {
+            return Err(CoreError::backend(
+                op,
+                crate::Error::GuestLinkBroken {
+                    cause: cause.clone(),
+                },
+            ));
+        }
         match &life.link {
             Some(link) => Ok(link.agent.clone()),
             None if self.config.transport == GuestTransport::None => Err(CoreError::unsupported(
@@ -397,7 +420,21 @@ pub(crate) fn spawn_event_pump(shared: &Arc<Shared>, qmp: &QmpClient) {
             }
             match &vm_event {
                 VmEvent::Stopped => shared.follow_qemu(false),
-                VmEvent::Resumed => shared.follow_qemu(true),
+                VmEvent::Resumed => {
+                    shared.follow_qemu(true);
+                    // QEMU announces RESUME before it restarts the vsock device's
+                    // vrings: the link opens a little later (a resume of ours opens it
+                    // itself; this covers a `cont` from someone else).
+                    let weak = Arc::downgrade(&shared);
+                    tokio::spawn(async move {
+                        tokio::time::sleep(crate::pause::LINK_SETTLE).await;
+                        if let Some(shared) = weak.upgrade()
+                            && shared.state.get() == VmState::Running
+                        {
+                            shared.open_link(true);
+                        }
+                    });
+                }
                 _ => {}
             }
             let _ = shared.events.send(vm_event);

@@ -32,6 +32,11 @@ pub(crate) async fn change(
     shared.state.require(op, &[from])?;
     let mut states = shared.events.subscribe();
     let timeout = shared.config.timeouts.command;
+    if to == VmState::Paused {
+        // Before QEMU stops the vrings: nothing of ours may reach a stopped vsock
+        // device. Opened again when QEMU runs (its RESUME, or its answer below).
+        shared.open_link(false);
+    }
     let (command, sent) = match to {
         VmState::Paused => ("stop", qmp.execute(qapi_qmp::stop {}).await.map(drop)),
         _ => ("cont", qmp.execute(qapi_qmp::cont {}).await.map(drop)),
@@ -40,11 +45,19 @@ pub(crate) async fn change(
         Ok(()) => {
             // QEMU sent its event with (before) the reply: the pump applies it.
             if reached(shared, &mut states, to, timeout).await {
+                if to == VmState::Running {
+                    open_link_when_settled(shared).await;
+                }
                 return Ok(());
             }
             // No event: QEMU was in that state already, or the event was lost.
             match reconcile(shared, &qmp).await {
-                Ok(state) if state == to => Ok(()),
+                Ok(state) if state == to => {
+                    if to == VmState::Running {
+                        open_link_when_settled(shared).await;
+                    }
+                    Ok(())
+                }
                 Ok(state) => Err(CoreError::backend(
                     format!("{op}: {command}"),
                     Error::RunState {
@@ -58,14 +71,47 @@ pub(crate) async fn change(
         Err(e) => {
             // QEMU may still carry the command out (a stalled QEMU queued it): take
             // what it says now; its event corrects the state later if it does.
-            if let Err(why) = reconcile(shared, &qmp).await {
-                tracing::warn!(vm = %shared.config.id, %why, "{op}: QEMU's run state is unknown until its next STOP/RESUME event");
+            match reconcile(shared, &qmp).await {
+                Ok(VmState::Running) => open_link_when_settled(shared).await,
+                Ok(_) => {}
+                Err(why) => {
+                    tracing::warn!(vm = %shared.config.id, %why, "{op}: QEMU's run state is unknown until its next STOP/RESUME event");
+                }
             }
             Err(CoreError::backend(
                 format!("{op}: {command}"),
                 Error::from(e),
             ))
         }
+    }
+}
+
+/// How long after QEMU's `cont` answer the vsock link opens. QEMU sends RESUME before
+/// it restarts the vhost-user device, and the restart's messages are only queued for
+/// the daemon when `cont` answers; traffic that reaches vhost-device-vsock before it
+/// has processed them ends its worker (see [`vmkit_vsock::LinkGate`]).
+pub(crate) const LINK_SETTLE: Duration = Duration::from_millis(50);
+
+/// How long the check after a resume may take to reach the agent.
+const LINK_CHECK: Duration = Duration::from_secs(2);
+
+/// Opens the guest link once the vsock daemon has had time to restart its vrings, if
+/// the VM still runs, and checks it: an agent that does not answer a fresh connection
+/// marks the link broken, so that guest calls fail at once with the cause instead of
+/// each waiting for its deadline.
+async fn open_link_when_settled(shared: &Shared) {
+    tokio::time::sleep(LINK_SETTLE).await;
+    if shared.state.get() != VmState::Running {
+        return;
+    }
+    shared.open_link(true);
+    let Some(addr) = shared.life().link.as_ref().map(|l| l.agent.clone()) else {
+        return;
+    };
+    let deadline = tokio::time::Instant::now() + LINK_CHECK;
+    if let Err(e) = crate::guest::wait_for_agent(&addr, deadline).await {
+        tracing::error!(vm = %shared.config.id, %addr, error = %e, "guest link dead after resume");
+        shared.life().link_broken = Some(format!("no answer from {addr} after the resume: {e}"));
     }
 }
 

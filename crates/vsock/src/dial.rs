@@ -13,6 +13,7 @@ use tokio_vsock::{VsockAddr, VsockStream};
 
 use crate::addr::GuestAddr;
 use crate::error::{Error, Result};
+use crate::gate::LinkGate;
 
 /// The longest `OK <n>` line a hybrid vsock peer may send.
 const MAX_HANDSHAKE_LINE: usize = 64;
@@ -28,9 +29,93 @@ const OUT_OF_TIME: &str = "the attempt ran out of time";
 #[derive(Debug)]
 pub enum GuestConn {
     /// Over hybrid vsock, after the `OK`.
-    Hybrid(UnixStream),
+    Hybrid(HybridConn),
     /// Over kernel vsock.
     Vsock(VsockStream),
+}
+
+/// A hybrid-vsock connection, held back by its socket's [`LinkGate`] (if one is
+/// registered) while that is closed: reads and writes wait, and a drop closes the
+/// socket only once the gate opens.
+#[derive(Debug)]
+pub struct HybridConn {
+    /// `None` only once dropped.
+    stream: Option<UnixStream>,
+    gate: Option<LinkGate>,
+}
+
+impl HybridConn {
+    fn new(stream: UnixStream, gate: Option<LinkGate>) -> HybridConn {
+        HybridConn {
+            stream: Some(stream),
+            gate,
+        }
+    }
+
+    /// The stream once the gate lets traffic through.
+    fn poll_stream(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<&mut UnixStream>> {
+        if let Some(gate) = &self.gate
+            && gate.poll_open(cx).is_pending()
+        {
+            return Poll::Pending;
+        }
+        match self.stream.as_mut() {
+            Some(stream) => Poll::Ready(Ok(stream)),
+            None => Poll::Ready(Err(io::Error::from(io::ErrorKind::NotConnected))),
+        }
+    }
+}
+
+impl Drop for HybridConn {
+    fn drop(&mut self) {
+        if let (Some(gate), Some(stream)) = (&self.gate, self.stream.take()) {
+            gate.defer_close(stream);
+        }
+    }
+}
+
+impl AsyncRead for HybridConn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut().poll_stream(cx) {
+            Poll::Ready(Ok(s)) => Pin::new(s).poll_read(cx, buf),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl AsyncWrite for HybridConn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut().poll_stream(cx) {
+            Poll::Ready(Ok(s)) => Pin::new(s).poll_write(cx, buf),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut().poll_stream(cx) {
+            Poll::Ready(Ok(s)) => Pin::new(s).poll_flush(cx),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut().poll_stream(cx) {
+            Poll::Ready(Ok(s)) => Pin::new(s).poll_shutdown(cx),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
 }
 
 impl AsyncRead for GuestConn {
@@ -162,6 +247,12 @@ async fn attempt(addr: &GuestAddr, deadline: Instant) -> Result<GuestConn> {
                 .map(GuestConn::Vsock)
                 .map_err(|e| failure(addr, format!("connect: {e}"), transient_io(&e))),
             GuestAddr::HybridVsock { uds, port } => {
+                // A paused VM's link takes no traffic, a connect included: wait for
+                // its resume (the deadline bounds the wait).
+                let gate = LinkGate::lookup(uds);
+                if let Some(gate) = &gate {
+                    gate.wait_open().await;
+                }
                 let mut stream = UnixStream::connect(uds).await.map_err(|e| {
                     failure(
                         addr,
@@ -169,8 +260,9 @@ async fn attempt(addr: &GuestAddr, deadline: Instant) -> Result<GuestConn> {
                         transient_io(&e),
                     )
                 })?;
-                hybrid_handshake(addr, &mut stream, *port).await?;
-                Ok(GuestConn::Hybrid(stream))
+                let handshake = hybrid_handshake(addr, &mut stream, *port).await;
+                let conn = HybridConn::new(stream, gate);
+                handshake.map(|()| GuestConn::Hybrid(conn))
             }
         }
     };

@@ -24,6 +24,7 @@ pub mod cid;
 mod client;
 mod dial;
 mod error;
+mod gate;
 mod stream;
 
 pub use addr::GuestAddr;
@@ -32,6 +33,7 @@ pub use client::{
     ConnHealth, TtrpcClient, connect_ttrpc, connect_ttrpc_with_retry, ttrpc_client,
     ttrpc_client_tracked,
 };
-pub use dial::{GuestConn, dial, dial_with_retry};
+pub use dial::{GuestConn, HybridConn, dial, dial_with_retry};
 pub use error::{Error, Result};
+pub use gate::LinkGate;
 pub use stream::{AgentStream, begin_stream, open_stream};
