@@ -10,6 +10,10 @@
 //! - `boot`: spawn → guest ready, vmkit vs a bare QEMU command line.
 //! - `guest`: TTRPC `Ping` vs a raw hybrid-vsock echo round trip, and stream throughput
 //!   through vmkit vs bare frames on a hand-driven connection, on one VM.
+//! - `hotplug`: command to guest-visible for vCPUs, memory and disks, vs the raw QMP
+//!   sequence.
+//! - `soak`: 50 start/stop cycles of the test guest with its agent (and a TAP NIC where
+//!   possible); target: no process, fd, socket, lock file or TAP left.
 //!
 //! ```text
 //! cargo bench -p vmkit-benches --bench qmp -- --check   # exit 1 when a target is missed

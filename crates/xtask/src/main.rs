@@ -33,7 +33,7 @@ fn bench(args: &[String]) -> Result<(), String> {
     };
     install::ensure_all()?;
     let image = image::ensure_image()?;
-    for bench in ["qmp", "boot", "guest", "hotplug"] {
+    for bench in ["qmp", "boot", "guest", "hotplug", "soak"] {
         let mut cmd = run::cargo();
         cmd.env("VMKIT_IMAGE_DIR", &image).args([
             "bench",
