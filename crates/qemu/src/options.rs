@@ -63,6 +63,9 @@ pub struct QemuOptions {
     /// The `vhost-device-vsock` binary (hybrid vsock, when the host has no
     /// `/dev/vhost-vsock`).
     pub vhost_vsock_binary: PathBuf,
+    /// The unprivileged user QEMU drops to once it has opened what it needs at start
+    /// (`-run-with user=`): a user name, or `uid:gid`. `None`: QEMU keeps vmkit's user.
+    pub run_as: Option<String>,
 }
 
 impl QemuOptions {
@@ -78,6 +81,7 @@ impl QemuOptions {
             ready_line: "VMKIT_READY".to_owned(),
             sandbox: Sandbox::Auto,
             vhost_vsock_binary: default_vhost_vsock_binary(),
+            run_as: None,
         };
         for (key, value) in map {
             let bad = |reason: String| Error::Option {
@@ -127,14 +131,41 @@ impl QemuOptions {
                     }
                     opts.vhost_vsock_binary = PathBuf::from(value);
                 }
+                "run_as" => {
+                    check_run_as(value).map_err(bad)?;
+                    opts.run_as = Some(value.clone());
+                }
                 _ => {
                     return Err(bad("unknown key; known: binary, machine, hotplug_ports, \
-                         ready_line, sandbox, vhost_vsock_binary"
+                         ready_line, sandbox, vhost_vsock_binary, run_as"
                         .into()));
                 }
             }
         }
         Ok(opts)
+    }
+}
+
+/// A `run_as` value: a POSIX user name (`[a-z_][a-z0-9_-]*`, at most 32 bytes) or
+/// `uid:gid` in digits. Nothing else reaches QEMU's command line.
+fn check_run_as(value: &str) -> Result<(), String> {
+    let name = |s: &str| {
+        let mut chars = s.chars();
+        s.len() <= 32
+            && chars
+                .next()
+                .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+            && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+    };
+    let id = |s: &str| !s.is_empty() && s.len() <= 10 && s.bytes().all(|b| b.is_ascii_digit());
+    let ok = match value.split_once(':') {
+        Some((uid, gid)) => id(uid) && id(gid),
+        None => name(value),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("{value:?}: expected a user name or uid:gid"))
     }
 }
 
@@ -205,8 +236,10 @@ mod tests {
             ("ready_line", "UP"),
             ("sandbox", "off"),
             ("vhost_vsock_binary", "/opt/vhost-device-vsock"),
+            ("run_as", "vmkit-qemu"),
         ])
         .unwrap();
+        assert_eq!(opts.run_as.as_deref(), Some("vmkit-qemu"));
         assert_eq!(opts.binary, Path::new("/opt/qemu/bin/qemu-system-x86_64"));
         assert_eq!(opts.machine, Machine::Microvm);
         assert_eq!(opts.hotplug_ports, 0);
@@ -232,6 +265,19 @@ mod tests {
             parse(&[("sandbox", "yes")]).unwrap_err(),
             "backend option sandbox: \"yes\": expected auto, on or off"
         );
+        assert_eq!(
+            parse(&[("run_as", "65534:65534")])
+                .unwrap()
+                .run_as
+                .as_deref(),
+            Some("65534:65534")
+        );
+        for bad in ["", "root,chroot=/", "Nobody", "1:", ":2", "a b", "-x"] {
+            assert_eq!(
+                parse(&[("run_as", bad)]).unwrap_err(),
+                format!("backend option run_as: {bad:?}: expected a user name or uid:gid"),
+            );
+        }
         assert!(
             parse(&[("cpu", "host")])
                 .unwrap_err()

@@ -405,3 +405,44 @@ async fn a_link_broken_while_paused_is_reported_at_once_after_resume() {
         "{exit:?}"
     );
 }
+
+/// Issue 12, item 9: QEMU can run unprivileged. With the backend option `run_as`, QEMU
+/// opens what it needs as vmkit's user and then drops to the one named
+/// (`-run-with user=`); the guest, its agent and the graceful shutdown work as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_runs_as_the_unprivileged_user_named_by_run_as() {
+    let Some(image) = setup() else { return };
+    if nix::unistd::geteuid().as_raw() != 0 {
+        assert!(std::env::var_os("CI").is_none(), "CI runs as root");
+        eprintln!("note: not root; skipping the run_as test");
+        return;
+    }
+    let _slot = VMS.acquire().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = image.config("run-as", &dir.path().join("state"));
+    config
+        .backend_options
+        .insert("run_as".into(), "nobody".into());
+    let vm = start(QemuBackend.create_instance(config).unwrap()).await;
+    let pid = vm.vm_info().pid.unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    assert_eq!(
+        uid.split_whitespace().skip(1).collect::<Vec<_>>(),
+        ["65534"; 4],
+        "{uid}"
+    );
+    vm.agent()
+        .await
+        .unwrap()
+        .ping(ctx(), &vmkit_proto::agent::PingRequest::new())
+        .await
+        .unwrap();
+    let exit = vm.shutdown().await.unwrap();
+    assert_eq!(
+        exit.stage,
+        Some(vmkit_core::ShutdownStage::AcpiPowerdown),
+        "{exit:?}"
+    );
+    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
+}
