@@ -35,8 +35,11 @@ pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
 pub struct InstanceConfig {
     /// The VM's id: a letter, then letters, digits, `-`, `.`, `_`; at most 64 bytes.
     pub id: String,
-    /// Absolute directory for the VM's sockets and runtime files; created at start,
-    /// removed at shutdown. See [`StateLayout`] for what goes inside.
+    /// Absolute directory for the VM's sockets and runtime files, one per VM: created
+    /// 0700 at start (an unsafe existing one is refused), locked while the VM lives (a
+    /// second instance on it is refused), its sockets and lock removed when the VM ends;
+    /// the dir itself and its logs are kept. See [`StateLayout`] for what goes inside
+    /// and [`crate::state_dir`] for the rules.
     pub state_dir: PathBuf,
     /// Absolute directory for logs (VMM stderr, serial console); `None` = `<state_dir>/logs`.
     #[serde(default)]

@@ -15,7 +15,8 @@ use crate::resources::ResourceManager;
 use crate::state::VmState;
 
 /// A TTRPC client connected to the guest agent. Cheap to clone; wrap it in the
-/// generated typed client (`vmkit_proto::AgentServiceClient::new(client)`).
+/// generated typed client (`vmkit_proto::AgentClient::new(client)`) and give each call
+/// a deadline (`ttrpc::context::with_timeout(nanos)`).
 pub type GuestClient = ttrpc::r#async::Client;
 
 /// A raw, bidirectional byte stream to the guest (stdio, file copy).

@@ -150,3 +150,8 @@ mod tests {
         assert!(QemuBackend.create_instance(config).is_ok());
     }
 }
+
+/// The README's embedding example, compiled as a doctest so that it stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct ReadmeExample;
