@@ -38,6 +38,12 @@ pub const VIRTIO_MEM_BLOCK_MIB: u64 = 2;
 pub const VIRTIO_MEM_BACKEND: &str = "vmkit-vmem-ram";
 /// The id of the vsock device (and of its chardev, for vhost-user).
 pub const VSOCK_ID: &str = "vmkit-vsock";
+/// The id of the PCIe root port the hybrid-vsock device sits on (q35): a hot-plug slot
+/// of its own, so that a vsock device whose daemon stopped serving can be replaced
+/// (see `relink`). Its chassis number comes after the hot-plug ports' (1–32).
+pub const VSOCK_PORT_ID: &str = "vmkit-rp-vsock";
+const VSOCK_PORT_CHASSIS: u32 = 33;
+
 /// The id prefix of the PCIe root ports reserved for hot-plug (`vmkit-rp0`, …).
 pub const ROOT_PORT_PREFIX: &str = "vmkit-rp";
 
@@ -206,9 +212,22 @@ pub fn build(launch: &Launch<'_>) -> Vec<OsString> {
         args.extend(nic_args(i, &config.id, nic, *fd, machine));
     }
     if let Some(vsock) = launch.vsock {
+        if machine == Machine::Q35 && matches!(vsock, VsockDevice::VhostUser { .. }) {
+            let port = json!({"driver": "pcie-root-port", "id": VSOCK_PORT_ID,
+                              "chassis": VSOCK_PORT_CHASSIS});
+            args.push("-device".into());
+            args.push(port.to_string().into());
+        }
         args.extend(vsock_args(vsock, machine));
     }
     args
+}
+
+/// The hybrid-vsock device for `device_add` (q35): on its own root port, its chardev
+/// named like it.
+pub fn vhost_user_vsock_device() -> serde_json::Value {
+    json!({"driver": "vhost-user-vsock-pci", "id": VSOCK_ID, "chardev": VSOCK_ID,
+           "bus": VSOCK_PORT_ID})
 }
 
 /// The vsock device's arguments.
@@ -221,7 +240,11 @@ pub fn vsock_args(vsock: &VsockDevice, machine: Machine) -> Vec<OsString> {
             } else {
                 "vhost-user-vsock-device"
             };
-            let device = json!({"driver": driver, "id": VSOCK_ID, "chardev": VSOCK_ID});
+            let device = if pci {
+                vhost_user_vsock_device()
+            } else {
+                json!({"driver": driver, "id": VSOCK_ID, "chardev": VSOCK_ID})
+            };
             vec![
                 "-chardev".into(),
                 format!("socket,id={VSOCK_ID},path={}", escape_path(socket)).into(),
@@ -409,9 +432,15 @@ mod tests {
             value_after(&args, "-chardev").last().copied(),
             Some("socket,id=vmkit-vsock,path=/run/vmkit/a,,b/vhost.sock")
         );
-        assert!(value_after(&args, "-device").contains(
-            &r#"{"chardev":"vmkit-vsock","driver":"vhost-user-vsock-pci","id":"vmkit-vsock"}"#
-        ));
+        // On a root port of its own (after the 4 hot-plug ports), so it can be replaced.
+        let devices = value_after(&args, "-device");
+        assert_eq!(
+            &devices[devices.len() - 2..],
+            [
+                r#"{"chassis":33,"driver":"pcie-root-port","id":"vmkit-rp-vsock"}"#,
+                r#"{"bus":"vmkit-rp-vsock","chardev":"vmkit-vsock","driver":"vhost-user-vsock-pci","id":"vmkit-vsock"}"#
+            ]
+        );
 
         let kernel = VsockDevice::Kernel {
             cid: 42,

@@ -120,6 +120,15 @@ pub enum Error {
         cause: String,
     },
 
+    /// Replacing a hybrid-vsock device whose daemon stopped serving failed at `step`.
+    #[error("replace the vsock device: {step}: {cause}")]
+    Relink {
+        /// What was being done (`device_del`, `spawn vhost-device-vsock`, …).
+        step: &'static str,
+        /// Why it failed.
+        cause: String,
+    },
+
     /// The CID asked for is held by another VM.
     #[error("guest CID {cid} is in use by another VM on this host")]
     CidInUse {

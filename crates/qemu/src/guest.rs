@@ -157,6 +157,19 @@ impl Link {
         }
     }
 
+    /// Takes the daemon out (hybrid vsock, see `relink`), for the caller to kill.
+    pub(crate) fn take_daemon(&mut self) -> Option<Arc<Process>> {
+        self.daemon.take()
+    }
+
+    /// Puts a new daemon in place (see `relink`), with its vhost-user socket's identity.
+    pub(crate) fn put_daemon(&mut self, daemon: Arc<Process>, identity: SocketIdentity) {
+        if let Some((_, known)) = self.vhost_server.as_mut() {
+            *known = identity;
+        }
+        self.daemon = Some(daemon);
+    }
+
     /// The sockets made for this link (hybrid vsock), removed on release.
     pub(crate) fn sockets(&self) -> &[PathBuf] {
         &self.sockets
@@ -294,80 +307,96 @@ pub(crate) async fn establish(
             Ok(Some((link, VsockDevice::Kernel { cid, vhostfd })))
         }
         Plan::Hybrid { port, uds } => {
-            let layout = config.layout();
-            let vhost = layout.vhost_user_vsock_socket();
-            for stale in [uds, &vhost] {
-                remove_if_present(stale);
-            }
-            let log_path = layout.log_dir().join("vsock.log");
-            let log = vmkit_core::state_dir::create_private_file(&log_path).map_err(|source| {
-                Error::Io {
-                    op: format!("create {}", log_path.display()),
-                    source,
-                }
-            })?;
-            let args = vec![
-                "--guest-cid".into(),
-                HYBRID_GUEST_CID.to_string().into(),
-                "--socket".into(),
-                vhost.clone().into(),
-                "--uds-path".into(),
-                uds.clone().into(),
-            ];
-            let binary = &options.vhost_vsock_binary;
-            // Its warnings (a refused connection, a failed vring) go to vsock.log, and
-            // so into vmkit's errors; the one it logs for every dial made while the
-            // guest's driver is still starting is left out.
-            let env = [("RUST_LOG", DAEMON_LOG_FILTER)];
-            let daemon = Process::spawn_with_env(binary, args, log, &[], &env)
-                .await
-                .map_err(|e| match e {
-                    // Only a binary that is not there (or not runnable) is "missing";
-                    // any other spawn failure keeps its own words.
-                    Error::Spawn { binary, source }
-                        if matches!(
-                            source.kind(),
-                            std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
-                        ) =>
-                    {
-                        Error::VsockDaemonMissing { binary, source }
-                    }
-                    other => other,
-                })?;
-            let daemon = Arc::new(daemon);
-            let mut link = Link {
+            let vhost = config.layout().vhost_user_vsock_socket();
+            let (daemon, identity) = spawn_daemon(config, options, uds).await?;
+            let link = Link {
                 agent: GuestAddr::HybridVsock {
                     uds: uds.clone(),
                     port: *port,
                 },
                 cid: HYBRID_GUEST_CID,
-                daemon: Some(Arc::clone(&daemon)),
+                daemon: Some(daemon),
                 reserved: None,
                 sockets: vec![uds.clone(), vhost.clone()],
-                vhost_server: None,
+                vhost_server: Some((vhost.clone(), identity)),
                 gate: Some(LinkGate::register(uds)),
             };
-            // The daemon creates its vhost-user socket when it is ready for QEMU; the
-            // socket's identity then tells a later re-creation apart.
-            let mut pause = Duration::from_millis(1);
-            loop {
-                if let Ok(meta) = tokio::fs::metadata(&vhost).await {
-                    link.vhost_server = Some((vhost.clone(), SocketIdentity::of(&meta)));
-                    break;
-                }
-                if let Some(exit) = daemon.exited() {
-                    link.release().await;
-                    return Err(Error::VsockDaemonExited {
-                        status: exit.to_string(),
-                        stderr: tail(&log_path, DAEMON_LOG_LINES),
-                    });
-                }
-                sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_millis(20));
-            }
-            tracing::debug!(vm = %config.id, pid = daemon.pid(), "vhost-device-vsock up");
             Ok(Some((link, VsockDevice::VhostUser { socket: vhost })))
         }
+    }
+}
+
+/// Spawns a vhost-device-vsock for `config`'s VM, serving QEMU on the state dir's
+/// vhost-user socket and the host on `uds` (stale sockets at both are removed first),
+/// and waits until it is ready for QEMU. Returns the daemon and its vhost-user socket's
+/// identity. Unbounded: the caller's deadline bounds it.
+///
+/// # Errors
+/// The daemon missing, not runnable, or exiting before it is ready (with its output).
+pub(crate) async fn spawn_daemon(
+    config: &InstanceConfig,
+    options: &QemuOptions,
+    uds: &Path,
+) -> Result<(Arc<Process>, SocketIdentity), Error> {
+    let layout = config.layout();
+    let vhost = layout.vhost_user_vsock_socket();
+    for stale in [uds, vhost.as_path()] {
+        remove_if_present(stale);
+    }
+    let log_path = layout.log_dir().join("vsock.log");
+    let log =
+        vmkit_core::state_dir::create_private_file(&log_path).map_err(|source| Error::Io {
+            op: format!("create {}", log_path.display()),
+            source,
+        })?;
+    let args = vec![
+        "--guest-cid".into(),
+        HYBRID_GUEST_CID.to_string().into(),
+        "--socket".into(),
+        vhost.clone().into(),
+        "--uds-path".into(),
+        uds.to_owned().into(),
+    ];
+    let binary = &options.vhost_vsock_binary;
+    // Its warnings (a refused connection, a failed vring) go to vsock.log, and so into
+    // vmkit's errors; the one it logs for every dial made while the guest's driver is
+    // still starting is left out.
+    let env = [("RUST_LOG", DAEMON_LOG_FILTER)];
+    let daemon = Process::spawn_with_env(binary, args, log, &[], &env)
+        .await
+        .map_err(|e| match e {
+            // Only a binary that is not there (or not runnable) is "missing"; any other
+            // spawn failure keeps its own words.
+            Error::Spawn { binary, source }
+                if matches!(
+                    source.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+                ) =>
+            {
+                Error::VsockDaemonMissing { binary, source }
+            }
+            other => other,
+        })?;
+    let daemon = Arc::new(daemon);
+    // The daemon creates its vhost-user socket when it is ready for QEMU; the socket's
+    // identity then tells a later re-creation apart.
+    let mut pause = Duration::from_millis(1);
+    loop {
+        if let Ok(meta) = tokio::fs::metadata(&vhost).await {
+            tracing::debug!(vm = %config.id, pid = daemon.pid(), "vhost-device-vsock up");
+            return Ok((daemon, SocketIdentity::of(&meta)));
+        }
+        if let Some(exit) = daemon.exited() {
+            for socket in [uds, vhost.as_path()] {
+                remove_if_present(socket);
+            }
+            return Err(Error::VsockDaemonExited {
+                status: exit.to_string(),
+                stderr: tail(&log_path, DAEMON_LOG_LINES),
+            });
+        }
+        sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(20));
     }
 }
 

@@ -44,6 +44,7 @@ pub mod kernel_cmdline;
 pub mod options;
 mod pause;
 mod process;
+mod relink;
 mod runtime;
 mod shutdown;
 mod start;

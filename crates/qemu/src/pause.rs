@@ -109,9 +109,35 @@ async fn open_link_when_settled(shared: &Shared) {
         return;
     };
     let deadline = tokio::time::Instant::now() + LINK_CHECK;
-    if let Err(e) = crate::guest::wait_for_agent(&addr, deadline).await {
-        tracing::error!(vm = %shared.config.id, %addr, error = %e, "guest link dead after resume");
-        shared.life().link_broken = Some(format!("no answer from {addr} after the resume: {e}"));
+    let Err(e) = crate::guest::wait_for_agent(&addr, deadline).await else {
+        return;
+    };
+    tracing::warn!(vm = %shared.config.id, %addr, error = %e, "guest link dead after resume; replacing the vsock device");
+    let dead = format!("no answer from {addr} after the resume: {e}");
+    let repaired = match crate::relink::repair(shared).await {
+        Ok(()) => {
+            tokio::time::sleep(LINK_SETTLE).await;
+            shared.open_link(true);
+            let deadline = tokio::time::Instant::now() + LINK_CHECK;
+            crate::guest::wait_for_agent(&addr, deadline)
+                .await
+                .map(drop)
+                .map_err(|e| format!("the agent did not answer through the new device: {e}"))
+        }
+        Err(e) => {
+            shared.open_link(true);
+            Err(e.to_string())
+        }
+    };
+    match repaired {
+        Ok(()) => {
+            tracing::info!(vm = %shared.config.id, "guest link repaired: new vsock device and daemon")
+        }
+        Err(why) => {
+            tracing::error!(vm = %shared.config.id, %why, "guest link could not be repaired");
+            shared.life().link_broken =
+                Some(format!("{dead}; replacing the vsock device failed: {why}"));
+        }
     }
 }
 
