@@ -14,6 +14,7 @@ use vmkit_benches::percentile;
 use vmkit_core::{DeviceConfigurator, Instance, NicConfig, StartOptions};
 use vmkit_proto::agent::PingRequest;
 use vmkit_qemu::QemuBackend;
+use vmkit_testkit::leaks::{children, open_fds, processes_mentioning as mentioning};
 use vmkit_testkit::{GuestImage, qemu::require_qemu, require_guest_image};
 
 const CYCLES: usize = 50;
@@ -121,43 +122,4 @@ async fn cycle(image: &GuestImage, i: usize, tap: Option<&str>) -> (Duration, Le
 fn tap_available() -> Option<String> {
     let name = format!("vmktsoak{}", std::process::id() % 10_000);
     vmkit_qemu::probe_tap(&name).ok().map(|()| name)
-}
-
-/// Processes whose command line mentions `needle` (a VM's state dir).
-fn mentioning(needle: &Path) -> Vec<u32> {
-    let needle = needle.display().to_string();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| {
-            let pid = e.file_name().to_string_lossy().parse::<u32>().ok()?;
-            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
-            String::from_utf8_lossy(&cmdline)
-                .contains(&needle)
-                .then_some(pid)
-        })
-        .collect()
-}
-
-/// Pids whose parent is this process (zombies included).
-fn children() -> Vec<u32> {
-    let me = std::process::id();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|stat| {
-                    let rest = &stat[stat.rfind(')')? + 2..];
-                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
-                })
-                == Some(me)
-        })
-        .collect()
-}
-
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
 }

@@ -9,6 +9,8 @@
 //! - [`fake_qemu`]: a QEMU stand-in process (QMP on its socket, a ready line) that
 //!   crashes, hangs or ignores signals on demand.
 //! - [`guest`]: the test guest `cargo xtask image` builds, and configs that boot it.
+//! - [`leaks`]: this process's children and fds, and the processes that name a path:
+//!   what a test counts to prove nothing was left.
 //! - [`qemu`]: find the real QEMU (failing under CI when it is missing) and run a
 //!   paused, diskless one with a QMP socket.
 //!
@@ -29,6 +31,7 @@
 
 pub mod fake_qemu;
 pub mod guest;
+pub mod leaks;
 pub mod mock_qmp;
 pub mod qemu;
 

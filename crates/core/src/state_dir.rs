@@ -178,6 +178,23 @@ pub fn create_private_file(path: &Path) -> io::Result<File> {
     Ok(file)
 }
 
+/// Opens `path` for reading and writing, created 0600 if missing, never truncated and
+/// never through a symbolic link (`O_NOFOLLOW`): how lock files are opened, here and in
+/// the CID allocator.
+///
+/// # Errors
+/// The OS error, `ELOOP` for a symlink.
+pub fn open_private_rw(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+        .open(path)
+}
+
 /// The exclusive hold on a state dir. Dropping it removes the lock file and releases
 /// the lock; the kernel releases it too when the holder dies.
 #[derive(Debug)]
@@ -197,15 +214,7 @@ impl StateDirLock {
         let path = state_dir.join(LOCK_FILE);
         let io_err = |what: &str, e| Error::io(format!("{op}: {what} {}", path.display()), e);
         loop {
-            let mut file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .mode(0o600)
-                .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
-                .open(&path)
-                .map_err(|e| io_err("open", e))?;
+            let mut file = open_private_rw(&path).map_err(|e| io_err("open", e))?;
             match file.try_lock() {
                 Ok(()) => {}
                 Err(TryLockError::WouldBlock) => {

@@ -325,16 +325,19 @@ mod tests {
             memory_hotplug: MemoryHotplug::Dimm,
         };
         let opts = QemuOptions::from_map(&Default::default()).unwrap();
-        let args = args_of(&Launch {
-            config: &c,
-            options: &opts,
-            accel: Accel::Tcg,
-            cmdline: "console=ttyS0 quiet",
-            sandbox: true,
-            disks: &[],
-            nics: &[],
-            vsock: None,
-        });
+        let sandboxed = |options: &QemuOptions| {
+            args_of(&Launch {
+                config: &c,
+                options,
+                accel: Accel::Tcg,
+                cmdline: "console=ttyS0 quiet",
+                sandbox: true,
+                disks: &[],
+                nics: &[],
+                vsock: None,
+            })
+        };
+        let args = sandboxed(&opts);
         assert_eq!(value_after(&args, "-accel"), ["tcg"]);
         assert!(
             value_after(&args, "-cpu").is_empty(),
@@ -347,18 +350,9 @@ mod tests {
         assert!(value_after(&args, "-run-with").is_empty());
         let mut unprivileged = opts.clone();
         unprivileged.run_as = Some("vmkit-qemu".into());
-        let args = args_of(&Launch {
-            config: &c,
-            options: &unprivileged,
-            accel: Accel::Tcg,
-            cmdline: "console=ttyS0 quiet",
-            sandbox: true,
-            disks: &[],
-            nics: &[],
-            vsock: None,
-        });
-        assert_eq!(value_after(&args, "-run-with"), ["user=vmkit-qemu"]);
-        assert_eq!(value_after(&args, "-sandbox"), [SANDBOX_RUN_AS]);
+        let dropping = sandboxed(&unprivileged);
+        assert_eq!(value_after(&dropping, "-run-with"), ["user=vmkit-qemu"]);
+        assert_eq!(value_after(&dropping, "-sandbox"), [SANDBOX_RUN_AS]);
         assert_eq!(value_after(&args, "-append"), ["console=ttyS0 quiet"]);
         assert_eq!(
             value_after(&args, "-device").len(),

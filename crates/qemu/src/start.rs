@@ -127,39 +127,8 @@ async fn boot(
     let layout = config.layout();
     let op = |what: &str| format!("start: {what}");
 
-    // Prepare: private dirs, this VM's hold on the state dir, stale files, accelerator,
-    // sandbox, command line.
-    let holder = format!("vm {:?}", config.id);
-    let prepared = {
-        let layout = layout.clone();
-        tokio::task::spawn_blocking(move || {
-            layout.prepare("start")?;
-            layout.lock("start", &holder)
-        })
-        .await
-    };
-    let lock = match prepared {
-        Ok(lock) => lock?,
-        Err(join) => {
-            return Err(CoreError::io(
-                op("prepare the state dir"),
-                std::io::Error::other(join.to_string()),
-            ));
-        }
-    };
-    shared.life().state_lock = Some(lock);
-    for stale in [layout.control_socket(), layout.console_log()] {
-        match tokio::fs::remove_file(&stale).await {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(CoreError::io(
-                    op(&format!("remove stale {}", stale.display())),
-                    e,
-                ));
-            }
-        }
-    }
+    // Prepare: the state dir, accelerator, sandbox, command line.
+    take_state_dir(shared).await?;
     let accel =
         accel::resolve(config.accel).map_err(|e| CoreError::backend(op("accelerator"), e))?;
     {
@@ -338,6 +307,45 @@ async fn restrict_sockets(shared: &Shared) -> vmkit_core::Result<()> {
             Err(e) => {
                 return Err(CoreError::io(
                     format!("start: chmod 0600 {}", socket.display()),
+                    e,
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Makes the state and log dirs private, takes this VM's hold on the state dir, and
+/// removes what an earlier owner left (its QMP socket, its console log). Nothing in the
+/// dir is touched before the hold is taken: it may be another live VM's.
+async fn take_state_dir(shared: &Shared) -> vmkit_core::Result<()> {
+    let layout = shared.config.layout();
+    let holder = format!("vm {:?}", shared.config.id);
+    let prepared = {
+        let layout = layout.clone();
+        tokio::task::spawn_blocking(move || {
+            layout.prepare("start")?;
+            layout.lock("start", &holder)
+        })
+        .await
+    };
+    let lock = match prepared {
+        Ok(lock) => lock?,
+        Err(join) => {
+            return Err(CoreError::io(
+                "start: prepare the state dir",
+                std::io::Error::other(join.to_string()),
+            ));
+        }
+    };
+    shared.life().state_lock = Some(lock);
+    for stale in [layout.control_socket(), layout.console_log()] {
+        match tokio::fs::remove_file(&stale).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(CoreError::io(
+                    format!("start: remove stale {}", stale.display()),
                     e,
                 ));
             }

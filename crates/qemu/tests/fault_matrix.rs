@@ -18,6 +18,7 @@ use vmkit_core::{
 };
 use vmkit_qemu::{QemuBackend, QemuInstance};
 use vmkit_testkit::fake_qemu;
+use vmkit_testkit::leaks::{children, open_fds};
 
 type TestFn = fn(&tokio::runtime::Runtime);
 
@@ -171,30 +172,6 @@ fn fake(behaviour: &str, edit: impl FnOnce(&mut InstanceConfig)) -> Fake {
 fn make_executable(path: &Path) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
-}
-
-/// Pids whose parent is this process.
-fn children() -> Vec<u32> {
-    let me = std::process::id();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|stat| {
-                    // "pid (comm) state ppid …": comm may hold spaces; split after ')'.
-                    let rest = &stat[stat.rfind(')')? + 2..];
-                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
-                })
-                == Some(me)
-        })
-        .collect()
-}
-
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
 
 /// The VM ended cleanly: `Shutdown`, no QEMU child, no socket, no lock file.

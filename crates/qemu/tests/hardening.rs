@@ -22,6 +22,30 @@ fn mode(path: &Path) -> u32 {
         & 0o7777
 }
 
+/// Whether the test runs as root, as acting as a second user needs; outside CI a test
+/// that cannot is skipped with a note (CI runs as root, so there it must not skip).
+fn root_or_skip(what: &str) -> bool {
+    if nix::unistd::geteuid().as_raw() == 0 {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI runs as root: the {what} needs it"
+    );
+    eprintln!("note: not root; skipping the {what}");
+    false
+}
+
+/// Shuts `vm` down and checks the guest powered off by ACPI (the graceful stage).
+async fn shut_down_gracefully(vm: &vmkit_qemu::QemuInstance) {
+    let exit = vm.shutdown().await.unwrap();
+    assert_eq!(
+        exit.stage,
+        Some(vmkit_core::ShutdownStage::AcpiPowerdown),
+        "{exit:?}"
+    );
+}
+
 /// The uid and gid of an unprivileged local user (Debian's `nobody`).
 const OTHER_USER: u32 = 65534;
 
@@ -58,12 +82,7 @@ for my $p (@ARGV) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_local_user_reaches_no_socket_and_no_log_even_with_umask_000() {
     let Some(image) = setup() else { return };
-    if nix::unistd::geteuid().as_raw() != 0 {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI runs as root: this test needs it to act as a second user"
-        );
-        eprintln!("note: not root; skipping the second-user test");
+    if !root_or_skip("second-user test") {
         return;
     }
     let _slot = VMS.acquire().await.unwrap();
@@ -263,12 +282,7 @@ async fn a_stalled_qemus_late_pause_and_resume_are_followed() {
         [(r, p), (p, r), (r, p), (p, r)],
         "only what QEMU did"
     );
-    let exit = vm.shutdown().await.unwrap();
-    assert_eq!(
-        exit.stage,
-        Some(vmkit_core::ShutdownStage::AcpiPowerdown),
-        "{exit:?}"
-    );
+    shut_down_gracefully(&vm).await;
 }
 
 /// Issue 12, defect 2: an agent call made while the VM was paused (hybrid vsock) killed
@@ -354,8 +368,7 @@ async fn agent_calls_made_while_paused_are_answered_after_resume() {
 
 /// The vsock daemon of `vm` (hybrid vsock), by its command line.
 fn vsock_daemon(vm: &vmkit_qemu::QemuInstance) -> u32 {
-    let state = vm.config().state_dir.display().to_string();
-    processes_mentioning(&state)
+    processes_mentioning(&vm.config().state_dir)
         .into_iter()
         .find(|p| {
             std::fs::read_to_string(format!("/proc/{p}/comm"))
@@ -423,14 +436,9 @@ async fn a_link_broken_while_paused_is_repaired_on_resume() {
         .unwrap();
     assert!(guest_cmdline(fresh).await.contains("console=ttyS0"));
     drop(careless);
-    let exit = vm.shutdown().await.unwrap();
+    shut_down_gracefully(&vm).await;
     assert_eq!(
-        exit.stage,
-        Some(vmkit_core::ShutdownStage::AcpiPowerdown),
-        "{exit:?}"
-    );
-    assert_eq!(
-        processes_mentioning(&state.display().to_string()),
+        processes_mentioning(&state),
         Vec::<u32>::new(),
         "a daemon or QEMU outlived the VM"
     );
@@ -477,12 +485,7 @@ async fn a_link_that_cannot_be_repaired_is_reported_at_once() {
         "{err}"
     );
     drop(careless);
-    let exit = vm.shutdown().await.unwrap();
-    assert_eq!(
-        exit.stage,
-        Some(vmkit_core::ShutdownStage::AcpiPowerdown),
-        "{exit:?}"
-    );
+    shut_down_gracefully(&vm).await;
 }
 
 /// Issue 12, item 9: QEMU can run unprivileged. With the backend option `run_as`, QEMU
@@ -491,9 +494,7 @@ async fn a_link_that_cannot_be_repaired_is_reported_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_runs_as_the_unprivileged_user_named_by_run_as() {
     let Some(image) = setup() else { return };
-    if nix::unistd::geteuid().as_raw() != 0 {
-        assert!(std::env::var_os("CI").is_none(), "CI runs as root");
-        eprintln!("note: not root; skipping the run_as test");
+    if !root_or_skip("run_as test") {
         return;
     }
     let _slot = VMS.acquire().await.unwrap();
@@ -517,11 +518,6 @@ async fn qemu_runs_as_the_unprivileged_user_named_by_run_as() {
         .ping(ctx(), &vmkit_proto::agent::PingRequest::new())
         .await
         .unwrap();
-    let exit = vm.shutdown().await.unwrap();
-    assert_eq!(
-        exit.stage,
-        Some(vmkit_core::ShutdownStage::AcpiPowerdown),
-        "{exit:?}"
-    );
+    shut_down_gracefully(&vm).await;
     assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
 }

@@ -242,7 +242,7 @@ async fn the_agent_answers_ping_info_and_exec_and_nothing_is_left_after_shutdown
             .contains(Capabilities::GUEST_AGENT | Capabilities::HYBRID_VSOCK)
     );
     assert!(!info.capabilities.contains(Capabilities::VSOCK), "{info:?}");
-    let daemons = processes_mentioning(&state.display().to_string());
+    let daemons = processes_mentioning(&state);
     assert_eq!(daemons.len(), 2, "QEMU and vhost-device-vsock: {daemons:?}");
 
     let agent = vm.agent().await.unwrap();
@@ -288,7 +288,7 @@ async fn the_agent_answers_ping_info_and_exec_and_nothing_is_left_after_shutdown
     let exit = vm.shutdown().await.unwrap();
     assert_eq!(exit.reason, ExitReason::GuestShutdown, "{exit:?}");
     assert_eq!(
-        processes_mentioning(&state.display().to_string()),
+        processes_mentioning(&state),
         Vec::<u32>::new(),
         "a daemon or QEMU outlived the VM"
     );
@@ -463,10 +463,7 @@ async fn a_guest_whose_agent_never_answers_fails_start_and_leaves_nothing() {
     );
     assert_eq!(vm.state(), VmState::Shutdown);
     assert_eq!(vm.wait().await.reason, ExitReason::StartFailed);
-    assert_eq!(
-        processes_mentioning(&state.display().to_string()),
-        Vec::<u32>::new()
-    );
+    assert_eq!(processes_mentioning(&state), Vec::<u32>::new());
     let layout = vm.config().layout();
     for socket in [
         layout.control_socket(),

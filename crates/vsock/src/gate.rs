@@ -11,7 +11,7 @@
 //! only once the gate opens.
 //!
 //! A gate is registered for the daemon's socket path ([`LinkGate::register`]); every
-//! [`crate::dial`] to a [`crate::GuestAddr::HybridVsock`] at that path goes through it.
+//! dial to a hybrid-vsock address at that path goes through it.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -12,6 +12,7 @@ use vmkit_core::{DeviceConfigurator, Instance, StartOptions};
 use vmkit_proto::AgentClient;
 use vmkit_proto::agent::{ExecRequest, GuestInfoRequest};
 use vmkit_qemu::{QemuBackend, QemuInstance};
+pub use vmkit_testkit::leaks::processes_mentioning;
 use vmkit_testkit::{GuestImage, qemu::require_qemu, require_guest_image};
 
 pub static VMS: LazyLock<Semaphore> = LazyLock::new(|| Semaphore::new(1));
@@ -143,21 +144,6 @@ pub fn exec_req(argv: &[&str]) -> ExecRequest {
     let mut req = ExecRequest::new();
     req.argv = argv.iter().map(|s| (*s).to_owned()).collect();
     req
-}
-
-/// Processes whose command line mentions `needle` (e.g. the VM's state dir).
-pub fn processes_mentioning(needle: &str) -> Vec<u32> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        if String::from_utf8_lossy(&cmdline).contains(needle) {
-            found.push(pid);
-        }
-    }
-    found
 }
 
 /// The agent's pid, as a program it runs sees it.
