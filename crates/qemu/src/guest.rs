@@ -157,6 +157,11 @@ impl Link {
         }
     }
 
+    /// Whether the host's traffic is gated (hybrid vsock; see [`Link::set_open`]).
+    pub(crate) fn is_gated(&self) -> bool {
+        self.gate.is_some()
+    }
+
     /// Takes the daemon out (hybrid vsock, see `relink`), for the caller to kill.
     pub(crate) fn take_daemon(&mut self) -> Option<Arc<Process>> {
         self.daemon.take()

@@ -100,6 +100,10 @@ const LINK_CHECK: Duration = Duration::from_secs(2);
 /// marks the link broken, so that guest calls fail at once with the cause instead of
 /// each waiting for its deadline.
 async fn open_link_when_settled(shared: &Shared) {
+    // Only a hybrid-vsock link is held while paused: kernel vsock has nothing to settle.
+    if !shared.life().link.as_ref().is_some_and(|l| l.is_gated()) {
+        return;
+    }
     tokio::time::sleep(LINK_SETTLE).await;
     if shared.state.get() != VmState::Running {
         return;
