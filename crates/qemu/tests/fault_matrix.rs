@@ -68,6 +68,10 @@ fn main() -> ExitCode {
             dropping_a_running_instance_leaves_nothing,
         ),
         (
+            "a_log_planted_as_a_symlink_is_refused_not_followed",
+            a_log_planted_as_a_symlink_is_refused_not_followed,
+        ),
+        (
             "disk_and_nic_hotplug_are_refused_while_paused_as_documented",
             disk_and_nic_hotplug_are_refused_while_paused_as_documented,
         ),
@@ -463,6 +467,31 @@ fn dropping_a_running_instance_leaves_nothing(rt: &tokio::runtime::Runtime) {
     }
     assert_eq!(children(), Vec::<u32>::new(), "child processes left");
     drop(dir);
+}
+
+/// Issue 12, defect 6: `vmm.log` was opened with create-and-truncate, so a symlink
+/// planted at its name truncated the link's target (as root, any file). Now the open
+/// refuses the link (`O_NOFOLLOW`): the start fails, saying so, and the target is whole.
+fn a_log_planted_as_a_symlink_is_refused_not_followed(rt: &tokio::runtime::Runtime) {
+    use std::os::unix::fs::PermissionsExt;
+    let f = fake("", |_| {});
+    let layout = f.vm.config().layout();
+    std::fs::create_dir_all(layout.log_dir()).unwrap();
+    std::fs::set_permissions(layout.state_dir(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::set_permissions(layout.log_dir(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let victim = layout.state_dir().with_file_name("precious");
+    std::fs::write(&victim, b"keep me").unwrap();
+    std::os::unix::fs::symlink(&victim, layout.vmm_log()).unwrap();
+    let err = rt.block_on(f.vm.start(StartOptions::new())).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "start: create {}: Too many levels of symbolic links (os error 40)",
+            layout.vmm_log().display()
+        )
+    );
+    assert_eq!(std::fs::read(&victim).unwrap(), b"keep me");
+    assert_released(&f);
 }
 
 /// Issue 12, defect 8: the contract said disk and NIC hot-plug were allowed while
