@@ -88,6 +88,13 @@ pub(crate) struct Held {
     _bytes: Option<OwnedSemaphorePermit>,
 }
 
+impl Held {
+    /// No budget held: a small body.
+    pub(crate) fn none() -> Held {
+        Held { _bytes: None }
+    }
+}
+
 impl Budget {
     pub(crate) fn new(total: usize) -> Budget {
         Budget {
@@ -100,7 +107,7 @@ impl Budget {
     /// 4 MiB frame limit (checked before); a budget smaller than that is clamped.
     pub(crate) async fn hold(&self, len: usize) -> Held {
         if len <= SMALL_BODY {
-            return Held { _bytes: None };
+            return Held::none();
         }
         let want = u32::try_from(len.min(self.total)).unwrap_or(u32::MAX);
         // The semaphore lives in `self` and is never closed, so acquiring cannot fail.
