@@ -51,12 +51,19 @@ mod tests {
     #[test]
     fn a_child_is_counted_until_reaped_and_found_by_its_arguments() {
         let marker = format!("vmkit-leaks-test-{}", std::process::id());
+        // A shell builtin that waits on stdin: no grandchild shares the marker.
         let mut child = std::process::Command::new("/bin/sh")
-            .args(["-c", "sleep 30", &marker])
+            .args(["-c", "read line", &marker])
+            .stdin(std::process::Stdio::piped())
             .spawn()
             .unwrap();
         let pid = child.id();
         assert!(children().contains(&pid));
+        // Until the child has exec'd, its command line is still ours.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while processes_mentioning(&marker).is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         assert_eq!(processes_mentioning(&marker), [pid]);
         child.kill().unwrap();
         child.wait().unwrap();

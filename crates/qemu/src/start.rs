@@ -301,18 +301,21 @@ async fn restrict_sockets(shared: &Shared) -> vmkit_core::Result<()> {
         sockets.extend(link.sockets().iter().cloned());
     }
     for socket in sockets {
-        match tokio::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600)).await {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(CoreError::io(
-                    format!("start: chmod 0600 {}", socket.display()),
-                    e,
-                ));
-            }
-        }
+        unless_missing(
+            tokio::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600)).await,
+        )
+        .map_err(|e| CoreError::io(format!("start: chmod 0600 {}", socket.display()), e))?;
     }
     Ok(())
+}
+
+/// `result`, with "no such file" counting as done (a file that is not there needs no
+/// removing or tightening).
+fn unless_missing(result: std::io::Result<()>) -> std::io::Result<()> {
+    match result {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
 }
 
 /// Makes the state and log dirs private, takes this VM's hold on the state dir, and
@@ -340,16 +343,8 @@ async fn take_state_dir(shared: &Shared) -> vmkit_core::Result<()> {
     };
     shared.life().state_lock = Some(lock);
     for stale in [layout.control_socket(), layout.console_log()] {
-        match tokio::fs::remove_file(&stale).await {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(CoreError::io(
-                    format!("start: remove stale {}", stale.display()),
-                    e,
-                ));
-            }
-        }
+        unless_missing(tokio::fs::remove_file(&stale).await)
+            .map_err(|e| CoreError::io(format!("start: remove stale {}", stale.display()), e))?;
     }
     Ok(())
 }
