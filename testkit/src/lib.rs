@@ -9,6 +9,9 @@
 //! - [`fake_qemu`]: a QEMU stand-in process (QMP on its socket, a ready line) that
 //!   crashes, hangs or ignores signals on demand.
 //! - [`guest`]: the test guest `cargo xtask image` builds, and configs that boot it.
+//! - `mocks` (feature `mocks`): `mockall` mocks of every core trait (`MockInstance`,
+//!   `MockBackend`, `MockCpuHotplugger`, …), for testing code that drives VMs through
+//!   the traits.
 //! - [`leaks`]: this process's children and fds, and the processes that name a path:
 //!   what a test counts to prove nothing was left.
 //! - [`qemu`]: find the real QEMU (failing under CI when it is missing) and run a
@@ -33,6 +36,8 @@ pub mod fake_qemu;
 pub mod guest;
 pub mod leaks;
 pub mod mock_qmp;
+#[cfg(feature = "mocks")]
+pub mod mocks;
 pub mod qemu;
 
 pub use guest::{GuestImage, guest_image, require_guest_image};

@@ -25,6 +25,7 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
                 "clippy",
                 "--workspace",
                 "--all-targets",
+                "--all-features",
                 "--locked",
                 "--",
                 "-D",
@@ -36,6 +37,7 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
             cargo().env("RUSTDOCFLAGS", "-D warnings").args([
                 "doc",
                 "--workspace",
+                "--all-features",
                 "--no-deps",
                 "--locked",
             ]),
@@ -56,7 +58,7 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
         "tests",
         cargo()
             .env("VMKIT_IMAGE_DIR", &image)
-            .args(["test", "--workspace", "--locked"])
+            .args(["test", "--workspace", "--all-features", "--locked"])
             .args(test_args),
     )
 }
