@@ -24,15 +24,15 @@ pub(crate) const SMALL_BODY: usize = 64 << 10;
 
 /// The agent's limits; [`Limits::default`] is what a guest runs with.
 #[derive(Debug, Clone)]
-pub(crate) struct Limits {
+pub struct Limits {
     /// Connections per listener.
-    pub(crate) max_connections: usize,
+    pub max_connections: usize,
     /// Bytes of request bodies being read or served at once, over all connections.
-    pub(crate) body_budget: usize,
+    pub body_budget: usize,
     /// How long a started frame may take to arrive.
-    pub(crate) frame_timeout: Duration,
+    pub frame_timeout: Duration,
     /// How long a connection with nothing in flight may stay silent.
-    pub(crate) idle_timeout: Duration,
+    pub idle_timeout: Duration,
 }
 
 impl Default for Limits {

@@ -9,6 +9,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use vmkit_proto::{FramedStream, MAX_HEADER, StreamHeader, StreamReply};
 
+use crate::Stop;
 use crate::exec::{ExecError, spawn_for_stream};
 use crate::limits::Gate;
 use crate::listen::{Conn, Listener};
@@ -20,17 +21,17 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Accepts streams forever; each connection is served on its own task, up to the
 /// gate's limit (one more is closed at once).
-pub(crate) async fn serve(listener: Listener, gate: Gate) {
+pub(crate) async fn serve(listener: Listener, gate: Gate, stop: Stop) {
     loop {
         let conn = listener.accept_or_pause().await;
         let Some(admitted) = gate.admit() else {
             drop(conn);
             continue;
         };
-        tokio::spawn(async move {
+        tokio::spawn(stop.bounding(async move {
             handle(conn).await;
             drop(admitted);
-        });
+        }));
     }
 }
 

@@ -1,0 +1,168 @@
+//! # vmkit-agent
+//!
+//! The guest agent: a static binary the test guest's `/init` starts. It serves the
+//! `vmkit.agent.v1.Agent` TTRPC service (see `vmkit-proto`) on vsock port 1025 and raw
+//! streams on port 1026, and never panics on a bad request: each gets an error with a
+//! reason, and the agent keeps serving.
+//!
+//! It is a library too: [`start`] serves the same code on Unix sockets in a directory
+//! ([`Listen::Unix`], the host test mode, where `PowerOff` is refused), in the caller's
+//! tokio runtime, until the returned [`Serving`] is dropped. vmkit-testkit's fake
+//! backend gives its fake VMs a real agent this way.
+//!
+//! ```no_run
+//! # async fn run() -> std::io::Result<()> {
+//! let dir = std::path::PathBuf::from("/tmp/agent-test");
+//! let serving = vmkit_agent::start(&vmkit_agent::Listen::Unix(dir.clone()), vmkit_agent::Limits::default())?;
+//! // … dial unix://{dir}/agent.sock with a TTRPC client …
+//! drop(serving); // every listener and connection ends
+//! # Ok(())
+//! # }
+//! ```
+
+mod exec;
+mod info;
+mod limits;
+mod listen;
+mod online;
+mod power;
+mod rpc;
+mod service;
+mod streams;
+mod wait;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use vmkit_proto::{AGENT_PORT, STREAM_PORT};
+
+pub use limits::Limits;
+use listen::Listener;
+
+/// Where the agent listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    /// Kernel vsock, any CID: ports 1025 (TTRPC) and 1026 (streams). In a guest.
+    Vsock,
+    /// Unix sockets `agent.sock` (TTRPC) and `stream.sock` (streams) in this directory:
+    /// the host test mode, where `PowerOff` is refused.
+    Unix(PathBuf),
+}
+
+impl Listen {
+    /// The TTRPC socket of [`Listen::Unix`].
+    pub fn ttrpc_socket(dir: &std::path::Path) -> PathBuf {
+        dir.join("agent.sock")
+    }
+
+    /// The stream socket of [`Listen::Unix`].
+    pub fn stream_socket(dir: &std::path::Path) -> PathBuf {
+        dir.join("stream.sock")
+    }
+}
+
+/// The agent serving. Dropping it ends every listener and connection (their tasks stop
+/// at their next await) and removes the Unix sockets it made.
+#[derive(Debug)]
+pub struct Serving {
+    stop: watch::Sender<bool>,
+    sockets: Vec<PathBuf>,
+    what: String,
+}
+
+impl Serving {
+    /// What it listens on, e.g. `unix:///tmp/a/agent.sock, streams on unix:///tmp/a/stream.sock`.
+    pub fn describe(&self) -> &str {
+        &self.what
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        self.stop.send_replace(true);
+        for socket in &self.sockets {
+            let _ = std::fs::remove_file(socket);
+        }
+    }
+}
+
+/// Ends a task's future when its [`Serving`] is dropped.
+#[derive(Debug, Clone)]
+pub(crate) struct Stop(watch::Receiver<bool>);
+
+impl Stop {
+    /// `work`, cut short once serving stops.
+    pub(crate) fn bounding(
+        &self,
+        work: impl Future<Output = ()> + Send + 'static,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let mut stop = self.0.clone();
+        async move {
+            tokio::select! {
+                () = work => {}
+                _ = stop.wait_for(|stopped| *stopped) => {}
+            }
+        }
+    }
+}
+
+/// Listens as `listen` says and serves on the current tokio runtime (which needs the
+/// IO and time drivers) until the [`Serving`] is dropped.
+///
+/// # Errors
+/// A listener cannot be bound (the socket's directory is missing, the port is taken).
+pub fn start(listen: &Listen, limits: Limits) -> std::io::Result<Serving> {
+    let power_off = matches!(listen, Listen::Vsock);
+    let service = Arc::new(service::AgentService::new(power_off));
+    let named = |what: &str, listener: std::io::Result<Listener>| {
+        listener.map_err(|e| std::io::Error::new(e.kind(), format!("listen for {what}: {e}")))
+    };
+    let (rpc, streams, sockets) = match listen {
+        Listen::Vsock => (
+            named("TTRPC", Listener::vsock(AGENT_PORT))?,
+            named("streams", Listener::vsock(STREAM_PORT))?,
+            Vec::new(),
+        ),
+        Listen::Unix(dir) => {
+            let (ttrpc, stream) = (Listen::ttrpc_socket(dir), Listen::stream_socket(dir));
+            (
+                named("TTRPC", Listener::unix(&ttrpc))?,
+                named("streams", Listener::unix(&stream))?,
+                vec![ttrpc, stream],
+            )
+        }
+    };
+    let what = format!("TTRPC on {rpc}, streams on {streams}");
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stop = Stop(stop_rx);
+    tokio::spawn(stop.bounding(streams::serve(
+        streams,
+        limits::Gate::new(limits.max_connections),
+        stop.clone(),
+    )));
+    let gate = limits::Gate::new(limits.max_connections);
+    let budget = limits::Budget::new(limits.body_budget);
+    let per_connection = stop.clone();
+    tokio::spawn(stop.bounding(async move {
+        loop {
+            let conn = rpc.accept_or_pause().await;
+            // Over the limit: closed at once, so no caller can hold every fd.
+            let Some(admitted) = gate.admit() else {
+                drop(conn);
+                continue;
+            };
+            let served = rpc::serve(conn, Arc::clone(&service), limits.clone(), budget.clone());
+            tokio::spawn(per_connection.bounding(async move {
+                served.await;
+                drop(admitted);
+            }));
+        }
+    }));
+    Ok(Serving {
+        stop: stop_tx,
+        sockets,
+        what,
+    })
+}
