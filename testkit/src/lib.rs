@@ -6,6 +6,9 @@
 //!   QMP error, delay, never, garbage, disconnect mid-reply), that emits events on
 //!   demand and records what it received — for faults a real QEMU cannot be made to
 //!   produce on demand.
+//! - [`fake_backend`]: `FakeBackend` (`"fake"`), the whole `Instance` contract in
+//!   process with no VM: the state table, devices and resources, a real guest agent, and
+//!   faults on demand.
 //! - [`fake_qemu`]: a QEMU stand-in process (QMP on its socket, a ready line) that
 //!   crashes, hangs or ignores signals on demand.
 //! - [`guest`]: the test guest `cargo xtask image` builds, and configs that boot it.
@@ -32,6 +35,7 @@
 //! # }
 //! ```
 
+pub mod fake_backend;
 pub mod fake_qemu;
 pub mod guest;
 pub mod leaks;

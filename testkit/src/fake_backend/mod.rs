@@ -1,0 +1,726 @@
+//! [`FakeBackend`] (registered as `"fake"`): the whole [`Instance`] contract in this
+//! process, with no VM and no QEMU, for testing a runtime's own code end to end in
+//! milliseconds.
+//!
+//! - **The real state table**: every call is allowed exactly where the contract allows it
+//!   and otherwise refused with the same `InvalidState`; `shutdown` is idempotent and
+//!   concurrent callers get the same [`ExitInfo`]; the same [`VmEvent`]s are published.
+//! - **Devices and resources as the config allows**: cold disks and NICs before start
+//!   (validated and unique), hot ones on `hotplug_ports` ports (backend option, default
+//!   4), vCPUs from `boot_vcpus` to `max_vcpus`, memory in 128 MiB multiples up to
+//!   `max_memory_mib` in `memory_slots` DIMMs.
+//! - **A real guest agent**: `start` serves vmkit-agent's own service (its host test
+//!   mode) on Unix sockets in the state dir, so [`GuestCommunicator::client`],
+//!   `dial_client_with_retry` and `start_stream` give real, working connections. The
+//!   "guest" is this host: `Exec` runs host programs.
+//! - **Faults on demand**: per operation a delay, an error, a hang (ended by the
+//!   operation's deadline) or a crash of the VM ([`FakeInstance::inject`]); a crash at
+//!   any moment ([`FakeInstance::crash`]); an agent that never answers
+//!   ([`FakeInstance::silence_agent`]).
+//! - **Nothing left**: the state dir is made private and locked like a real backend's;
+//!   when the VM ends its agent stops, its sockets and lock go.
+//!
+//! ```
+//! use vmkit_core::{Backend, Instance, InstanceConfig, StartOptions, VmState};
+//! use vmkit_testkit::fake_backend::{FakeBackend, Fault, Op};
+//!
+//! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+//! let dir = tempfile::tempdir().unwrap();
+//! // Config validation checks that the kernel exists; the fake never reads it.
+//! let kernel = dir.path().join("vmlinuz");
+//! std::fs::write(&kernel, b"").unwrap();
+//! let config = InstanceConfig::new("sandbox-1", dir.path().join("state"), &kernel);
+//! let vm = FakeBackend::new().create_fake(config).unwrap();
+//! vm.inject(Op::Start, Some(Fault::Error("QEMU said no".into())));
+//! assert!(vm.start(StartOptions::new()).await.is_err()); // the retry path of your code
+//! assert_eq!(vm.state(), VmState::Shutdown);
+//! # });
+//! ```
+
+mod faults;
+mod resources;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::{broadcast, watch};
+use vmkit_core::{
+    Backend, Capabilities, CpuHotplugger, DeviceConfigurator, DiskConfig, Error, ExitInfo,
+    ExitReason, GuestClient, GuestCommunicator, GuestStream, Instance, InstanceConfig,
+    MemoryHotplugger, NicConfig, ResourceManager, ShutdownStage, StartOptions, StateCell,
+    StateDirLock, VmEvent, VmInfo, VmState,
+};
+
+use faults::Faults;
+pub use faults::{Fault, Op};
+pub use resources::MEMORY_BLOCK_MIB;
+use resources::{FakeCpus, FakeMemory, Resources};
+
+/// The name the fake backend registers under.
+pub const FAKE_BACKEND: &str = "fake";
+
+/// What the fake VM offers (narrowed per instance by its config, as a real backend's).
+pub const CAPABILITIES: Capabilities = Capabilities::PAUSE
+    .union(Capabilities::CPU_HOTPLUG)
+    .union(Capabilities::MEMORY_HOTPLUG)
+    .union(Capabilities::DISK_HOTPLUG)
+    .union(Capabilities::NIC_HOTPLUG)
+    .union(Capabilities::GUEST_AGENT)
+    .union(Capabilities::GUEST_STREAMS);
+
+vmkit_core::register_backend!(|| Arc::new(FakeBackend::new()));
+
+/// The fake backend's own errors, wrapped in [`Error::Backend`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FakeError {
+    /// A fault injected with [`Fault::Error`].
+    #[error("injected fault: {0}")]
+    Injected(String),
+    /// The VM crashed ([`Fault::Crash`] or [`FakeInstance::crash`]).
+    #[error("the fake VM crashed")]
+    Crashed,
+    /// The guest agent could not be served.
+    #[error("serve the guest agent: {0}")]
+    Agent(std::io::Error),
+    /// No more room: all hot-plug ports, memory slots or vCPU slots are taken.
+    #[error("{0}")]
+    Exhausted(String),
+}
+
+/// The in-process backend.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct FakeBackend;
+
+impl FakeBackend {
+    /// The backend.
+    pub fn new() -> FakeBackend {
+        FakeBackend
+    }
+
+    /// Creates a fake VM and returns it as its own type, with the fault controls.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] from the config's validation, or for an unknown or bad
+    /// backend option (`hotplug_ports`).
+    pub fn create_fake(&self, config: InstanceConfig) -> vmkit_core::Result<FakeInstance> {
+        config.validate()?;
+        let mut ports = 4u32;
+        for (key, value) in &config.backend_options {
+            match key.as_str() {
+                "hotplug_ports" => {
+                    ports = value.parse().map_err(|_| {
+                        Error::config(
+                            "backend_options.hotplug_ports",
+                            format!("{value:?}: expected a whole number"),
+                        )
+                    })?;
+                }
+                other => {
+                    return Err(Error::config(
+                        format!("backend_options.{other}"),
+                        "unknown key; the fake backend knows hotplug_ports",
+                    ));
+                }
+            }
+        }
+        let resources = Resources::of(&config);
+        let vm = Arc::new(Vm {
+            state: StateCell::new(),
+            events: broadcast::channel(256).0,
+            exit: watch::channel(None).0,
+            faults: Mutex::new(Faults::default()),
+            devices: Mutex::new(Devices {
+                ports,
+                ..Devices::default()
+            }),
+            resources: Mutex::new(resources),
+            life: Mutex::new(Life::default()),
+            ending: tokio::sync::Mutex::new(()),
+            dialing: tokio::sync::Mutex::new(()),
+            config,
+        });
+        Ok(FakeInstance {
+            cpus: FakeCpus::new(Arc::clone(&vm)),
+            memory: FakeMemory::new(Arc::clone(&vm)),
+            vm,
+        })
+    }
+}
+
+impl Backend for FakeBackend {
+    fn name(&self) -> &str {
+        FAKE_BACKEND
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        CAPABILITIES
+    }
+
+    fn create(&self, config: InstanceConfig) -> vmkit_core::Result<Box<dyn Instance>> {
+        Ok(Box::new(self.create_fake(config)?))
+    }
+}
+
+/// A fake VM. Implements [`Instance`]; the fault controls are its own methods.
+pub struct FakeInstance {
+    vm: Arc<Vm>,
+    cpus: FakeCpus,
+    memory: FakeMemory,
+}
+
+impl std::fmt::Debug for FakeInstance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FakeInstance")
+            .field("id", &self.vm.config.id)
+            .field("state", &self.vm.state.get())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Locks `mutex`, also when a panicking holder poisoned it: every critical section here
+/// is a few field reads and writes, which a panic cannot leave half done.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The shared state of one fake VM.
+pub(crate) struct Vm {
+    pub(crate) config: InstanceConfig,
+    pub(crate) state: StateCell,
+    events: broadcast::Sender<VmEvent>,
+    exit: watch::Sender<Option<ExitInfo>>,
+    faults: Mutex<Faults>,
+    devices: Mutex<Devices>,
+    pub(crate) resources: Mutex<Resources>,
+    life: Mutex<Life>,
+    /// Held while the VM's life is being ended.
+    ending: tokio::sync::Mutex<()>,
+    /// Held while the cached client is re-dialled.
+    dialing: tokio::sync::Mutex<()>,
+}
+
+/// Cold and hot devices, by id.
+#[derive(Debug, Default)]
+struct Devices {
+    cold: Vec<String>,
+    hot: Vec<String>,
+    /// Hot-plug ports (`hotplug_ports`).
+    ports: u32,
+}
+
+/// What exists while the VM lives.
+#[derive(Default)]
+struct Life {
+    lock: Option<StateDirLock>,
+    agent: Option<vmkit_agent::Serving>,
+    cached: Option<GuestClient>,
+    /// A `shutdown` has begun.
+    shutting_down: bool,
+}
+
+impl Vm {
+    fn transition(&self, op: &'static str, from: VmState, to: VmState) -> vmkit_core::Result<()> {
+        self.state.transition(op, from, to)?;
+        let _ = self.events.send(VmEvent::StateChanged { from, to });
+        Ok(())
+    }
+
+    /// The agent's TTRPC socket.
+    fn ttrpc_socket(&self) -> PathBuf {
+        vmkit_agent::Listen::ttrpc_socket(&self.config.state_dir)
+    }
+
+    /// The agent's stream socket.
+    fn stream_socket(&self) -> PathBuf {
+        vmkit_agent::Listen::stream_socket(&self.config.state_dir)
+    }
+
+    /// Runs the fault injected for `op`, if any: `Ok` when the operation should go on.
+    pub(crate) async fn fault(&self, op: Op, deadline: Duration) -> vmkit_core::Result<()> {
+        let fault = lock(&self.faults).get(op);
+        match fault {
+            None => Ok(()),
+            Some(Fault::Delay(d)) => {
+                tokio::time::sleep(d).await;
+                Ok(())
+            }
+            Some(Fault::Error(message)) => {
+                Err(Error::backend(op.name(), FakeError::Injected(message)))
+            }
+            Some(Fault::Hang) => {
+                tokio::time::sleep(deadline).await;
+                Err(Error::Timeout {
+                    op: format!("{}: the fake VM did not answer", op.name()),
+                    after: deadline,
+                })
+            }
+            Some(Fault::Crash) => {
+                self.end(crashed()).await;
+                Err(Error::backend(op.name(), FakeError::Crashed))
+            }
+        }
+    }
+
+    /// Ends the VM's life once: stops the agent, removes its sockets, releases the
+    /// state dir, moves to `Shutdown`, publishes `info`. A later call gets the first
+    /// call's exit.
+    async fn end(&self, info: ExitInfo) -> ExitInfo {
+        let _ending = self.ending.lock().await;
+        if let Some(first) = self.exit.borrow().clone() {
+            return first;
+        }
+        let (agent, lock_held, cached) = {
+            let mut life = lock(&self.life);
+            (life.agent.take(), life.lock.take(), life.cached.take())
+        };
+        drop(cached);
+        drop(agent); // removes the agent's sockets
+        drop(lock_held);
+        if let Ok(from) = self
+            .state
+            .transition_from_any("shutdown", VmState::Shutdown)
+        {
+            let _ = self.events.send(VmEvent::StateChanged {
+                from,
+                to: VmState::Shutdown,
+            });
+        }
+        let _ = self.events.send(VmEvent::Exited(info.clone()));
+        self.exit.send_replace(Some(info.clone()));
+        info
+    }
+
+    /// Starts serving the agent in the state dir.
+    fn serve_agent(&self) -> vmkit_core::Result<()> {
+        let serving = vmkit_agent::start(
+            &vmkit_agent::Listen::Unix(self.config.state_dir.clone()),
+            vmkit_agent::Limits::default(),
+        )
+        .map_err(|e| Error::backend("start", FakeError::Agent(e)))?;
+        lock(&self.life).agent = Some(serving);
+        Ok(())
+    }
+
+    /// The agent's socket, if the VM may be talked to (Running or Paused).
+    fn agent_socket(&self, op: &'static str) -> vmkit_core::Result<PathBuf> {
+        self.state
+            .require(op, &[VmState::Running, VmState::Paused])?;
+        Ok(self.ttrpc_socket())
+    }
+
+    /// One connection to the agent; `Ok` only once it answered a `Ping`.
+    async fn dial(&self, op: &'static str, timeout: Duration) -> vmkit_core::Result<GuestClient> {
+        let socket = self.agent_socket(op)?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let last = loop {
+            match try_dial(&socket, deadline).await {
+                Ok(client) => return Ok(client),
+                Err(cause) if tokio::time::Instant::now() >= deadline => break cause,
+                Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        };
+        Err(Error::Timeout {
+            op: format!(
+                "{op}: the agent at {} did not answer ({last})",
+                socket.display()
+            ),
+            after: timeout,
+        })
+    }
+}
+
+/// A TTRPC client on `socket` once its agent answered a `Ping` (before `deadline`).
+async fn try_dial(
+    socket: &std::path::Path,
+    deadline: tokio::time::Instant,
+) -> Result<GuestClient, String> {
+    let stream = tokio::time::timeout_at(deadline, tokio::net::UnixStream::connect(socket))
+        .await
+        .map_err(|_| "connect timed out".to_owned())?
+        .map_err(|e| format!("connect: {e}"))?;
+    let client = ttrpc::r#async::Client::new(ttrpc::r#async::transport::Socket::new(stream));
+    let agent = vmkit_proto::AgentClient::new(client.clone());
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    let nanos = i64::try_from(left.as_nanos()).unwrap_or(i64::MAX);
+    agent
+        .ping(
+            ttrpc::context::with_timeout(nanos),
+            &vmkit_proto::agent::PingRequest::new(),
+        )
+        .await
+        .map_err(|e| format!("Ping: {e}"))?;
+    Ok(client)
+}
+
+/// How a crash ends the fake VM.
+fn crashed() -> ExitInfo {
+    ExitInfo {
+        reason: ExitReason::Crashed,
+        stage: None,
+        exit_code: None,
+        signal: None,
+        message: Some("the fake VM crashed as told".to_owned()),
+    }
+}
+
+impl FakeInstance {
+    /// The config it was created with.
+    pub fn config(&self) -> &InstanceConfig {
+        &self.vm.config
+    }
+
+    /// Sets (`Some`) or clears (`None`) the fault of `op`; it applies to every later call.
+    pub fn inject(&self, op: Op, fault: Option<Fault>) {
+        lock(&self.vm.faults).set(op, fault);
+    }
+
+    /// The VM dies now, as a crashed VMM's would: `wait()` resolves with
+    /// [`ExitReason::Crashed`], the agent's connections end, nothing is left.
+    pub async fn crash(&self) -> ExitInfo {
+        self.vm.end(crashed()).await
+    }
+
+    /// Makes the guest agent stop answering (`true`; a running VM's agent goes away, a
+    /// starting VM's never comes, so `start` times out) or answer again (`false`).
+    pub fn silence_agent(&self, silent: bool) -> vmkit_core::Result<()> {
+        lock(&self.vm.faults).agent_silent = silent;
+        let running = matches!(self.vm.state.get(), VmState::Running | VmState::Paused);
+        if silent {
+            let mut life = lock(&self.vm.life);
+            life.agent = None;
+            life.cached = None;
+        } else if running && lock(&self.vm.life).agent.is_none() {
+            self.vm.serve_agent()?;
+        }
+        Ok(())
+    }
+
+    /// The agent's TTRPC socket (in the state dir), for tests that dial it themselves.
+    pub fn agent_socket(&self) -> PathBuf {
+        self.vm.ttrpc_socket()
+    }
+}
+
+#[async_trait]
+impl Instance for FakeInstance {
+    async fn start(&self, opts: StartOptions) -> vmkit_core::Result<()> {
+        let vm = &self.vm;
+        vm.transition("start", VmState::New, VmState::Starting)?;
+        let timeout = opts.timeout.unwrap_or(vm.config.timeouts.start);
+        let result = async {
+            vm.fault(Op::Start, timeout).await?;
+            let layout = vm.config.layout();
+            layout.prepare("start")?;
+            let held = layout.lock("start", &format!("vm {:?}", vm.config.id))?;
+            lock(&vm.life).lock = Some(held);
+            if lock(&vm.faults).agent_silent {
+                tokio::time::sleep(timeout).await;
+                return Err(Error::Timeout {
+                    op: "start: waiting for the guest agent to answer Ping".into(),
+                    after: timeout,
+                });
+            }
+            vm.serve_agent()?;
+            let _ = vm.events.send(VmEvent::StartProgress {
+                step: "guest agent answered".into(),
+                elapsed_ms: 0,
+            });
+            Ok(())
+        }
+        .await;
+        if let Err(e) = result {
+            vm.end(ExitInfo {
+                reason: ExitReason::StartFailed,
+                stage: None,
+                exit_code: None,
+                signal: None,
+                message: Some(e.to_string()),
+            })
+            .await;
+            return Err(e);
+        }
+        // A shutdown or crash while starting has ended the VM: the start fails with it.
+        vm.transition("start", VmState::Starting, VmState::Running)
+    }
+
+    async fn shutdown(&self) -> vmkit_core::Result<ExitInfo> {
+        let vm = &self.vm;
+        if let Some(info) = vm.exit.borrow().clone() {
+            return Ok(info);
+        }
+        let first = !std::mem::replace(&mut lock(&vm.life).shutting_down, true);
+        if !first {
+            let mut exit = vm.exit.subscribe();
+            let info = exit
+                .wait_for(Option::is_some)
+                .await
+                .map(|i| i.clone().unwrap_or_else(ExitInfo::never_started))
+                .unwrap_or_else(|_| ExitInfo::never_started());
+            return Ok(info);
+        }
+        if vm
+            .transition("shutdown", VmState::New, VmState::Shutdown)
+            .is_ok()
+        {
+            return Ok(vm.end(ExitInfo::never_started()).await);
+        }
+        // A shutdown always ends the VM: a fault only delays it (a real backend goes on
+        // to its next, forced stage when one fails), or crashes it first.
+        let _ = vm.fault(Op::Shutdown, vm.config.timeouts.command).await;
+        // A cooperative guest powers off on the ACPI button; a paused one cannot, so the
+        // VMM is quit.
+        let info = match vm.state.get() {
+            VmState::Paused => ExitInfo {
+                reason: ExitReason::HostShutdown,
+                stage: Some(ShutdownStage::Quit),
+                exit_code: Some(0),
+                signal: None,
+                message: None,
+            },
+            _ => ExitInfo {
+                reason: ExitReason::GuestShutdown,
+                stage: Some(ShutdownStage::AcpiPowerdown),
+                exit_code: Some(0),
+                signal: None,
+                message: None,
+            },
+        };
+        Ok(vm.end(info).await)
+    }
+
+    async fn pause(&self) -> vmkit_core::Result<()> {
+        let vm = &self.vm;
+        vm.state.require("pause", &[VmState::Running])?;
+        vm.fault(Op::Pause, vm.config.timeouts.command).await?;
+        vm.transition("pause", VmState::Running, VmState::Paused)?;
+        let _ = vm.events.send(VmEvent::Stopped);
+        Ok(())
+    }
+
+    async fn resume(&self) -> vmkit_core::Result<()> {
+        let vm = &self.vm;
+        vm.state.require("resume", &[VmState::Paused])?;
+        vm.fault(Op::Resume, vm.config.timeouts.command).await?;
+        vm.transition("resume", VmState::Paused, VmState::Running)?;
+        let _ = vm.events.send(VmEvent::Resumed);
+        Ok(())
+    }
+
+    async fn wait(&self) -> ExitInfo {
+        let mut exit = self.vm.exit.subscribe();
+        exit.wait_for(Option::is_some)
+            .await
+            .map(|i| i.clone().unwrap_or_else(ExitInfo::never_started))
+            .unwrap_or_else(|_| ExitInfo::never_started())
+    }
+
+    fn state(&self) -> VmState {
+        self.vm.state.get()
+    }
+
+    fn vm_info(&self) -> VmInfo {
+        let vm = &self.vm;
+        let state = vm.state.get();
+        let mut capabilities = CAPABILITIES;
+        if self.cpu_hotplugger().is_none() {
+            capabilities.remove(Capabilities::CPU_HOTPLUG);
+        }
+        if self.memory_hotplugger().is_none() {
+            capabilities.remove(Capabilities::MEMORY_HOTPLUG);
+        }
+        if lock(&vm.devices).ports == 0 {
+            capabilities.remove(Capabilities::DISK_HOTPLUG | Capabilities::NIC_HOTPLUG);
+        }
+        let sockets = if lock(&vm.life).agent.is_some() {
+            vec![
+                ("agent".to_owned(), vm.ttrpc_socket()),
+                ("streams".to_owned(), vm.stream_socket()),
+            ]
+        } else {
+            Vec::new()
+        };
+        VmInfo {
+            id: vm.config.id.clone(),
+            backend: FAKE_BACKEND.to_owned(),
+            state,
+            pid: None,
+            cid: None,
+            sockets,
+            capabilities,
+        }
+    }
+
+    fn events(&self) -> broadcast::Receiver<VmEvent> {
+        self.vm.events.subscribe()
+    }
+}
+
+#[async_trait]
+impl DeviceConfigurator for FakeInstance {
+    fn add_disk(&self, disk: DiskConfig) -> vmkit_core::Result<()> {
+        disk.validate("disk")?;
+        self.add_cold("add_disk", &disk.id)
+    }
+
+    fn add_nic(&self, nic: NicConfig) -> vmkit_core::Result<()> {
+        nic.validate("nic")?;
+        self.add_cold("add_nic", &nic.id)
+    }
+
+    async fn hotplug_disk(&self, disk: DiskConfig) -> vmkit_core::Result<()> {
+        disk.validate("disk")?;
+        self.add_hot("hotplug_disk", Op::HotplugDisk, disk.id).await
+    }
+
+    async fn hotplug_nic(&self, nic: NicConfig) -> vmkit_core::Result<()> {
+        nic.validate("nic")?;
+        self.add_hot("hotplug_nic", Op::HotplugNic, nic.id).await
+    }
+
+    async fn unplug(&self, id: &str) -> vmkit_core::Result<()> {
+        let vm = &self.vm;
+        vm.state.require("unplug", &[VmState::Running])?;
+        if !lock(&vm.devices).hot.iter().any(|d| d == id) {
+            return Err(Error::config(
+                "id",
+                format!(
+                    "unplug {id}: no hot-plugged device with that id (cold-plugged devices stay for the VM's life)"
+                ),
+            ));
+        }
+        vm.fault(Op::Unplug, vm.config.timeouts.command).await?;
+        lock(&vm.devices).hot.retain(|d| d != id);
+        let _ = vm.events.send(VmEvent::DeviceDeleted {
+            id: Some(id.to_owned()),
+            path: format!("/machine/peripheral/{id}"),
+        });
+        Ok(())
+    }
+}
+
+impl FakeInstance {
+    fn add_cold(&self, op: &'static str, id: &str) -> vmkit_core::Result<()> {
+        let mut devices = lock(&self.vm.devices);
+        self.vm.state.require(op, &[VmState::New])?;
+        if devices.cold.iter().any(|d| d == id) {
+            return Err(Error::config(
+                "id",
+                format!("{op}: duplicate device id {id:?}"),
+            ));
+        }
+        devices.cold.push(id.to_owned());
+        Ok(())
+    }
+
+    async fn add_hot(&self, call: &'static str, op: Op, id: String) -> vmkit_core::Result<()> {
+        let vm = &self.vm;
+        if lock(&vm.devices).ports == 0 {
+            return Err(Error::unsupported(
+                call,
+                FAKE_BACKEND,
+                "no hot-plug ports (backend option hotplug_ports is 0)",
+            ));
+        }
+        vm.state.require(call, &[VmState::Running])?;
+        {
+            let devices = lock(&vm.devices);
+            if devices.cold.iter().chain(&devices.hot).any(|d| *d == id) {
+                return Err(Error::config(
+                    "id",
+                    format!("{call} {id}: duplicate device id {id:?}"),
+                ));
+            }
+            if devices.hot.len() >= devices.ports as usize {
+                return Err(Error::backend(
+                    format!("{call} {id}"),
+                    FakeError::Exhausted(format!(
+                        "all {} hot-plug ports are in use",
+                        devices.ports
+                    )),
+                ));
+            }
+        }
+        vm.fault(op, vm.config.timeouts.command).await?;
+        vm.state.require(call, &[VmState::Running])?;
+        lock(&vm.devices).hot.push(id);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl GuestCommunicator for FakeInstance {
+    async fn client(&self) -> vmkit_core::Result<GuestClient> {
+        let vm = &self.vm;
+        vm.agent_socket("client")?;
+        if let Some(client) = lock(&vm.life).cached.clone() {
+            return Ok(client);
+        }
+        let _dialing = vm.dialing.lock().await;
+        if let Some(client) = lock(&vm.life).cached.clone() {
+            return Ok(client);
+        }
+        let client = vm.dial("client", vm.config.timeouts.dial).await?;
+        lock(&vm.life).cached = Some(client.clone());
+        Ok(client)
+    }
+
+    async fn dial_client(&self) -> vmkit_core::Result<GuestClient> {
+        // One attempt: a Ping within the dial deadline.
+        self.vm
+            .dial("dial_client", self.vm.config.timeouts.dial)
+            .await
+    }
+
+    async fn dial_client_with_retry(&self, timeout: Duration) -> vmkit_core::Result<GuestClient> {
+        self.vm.dial("dial_client_with_retry", timeout).await
+    }
+
+    async fn start_stream(&self, port: u32) -> vmkit_core::Result<Box<dyn GuestStream>> {
+        let vm = &self.vm;
+        vm.state.require("start_stream", &[VmState::Running])?;
+        if port != vmkit_proto::STREAM_PORT {
+            return Err(Error::io(
+                format!("start_stream {port}"),
+                std::io::Error::new(
+                    std::io::ErrorKind::ConnectionRefused,
+                    format!(
+                        "nothing listens on guest port {port} (the agent's streams are on {})",
+                        vmkit_proto::STREAM_PORT
+                    ),
+                ),
+            ));
+        }
+        let stream = tokio::net::UnixStream::connect(vm.stream_socket())
+            .await
+            .map_err(|e| Error::io(format!("start_stream {port}"), e))?;
+        Ok(Box::new(stream))
+    }
+}
+
+impl ResourceManager for FakeInstance {
+    fn cpu_hotplugger(&self) -> Option<&dyn CpuHotplugger> {
+        lock(&self.vm.resources)
+            .cpu_hotplug()
+            .then_some(&self.cpus as &dyn CpuHotplugger)
+    }
+
+    fn memory_hotplugger(&self) -> Option<&dyn MemoryHotplugger> {
+        lock(&self.vm.resources)
+            .memory_hotplug()
+            .then_some(&self.memory as &dyn MemoryHotplugger)
+    }
+}
+
+impl Drop for FakeInstance {
+    fn drop(&mut self) {
+        // Dropping a live fake VM ends it: the agent stops, its sockets and the state
+        // dir's lock go (what a real backend does when its instance is dropped).
+        let mut life = lock(&self.vm.life);
+        life.cached = None;
+        life.agent = None;
+        life.lock = None;
+    }
+}
