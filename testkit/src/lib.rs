@@ -6,6 +6,7 @@
 //!   QMP error, delay, never, garbage, disconnect mid-reply), that emits events on
 //!   demand and records what it received — for faults a real QEMU cannot be made to
 //!   produce on demand.
+//! - [`conformance`]: the backend conformance suite every backend must pass.
 //! - [`fake_backend`]: `FakeBackend` (`"fake"`), the whole `Instance` contract in
 //!   process with no VM: the state table, devices and resources, a real guest agent, and
 //!   faults on demand.
@@ -35,6 +36,7 @@
 //! # }
 //! ```
 
+pub mod conformance;
 pub mod fake_backend;
 pub mod fake_qemu;
 pub mod guest;

@@ -76,6 +76,10 @@ fn main() -> ExitCode {
             disk_and_nic_hotplug_are_refused_while_paused_as_documented,
         ),
         (
+            "the_conformance_suite_passes_with_the_fake_qemu",
+            the_conformance_suite_passes_with_the_fake_qemu,
+        ),
+        (
             "a_pause_qemu_carries_out_after_its_timeout_is_followed",
             a_pause_qemu_carries_out_after_its_timeout_is_followed,
         ),
@@ -603,6 +607,48 @@ fn a_late_resume_is_followed_and_shutdown_stays_graceful(rt: &tokio::runtime::Ru
     let exit = rt.block_on(f.vm.shutdown()).unwrap();
     assert_eq!(exit.stage, Some(ShutdownStage::AcpiPowerdown), "{exit:?}");
     assert_released(&f);
+}
+
+/// The conformance suite's target: the QEMU backend driving the fake QEMU (no guest
+/// agent: `transport: none`), crashed by SIGKILL.
+struct FakeQemuTarget {
+    template: Fake,
+}
+
+#[async_trait::async_trait]
+impl vmkit_testkit::conformance::Target for FakeQemuTarget {
+    fn backend(&self) -> &dyn vmkit_core::Backend {
+        &QemuBackend
+    }
+
+    fn config(&self, id: &str) -> InstanceConfig {
+        let mut config = self.template.vm.config().clone();
+        config.id = id.to_owned();
+        config.state_dir = self.template._dir.path().join(id);
+        config
+    }
+
+    fn disk(&self) -> Option<PathBuf> {
+        Some(self.template.vm.config().kernel.path.clone())
+    }
+
+    async fn crash(&self, vm: &dyn Instance) -> bool {
+        let Some(pid) = vm.vm_info().pid else {
+            return false;
+        };
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap());
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).is_ok()
+    }
+}
+
+/// Issue 13: the QEMU backend keeps the contract the conformance suite checks.
+fn the_conformance_suite_passes_with_the_fake_qemu(rt: &tokio::runtime::Runtime) {
+    let target = FakeQemuTarget {
+        template: fake("", |_| {}),
+    };
+    let report = rt.block_on(vmkit_testkit::conformance::run(&target));
+    report.assert_passed();
+    assert!(children().is_empty(), "a fake QEMU outlived the suite");
 }
 
 /// The orphan test's host: starts a real VM from a blocking-pool thread that then

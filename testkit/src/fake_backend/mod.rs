@@ -90,6 +90,32 @@ pub enum FakeError {
     Exhausted(String),
 }
 
+/// The fake VMs of this process, by id (the latest of an id), for [`crash`].
+fn live() -> &'static Mutex<std::collections::HashMap<String, std::sync::Weak<Vm>>> {
+    static LIVE: std::sync::OnceLock<
+        Mutex<std::collections::HashMap<String, std::sync::Weak<Vm>>>,
+    > = std::sync::OnceLock::new();
+    LIVE.get_or_init(Default::default)
+}
+
+/// Crashes the live fake VM with this id, as [`FakeInstance::crash`] does, for code that
+/// holds it only as a `dyn Instance` (the conformance suite's [`crate::conformance::Target::crash`]).
+/// `false` when no live fake VM has that id.
+pub async fn crash(id: &str) -> bool {
+    let vm = {
+        let mut all = lock(live());
+        all.retain(|_, vm| vm.strong_count() > 0);
+        all.get(id).and_then(std::sync::Weak::upgrade)
+    };
+    match vm {
+        Some(vm) => {
+            vm.end(crashed()).await;
+            true
+        }
+        None => false,
+    }
+}
+
 /// The in-process backend.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct FakeBackend;
@@ -142,6 +168,7 @@ impl FakeBackend {
             dialing: tokio::sync::Mutex::new(()),
             config,
         });
+        lock(live()).insert(vm.config.id.clone(), Arc::downgrade(&vm));
         Ok(FakeInstance {
             cpus: FakeCpus::new(Arc::clone(&vm)),
             memory: FakeMemory::new(Arc::clone(&vm)),

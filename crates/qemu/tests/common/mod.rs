@@ -1,6 +1,6 @@
 //! Helpers the real-VM test binaries share: one VM at a time, a start that survives the
 //! vsock daemon's known fault, logs for a failed start, agent call helpers.
-#![allow(dead_code, unreachable_pub)] // each test binary uses its own subset
+#![allow(dead_code, unreachable_pub, unused_imports)] // each test binary uses its own subset
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a failed step should panic
 
 use std::path::Path;

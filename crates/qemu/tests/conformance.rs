@@ -1,0 +1,63 @@
+//! The backend conformance suite (vmkit-testkit) against the QEMU backend with the real
+//! test guest under QEMU (TCG): every check boots its own VMs, one at a time. (The same
+//! suite runs against the fake QEMU in the fault matrix, and against FakeBackend in
+//! vmkit-testkit's tests.)
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test file: a failed step should panic
+
+use std::path::PathBuf;
+
+use vmkit_core::{Backend, Instance, InstanceConfig};
+use vmkit_qemu::QemuBackend;
+use vmkit_testkit::GuestImage;
+use vmkit_testkit::conformance::{self, CHECKS, Target};
+
+mod common;
+use common::*;
+
+struct RealGuest {
+    image: GuestImage,
+    dir: tempfile::TempDir,
+}
+
+#[async_trait::async_trait]
+impl Target for RealGuest {
+    fn backend(&self) -> &dyn Backend {
+        &QemuBackend
+    }
+
+    fn config(&self, id: &str) -> InstanceConfig {
+        self.image.config(id, &self.dir.path().join(id))
+    }
+
+    fn disk(&self) -> Option<PathBuf> {
+        Some(disk(self.dir.path(), "conformance.img"))
+    }
+
+    async fn crash(&self, vm: &dyn Instance) -> bool {
+        let Some(pid) = vm.vm_info().pid else {
+            return false;
+        };
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap());
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).is_ok()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_qemu_backend_with_the_real_guest_passes_every_check() {
+    let Some(image) = setup() else { return };
+    let _slot = VMS.acquire().await.unwrap();
+    let target = RealGuest {
+        image,
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let report = conformance::run(&target).await;
+    assert_eq!(report.outcomes.len(), CHECKS.len());
+    report.assert_passed();
+    assert!(
+        report
+            .outcomes
+            .iter()
+            .all(|o| o.result.as_ref().is_ok_and(|note| note.is_empty())),
+        "no check was skipped: {report:?}"
+    );
+}

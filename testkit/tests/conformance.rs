@@ -1,0 +1,99 @@
+//! The conformance suite against FakeBackend (the QEMU backend runs it in vmkit-qemu's
+//! tests, with the fake QEMU and with the real guest).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test file: a failed step should panic
+
+use std::path::PathBuf;
+
+use vmkit_core::{Backend, Instance, InstanceConfig};
+use vmkit_testkit::conformance::{self, CHECKS, Target};
+use vmkit_testkit::fake_backend::{self, FakeBackend};
+
+struct Fake {
+    dir: tempfile::TempDir,
+}
+
+impl Fake {
+    fn new() -> Fake {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("vmlinuz"), b"never read").unwrap();
+        std::fs::write(dir.path().join("disk.img"), b"").unwrap();
+        Fake { dir }
+    }
+}
+
+#[async_trait::async_trait]
+impl Target for Fake {
+    fn backend(&self) -> &dyn Backend {
+        &FakeBackend
+    }
+
+    fn config(&self, id: &str) -> InstanceConfig {
+        let mut config = InstanceConfig::new(
+            id,
+            self.dir.path().join(id),
+            self.dir.path().join("vmlinuz"),
+        );
+        config.resources.max_vcpus = 2;
+        config
+    }
+
+    fn disk(&self) -> Option<PathBuf> {
+        Some(self.dir.path().join("disk.img"))
+    }
+
+    async fn crash(&self, vm: &dyn Instance) -> bool {
+        fake_backend::crash(&vm.vm_info().id).await
+    }
+}
+
+#[tokio::test]
+async fn the_fake_backend_passes_every_check() {
+    let report = conformance::run(&Fake::new()).await;
+    assert_eq!(report.outcomes.len(), CHECKS.len());
+    report.assert_passed();
+    assert!(
+        report
+            .outcomes
+            .iter()
+            .all(|o| o.result.as_ref().is_ok_and(|note| note.is_empty())),
+        "no check was skipped: {report:?}"
+    );
+}
+
+/// A backend that breaks the contract is caught, with the check's name and what it saw:
+/// here a VM whose `pause` is accepted in `New` (a mock standing in for a buggy backend).
+#[cfg(feature = "mocks")]
+#[tokio::test]
+async fn a_backend_that_breaks_the_contract_is_named_with_what_was_seen() {
+    use vmkit_core::VmState;
+    use vmkit_testkit::mocks::{MockBackend, MockInstance};
+
+    struct Buggy(MockBackend, Fake);
+    #[async_trait::async_trait]
+    impl Target for Buggy {
+        fn backend(&self) -> &dyn Backend {
+            &self.0
+        }
+        fn config(&self, id: &str) -> InstanceConfig {
+            self.1.config(id)
+        }
+        async fn crash(&self, _vm: &dyn Instance) -> bool {
+            false
+        }
+    }
+    let mut backend = MockBackend::new();
+    backend.expect_create().returning(|_| {
+        let mut vm = MockInstance::new();
+        vm.expect_pause().returning(|| Ok(())); // the bug: pause in New succeeds
+        vm.expect_state().return_const(VmState::New);
+        Ok(Box::new(vm))
+    });
+    let outcome = conformance::run_one(&Buggy(backend, Fake::new()), "wrong_state_calls")
+        .await
+        .unwrap();
+    assert_eq!(outcome.check, "wrong_state_calls");
+    assert_eq!(
+        outcome.result,
+        Err("pause in new: accepted, expected InvalidState".to_owned())
+    );
+}
