@@ -95,6 +95,18 @@ impl Report {
         self.outcomes.iter().filter(|o| o.result.is_err()).collect()
     }
 
+    /// The checks that passed only because they were skipped (their note says why).
+    pub fn skipped(&self) -> Vec<&Outcome> {
+        self.outcomes
+            .iter()
+            .filter(|o| {
+                o.result
+                    .as_ref()
+                    .is_ok_and(|note| note.starts_with("skipped"))
+            })
+            .collect()
+    }
+
     /// Panics naming every failed check and what it saw.
     ///
     /// # Panics
