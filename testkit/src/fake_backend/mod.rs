@@ -99,7 +99,7 @@ fn live() -> &'static Mutex<std::collections::HashMap<String, std::sync::Weak<Vm
 }
 
 /// Crashes the live fake VM with this id, as [`FakeInstance::crash`] does, for code that
-/// holds it only as a `dyn Instance` (the conformance suite's [`crate::conformance::Target::crash`]).
+/// holds it only as a `dyn Instance` (a conformance-suite `Target`'s `crash`).
 /// `false` when no live fake VM has that id.
 pub async fn crash(id: &str) -> bool {
     let vm = {
