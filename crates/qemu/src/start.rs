@@ -300,6 +300,9 @@ async fn restrict_sockets(shared: &Shared) -> vmkit_core::Result<()> {
     if let Some(link) = shared.life().link.as_ref() {
         sockets.extend(link.sockets().iter().cloned());
     }
+    // The link's hybrid socket is usually the layout's own: tighten each path once.
+    sockets.sort();
+    sockets.dedup();
     for socket in sockets {
         unless_missing(
             tokio::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600)).await,

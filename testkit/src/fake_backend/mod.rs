@@ -695,10 +695,16 @@ impl GuestCommunicator for FakeInstance {
     }
 
     async fn dial_client(&self) -> vmkit_core::Result<GuestClient> {
-        // One attempt: a Ping within the dial deadline.
-        self.vm
-            .dial("dial_client", self.vm.config.timeouts.dial)
-            .await
+        // One attempt, as the contract says: a connection and a Ping within the dial
+        // deadline, no retry.
+        let socket = self.vm.agent_socket("dial_client")?;
+        let deadline = tokio::time::Instant::now() + self.vm.config.timeouts.dial;
+        try_dial(&socket, deadline).await.map_err(|cause| {
+            Error::io(
+                format!("dial_client {}", socket.display()),
+                std::io::Error::other(cause),
+            )
+        })
     }
 
     async fn dial_client_with_retry(&self, timeout: Duration) -> vmkit_core::Result<GuestClient> {
