@@ -71,6 +71,13 @@ pub trait Target: Send + Sync {
     /// Makes a running `vm` die as a crashed VMM would; `false` when the target cannot
     /// (the crash check is then skipped, and says so).
     async fn crash(&self, vm: &dyn Instance) -> bool;
+
+    /// Whether a check's failure text is a known fault of the target's environment,
+    /// not of the backend (e.g. a vsock daemon that never serves its guest): such a
+    /// check is run once more, and its outcome says so. `false` by default.
+    fn environment_fault(&self, _failure: &str) -> bool {
+        false
+    }
 }
 
 /// One check's outcome.
@@ -105,6 +112,25 @@ impl Report {
                     .is_ok_and(|note| note.starts_with("skipped"))
             })
             .collect()
+    }
+
+    /// Panics unless every check of [`CHECKS`] ran and passed, none of them skipped:
+    /// what a target that offers everything the suite needs must reach.
+    ///
+    /// # Panics
+    /// When a check is missing, failed or was skipped.
+    pub fn assert_complete(&self) {
+        assert_eq!(
+            self.outcomes.len(),
+            CHECKS.len(),
+            "not every check ran: {self:?}"
+        );
+        self.assert_passed();
+        assert!(
+            self.skipped().is_empty(),
+            "checks skipped: {:?}",
+            self.skipped()
+        );
     }
 
     /// Panics naming every failed check and what it saw.
@@ -178,7 +204,7 @@ fn checks() -> [(&'static str, Check); 9] {
 pub async fn run(target: &dyn Target) -> Report {
     let mut report = Report::default();
     for (check, run) in checks() {
-        let result = run(target).await;
+        let result = attempt(target, run).await;
         report.outcomes.push(Outcome { check, result });
     }
     report
@@ -189,8 +215,24 @@ pub async fn run_one(target: &dyn Target, check: &str) -> Option<Outcome> {
     let (name, run) = checks().into_iter().find(|(name, _)| *name == check)?;
     Some(Outcome {
         check: name,
-        result: run(target).await,
+        result: attempt(target, run).await,
     })
+}
+
+/// Runs `check`, and once more when its failure is one the target calls a fault of its
+/// environment ([`Target::environment_fault`]).
+async fn attempt(target: &dyn Target, check: Check) -> Result<String, String> {
+    match check(target).await {
+        Err(first) if target.environment_fault(&first) => match check(target).await {
+            Ok(note) => Ok(format!(
+                "passed on a second try; the first met an environment fault: {first}{note}"
+            )),
+            Err(again) => Err(format!(
+                "{again} (a first try met an environment fault: {first})"
+            )),
+        },
+        other => other,
+    }
 }
 
 /// `Err(text)` unless `cond`.

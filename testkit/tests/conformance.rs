@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use vmkit_core::{Backend, Instance, InstanceConfig};
-use vmkit_testkit::conformance::{self, CHECKS, Target};
+use vmkit_testkit::conformance::{self, Target};
 use vmkit_testkit::fake_backend::{self, FakeBackend};
 
 struct Fake {
@@ -49,13 +49,7 @@ impl Target for Fake {
 #[tokio::test]
 async fn the_fake_backend_passes_every_check() {
     let report = conformance::run(&Fake::new()).await;
-    assert_eq!(report.outcomes.len(), CHECKS.len());
-    report.assert_passed();
-    assert!(
-        report.skipped().is_empty(),
-        "checks skipped: {:?}",
-        report.skipped()
-    );
+    report.assert_complete();
 }
 
 /// A backend that breaks the contract is caught, with the check's name and what it saw:
@@ -93,5 +87,68 @@ async fn a_backend_that_breaks_the_contract_is_named_with_what_was_seen() {
     assert_eq!(
         outcome.result,
         Err("pause in new: accepted, expected InvalidState".to_owned())
+    );
+}
+
+/// A failure the target calls a fault of its environment is tried once more, and the
+/// outcome says so; any other failure is not.
+#[tokio::test]
+async fn an_environment_fault_gets_one_more_try_and_is_noted() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use vmkit_testkit::fake_backend::{Fault, Op};
+
+    /// The first VM's start fails with a marker the target knows.
+    struct FirstStartFails(AtomicU32);
+    impl Backend for FirstStartFails {
+        fn name(&self) -> &str {
+            "first-fails"
+        }
+        fn capabilities(&self) -> vmkit_core::Capabilities {
+            FakeBackend.capabilities()
+        }
+        fn create(&self, config: InstanceConfig) -> vmkit_core::Result<Box<dyn Instance>> {
+            let vm = FakeBackend.create_fake(config)?;
+            if self.0.fetch_add(1, Ordering::SeqCst) == 0 {
+                vm.inject(Op::Start, Some(Fault::Error("ENV-FAULT".into())));
+            }
+            Ok(Box::new(vm))
+        }
+    }
+    struct Flaky(FirstStartFails, Fake, bool);
+    #[async_trait::async_trait]
+    impl Target for Flaky {
+        fn backend(&self) -> &dyn Backend {
+            &self.0
+        }
+        fn config(&self, id: &str) -> InstanceConfig {
+            self.1.config(id)
+        }
+        async fn crash(&self, _vm: &dyn Instance) -> bool {
+            false
+        }
+        fn environment_fault(&self, failure: &str) -> bool {
+            self.2 && failure.contains("ENV-FAULT")
+        }
+    }
+    let retried = conformance::run_one(
+        &Flaky(FirstStartFails(AtomicU32::new(0)), Fake::new(), true),
+        "start_twice",
+    )
+    .await
+    .unwrap();
+    let note = retried.result.unwrap();
+    assert!(
+        note.starts_with("passed on a second try; the first met an environment fault: start conf-twice: start: injected fault: ENV-FAULT"),
+        "{note}"
+    );
+    let not = conformance::run_one(
+        &Flaky(FirstStartFails(AtomicU32::new(0)), Fake::new(), false),
+        "start_twice",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        not.result,
+        Err("start conf-twice: start: injected fault: ENV-FAULT".to_owned())
     );
 }

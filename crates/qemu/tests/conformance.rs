@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use vmkit_core::{Backend, Instance, InstanceConfig};
 use vmkit_qemu::QemuBackend;
 use vmkit_testkit::GuestImage;
-use vmkit_testkit::conformance::{self, CHECKS, Target};
+use vmkit_testkit::conformance::{self, Target};
 
 mod common;
 use common::*;
@@ -40,6 +40,13 @@ impl Target for RealGuest {
         let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap());
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).is_ok()
     }
+
+    /// vhost-device-vsock 0.3's daemon that never serves its guest, about one VM in
+    /// a hundred (docs/guest-communication.md): the real-VM tests start such a VM once
+    /// more, and so does the suite.
+    fn environment_fault(&self, failure: &str) -> bool {
+        daemon_fault_in(failure)
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -51,11 +58,5 @@ async fn the_qemu_backend_with_the_real_guest_passes_every_check() {
         dir: tempfile::tempdir().unwrap(),
     };
     let report = conformance::run(&target).await;
-    assert_eq!(report.outcomes.len(), CHECKS.len());
-    report.assert_passed();
-    assert!(
-        report.skipped().is_empty(),
-        "checks skipped: {:?}",
-        report.skipped()
-    );
+    report.assert_complete();
 }

@@ -63,9 +63,20 @@ pub fn logs(vm: &QemuInstance) -> String {
 /// (docs/guest-communication.md).
 pub fn daemon_never_served(e: &vmkit_core::Error) -> bool {
     let text = e.to_string();
-    text.starts_with("start: waiting for the guest agent to answer Ping (")
-        && text.contains("; last: write CONNECT")
-        && text.contains("Broken pipe")
+    text.starts_with(AGENT_WAIT) && daemon_fault_in(&text)
+}
+
+/// How the start error that reports the agent wait begins.
+const AGENT_WAIT: &str = "start: waiting for the guest agent to answer Ping (";
+
+/// Whether `text` holds that start failure (the agent wait timed out, the last dial
+/// was `write CONNECT …: Broken pipe`), anywhere in it: a conformance check quotes the
+/// start error inside its own message.
+pub fn daemon_fault_in(text: &str) -> bool {
+    text.find(AGENT_WAIT).is_some_and(|at| {
+        let tail = &text[at..];
+        tail.contains("; last: write CONNECT") && tail.contains("Broken pipe")
+    })
 }
 
 /// Starts `vm` and returns it. When the vsock daemon never served it (a daemon fault,
