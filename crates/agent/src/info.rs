@@ -6,6 +6,8 @@ use std::path::Path;
 
 use vmkit_proto::agent::{BlockDevice, GuestInfoResponse, NetInterface};
 
+use crate::root::Root;
+
 /// Reads a small kernel file, trimmed (async, for the agent's other callers).
 pub(crate) async fn read_trimmed(path: impl AsRef<Path>) -> std::io::Result<String> {
     Ok(tokio::fs::read_to_string(path).await?.trim().to_owned())
@@ -62,8 +64,8 @@ pub(crate) fn meminfo_bytes(meminfo: &str, key: &str) -> u64 {
 }
 
 /// The memory block size (bytes) and the number of online blocks.
-fn memory_blocks() -> (u64, u64) {
-    let base = Path::new("/sys/devices/system/memory");
+fn memory_blocks(root: &Root) -> (u64, u64) {
+    let base = root.path("/sys/devices/system/memory");
     let block = read_sync(base.join("block_size_bytes"))
         .ok()
         .and_then(|h| u64::from_str_radix(&h, 16).ok())
@@ -81,9 +83,9 @@ fn memory_blocks() -> (u64, u64) {
     (block, online)
 }
 
-fn disks() -> Vec<BlockDevice> {
+fn disks(root: &Root) -> Vec<BlockDevice> {
     let mut disks = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/sys/block") else {
+    let Ok(dir) = std::fs::read_dir(root.path("/sys/block")) else {
         return disks;
     };
     for entry in dir.flatten() {
@@ -107,9 +109,9 @@ fn disks() -> Vec<BlockDevice> {
     disks
 }
 
-fn nics() -> Vec<NetInterface> {
+fn nics(root: &Root) -> Vec<NetInterface> {
     let mut nics = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/sys/class/net") else {
+    let Ok(dir) = std::fs::read_dir(root.path("/sys/class/net")) else {
         return nics;
     };
     for entry in dir.flatten() {
@@ -127,26 +129,26 @@ fn nics() -> Vec<NetInterface> {
 }
 
 /// Everything [`GuestInfoResponse`] carries.
-fn guest_info_sync() -> GuestInfoResponse {
+fn guest_info_sync(root: &Root) -> GuestInfoResponse {
     let mut info = GuestInfoResponse::new();
-    info.kernel_release = read_sync("/proc/sys/kernel/osrelease").unwrap_or_default();
-    info.kernel_version = read_sync("/proc/sys/kernel/version").unwrap_or_default();
+    info.kernel_release = read_sync(root.path("/proc/sys/kernel/osrelease")).unwrap_or_default();
+    info.kernel_version = read_sync(root.path("/proc/sys/kernel/version")).unwrap_or_default();
     info.online_cpus =
-        parse_cpu_list(&read_sync("/sys/devices/system/cpu/online").unwrap_or_default());
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        parse_cpu_list(&read_sync(root.path("/sys/devices/system/cpu/online")).unwrap_or_default());
+    let meminfo = std::fs::read_to_string(root.path("/proc/meminfo")).unwrap_or_default();
     info.mem_total_bytes = meminfo_bytes(&meminfo, "MemTotal");
-    let (block, online) = memory_blocks();
+    let (block, online) = memory_blocks(root);
     info.memory_block_size_bytes = block;
     info.mem_online_bytes = block * online;
     info.uptime_ms = uptime_ms();
-    info.disks = disks();
-    info.nics = nics();
+    info.disks = disks(root);
+    info.nics = nics(root);
     info
 }
 
-/// Everything [`GuestInfoResponse`] carries, read on the blocking pool.
-pub(crate) async fn guest_info() -> GuestInfoResponse {
-    tokio::task::spawn_blocking(guest_info_sync)
+/// Everything [`GuestInfoResponse`] carries, read under `root` on the blocking pool.
+pub(crate) async fn guest_info(root: Root) -> GuestInfoResponse {
+    tokio::task::spawn_blocking(move || guest_info_sync(&root))
         .await
         .unwrap_or_default()
 }

@@ -26,6 +26,7 @@ mod limits;
 mod listen;
 mod online;
 mod power;
+mod root;
 mod rpc;
 mod service;
 mod streams;
@@ -114,8 +115,23 @@ impl Stop {
 /// # Errors
 /// A listener cannot be bound (the socket's directory is missing, the port is taken).
 pub fn start(listen: &Listen, limits: Limits) -> std::io::Result<Serving> {
+    start_with_root(listen, limits, std::path::Path::new("/"))
+}
+
+/// [`start`], reading the guest's kernel state (`/proc/meminfo`,
+/// `/sys/devices/system/cpu/online`, `/sys/block`, …) under `root` instead of `/`: a
+/// fake guest keeps those files in a directory, and the agent reports and onlines what
+/// they say (vmkit-testkit's fake QEMU does this).
+///
+/// # Errors
+/// A listener cannot be bound (the socket's directory is missing, the port is taken).
+pub fn start_with_root(
+    listen: &Listen,
+    limits: Limits,
+    root: &std::path::Path,
+) -> std::io::Result<Serving> {
     let power_off = matches!(listen, Listen::Vsock);
-    let service = Arc::new(service::AgentService::new(power_off));
+    let service = Arc::new(service::AgentService::new(power_off, root::Root::at(root)));
     let named = |what: &str, listener: std::io::Result<Listener>| {
         listener.map_err(|e| std::io::Error::new(e.kind(), format!("listen for {what}: {e}")))
     };

@@ -4,22 +4,32 @@
 //! vmkit-agent                 # in a guest: vsock ports 1025 (TTRPC) and 1026 (streams)
 //! vmkit-agent --unix DIR      # anywhere, for tests: DIR/agent.sock and DIR/stream.sock;
 //!                             # PowerOff is refused in this mode
+//! vmkit-agent --root DIR      # read /proc and /sys under DIR (a fake guest's files)
 //! vmkit-agent --max-connections N --body-budget BYTES \
 //!             --frame-timeout-ms MS --idle-timeout-ms MS
 //!                             # the limits (see `Limits`), defaults 64, 16 MiB, 30 s, 10 min
 //! ```
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use vmkit_agent::{Limits, Listen};
 
-const USAGE: &str = "usage: vmkit-agent [--unix DIR] [--max-connections N] [--body-budget BYTES] \
-                     [--frame-timeout-ms MS] [--idle-timeout-ms MS]";
+const USAGE: &str = "usage: vmkit-agent [--unix DIR] [--root DIR] [--max-connections N] \
+                     [--body-budget BYTES] [--frame-timeout-ms MS] [--idle-timeout-ms MS]";
 
-fn parse_args() -> Result<(Listen, Limits), String> {
+/// What the command line asks for.
+struct Args {
+    listen: Listen,
+    limits: Limits,
+    root: PathBuf,
+}
+
+fn parse_args() -> Result<Args, String> {
     let mut args = std::env::args().skip(1);
     let mut listen = Listen::Vsock;
     let mut limits = Limits::default();
+    let mut root = PathBuf::from("/");
     while let Some(arg) = args.next() {
         let mut number = |what: &str| -> Result<u64, String> {
             let value = args.next().ok_or(format!("{what} needs a number"))?;
@@ -34,6 +44,7 @@ fn parse_args() -> Result<(Listen, Limits), String> {
                 let dir = args.next().ok_or("--unix needs a directory")?;
                 listen = Listen::Unix(dir.into());
             }
+            "--root" => root = args.next().ok_or("--root needs a directory")?.into(),
             "--max-connections" => {
                 limits.max_connections = usize::try_from(number(&arg)?).unwrap_or(usize::MAX);
             }
@@ -50,11 +61,15 @@ fn parse_args() -> Result<(Listen, Limits), String> {
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
         }
     }
-    Ok((listen, limits))
+    Ok(Args {
+        listen,
+        limits,
+        root,
+    })
 }
 
 fn main() -> ExitCode {
-    let (listen, limits) = match parse_args() {
+    let args = match parse_args() {
         Ok(parsed) => parsed,
         Err(e) => {
             eprintln!("vmkit-agent: {e}");
@@ -71,7 +86,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(listen, limits)) {
+    match runtime.block_on(serve(args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("vmkit-agent: {e}");
@@ -81,8 +96,9 @@ fn main() -> ExitCode {
 }
 
 /// Serves until SIGTERM; in a guest the agent lives as long as the guest.
-async fn serve(listen: Listen, limits: Limits) -> Result<(), String> {
-    let serving = vmkit_agent::start(&listen, limits).map_err(|e| e.to_string())?;
+async fn serve(args: Args) -> Result<(), String> {
+    let serving = vmkit_agent::start_with_root(&args.listen, args.limits, &args.root)
+        .map_err(|e| e.to_string())?;
     eprintln!("vmkit-agent: serving {}", serving.describe());
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| format!("watch SIGTERM: {e}"))?;

@@ -5,13 +5,14 @@ use std::path::Path;
 use vmkit_proto::agent::OnlineResourcesResponse;
 
 use crate::info::read_trimmed;
+use crate::root::Root;
 
 /// The number in a sysfs name like `cpu3` or `memory12`.
 fn index_of(name: &str, prefix: &str) -> Option<u32> {
     name.strip_prefix(prefix)?.parse().ok()
 }
 
-async fn entries(dir: &str, prefix: &str) -> Vec<(u32, std::path::PathBuf)> {
+async fn entries(dir: std::path::PathBuf, prefix: &str) -> Vec<(u32, std::path::PathBuf)> {
     let mut found = Vec::new();
     if let Ok(mut read) = tokio::fs::read_dir(dir).await {
         while let Ok(Some(entry)) = read.next_entry().await {
@@ -32,11 +33,11 @@ async fn write(path: &Path, value: &str) -> Result<(), String> {
 }
 
 /// Brings offline CPUs (when `cpus`) and memory blocks (when `memory`, as movable so
-/// they can be unplugged again) online.
-pub(crate) async fn online(cpus: bool, memory: bool) -> OnlineResourcesResponse {
+/// they can be unplugged again) online, in the sysfs under `root`.
+pub(crate) async fn online(root: &Root, cpus: bool, memory: bool) -> OnlineResourcesResponse {
     let mut out = OnlineResourcesResponse::new();
     if cpus {
-        for (n, path) in entries("/sys/devices/system/cpu", "cpu").await {
+        for (n, path) in entries(root.path("/sys/devices/system/cpu"), "cpu").await {
             let state = path.join("online");
             // cpu0 usually has no `online` file: it cannot go offline.
             if read_trimmed(&state).await.ok().as_deref() != Some("0") {
@@ -51,7 +52,7 @@ pub(crate) async fn online(cpus: bool, memory: bool) -> OnlineResourcesResponse 
         }
     }
     if memory {
-        for (n, path) in entries("/sys/devices/system/memory", "memory").await {
+        for (n, path) in entries(root.path("/sys/devices/system/memory"), "memory").await {
             let state = path.join("state");
             if read_trimmed(&state).await.ok().as_deref() != Some("offline") {
                 continue;

@@ -11,19 +11,21 @@ use vmkit_proto::agent::{
 };
 
 use crate::exec::ExecError;
+use crate::root::Root;
 
 /// The longest ping payload echoed back.
 const MAX_PING_PAYLOAD: usize = 64 << 10;
 
 /// The service; `power_off` says whether `PowerOff` may really power off (only in a
-/// guest, never in the `--unix` test mode).
+/// guest, never in the `--unix` test mode); `root` is where `/proc` and `/sys` are read.
 pub(crate) struct AgentService {
     power_off: bool,
+    root: Root,
 }
 
 impl AgentService {
-    pub(crate) fn new(power_off: bool) -> AgentService {
-        AgentService { power_off }
+    pub(crate) fn new(power_off: bool, root: Root) -> AgentService {
+        AgentService { power_off, root }
     }
 }
 
@@ -51,7 +53,7 @@ impl vmkit_proto::Agent for AgentService {
         _ctx: &TtrpcContext,
         _req: GuestInfoRequest,
     ) -> ttrpc::Result<GuestInfoResponse> {
-        Ok(crate::info::guest_info().await)
+        Ok(crate::info::guest_info(self.root.clone()).await)
     }
 
     async fn exec(&self, _ctx: &TtrpcContext, req: ExecRequest) -> ttrpc::Result<ExecResponse> {
@@ -68,7 +70,7 @@ impl vmkit_proto::Agent for AgentService {
         _ctx: &TtrpcContext,
         req: OnlineResourcesRequest,
     ) -> ttrpc::Result<OnlineResourcesResponse> {
-        Ok(crate::online::online(req.cpus, req.memory).await)
+        Ok(crate::online::online(&self.root, req.cpus, req.memory).await)
     }
 
     async fn wait_resources(
@@ -76,7 +78,7 @@ impl vmkit_proto::Agent for AgentService {
         _ctx: &TtrpcContext,
         req: WaitResourcesRequest,
     ) -> ttrpc::Result<WaitResourcesResponse> {
-        Ok(crate::wait::wait(req).await)
+        Ok(crate::wait::wait(req, self.root.clone()).await)
     }
 
     async fn power_off(

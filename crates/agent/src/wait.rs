@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use vmkit_proto::agent::{WaitResourcesRequest, WaitResourcesResponse};
 
 use crate::info::{meminfo_bytes, parse_cpu_list};
+use crate::root::Root;
 
 /// How often the conditions are checked.
 const POLL: Duration = Duration::from_millis(2);
@@ -18,9 +19,10 @@ const ONLINE_EVERY: Duration = Duration::from_millis(100);
 const MAX_WAIT: Duration = Duration::from_secs(60);
 
 /// The online CPUs and MemTotal (bytes), as the kernel reports them now.
-fn look() -> (Vec<u32>, u64) {
-    let cpus = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap_or_default();
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+fn look(root: &Root) -> (Vec<u32>, u64) {
+    let cpus =
+        std::fs::read_to_string(root.path("/sys/devices/system/cpu/online")).unwrap_or_default();
+    let meminfo = std::fs::read_to_string(root.path("/proc/meminfo")).unwrap_or_default();
     (parse_cpu_list(&cpus), meminfo_bytes(&meminfo, "MemTotal"))
 }
 
@@ -41,15 +43,19 @@ fn concerns(req: &WaitResourcesRequest, failure: &str) -> bool {
     }
 }
 
-/// Waits until `req` holds, something fails to come online, or its timeout passes.
-pub(crate) async fn wait(req: WaitResourcesRequest) -> WaitResourcesResponse {
+/// Waits until `req` holds (as read under `root`), something fails to come online, or
+/// its timeout passes.
+pub(crate) async fn wait(req: WaitResourcesRequest, root: Root) -> WaitResourcesResponse {
     let limit = Duration::from_millis(u64::from(req.timeout_ms)).min(MAX_WAIT);
     let began = Instant::now();
     let mut next_online = began + ONLINE_EVERY;
     let mut out = WaitResourcesResponse::new();
     loop {
         // Two small reads; off the runtime threads all the same.
-        let (online, mem_total) = tokio::task::spawn_blocking(look).await.unwrap_or_default();
+        let look_root = root.clone();
+        let (online, mem_total) = tokio::task::spawn_blocking(move || look(&look_root))
+            .await
+            .unwrap_or_default();
         out.reached = reached(&req, &online, mem_total);
         out.online_cpus = online;
         out.mem_total_bytes = mem_total;
@@ -60,7 +66,7 @@ pub(crate) async fn wait(req: WaitResourcesRequest) -> WaitResourcesResponse {
         if req.online && now >= next_online {
             let wants_cpus = !req.cpus.is_empty();
             let wants_memory = req.mem_total_at_least > 0;
-            let done = crate::online::online(wants_cpus, wants_memory).await;
+            let done = crate::online::online(&root, wants_cpus, wants_memory).await;
             // Only what this wait is about counts (another CPU may be stuck offline).
             let failures: Vec<String> = done
                 .failures

@@ -497,3 +497,67 @@ async fn idle_connections_are_closed_but_busy_ones_are_not() {
         "the answer came after more than the idle timeout"
     );
 }
+
+/// Writes `text` to `root/rel`, making its directories.
+fn put(root: &Path, rel: &str, text: &str) {
+    let path = root.join(rel);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, text).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_a_root_the_agent_reports_and_onlines_what_its_files_say() {
+    let guest = tempfile::tempdir().unwrap();
+    let g = guest.path();
+    put(g, "proc/sys/kernel/osrelease", "6.1.0-fake\n");
+    put(g, "proc/meminfo", "MemTotal:         262144 kB\n");
+    put(g, "sys/devices/system/cpu/online", "0-1\n");
+    put(g, "sys/devices/system/cpu/cpu2/online", "0\n");
+    put(g, "sys/devices/system/memory/block_size_bytes", "8000000\n");
+    put(g, "sys/devices/system/memory/memory0/online", "1\n");
+    put(g, "sys/block/vda/size", "2048\n");
+    put(g, "sys/block/vda/serial", "data-1\n");
+    let root = g.display().to_string();
+    let agent = Agent::start_with(&["--root", &root]).await;
+    let client = agent.client().await;
+    let info = client
+        .guest_info(ctx(), &GuestInfoRequest::new())
+        .await
+        .unwrap();
+    assert_eq!(info.kernel_release, "6.1.0-fake");
+    assert_eq!(info.online_cpus, [0, 1]);
+    assert_eq!(info.mem_total_bytes, 256 << 20);
+    assert_eq!(info.memory_block_size_bytes, 128 << 20);
+    assert_eq!(info.mem_online_bytes, 128 << 20);
+    assert_eq!(info.disks.len(), 1, "{:?}", info.disks);
+    assert_eq!(
+        (info.disks[0].name.as_str(), info.disks[0].serial.as_str()),
+        ("vda", "data-1")
+    );
+    assert_eq!(info.disks[0].size_bytes, 1 << 20);
+    // A wait for cpu2 onlines it (its `online` file) and is met once the kernel's list
+    // (here: whoever keeps the files) shows it.
+    let waiter = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let mut req = WaitResourcesRequest::new();
+            req.cpus = vec![2];
+            req.online = true;
+            req.timeout_ms = 5_000;
+            client.wait_resources(ctx(), &req).await.unwrap()
+        })
+    };
+    let cpu2 = g.join("sys/devices/system/cpu/cpu2/online");
+    let began = Instant::now();
+    while std::fs::read_to_string(&cpu2).unwrap().trim() != "1" {
+        assert!(
+            began.elapsed() < Duration::from_secs(3),
+            "cpu2 never onlined"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    put(g, "sys/devices/system/cpu/online", "0-2\n");
+    let resp = waiter.await.unwrap();
+    assert!(resp.reached, "{resp:?}");
+    assert_eq!(resp.online_cpus, [0, 1, 2]);
+}
