@@ -35,7 +35,8 @@ pub struct CpuInfo {
     pub topology: CpuTopology,
     /// The device id, for a hot-plugged vCPU (`None` for boot vCPUs).
     pub device_id: Option<String>,
-    /// Whether the guest has it online; `None` when the guest was not asked.
+    /// Whether the guest has it online; `None` when the guest was not asked (it has no
+    /// agent, or it is paused and cannot answer).
     pub online: Option<bool>,
 }
 
@@ -125,7 +126,8 @@ pub struct MemoryInfo {
     pub max_mib: u64,
     /// The hot-plugged devices.
     pub dimms: Vec<DimmInfo>,
-    /// The guest's `MemTotal`, when the guest was asked.
+    /// The guest's `MemTotal`, when the guest was asked (not when it has no agent or is
+    /// paused).
     pub guest_total_mib: Option<u64>,
 }
 

@@ -20,7 +20,9 @@ use vmkit_core::{
 use vmkit_proto::AgentClient;
 use vmkit_proto::agent::{GuestInfoRequest, WaitResourcesRequest};
 
-use super::{agent, agent_err, ctx, eject, qmp_err, qmp_query, upgrade, wait_in_guest};
+use super::{
+    agent, agent_err, agent_for_query, ctx, eject, qmp_err, qmp_query, upgrade, wait_in_guest,
+};
 use crate::BACKEND_NAME;
 use crate::error::Error;
 use crate::instance::Shared;
@@ -109,9 +111,9 @@ async fn guest_online(agent: &AgentClient, op: &str) -> vmkit_core::Result<Vec<u
 async fn query(shared: Arc<Shared>) -> vmkit_core::Result<Vec<CpuInfo>> {
     let op = "query_cpus";
     let cpus = present(&shared, op).await?;
-    let online = match agent(&shared).await {
-        Ok(agent) => Some(guest_online(&agent, op).await?),
-        Err(_) => None,
+    let online = match agent_for_query(&shared).await {
+        Some(agent) => Some(guest_online(&agent, op).await?),
+        None => None,
     };
     Ok(cpus
         .into_iter()

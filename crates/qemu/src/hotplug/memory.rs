@@ -16,7 +16,8 @@ use vmkit_proto::AgentClient;
 use vmkit_proto::agent::{GuestInfoRequest, WaitResourcesRequest};
 
 use super::{
-    MIB, agent, agent_err, ctx, eject, qmp_err, qmp_query, upgrade, virtio_mem, wait_in_guest,
+    MIB, agent, agent_err, agent_for_query, ctx, eject, qmp_err, qmp_query, upgrade, virtio_mem,
+    wait_in_guest,
 };
 use crate::error::Error;
 use crate::instance::Shared;
@@ -300,9 +301,9 @@ impl MemoryHotplugger for Memory {
                         virtio_mem::plugged(&shared, op).await? / MIB,
                     ),
                 };
-                let guest_total_mib = match agent(&shared).await {
-                    Ok(agent) => Some(guest_memory(&agent, "query_memory").await?.0 / MIB),
-                    Err(_) => None,
+                let guest_total_mib = match agent_for_query(&shared).await {
+                    Some(agent) => Some(guest_memory(&agent, "query_memory").await?.0 / MIB),
+                    None => None,
                 };
                 let res = &shared.config.resources;
                 Ok(MemoryInfo {

@@ -256,6 +256,16 @@ where
     }
 }
 
+/// The agent for a query's guest view, when the guest can answer: not while the VM is
+/// paused (its vCPUs are stopped, so the agent cannot run, and a call would only wait
+/// for its deadline), nor when it has no agent.
+async fn agent_for_query(shared: &Arc<Shared>) -> Option<AgentClient> {
+    if shared.state.get() != VmState::Running {
+        return None;
+    }
+    agent(shared).await.ok()
+}
+
 async fn agent(shared: &Arc<Shared>) -> vmkit_core::Result<AgentClient> {
     let client = crate::instance::cached_client(shared).await?;
     Ok(AgentClient::new(client))
