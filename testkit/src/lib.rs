@@ -11,11 +11,17 @@
 //!   process with no VM: the state table, devices and resources, a real guest agent, and
 //!   faults on demand.
 //! - [`fake_qemu`]: a QEMU stand-in process (QMP on its socket, a ready line) that
-//!   crashes, hangs or ignores signals on demand.
+//!   crashes, hangs or ignores signals on demand, and answers the hot-plug commands of
+//!   the QEMU backend from a machine model.
+//! - [`fake_vsock`]: a stand-in for the hybrid vsock daemon that hands the host's
+//!   connections to a real agent serving a [`fake_guest`] (the files a guest kernel
+//!   would show), so the QEMU backend driving the fake QEMU has a guest agent.
 //! - [`guest`]: the test guest `cargo xtask image` builds, and configs that boot it.
 //! - `mocks` (feature `mocks`): `mockall` mocks of every core trait (`MockInstance`,
 //!   `MockBackend`, `MockCpuHotplugger`, …), for testing code that drives VMs through
 //!   the traits.
+//! - `model` (feature `model`): the model-based test of the `Instance` contract
+//!   (proptest-state-machine) for any backend, with the shrunk sequence on a failure.
 //! - [`leaks`]: this process's children and fds, and the processes that name a path:
 //!   what a test counts to prove nothing was left.
 //! - [`qemu`]: find the real QEMU (failing under CI when it is missing) and run a
@@ -38,12 +44,16 @@
 
 pub mod conformance;
 pub mod fake_backend;
+pub mod fake_guest;
 pub mod fake_qemu;
+pub mod fake_vsock;
 pub mod guest;
 pub mod leaks;
 pub mod mock_qmp;
 #[cfg(feature = "mocks")]
 pub mod mocks;
+#[cfg(feature = "model")]
+pub mod model;
 pub mod qemu;
 
 pub use guest::{GuestImage, guest_image, require_guest_image};

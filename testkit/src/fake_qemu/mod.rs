@@ -20,6 +20,17 @@
 //! Otherwise it acts like a healthy QEMU: `query-status` (running or paused, as `stop`
 //! and `cont` left it), `stop`/`cont` (with STOP and RESUME), `system_powerdown` (POWERDOWN, then SHUTDOWN by the guest, then exit 0),
 //! `quit` (SHUTDOWN host-qmp-quit, exit 0); SIGTERM ends it.
+//!
+//! It also keeps a machine (the `machine` module): the vCPU slots of `-smp`, the memory
+//! of `-m`, the `-blockdev`s and `-device`s, and answers the hot-plug commands the QEMU
+//! backend sends — `device_add`/`device_del` of vCPUs, `pc-dimm`s and `virtio-blk-pci`
+//! disks (with `DEVICE_DELETED`), `object-add`/`-del`, `blockdev-add`/`-del`,
+//! `query-hotpluggable-cpus`, `query-cpus-fast`, `query-memory-devices` — refusing
+//! what QEMU refuses, in QEMU's words. When the command line has a vhost-user vsock
+//! device, its "guest" is the [`FakeGuest`](crate::fake_guest::FakeGuest) the fake
+//! vsock daemon ([`crate::fake_vsock`]) serves an agent over: the fake writes what the
+//! guest shows as it boots (before the ready line) and as devices come and go, so the
+//! backend's waits for the guest are answered by a real agent.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -27,6 +38,8 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::{MockQmpServer, MockReply};
+
+mod machine;
 
 /// The environment variable holding the behaviour.
 pub const BEHAVIOUR_ENV: &str = "VMKIT_FAKE_QEMU";
@@ -201,10 +214,11 @@ pub fn main() -> i32 {
             return 2;
         }
     };
-    runtime.block_on(serve(FakeArgs::parse(&args), behaviour))
+    let machine = machine::Machine::from_args(&args);
+    runtime.block_on(serve(FakeArgs::parse(&args), machine, behaviour))
 }
 
-async fn serve(args: FakeArgs, behaviour: Behaviour) -> i32 {
+async fn serve(args: FakeArgs, mut machine: machine::Machine, behaviour: Behaviour) -> i32 {
     let mut sigterm = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
     {
         Ok(s) => s,
@@ -214,6 +228,13 @@ async fn serve(args: FakeArgs, behaviour: Behaviour) -> i32 {
         }
     };
     let (exit_tx, mut exit_rx) = tokio::sync::mpsc::unbounded_channel::<i32>();
+    if let Some(root) = machine.guest_root()
+        && let Err(e) = machine.boot(crate::fake_guest::FakeGuest::open(&root))
+    {
+        eprintln!("fake-qemu: boot the fake guest in {}: {e}", root.display());
+        return 1;
+    }
+    let machine = std::sync::Arc::new(std::sync::Mutex::new(machine));
     let mut _server = None;
     if !behaviour.no_socket {
         let Some(qmp) = &args.qmp else {
@@ -228,6 +249,7 @@ async fn serve(args: FakeArgs, behaviour: Behaviour) -> i32 {
             }
         };
         script(&server, &behaviour, &exit_tx);
+        plug_machine(&server, &machine, &behaviour);
         _server = Some(server);
     }
     if !behaviour.no_ready
@@ -335,6 +357,42 @@ fn script(
     }
     for command in &behaviour.hang_on {
         server.on(command, MockReply::never());
+    }
+}
+
+/// The machine's commands, answered from `machine` (late as `slow` says; `hang_on`,
+/// registered after, wins).
+fn plug_machine(
+    server: &MockQmpServer,
+    machine: &std::sync::Arc<std::sync::Mutex<machine::Machine>>,
+    behaviour: &Behaviour,
+) {
+    for command in machine::Machine::COMMANDS {
+        let late = behaviour
+            .slow
+            .iter()
+            .find(|(c, _)| c == command)
+            .map_or(Duration::ZERO, |(_, d)| *d);
+        let machine = std::sync::Arc::clone(machine);
+        server.on(
+            command,
+            MockReply::from_fn(move |received| {
+                let answer = match machine.lock() {
+                    Ok(mut m) => m.handle(command, &received.arguments),
+                    Err(_) => None,
+                };
+                let reply = match answer {
+                    Some(Ok((value, events))) => events
+                        .into_iter()
+                        .fold(MockReply::ok(value), |r, (name, data)| {
+                            r.then_event(name, data)
+                        }),
+                    Some(Err(refusal)) => MockReply::error(refusal.class, &refusal.desc),
+                    None => MockReply::error("CommandNotFound", "The command is not handled"),
+                };
+                reply.delayed(late)
+            }),
+        );
     }
 }
 

@@ -1,0 +1,592 @@
+//! The fake QEMU's machine: the vCPU slots, memory, block nodes and devices its command
+//! line made, changed by the hot-plug commands the QEMU backend sends (`device_add`/
+//! `device_del` of CPUs, `pc-dimm`s and `virtio-blk-pci` disks, `object-add`/`-del`,
+//! `blockdev-add`/`-del`) and reported by the queries it reads
+//! (`query-hotpluggable-cpus`, `query-cpus-fast`, `query-memory-devices`). Each command
+//! is checked as QEMU checks it, with QEMU's error words, and a change reaches the fake
+//! guest's files at once (its guest onlines everything immediately and always releases
+//! what is unplugged).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde_json::{Value, json};
+
+use crate::fake_guest::{FakeGuest, GuestDisk};
+
+/// The vCPU model QEMU 10 reports for x86 TCG's default CPU.
+const CPU_DRIVER: &str = "qemu64-x86_64-cpu";
+/// Where hot-plugged DIMMs start in the guest's physical address space (4 GiB).
+const DEVICE_MEMORY_BASE: u64 = 1 << 32;
+
+/// A command's answer: the `return` value and the events that follow it.
+pub(crate) type Answer = Result<(Value, Vec<(&'static str, Value)>), Refusal>;
+
+/// QEMU's refusal of a command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Refusal {
+    /// The QMP error class.
+    pub(crate) class: &'static str,
+    /// QEMU's words.
+    pub(crate) desc: String,
+}
+
+fn refuse(desc: impl Into<String>) -> Refusal {
+    Refusal {
+        class: "GenericError",
+        desc: desc.into(),
+    }
+}
+
+/// A device with an id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Device {
+    /// A hot-plugged vCPU in this socket.
+    Cpu(u32),
+    /// A DIMM.
+    Dimm {
+        memdev: String,
+        slot: u32,
+        addr: u64,
+        size: u64,
+    },
+    /// A disk over block node `node`; `bus` is its root port (none: on the root complex,
+    /// where nothing is hot-pluggable); `guest` its name in the guest.
+    Disk {
+        node: String,
+        bus: Option<String>,
+        guest: String,
+        serial: String,
+    },
+    /// A PCIe root port.
+    Port,
+    /// Anything else the command line made (the vsock device, virtio-mem, …).
+    Other,
+}
+
+/// The fake machine.
+#[derive(Debug, Default)]
+pub(crate) struct Machine {
+    max_cpus: u32,
+    /// Present vCPUs by socket: `None` for those there at boot.
+    cpus: BTreeMap<u32, Option<String>>,
+    boot_memory: u64,
+    slots: u32,
+    max_memory: u64,
+    /// Memory backend objects and their sizes.
+    objects: BTreeMap<String, u64>,
+    /// Block nodes and the files they open.
+    nodes: BTreeMap<String, PathBuf>,
+    devices: BTreeMap<String, Device>,
+    /// The chardev path of the vhost-user vsock device, when there is one.
+    vsock_socket: Option<PathBuf>,
+    guest: Option<FakeGuest>,
+}
+
+/// A size as QEMU's `-m` writes it (`256M`, `1G`, plain bytes).
+fn size(text: &str) -> u64 {
+    let (digits, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
+    let n: u64 = digits.parse().unwrap_or(0);
+    match unit {
+        "K" | "k" => n << 10,
+        "M" | "m" | "" => n << 20,
+        "G" | "g" => n << 30,
+        _ => n,
+    }
+}
+
+fn str_of<'a>(args: &'a Value, key: &str) -> Option<&'a str> {
+    args.get(key).and_then(Value::as_str)
+}
+
+impl Machine {
+    /// The machine a QEMU command line describes.
+    pub(crate) fn from_args(args: &[String]) -> Machine {
+        let mut m = Machine {
+            max_cpus: 1,
+            boot_memory: 128 << 20,
+            ..Machine::default()
+        };
+        m.cpus.insert(0, None);
+        for pair in args.windows(2) {
+            let value = pair[1].as_str();
+            match pair[0].as_str() {
+                "-smp" => m.read_smp(value),
+                "-m" => m.read_memory(value),
+                "-chardev" => {
+                    let opts = super::split_qemu_opts(value);
+                    if opts.first().map(String::as_str) == Some("socket")
+                        && opts.iter().any(|o| o == "id=vmkit-vsock")
+                    {
+                        m.vsock_socket = opts
+                            .iter()
+                            .find_map(|o| o.strip_prefix("path="))
+                            .map(PathBuf::from);
+                    }
+                }
+                "-object" | "-blockdev" | "-device" => {
+                    if let Ok(json) = serde_json::from_str::<Value>(value) {
+                        m.read_json_option(&pair[0], &json);
+                    }
+                }
+                _ => {}
+            }
+        }
+        m
+    }
+
+    fn read_smp(&mut self, value: &str) {
+        let mut parts = value.split(',');
+        let boot: u32 = parts.next().and_then(|b| b.parse().ok()).unwrap_or(1);
+        self.max_cpus = boot;
+        for part in parts {
+            if let Some(max) = part.strip_prefix("maxcpus=") {
+                self.max_cpus = max.parse().unwrap_or(boot);
+            }
+        }
+        self.cpus = (0..boot).map(|s| (s, None)).collect();
+    }
+
+    fn read_memory(&mut self, value: &str) {
+        let mut parts = value.split(',');
+        self.boot_memory = parts.next().map_or(128 << 20, size);
+        self.max_memory = self.boot_memory;
+        for part in parts {
+            match part.split_once('=') {
+                Some(("slots", n)) => self.slots = n.parse().unwrap_or(0),
+                Some(("maxmem", n)) => self.max_memory = size(n),
+                _ => {}
+            }
+        }
+    }
+
+    fn read_json_option(&mut self, option: &str, json: &Value) {
+        match option {
+            "-object" => {
+                if let Some(id) = str_of(json, "id") {
+                    let size = json.get("size").and_then(Value::as_u64).unwrap_or(0);
+                    self.objects.insert(id.to_owned(), size);
+                }
+            }
+            "-blockdev" => {
+                let _ = self.blockdev_add(json);
+            }
+            _ => {
+                let _ = self.device_add(json);
+            }
+        }
+    }
+
+    /// The directory of the fake guest behind this machine's vsock device, if it has one.
+    pub(crate) fn guest_root(&self) -> Option<PathBuf> {
+        self.vsock_socket.as_deref().map(FakeGuest::root_for)
+    }
+
+    /// "Boots" the guest: writes what it shows into the fake guest at `root`.
+    ///
+    /// # Errors
+    /// When the files cannot be written.
+    pub(crate) fn boot(&mut self, guest: FakeGuest) -> std::io::Result<()> {
+        guest.boot(
+            &self.online_cpus(),
+            self.guest_memory(),
+            &self.guest_disks(),
+        )?;
+        self.guest = Some(guest);
+        Ok(())
+    }
+
+    fn online_cpus(&self) -> Vec<u32> {
+        self.cpus.keys().copied().collect()
+    }
+
+    fn guest_memory(&self) -> u64 {
+        self.boot_memory + self.dimms().map(|(_, d)| d.2).sum::<u64>()
+    }
+
+    fn guest_disks(&self) -> Vec<GuestDisk> {
+        self.devices
+            .values()
+            .filter_map(|d| match d {
+                Device::Disk {
+                    node,
+                    guest,
+                    serial,
+                    ..
+                } => Some((node, guest, serial)),
+                _ => None,
+            })
+            .map(|(node, guest, serial)| GuestDisk {
+                name: guest.clone(),
+                serial: serial.clone(),
+                size_bytes: self
+                    .nodes
+                    .get(node)
+                    .and_then(|f| std::fs::metadata(f).ok())
+                    .map_or(0, |m| m.len()),
+            })
+            .collect()
+    }
+
+    /// The DIMMs: id, (memdev, slot, size, addr).
+    fn dimms(&self) -> impl Iterator<Item = (&String, (&String, u32, u64, u64))> {
+        self.devices.iter().filter_map(|(id, d)| match d {
+            Device::Dimm {
+                memdev,
+                slot,
+                addr,
+                size,
+            } => Some((id, (memdev, *slot, *size, *addr))),
+            _ => None,
+        })
+    }
+
+    /// Answers one command, or `None` when the machine does not handle it.
+    pub(crate) fn handle(&mut self, command: &str, args: &Value) -> Option<Answer> {
+        Some(match command {
+            "query-hotpluggable-cpus" => Ok((self.hotpluggable_cpus(), Vec::new())),
+            "query-cpus-fast" => Ok((self.cpus_fast(), Vec::new())),
+            "query-memory-devices" => Ok((self.memory_devices(), Vec::new())),
+            "device_add" => self.device_add(args).map(|()| (json!({}), Vec::new())),
+            "device_del" => self.device_del(args),
+            "object-add" => self.object_add(args).map(|()| (json!({}), Vec::new())),
+            "object-del" => self.object_del(args).map(|()| (json!({}), Vec::new())),
+            "blockdev-add" => self.blockdev_add(args).map(|()| (json!({}), Vec::new())),
+            "blockdev-del" => self.blockdev_del(args).map(|()| (json!({}), Vec::new())),
+            _ => return None,
+        })
+    }
+
+    /// The commands [`Machine::handle`] answers.
+    pub(crate) const COMMANDS: [&'static str; 9] = [
+        "query-hotpluggable-cpus",
+        "query-cpus-fast",
+        "query-memory-devices",
+        "device_add",
+        "device_del",
+        "object-add",
+        "object-del",
+        "blockdev-add",
+        "blockdev-del",
+    ];
+
+    fn props(socket: u32) -> Value {
+        json!({"socket-id": socket, "core-id": 0, "thread-id": 0})
+    }
+
+    fn qom_path(&self, socket: u32) -> Option<String> {
+        self.cpus.get(&socket).map(|id| match id {
+            Some(id) => format!("/machine/peripheral/{id}"),
+            None => format!("/machine/unattached/device[{socket}]"),
+        })
+    }
+
+    fn hotpluggable_cpus(&self) -> Value {
+        // QEMU lists the slots from the highest socket down.
+        let slots: Vec<Value> = (0..self.max_cpus)
+            .rev()
+            .map(|s| {
+                let mut slot =
+                    json!({"type": CPU_DRIVER, "vcpus-count": 1, "props": Self::props(s)});
+                if let Some(path) = self.qom_path(s) {
+                    slot["qom-path"] = json!(path);
+                }
+                slot
+            })
+            .collect();
+        Value::Array(slots)
+    }
+
+    fn cpus_fast(&self) -> Value {
+        let cpus: Vec<Value> = self
+            .cpus
+            .keys()
+            .map(|&s| {
+                json!({"cpu-index": s, "qom-path": self.qom_path(s), "thread-id": 10_000 + s,
+                       "props": Self::props(s), "target": "x86_64"})
+            })
+            .collect();
+        Value::Array(cpus)
+    }
+
+    fn memory_devices(&self) -> Value {
+        let dimms: Vec<Value> = self
+            .dimms()
+            .map(|(id, (memdev, slot, size, addr))| {
+                json!({"type": "dimm", "data": {"id": id, "addr": addr, "slot": slot, "node": 0,
+                        "memdev": format!("/objects/{memdev}"), "size": size,
+                        "hotplugged": true, "hotpluggable": true}})
+            })
+            .collect();
+        Value::Array(dimms)
+    }
+
+    fn device_add(&mut self, args: &Value) -> Result<(), Refusal> {
+        let driver =
+            str_of(args, "driver").ok_or_else(|| refuse("Parameter 'driver' is missing"))?;
+        let id = str_of(args, "id").map(str::to_owned);
+        if let Some(id) = &id
+            && self.devices.contains_key(id)
+        {
+            return Err(refuse(format!("Duplicate device ID '{id}' for device")));
+        }
+        let device = match driver {
+            CPU_DRIVER => self.add_cpu(args, id.as_deref())?,
+            "pc-dimm" => self.add_dimm(args)?,
+            "virtio-blk-pci" => self.add_disk(args)?,
+            "pcie-root-port" => Device::Port,
+            _ => Device::Other,
+        };
+        if let Some(id) = id {
+            self.devices.insert(id, device);
+        }
+        self.sync_guest();
+        Ok(())
+    }
+
+    fn add_cpu(&mut self, args: &Value, id: Option<&str>) -> Result<Device, Refusal> {
+        let socket = args
+            .get("socket-id")
+            .and_then(Value::as_u64)
+            .unwrap_or(u64::MAX);
+        let socket = u32::try_from(socket).unwrap_or(u32::MAX);
+        if socket >= self.max_cpus {
+            return Err(refuse(format!(
+                "Invalid CPU [socket: {socket}, core: 0, thread: 0], maximum socket-id: {}",
+                self.max_cpus.saturating_sub(1)
+            )));
+        }
+        if self.cpus.contains_key(&socket) {
+            return Err(refuse(format!(
+                "CPU[{socket}] with APIC ID {socket} exists"
+            )));
+        }
+        self.cpus.insert(socket, id.map(str::to_owned));
+        Ok(Device::Cpu(socket))
+    }
+
+    fn add_dimm(&mut self, args: &Value) -> Result<Device, Refusal> {
+        let memdev = str_of(args, "memdev")
+            .ok_or_else(|| refuse("'pc-dimm' property 'memdev' is missing"))?;
+        let size = *self.objects.get(memdev).ok_or_else(|| {
+            refuse(format!(
+                "Property 'pc-dimm.memdev' can't find value '{memdev}'"
+            ))
+        })?;
+        if self.dimms().any(|(_, d)| d.0 == memdev) {
+            return Err(refuse(format!("can't use already busy memdev: {memdev}")));
+        }
+        if self.slots == 0 {
+            return Err(refuse(
+                "no slots where allocated, please specify the 'slots' option",
+            ));
+        }
+        let used: Vec<u32> = self.dimms().map(|(_, d)| d.1).collect();
+        let slot = match args.get("slot").and_then(Value::as_u64) {
+            Some(s) => {
+                let s = u32::try_from(s).unwrap_or(u32::MAX);
+                if s >= self.slots {
+                    return Err(refuse(format!(
+                        "invalid slot number {s}, valid range is [0-{}]",
+                        self.slots - 1
+                    )));
+                }
+                if used.contains(&s) {
+                    return Err(refuse(format!("slot {s} is busy")));
+                }
+                s
+            }
+            None => (0..self.slots)
+                .find(|s| !used.contains(s))
+                .ok_or_else(|| refuse("no free slots available"))?,
+        };
+        if self.guest_memory() + size > self.max_memory {
+            return Err(refuse(
+                "not enough space, currently 0x0 in use of total space for memory devices",
+            ));
+        }
+        let addr = DEVICE_MEMORY_BASE + self.dimms().map(|(_, d)| d.2).sum::<u64>();
+        Ok(Device::Dimm {
+            memdev: memdev.to_owned(),
+            slot,
+            addr,
+            size,
+        })
+    }
+
+    fn add_disk(&mut self, args: &Value) -> Result<Device, Refusal> {
+        let node = str_of(args, "drive").ok_or_else(|| refuse("drive property not set"))?;
+        if !self.nodes.contains_key(node) {
+            return Err(refuse(format!(
+                "Property 'virtio-blk-pci.drive' can't find value '{node}'"
+            )));
+        }
+        if self
+            .devices
+            .values()
+            .any(|d| matches!(d, Device::Disk { node: n, .. } if n == node))
+        {
+            return Err(refuse(format!(
+                "Conflicts with use by another device as 'root', which does not allow 'write' on {node}"
+            )));
+        }
+        let bus = str_of(args, "bus").map(str::to_owned);
+        if let Some(bus) = &bus {
+            if self.devices.get(bus) != Some(&Device::Port) {
+                return Err(refuse(format!("Bus '{bus}' not found")));
+            }
+            if self
+                .devices
+                .values()
+                .any(|d| matches!(d, Device::Disk { bus: Some(b), .. } if b == bus))
+            {
+                return Err(refuse(format!(
+                    "PCI: slot 0 function 0 not available for virtio-blk-pci, in use by virtio-blk-pci,id={bus}"
+                )));
+            }
+        }
+        let taken: Vec<&str> = self
+            .devices
+            .values()
+            .filter_map(|d| match d {
+                Device::Disk { guest, .. } => Some(guest.as_str()),
+                _ => None,
+            })
+            .collect();
+        let guest = (b'a'..=b'z')
+            .map(|c| format!("vd{}", char::from(c)))
+            .find(|n| !taken.contains(&n.as_str()))
+            .ok_or_else(|| refuse("the fake guest has no more disk names"))?;
+        Ok(Device::Disk {
+            node: node.to_owned(),
+            bus,
+            guest,
+            serial: str_of(args, "serial").unwrap_or_default().to_owned(),
+        })
+    }
+
+    fn device_del(&mut self, args: &Value) -> Answer {
+        let id = str_of(args, "id").ok_or_else(|| refuse("Parameter 'id' is missing"))?;
+        let Some(device) = self.devices.get(id) else {
+            return Err(Refusal {
+                class: "DeviceNotFound",
+                desc: format!("Device '{id}' not found"),
+            });
+        };
+        match device {
+            Device::Cpu(socket) => {
+                self.cpus.remove(socket);
+            }
+            Device::Dimm { .. } => {}
+            Device::Disk { bus: None, .. } | Device::Port | Device::Other => {
+                return Err(refuse(format!(
+                    "Bus 'pcie.0' does not support hotplugging (device {id})"
+                )));
+            }
+            Device::Disk { .. } => {}
+        }
+        self.devices.remove(id);
+        self.sync_guest();
+        let event = json!({"device": id, "path": format!("/machine/peripheral/{id}")});
+        Ok((json!({}), vec![("DEVICE_DELETED", event)]))
+    }
+
+    fn object_add(&mut self, args: &Value) -> Result<(), Refusal> {
+        let id = str_of(args, "id").ok_or_else(|| refuse("Parameter 'id' is missing"))?;
+        if self.objects.contains_key(id) {
+            return Err(refuse(format!(
+                "attempt to add duplicate property '{id}' to object (type 'container')"
+            )));
+        }
+        let size = args.get("size").and_then(Value::as_u64).unwrap_or(0);
+        if size == 0 {
+            return Err(refuse("property 'size' of memory-backend is required"));
+        }
+        self.objects.insert(id.to_owned(), size);
+        Ok(())
+    }
+
+    fn object_del(&mut self, args: &Value) -> Result<(), Refusal> {
+        let id = str_of(args, "id").ok_or_else(|| refuse("Parameter 'id' is missing"))?;
+        if !self.objects.contains_key(id) {
+            return Err(refuse(format!("object '{id}' not found")));
+        }
+        if self.dimms().any(|(_, d)| d.0 == id) {
+            return Err(refuse(format!(
+                "object '{id}' is in use, can not be deleted"
+            )));
+        }
+        self.objects.remove(id);
+        Ok(())
+    }
+
+    fn blockdev_add(&mut self, args: &Value) -> Result<(), Refusal> {
+        let node = str_of(args, "node-name")
+            .ok_or_else(|| refuse("A top-level block node needs a node-name"))?;
+        if self.nodes.contains_key(node) {
+            return Err(refuse(format!("Duplicate nodes with node-name='{node}'")));
+        }
+        let file = args
+            .get("file")
+            .and_then(|f| str_of(f, "filename"))
+            .ok_or_else(|| refuse("Parameter 'file.filename' is missing"))?;
+        if !std::path::Path::new(file).exists() {
+            return Err(refuse(format!(
+                "Could not open '{file}': No such file or directory"
+            )));
+        }
+        self.nodes.insert(node.to_owned(), PathBuf::from(file));
+        Ok(())
+    }
+
+    fn blockdev_del(&mut self, args: &Value) -> Result<(), Refusal> {
+        let node =
+            str_of(args, "node-name").ok_or_else(|| refuse("Parameter 'node-name' is missing"))?;
+        if !self.nodes.contains_key(node) {
+            return Err(refuse(format!(
+                "Failed to find node with node-name='{node}'"
+            )));
+        }
+        if self
+            .devices
+            .values()
+            .any(|d| matches!(d, Device::Disk { node: n, .. } if n == node))
+        {
+            return Err(refuse(format!(
+                "Node '{node}' is busy: block device is in use by a device"
+            )));
+        }
+        self.nodes.remove(node);
+        Ok(())
+    }
+
+    /// Shows the machine's devices in the fake guest (once it has booted).
+    fn sync_guest(&self) {
+        let Some(guest) = &self.guest else {
+            return;
+        };
+        let disks = self.guest_disks();
+        let result = guest
+            .set_online_cpus(&self.online_cpus())
+            .and_then(|()| guest.set_memory(self.guest_memory()))
+            .and_then(|()| {
+                let shown = std::fs::read_dir(guest.root().join("sys/block"))
+                    .map(|dir| {
+                        dir.flatten()
+                            .map(|e| e.file_name().to_string_lossy().into_owned())
+                            .collect::<Vec<_>>()
+                    })
+                    .unwrap_or_default();
+                for gone in shown.iter().filter(|n| disks.iter().all(|d| &d.name != *n)) {
+                    guest.remove_disk(gone)?;
+                }
+                disks.iter().try_for_each(|d| guest.put_disk(d))
+            });
+        if let Err(e) = result {
+            eprintln!("fake-qemu: updating the fake guest: {e}");
+        }
+    }
+}
