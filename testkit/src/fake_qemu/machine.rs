@@ -438,13 +438,13 @@ impl Machine {
             if self.devices.get(bus) != Some(&Device::Port) {
                 return Err(refuse(format!("Bus '{bus}' not found")));
             }
-            if self
+            if let Some((user, _)) = self
                 .devices
-                .values()
-                .any(|d| matches!(d, Device::Disk { bus: Some(b), .. } if b == bus))
+                .iter()
+                .find(|(_, d)| matches!(d, Device::Disk { bus: Some(b), .. } if b == bus))
             {
                 return Err(refuse(format!(
-                    "PCI: slot 0 function 0 not available for virtio-blk-pci, in use by virtio-blk-pci,id={bus}"
+                    "PCI: slot 0 function 0 not available for virtio-blk-pci, in use by virtio-blk-pci,id={user}"
                 )));
             }
         }
@@ -588,5 +588,169 @@ impl Machine {
         if let Err(e) = result {
             eprintln!("fake-qemu: updating the fake guest: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    /// A machine as the QEMU backend's command line makes it, with a booted guest.
+    fn machine(dir: &std::path::Path) -> Machine {
+        let disk = dir.join("disk.img");
+        std::fs::write(&disk, vec![0u8; 4096]).unwrap();
+        let vhost = dir.join("vhost-user-vsock.sock");
+        let blockdev = json!({"driver": "raw", "node-name": "vmkit-disk0",
+                              "file": {"driver": "file", "filename": disk}});
+        let mut m = Machine::from_args(&args(&[
+            "-smp",
+            "1,maxcpus=3",
+            "-m",
+            "256M,slots=2,maxmem=768M",
+            "-device",
+            r#"{"driver":"pcie-root-port","id":"vmkit-rp0","chassis":1}"#,
+            "-blockdev",
+            &blockdev.to_string(),
+            "-device",
+            r#"{"driver":"virtio-blk-pci","drive":"vmkit-disk0","id":"root","serial":"r1"}"#,
+            "-chardev",
+            &format!("socket,id=vmkit-vsock,path={}", vhost.display()),
+        ]));
+        let root = m.guest_root().unwrap();
+        assert_eq!(root, dir.join("fake-guest"));
+        m.boot(FakeGuest::create(&root).unwrap()).unwrap();
+        m
+    }
+
+    fn ok(m: &mut Machine, command: &str, args: Value) -> (Value, Vec<(&'static str, Value)>) {
+        m.handle(command, &args)
+            .unwrap()
+            .unwrap_or_else(|r| panic!("{command} {args}: {r:?}"))
+    }
+
+    fn refused(m: &mut Machine, command: &str, args: Value) -> String {
+        m.handle(command, &args).unwrap().unwrap_err().desc
+    }
+
+    fn guest_file(dir: &std::path::Path, rel: &str) -> String {
+        std::fs::read_to_string(dir.join("fake-guest").join(rel))
+            .unwrap_or_default()
+            .trim()
+            .to_owned()
+    }
+
+    #[test]
+    fn vcpus_plug_into_free_slots_and_leave_with_device_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = machine(dir.path());
+        let (slots, _) = ok(&mut m, "query-hotpluggable-cpus", json!(null));
+        let slots = slots.as_array().unwrap();
+        assert_eq!(slots.len(), 3);
+        assert_eq!(slots[0]["props"]["socket-id"], 2, "highest socket first");
+        assert!(slots[2].get("qom-path").is_some() && slots[0].get("qom-path").is_none());
+        let cpu = json!({"driver": CPU_DRIVER, "id": "vmkit-cpu1-0-0", "socket-id": 1,
+                         "core-id": 0, "thread-id": 0});
+        ok(&mut m, "device_add", cpu.clone());
+        assert_eq!(
+            guest_file(dir.path(), "sys/devices/system/cpu/online"),
+            "0,1"
+        );
+        assert!(refused(&mut m, "device_add", cpu).starts_with("Duplicate device ID"));
+        let beyond = json!({"driver": CPU_DRIVER, "id": "c9", "socket-id": 3});
+        assert!(refused(&mut m, "device_add", beyond).contains("maximum socket-id: 2"));
+        let (cpus, _) = ok(&mut m, "query-cpus-fast", json!(null));
+        assert_eq!(
+            cpus[1]["qom-path"], "/machine/peripheral/vmkit-cpu1-0-0",
+            "{cpus}"
+        );
+        let (_, events) = ok(&mut m, "device_del", json!({"id": "vmkit-cpu1-0-0"}));
+        assert_eq!(events[0].0, "DEVICE_DELETED");
+        assert_eq!(events[0].1["device"], "vmkit-cpu1-0-0");
+        assert_eq!(guest_file(dir.path(), "sys/devices/system/cpu/online"), "0");
+        let gone = m
+            .handle("device_del", &json!({"id": "vmkit-cpu1-0-0"}))
+            .unwrap();
+        assert_eq!(gone.unwrap_err().class, "DeviceNotFound");
+    }
+
+    #[test]
+    fn dimms_need_a_free_backend_a_slot_and_room_and_hold_their_backend() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = machine(dir.path());
+        let object = |id: &str, mib: u64| json!({"qom-type": "memory-backend-memfd", "id": id, "size": mib << 20});
+        let dimm =
+            |id: &str, memdev: &str| json!({"driver": "pc-dimm", "id": id, "memdev": memdev});
+        assert!(
+            refused(&mut m, "device_add", dimm("d0", "nope")).contains("can't find value 'nope'")
+        );
+        ok(&mut m, "object-add", object("m0", 256));
+        assert!(refused(&mut m, "object-add", object("m0", 256)).contains("duplicate"));
+        ok(&mut m, "device_add", dimm("d0", "m0"));
+        assert_eq!(
+            guest_file(dir.path(), "proc/meminfo"),
+            "MemTotal: 524288 kB"
+        );
+        assert!(refused(&mut m, "device_add", dimm("d1", "m0")).contains("busy memdev"));
+        assert!(refused(&mut m, "object-del", json!({"id": "m0"})).contains("in use"));
+        ok(&mut m, "object-add", object("m1", 512));
+        assert!(
+            refused(&mut m, "device_add", dimm("d1", "m1")).starts_with("not enough space"),
+            "256 boot + 256 + 512 > 768"
+        );
+        let (devices, _) = ok(&mut m, "query-memory-devices", json!(null));
+        assert_eq!(devices[0]["data"]["id"], "d0");
+        assert_eq!(devices[0]["data"]["slot"], 0);
+        ok(&mut m, "device_del", json!({"id": "d0"}));
+        assert_eq!(
+            guest_file(dir.path(), "proc/meminfo"),
+            "MemTotal: 262144 kB"
+        );
+        ok(&mut m, "object-del", json!({"id": "m0"}));
+        assert!(refused(&mut m, "object-del", json!({"id": "m0"})).contains("not found"));
+    }
+
+    #[test]
+    fn disks_need_their_node_and_a_free_port_and_cold_ones_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = machine(dir.path());
+        assert_eq!(guest_file(dir.path(), "sys/block/vda/serial"), "r1");
+        let file = dir.path().join("disk.img");
+        let node = |name: &str, file: &std::path::Path| {
+            json!({"driver": "raw", "node-name": name,
+                   "file": {"driver": "file", "filename": file}})
+        };
+        assert!(
+            refused(
+                &mut m,
+                "blockdev-add",
+                node("h0", &dir.path().join("missing"))
+            )
+            .contains("No such file")
+        );
+        ok(&mut m, "blockdev-add", node("h0", &file));
+        assert!(refused(&mut m, "blockdev-add", node("h0", &file)).starts_with("Duplicate nodes"));
+        let disk = |id: &str, bus: &str| json!({"driver": "virtio-blk-pci", "id": id, "drive": "h0", "bus": bus});
+        assert!(refused(&mut m, "device_add", disk("d1", "vmkit-rp9")).contains("not found"));
+        ok(&mut m, "device_add", disk("d1", "vmkit-rp0"));
+        assert_eq!(guest_file(dir.path(), "sys/block/vdb/size"), "8");
+        ok(&mut m, "blockdev-add", node("h1", &file));
+        let second =
+            json!({"driver": "virtio-blk-pci", "id": "d2", "drive": "h1", "bus": "vmkit-rp0"});
+        assert!(
+            refused(&mut m, "device_add", second)
+                .ends_with("not available for virtio-blk-pci, in use by virtio-blk-pci,id=d1")
+        );
+        assert!(refused(&mut m, "blockdev-del", json!({"node-name": "h0"})).contains("busy"));
+        assert!(
+            refused(&mut m, "device_del", json!({"id": "root"}))
+                .contains("does not support hotplugging")
+        );
+        ok(&mut m, "device_del", json!({"id": "d1"}));
+        assert!(!dir.path().join("fake-guest/sys/block/vdb").exists());
+        ok(&mut m, "blockdev-del", json!({"node-name": "h0"}));
     }
 }
