@@ -313,8 +313,19 @@ impl<T: ModelTarget> Sut<T> {
         self.dir.path().join("disk.img")
     }
 
+    /// Remembers the sockets a live VM reports, to check they go when it ends.
+    fn note_sockets(&mut self) {
+        if matches!(self.vm.state(), VmState::Running | VmState::Paused) {
+            for (role, socket) in self.vm.vm_info().sockets {
+                if !self.sockets.iter().any(|(_, s)| s == &socket) {
+                    self.sockets.push((role, socket));
+                }
+            }
+        }
+    }
+
     /// A live VM's sockets exist; a gone VM's sockets, lock and processes do not.
-    fn check_released(&mut self) {
+    fn check_released(&self) {
         let state = self.vm.state();
         if matches!(state, VmState::Running | VmState::Paused) {
             for (role, socket) in self.vm.vm_info().sockets {
@@ -323,9 +334,6 @@ impl<T: ModelTarget> Sut<T> {
                     "the live VM's {role} socket {} is missing",
                     socket.display()
                 );
-                if !self.sockets.iter().any(|(_, s)| s == &socket) {
-                    self.sockets.push((role, socket));
-                }
             }
         }
         if state != VmState::Shutdown {
@@ -478,6 +486,7 @@ impl<T: ModelTarget> StateMachineTest for Sut<T> {
     fn apply(mut sut: Sut<T>, model: &Model, step: Step) -> Sut<T> {
         let before = sut.vm.state();
         let got = sut.step(&step);
+        sut.note_sockets();
         assert_eq!(
             got, model.expect,
             "{step:?} in {before}: got {got:?}, the contract says {:?}",
@@ -516,7 +525,7 @@ impl<T: ModelTarget> StateMachineTest for Sut<T> {
         }
     }
 
-    fn teardown(mut sut: Sut<T>) {
+    fn teardown(sut: Sut<T>) {
         let runtime = T::runtime();
         let exit = runtime
             .block_on(sut.vm.shutdown())
