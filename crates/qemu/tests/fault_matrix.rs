@@ -4,7 +4,8 @@
 //! leave no child process, socket or fd behind.
 //!
 //! A custom harness: this binary is also the fake QEMU (when `VMKIT_FAKE_QEMU_SELF` is
-//! set) and the host process the orphan test kills (when `VMKIT_ORPHAN_HOST` is set).
+//! set), the fake vsock daemon (when `VMKIT_FAKE_VSOCK_SELF` is set) and the host
+//! process the orphan test kills (when `VMKIT_ORPHAN_HOST` is set).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)] // a test binary
 
 use std::io::{BufRead, BufReader};
@@ -25,6 +26,9 @@ type TestFn = fn(&tokio::runtime::Runtime);
 fn main() -> ExitCode {
     if std::env::var_os("VMKIT_FAKE_QEMU_SELF").is_some() {
         std::process::exit(fake_qemu::main());
+    }
+    if std::env::var_os("VMKIT_FAKE_VSOCK_SELF").is_some() {
+        std::process::exit(vmkit_testkit::fake_vsock::main());
     }
     if std::env::var_os("VMKIT_ORPHAN_HOST").is_some() {
         orphan_host();
@@ -175,6 +179,31 @@ fn fake(behaviour: &str, edit: impl FnOnce(&mut InstanceConfig)) -> Fake {
     edit(&mut config);
     let vm = QemuBackend.create_instance(config).unwrap();
     Fake { _dir: dir, vm }
+}
+
+/// Gives the fake VM a guest agent: hybrid vsock through the fake vsock daemon (this
+/// binary again).
+fn with_fake_agent(config: &mut InstanceConfig) {
+    let dir = config.state_dir.parent().unwrap().to_owned();
+    let wrapper = dir.join("vhost-device-vsock");
+    let me = std::env::current_exe().unwrap();
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexport VMKIT_FAKE_VSOCK_SELF=1\nexec '{}' \"$@\"\n",
+            me.display()
+        ),
+    )
+    .unwrap();
+    make_executable(&wrapper);
+    config
+        .backend_options
+        .insert("vhost_vsock_binary".into(), wrapper.display().to_string());
+    config.transport = vmkit_core::GuestTransport::HybridVsock {
+        uds: None,
+        port: vmkit_proto::AGENT_PORT,
+    };
+    config.timeouts.command = Duration::from_secs(2);
 }
 
 fn make_executable(path: &Path) {
@@ -609,8 +638,8 @@ fn a_late_resume_is_followed_and_shutdown_stays_graceful(rt: &tokio::runtime::Ru
     assert_released(&f);
 }
 
-/// The conformance suite's target: the QEMU backend driving the fake QEMU (no guest
-/// agent: `transport: none`), crashed by SIGKILL.
+/// The conformance suite's target: the QEMU backend driving the fake QEMU, its guest
+/// agent behind the fake vsock daemon (hybrid vsock), crashed by SIGKILL.
 struct FakeQemuTarget {
     template: Fake,
 }
@@ -644,7 +673,7 @@ impl vmkit_testkit::conformance::Target for FakeQemuTarget {
 /// Issue 13: the QEMU backend keeps the contract the conformance suite checks.
 fn the_conformance_suite_passes_with_the_fake_qemu(rt: &tokio::runtime::Runtime) {
     let target = FakeQemuTarget {
-        template: fake("", |_| {}),
+        template: fake("", with_fake_agent),
     };
     let report = rt.block_on(vmkit_testkit::conformance::run(&target));
     report.assert_passed();
