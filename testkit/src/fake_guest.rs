@@ -2,7 +2,7 @@
 //! `sys/devices/system/cpu/online`, `sys/block/vd*`, …) in a directory, which the agent
 //! serves with [`vmkit_agent::start_with_root`]. The fake QEMU writes them as its
 //! "guest" boots and as devices are plugged (the guest onlines at once); the fake vsock
-//! daemon ([`crate::fake_vsock`]) runs the agent over them. No real guest runs.
+//! daemon (`fake_vsock`) runs the agent over them. No real guest runs.
 //!
 //! Both processes find the directory from the vhost-user socket they share:
 //! [`FakeGuest::root_for`].

@@ -2,11 +2,11 @@
 //! its command line (`--guest-cid N --socket VHOST --uds-path UDS`), creates the
 //! vhost-user socket QEMU would connect to, and answers the host's hybrid vsock dials on
 //! `UDS` (`CONNECT <port>\n` → `OK <n>\n`) by handing each connection to a real
-//! vmkit-agent serving a [`FakeGuest`](crate::fake_guest::FakeGuest): port 1025 to its
+//! vmkit-agent serving a [`FakeGuest`]: port 1025 to its
 //! TTRPC service, port 1026 to its streams, any other port is closed as a guest with no
 //! listener does.
 //!
-//! With the fake QEMU ([`crate::fake_qemu`]) it gives the QEMU backend a guest agent
+//! With the fake QEMU (`fake_qemu`) it gives the QEMU backend a guest agent
 //! behind a fake VM: point the backend's `vhost_vsock_binary` option at a binary that
 //! calls [`main`]. It creates the fake guest's directory (beside the vhost-user socket)
 //! and removes it, with its sockets, on SIGTERM; after SIGKILL the next start replaces

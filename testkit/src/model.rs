@@ -368,6 +368,32 @@ impl<T: ModelTarget> Sut<T> {
             Step::Start => kind(&runtime.block_on(self.vm.start(StartOptions::new()))),
             Step::Pause => kind(&runtime.block_on(self.vm.pause())),
             Step::Resume => kind(&runtime.block_on(self.vm.resume())),
+            Step::Crash => runtime.block_on(async {
+                T::crash(&self.vm).await;
+                let exit = tokio::time::timeout(Duration::from_secs(10), self.vm.wait())
+                    .await
+                    .unwrap_or_else(|_| panic!("wait() did not end within 10 s of a crash"));
+                assert_eq!(exit.reason, ExitReason::Crashed, "{exit:?}");
+                Expect::Ok
+            }),
+            Step::Shutdown => kind(&runtime.block_on(self.vm.shutdown())),
+            Step::TwoShutdownsAtOnce => runtime.block_on(async {
+                let (a, b) = tokio::join!(self.vm.shutdown(), self.vm.shutdown());
+                let (a, b) = (
+                    a.unwrap_or_else(|e| panic!("the first shutdown failed: {e}")),
+                    b.unwrap_or_else(|e| panic!("the second shutdown failed: {e}")),
+                );
+                assert_eq!(a, b, "concurrent shutdowns disagree");
+                Expect::Ok
+            }),
+            hotplug => self.hotplug_step(hotplug),
+        }
+    }
+
+    /// The hot-plug steps.
+    fn hotplug_step(&mut self, step: &Step) -> Expect {
+        let runtime = T::runtime();
+        match step {
             Step::SetVcpus(n) => {
                 let cpus = self
                     .vm
@@ -420,24 +446,7 @@ impl<T: ModelTarget> Sut<T> {
                 }
                 kind(&r)
             }
-            Step::Crash => runtime.block_on(async {
-                T::crash(&self.vm).await;
-                let exit = tokio::time::timeout(Duration::from_secs(10), self.vm.wait())
-                    .await
-                    .unwrap_or_else(|_| panic!("wait() did not end within 10 s of a crash"));
-                assert_eq!(exit.reason, ExitReason::Crashed, "{exit:?}");
-                Expect::Ok
-            }),
-            Step::Shutdown => kind(&runtime.block_on(self.vm.shutdown())),
-            Step::TwoShutdownsAtOnce => runtime.block_on(async {
-                let (a, b) = tokio::join!(self.vm.shutdown(), self.vm.shutdown());
-                let (a, b) = (
-                    a.unwrap_or_else(|e| panic!("the first shutdown failed: {e}")),
-                    b.unwrap_or_else(|e| panic!("the second shutdown failed: {e}")),
-                );
-                assert_eq!(a, b, "concurrent shutdowns disagree");
-                Expect::Ok
-            }),
+            other => panic!("{other:?} is not a hot-plug step"),
         }
     }
 
