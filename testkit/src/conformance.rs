@@ -15,7 +15,7 @@
 //! | `shutdown_twice_and_at_once` | concurrent and repeated `shutdown`s return the same `ExitInfo`, as `wait()` does |
 //! | `shutdown_before_start` | `NeverStarted`, straight to `Shutdown` |
 //! | `devices_before_start_only` | cold devices are accepted in `New` only |
-//! | `capabilities_are_honest` | a reported capability works; a hot-plugger is `Some` exactly when its capability is reported |
+//! | `capabilities_are_honest` | a reported capability works; a hot-plugger is `Some` exactly when its capability is reported; with `GUEST_AGENT`, `vm_info().guest` is where a client dialled by vmkit-vsock answers `Ping` |
 //! | `wait_after_a_crash` | a VM that dies resolves `wait()` with `Crashed` and ends in `Shutdown` (with [`Target::crash`]) |
 //! | `nothing_left` | after `shutdown` no socket the VM reported exists and its process is gone |
 //!
@@ -471,6 +471,7 @@ async fn capabilities_are_honest(target: &dyn Target) -> Result<String, String> 
     let agent = vm.client().await;
     if caps.contains(Capabilities::GUEST_AGENT) {
         agent.map_err(|e| format!("client() with GUEST_AGENT: {e}"))?;
+        guest_address_answers(vm.as_ref()).await?;
     } else {
         match agent {
             Err(Error::Unsupported { .. }) => {}
@@ -486,6 +487,28 @@ async fn capabilities_are_honest(target: &dyn Target) -> Result<String, String> 
     }
     vm.shutdown().await.map_err(|e| format!("shutdown: {e}"))?;
     Ok(String::new())
+}
+
+/// A VM with an agent says where it listens (`vm_info().guest`), and a client dialled
+/// there by vmkit-vsock, not by the backend, answers `Ping`: what a host-side adapter of
+/// a plugin relies on.
+async fn guest_address_answers(vm: &dyn Instance) -> Result<(), String> {
+    let Some(addr) = vm.vm_info().guest else {
+        return Err("GUEST_AGENT reported but vm_info().guest is None while running".into());
+    };
+    let within = std::time::Duration::from_secs(10);
+    let client = vmkit_vsock::connect_ttrpc_with_retry(&addr, within)
+        .await
+        .map_err(|e| format!("dial vm_info().guest {addr}: {e}"))?;
+    let nanos = i64::try_from(within.as_nanos()).unwrap_or(i64::MAX);
+    vmkit_proto::AgentClient::new(client)
+        .ping(
+            ttrpc::context::with_timeout(nanos),
+            &vmkit_proto::agent::PingRequest::new(),
+        )
+        .await
+        .map(drop)
+        .map_err(|e| format!("Ping at vm_info().guest {addr}: {e}"))
 }
 
 async fn wait_after_a_crash(target: &dyn Target) -> Result<String, String> {

@@ -104,6 +104,15 @@ pub enum Error {
         reason: String,
     },
 
+    /// A guest address or URL that cannot be used.
+    #[error("invalid guest address {addr:?}: {reason}")]
+    InvalidAddress {
+        /// The address as given.
+        addr: String,
+        /// Why it is invalid.
+        reason: String,
+    },
+
     /// An operating-system call failed during `op`.
     #[error("{op}: {source}")]
     Io {

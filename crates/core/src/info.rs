@@ -55,6 +55,9 @@ pub struct VmInfo {
     pub cid: Option<u32>,
     /// The sockets the instance serves or uses, by role (`"control"`, `"vsock"`).
     pub sockets: Vec<(String, PathBuf)>,
+    /// Where the guest's agent listens (its TTRPC port), while the VM lives and has one:
+    /// what a host-side adapter (a backend loaded as a plugin) dials with vmkit-vsock.
+    pub guest: Option<crate::GuestAddr>,
     /// What this instance can do (may be narrower than the backend's list, e.g. without
     /// memory slots there is no memory hotplug).
     pub capabilities: Capabilities,

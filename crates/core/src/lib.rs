@@ -36,6 +36,7 @@ pub mod backend;
 pub mod config;
 pub mod devices;
 pub mod error;
+pub mod guest_addr;
 pub mod info;
 pub mod instance;
 pub mod resources;
@@ -50,6 +51,7 @@ pub use config::{
 };
 pub use devices::{DiskConfig, DiskFormat, MacAddr, NicBackend, NicConfig};
 pub use error::{Error, Result};
+pub use guest_addr::GuestAddr;
 pub use info::{Capabilities, ExitInfo, ExitReason, ShutdownStage, VmEvent, VmInfo};
 pub use instance::{
     DeviceConfigurator, GuestClient, GuestCommunicator, GuestStream, Instance, StartOptions,

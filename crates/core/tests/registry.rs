@@ -100,6 +100,7 @@ impl Instance for LoopbackVm {
             pid: None,
             cid: None,
             sockets: Vec::new(),
+            guest: None,
             capabilities: Capabilities::PAUSE,
         }
     }

@@ -587,13 +587,16 @@ impl Instance for QemuInstance {
             .map(|p| p.pid());
         let layout = self.shared.config.layout();
         let mut sockets = vec![("control".to_owned(), layout.control_socket())];
-        let (cid, hybrid) = {
+        let (cid, guest) = {
             let life = self.shared.life();
-            match life.link.as_ref().map(|l| (l.cid, l.agent.clone())) {
-                Some((cid, GuestAddr::HybridVsock { uds, .. })) => (Some(cid), Some(uds)),
-                Some((cid, _)) => (Some(cid), None),
+            match life.link.as_ref() {
+                Some(link) => (Some(link.cid), Some(link.agent.clone())),
                 None => (None, None),
             }
+        };
+        let hybrid = match &guest {
+            Some(GuestAddr::HybridVsock { uds, .. }) => Some(uds.clone()),
+            _ => None,
         };
         // What this instance offers: no guest parts without an agent, and once its link
         // exists, only the vsock flavour it uses.
@@ -623,6 +626,7 @@ impl Instance for QemuInstance {
             pid,
             cid,
             sockets,
+            guest,
             capabilities,
         }
     }

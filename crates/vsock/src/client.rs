@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::addr::GuestAddr;
 use crate::dial::{GuestConn, dial, dial_with_retry};
 use crate::error::Result;
+use vmkit_core::GuestAddr;
 
 /// The TTRPC client type (`ttrpc::r#async::Client`); wrap it in
 /// `vmkit_proto::AgentClient` for typed calls.

@@ -11,9 +11,9 @@ use tokio::net::UnixStream;
 use tokio::time::{Instant, timeout_at};
 use tokio_vsock::{VsockAddr, VsockStream};
 
-use crate::addr::GuestAddr;
 use crate::error::{Error, Result};
 use crate::gate::LinkGate;
+use vmkit_core::GuestAddr;
 
 /// The longest `OK <n>` line a hybrid vsock peer may send.
 const MAX_HANDSHAKE_LINE: usize = 64;
@@ -263,6 +263,34 @@ async fn attempt(addr: &GuestAddr, deadline: Instant) -> Result<GuestConn> {
                 let handshake = hybrid_handshake(addr, &mut stream, *port).await;
                 let conn = HybridConn::new(stream, gate);
                 handshake.map(|()| GuestConn::Hybrid(conn))
+            }
+            GuestAddr::Unix { dir, port } => {
+                let socket = match *port {
+                    vmkit_proto::AGENT_PORT => dir.join("agent.sock"),
+                    vmkit_proto::STREAM_PORT => dir.join("stream.sock"),
+                    other => {
+                        return Err(failure(
+                            addr,
+                            format!(
+                                "port {other}: the agent's host test mode serves only {} and {}",
+                                vmkit_proto::AGENT_PORT,
+                                vmkit_proto::STREAM_PORT
+                            ),
+                            false,
+                        ));
+                    }
+                };
+                // A plain Unix socket: no handshake, no gate (no VM to pause).
+                UnixStream::connect(&socket)
+                    .await
+                    .map(|stream| GuestConn::Hybrid(HybridConn::new(stream, None)))
+                    .map_err(|e| {
+                        failure(
+                            addr,
+                            format!("connect {}: {e}", socket.display()),
+                            transient_io(&e),
+                        )
+                    })
             }
         }
     };

@@ -7,14 +7,6 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// A guest address or URL that cannot be used.
-    #[error("invalid guest address {addr:?}: {reason}")]
-    InvalidAddress {
-        /// The address as given.
-        addr: String,
-        /// Why it is invalid.
-        reason: String,
-    },
     /// One connection attempt failed.
     #[error("dial {addr}: {cause}")]
     Dial {

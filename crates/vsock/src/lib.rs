@@ -1,7 +1,8 @@
 //! # vmkit-vsock
 //!
-//! How the host reaches a guest: addresses ([`GuestAddr`], `vsock://3:1025` and
-//! `hvsock:///run/vm/vsock.sock:1025`), a dialer for kernel vsock and for hybrid vsock
+//! How the host reaches a guest: addresses ([`GuestAddr`], vmkit-core's, re-exported:
+//! `vsock://3:1025`, `hvsock:///run/vm/vsock.sock:1025`, and `unix:///run/vm:1025` for
+//! the agent's host test mode), a dialer for kernel vsock and for hybrid vsock
 //! (`CONNECT <port>\n` → `OK <n>\n`), [`dial_with_retry`] with error classification, raw
 //! streams to the agent ([`open_stream`]), TTRPC over any of them ([`ttrpc_client`]),
 //! and the host-wide [`CidAllocator`].
@@ -11,7 +12,7 @@
 //! use vmkit_vsock::{GuestAddr, connect_ttrpc_with_retry};
 //!
 //! # async fn run() -> vmkit_vsock::Result<()> {
-//! let addr: GuestAddr = "hvsock:///run/vmkit/vm1/vsock.sock:1025".parse()?;
+//! let addr = GuestAddr::HybridVsock { uds: "/run/vmkit/vm1/vsock.sock".into(), port: 1025 };
 //! let client = connect_ttrpc_with_retry(&addr, Duration::from_secs(5)).await?;
 //! let agent = vmkit_proto::AgentClient::new(client);
 //! # let _ = agent;
@@ -19,7 +20,6 @@
 //! # }
 //! ```
 
-mod addr;
 pub mod cid;
 mod client;
 mod dial;
@@ -27,7 +27,6 @@ mod error;
 mod gate;
 mod stream;
 
-pub use addr::GuestAddr;
 pub use cid::{CidAllocator, CidLease, CidOptions, Reservation};
 pub use client::{
     ConnHealth, TtrpcClient, connect_ttrpc, connect_ttrpc_with_retry, ttrpc_client,
@@ -37,3 +36,4 @@ pub use dial::{GuestConn, HybridConn, dial, dial_with_retry};
 pub use error::{Error, Result};
 pub use gate::LinkGate;
 pub use stream::{AgentStream, begin_stream, open_stream};
+pub use vmkit_core::GuestAddr;

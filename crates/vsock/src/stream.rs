@@ -6,9 +6,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 use vmkit_proto::{FramedStream, MAX_HEADER, StreamHeader, StreamReply};
 
-use crate::addr::GuestAddr;
 use crate::dial::{GuestConn, dial};
 use crate::error::{Error, Result};
+use vmkit_core::GuestAddr;
 
 fn kind_of(header: &StreamHeader) -> &'static str {
     match header {

@@ -561,13 +561,18 @@ impl Instance for FakeInstance {
         if lock(&vm.devices).ports == 0 {
             capabilities.remove(Capabilities::DISK_HOTPLUG | Capabilities::NIC_HOTPLUG);
         }
-        let sockets = if lock(&vm.life).agent.is_some() {
-            vec![
+        let (sockets, guest) = if lock(&vm.life).agent.is_some() {
+            let sockets = vec![
                 ("agent".to_owned(), vm.ttrpc_socket()),
                 ("streams".to_owned(), vm.stream_socket()),
-            ]
+            ];
+            let guest = vmkit_core::GuestAddr::Unix {
+                dir: vm.config.state_dir.clone(),
+                port: vmkit_proto::AGENT_PORT,
+            };
+            (sockets, Some(guest))
         } else {
-            Vec::new()
+            (Vec::new(), None)
         };
         VmInfo {
             id: vm.config.id.clone(),
@@ -576,6 +581,7 @@ impl Instance for FakeInstance {
             pid: None,
             cid: None,
             sockets,
+            guest,
             capabilities,
         }
     }

@@ -1,13 +1,17 @@
-//! Guest addresses and their URL forms.
+//! Guest addresses and their URL forms: where a guest's agent listens, as
+//! [`VmInfo::guest`](crate::VmInfo::guest) reports it and vmkit-vsock dials it.
 
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use serde::{Deserialize, Serialize};
+
 use crate::error::Error;
 
 /// Where a guest listens.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
 pub enum GuestAddr {
     /// Kernel vsock (`vhost-vsock`): the guest's context id and port.
     /// URL form: `vsock://<cid>:<port>`.
@@ -26,13 +30,25 @@ pub enum GuestAddr {
         /// The port in the guest.
         port: u32,
     },
+    /// The agent's host test mode (`vmkit-agent --unix DIR`, vmkit-testkit's fake VMs):
+    /// no vsock, one Unix socket per port in `dir` — `agent.sock` for the TTRPC port
+    /// (1025), `stream.sock` for the stream port (1026). URL form:
+    /// `unix://<absolute dir>:<port>`.
+    Unix {
+        /// The directory holding the sockets.
+        dir: PathBuf,
+        /// The port asked for.
+        port: u32,
+    },
 }
 
 impl GuestAddr {
     /// The port in the guest.
     pub fn port(&self) -> u32 {
         match self {
-            GuestAddr::Vsock { port, .. } | GuestAddr::HybridVsock { port, .. } => *port,
+            GuestAddr::Vsock { port, .. }
+            | GuestAddr::HybridVsock { port, .. }
+            | GuestAddr::Unix { port, .. } => *port,
         }
     }
 
@@ -43,6 +59,10 @@ impl GuestAddr {
             GuestAddr::Vsock { cid, .. } => GuestAddr::Vsock { cid: *cid, port },
             GuestAddr::HybridVsock { uds, .. } => GuestAddr::HybridVsock {
                 uds: uds.clone(),
+                port,
+            },
+            GuestAddr::Unix { dir, .. } => GuestAddr::Unix {
+                dir: dir.clone(),
                 port,
             },
         }
@@ -56,6 +76,7 @@ impl fmt::Display for GuestAddr {
             GuestAddr::HybridVsock { uds, port } => {
                 write!(f, "hvsock://{}:{port}", uds.display())
             }
+            GuestAddr::Unix { dir, port } => write!(f, "unix://{}:{port}", dir.display()),
         }
     }
 }
@@ -92,23 +113,28 @@ impl FromStr for GuestAddr {
                 port: port_of(port)?,
             });
         }
-        if let Some(rest) = url.strip_prefix("hvsock://") {
+        for (scheme, what) in [("hvsock://", "socket path"), ("unix://", "directory")] {
+            let Some(rest) = url.strip_prefix(scheme) else {
+                continue;
+            };
             let (path, port) = rest
                 .rsplit_once(':')
-                .ok_or_else(|| bad("expected hvsock://<socket path>:<port>"))?;
+                .ok_or_else(|| bad(&format!("expected {scheme}<{what}>:<port>")))?;
             if !path.starts_with('/') {
-                return Err(bad("the socket path must be absolute"));
+                return Err(bad(&format!("the {what} must be absolute")));
             }
             if path.contains('\0') {
-                return Err(bad("the socket path contains a NUL byte"));
+                return Err(bad(&format!("the {what} contains a NUL byte")));
             }
-            return Ok(GuestAddr::HybridVsock {
-                uds: PathBuf::from(path),
-                port: port_of(port)?,
+            let (path, port) = (PathBuf::from(path), port_of(port)?);
+            return Ok(if scheme == "unix://" {
+                GuestAddr::Unix { dir: path, port }
+            } else {
+                GuestAddr::HybridVsock { uds: path, port }
             });
         }
         Err(bad(
-            "expected vsock://<cid>:<port> or hvsock://<socket path>:<port>",
+            "expected vsock://<cid>:<port>, hvsock://<socket path>:<port> or unix://<directory>:<port>",
         ))
     }
 }
@@ -121,7 +147,11 @@ mod tests {
 
     #[test]
     fn urls_parse_and_print_back() {
-        for url in ["vsock://3:1025", "hvsock:///run/vm/a:b/vsock.sock:1026"] {
+        for url in [
+            "vsock://3:1025",
+            "hvsock:///run/vm/a:b/vsock.sock:1026",
+            "unix:///run/vm/a:1025",
+        ] {
             assert_eq!(url.parse::<GuestAddr>().unwrap().to_string(), url);
         }
         assert_eq!(
@@ -133,6 +163,20 @@ mod tests {
                 port: 1026
             }
         );
+    }
+
+    #[test]
+    fn addresses_cross_as_json_with_their_kind() {
+        let addr = GuestAddr::HybridVsock {
+            uds: "/run/vm/vsock.sock".into(),
+            port: 1025,
+        };
+        let json = serde_json::to_string(&addr).unwrap();
+        assert_eq!(
+            json,
+            r#"{"kind":"hybrid_vsock","uds":"/run/vm/vsock.sock","port":1025}"#
+        );
+        assert_eq!(serde_json::from_str::<GuestAddr>(&json).unwrap(), addr);
     }
 
     #[test]
@@ -151,8 +195,12 @@ mod tests {
             "invalid guest address \"hvsock://run/x.sock:1\": the socket path must be absolute"
         );
         assert_eq!(
-            err("unix:///x"),
-            "invalid guest address \"unix:///x\": expected vsock://<cid>:<port> or hvsock://<socket path>:<port>"
+            err("tcp://x:1"),
+            "invalid guest address \"tcp://x:1\": expected vsock://<cid>:<port>, hvsock://<socket path>:<port> or unix://<directory>:<port>"
+        );
+        assert_eq!(
+            err("unix://x:1"),
+            "invalid guest address \"unix://x:1\": the directory must be absolute"
         );
     }
 
@@ -167,6 +215,7 @@ mod tests {
             for addr in [
                 GuestAddr::Vsock { cid, port },
                 GuestAddr::HybridVsock { uds: path.clone().into(), port },
+                GuestAddr::Unix { dir: path.clone().into(), port },
             ] {
                 prop_assert_eq!(addr.to_string().parse::<GuestAddr>().unwrap(), addr);
             }
