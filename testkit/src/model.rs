@@ -279,6 +279,9 @@ pub struct Sut<T: ModelTarget> {
     sockets: Vec<(String, PathBuf)>,
     /// This process's open fds before the sequence.
     fds: usize,
+    /// This process's children before the sequence (a backend process serving every
+    /// case is not a leak of one).
+    children: Vec<u32>,
     _target: PhantomData<T>,
 }
 
@@ -463,6 +466,7 @@ impl<T: ModelTarget> StateMachineTest for Sut<T> {
 
     fn init_test(_model: &Model) -> Sut<T> {
         let fds = open_fds();
+        let children = children();
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("a temp dir: {e}"));
         let kernel = dir.path().join("vmlinuz");
         std::fs::write(&kernel, b"never read")
@@ -488,6 +492,7 @@ impl<T: ModelTarget> StateMachineTest for Sut<T> {
             next_disk: 0,
             sockets: Vec::new(),
             fds,
+            children,
             _target: PhantomData,
         }
     }
@@ -545,13 +550,25 @@ impl<T: ModelTarget> StateMachineTest for Sut<T> {
         assert_eq!(again, exit, "Shutdown is terminal");
         assert_eq!(sut.vm.state(), VmState::Shutdown);
         sut.check_released();
-        let Sut { vm, fds, dir, .. } = sut;
+        let Sut {
+            vm,
+            fds,
+            dir,
+            children: before,
+            ..
+        } = sut;
         drop(vm);
         drop(dir);
-        assert!(
-            settles(Duration::from_secs(2), || children().is_empty()),
-            "child processes left: {:?}",
+        let new_children = || {
             children()
+                .into_iter()
+                .filter(|c| !before.contains(c))
+                .collect::<Vec<_>>()
+        };
+        assert!(
+            settles(Duration::from_secs(2), || new_children().is_empty()),
+            "child processes left: {:?}",
+            new_children()
         );
         assert!(
             settles(Duration::from_secs(2), || open_fds() <= fds),

@@ -116,6 +116,25 @@ pub async fn crash(id: &str) -> bool {
     }
 }
 
+/// Crashes every live fake VM of this process (for a test that drives them from
+/// another process: a signal handler in the process serving them calls this). Returns
+/// how many it crashed.
+pub async fn crash_all() -> usize {
+    let vms: Vec<Arc<Vm>> = {
+        let mut all = lock(live());
+        all.retain(|_, vm| vm.strong_count() > 0);
+        all.values().filter_map(std::sync::Weak::upgrade).collect()
+    };
+    let mut crashed_now = 0;
+    for vm in vms {
+        if matches!(vm.state.get(), VmState::Running | VmState::Paused) {
+            vm.end(crashed()).await;
+            crashed_now += 1;
+        }
+    }
+    crashed_now
+}
+
 /// The in-process backend.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct FakeBackend;

@@ -1,0 +1,696 @@
+//! The host side: [`PluginBackend`] and [`PluginInstance`] implement vmkit-core's
+//! traits over a [`Channel`] to a plugin (a loaded library or a backend process), so a
+//! backend that arrives at run time looks to the [`Registry`](vmkit_core::Registry) and
+//! its callers exactly like one linked in.
+//!
+//! The guest channel stays here: the plugin reports where the agent listens
+//! (`VmInfo::guest`) and the adapter dials it with vmkit-vsock, so `client()`,
+//! `dial_client_with_retry()` and `start_stream()` cost what they cost with a static
+//! backend. A plugin that goes away fails every pending call at once, and its instances
+//! end with `ExitReason::Crashed` and a message naming the cause.
+
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::broadcast;
+use vmkit_core::{
+    Backend, Capabilities, CpuHotplugger, CpuInfo, DeviceConfigurator, DiskConfig,
+    Error as CoreError, ExitInfo, ExitReason, GuestAddr, GuestClient, GuestCommunicator,
+    GuestStream, Instance, InstanceConfig, MemoryHotplugger, MemoryInfo, NicConfig,
+    ResourceManager, StartOptions, VcpuResize, VmEvent, VmInfo, VmState,
+};
+
+use crate::wire::{InstanceId, Reply, Request, resize_from_wire};
+
+/// Where a backend came from, for listings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// A shared library.
+    Library(std::path::PathBuf),
+    /// A backend process, by its executable.
+    Process(std::path::PathBuf),
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Origin::Library(path) => write!(f, "library {}", path.display()),
+            Origin::Process(path) => write!(f, "process {}", path.display()),
+        }
+    }
+}
+
+/// A transport to one plugin.
+#[async_trait]
+pub trait Channel: Send + Sync + 'static {
+    /// Sends `req` and waits for its reply; an `Err` when the plugin is gone or did not
+    /// answer within `deadline`.
+    async fn call(&self, req: Request, deadline: Option<Duration>) -> vmkit_core::Result<Reply>;
+
+    /// The same for the contract's synchronous methods (`create`, `state`, `vm_info`,
+    /// cold devices): blocks the calling thread for one round trip, at most `deadline`.
+    fn call_blocking(&self, req: Request, deadline: Duration) -> vmkit_core::Result<Reply>;
+
+    /// Sends `req` without waiting for its reply (`Destroy` from a `Drop`).
+    fn notify(&self, req: Request);
+
+    /// From now on, instance `id`'s events go to `sink`.
+    fn subscribe(&self, id: InstanceId, sink: broadcast::Sender<VmEvent>);
+
+    /// Why the plugin is gone, once it is.
+    fn gone(&self) -> Option<String>;
+
+    /// Where it came from.
+    fn origin(&self) -> &Origin;
+}
+
+/// The reply's error, or an error saying the reply was not the one expected.
+fn unexpected(op: &str, reply: Reply) -> CoreError {
+    match reply {
+        Reply::Failed { error } => error.into_core(),
+        other => CoreError::backend(
+            op.to_owned(),
+            crate::wire::RemoteError(format!("the plugin answered {other:?}")),
+        ),
+    }
+}
+
+/// A backend behind a [`Channel`].
+pub struct PluginBackend {
+    name: String,
+    capabilities: Capabilities,
+    channel: Arc<dyn Channel>,
+}
+
+impl std::fmt::Debug for PluginBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginBackend")
+            .field("name", &self.name)
+            .field("origin", self.channel.origin())
+            .finish()
+    }
+}
+
+/// How long a description or a create may take.
+const SETUP_DEADLINE: Duration = Duration::from_secs(10);
+
+impl PluginBackend {
+    /// Asks the plugin behind `channel` what it is.
+    ///
+    /// # Errors
+    /// The plugin does not answer, or answers with another schema version.
+    pub fn describe(channel: Arc<dyn Channel>) -> vmkit_core::Result<PluginBackend> {
+        match channel.call_blocking(Request::Describe, SETUP_DEADLINE)? {
+            Reply::Described {
+                name,
+                capabilities,
+                schema,
+            } => {
+                if schema != crate::wire::SCHEMA_VERSION {
+                    return Err(CoreError::backend(
+                        "describe",
+                        crate::wire::RemoteError(format!(
+                            "{}: schema version {schema}, this host speaks {}",
+                            channel.origin(),
+                            crate::wire::SCHEMA_VERSION
+                        )),
+                    ));
+                }
+                Ok(PluginBackend {
+                    name,
+                    capabilities,
+                    channel,
+                })
+            }
+            other => Err(unexpected("describe", other)),
+        }
+    }
+
+    /// Where the backend came from.
+    pub fn origin(&self) -> &Origin {
+        self.channel.origin()
+    }
+
+    /// [`Backend::create`], typed.
+    ///
+    /// # Errors
+    /// As `Backend::create`; or the plugin is gone.
+    pub fn create_plugin(&self, config: InstanceConfig) -> vmkit_core::Result<PluginInstance> {
+        let deadline = config.timeouts.command.max(SETUP_DEADLINE);
+        let id = match self.channel.call_blocking(
+            Request::Create {
+                config: Box::new(config.clone()),
+            },
+            deadline,
+        )? {
+            Reply::Created { instance } => instance,
+            other => return Err(unexpected("create", other)),
+        };
+        let (cpu, memory) = match self
+            .channel
+            .call_blocking(Request::Hotpluggers { instance: id }, deadline)?
+        {
+            Reply::Hotpluggers { cpu, memory } => (cpu, memory),
+            other => return Err(unexpected("create", other)),
+        };
+        let (events, _) = broadcast::channel(256);
+        self.channel.subscribe(id, events.clone());
+        let remote = Remote {
+            id,
+            channel: Arc::clone(&self.channel),
+            command: config.timeouts.command,
+        };
+        Ok(PluginInstance {
+            cpus: cpu.then(|| RemoteCpus(remote.clone())),
+            memory: memory.then(|| RemoteMemory(remote.clone())),
+            remote,
+            backend: self.name.clone(),
+            config,
+            events,
+            agent: tokio::sync::Mutex::new(None),
+            lost: OnceLock::new(),
+            last_state: Mutex::new(VmState::New),
+        })
+    }
+}
+
+impl Backend for PluginBackend {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.capabilities
+    }
+
+    fn create(&self, config: InstanceConfig) -> vmkit_core::Result<Box<dyn Instance>> {
+        Ok(Box::new(self.create_plugin(config)?))
+    }
+}
+
+/// One instance in a plugin: its id and the channel.
+#[derive(Clone)]
+struct Remote {
+    id: InstanceId,
+    channel: Arc<dyn Channel>,
+    command: Duration,
+}
+
+impl Remote {
+    async fn call(&self, req: Request) -> vmkit_core::Result<Reply> {
+        self.channel.call(req, None).await
+    }
+
+    fn call_now(&self, req: Request) -> vmkit_core::Result<Reply> {
+        self.channel
+            .call_blocking(req, self.command.max(SETUP_DEADLINE))
+    }
+
+    async fn done(&self, op: &str, req: Request) -> vmkit_core::Result<()> {
+        match self.call(req).await? {
+            Reply::Done => Ok(()),
+            other => Err(unexpected(op, other)),
+        }
+    }
+}
+
+/// An instance in a plugin, driven through its channel.
+pub struct PluginInstance {
+    remote: Remote,
+    backend: String,
+    config: InstanceConfig,
+    events: broadcast::Sender<VmEvent>,
+    cpus: Option<RemoteCpus>,
+    memory: Option<RemoteMemory>,
+    /// The cached agent client and its health.
+    agent: tokio::sync::Mutex<Option<(GuestClient, vmkit_vsock::ConnHealth)>>,
+    /// How the instance ended when its plugin went away (the same for every caller).
+    lost: OnceLock<ExitInfo>,
+    /// The last state the plugin reported.
+    last_state: Mutex<VmState>,
+}
+
+impl std::fmt::Debug for PluginInstance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginInstance")
+            .field("backend", &self.backend)
+            .field("id", &self.config.id)
+            .finish()
+    }
+}
+
+impl Drop for PluginInstance {
+    fn drop(&mut self) {
+        self.remote.channel.notify(Request::Destroy {
+            instance: self.remote.id,
+        });
+    }
+}
+
+impl PluginInstance {
+    /// The config it was created with.
+    pub fn config(&self) -> &InstanceConfig {
+        &self.config
+    }
+
+    /// The exit of an instance whose plugin is gone, published once.
+    fn lost_exit(&self, cause: &str) -> ExitInfo {
+        self.lost
+            .get_or_init(|| {
+                let from = self.remember(VmState::Shutdown);
+                if from != VmState::Shutdown {
+                    let _ = self.events.send(VmEvent::StateChanged {
+                        from,
+                        to: VmState::Shutdown,
+                    });
+                }
+                ExitInfo {
+                    reason: ExitReason::Crashed,
+                    stage: None,
+                    exit_code: None,
+                    signal: None,
+                    message: Some(format!("the {} backend is gone: {cause}", self.backend)),
+                }
+            })
+            .clone()
+    }
+
+    /// Records `state`; returns the one before.
+    fn remember(&self, state: VmState) -> VmState {
+        let mut last = self.last_state.lock().unwrap_or_else(|p| p.into_inner());
+        std::mem::replace(&mut *last, state)
+    }
+
+    /// An exit from `reply`, or the plugin's loss.
+    fn exit_of(&self, op: &str, reply: vmkit_core::Result<Reply>) -> vmkit_core::Result<ExitInfo> {
+        match reply {
+            Ok(Reply::Exit { exit }) => {
+                self.remember(VmState::Shutdown);
+                Ok(exit)
+            }
+            Ok(other) => Err(unexpected(op, other)),
+            Err(e) => match self.remote.channel.gone() {
+                Some(cause) => Ok(self.lost_exit(&cause)),
+                None => Err(e),
+            },
+        }
+    }
+
+    fn info(&self) -> Option<VmInfo> {
+        match self.remote.call_now(Request::VmInfo {
+            instance: self.remote.id,
+        }) {
+            Ok(Reply::VmInfo { info }) => {
+                self.remember(info.state);
+                Some(*info)
+            }
+            _ => None,
+        }
+    }
+
+    /// Where the agent listens, or why `op` cannot reach it now.
+    async fn guest(&self, op: &'static str, states: &[VmState]) -> vmkit_core::Result<GuestAddr> {
+        let info = match self
+            .remote
+            .call(Request::VmInfo {
+                instance: self.remote.id,
+            })
+            .await?
+        {
+            Reply::VmInfo { info } => *info,
+            other => return Err(unexpected(op, other)),
+        };
+        if !states.contains(&info.state) {
+            return Err(CoreError::InvalidState {
+                op,
+                state: info.state,
+            });
+        }
+        if !info.capabilities.contains(Capabilities::GUEST_AGENT) {
+            return Err(CoreError::unsupported(
+                op,
+                &self.backend,
+                "the instance has no guest agent",
+            ));
+        }
+        info.guest.ok_or_else(|| {
+            CoreError::backend(
+                op,
+                crate::wire::RemoteError("the plugin reports no guest address".into()),
+            )
+        })
+    }
+}
+
+/// A vsock error for `op` in the core's terms (a dial deadline is a timeout).
+fn vsock_error(op: &str, e: vmkit_vsock::Error) -> CoreError {
+    match e {
+        vmkit_vsock::Error::DialTimeout { after, .. } => CoreError::Timeout {
+            op: format!("{op}: {e}"),
+            after,
+        },
+        other => CoreError::backend(op.to_owned(), other),
+    }
+}
+
+#[async_trait]
+impl Instance for PluginInstance {
+    async fn start(&self, opts: StartOptions) -> vmkit_core::Result<()> {
+        let timeout_ms = opts
+            .timeout
+            .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX));
+        self.remote
+            .done(
+                "start",
+                Request::Start {
+                    instance: self.remote.id,
+                    timeout_ms,
+                },
+            )
+            .await
+    }
+
+    async fn shutdown(&self) -> vmkit_core::Result<ExitInfo> {
+        if let Some(exit) = self.lost.get() {
+            return Ok(exit.clone());
+        }
+        let reply = self
+            .remote
+            .call(Request::Shutdown {
+                instance: self.remote.id,
+            })
+            .await;
+        self.exit_of("shutdown", reply)
+    }
+
+    async fn pause(&self) -> vmkit_core::Result<()> {
+        self.remote
+            .done(
+                "pause",
+                Request::Pause {
+                    instance: self.remote.id,
+                },
+            )
+            .await
+    }
+
+    async fn resume(&self) -> vmkit_core::Result<()> {
+        self.remote
+            .done(
+                "resume",
+                Request::Resume {
+                    instance: self.remote.id,
+                },
+            )
+            .await
+    }
+
+    async fn wait(&self) -> ExitInfo {
+        if let Some(exit) = self.lost.get() {
+            return exit.clone();
+        }
+        let reply = self
+            .remote
+            .call(Request::Wait {
+                instance: self.remote.id,
+            })
+            .await;
+        match self.exit_of("wait", reply) {
+            Ok(exit) => exit,
+            Err(e) => self.lost_exit(&e.to_string()),
+        }
+    }
+
+    fn state(&self) -> VmState {
+        if self.lost.get().is_some() {
+            return VmState::Shutdown;
+        }
+        match self.remote.call_now(Request::State {
+            instance: self.remote.id,
+        }) {
+            Ok(Reply::State { state }) => {
+                self.remember(state);
+                state
+            }
+            _ => match self.remote.channel.gone() {
+                Some(cause) => {
+                    self.lost_exit(&cause);
+                    VmState::Shutdown
+                }
+                // An answer that did not come: the last one known.
+                None => *self.last_state.lock().unwrap_or_else(|p| p.into_inner()),
+            },
+        }
+    }
+
+    fn vm_info(&self) -> VmInfo {
+        if self.lost.get().is_none()
+            && let Some(info) = self.info()
+        {
+            return info;
+        }
+        VmInfo {
+            id: self.config.id.clone(),
+            backend: self.backend.clone(),
+            state: self.state(),
+            pid: None,
+            cid: None,
+            sockets: Vec::new(),
+            guest: None,
+            capabilities: Capabilities::empty(),
+        }
+    }
+
+    fn events(&self) -> broadcast::Receiver<VmEvent> {
+        self.events.subscribe()
+    }
+}
+
+#[async_trait]
+impl DeviceConfigurator for PluginInstance {
+    fn add_disk(&self, disk: DiskConfig) -> vmkit_core::Result<()> {
+        match self.remote.call_now(Request::AddDisk {
+            instance: self.remote.id,
+            disk,
+        })? {
+            Reply::Done => Ok(()),
+            other => Err(unexpected("add_disk", other)),
+        }
+    }
+
+    fn add_nic(&self, nic: NicConfig) -> vmkit_core::Result<()> {
+        match self.remote.call_now(Request::AddNic {
+            instance: self.remote.id,
+            nic,
+        })? {
+            Reply::Done => Ok(()),
+            other => Err(unexpected("add_nic", other)),
+        }
+    }
+
+    async fn hotplug_disk(&self, disk: DiskConfig) -> vmkit_core::Result<()> {
+        self.remote
+            .done(
+                "hotplug_disk",
+                Request::HotplugDisk {
+                    instance: self.remote.id,
+                    disk,
+                },
+            )
+            .await
+    }
+
+    async fn hotplug_nic(&self, nic: NicConfig) -> vmkit_core::Result<()> {
+        self.remote
+            .done(
+                "hotplug_nic",
+                Request::HotplugNic {
+                    instance: self.remote.id,
+                    nic,
+                },
+            )
+            .await
+    }
+
+    async fn unplug(&self, id: &str) -> vmkit_core::Result<()> {
+        self.remote
+            .done(
+                "unplug",
+                Request::Unplug {
+                    instance: self.remote.id,
+                    id: id.to_owned(),
+                },
+            )
+            .await
+    }
+}
+
+#[async_trait]
+impl GuestCommunicator for PluginInstance {
+    async fn client(&self) -> vmkit_core::Result<GuestClient> {
+        let mut cached = self.agent.lock().await;
+        if let Some((client, health)) = cached.as_ref()
+            && health.is_alive()
+            && matches!(self.state(), VmState::Running | VmState::Paused)
+        {
+            return Ok(client.clone());
+        }
+        let addr = self
+            .guest("client", &[VmState::Running, VmState::Paused])
+            .await?;
+        let conn = vmkit_vsock::dial_with_retry(&addr, self.config.timeouts.dial)
+            .await
+            .map_err(|e| vsock_error("client", e))?;
+        let (client, health) = vmkit_vsock::ttrpc_client_tracked(conn);
+        *cached = Some((client.clone(), health));
+        Ok(client)
+    }
+
+    async fn dial_client(&self) -> vmkit_core::Result<GuestClient> {
+        let addr = self
+            .guest("dial_client", &[VmState::Running, VmState::Paused])
+            .await?;
+        vmkit_vsock::connect_ttrpc(&addr, self.config.timeouts.dial)
+            .await
+            .map_err(|e| vsock_error("dial_client", e))
+    }
+
+    async fn dial_client_with_retry(&self, timeout: Duration) -> vmkit_core::Result<GuestClient> {
+        let addr = self
+            .guest(
+                "dial_client_with_retry",
+                &[VmState::Running, VmState::Paused],
+            )
+            .await?;
+        vmkit_vsock::connect_ttrpc_with_retry(&addr, timeout)
+            .await
+            .map_err(|e| vsock_error("dial_client_with_retry", e))
+    }
+
+    async fn start_stream(&self, port: u32) -> vmkit_core::Result<Box<dyn GuestStream>> {
+        let addr = self.guest("start_stream", &[VmState::Running]).await?;
+        let conn = vmkit_vsock::dial(&addr.with_port(port), self.config.timeouts.dial)
+            .await
+            .map_err(|e| vsock_error("start_stream", e))?;
+        Ok(Box::new(conn))
+    }
+}
+
+impl ResourceManager for PluginInstance {
+    fn cpu_hotplugger(&self) -> Option<&dyn CpuHotplugger> {
+        self.cpus.as_ref().map(|c| c as &dyn CpuHotplugger)
+    }
+
+    fn memory_hotplugger(&self) -> Option<&dyn MemoryHotplugger> {
+        self.memory.as_ref().map(|m| m as &dyn MemoryHotplugger)
+    }
+}
+
+/// vCPU hot-plug in a plugin.
+struct RemoteCpus(Remote);
+
+#[async_trait]
+impl CpuHotplugger for RemoteCpus {
+    async fn query_cpus(&self) -> vmkit_core::Result<Vec<CpuInfo>> {
+        match self
+            .0
+            .call(Request::QueryCpus {
+                instance: self.0.id,
+            })
+            .await?
+        {
+            Reply::Cpus { cpus } => Ok(cpus),
+            other => Err(unexpected("query_cpus", other)),
+        }
+    }
+
+    async fn hotplug_cpu(&self) -> vmkit_core::Result<CpuInfo> {
+        match self
+            .0
+            .call(Request::HotplugCpu {
+                instance: self.0.id,
+            })
+            .await?
+        {
+            Reply::Cpu { cpu } => Ok(cpu),
+            other => Err(unexpected("hotplug_cpu", other)),
+        }
+    }
+
+    async fn unplug_cpu(&self, index: u32) -> vmkit_core::Result<()> {
+        self.0
+            .done(
+                "unplug_cpu",
+                Request::UnplugCpu {
+                    instance: self.0.id,
+                    index,
+                },
+            )
+            .await
+    }
+
+    async fn set_vcpus(&self, count: u32) -> vmkit_core::Result<VcpuResize> {
+        match self
+            .0
+            .call(Request::SetVcpus {
+                instance: self.0.id,
+                count,
+            })
+            .await?
+        {
+            Reply::Resize {
+                requested,
+                before,
+                achieved,
+                failures,
+            } => Ok(resize_from_wire(requested, before, achieved, failures)),
+            other => Err(unexpected("set_vcpus", other)),
+        }
+    }
+}
+
+/// Memory hot-plug in a plugin.
+struct RemoteMemory(Remote);
+
+#[async_trait]
+impl MemoryHotplugger for RemoteMemory {
+    async fn query_memory(&self) -> vmkit_core::Result<MemoryInfo> {
+        match self
+            .0
+            .call(Request::QueryMemory {
+                instance: self.0.id,
+            })
+            .await?
+        {
+            Reply::Memory { memory } => Ok(memory),
+            other => Err(unexpected("query_memory", other)),
+        }
+    }
+
+    async fn hotplug_memory(&self, size_mib: u64) -> vmkit_core::Result<String> {
+        match self
+            .0
+            .call(Request::HotplugMemory {
+                instance: self.0.id,
+                size_mib,
+            })
+            .await?
+        {
+            Reply::Id { id } => Ok(id),
+            other => Err(unexpected("hotplug_memory", other)),
+        }
+    }
+
+    async fn unplug_memory(&self, id: &str) -> vmkit_core::Result<()> {
+        self.0
+            .done(
+                "unplug_memory",
+                Request::UnplugMemory {
+                    instance: self.0.id,
+                    id: id.to_owned(),
+                },
+            )
+            .await
+    }
+}

@@ -1,0 +1,565 @@
+//! Out of process: the backend runs as its own executable (`<binary> <name> serve
+//! --socket PATH`, the containerd shim model) and the host speaks the [wire](crate::wire)
+//! schema to it over a Unix socket, one JSON message per line. A backend built with
+//! another toolchain, or one that crashes, cannot take the runtime down: when the
+//! process dies every pending call fails at once and its instances end with
+//! `ExitReason::Crashed`, naming how it died.
+//!
+//! - Backend side: [`serve`] (or [`serve_main`] as a whole `main`).
+//! - Host side: [`ProcessChannel::launch`], then
+//!   [`PluginBackend::describe`](crate::PluginBackend::describe).
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, mpsc};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::sync::{broadcast, oneshot};
+use vmkit_core::{Backend, Error as CoreError, VmEvent};
+
+use crate::adapter::{Channel, Origin};
+use crate::dispatch::Dispatcher;
+use crate::error::Error;
+use crate::wire::{EventMessage, InstanceId, Reply, Request};
+
+/// The longest line either side accepts (a `VmInfo` or a config is a few KiB).
+const MAX_LINE: usize = 4 << 20;
+/// How long a launched backend may take to listen.
+const LISTEN_DEADLINE: Duration = Duration::from_secs(10);
+/// How long a backend may take to exit once its host hung up, before SIGKILL.
+const EXIT_GRACE: Duration = Duration::from_secs(5);
+
+/// A message from the host.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum ToBackend {
+    /// A request and its id.
+    Call {
+        /// The id its reply carries.
+        id: u64,
+        /// The request.
+        request: Request,
+    },
+    /// Send this instance's events from now on.
+    Subscribe {
+        /// The instance.
+        instance: InstanceId,
+    },
+}
+
+/// A message from the backend.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum ToHost {
+    /// The reply to call `id`.
+    Reply {
+        /// The call's id.
+        id: u64,
+        /// The reply.
+        reply: Reply,
+    },
+    /// An instance's event.
+    Event(EventMessage),
+}
+
+fn line_of<T: Serialize>(message: &T) -> Vec<u8> {
+    // Serialising these types cannot fail: plain data with string keys.
+    let mut line = serde_json::to_vec(message).unwrap_or_default();
+    line.push(b'\n');
+    line
+}
+
+/// Serves `backend` on a Unix socket at `socket` (created 0600) to one host connection,
+/// until the host hangs up; then every instance is dropped (which ends its VM) and the
+/// socket is removed.
+///
+/// # Errors
+/// The socket cannot be created or accepted on.
+pub async fn serve(backend: Arc<dyn Backend>, socket: &Path) -> std::io::Result<()> {
+    let _ = std::fs::remove_file(socket);
+    let listener = tokio::net::UnixListener::bind(socket)?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
+    }
+    let accepted = listener.accept().await;
+    let _ = std::fs::remove_file(socket);
+    let (conn, _) = accepted?;
+    let dispatcher = Arc::new(Dispatcher::new(backend));
+    let (read, mut write) = conn.into_split();
+    let (out_tx, mut out_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    let writer = tokio::spawn(async move {
+        while let Some(line) = out_rx.recv().await {
+            if write.write_all(&line).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut lines = tokio::io::BufReader::new(read).lines();
+    let mut forwarders = Vec::new();
+    while let Ok(Some(line)) = lines.next_line().await {
+        if line.len() > MAX_LINE {
+            break;
+        }
+        match serde_json::from_str::<ToBackend>(&line) {
+            Ok(ToBackend::Call { id, request }) => {
+                let (dispatcher, out) = (Arc::clone(&dispatcher), out_tx.clone());
+                tokio::spawn(async move {
+                    let reply = dispatcher.answer(request).await;
+                    let _ = out.send(line_of(&ToHost::Reply { id, reply }));
+                });
+            }
+            Ok(ToBackend::Subscribe { instance }) => {
+                if let Some(mut events) = dispatcher.events(instance) {
+                    let out = out_tx.clone();
+                    forwarders.push(tokio::spawn(async move {
+                        loop {
+                            match events.recv().await {
+                                Ok(event) => {
+                                    let message = ToHost::Event(EventMessage { instance, event });
+                                    if out.send(line_of(&message)).is_err() {
+                                        break;
+                                    }
+                                }
+                                Err(broadcast::error::RecvError::Lagged(_)) => {}
+                                Err(broadcast::error::RecvError::Closed) => break,
+                            }
+                        }
+                    }));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "vmkit-plugin: an unreadable message from the host")
+            }
+        }
+    }
+    // The host is gone: nothing more to answer; the instances go with the dispatcher.
+    for forwarder in forwarders {
+        forwarder.abort();
+    }
+    writer.abort();
+    drop(dispatcher);
+    Ok(())
+}
+
+/// A backend executable's whole `main`: reads `<name> serve --socket PATH`, checks the
+/// name is `backend`'s, serves on a multi-thread runtime of its own, and returns the
+/// exit code (2 for a bad command line, 1 when serving failed).
+pub fn serve_main(backend: Arc<dyn Backend>) -> i32 {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let usage = format!("usage: <binary> {} serve --socket PATH", backend.name());
+    let socket = match args.as_slice() {
+        [name, serve, flag, path] if serve == "serve" && flag == "--socket" => {
+            if name != backend.name() {
+                eprintln!(
+                    "vmkit backend: this executable serves {:?}, not {name:?}",
+                    backend.name()
+                );
+                return 2;
+            }
+            PathBuf::from(path)
+        }
+        _ => {
+            eprintln!("{usage}");
+            return 2;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("vmkit backend: start a runtime: {e}");
+            return 1;
+        }
+    };
+    match runtime.block_on(serve(backend, &socket)) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("vmkit backend: serve on {}: {e}", socket.display());
+            1
+        }
+    }
+}
+
+/// Where a reply goes.
+enum Pending {
+    Async(oneshot::Sender<Reply>),
+    Blocking(mpsc::Sender<Reply>),
+}
+
+/// What the reader thread and the callers share.
+struct Shared {
+    pending: Mutex<HashMap<u64, Pending>>,
+    subscribers: Mutex<HashMap<InstanceId, broadcast::Sender<VmEvent>>>,
+    gone: Mutex<Option<String>>,
+    child: Mutex<Child>,
+}
+
+fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section is a single map or field update: still consistent.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    /// Marks the backend gone: every pending call fails now (their senders drop).
+    fn fail_all(&self, cause: String) {
+        locked(&self.gone).get_or_insert(cause);
+        locked(&self.pending).clear();
+    }
+
+    /// How the process ended, waiting a little for it to be reapable.
+    fn how_it_ended(&self) -> String {
+        let deadline = Instant::now() + Duration::from_millis(200);
+        loop {
+            match locked(&self.child).try_wait() {
+                Ok(Some(status)) => {
+                    use std::os::unix::process::ExitStatusExt;
+                    return match (status.code(), status.signal()) {
+                        (_, Some(signal)) => {
+                            format!("the backend process was killed by signal {signal}")
+                        }
+                        (Some(code), None) => {
+                            format!("the backend process exited with code {code}")
+                        }
+                        (None, None) => "the backend process ended".into(),
+                    };
+                }
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                _ => return "the backend process closed its socket".into(),
+            }
+        }
+    }
+}
+
+/// The host's end of a backend process.
+pub struct ProcessChannel {
+    shared: Arc<Shared>,
+    /// Lines for the writer thread (a sync socket never blocks a caller's runtime).
+    writer: Mutex<Option<mpsc::Sender<Vec<u8>>>>,
+    next: AtomicU64,
+    origin: Origin,
+    _dir: PrivateDir,
+}
+
+impl std::fmt::Debug for ProcessChannel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProcessChannel")
+            .field("origin", &self.origin)
+            .finish()
+    }
+}
+
+/// A 0700 directory this process made for a backend's socket; removed when dropped.
+struct PrivateDir(PathBuf);
+
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn private_dir() -> Result<PrivateDir, Error> {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "vmkit-backend-{}-{}-{}",
+        vmkit_core::state_dir::euid(),
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    vmkit_core::state_dir::prepare_private_dir("launch a backend process", &dir).map_err(|e| {
+        Error::Launch {
+            binary: dir.clone(),
+            reason: e.to_string(),
+        }
+    })?;
+    Ok(PrivateDir(dir))
+}
+
+impl ProcessChannel {
+    /// Runs `binary <name> serve --socket <private dir>/backend.sock` and connects to it
+    /// (its stderr goes to this process's stderr).
+    ///
+    /// # Errors
+    /// [`Error::Launch`] when it cannot be spawned, exits, or does not listen within
+    /// 10 s (it is killed then).
+    pub fn launch(binary: &Path, name: &str) -> Result<Arc<ProcessChannel>, Error> {
+        let dir = private_dir()?;
+        let socket = dir.0.join("backend.sock");
+        let launch_error = |reason: String| Error::Launch {
+            binary: binary.to_owned(),
+            reason,
+        };
+        let mut child = Command::new(binary)
+            .arg(name)
+            .arg("serve")
+            .arg("--socket")
+            .arg(&socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .map_err(|e| launch_error(format!("spawn: {e}")))?;
+        let deadline = Instant::now() + LISTEN_DEADLINE;
+        let conn = loop {
+            match StdUnixStream::connect(&socket) {
+                Ok(conn) => break conn,
+                Err(_) if Instant::now() < deadline => {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        return Err(launch_error(format!(
+                            "it exited ({status}) before listening"
+                        )));
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err(e) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(launch_error(format!(
+                        "no socket at {} within {LISTEN_DEADLINE:?}: {e}",
+                        socket.display()
+                    )));
+                }
+            }
+        };
+        let reader = conn
+            .try_clone()
+            .map_err(|e| launch_error(format!("clone its socket: {e}")))?;
+        let shared = Arc::new(Shared {
+            pending: Mutex::new(HashMap::new()),
+            subscribers: Mutex::new(HashMap::new()),
+            gone: Mutex::new(None),
+            child: Mutex::new(child),
+        });
+        let thread_shared = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name(format!("vmkit-backend-{name}"))
+            .spawn(move || read_replies(reader, &thread_shared))
+            .map_err(|e| launch_error(format!("start its reader thread: {e}")))?;
+        let (lines, to_write) = mpsc::channel::<Vec<u8>>();
+        std::thread::Builder::new()
+            .name(format!("vmkit-backend-{name}-w"))
+            .spawn(move || write_lines(conn, &to_write))
+            .map_err(|e| launch_error(format!("start its writer thread: {e}")))?;
+        Ok(Arc::new(ProcessChannel {
+            shared,
+            writer: Mutex::new(Some(lines)),
+            next: AtomicU64::new(1),
+            origin: Origin::Process(binary.to_owned()),
+            _dir: dir,
+        }))
+    }
+
+    /// The backend process's pid.
+    pub fn pid(&self) -> u32 {
+        locked(&self.shared.child).id()
+    }
+
+    fn gone_error(&self, cause: &str) -> CoreError {
+        CoreError::backend(
+            "plugin call",
+            Error::BackendGone {
+                origin: self.origin.to_string(),
+                cause: cause.to_owned(),
+            },
+        )
+    }
+
+    fn send(&self, message: &ToBackend) -> Result<(), CoreError> {
+        let sent = locked(&self.writer)
+            .as_ref()
+            .map(|w| w.send(line_of(message)));
+        match sent {
+            Some(Ok(())) if self.gone().is_none() => Ok(()),
+            _ => {
+                let cause = self
+                    .gone()
+                    .unwrap_or_else(|| "its socket is closed".to_owned());
+                Err(self.gone_error(&cause))
+            }
+        }
+    }
+
+    fn register(&self, pending: Pending) -> u64 {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        locked(&self.shared.pending).insert(id, pending);
+        id
+    }
+}
+
+/// The writer thread: writes each line; when the channel is dropped (or the socket
+/// fails), hangs up, which tells the backend to end.
+fn write_lines(mut conn: StdUnixStream, lines: &mpsc::Receiver<Vec<u8>>) {
+    while let Ok(line) = lines.recv() {
+        if conn.write_all(&line).is_err() {
+            break;
+        }
+    }
+    let _ = conn.shutdown(std::net::Shutdown::Both);
+}
+
+/// The reader thread: replies to their callers, events to their subscribers; at the
+/// end, the backend is gone.
+fn read_replies(conn: StdUnixStream, shared: &Shared) {
+    let mut reader = BufReader::new(conn);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match reader.read_line(&mut line) {
+            Ok(0) | Err(_) => break,
+            Ok(_) if line.len() > MAX_LINE => break,
+            Ok(_) => {}
+        }
+        match serde_json::from_str::<ToHost>(&line) {
+            Ok(ToHost::Reply { id, reply }) => match locked(&shared.pending).remove(&id) {
+                Some(Pending::Async(tx)) => {
+                    let _ = tx.send(reply);
+                }
+                Some(Pending::Blocking(tx)) => {
+                    let _ = tx.send(reply);
+                }
+                None => {}
+            },
+            Ok(ToHost::Event(message)) => {
+                if let Some(sink) = locked(&shared.subscribers).get(&message.instance) {
+                    let _ = sink.send(message.event);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "vmkit-plugin: an unreadable message from a backend")
+            }
+        }
+    }
+    let cause = shared.how_it_ended();
+    shared.fail_all(cause);
+}
+
+#[async_trait]
+impl Channel for ProcessChannel {
+    async fn call(
+        &self,
+        request: Request,
+        deadline: Option<Duration>,
+    ) -> vmkit_core::Result<Reply> {
+        if let Some(cause) = self.gone() {
+            return Err(self.gone_error(&cause));
+        }
+        let (tx, rx) = oneshot::channel();
+        let id = self.register(Pending::Async(tx));
+        // Dropping this future (the caller gave up) forgets the call.
+        struct Forget<'a>(&'a Shared, u64);
+        impl Drop for Forget<'_> {
+            fn drop(&mut self) {
+                locked(&self.0.pending).remove(&self.1);
+            }
+        }
+        let _forget = Forget(&self.shared, id);
+        self.send(&ToBackend::Call { id, request })?;
+        let answer = match deadline {
+            Some(limit) => match tokio::time::timeout(limit, rx).await {
+                Ok(answer) => answer,
+                Err(_) => {
+                    return Err(CoreError::Timeout {
+                        op: format!("a call to the backend process ({})", self.origin),
+                        after: limit,
+                    });
+                }
+            },
+            None => rx.await,
+        };
+        answer.map_err(|_| {
+            let cause = self.gone().unwrap_or_else(|| "it dropped the call".into());
+            self.gone_error(&cause)
+        })
+    }
+
+    fn call_blocking(&self, request: Request, deadline: Duration) -> vmkit_core::Result<Reply> {
+        if let Some(cause) = self.gone() {
+            return Err(self.gone_error(&cause));
+        }
+        let (tx, rx) = mpsc::channel();
+        let id = self.register(Pending::Blocking(tx));
+        if let Err(e) = self.send(&ToBackend::Call { id, request }) {
+            locked(&self.shared.pending).remove(&id);
+            return Err(e);
+        }
+        match rx.recv_timeout(deadline) {
+            Ok(reply) => Ok(reply),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                locked(&self.shared.pending).remove(&id);
+                Err(CoreError::Timeout {
+                    op: format!("a call to the backend process ({})", self.origin),
+                    after: deadline,
+                })
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let cause = self.gone().unwrap_or_else(|| "it dropped the call".into());
+                Err(self.gone_error(&cause))
+            }
+        }
+    }
+
+    fn notify(&self, request: Request) {
+        // Its reply, if any, finds no caller and is dropped.
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let _ = self.send(&ToBackend::Call { id, request });
+    }
+
+    fn subscribe(&self, instance: InstanceId, sink: broadcast::Sender<VmEvent>) {
+        locked(&self.shared.subscribers).insert(instance, sink);
+        let _ = self.send(&ToBackend::Subscribe { instance });
+    }
+
+    fn gone(&self) -> Option<String> {
+        locked(&self.shared.gone).clone()
+    }
+
+    fn origin(&self) -> &Origin {
+        &self.origin
+    }
+}
+
+impl Drop for ProcessChannel {
+    fn drop(&mut self) {
+        // Hanging up tells the backend to drop its instances and exit; one that does
+        // not within EXIT_GRACE is killed. Reaped on a thread: a drop does not wait.
+        drop(locked(&self.writer).take());
+        let shared = Arc::clone(&self.shared);
+        let reaper = move || {
+            let deadline = Instant::now() + EXIT_GRACE;
+            loop {
+                let mut child = locked(&shared.child);
+                match child.try_wait() {
+                    Ok(Some(_)) | Err(_) => return,
+                    Ok(None) if Instant::now() >= deadline => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        return;
+                    }
+                    Ok(None) => {}
+                }
+                drop(child);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        if std::thread::Builder::new()
+            .name("vmkit-backend-reaper".into())
+            .spawn(reaper)
+            .is_err()
+        {
+            let mut child = locked(&self.shared.child);
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

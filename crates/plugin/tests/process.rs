@@ -1,0 +1,296 @@
+//! The out-of-process transport with a real backend process: this binary, run as
+//! `<me> fake serve --socket PATH` (when `VMKIT_PLUGIN_TEST_BACKEND` is set), serves
+//! vmkit-testkit's FakeBackend; SIGUSR1 crashes its live VMs. The host side drives it
+//! through `PluginBackend` with the conformance suite and the model-based test, and
+//! kills it mid-call.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)] // a test binary
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, Instant};
+
+use vmkit_core::{Backend, ExitReason, Instance, InstanceConfig, StartOptions, VmState};
+use vmkit_plugin::process::ProcessChannel;
+use vmkit_plugin::{PluginBackend, PluginInstance};
+use vmkit_testkit::fake_backend::FakeBackend;
+use vmkit_testkit::model::{self, ModelTarget};
+
+const BACKEND_ENV: &str = "VMKIT_PLUGIN_TEST_BACKEND";
+
+type TestFn = fn(&tokio::runtime::Runtime);
+
+fn main() -> ExitCode {
+    if std::env::var_os(BACKEND_ENV).is_some() {
+        return ExitCode::from(u8::try_from(backend_main()).unwrap_or(1));
+    }
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let tests: &[(&str, TestFn)] = &[
+        ("the_conformance_suite_passes_out_of_process", conformance),
+        ("the_model_holds_out_of_process", model_holds),
+        (
+            "a_backend_killed_mid_call_fails_its_calls_and_ends_its_vms",
+            killed_mid_call,
+        ),
+        (
+            "a_backend_that_cannot_serve_is_a_launch_error",
+            launch_errors,
+        ),
+    ];
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (mut passed, mut failed) = (0, 0);
+    for (name, test) in tests {
+        if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
+            continue;
+        }
+        let began = Instant::now();
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| test(&runtime)));
+        let took = began.elapsed().as_secs_f64();
+        if result.is_ok() {
+            println!("test {name} ... ok ({took:.1} s)");
+            passed += 1;
+        } else {
+            println!("test {name} ... FAILED");
+            failed += 1;
+        }
+    }
+    println!("\nplugin process tests: {passed} passed, {failed} failed");
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// The backend process: FakeBackend served on the socket; SIGUSR1 crashes its VMs.
+fn backend_main() -> i32 {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [name, serve, flag, socket] = args.as_slice() else {
+        return 2;
+    };
+    if name != "fake" || serve != "serve" || flag != "--socket" {
+        eprintln!("test backend: this executable serves \"fake\", not {name:?}");
+        return 2;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut usr1 =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1()).unwrap();
+        tokio::spawn(async move {
+            while usr1.recv().await.is_some() {
+                vmkit_testkit::fake_backend::crash_all().await;
+            }
+        });
+        vmkit_plugin::process::serve(Arc::new(FakeBackend), Path::new(socket))
+            .await
+            .map_or(1, |()| 0)
+    })
+}
+
+/// A backend process serving FakeBackend, and the backend that drives it.
+struct Served {
+    channel: Arc<ProcessChannel>,
+    backend: PluginBackend,
+}
+
+fn launch() -> Served {
+    let channel = launch_as(&std::env::current_exe().unwrap(), "fake").unwrap();
+    let backend = PluginBackend::describe(Arc::clone(&channel) as _).unwrap();
+    Served { channel, backend }
+}
+
+fn launch_as(binary: &Path, name: &str) -> Result<Arc<ProcessChannel>, vmkit_plugin::Error> {
+    ProcessChannel::launch(&wrapper_for(binary), name)
+}
+
+/// A script that runs `binary` as the test backend (the environment marks it).
+fn wrapper_for(binary: &Path) -> PathBuf {
+    static DIR: LazyLock<tempfile::TempDir> = LazyLock::new(|| tempfile::tempdir().unwrap());
+    let path = DIR.path().join("backend");
+    if !path.exists() {
+        std::fs::write(
+            &path,
+            format!(
+                "#!/bin/sh\nexport {BACKEND_ENV}=1\nexec '{}' \"$@\"\n",
+                binary.display()
+            ),
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    path
+}
+
+fn config(dir: &Path, id: &str) -> InstanceConfig {
+    let kernel = dir.join("vmlinuz");
+    if !kernel.exists() {
+        std::fs::write(&kernel, b"never read").unwrap();
+    }
+    let mut config = InstanceConfig::new(id, dir.join(id), &kernel);
+    config.resources.max_vcpus = 4;
+    config.resources.max_memory_mib = Some(1024);
+    config.resources.memory_slots = 2;
+    config
+}
+
+fn signal(pid: u32, signal: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
+        signal,
+    )
+    .unwrap();
+}
+
+struct OutOfProcess {
+    served: Served,
+    dir: tempfile::TempDir,
+}
+
+#[async_trait::async_trait]
+impl vmkit_testkit::conformance::Target for OutOfProcess {
+    fn backend(&self) -> &dyn Backend {
+        &self.served.backend
+    }
+
+    fn config(&self, id: &str) -> InstanceConfig {
+        config(self.dir.path(), id)
+    }
+
+    fn disk(&self) -> Option<PathBuf> {
+        Some(self.dir.path().join("vmlinuz"))
+    }
+
+    async fn crash(&self, _vm: &dyn Instance) -> bool {
+        signal(self.served.channel.pid(), nix::sys::signal::Signal::SIGUSR1);
+        true
+    }
+}
+
+fn conformance(rt: &tokio::runtime::Runtime) {
+    let target = OutOfProcess {
+        served: launch(),
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let report = rt.block_on(vmkit_testkit::conformance::run(&target));
+    report.assert_passed();
+    report.assert_complete();
+}
+
+/// The backend process every model case uses.
+static MODEL_BACKEND: LazyLock<Served> = LazyLock::new(launch);
+
+static MODEL_RUNTIME: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+});
+
+struct ModelOutOfProcess;
+
+#[async_trait::async_trait]
+impl ModelTarget for ModelOutOfProcess {
+    type Vm = PluginInstance;
+
+    fn create(mut config: InstanceConfig) -> PluginInstance {
+        config.timeouts.command = Duration::from_millis(500);
+        MODEL_BACKEND.backend.create_plugin(config).unwrap()
+    }
+
+    async fn crash(_vm: &PluginInstance) {
+        signal(
+            MODEL_BACKEND.channel.pid(),
+            nix::sys::signal::Signal::SIGUSR1,
+        );
+    }
+
+    fn runtime() -> &'static tokio::runtime::Runtime {
+        &MODEL_RUNTIME
+    }
+}
+
+fn model_holds(_rt: &tokio::runtime::Runtime) {
+    LazyLock::force(&MODEL_BACKEND);
+    if let Err(failure) = model::run::<ModelOutOfProcess>(model::cases(500)) {
+        panic!("{failure}");
+    }
+}
+
+fn killed_mid_call(rt: &tokio::runtime::Runtime) {
+    let served = launch();
+    let dir = tempfile::tempdir().unwrap();
+    let vm = Arc::new(
+        served
+            .backend
+            .create_plugin(config(dir.path(), "victim"))
+            .unwrap(),
+    );
+    rt.block_on(vm.start(StartOptions::new())).unwrap();
+    assert_eq!(vm.state(), VmState::Running);
+    // A call in flight when the process dies: wait() (it waits for the VM's end).
+    let waiter = {
+        let vm = Arc::clone(&vm);
+        rt.spawn(async move { vm.wait().await })
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    let began = Instant::now();
+    signal(served.channel.pid(), nix::sys::signal::Signal::SIGKILL);
+    let exit = rt
+        .block_on(async { tokio::time::timeout(Duration::from_secs(5), waiter).await })
+        .expect("the pending call failed at once")
+        .unwrap();
+    assert!(
+        began.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        began.elapsed()
+    );
+    assert_eq!(exit.reason, ExitReason::Crashed, "{exit:?}");
+    let message = exit.message.clone().unwrap();
+    assert!(
+        message.contains("killed by signal 9"),
+        "the exit names how the backend died: {message}"
+    );
+    // Everything after: at once, the same exit, no hang.
+    assert_eq!(vm.state(), VmState::Shutdown);
+    assert_eq!(rt.block_on(vm.shutdown()).unwrap(), exit);
+    let err = rt.block_on(vm.pause()).unwrap_err().to_string();
+    assert!(err.contains("is gone"), "{err}");
+    let err = served
+        .backend
+        .create_plugin(config(dir.path(), "after"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("killed by signal 9"), "{err}");
+}
+
+fn launch_errors(_rt: &tokio::runtime::Runtime) {
+    // A name the executable does not serve: it exits 2 before listening.
+    let err = launch_as(&std::env::current_exe().unwrap(), "qemu")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("exited (exit status: 2) before listening"),
+        "{err}"
+    );
+    // No such executable.
+    let err = ProcessChannel::launch(Path::new("/nonexistent/vmkit-backend"), "fake")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("launch backend process /nonexistent/vmkit-backend: spawn:"),
+        "{err}"
+    );
+}
