@@ -216,6 +216,13 @@ async fn run(vm: Arc<dyn Instance>, req: Request) -> Reply {
         Request::HotplugDisk { disk, .. } => done(vm.hotplug_disk(disk).await),
         Request::HotplugNic { nic, .. } => done(vm.hotplug_nic(nic).await),
         Request::Unplug { id, .. } => done(vm.unplug(&id).await),
+        other => run_resource(vm, other).await,
+    }
+}
+
+/// The vCPU and memory hot-plug requests.
+async fn run_resource(vm: &dyn Instance, req: Request) -> Reply {
+    match req {
         Request::QueryCpus { .. } => {
             with(vm, "query_cpus", vm.cpu_hotplugger(), |c| async move {
                 c.query_cpus()
