@@ -19,8 +19,23 @@ use crate::wire::{InstanceId, Reply, Request, SCHEMA_VERSION};
 pub struct Dispatcher {
     backend: Arc<dyn Backend>,
     instances: Mutex<HashMap<InstanceId, Arc<dyn Instance>>>,
+    feeds: Mutex<HashMap<InstanceId, Arc<Feed>>>,
     next: AtomicU64,
 }
+
+/// How far an instance's events have gone: a reply is sent only once every event its
+/// operation caused has been handed to the transport, so the host sees them first (the
+/// contract's "events in order", across two paths).
+struct Feed {
+    /// Counts what the instance published (a receiver of its own, only counted).
+    probe: Mutex<broadcast::Receiver<VmEvent>>,
+    published: AtomicU64,
+    /// What the forwarder has handed to the transport (or lost to lag).
+    forwarded: AtomicU64,
+}
+
+/// How long a reply waits for its events to be forwarded.
+const SETTLE: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl std::fmt::Debug for Dispatcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -56,6 +71,7 @@ impl Dispatcher {
         Dispatcher {
             backend,
             instances: Mutex::new(HashMap::new()),
+            feeds: Mutex::new(HashMap::new()),
             next: AtomicU64::new(1),
         }
     }
@@ -83,9 +99,71 @@ impl Dispatcher {
         })
     }
 
-    /// The events of instance `id`, if it exists.
-    pub fn events(&self, id: InstanceId) -> Option<broadcast::Receiver<VmEvent>> {
-        self.table().get(&id).map(|vm| vm.events())
+    /// Forwards instance `id`'s events to `sink` until the instance is gone: the
+    /// future to run (on the plugin's runtime), or `None` when there is no such
+    /// instance. Replies to operations on it wait until `sink` has had their events.
+    pub fn subscribe(
+        &self,
+        id: InstanceId,
+        sink: impl Fn(VmEvent) + Send + 'static,
+    ) -> Option<impl Future<Output = ()> + Send + 'static> {
+        let vm = self.table().get(&id).cloned()?;
+        let (mut events, probe) = (vm.events(), vm.events());
+        drop(vm);
+        let feed = Arc::new(Feed {
+            probe: Mutex::new(probe),
+            published: AtomicU64::new(0),
+            forwarded: AtomicU64::new(0),
+        });
+        self.feeds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, Arc::clone(&feed));
+        Some(async move {
+            loop {
+                match events.recv().await {
+                    Ok(event) => sink(event),
+                    Err(broadcast::error::RecvError::Lagged(lost)) => {
+                        feed.forwarded.fetch_add(lost, Ordering::AcqRel);
+                        continue;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => break,
+                }
+                feed.forwarded.fetch_add(1, Ordering::AcqRel);
+            }
+        })
+    }
+
+    /// Waits (at most [`SETTLE`]) until every event instance `id` published so far
+    /// has been forwarded.
+    async fn settle(&self, id: InstanceId) {
+        let feed = self
+            .feeds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned();
+        let Some(feed) = feed else {
+            return;
+        };
+        let published = {
+            let mut probe = feed.probe.lock().unwrap_or_else(|p| p.into_inner());
+            let mut seen = 0;
+            loop {
+                match probe.try_recv() {
+                    Ok(_) => seen += 1,
+                    Err(broadcast::error::TryRecvError::Lagged(lost)) => seen += lost,
+                    Err(_) => break,
+                }
+            }
+            feed.published.fetch_add(seen, Ordering::AcqRel) + seen
+        };
+        let deadline = tokio::time::Instant::now() + SETTLE;
+        while feed.forwarded.load(Ordering::Acquire) < published
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(std::time::Duration::from_micros(200)).await;
+        }
     }
 
     /// Answers `req` when it needs no waiting (describe, create, destroy, state,
@@ -118,6 +196,10 @@ impl Dispatcher {
                 // Dropped outside the lock: a live VM's drop does real work.
                 let gone = self.table().remove(instance);
                 drop(gone);
+                self.feeds
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(instance);
                 Reply::Done
             }
             Request::State { instance } => match vm(*instance) {
@@ -164,9 +246,12 @@ impl Dispatcher {
                 ));
             }
         };
+        let id = req.instance().unwrap_or_default();
         // Run on a task of its own: a panic ends the task, not the caller.
         let task = tokio::spawn(async move { run(vm, req).await });
-        match task.await {
+        let reply = task.await;
+        self.settle(id).await;
+        match reply {
             Ok(reply) => reply,
             Err(e) if e.is_panic() => panicked("plugin call", e.into_panic().as_ref()),
             Err(_) => Reply::failed(&CoreError::backend(

@@ -14,6 +14,33 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// A plugin library could not be opened (not a shared library, truncated, a
+    /// missing dependency or symbol).
+    #[error("load plugin {}: {reason}", path.display())]
+    Load {
+        /// The library.
+        path: PathBuf,
+        /// The loader's words.
+        reason: String,
+    },
+    /// A library's descriptor is missing or wrong; nothing of it was called.
+    #[error("plugin {}: {field}: {reason}", path.display())]
+    Descriptor {
+        /// The library.
+        path: PathBuf,
+        /// The field (or `symbol`, `init`, `describe`).
+        field: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A library, or its directory, is in a place others may write to.
+    #[error("plugin {}: refused: {reason}", path.display())]
+    UnsafePath {
+        /// The library or directory.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
     /// The plugin went away (its process died, its socket closed).
     #[error("the backend ({origin}) is gone: {cause}")]
     BackendGone {

@@ -10,6 +10,9 @@
 //! - [`PluginBackend`] / [`PluginInstance`]: the host side; vmkit-core's traits over a
 //!   [`Channel`]. The guest channel stays on the host: the plugin reports where the
 //!   agent listens and the adapter dials it with vmkit-vsock.
+//! - [`loader`] and [`export_backend!`]: in process — a `cdylib` exports one C-ABI
+//!   descriptor ([`abi`]); the loader checks its place and every field before calling
+//!   it, catches panics at every entry point, and never unloads it.
 //! - [`process`]: out of process — the backend as its own executable over a Unix
 //!   socket; a backend that dies fails every pending call at once and ends its
 //!   instances as crashed, and the runtime keeps running.
@@ -27,11 +30,21 @@
 //! # }
 //! ```
 
+pub mod abi;
 mod adapter;
 mod dispatch;
+mod elf;
 mod error;
+#[doc(hidden)]
+pub mod export;
+pub mod loader;
+mod logs;
 pub mod process;
 pub mod wire;
+
+/// vmkit-core, for [`export_backend!`]'s expansion.
+#[doc(hidden)]
+pub use vmkit_core as __core;
 
 pub use adapter::{Channel, Origin, PluginBackend, PluginInstance};
 pub use dispatch::Dispatcher;

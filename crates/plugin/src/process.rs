@@ -117,22 +117,12 @@ pub async fn serve(backend: Arc<dyn Backend>, socket: &Path) -> std::io::Result<
                 });
             }
             Ok(ToBackend::Subscribe { instance }) => {
-                if let Some(mut events) = dispatcher.events(instance) {
-                    let out = out_tx.clone();
-                    forwarders.push(tokio::spawn(async move {
-                        loop {
-                            match events.recv().await {
-                                Ok(event) => {
-                                    let message = ToHost::Event(EventMessage { instance, event });
-                                    if out.send(line_of(&message)).is_err() {
-                                        break;
-                                    }
-                                }
-                                Err(broadcast::error::RecvError::Lagged(_)) => {}
-                                Err(broadcast::error::RecvError::Closed) => break,
-                            }
-                        }
-                    }));
+                let out = out_tx.clone();
+                let sink = move |event| {
+                    let _ = out.send(line_of(&ToHost::Event(EventMessage { instance, event })));
+                };
+                if let Some(forward) = dispatcher.subscribe(instance, sink) {
+                    forwarders.push(tokio::spawn(forward));
                 }
             }
             Err(e) => {

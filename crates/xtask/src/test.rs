@@ -54,6 +54,13 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
             ]),
         )?;
     }
+    // The plugin libraries the loader tests load (cargo builds a cdylib only when asked).
+    step(
+        "build the plugins",
+        cargo()
+            .args(["build", "--locked"])
+            .args(PLUGINS.iter().flat_map(|p| ["-p", p])),
+    )?;
     step(
         "tests",
         cargo()
@@ -62,3 +69,10 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
             .args(test_args),
     )
 }
+
+/// The plugin crates whose libraries the tests load.
+const PLUGINS: [&str; 3] = [
+    "vmkit-plugin-example",
+    "vmkit-plugin-qemu",
+    "vmkit-plugin-testing",
+];

@@ -1,0 +1,286 @@
+//! Plugin libraries loaded into this process: the workspace's own (`vmkit-plugin-testing`,
+//! FakeBackend with a create that panics and descriptors wrong on demand;
+//! `vmkit-plugin-example`), a system library that is not a plugin, a truncated copy,
+//! and copies in places others may write. `cargo xtask test` builds the libraries first.
+//!
+//! A custom harness: each wrong-descriptor case loads in a child process (this binary
+//! with `VMKIT_PLUGIN_LOAD_CASE` set), so the case's environment stays its own; the
+//! parent checks the child's words and that it exited normally.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)] // a test binary
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::sync::Arc;
+use std::time::Instant;
+
+use vmkit_core::{Backend, Instance, InstanceConfig, Registry, StartOptions};
+use vmkit_plugin::loader;
+
+const CASE_ENV: &str = "VMKIT_PLUGIN_LOAD_CASE";
+
+type TestFn = fn(&tokio::runtime::Runtime);
+
+fn main() -> ExitCode {
+    if let Ok(case) = std::env::var(CASE_ENV) {
+        // SAFETY of the case: the child only loads and reports.
+        match loader::load(&library("vmkit_plugin_testing")) {
+            Ok(backend) => println!("loaded {} for {case}", backend.name()),
+            Err(e) => println!("{e}"),
+        }
+        return ExitCode::SUCCESS;
+    }
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let tests: &[(&str, TestFn)] = &[
+        ("a_plugin_keeps_the_contract", conformance),
+        ("the_example_plugin_keeps_the_contract", example),
+        (
+            "wrong_descriptors_are_named_and_nothing_is_called",
+            wrong_descriptors,
+        ),
+        (
+            "a_panic_in_the_plugin_is_an_error_and_it_keeps_serving",
+            panic_in_create,
+        ),
+        ("a_library_that_is_not_a_plugin_is_named", not_a_plugin),
+        ("a_truncated_library_is_a_load_error", truncated),
+        ("libraries_others_may_write_are_refused", unsafe_places),
+        ("a_plugin_directory_registers_each_backend", directory),
+    ];
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (mut passed, mut failed) = (0, 0);
+    for (name, test) in tests {
+        if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
+            continue;
+        }
+        let began = Instant::now();
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| test(&runtime)));
+        let took = began.elapsed().as_secs_f64();
+        if result.is_ok() {
+            println!("test {name} ... ok ({took:.1} s)");
+            passed += 1;
+        } else {
+            println!("test {name} ... FAILED");
+            failed += 1;
+        }
+    }
+    println!("\nplugin library tests: {passed} passed, {failed} failed");
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// `target/<profile>/lib<name>.so`, built by `cargo xtask test` (or `cargo build -p`).
+fn library(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test> → target/<profile>
+    let dir = exe.parent().and_then(Path::parent).unwrap();
+    let path = dir.join(format!("lib{name}.so"));
+    assert!(
+        path.is_file(),
+        "{} is missing: build it with `cargo build -p {}` (`cargo xtask test` does)",
+        path.display(),
+        name.replace('_', "-")
+    );
+    path
+}
+
+fn config(dir: &Path, id: &str) -> InstanceConfig {
+    let kernel = dir.join("vmlinuz");
+    if !kernel.exists() {
+        std::fs::write(&kernel, b"never read").unwrap();
+    }
+    let mut config = InstanceConfig::new(id, dir.join(id), &kernel);
+    config.resources.max_vcpus = 4;
+    config.resources.max_memory_mib = Some(1024);
+    config.resources.memory_slots = 2;
+    config
+}
+
+struct Loaded {
+    backend: vmkit_plugin::PluginBackend,
+    dir: tempfile::TempDir,
+}
+
+#[async_trait::async_trait]
+impl vmkit_testkit::conformance::Target for Loaded {
+    fn backend(&self) -> &dyn Backend {
+        &self.backend
+    }
+
+    fn config(&self, id: &str) -> InstanceConfig {
+        config(self.dir.path(), id)
+    }
+
+    fn disk(&self) -> Option<PathBuf> {
+        Some(self.dir.path().join("vmlinuz"))
+    }
+
+    async fn crash(&self, _vm: &dyn Instance) -> bool {
+        // The fake VMs live in the library's own copy of the testkit: out of reach.
+        false
+    }
+}
+
+fn conformance(rt: &tokio::runtime::Runtime) {
+    let target = Loaded {
+        backend: loader::load(&library("vmkit_plugin_testing")).unwrap(),
+        dir: tempfile::tempdir().unwrap(),
+    };
+    assert_eq!(target.backend.name(), "fake");
+    let report = rt.block_on(vmkit_testkit::conformance::run(&target));
+    report.assert_passed();
+    // Only the crash check may be skipped here (the fakes are out of this copy's reach).
+    let skipped: Vec<&str> = report.skipped().iter().map(|o| o.check).collect();
+    assert_eq!(skipped, ["wait_after_a_crash"]);
+}
+
+fn example(rt: &tokio::runtime::Runtime) {
+    let target = Loaded {
+        backend: loader::load(&library("vmkit_plugin_example")).unwrap(),
+        dir: tempfile::tempdir().unwrap(),
+    };
+    assert_eq!(target.backend.name(), "null");
+    let report = rt.block_on(vmkit_testkit::conformance::run(&target));
+    report.assert_passed();
+}
+
+fn wrong_descriptors(_rt: &tokio::runtime::Runtime) {
+    let me = std::env::current_exe().unwrap();
+    for (mode, expected) in [
+        (
+            "bad-magic",
+            "magic: [78, 79, 84, 86, 77, 75, 73, 84], expected",
+        ),
+        ("abi-2", "abi_major: ABI 2.0, this host speaks 1.x"),
+        ("short", "size: 16 bytes, at least"),
+        (
+            "other-target",
+            "target: \"riscv64gc-unknown-linux-gnu\", this host is",
+        ),
+        ("null", "descriptor: vmkit_plugin_v1 returned null"),
+    ] {
+        let out = Command::new(&me)
+            .env(CASE_ENV, mode)
+            .env("VMKIT_TEST_PLUGIN_DESCRIPTOR", mode)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{mode}: the host died: {out:?}");
+        assert!(
+            text.starts_with("plugin ") && text.contains("libvmkit_plugin_testing.so: "),
+            "{mode}: the error names the file: {text}"
+        );
+        assert!(text.contains(expected), "{mode}: {text}");
+    }
+}
+
+fn panic_in_create(rt: &tokio::runtime::Runtime) {
+    let backend = loader::load(&library("vmkit_plugin_testing")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let err = backend
+        .create(config(dir.path(), "panic-1"))
+        .err()
+        .expect("a create that panics fails")
+        .to_string();
+    assert!(
+        err.contains("the backend panicked: the testing plugin panics for \"panic-1\" as told"),
+        "{err}"
+    );
+    // The plugin and this process go on.
+    let vm = backend.create(config(dir.path(), "after")).unwrap();
+    rt.block_on(vm.start(StartOptions::new())).unwrap();
+    assert_eq!(vm.state(), vmkit_core::VmState::Running);
+    rt.block_on(vm.shutdown()).unwrap();
+    assert_eq!(vm.state(), vmkit_core::VmState::Shutdown);
+}
+
+fn not_a_plugin(_rt: &tokio::runtime::Runtime) {
+    let system = [
+        "/lib/x86_64-linux-gnu/libm.so.6",
+        "/usr/lib/x86_64-linux-gnu/libm.so.6",
+    ]
+    .into_iter()
+    .map(PathBuf::from)
+    .find(|p| p.is_file())
+    .expect("libm, a shared library that is no plugin");
+    let err = loader::load(&system).err().unwrap().to_string();
+    assert!(
+        err.contains("symbol: no vmkit_plugin_v1: not a vmkit plugin"),
+        "{err}"
+    );
+}
+
+/// A private copy of the testing library in a new directory.
+fn copy(dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::copy(library("vmkit_plugin_testing"), &path).unwrap();
+    path
+}
+
+fn truncated(_rt: &tokio::runtime::Runtime) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = copy(dir.path(), "libtruncated.so");
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    file.set_len(4096).unwrap();
+    let err = loader::load(&path).err().unwrap();
+    assert!(matches!(err, vmkit_plugin::Error::Load { .. }), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.starts_with(&format!(
+            "load plugin {}: ",
+            path.canonicalize().unwrap().display()
+        )),
+        "{text}"
+    );
+}
+
+fn unsafe_places(_rt: &tokio::runtime::Runtime) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let open = dir.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    let path = copy(&open, "libplugin.so");
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let err = loader::load(&path).err().unwrap().to_string();
+    assert!(
+        err.ends_with("(mode 777)") && err.contains("is writable by group or others"),
+        "{err}"
+    );
+    let err = loader::load_dir(&open).err().unwrap().to_string();
+    assert!(
+        err.contains("the plugin directory is writable by group or others"),
+        "{err}"
+    );
+    // A library others may write.
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let err = loader::load(&path).err().unwrap().to_string();
+    assert!(
+        err.contains("refused: writable by group or others (mode 666)"),
+        "{err}"
+    );
+}
+
+fn directory(_rt: &tokio::runtime::Runtime) {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["vmkit_plugin_example", "vmkit_plugin_testing"] {
+        std::fs::copy(library(name), dir.path().join(format!("lib{name}.so"))).unwrap();
+    }
+    std::fs::write(dir.path().join("README"), b"not a library").unwrap();
+    let loaded = loader::load_dir(dir.path()).unwrap();
+    let mut registry = Registry::new();
+    for (path, backend) in loaded {
+        let backend = backend.unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        registry.register(Arc::new(backend)).unwrap();
+    }
+    assert_eq!(registry.names(), ["fake", "null"]);
+}
