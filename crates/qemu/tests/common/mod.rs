@@ -69,14 +69,10 @@ pub fn daemon_never_served(e: &vmkit_core::Error) -> bool {
 /// How the start error that reports the agent wait begins.
 const AGENT_WAIT: &str = "start: waiting for the guest agent to answer Ping (";
 
-/// Whether `text` holds that start failure (the agent wait timed out, the last dial
-/// was `write CONNECT …: Broken pipe`), anywhere in it: a conformance check quotes the
-/// start error inside its own message.
+/// Whether `text` holds that start failure anywhere in it
+/// (`vmkit_testkit::guest::vsock_daemon_fault`).
 pub fn daemon_fault_in(text: &str) -> bool {
-    text.find(AGENT_WAIT).is_some_and(|at| {
-        let tail = &text[at..];
-        tail.contains("; last: write CONNECT") && tail.contains("Broken pipe")
-    })
+    vmkit_testkit::guest::vsock_daemon_fault(text)
 }
 
 /// Starts `vm` and returns it. When the vsock daemon never served it (a daemon fault,
