@@ -12,6 +12,9 @@
 //!   through vmkit vs bare frames on a hand-driven connection, on one VM.
 //! - `hotplug`: command to guest-visible for vCPUs, memory and disks, vs the raw QMP
 //!   sequence.
+//! - `plugin`: the QEMU backend static, from its library and out of process:
+//!   start → agent ready and `Ping` (each plugin within 1.05x of static), and the cost
+//!   of `state()` and `vm_info()` per transport.
 //! - `soak`: 50 start/stop cycles of the test guest with its agent (and a TAP NIC where
 //!   possible); target: no process, fd, socket, lock file or TAP left.
 //!

@@ -33,7 +33,12 @@ fn bench(args: &[String]) -> Result<(), String> {
     };
     install::ensure_all()?;
     let image = image::ensure_image()?;
-    for bench in ["qmp", "boot", "guest", "hotplug", "soak"] {
+    // The plugin bench loads the QEMU plugin's library and runs its executable.
+    run::step(
+        "build the QEMU plugin (release)",
+        run::cargo().args(["build", "--release", "--locked", "-p", "vmkit-plugin-qemu"]),
+    )?;
+    for bench in ["qmp", "boot", "guest", "hotplug", "plugin", "soak"] {
         let mut cmd = run::cargo();
         cmd.env("VMKIT_IMAGE_DIR", &image).args([
             "bench",

@@ -99,7 +99,12 @@ async fn drive(target: &Plugged) {
     let cpu = vm.cpu_hotplugger().unwrap().hotplug_cpu().await.unwrap();
     assert_eq!(cpu.online, Some(true), "{cpu:?}");
     assert_eq!(
-        vm.cpu_hotplugger().unwrap().query_cpus().await.unwrap().len(),
+        vm.cpu_hotplugger()
+            .unwrap()
+            .query_cpus()
+            .await
+            .unwrap()
+            .len(),
         2
     );
     let exit = vm.shutdown().await.unwrap();
