@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::config::InstanceConfig;
@@ -56,10 +57,43 @@ macro_rules! register_backend {
     };
 }
 
+/// Where a backend in a [`Registry`] came from.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum BackendOrigin {
+    /// Linked into the binary.
+    #[default]
+    Linked,
+    /// Loaded from a plugin library.
+    Library(PathBuf),
+    /// Served by a backend process, run from this executable.
+    Process(PathBuf),
+}
+
+impl fmt::Display for BackendOrigin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BackendOrigin::Linked => f.write_str("linked in"),
+            BackendOrigin::Library(path) => write!(f, "library {}", path.display()),
+            BackendOrigin::Process(path) => write!(f, "process {}", path.display()),
+        }
+    }
+}
+
+/// One line of [`Registry::listing`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendListing {
+    /// The backend's name.
+    pub name: String,
+    /// Where it came from.
+    pub origin: BackendOrigin,
+    /// What its instances can do, at most.
+    pub capabilities: Capabilities,
+}
+
 /// The backends available to this process, by name.
 #[derive(Clone, Default)]
 pub struct Registry {
-    backends: BTreeMap<String, Arc<dyn Backend>>,
+    backends: BTreeMap<String, (Arc<dyn Backend>, BackendOrigin)>,
 }
 
 impl fmt::Debug for Registry {
@@ -89,17 +123,41 @@ impl Registry {
         Ok(registry)
     }
 
-    /// Adds a backend (e.g. one loaded from a plugin).
+    /// Adds a backend linked into the binary.
     ///
     /// # Errors
     /// [`Error::DuplicateBackend`] when the name is taken.
     pub fn register(&mut self, backend: Arc<dyn Backend>) -> Result<()> {
+        self.register_from(backend, BackendOrigin::Linked)
+    }
+
+    /// Adds a backend that came from `origin` (a plugin library, a backend process).
+    ///
+    /// # Errors
+    /// [`Error::DuplicateBackend`] when the name is taken.
+    pub fn register_from(
+        &mut self,
+        backend: Arc<dyn Backend>,
+        origin: BackendOrigin,
+    ) -> Result<()> {
         let name = backend.name().to_owned();
         if self.backends.contains_key(&name) {
             return Err(Error::DuplicateBackend { name });
         }
-        self.backends.insert(name, backend);
+        self.backends.insert(name, (backend, origin));
         Ok(())
+    }
+
+    /// Every backend with where it came from and its capabilities, by name.
+    pub fn listing(&self) -> Vec<BackendListing> {
+        self.backends
+            .iter()
+            .map(|(name, (backend, origin))| BackendListing {
+                name: name.clone(),
+                origin: origin.clone(),
+                capabilities: backend.capabilities(),
+            })
+            .collect()
     }
 
     /// The registered names, sorted.
@@ -114,7 +172,7 @@ impl Registry {
     pub fn get(&self, name: &str) -> Result<Arc<dyn Backend>> {
         self.backends
             .get(name)
-            .cloned()
+            .map(|(backend, _)| Arc::clone(backend))
             .ok_or_else(|| Error::UnknownBackend {
                 name: name.to_owned(),
                 known: self.names(),

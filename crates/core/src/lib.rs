@@ -44,7 +44,7 @@ pub mod state;
 pub mod state_dir;
 pub mod validate;
 
-pub use backend::{Backend, BackendRegistration, Registry};
+pub use backend::{Backend, BackendListing, BackendOrigin, BackendRegistration, Registry};
 pub use config::{
     Accel, DEFAULT_AGENT_PORT, GuestTransport, InstanceConfig, KernelConfig, MemoryHotplug,
     Resources, StateLayout, Timeouts,

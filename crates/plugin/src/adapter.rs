@@ -23,23 +23,8 @@ use vmkit_core::{
 
 use crate::wire::{InstanceId, Reply, Request, resize_from_wire};
 
-/// Where a backend came from, for listings.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Origin {
-    /// A shared library.
-    Library(std::path::PathBuf),
-    /// A backend process, by its executable.
-    Process(std::path::PathBuf),
-}
-
-impl std::fmt::Display for Origin {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Origin::Library(path) => write!(f, "library {}", path.display()),
-            Origin::Process(path) => write!(f, "process {}", path.display()),
-        }
-    }
-}
+/// Where a plugin came from (vmkit-core's, as the registry lists it).
+pub use vmkit_core::BackendOrigin as Origin;
 
 /// A transport to one plugin.
 #[async_trait]
@@ -130,6 +115,15 @@ impl PluginBackend {
     /// Where the backend came from.
     pub fn origin(&self) -> &Origin {
         self.channel.origin()
+    }
+
+    /// Adds this backend to `registry`, with where it came from.
+    ///
+    /// # Errors
+    /// `Error::DuplicateBackend` when the name is taken.
+    pub fn register_into(self, registry: &mut vmkit_core::Registry) -> vmkit_core::Result<()> {
+        let origin = self.channel.origin().clone();
+        registry.register_from(std::sync::Arc::new(self), origin)
     }
 
     /// [`Backend::create`], typed.

@@ -278,9 +278,30 @@ fn directory(_rt: &tokio::runtime::Runtime) {
     std::fs::write(dir.path().join("README"), b"not a library").unwrap();
     let loaded = loader::load_dir(dir.path()).unwrap();
     let mut registry = Registry::new();
+    registry
+        .register(Arc::new(vmkit_testkit::fake_backend::FakeBackend))
+        .unwrap();
+    let mut registry_of_plugins = Registry::new();
     for (path, backend) in loaded {
         let backend = backend.unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        registry.register(Arc::new(backend)).unwrap();
+        backend.register_into(&mut registry_of_plugins).unwrap();
     }
-    assert_eq!(registry.names(), ["fake", "null"]);
+    assert_eq!(registry_of_plugins.names(), ["fake", "null"]);
+    // The linked-in "fake" and the loaded one cannot share a registry: named, refused.
+    let again = loader::load(&dir.path().join("libvmkit_plugin_testing.so")).unwrap();
+    let err = again.register_into(&mut registry).unwrap_err().to_string();
+    assert_eq!(err, "backend \"fake\" is registered twice");
+    let listing = registry_of_plugins.listing();
+    let null = listing.iter().find(|l| l.name == "null").unwrap();
+    assert_eq!(
+        null.origin,
+        vmkit_core::BackendOrigin::Library(
+            dir.path()
+                .join("libvmkit_plugin_example.so")
+                .canonicalize()
+                .unwrap()
+        )
+    );
+    assert_eq!(null.capabilities, vmkit_core::Capabilities::PAUSE);
+    assert_eq!(registry.listing()[0].origin.to_string(), "linked in");
 }
