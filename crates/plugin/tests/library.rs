@@ -48,7 +48,10 @@ fn main() -> ExitCode {
         ("a_truncated_library_is_a_load_error", truncated),
         ("libraries_others_may_write_are_refused", unsafe_places),
         ("a_plugin_directory_registers_each_backend", directory),
+        ("a_plugins_log_records_reach_the_host", logs),
     ];
+    // Before any plugin is loaded: what the plugins log must arrive here.
+    tracing::subscriber::set_global_default(Capture).unwrap();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -304,4 +307,51 @@ fn directory(_rt: &tokio::runtime::Runtime) {
     );
     assert_eq!(null.capabilities, vmkit_core::Capabilities::PAUSE);
     assert_eq!(registry.listing()[0].origin.to_string(), "linked in");
+}
+
+/// The records this process's `tracing` received from plugins (target `vmkit_plugin`).
+static RECORDS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// A subscriber that keeps the plugins' records as `field=value …` text.
+struct Capture;
+
+struct Fields(String);
+
+impl tracing::field::Visit for Fields {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.0.push_str(&format!("{}={value:?} ", field.name()));
+    }
+}
+
+impl tracing::Subscriber for Capture {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        if event.metadata().target() == "vmkit_plugin" {
+            let mut fields = Fields(format!("{} ", event.metadata().level()));
+            event.record(&mut fields);
+            RECORDS.lock().unwrap().push(fields.0);
+        }
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+fn logs(_rt: &tokio::runtime::Runtime) {
+    let backend = loader::load(&library("vmkit_plugin_testing")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    drop(backend.create(config(dir.path(), "logged-1")).unwrap());
+    let records = RECORDS.lock().unwrap().clone();
+    assert!(
+        records.iter().any(|r| r.starts_with("INFO ")
+            && r.contains("plugin_target=\"vmkit_plugin_testing\"")
+            && r.contains("testing plugin: create id=logged-1")),
+        "{records:?}"
+    );
 }

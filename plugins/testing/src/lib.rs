@@ -4,7 +4,8 @@
 //! `FakeBackend` (`"fake"`), except that creating an instance whose id starts with
 //! `panic` panics inside the plugin; and `VMKIT_TEST_PLUGIN_DESCRIPTOR` makes its
 //! descriptor wrong when it is asked for: `bad-magic`, `abi-2`, `short`, `other-target`,
-//! `null`.
+//! `null`. Each create logs an INFO record (its own copy of `tracing`), which the host
+//! must receive.
 
 use std::sync::Arc;
 
@@ -30,6 +31,7 @@ impl Backend for Testing {
             "the testing plugin panics for {:?} as told",
             config.id
         );
+        tracing::info!(id = %config.id, "testing plugin: create");
         FakeBackend.create(config)
     }
 }
