@@ -303,3 +303,97 @@ macro_rules! export_backend {
         }
     };
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use super::*;
+
+    fn make() -> Arc<dyn Backend> {
+        Arc::new(vmkit_testkit::fake_backend::FakeBackend)
+    }
+
+    /// A completion that hands the reply to the test.
+    unsafe extern "C" fn record(ctx: *mut c_void, reply: RawBuffer) {
+        // SAFETY: the Box made below, handed back once.
+        let tx = unsafe { Box::from_raw(ctx.cast::<mpsc::Sender<Reply>>()) };
+        // SAFETY: the export made the buffer with `from_vec`.
+        let bytes = unsafe { reply.take() };
+        let _ = tx.send(serde_json::from_slice(&bytes).unwrap());
+    }
+
+    fn spawned(d: &DescriptorV1, req: &Request) -> (u64, mpsc::Receiver<Reply>) {
+        let (tx, rx) = mpsc::channel();
+        let bytes = serde_json::to_vec(req).unwrap();
+        let ctx = Box::into_raw(Box::new(tx)).cast::<c_void>();
+        let raw = RawStr {
+            ptr: bytes.as_ptr(),
+            len: bytes.len(),
+        };
+        // SAFETY: `bytes` outlives the call; `record` takes `ctx` back once.
+        let op = unsafe { (d.spawn)(raw, ctx, record) };
+        (op, rx)
+    }
+
+    #[test]
+    fn a_cancelled_operation_completes_once_with_a_cancellation() {
+        // SAFETY: this crate's own descriptor, 'static.
+        let d = unsafe { &*descriptor(make) };
+        // SAFETY: the descriptor's own entry point.
+        assert_eq!(unsafe { (d.init)(None) }, 0);
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("vmlinuz");
+        std::fs::write(&kernel, b"never read").unwrap();
+        let config = vmkit_core::InstanceConfig::new("cancel", dir.path().join("s"), &kernel);
+        let (_, created) = spawned(
+            d,
+            &Request::Create {
+                config: Box::new(config),
+            },
+        );
+        let Reply::Created { instance } = created.recv_timeout(Duration::from_secs(5)).unwrap()
+        else {
+            panic!("not created");
+        };
+        let (_, started) = spawned(
+            d,
+            &Request::Start {
+                instance,
+                timeout_ms: None,
+            },
+        );
+        assert_eq!(
+            started.recv_timeout(Duration::from_secs(5)).unwrap(),
+            Reply::Done
+        );
+        // `wait` on a running VM does not end by itself.
+        let (op, waited) = spawned(d, &Request::Wait { instance });
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(
+            waited.try_recv().is_err(),
+            "wait answered while the VM runs"
+        );
+        // SAFETY: the descriptor's own entry point.
+        unsafe { (d.cancel)(op) };
+        match waited.recv_timeout(Duration::from_secs(5)).unwrap() {
+            Reply::Failed { error } => {
+                assert!(
+                    error
+                        .into_core()
+                        .to_string()
+                        .contains("the operation was cancelled"),
+                    "cancelled"
+                );
+            }
+            other => panic!("a cancelled wait answered {other:?}"),
+        }
+        let (_, down) = spawned(d, &Request::Shutdown { instance });
+        assert!(matches!(
+            down.recv_timeout(Duration::from_secs(5)).unwrap(),
+            Reply::Exit { .. }
+        ));
+    }
+}

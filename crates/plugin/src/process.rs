@@ -52,6 +52,11 @@ enum ToBackend {
         /// The instance.
         instance: InstanceId,
     },
+    /// The host gave up on call `id`: abort it (its reply is not wanted).
+    Cancel {
+        /// The call's id.
+        id: u64,
+    },
 }
 
 /// A message from the backend.
@@ -104,6 +109,8 @@ pub async fn serve(backend: Arc<dyn Backend>, socket: &Path) -> std::io::Result<
     });
     let mut lines = tokio::io::BufReader::new(read).lines();
     let mut forwarders = Vec::new();
+    // The calls in flight, so that the host can cancel one.
+    let running: Arc<Mutex<HashMap<u64, tokio::task::AbortHandle>>> = Arc::default();
     while let Ok(Some(line)) = lines.next_line().await {
         if line.len() > MAX_LINE {
             break;
@@ -111,10 +118,18 @@ pub async fn serve(backend: Arc<dyn Backend>, socket: &Path) -> std::io::Result<
         match serde_json::from_str::<ToBackend>(&line) {
             Ok(ToBackend::Call { id, request }) => {
                 let (dispatcher, out) = (Arc::clone(&dispatcher), out_tx.clone());
-                tokio::spawn(async move {
+                let calls = Arc::clone(&running);
+                let task = tokio::spawn(async move {
                     let reply = dispatcher.answer(request).await;
                     let _ = out.send(line_of(&ToHost::Reply { id, reply }));
+                    locked(&calls).remove(&id);
                 });
+                locked(&running).insert(id, task.abort_handle());
+            }
+            Ok(ToBackend::Cancel { id }) => {
+                if let Some(task) = locked(&running).remove(&id) {
+                    task.abort();
+                }
             }
             Ok(ToBackend::Subscribe { instance }) => {
                 let out = out_tx.clone();
@@ -446,14 +461,16 @@ impl Channel for ProcessChannel {
         }
         let (tx, rx) = oneshot::channel();
         let id = self.register(Pending::Async(tx));
-        // Dropping this future (the caller gave up) forgets the call.
-        struct Forget<'a>(&'a Shared, u64);
+        // Dropping this future (the caller gave up) cancels the call in the backend.
+        struct Forget<'a>(&'a ProcessChannel, u64);
         impl Drop for Forget<'_> {
             fn drop(&mut self) {
-                locked(&self.0.pending).remove(&self.1);
+                if locked(&self.0.shared.pending).remove(&self.1).is_some() {
+                    let _ = self.0.send(&ToBackend::Cancel { id: self.1 });
+                }
             }
         }
-        let _forget = Forget(&self.shared, id);
+        let _forget = Forget(self, id);
         self.send(&ToBackend::Call { id, request })?;
         let answer = match deadline {
             Some(limit) => match tokio::time::timeout(limit, rx).await {
