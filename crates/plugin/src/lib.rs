@@ -35,8 +35,6 @@ mod adapter;
 mod dispatch;
 mod elf;
 mod error;
-#[doc(hidden)]
-pub mod export;
 pub mod loader;
 mod logs;
 pub mod process;

@@ -9,14 +9,15 @@ use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing::{Event, Level, Metadata, Subscriber};
 
-use crate::abi::{LogFn, RawStr};
+/// Where a plugin's records go: a level number, the target, the message.
+pub(crate) type Sink = Box<dyn Fn(u32, &str, &str) + Send + Sync>;
 
 /// The host's log sink, once `init` gave one.
-static SINK: std::sync::OnceLock<LogFn> = std::sync::OnceLock::new();
+static SINK: std::sync::OnceLock<Sink> = std::sync::OnceLock::new();
 
 /// Makes `sink` the plugin's log destination (the first call wins) and [`Forward`] its
 /// `tracing` subscriber.
-pub(crate) fn install(sink: LogFn) {
+pub(crate) fn install(sink: Sink) {
     if SINK.set(sink).is_ok() {
         let _ = tracing::subscriber::set_global_default(Forward);
     }
@@ -78,22 +79,16 @@ impl Subscriber for Forward {
     fn record_follows_from(&self, _span: &Id, _follows: &Id) {}
 
     fn event(&self, event: &Event<'_>) {
-        let Some(sink) = SINK.get().copied() else {
+        let Some(sink) = SINK.get() else {
             return;
         };
         let mut text = Text::default();
         event.record(&mut text);
-        let target = event.metadata().target();
-        #[allow(unsafe_code)]
-        // SAFETY: the host's sink copies both strings before it returns; they outlive
-        // the call.
-        unsafe {
-            sink(
-                level_number(*event.metadata().level()),
-                RawStr::of(target),
-                RawStr::of(&text.0),
-            );
-        };
+        sink(
+            level_number(*event.metadata().level()),
+            event.metadata().target(),
+            &text.0,
+        );
     }
 
     fn enter(&self, _span: &Id) {}

@@ -44,7 +44,7 @@ fn make() -> Arc<dyn Backend> {
 #[allow(unsafe_code)]
 #[unsafe(no_mangle)]
 pub extern "C" fn vmkit_plugin_v1() -> *const DescriptorV1 {
-    let good = vmkit_plugin::export::descriptor(make);
+    let good = vmkit_plugin::abi::export::descriptor(make);
     let Ok(mode) = std::env::var("VMKIT_TEST_PLUGIN_DESCRIPTOR") else {
         return good;
     };

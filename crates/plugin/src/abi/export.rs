@@ -5,8 +5,6 @@
 //! futures). Every entry point catches panics and answers them as errors; every
 //! spawned operation calls its completion exactly once, cancelled or not.
 
-#![allow(unsafe_code)] // the exported trampolines: raw buffers and host callbacks
-
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::panic::AssertUnwindSafe;
@@ -101,7 +99,9 @@ unsafe fn request_of(raw: RawStr) -> Result<Request, Reply> {
 unsafe extern "C" fn init(log: Option<LogFn>) -> u32 {
     let done = std::panic::catch_unwind(|| {
         if let Some(log) = log {
-            crate::logs::install(log);
+            crate::logs::install(Box::new(move |level, target, message| {
+                crate::abi::log_to(log, level, target, message);
+            }));
         }
         if EXPORTED.get().is_some() {
             return 0;
@@ -299,7 +299,7 @@ macro_rules! export_backend {
             fn make() -> ::std::sync::Arc<dyn $crate::__core::Backend> {
                 ::std::sync::Arc::new($backend)
             }
-            $crate::export::descriptor(make)
+            $crate::abi::export::descriptor(make)
         }
     };
 }

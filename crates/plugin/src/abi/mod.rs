@@ -10,6 +10,9 @@
 
 #![allow(unsafe_code)] // the ABI: raw buffers handed between two copies of Rust
 
+#[doc(hidden)]
+pub mod export;
+
 use std::ffi::c_void;
 
 /// The first bytes of every descriptor.
@@ -191,6 +194,13 @@ pub struct StaticDescriptor(pub DescriptorV1);
 unsafe impl Sync for StaticDescriptor {}
 // SAFETY: as above.
 unsafe impl Send for StaticDescriptor {}
+
+/// Hands one log record to the host's sink.
+pub(crate) fn log_to(sink: LogFn, level: u32, target: &str, message: &str) {
+    // SAFETY: the host's sink copies both strings before it returns; they outlive the
+    // call.
+    unsafe { sink(level, RawStr::of(target), RawStr::of(message)) };
+}
 
 /// A host pointer carried to another thread (the ABI's contexts are opaque to the
 /// plugin and only handed back).
