@@ -5,8 +5,9 @@
 //!
 //! - `state()` equals the model's state;
 //! - a call succeeds exactly when the model says it may, and is refused with
-//!   `InvalidState` exactly when the state table forbids it (any other refusal — a bad
-//!   size, no such device, no room — exactly when the model says so);
+//!   `InvalidState` exactly when the state table forbids it, with `BadArgument` for a
+//!   count out of range, `NotFound` for an id that is not there and `Exhausted` when no
+//!   slot, port or memory is left — each exactly when the model says so;
 //! - the vCPUs and memory the backend reports are what the model plugged;
 //! - `Shutdown` is terminal, and concurrent shutdowns report one `ExitInfo`;
 //! - every socket a live VM reported, its state dir's lock, and every process naming
@@ -98,8 +99,14 @@ pub enum Expect {
     Ok,
     /// Be refused by the state table (`InvalidState`).
     WrongState,
-    /// Be refused for another reason (a bad size, no such device, no room).
-    Refused,
+    /// Be refused for a bad argument (`BadArgument`: a count out of range).
+    BadArgument,
+    /// Be refused for naming what is not there (`NotFound`).
+    NotFound,
+    /// Be refused for want of room (`Exhausted`: no slot, port or memory left).
+    Exhausted,
+    /// Fail any other way (never expected: a failure the contract does not name).
+    Failed,
 }
 
 /// The reference model of one VM.
@@ -222,7 +229,7 @@ fn expect(m: &mut Model, step: &Step) -> Expect {
                 m.vcpus = *n;
                 Expect::Ok
             } else {
-                Expect::Refused
+                Expect::BadArgument
             }
         }
         Step::HotplugMemory(mib) if running => {
@@ -231,7 +238,7 @@ fn expect(m: &mut Model, step: &Step) -> Expect {
                 m.dimms.push(*mib);
                 Expect::Ok
             } else {
-                Expect::Refused
+                Expect::Exhausted
             }
         }
         Step::UnplugMemory(i) if running => {
@@ -239,7 +246,7 @@ fn expect(m: &mut Model, step: &Step) -> Expect {
                 m.dimms.remove(*i);
                 Expect::Ok
             } else {
-                Expect::Refused
+                Expect::NotFound
             }
         }
         Step::HotplugDisk if running => {
@@ -247,7 +254,7 @@ fn expect(m: &mut Model, step: &Step) -> Expect {
                 m.hot_disks += 1;
                 Expect::Ok
             } else {
-                Expect::Refused
+                Expect::Exhausted
             }
         }
         Step::Unplug(i) if running => {
@@ -255,7 +262,7 @@ fn expect(m: &mut Model, step: &Step) -> Expect {
                 m.hot_disks -= 1;
                 Expect::Ok
             } else {
-                Expect::Refused
+                Expect::NotFound
             }
         }
         Step::Crash | Step::Shutdown | Step::TwoShutdownsAtOnce => {
@@ -295,7 +302,10 @@ fn kind<V>(result: &vmkit_core::Result<V>) -> Expect {
     match result {
         Ok(_) => Expect::Ok,
         Err(Error::InvalidState { .. }) => Expect::WrongState,
-        Err(_) => Expect::Refused,
+        Err(Error::BadArgument { .. }) => Expect::BadArgument,
+        Err(Error::NotFound { .. }) => Expect::NotFound,
+        Err(Error::Exhausted { .. }) => Expect::Exhausted,
+        Err(_) => Expect::Failed,
     }
 }
 

@@ -169,19 +169,26 @@ async fn resources_follow_the_config() {
     let cpus = f.vm.cpu_hotplugger().expect("max_vcpus 4 > 1");
     let grown = cpus.set_vcpus(4).await.unwrap();
     assert_eq!((grown.before, grown.achieved), (1, 4));
-    assert!(cpus.hotplug_cpu().await.is_err(), "no fifth vCPU slot");
+    assert!(
+        matches!(cpus.hotplug_cpu().await, Err(Error::Exhausted { .. })),
+        "no fifth vCPU slot"
+    );
     assert_eq!(cpus.set_vcpus(2).await.unwrap().achieved, 2);
     assert_eq!(cpus.query_cpus().await.unwrap().len(), 2);
 
     let memory = f.vm.memory_hotplugger().expect("two slots up to 1 GiB");
-    let err = memory.hotplug_memory(100).await.unwrap_err().to_string();
+    let err = memory.hotplug_memory(100).await.unwrap_err();
+    assert!(matches!(err, Error::BadArgument { .. }), "{err:?}");
+    let err = err.to_string();
     assert!(
         err.contains("not a multiple of the guest's memory block size (128 MiB)"),
         "{err}"
     );
     let a = memory.hotplug_memory(256).await.unwrap();
     memory.hotplug_memory(128).await.unwrap();
-    let full = memory.hotplug_memory(128).await.unwrap_err().to_string();
+    let full = memory.hotplug_memory(128).await.unwrap_err();
+    assert!(matches!(full, Error::Exhausted { .. }), "{full:?}");
+    let full = full.to_string();
     assert!(full.contains("all 2 memory slots are in use"), "{full}");
     memory.unplug_memory(&a).await.unwrap();
     let over = memory.hotplug_memory(1024).await.unwrap_err().to_string();
@@ -199,7 +206,7 @@ async fn resources_follow_the_config() {
     f.vm.unplug("d1").await.unwrap();
     assert!(matches!(
         f.vm.unplug("d1").await.unwrap_err(),
-        Error::InvalidConfig { .. }
+        Error::NotFound { .. }
     ));
     f.vm.shutdown().await.unwrap();
 

@@ -33,6 +33,39 @@ pub enum Error {
         reason: String,
     },
 
+    /// An argument of a call (not the config) is wrong: a count out of range, a size
+    /// that is not a multiple of the block size, an id already taken.
+    #[error("{op}: bad argument {arg}: {reason}")]
+    BadArgument {
+        /// The call, with its arguments (`"set_vcpus 9"`).
+        op: String,
+        /// The argument (`"count"`, `"size_mib"`, `"id"`).
+        arg: String,
+        /// Why it is refused.
+        reason: String,
+    },
+
+    /// What a call names does not exist: no device with that id, no such vCPU.
+    #[error("{op}: not found: {what}")]
+    NotFound {
+        /// The call, with its arguments (`"unplug_memory vmkit-mem7"`).
+        op: String,
+        /// What was looked for, and what there is.
+        what: String,
+    },
+
+    /// A resource the call needs is used up: every vCPU slot, DIMM slot or hot-plug
+    /// port is taken, or the memory ceiling is reached.
+    #[error("{op}: no {resource} left: {reason}")]
+    Exhausted {
+        /// The call, with its arguments.
+        op: String,
+        /// What ran out (`"vCPU slot"`, `"DIMM slot"`, `"hot-plug port"`, `"memory"`).
+        resource: String,
+        /// The figures.
+        reason: String,
+    },
+
     /// The backend does not offer `op` (see [`crate::Capabilities`]).
     #[error("{op}: not supported by the {backend} backend: {reason}")]
     Unsupported {
@@ -135,6 +168,40 @@ pub enum Error {
 }
 
 impl Error {
+    /// Shorthand for [`Error::BadArgument`].
+    pub fn bad_argument(
+        op: impl Into<String>,
+        arg: impl Into<String>,
+        reason: impl Into<String>,
+    ) -> Self {
+        Error::BadArgument {
+            op: op.into(),
+            arg: arg.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Shorthand for [`Error::NotFound`].
+    pub fn not_found(op: impl Into<String>, what: impl Into<String>) -> Self {
+        Error::NotFound {
+            op: op.into(),
+            what: what.into(),
+        }
+    }
+
+    /// Shorthand for [`Error::Exhausted`].
+    pub fn exhausted(
+        op: impl Into<String>,
+        resource: impl Into<String>,
+        reason: impl Into<String>,
+    ) -> Self {
+        Error::Exhausted {
+            op: op.into(),
+            resource: resource.into(),
+            reason: reason.into(),
+        }
+    }
+
     /// Shorthand for [`Error::InvalidConfig`].
     pub fn config(field: impl Into<String>, reason: impl Into<String>) -> Self {
         Error::InvalidConfig {

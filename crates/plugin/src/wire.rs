@@ -326,6 +326,31 @@ pub enum WireError {
         /// Why.
         reason: String,
     },
+    /// `Error::BadArgument`.
+    BadArgument {
+        /// The call.
+        op: String,
+        /// The argument.
+        arg: String,
+        /// Why.
+        reason: String,
+    },
+    /// `Error::NotFound`.
+    NotFound {
+        /// The call.
+        op: String,
+        /// What was looked for.
+        what: String,
+    },
+    /// `Error::Exhausted`.
+    Exhausted {
+        /// The call.
+        op: String,
+        /// What ran out.
+        resource: String,
+        /// The figures.
+        reason: String,
+    },
     /// `Error::Unsupported`.
     Unsupported {
         /// The operation.
@@ -461,6 +486,24 @@ impl WireError {
                 field: field.clone(),
                 reason: reason.clone(),
             },
+            CoreError::BadArgument { op, arg, reason } => WireError::BadArgument {
+                op: op.clone(),
+                arg: arg.clone(),
+                reason: reason.clone(),
+            },
+            CoreError::NotFound { op, what } => WireError::NotFound {
+                op: op.clone(),
+                what: what.clone(),
+            },
+            CoreError::Exhausted {
+                op,
+                resource,
+                reason,
+            } => WireError::Exhausted {
+                op: op.clone(),
+                resource: resource.clone(),
+                reason: reason.clone(),
+            },
             CoreError::Unsupported {
                 op,
                 backend,
@@ -523,6 +566,19 @@ impl WireError {
             WireError::InvalidConfig { field, reason } => {
                 CoreError::InvalidConfig { field, reason }
             }
+            WireError::BadArgument { op, arg, reason } => {
+                CoreError::BadArgument { op, arg, reason }
+            }
+            WireError::NotFound { op, what } => CoreError::NotFound { op, what },
+            WireError::Exhausted {
+                op,
+                resource,
+                reason,
+            } => CoreError::Exhausted {
+                op,
+                resource,
+                reason,
+            },
             WireError::Unsupported {
                 op,
                 backend,
@@ -615,6 +671,24 @@ mod tests {
         assert_eq!(e.to_string(), "start: timed out after 1.5s");
         let e = round_trip(CoreError::config("resources.max_vcpus", "0 is not allowed"));
         assert!(matches!(e, CoreError::InvalidConfig { .. }));
+        for e in [
+            CoreError::bad_argument("set_vcpus 9", "count", "must be within 1..=4"),
+            CoreError::not_found("unplug x", "no hot-plugged device with that id"),
+            CoreError::exhausted("hotplug_cpu", "vCPU slot", "all 4 vCPUs are present"),
+        ] {
+            let text = e.to_string();
+            let back = round_trip(e);
+            assert!(
+                matches!(
+                    back,
+                    CoreError::BadArgument { .. }
+                        | CoreError::NotFound { .. }
+                        | CoreError::Exhausted { .. }
+                ),
+                "{back:?}"
+            );
+            assert_eq!(back.to_string(), text);
+        }
         let source = std::io::Error::other("QMP error: Bus 'rp0' does not support hotplugging");
         let original = CoreError::backend("device_add cpu", source);
         let text = original.to_string();

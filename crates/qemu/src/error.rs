@@ -52,6 +52,22 @@ pub enum Error {
     #[error(transparent)]
     Qmp(#[from] vmkit_qmp::Error),
 
+    /// QEMU answered a query with something this backend cannot read.
+    #[error("read the answer to {command}: {reason}")]
+    QmpAnswer {
+        /// The QMP command.
+        command: String,
+        /// What did not fit.
+        reason: String,
+    },
+
+    /// QEMU does not list what it was just told to make, or what vmkit made at boot.
+    #[error("QEMU does not list {what}")]
+    NotListed {
+        /// What is missing.
+        what: String,
+    },
+
     /// A host file or directory operation failed.
     #[error("{op}: {source}")]
     Io {

@@ -495,7 +495,7 @@ async fn set_vcpus_grows_to_four_online_in_the_guest_and_back_to_one() {
         let err = cpus.set_vcpus(bad).await.unwrap_err().to_string();
         assert_eq!(
             err,
-            format!("invalid config: count: set_vcpus {bad}: must be within 1..=4 (max_vcpus)")
+            format!("set_vcpus {bad}: bad argument count: must be within 1..=4 (max_vcpus)")
         );
     }
     let err = cpus.unplug_cpu(0).await.unwrap_err().to_string();
@@ -521,7 +521,7 @@ async fn set_vcpus_grows_to_four_online_in_the_guest_and_back_to_one() {
     let full = cpus.hotplug_cpu().await.unwrap_err().to_string();
     assert_eq!(
         full,
-        "invalid config: resources.max_vcpus: hotplug_cpu: all 4 vCPUs are present"
+        "hotplug_cpu: no vCPU slot left: all 4 vCPUs are present (resources.max_vcpus)"
     );
 
     let shrunk = cpus.set_vcpus(1).await.unwrap();
@@ -615,12 +615,12 @@ async fn memory_grows_by_dimms_shrinks_by_unplug_and_refuses_bad_sizes_first() {
     let unaligned = memory.hotplug_memory(100).await.unwrap_err().to_string();
     assert_eq!(
         unaligned,
-        "invalid config: size_mib: hotplug_memory 100 MiB: not a multiple of the guest's memory block size (128 MiB)"
+        "hotplug_memory 100 MiB: bad argument size_mib: not a multiple of the guest's memory block size (128 MiB)"
     );
     let too_big = memory.hotplug_memory(4096).await.unwrap_err().to_string();
     assert_eq!(
         too_big,
-        "invalid config: size_mib: hotplug_memory 4096 MiB: 256 MiB boot + 0 MiB plugged + 4096 MiB exceeds max_memory_mib 2048"
+        "hotplug_memory 4096 MiB: no memory left: 256 MiB boot + 0 MiB plugged + 4096 MiB exceeds max_memory_mib 2048"
     );
 
     // A slot QEMU rejects: its own words in our error, and no backend object left.
@@ -662,7 +662,7 @@ async fn memory_grows_by_dimms_shrinks_by_unplug_and_refuses_bad_sizes_first() {
     assert_eq!(total().await, base + 512);
     let unknown = memory.unplug_memory("nope").await.unwrap_err().to_string();
     assert!(
-        unknown.starts_with("invalid config: id: unplug_memory nope: no such DIMM"),
+        unknown.starts_with("unplug_memory nope: not found: no such DIMM"),
         "{unknown}"
     );
     let left = memory.query_memory().await.unwrap();
@@ -734,12 +734,12 @@ async fn virtio_mem_grows_by_grants_shrinks_by_unplug_and_refuses_bad_sizes_firs
     let unaligned = memory.hotplug_memory(3).await.unwrap_err().to_string();
     assert_eq!(
         unaligned,
-        "invalid config: size_mib: hotplug_memory 3 MiB (virtio-mem): not a multiple of the virtio-mem block size (2 MiB)"
+        "hotplug_memory 3 MiB (virtio-mem): bad argument size_mib: not a multiple of the virtio-mem block size (2 MiB)"
     );
     let too_big = memory.hotplug_memory(1026).await.unwrap_err().to_string();
     assert_eq!(
         too_big,
-        "invalid config: size_mib: hotplug_memory 1026 MiB (virtio-mem): 256 MiB boot + 0 MiB plugged + 1026 MiB exceeds max_memory_mib 1280"
+        "hotplug_memory 1026 MiB (virtio-mem): no memory left: 256 MiB boot + 0 MiB plugged + 1026 MiB exceeds max_memory_mib 1280"
     );
     let slot = vm
         .hotplug_memory_in_slot(256, 0)
@@ -786,7 +786,7 @@ async fn virtio_mem_grows_by_grants_shrinks_by_unplug_and_refuses_bad_sizes_firs
     let unknown = memory.unplug_memory(&first).await.unwrap_err().to_string();
     assert!(
         unknown.starts_with(&format!(
-            "invalid config: id: unplug_memory {first} (virtio-mem): no such grant"
+            "unplug_memory {first} (virtio-mem): not found: no such grant"
         )),
         "{unknown}"
     );

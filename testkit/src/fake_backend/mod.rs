@@ -85,9 +85,6 @@ pub enum FakeError {
     /// The guest agent could not be served.
     #[error("serve the guest agent: {0}")]
     Agent(std::io::Error),
-    /// No more room: all hot-plug ports, memory slots or vCPU slots are taken.
-    #[error("{0}")]
-    Exhausted(String),
 }
 
 /// The fake VMs of this process, by id (the latest of an id), for [`crash`].
@@ -636,11 +633,9 @@ impl DeviceConfigurator for FakeInstance {
         let vm = &self.vm;
         vm.state.require("unplug", &[VmState::Running])?;
         if !lock(&vm.devices).hot.iter().any(|d| d == id) {
-            return Err(Error::config(
-                "id",
-                format!(
-                    "unplug {id}: no hot-plugged device with that id (cold-plugged devices stay for the VM's life)"
-                ),
+            return Err(Error::not_found(
+                format!("unplug {id}"),
+                "no hot-plugged device with that id (cold-plugged devices stay for the VM's life)",
             ));
         }
         vm.fault(Op::Unplug, vm.config.timeouts.command).await?;
@@ -680,18 +675,17 @@ impl FakeInstance {
         {
             let devices = lock(&vm.devices);
             if devices.cold.iter().chain(&devices.hot).any(|d| *d == id) {
-                return Err(Error::config(
+                return Err(Error::bad_argument(
+                    format!("{call} {id}"),
                     "id",
-                    format!("{call} {id}: duplicate device id {id:?}"),
+                    format!("duplicate device id {id:?}"),
                 ));
             }
             if devices.hot.len() >= devices.ports as usize {
-                return Err(Error::backend(
+                return Err(Error::exhausted(
                     format!("{call} {id}"),
-                    FakeError::Exhausted(format!(
-                        "all {} hot-plug ports are in use",
-                        devices.ports
-                    )),
+                    "hot-plug port",
+                    format!("all {} hot-plug ports are in use", devices.ports),
                 ));
             }
         }

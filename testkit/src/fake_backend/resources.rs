@@ -8,7 +8,7 @@ use vmkit_core::{
     MemoryHotplug, MemoryHotplugger, MemoryInfo, VcpuResize, VmState,
 };
 
-use super::{FakeError, Op, Vm, lock};
+use super::{Op, Vm, lock};
 
 /// Memory hot-plug granularity, in MiB (the guest's memory block size on x86).
 pub const MEMORY_BLOCK_MIB: u64 = 128;
@@ -86,9 +86,10 @@ impl FakeCpus {
         {
             let res = lock(&vm.resources);
             if res.vcpus >= res.max_vcpus {
-                return Err(Error::backend(
+                return Err(Error::exhausted(
                     "hotplug_cpu",
-                    FakeError::Exhausted(format!("all {} vCPU slots are in use", res.max_vcpus)),
+                    "vCPU slot",
+                    format!("all {} vCPU slots are in use", res.max_vcpus),
                 ));
             }
         }
@@ -107,18 +108,17 @@ impl FakeCpus {
         {
             let res = lock(&vm.resources);
             if index < res.boot_vcpus || index >= res.vcpus {
-                return Err(Error::config(
-                    "index",
-                    format!(
-                        "{op}: not a hot-plugged vCPU (boot vCPUs stay; {} present)",
-                        res.vcpus
-                    ),
-                ));
+                return Err(if index >= res.vcpus {
+                    Error::not_found(op, format!("no vCPU {index} ({} present)", res.vcpus))
+                } else {
+                    Error::bad_argument(op, "index", "a boot vCPU: boot vCPUs stay")
+                });
             }
             if index + 1 != res.vcpus {
-                return Err(Error::config(
+                return Err(Error::bad_argument(
+                    op,
                     "index",
-                    format!("{op}: unplug the last vCPU first (cpu{})", res.vcpus - 1),
+                    format!("unplug the last vCPU first (cpu{})", res.vcpus - 1),
                 ));
             }
         }
@@ -154,9 +154,10 @@ impl CpuHotplugger for FakeCpus {
             (res.vcpus, res.boot_vcpus, res.max_vcpus)
         };
         if count < boot || count > max {
-            return Err(Error::config(
+            return Err(Error::bad_argument(
+                format!("set_vcpus {count}"),
                 "count",
-                format!("set_vcpus {count}: expected {boot} (the boot vCPUs) to {max} (max_vcpus)"),
+                format!("expected {boot} (the boot vCPUs) to {max} (max_vcpus)"),
             ));
         }
         let mut failures = Vec::new();
@@ -225,19 +226,21 @@ impl MemoryHotplugger for FakeMemory {
         {
             let res = lock(&vm.resources);
             if size_mib == 0 || !size_mib.is_multiple_of(MEMORY_BLOCK_MIB) {
-                return Err(Error::config(
+                return Err(Error::bad_argument(
+                    op,
                     "size_mib",
                     format!(
-                        "{op}: not a multiple of the guest's memory block size ({MEMORY_BLOCK_MIB} MiB)"
+                        "not a multiple of the guest's memory block size ({MEMORY_BLOCK_MIB} MiB)"
                     ),
                 ));
             }
             let total = res.memory_mib + res.plugged_mib() + size_mib;
             if total > res.max_memory_mib {
-                return Err(Error::config(
-                    "size_mib",
+                return Err(Error::exhausted(
+                    op,
+                    "memory",
                     format!(
-                        "{op}: {} MiB boot + {} MiB plugged + {size_mib} MiB exceeds max_memory_mib {}",
+                        "{} MiB boot + {} MiB plugged + {size_mib} MiB exceeds max_memory_mib {}",
                         res.memory_mib,
                         res.plugged_mib(),
                         res.max_memory_mib
@@ -245,9 +248,10 @@ impl MemoryHotplugger for FakeMemory {
                 ));
             }
             if !res.virtio_mem && res.dimms.len() >= res.slots as usize {
-                return Err(Error::backend(
+                return Err(Error::exhausted(
                     op,
-                    FakeError::Exhausted(format!("all {} memory slots are in use", res.slots)),
+                    "DIMM slot",
+                    format!("all {} memory slots are in use", res.slots),
                 ));
             }
         }
@@ -271,9 +275,9 @@ impl MemoryHotplugger for FakeMemory {
         let vm = &self.vm;
         vm.state.require("unplug_memory", &[VmState::Running])?;
         if !lock(&vm.resources).dimms.iter().any(|d| d.id == id) {
-            return Err(Error::config(
-                "id",
-                format!("unplug_memory {id}: no hot-plugged memory with that id"),
+            return Err(Error::not_found(
+                format!("unplug_memory {id}"),
+                "no hot-plugged memory with that id",
             ));
         }
         vm.fault(Op::UnplugMemory, vm.config.timeouts.command)

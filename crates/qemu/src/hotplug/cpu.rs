@@ -136,9 +136,10 @@ async fn add_one(shared: Arc<Shared>) -> vmkit_core::Result<CpuInfo> {
     let mut free: Vec<&Slot> = all.iter().filter(|s| s.qom_path.is_none()).collect();
     free.sort_by_key(|s| (s.props.socket, s.props.core, s.props.thread));
     let Some(slot) = free.first() else {
-        return Err(CoreError::config(
-            "resources.max_vcpus",
-            format!("hotplug_cpu: all {max} vCPUs are present"),
+        return Err(CoreError::exhausted(
+            op,
+            "vCPU slot",
+            format!("all {max} vCPUs are present (resources.max_vcpus)"),
         ));
     };
     {
@@ -189,9 +190,8 @@ async fn add_one(shared: Arc<Shared>) -> vmkit_core::Result<CpuInfo> {
         .ok_or_else(|| {
             CoreError::backend(
                 op,
-                Error::Io {
-                    op: format!("find {id} after device_add"),
-                    source: std::io::Error::other("QEMU does not list it"),
+                Error::NotListed {
+                    what: format!("{id} after its device_add"),
                 },
             )
         })?;
@@ -220,20 +220,19 @@ async fn remove_one(shared: Arc<Shared>, index: u32) -> vmkit_core::Result<()> {
     let op = "unplug_cpu";
     let cpus = present(&shared, op).await?;
     let Some(cpu) = cpus.iter().find(|c| c.index == index) else {
-        return Err(CoreError::config(
-            "index",
+        return Err(CoreError::not_found(
+            format!("unplug_cpu {index}"),
             format!(
-                "unplug_cpu: no vCPU {index} (present: {:?})",
+                "no vCPU {index} (present: {:?})",
                 cpus.iter().map(|c| c.index).collect::<Vec<_>>()
             ),
         ));
     };
     if !cpu.qom_path.contains(CPU_ID_PREFIX) {
-        return Err(CoreError::config(
+        return Err(CoreError::bad_argument(
+            format!("unplug_cpu {index}"),
             "index",
-            format!(
-                "unplug_cpu: vCPU {index} was there at boot; only hot-plugged vCPUs can be removed"
-            ),
+            format!("vCPU {index} was there at boot; only hot-plugged vCPUs can be removed"),
         ));
     }
     let id = cpu.props.device_id();
@@ -288,9 +287,10 @@ impl CpuHotplugger for Cpus {
         shared.state.require("set_vcpus", &[VmState::Running])?;
         let max = shared.config.resources.max_vcpus;
         if count == 0 || count > max {
-            return Err(CoreError::config(
+            return Err(CoreError::bad_argument(
+                format!("set_vcpus {count}"),
                 "count",
-                format!("set_vcpus {count}: must be within 1..={max} (max_vcpus)"),
+                format!("must be within 1..={max} (max_vcpus)"),
             ));
         }
         let job_shared = Arc::clone(&shared);

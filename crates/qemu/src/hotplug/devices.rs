@@ -94,9 +94,10 @@ fn free_port_and_name(
 ) -> vmkit_core::Result<(String, String)> {
     let hot = crate::instance::lock(&shared.hot_devices);
     if hot.iter().any(|d| d.id == id) {
-        return Err(CoreError::config(
+        return Err(CoreError::bad_argument(
+            op,
             "id",
-            format!("{op}: duplicate device id {id:?} (already hot-plugged)"),
+            format!("duplicate device id {id:?} (already hot-plugged)"),
         ));
     }
     let ports = shared.options.hotplug_ports;
@@ -104,9 +105,12 @@ fn free_port_and_name(
         .map(|i| format!("{}{i}", crate::command::ROOT_PORT_PREFIX))
         .find(|p| hot.iter().all(|d| &d.port != p))
         .ok_or_else(|| {
-            CoreError::config(
-                "backend_options.hotplug_ports",
-                format!("{op}: all {ports} hot-plug root ports are in use"),
+            CoreError::exhausted(
+                op,
+                "hot-plug port",
+                format!(
+                    "all {ports} hot-plug root ports are in use (backend_options.hotplug_ports)"
+                ),
             )
         })?;
     let name = (0..)
@@ -215,11 +219,9 @@ pub(crate) async fn remove_device(shared: Arc<Shared>, id: String) -> vmkit_core
         .find(|d| d.id == id)
         .cloned()
     else {
-        return Err(CoreError::config(
-            "id",
-            format!(
-                "{op}: no hot-plugged device with that id (cold-plugged devices stay for the VM's life)"
-            ),
+        return Err(CoreError::not_found(
+            op,
+            "no hot-plugged device with that id (cold-plugged devices stay for the VM's life)",
         ));
     };
     let mut events = shared.events.subscribe();

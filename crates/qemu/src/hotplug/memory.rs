@@ -47,9 +47,9 @@ pub(super) async fn memory_devices<T: serde::de::DeserializeOwned>(
             serde_json::from_value(d.data).map_err(|e| {
                 CoreError::backend(
                     op.to_owned(),
-                    Error::Io {
-                        op: format!("read query-memory-devices ({kind})"),
-                        source: std::io::Error::other(e),
+                    Error::QmpAnswer {
+                        command: format!("query-memory-devices ({kind})"),
+                        reason: e.to_string(),
                     },
                 )
             })
@@ -129,11 +129,10 @@ impl Memory {
                         (MemoryHotplug::VirtioMem, None) => {
                             virtio_mem::add(job_shared, size_mib).await
                         }
-                        (MemoryHotplug::VirtioMem, Some(slot)) => Err(CoreError::config(
+                        (MemoryHotplug::VirtioMem, Some(slot)) => Err(CoreError::bad_argument(
+                            format!("hotplug_memory {size_mib} MiB in slot {slot}"),
                             "slot",
-                            format!(
-                                "hotplug_memory {size_mib} MiB in slot {slot}: virtio-mem has no DIMM slots"
-                            ),
+                            "virtio-mem has no DIMM slots",
                         )),
                     }
                 },
@@ -160,9 +159,10 @@ async fn add_memory(
     let (total_before, block) = guest_memory(&agent, &op).await?;
     let block_mib = (block / MIB).max(1);
     if size_mib == 0 || !size_mib.is_multiple_of(block_mib) {
-        return Err(CoreError::config(
+        return Err(CoreError::bad_argument(
+            op,
             field,
-            format!("{op}: not a multiple of the guest's memory block size ({block_mib} MiB)"),
+            format!("not a multiple of the guest's memory block size ({block_mib} MiB)"),
         ));
     }
     // A read-only query; nothing changes before the checks pass.
@@ -170,18 +170,20 @@ async fn add_memory(
     let plugged: u64 = present.iter().map(|d| d.size_mib).sum();
     let max = res.max_memory();
     if res.memory_mib + plugged + size_mib > max {
-        return Err(CoreError::config(
-            field,
+        return Err(CoreError::exhausted(
+            op,
+            "memory",
             format!(
-                "{op}: {} MiB boot + {plugged} MiB plugged + {size_mib} MiB exceeds max_memory_mib {max}",
+                "{} MiB boot + {plugged} MiB plugged + {size_mib} MiB exceeds max_memory_mib {max}",
                 res.memory_mib
             ),
         ));
     }
     if present.len() >= res.memory_slots as usize {
-        return Err(CoreError::config(
-            "resources.memory_slots",
-            format!("{op}: all {} DIMM slots are in use", res.memory_slots),
+        return Err(CoreError::exhausted(
+            op,
+            "DIMM slot",
+            format!("all {} DIMM slots are in use", res.memory_slots),
         ));
     }
     let id = (0..)
@@ -334,10 +336,10 @@ impl MemoryHotplugger for Memory {
                 let op = format!("unplug_memory {id}");
                 let present = dimms(&job_shared, &op).await?;
                 if !present.iter().any(|d| d.id == id) {
-                    return Err(CoreError::config(
-                        "id",
+                    return Err(CoreError::not_found(
+                        op,
                         format!(
-                            "{op}: no such DIMM (present: {:?})",
+                            "no such DIMM (present: {:?})",
                             present.iter().map(|d| d.id.as_str()).collect::<Vec<_>>()
                         ),
                     ));

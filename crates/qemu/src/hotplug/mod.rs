@@ -129,9 +129,9 @@ async fn qmp_query<T: serde::de::DeserializeOwned>(
     serde_json::from_value(value).map_err(|e| {
         CoreError::backend(
             op.to_owned(),
-            Error::Io {
-                op: format!("read {command}"),
-                source: std::io::Error::other(e),
+            Error::QmpAnswer {
+                command: command.to_owned(),
+                reason: e.to_string(),
             },
         )
     })

@@ -57,11 +57,8 @@ async fn device(shared: &Shared, op: &str) -> vmkit_core::Result<Device> {
         .ok_or_else(|| {
             CoreError::backend(
                 op.to_owned(),
-                crate::error::Error::Io {
-                    op: "query-memory-devices".into(),
-                    source: std::io::Error::other(format!(
-                        "QEMU lists no virtio-mem device {VIRTIO_MEM_ID}"
-                    )),
+                crate::error::Error::NotListed {
+                    what: format!("the virtio-mem device {VIRTIO_MEM_ID} (query-memory-devices)"),
                 },
             )
         })
@@ -112,9 +109,10 @@ pub(crate) async fn add(shared: Arc<Shared>, size_mib: u64) -> vmkit_core::Resul
     // choice, and only vmkit's grants change the request.
     let block_mib = VIRTIO_MEM_BLOCK_MIB;
     if size_mib == 0 || !size_mib.is_multiple_of(block_mib) {
-        return Err(CoreError::config(
+        return Err(CoreError::bad_argument(
+            op,
             "size_mib",
-            format!("{op}: not a multiple of the virtio-mem block size ({block_mib} MiB)"),
+            format!("not a multiple of the virtio-mem block size ({block_mib} MiB)"),
         ));
     }
     let res = &shared.config.resources;
@@ -124,10 +122,11 @@ pub(crate) async fn add(shared: Arc<Shared>, size_mib: u64) -> vmkit_core::Resul
         .map(|g| g.size_mib)
         .sum();
     if base + granted + size_mib > max {
-        return Err(CoreError::config(
-            "size_mib",
+        return Err(CoreError::exhausted(
+            op,
+            "memory",
             format!(
-                "{op}: {base} MiB boot + {granted} MiB plugged + {size_mib} MiB exceeds max_memory_mib {max}"
+                "{base} MiB boot + {granted} MiB plugged + {size_mib} MiB exceeds max_memory_mib {max}"
             ),
         ));
     }
@@ -137,10 +136,11 @@ pub(crate) async fn add(shared: Arc<Shared>, size_mib: u64) -> vmkit_core::Resul
         tokio::try_join!(guest_memory(&agent, &op), device(&shared, &op))?;
     if dev.requested_size + size_mib * MIB > dev.max_size {
         // Someone else (the QMP escape hatch) asked for more than vmkit's grants.
-        return Err(CoreError::config(
-            "size_mib",
+        return Err(CoreError::exhausted(
+            op,
+            "memory",
             format!(
-                "{op}: QEMU already has {} MiB requested; {size_mib} MiB more exceeds the device's {} MiB",
+                "QEMU already has {} MiB requested; {size_mib} MiB more exceeds the device's {} MiB",
                 dev.requested_size / MIB,
                 dev.max_size / MIB
             ),
@@ -184,9 +184,9 @@ pub(crate) async fn remove(shared: Arc<Shared>, id: String) -> vmkit_core::Resul
         .cloned();
     let Some(grant) = grant else {
         let present: Vec<String> = grants(&shared).into_iter().map(|g| g.id).collect();
-        return Err(CoreError::config(
-            "id",
-            format!("{op}: no such grant (present: {present:?})"),
+        return Err(CoreError::not_found(
+            op,
+            format!("no such grant (present: {present:?})"),
         ));
     };
     let dev = device(&shared, &op).await?;
