@@ -44,6 +44,10 @@ pub const VSOCK_ID: &str = "vmkit-vsock";
 pub const VSOCK_PORT_ID: &str = "vmkit-rp-vsock";
 const VSOCK_PORT_CHASSIS: u32 = 33;
 
+/// The id of the pvpanic device (q35): the guest kernel reports a panic through it,
+/// QEMU emits GUEST_PANICKED and the instance ends with `ExitReason::GuestPanic`.
+pub const PVPANIC_ID: &str = "vmkit-pvpanic";
+
 /// The id prefix of the PCIe root ports reserved for hot-plug (`vmkit-rp0`, …).
 pub const ROOT_PORT_PREFIX: &str = "vmkit-rp";
 
@@ -195,6 +199,10 @@ pub fn build(launch: &Launch<'_>) -> Vec<OsString> {
     args.push("-append".into());
     args.push(launch.cmdline.into());
     if machine == Machine::Q35 {
+        // On the root complex: it is never unplugged, so it takes no hot-plug port.
+        let pvpanic = json!({"driver": "pvpanic-pci", "id": PVPANIC_ID, "bus": "pcie.0"});
+        args.push("-device".into());
+        args.push(pvpanic.to_string().into());
         for i in 0..launch.options.hotplug_ports {
             let port = json!({
                 "driver": "pcie-root-port",
@@ -354,10 +362,15 @@ mod tests {
         assert_eq!(value_after(&dropping, "-run-with"), ["user=vmkit-qemu"]);
         assert_eq!(value_after(&dropping, "-sandbox"), [SANDBOX_RUN_AS]);
         assert_eq!(value_after(&args, "-append"), ["console=ttyS0 quiet"]);
+        let devices = value_after(&args, "-device");
         assert_eq!(
-            value_after(&args, "-device").len(),
-            4,
-            "4 root ports by default"
+            devices.len(),
+            5,
+            "the pvpanic device and 4 root ports by default"
+        );
+        assert_eq!(
+            devices[0],
+            r#"{"bus":"pcie.0","driver":"pvpanic-pci","id":"vmkit-pvpanic"}"#
         );
         for flag in ["-nodefaults", "-no-user-config", "-no-reboot"] {
             assert!(args.iter().any(|a| a == flag), "{flag} missing");

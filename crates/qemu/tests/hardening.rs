@@ -196,6 +196,50 @@ async fn a_guest_kernel_panic_during_boot_is_named_with_the_console_lines() {
     assert_eq!(exit.message.as_deref(), Some(err.as_str()));
 }
 
+/// Issue 15: a guest kernel panic while running reaches the user. The guest's pvpanic
+/// driver reports it (the `vmkit-pvpanic` device), QEMU emits GUEST_PANICKED and exits,
+/// and the instance ends with `ExitReason::GuestPanic`, leaving nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_kernel_panic_while_running_ends_the_vm_as_a_guest_panic() {
+    let Some(booted) = boot("panic-running").await else {
+        return;
+    };
+    let vm = &booted.vm;
+    let pid = vm.vm_info().pid.unwrap();
+    let mut events = vm.events();
+    let agent = vm.agent().await.unwrap();
+    let modules = agent
+        .exec(ctx(), &exec_req(&["cat", "/proc/modules"]))
+        .await
+        .unwrap();
+    let modules = String::from_utf8_lossy(&modules.stdout);
+    assert!(
+        modules.contains("pvpanic_pci"),
+        "the guest loaded its pvpanic driver: {modules}"
+    );
+    // The call never gets its answer: the guest dies under it.
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        agent.exec(
+            ctx(),
+            &exec_req(&["/bin/sh", "-c", "echo c > /proc/sysrq-trigger"]),
+        ),
+    )
+    .await;
+    let exit = tokio::time::timeout(std::time::Duration::from_secs(30), vm.wait())
+        .await
+        .expect("the VM ended after its guest panicked");
+    assert_eq!(exit.reason, vmkit_core::ExitReason::GuestPanic, "{exit:?}");
+    assert_eq!(exit.message.as_deref(), Some("the guest kernel panicked"));
+    assert_eq!(vm.state(), VmState::Shutdown);
+    let mut seen_panic = false;
+    while let Ok(event) = events.try_recv() {
+        seen_panic |= event == vmkit_core::VmEvent::GuestPanicked;
+    }
+    assert!(seen_panic, "a GuestPanicked event was published");
+    assert_gone(pid, vm);
+}
+
 fn signal(pid: u32, signal: nix::sys::signal::Signal) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal).unwrap();
 }
