@@ -125,6 +125,28 @@ impl ExitInfo {
     }
 }
 
+/// A disk operation, in [`VmEvent::BlockIoError`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BlockOperation {
+    /// A read.
+    Read,
+    /// A write.
+    Write,
+}
+
+/// What the VMM did about a disk error, in [`VmEvent::BlockIoError`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BlockErrorAction {
+    /// Nothing: the error was only reported here.
+    Ignore,
+    /// The error was passed to the guest.
+    Report,
+    /// The VM was paused (a `Stopped` event follows); `resume` retries the operation.
+    Stop,
+}
+
 /// Something that happened to a VM, published on [`crate::Instance::events`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -171,6 +193,22 @@ pub enum VmEvent {
         step: String,
         /// Milliseconds since `start` was called.
         elapsed_ms: u64,
+    },
+    /// A disk's I/O failed in the VMM (the host file: out of space, gone, unreadable).
+    BlockIoError {
+        /// The VMM's name for the disk's block node (vmkit-qemu: `vmkit-disk<N>` for the
+        /// N-th cold disk, `vmkit-hot<N>` for a hot-plugged one).
+        node: Option<String>,
+        /// The VMM's device name (often empty with `-blockdev`).
+        device: String,
+        /// The failed operation.
+        operation: BlockOperation,
+        /// What the VMM did about it.
+        action: BlockErrorAction,
+        /// The error was running out of space on the host.
+        nospace: bool,
+        /// The host's words, for people (not to be parsed).
+        reason: String,
     },
     /// The VMM process is gone.
     Exited(ExitInfo),

@@ -52,7 +52,10 @@ pub use config::{
 pub use devices::{DiskConfig, DiskFormat, MacAddr, NicBackend, NicConfig};
 pub use error::{Error, Result};
 pub use guest_addr::GuestAddr;
-pub use info::{Capabilities, ExitInfo, ExitReason, ShutdownStage, VmEvent, VmInfo};
+pub use info::{
+    BlockErrorAction, BlockOperation, Capabilities, ExitInfo, ExitReason, ShutdownStage, VmEvent,
+    VmInfo,
+};
 pub use instance::{
     DeviceConfigurator, GuestClient, GuestCommunicator, GuestStream, Instance, StartOptions,
 };

@@ -1,7 +1,8 @@
 //! QMP events turned into [`VmEvent`]s.
 
-use vmkit_core::VmEvent;
+use vmkit_core::{BlockErrorAction, BlockOperation, VmEvent};
 use vmkit_qmp::Event;
+use vmkit_qmp::qapi_qmp;
 use vmkit_qmp::qapi_qmp::Event as QapiEvent;
 
 /// The [`VmEvent`] for a QMP event; `None` for the end of the stream.
@@ -21,6 +22,21 @@ pub fn to_vm_event(event: &Event) -> Option<VmEvent> {
                 path: data.path.clone(),
             },
             QapiEvent::GUEST_PANICKED { .. } => VmEvent::GuestPanicked,
+            QapiEvent::BLOCK_IO_ERROR { data, .. } => VmEvent::BlockIoError {
+                node: data.node_name.clone(),
+                device: data.device.clone(),
+                operation: match data.operation {
+                    qapi_qmp::IoOperationType::read => BlockOperation::Read,
+                    qapi_qmp::IoOperationType::write => BlockOperation::Write,
+                },
+                action: match data.action {
+                    qapi_qmp::BlockErrorAction::ignore => BlockErrorAction::Ignore,
+                    qapi_qmp::BlockErrorAction::report => BlockErrorAction::Report,
+                    qapi_qmp::BlockErrorAction::stop => BlockErrorAction::Stop,
+                },
+                nospace: data.nospace.unwrap_or(false),
+                reason: data.reason.clone(),
+            },
             other => VmEvent::Other {
                 name: name.clone(),
                 data: serde_json::to_value(other)
@@ -69,6 +85,42 @@ mod tests {
                 timestamp: Timestamp::default(),
             },
         }
+    }
+
+    #[test]
+    fn a_disk_error_is_typed() {
+        // QEMU's own example, with the node name vmkit gives a cold disk.
+        let event = qmp_event(
+            "BLOCK_IO_ERROR",
+            json!({"device": "", "node-name": "vmkit-disk1", "operation": "write",
+                   "action": "stop", "nospace": true, "reason": "No space left on device"}),
+        );
+        assert_eq!(
+            to_vm_event(&event),
+            Some(VmEvent::BlockIoError {
+                node: Some("vmkit-disk1".into()),
+                device: String::new(),
+                operation: BlockOperation::Write,
+                action: BlockErrorAction::Stop,
+                nospace: true,
+                reason: "No space left on device".into(),
+            })
+        );
+        let read = qmp_event(
+            "BLOCK_IO_ERROR",
+            json!({"device": "ide0-hd1", "operation": "read", "action": "report",
+                   "reason": "Input/output error"}),
+        );
+        assert!(matches!(
+            to_vm_event(&read),
+            Some(VmEvent::BlockIoError {
+                node: None,
+                operation: BlockOperation::Read,
+                action: BlockErrorAction::Report,
+                nospace: false,
+                ..
+            })
+        ));
     }
 
     #[test]

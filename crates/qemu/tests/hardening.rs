@@ -7,7 +7,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 
-use vmkit_core::{Error as CoreError, GuestCommunicator, Instance, StartOptions, VmState};
+use vmkit_core::{
+    DeviceConfigurator, Error as CoreError, GuestCommunicator, Instance, StartOptions, VmState,
+};
 use vmkit_proto::AgentClient;
 use vmkit_qemu::QemuBackend;
 
@@ -238,6 +240,94 @@ async fn a_guest_kernel_panic_while_running_ends_the_vm_as_a_guest_panic() {
     }
     assert!(seen_panic, "a GuestPanicked event was published");
     assert_gone(pid, vm);
+}
+
+/// Issue 15: a disk whose host file runs out of space reaches the user as a typed
+/// `BlockIoError`: the disk's file sits on a 1 MiB tmpfs, the guest writes 4 MiB to it,
+/// QEMU stops the VM (its default for ENOSPC on write), and vmkit reports the node, the
+/// operation, the action and the state it left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_out_of_host_space_is_a_typed_block_io_error() {
+    if !root_or_skip("tmpfs mount for a full disk") {
+        return;
+    }
+    let Some(image) = setup() else { return };
+    let _slot = VMS.acquire().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let small = dir.path().join("small");
+    std::fs::create_dir(&small).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "vmkit-full"])
+        .arg(&small)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount a 1 MiB tmpfs");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(small.clone());
+    let path = small.join("full.img");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let vm = QemuBackend
+        .create_instance(image.config("full-disk", &dir.path().join("state")))
+        .unwrap();
+    vm.add_disk(vmkit_core::DiskConfig::new("full", &path))
+        .unwrap();
+    let vm = start(vm).await;
+    let mut events = vm.events();
+    let agent = vm.agent().await.unwrap();
+    let writer = tokio::spawn(async move {
+        agent
+            .exec(
+                ctx(),
+                &exec_req(&[
+                    "dd",
+                    "if=/dev/zero",
+                    "of=/dev/vda",
+                    "bs=1M",
+                    "count=4",
+                    "conv=fsync",
+                ]),
+            )
+            .await
+    });
+    let error = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        loop {
+            match events.recv().await {
+                Ok(e @ vmkit_core::VmEvent::BlockIoError { .. }) => return e,
+                Ok(_) => {}
+                Err(e) => panic!("events ended: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("a BlockIoError within 30 s");
+    let vmkit_core::VmEvent::BlockIoError {
+        node,
+        operation,
+        action,
+        nospace,
+        reason,
+        ..
+    } = error
+    else {
+        unreachable!()
+    };
+    assert_eq!(node.as_deref(), Some("vmkit-disk0"));
+    assert_eq!(operation, vmkit_core::BlockOperation::Write);
+    assert_eq!(action, vmkit_core::BlockErrorAction::Stop);
+    assert!(nospace, "{reason}");
+    assert!(reason.contains("No space left on device"), "{reason}");
+    reaches(&vm, VmState::Paused).await;
+    writer.abort();
+    vm.shutdown().await.unwrap();
+    assert_eq!(vm.state(), VmState::Shutdown);
 }
 
 fn signal(pid: u32, signal: nix::sys::signal::Signal) {
