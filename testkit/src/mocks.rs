@@ -48,10 +48,10 @@ use async_trait::async_trait;
 use mockall::mock;
 use tokio::sync::broadcast;
 use vmkit_core::{
-    Backend, Capabilities, CpuHotplugger, CpuInfo, DeviceConfigurator, DiskConfig, ExitInfo,
-    GuestClient, GuestCommunicator, GuestStream, Instance, InstanceConfig, MemoryHotplugger,
-    MemoryInfo, NicConfig, ResourceManager, Result, StartOptions, VcpuResize, VmEvent, VmInfo,
-    VmState,
+    Backend, Capabilities, CpuHotplugger, CpuInfo, CpuTopology, DeviceConfigurator, DiskConfig,
+    ExitInfo, GuestClient, GuestCommunicator, GuestStream, Instance, InstanceConfig,
+    MemoryHotplugger, MemoryInfo, NicConfig, ResourceManager, Result, StartOptions, VcpuResize,
+    VmEvent, VmInfo, VmState,
 };
 
 /// A value that lives for the rest of the test process, for the mocks' methods that
@@ -166,6 +166,7 @@ mock! {
     impl CpuHotplugger for CpuHotplugger {
         async fn query_cpus(&self) -> Result<Vec<CpuInfo>>;
         async fn hotplug_cpu(&self) -> Result<CpuInfo>;
+        async fn hotplug_cpu_at(&self, at: CpuTopology) -> Result<CpuInfo>;
         async fn unplug_cpu(&self, index: u32) -> Result<()>;
         async fn set_vcpus(&self, count: u32) -> Result<VcpuResize>;
     }

@@ -175,6 +175,24 @@ async fn resources_follow_the_config() {
     );
     assert_eq!(cpus.set_vcpus(2).await.unwrap().achieved, 2);
     assert_eq!(cpus.query_cpus().await.unwrap().len(), 2);
+    let core = |core| vmkit_core::CpuTopology {
+        socket: 0,
+        core,
+        thread: 0,
+    };
+    assert_eq!(
+        cpus.hotplug_cpu_at(core(2)).await.unwrap().topology,
+        core(2)
+    );
+    assert!(matches!(
+        cpus.hotplug_cpu_at(core(2)).await,
+        Err(Error::BadArgument { .. })
+    ));
+    assert!(matches!(
+        cpus.hotplug_cpu_at(core(9)).await,
+        Err(Error::NotFound { .. })
+    ));
+    assert_eq!(cpus.set_vcpus(2).await.unwrap().achieved, 2);
 
     let memory = f.vm.memory_hotplugger().expect("two slots up to 1 GiB");
     let err = memory.hotplug_memory(100).await.unwrap_err();

@@ -78,17 +78,28 @@ pub trait CpuHotplugger: Send + Sync {
     /// Allowed in: `Running`.
     ///
     /// # Errors
-    /// `InvalidState`; `InvalidConfig` when all `max_vcpus` are present; `Backend` with
+    /// `InvalidState`; `Exhausted` when all `max_vcpus` are present; `Backend` with
     /// the VMM's error text; `Timeout` when the guest never onlined it.
     async fn hotplug_cpu(&self) -> Result<CpuInfo>;
+
+    /// Adds the vCPU of slot `at` (a socket, core and thread as [`CpuInfo::topology`]
+    /// reports them) and waits until the guest has it online.
+    ///
+    /// Allowed in: `Running`.
+    ///
+    /// # Errors
+    /// `InvalidState`; `NotFound` when the VM has no such slot; `BadArgument` when the
+    /// slot holds a vCPU already (or the backend cannot fill it out of order); the
+    /// errors of [`CpuHotplugger::hotplug_cpu`].
+    async fn hotplug_cpu_at(&self, at: CpuTopology) -> Result<CpuInfo>;
 
     /// Removes the hot-plugged vCPU `index` and waits until the VMM no longer lists it.
     ///
     /// Allowed in: `Running`.
     ///
     /// # Errors
-    /// `InvalidState`; `InvalidConfig` for a boot vCPU or an unknown index; `Unsupported`
-    /// where the VMM cannot unplug; `Timeout`; `Backend`.
+    /// `InvalidState`; `BadArgument` for a boot vCPU; `NotFound` for an unknown index;
+    /// `Unsupported` where the VMM cannot unplug; `Timeout`; `Backend`.
     async fn unplug_cpu(&self, index: u32) -> Result<()>;
 
     /// Adds or removes vCPUs until `count` are online; returns how far it got and, per
@@ -97,7 +108,7 @@ pub trait CpuHotplugger: Send + Sync {
     /// Allowed in: `Running`.
     ///
     /// # Errors
-    /// `InvalidState`; `InvalidConfig` when `count` is outside `1..=max_vcpus` (checked
+    /// `InvalidState`; `BadArgument` when `count` is outside `1..=max_vcpus` (checked
     /// before anything is changed).
     async fn set_vcpus(&self, count: u32) -> Result<VcpuResize>;
 }

@@ -15,7 +15,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::broadcast;
 use vmkit_core::{
-    Backend, Capabilities, CpuHotplugger, CpuInfo, DeviceConfigurator, DiskConfig,
+    Backend, Capabilities, CpuHotplugger, CpuInfo, CpuTopology, DeviceConfigurator, DiskConfig,
     Error as CoreError, ExitInfo, ExitReason, GuestAddr, GuestClient, GuestCommunicator,
     GuestStream, Instance, InstanceConfig, MemoryHotplugger, MemoryInfo, NicConfig,
     ResourceManager, StartOptions, VcpuResize, VmEvent, VmInfo, VmState,
@@ -609,6 +609,20 @@ impl CpuHotplugger for RemoteCpus {
         {
             Reply::Cpu { cpu } => Ok(cpu),
             other => Err(unexpected("hotplug_cpu", other)),
+        }
+    }
+
+    async fn hotplug_cpu_at(&self, at: CpuTopology) -> vmkit_core::Result<CpuInfo> {
+        match self
+            .0
+            .call(Request::HotplugCpuAt {
+                instance: self.0.id,
+                at,
+            })
+            .await?
+        {
+            Reply::Cpu { cpu } => Ok(cpu),
+            other => Err(unexpected("hotplug_cpu_at", other)),
         }
     }
 

@@ -324,6 +324,14 @@ async fn run_resource(vm: &dyn Instance, req: Request) -> Reply {
             })
             .await
         }
+        Request::HotplugCpuAt { at, .. } => {
+            with(vm, "hotplug_cpu", vm.cpu_hotplugger(), |c| async move {
+                c.hotplug_cpu_at(at)
+                    .await
+                    .map_or_else(|e| Reply::failed(&e), |cpu| Reply::Cpu { cpu })
+            })
+            .await
+        }
         Request::UnplugCpu { index, .. } => {
             with(vm, "unplug_cpu", vm.cpu_hotplugger(), |c| async move {
                 done(c.unplug_cpu(index).await)

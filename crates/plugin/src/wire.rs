@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use vmkit_core::{
-    Capabilities, CpuFailure, CpuInfo, DiskConfig, Error as CoreError, ExitInfo, InstanceConfig,
-    MemoryInfo, NicConfig, StartOptions, VcpuResize, VmEvent, VmInfo, VmState,
+    Capabilities, CpuFailure, CpuInfo, CpuTopology, DiskConfig, Error as CoreError, ExitInfo,
+    InstanceConfig, MemoryInfo, NicConfig, StartOptions, VcpuResize, VmEvent, VmInfo, VmState,
 };
 
 /// The schema's version; a host refuses a peer with another one.
@@ -122,6 +122,13 @@ pub enum Request {
         /// The instance.
         instance: InstanceId,
     },
+    /// `CpuHotplugger::hotplug_cpu_at`.
+    HotplugCpuAt {
+        /// The instance.
+        instance: InstanceId,
+        /// The slot.
+        at: CpuTopology,
+    },
     /// `CpuHotplugger::unplug_cpu`.
     UnplugCpu {
         /// The instance.
@@ -179,6 +186,7 @@ impl Request {
             | Unplug { instance, .. }
             | QueryCpus { instance }
             | HotplugCpu { instance }
+            | HotplugCpuAt { instance, .. }
             | UnplugCpu { instance, .. }
             | SetVcpus { instance, .. }
             | QueryMemory { instance }

@@ -547,6 +547,53 @@ async fn set_vcpus_grows_to_four_online_in_the_guest_and_back_to_one() {
 /// Under TCG, QEMU never reuses an unplugged vCPU's translation context: with
 /// `max_vcpus` 3, the boot vCPU and two hot-plugs use all three, and a third hot-plug
 /// would abort QEMU. vmkit refuses it, says why, and the VM keeps serving.
+/// Issue 15: the caller names the slot a vCPU goes into; a taken slot, or one the VM
+/// does not have, is refused with its kind before QEMU is asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vcpu_goes_into_the_slot_the_caller_names() {
+    let Some(booted) = boot("cpu-slot").await else {
+        return;
+    };
+    let cpus = booted.vm.cpu_hotplugger().unwrap();
+    // QEMU 10 lays `-smp 1,maxcpus=4` out as cores 0-3 of socket 0.
+    let slot = |core| vmkit_core::CpuTopology {
+        socket: 0,
+        core,
+        thread: 0,
+    };
+    let third = cpus.hotplug_cpu_at(slot(2)).await.unwrap();
+    assert_eq!(third.topology, slot(2), "{third:?}");
+    assert_eq!(third.online, Some(true));
+    assert_eq!(third.device_id.as_deref(), Some("vmkit-cpu0-2-0"));
+    let listed = cpus.query_cpus().await.unwrap();
+    let cores: Vec<u32> = listed.iter().map(|c| c.topology.core).collect();
+    assert_eq!(cores, [0, 2], "slot 1 stays free: {listed:?}");
+    let taken = cpus.hotplug_cpu_at(slot(2)).await.unwrap_err();
+    assert!(
+        matches!(taken, vmkit_core::Error::BadArgument { .. }),
+        "{taken:?}"
+    );
+    assert_eq!(
+        taken.to_string(),
+        "hotplug_cpu_at socket=0 core=2 thread=0: bad argument at: the slot holds a vCPU already"
+    );
+    let missing = cpus.hotplug_cpu_at(slot(9)).await.unwrap_err();
+    assert!(
+        matches!(missing, vmkit_core::Error::NotFound { .. }),
+        "{missing:?}"
+    );
+    assert!(
+        missing.to_string().ends_with(
+            "not found: no such vCPU slot (socket/core/thread: 0/0/0, 0/1/0, 0/2/0, 0/3/0)"
+        ),
+        "{missing}"
+    );
+    // The next free slot is still the lowest one.
+    let next = cpus.hotplug_cpu().await.unwrap();
+    assert_eq!(next.topology, slot(1));
+    booted.vm.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replugging_vcpus_under_tcg_stops_before_qemu_would_abort() {
     let Some(image) = setup() else { return };

@@ -142,6 +142,40 @@ impl CpuHotplugger for FakeCpus {
         self.add().await
     }
 
+    async fn hotplug_cpu_at(&self, at: CpuTopology) -> vmkit_core::Result<CpuInfo> {
+        let op = format!(
+            "hotplug_cpu_at socket={} core={} thread={}",
+            at.socket, at.core, at.thread
+        );
+        self.vm.state.require("hotplug_cpu", &[VmState::Running])?;
+        let (vcpus, max) = {
+            let res = lock(&self.vm.resources);
+            (res.vcpus, res.max_vcpus)
+        };
+        // The fake's slots are cores 0..max_vcpus of socket 0, filled in order.
+        if at.socket != 0 || at.thread != 0 || at.core >= max {
+            return Err(Error::not_found(
+                op,
+                format!("no such vCPU slot (socket 0, cores 0..{max}, thread 0)"),
+            ));
+        }
+        if at.core < vcpus {
+            return Err(Error::bad_argument(
+                op,
+                "at",
+                "the slot holds a vCPU already",
+            ));
+        }
+        if at.core != vcpus {
+            return Err(Error::bad_argument(
+                op,
+                "at",
+                format!("the fake backend fills slots in order; the next is core {vcpus}"),
+            ));
+        }
+        self.add().await
+    }
+
     async fn unplug_cpu(&self, index: u32) -> vmkit_core::Result<()> {
         self.remove(index).await
     }

@@ -41,7 +41,7 @@ fn refuse(desc: impl Into<String>) -> Refusal {
 /// A device with an id.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Device {
-    /// A hot-plugged vCPU in this socket.
+    /// A hot-plugged vCPU in this core.
     Cpu(u32),
     /// A DIMM.
     Dimm {
@@ -68,7 +68,8 @@ enum Device {
 #[derive(Debug, Default)]
 pub(crate) struct Machine {
     max_cpus: u32,
-    /// Present vCPUs by socket: `None` for those there at boot.
+    /// Present vCPUs by core (of socket 0, as QEMU 10 lays out `-smp N,maxcpus=M`):
+    /// `None` for those there at boot.
     cpus: BTreeMap<u32, Option<String>>,
     boot_memory: u64,
     slots: u32,
@@ -273,19 +274,19 @@ impl Machine {
         "blockdev-del",
     ];
 
-    fn props(socket: u32) -> Value {
-        json!({"socket-id": socket, "core-id": 0, "thread-id": 0})
+    fn props(core: u32) -> Value {
+        json!({"socket-id": 0, "core-id": core, "thread-id": 0})
     }
 
-    fn qom_path(&self, socket: u32) -> Option<String> {
-        self.cpus.get(&socket).map(|id| match id {
+    fn qom_path(&self, core: u32) -> Option<String> {
+        self.cpus.get(&core).map(|id| match id {
             Some(id) => format!("/machine/peripheral/{id}"),
-            None => format!("/machine/unattached/device[{socket}]"),
+            None => format!("/machine/unattached/device[{core}]"),
         })
     }
 
     fn hotpluggable_cpus(&self) -> Value {
-        // QEMU lists the slots from the highest socket down.
+        // QEMU lists the slots from the highest core down.
         let slots: Vec<Value> = (0..self.max_cpus)
             .rev()
             .map(|s| {
@@ -348,24 +349,24 @@ impl Machine {
     }
 
     fn add_cpu(&mut self, args: &Value, id: Option<&str>) -> Result<Device, Refusal> {
-        let socket = args
-            .get("socket-id")
-            .and_then(Value::as_u64)
-            .unwrap_or(u64::MAX);
-        let socket = u32::try_from(socket).unwrap_or(u32::MAX);
-        if socket >= self.max_cpus {
+        let number = |key: &str| {
+            args.get(key)
+                .and_then(Value::as_u64)
+                .and_then(|n| u32::try_from(n).ok())
+        };
+        let socket = number("socket-id").unwrap_or(0);
+        let core = number("core-id").unwrap_or(u32::MAX);
+        if socket != 0 || core >= self.max_cpus {
             return Err(refuse(format!(
-                "Invalid CPU [socket: {socket}, core: 0, thread: 0], maximum socket-id: {}",
+                "Invalid CPU [socket: {socket}, core: {core}, thread: 0], maximum core-id: {}",
                 self.max_cpus.saturating_sub(1)
             )));
         }
-        if self.cpus.contains_key(&socket) {
-            return Err(refuse(format!(
-                "CPU[{socket}] with APIC ID {socket} exists"
-            )));
+        if self.cpus.contains_key(&core) {
+            return Err(refuse(format!("CPU[{core}] with APIC ID {core} exists")));
         }
-        self.cpus.insert(socket, id.map(str::to_owned));
-        Ok(Device::Cpu(socket))
+        self.cpus.insert(core, id.map(str::to_owned));
+        Ok(Device::Cpu(core))
     }
 
     fn add_dimm(&mut self, args: &Value) -> Result<Device, Refusal> {
@@ -650,29 +651,29 @@ mod tests {
         let (slots, _) = ok(&mut m, "query-hotpluggable-cpus", json!(null));
         let slots = slots.as_array().unwrap();
         assert_eq!(slots.len(), 3);
-        assert_eq!(slots[0]["props"]["socket-id"], 2, "highest socket first");
+        assert_eq!(slots[0]["props"]["core-id"], 2, "highest core first");
         assert!(slots[2].get("qom-path").is_some() && slots[0].get("qom-path").is_none());
-        let cpu = json!({"driver": CPU_DRIVER, "id": "vmkit-cpu1-0-0", "socket-id": 1,
-                         "core-id": 0, "thread-id": 0});
+        let cpu = json!({"driver": CPU_DRIVER, "id": "vmkit-cpu0-1-0", "socket-id": 0,
+                         "core-id": 1, "thread-id": 0});
         ok(&mut m, "device_add", cpu.clone());
         assert_eq!(
             guest_file(dir.path(), "sys/devices/system/cpu/online"),
             "0,1"
         );
         assert!(refused(&mut m, "device_add", cpu).starts_with("Duplicate device ID"));
-        let beyond = json!({"driver": CPU_DRIVER, "id": "c9", "socket-id": 3});
-        assert!(refused(&mut m, "device_add", beyond).contains("maximum socket-id: 2"));
+        let beyond = json!({"driver": CPU_DRIVER, "id": "c9", "core-id": 3});
+        assert!(refused(&mut m, "device_add", beyond).contains("maximum core-id: 2"));
         let (cpus, _) = ok(&mut m, "query-cpus-fast", json!(null));
         assert_eq!(
-            cpus[1]["qom-path"], "/machine/peripheral/vmkit-cpu1-0-0",
+            cpus[1]["qom-path"], "/machine/peripheral/vmkit-cpu0-1-0",
             "{cpus}"
         );
-        let (_, events) = ok(&mut m, "device_del", json!({"id": "vmkit-cpu1-0-0"}));
+        let (_, events) = ok(&mut m, "device_del", json!({"id": "vmkit-cpu0-1-0"}));
         assert_eq!(events[0].0, "DEVICE_DELETED");
-        assert_eq!(events[0].1["device"], "vmkit-cpu1-0-0");
+        assert_eq!(events[0].1["device"], "vmkit-cpu0-1-0");
         assert_eq!(guest_file(dir.path(), "sys/devices/system/cpu/online"), "0");
         let gone = m
-            .handle("device_del", &json!({"id": "vmkit-cpu1-0-0"}))
+            .handle("device_del", &json!({"id": "vmkit-cpu0-1-0"}))
             .unwrap();
         assert_eq!(gone.unwrap_err().class, "DeviceNotFound");
     }

@@ -129,18 +129,61 @@ async fn query(shared: Arc<Shared>) -> vmkit_core::Result<Vec<CpuInfo>> {
         .collect())
 }
 
-async fn add_one(shared: Arc<Shared>) -> vmkit_core::Result<CpuInfo> {
+/// The slot to fill: `at`, or the first free one.
+fn pick(all: &[Slot], at: Option<CpuTopology>, max: u32) -> vmkit_core::Result<&Slot> {
+    let Some(at) = at else {
+        let mut free: Vec<&Slot> = all.iter().filter(|s| s.qom_path.is_none()).collect();
+        free.sort_by_key(|s| (s.props.socket, s.props.core, s.props.thread));
+        return free.first().copied().ok_or_else(|| {
+            CoreError::exhausted(
+                "hotplug_cpu",
+                "vCPU slot",
+                format!("all {max} vCPUs are present (resources.max_vcpus)"),
+            )
+        });
+    };
+    let op = format!(
+        "hotplug_cpu_at socket={} core={} thread={}",
+        at.socket, at.core, at.thread
+    );
+    match all.iter().find(|s| s.props.topology() == at) {
+        None => {
+            let mut slots: Vec<String> = all
+                .iter()
+                .map(|s| format!("{}/{}/{}", s.props.socket, s.props.core, s.props.thread))
+                .collect();
+            slots.sort();
+            Err(CoreError::not_found(
+                op,
+                format!(
+                    "no such vCPU slot (socket/core/thread: {})",
+                    slots.join(", ")
+                ),
+            ))
+        }
+        Some(s) if s.qom_path.is_some() => Err(CoreError::bad_argument(
+            op,
+            "at",
+            "the slot holds a vCPU already",
+        )),
+        Some(s) => Ok(s),
+    }
+}
+
+async fn add_one(shared: Arc<Shared>, at: Option<CpuTopology>) -> vmkit_core::Result<CpuInfo> {
     let op = "hotplug_cpu";
     let all = slots(&shared, op).await?;
     let max = shared.config.resources.max_vcpus;
-    let mut free: Vec<&Slot> = all.iter().filter(|s| s.qom_path.is_none()).collect();
-    free.sort_by_key(|s| (s.props.socket, s.props.core, s.props.thread));
-    let Some(slot) = free.first() else {
-        return Err(CoreError::exhausted(
-            op,
-            "vCPU slot",
-            format!("all {max} vCPUs are present (resources.max_vcpus)"),
-        ));
+    let slot = pick(&all, at, max)?;
+    // A slot named out of order gets the guest's lowest free CPU number, not QEMU's
+    // cpu-index: the guest is watched for one more online CPU instead (its CPUs now).
+    let named = match at {
+        Some(_) => {
+            let agent = agent(&shared).await?;
+            let before = guest_online(&agent, op).await?;
+            Some((agent, before))
+        }
+        None => None,
     };
     {
         // QEMU's multi-threaded TCG gives each vCPU thread a translation context and
@@ -197,23 +240,61 @@ async fn add_one(shared: Arc<Shared>) -> vmkit_core::Result<CpuInfo> {
         })?;
     // The guest's uevent helper usually onlines it; the agent waits for it in the
     // guest and onlines it itself when the helper is slow.
-    let agent = agent(&shared).await?;
-    let mut req = WaitResourcesRequest::new();
-    req.cpus = vec![index];
-    wait_in_guest(
-        &agent,
-        op,
-        &format!("the guest onlining cpu{index} ({id})"),
-        req,
-        shared.config.timeouts.hotplug,
-    )
-    .await?;
+    if let Some((agent, before)) = named {
+        until_one_more_online(&agent, op, &before, &id, shared.config.timeouts.hotplug).await?;
+    } else {
+        let agent = agent(&shared).await?;
+        let mut req = WaitResourcesRequest::new();
+        req.cpus = vec![index];
+        wait_in_guest(
+            &agent,
+            op,
+            &format!("the guest onlining cpu{index} ({id})"),
+            req,
+            shared.config.timeouts.hotplug,
+        )
+        .await?;
+    }
     Ok(CpuInfo {
         index,
         topology: slot.props.topology(),
         device_id: Some(id),
         online: Some(true),
     })
+}
+
+/// Waits until the guest has a CPU online that is not in `before`, asking the agent to
+/// online what is offline every [`super::POLL`], within `limit`.
+async fn until_one_more_online(
+    agent: &AgentClient,
+    op: &str,
+    before: &[u32],
+    id: &str,
+    limit: std::time::Duration,
+) -> vmkit_core::Result<()> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let mut req = vmkit_proto::agent::OnlineResourcesRequest::new();
+        req.cpus = true;
+        agent
+            .online_resources(ctx(), &req)
+            .await
+            .map_err(|e| agent_err(op, "OnlineResources", &e))?;
+        if guest_online(agent, op)
+            .await?
+            .iter()
+            .any(|cpu| !before.contains(cpu))
+        {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(CoreError::Timeout {
+                op: format!("{op}: the guest onlining {id}"),
+                after: limit,
+            });
+        }
+        tokio::time::sleep(super::POLL).await;
+    }
 }
 
 async fn remove_one(shared: Arc<Shared>, index: u32) -> vmkit_core::Result<()> {
@@ -265,7 +346,27 @@ impl CpuHotplugger for Cpus {
         shared.state.require("hotplug_cpu", &[VmState::Running])?;
         shared
             .hotplug
-            .run(&shared, "hotplug_cpu".into(), add_one(Arc::clone(&shared)))
+            .run(
+                &shared,
+                "hotplug_cpu".into(),
+                add_one(Arc::clone(&shared), None),
+            )
+            .await
+    }
+
+    async fn hotplug_cpu_at(&self, at: CpuTopology) -> vmkit_core::Result<CpuInfo> {
+        let shared = self.shared("hotplug_cpu")?;
+        shared.state.require("hotplug_cpu", &[VmState::Running])?;
+        shared
+            .hotplug
+            .run(
+                &shared,
+                format!(
+                    "hotplug_cpu_at socket={} core={} thread={}",
+                    at.socket, at.core, at.thread
+                ),
+                add_one(Arc::clone(&shared), Some(at)),
+            )
             .await
     }
 
@@ -309,7 +410,7 @@ async fn resize(shared: Arc<Shared>, count: u32) -> vmkit_core::Result<VcpuResiz
     let mut failures = Vec::new();
     let mut now = before;
     while now < count {
-        match add_one(Arc::clone(&shared)).await {
+        match add_one(Arc::clone(&shared), None).await {
             Ok(_) => now += 1,
             Err(error) => {
                 failures.push(CpuFailure { index: now, error });
@@ -344,4 +445,52 @@ async fn resize(shared: Arc<Shared>, count: u32) -> vmkit_core::Result<VcpuResiz
         achieved: now,
         failures,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `query-hotpluggable-cpus` of QEMU 10 for `-smp 1,maxcpus=3` after core 2 was
+    /// plugged: highest core first, present ones with their qom-path.
+    fn slots() -> Vec<Slot> {
+        serde_json::from_value(json!([
+            {"type": "qemu64-x86_64-cpu", "vcpus-count": 1, "qom-path": "/machine/peripheral/vmkit-cpu0-2-0",
+             "props": {"socket-id": 0, "core-id": 2, "thread-id": 0}},
+            {"type": "qemu64-x86_64-cpu", "vcpus-count": 1,
+             "props": {"socket-id": 0, "core-id": 1, "thread-id": 0}},
+            {"type": "qemu64-x86_64-cpu", "vcpus-count": 1, "qom-path": "/machine/unattached/device[0]",
+             "props": {"socket-id": 0, "core-id": 0, "thread-id": 0}}
+        ]))
+        .unwrap()
+    }
+
+    fn at(core: u32) -> Option<CpuTopology> {
+        Some(CpuTopology {
+            socket: 0,
+            core,
+            thread: 0,
+        })
+    }
+
+    #[test]
+    fn a_slot_is_the_named_one_or_the_lowest_free_and_refusals_have_their_kind() {
+        let all = slots();
+        assert_eq!(pick(&all, None, 3).unwrap().props.core, 1);
+        assert_eq!(pick(&all, at(1), 3).unwrap().props.core, 1);
+        let taken = pick(&all, at(2), 3).unwrap_err();
+        assert!(matches!(taken, CoreError::BadArgument { .. }), "{taken:?}");
+        let missing = pick(&all, at(7), 3).unwrap_err();
+        assert_eq!(
+            missing.to_string(),
+            "hotplug_cpu_at socket=0 core=7 thread=0: not found: no such vCPU slot \
+             (socket/core/thread: 0/0/0, 0/1/0, 0/2/0)"
+        );
+        let full: Vec<Slot> = all.into_iter().filter(|s| s.qom_path.is_some()).collect();
+        let none_left = pick(&full, None, 2).unwrap_err();
+        assert!(
+            matches!(none_left, CoreError::Exhausted { .. }),
+            "{none_left:?}"
+        );
+    }
 }
