@@ -805,7 +805,12 @@ pub(crate) async fn cached_client(shared: &Arc<Shared>) -> vmkit_core::Result<Gu
 /// The stage's [`ExitInfo`] once QEMU is gone during a `shutdown`.
 pub(crate) fn requested_exit(shared: &Shared, stage: ShutdownStage, exit: ProcessExit) -> ExitInfo {
     let guest_initiated = matches!(shared.life().last_shutdown, Some((true, _)));
-    let reason = if stage == ShutdownStage::AcpiPowerdown && guest_initiated {
+    // The graceful stages ask the guest, which then shuts itself down.
+    let graceful = matches!(
+        stage,
+        ShutdownStage::GuestPowerOff | ShutdownStage::AcpiPowerdown
+    );
+    let reason = if graceful && guest_initiated {
         ExitReason::GuestShutdown
     } else {
         ExitReason::HostShutdown

@@ -1,5 +1,6 @@
-//! `shutdown`: staged and bounded. ACPI power button (`system_powerdown`) and the grace
-//! period; then QMP `quit`; then SIGTERM; then SIGKILL. QEMU is always reaped and its
+//! `shutdown`: staged and bounded. The guest agent's `PowerOff` when an agent answers,
+//! and the grace period; then the ACPI power button (`system_powerdown`) and the grace
+//! period again; then QMP `quit`; then SIGTERM; then SIGKILL. QEMU is always reaped and its
 //! socket removed; the [`ExitInfo`] names the stage that ended it. Idempotent: a second
 //! or concurrent caller waits for the first and gets the same answer.
 
@@ -90,6 +91,40 @@ pub(crate) async fn shutdown(shared: &Arc<Shared>) -> vmkit_core::Result<ExitInf
     }
 }
 
+/// The first stage: the guest agent powers the guest off (a clean kernel power-off, no
+/// reliance on the guest's ACPI button handling), then QEMU exits within `grace`.
+/// `None` when there is no live agent, it refuses or does not answer within
+/// `timeout`, or the guest has not powered off within `grace`: the next stage follows.
+async fn guest_power_off(
+    shared: &Shared,
+    process: &Process,
+    grace: Duration,
+    timeout: Duration,
+) -> Option<crate::process::ProcessExit> {
+    let agent = shared.life().agent.clone().filter(|a| a.is_alive())?;
+    let vm = &shared.config.id;
+    let nanos = i64::try_from(timeout.as_nanos()).unwrap_or(i64::MAX);
+    let client = vmkit_proto::AgentClient::new(agent.client);
+    let req = vmkit_proto::agent::PowerOffRequest::new();
+    let call = client.power_off(ttrpc::context::with_timeout(nanos), &req);
+    match tokio::time::timeout(timeout, call).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            tracing::info!(%vm, error = %e, "the agent refused PowerOff; trying ACPI");
+            return None;
+        }
+        Err(_) => {
+            tracing::info!(%vm, ?timeout, "the agent did not answer PowerOff; trying ACPI");
+            return None;
+        }
+    }
+    let exit = process.wait_timeout(grace).await;
+    if exit.is_none() {
+        tracing::info!(%vm, ?grace, "the guest did not power off; trying ACPI");
+    }
+    exit
+}
+
 /// Runs the stages until QEMU is gone; returns the stage that ended it and how it
 /// ended (`None` if even SIGKILL did not end it within [`KILL_WAIT`]).
 async fn stop_in_stages(
@@ -114,6 +149,11 @@ async fn stop_in_stages(
             }
             Err(_) => shared.state.get() == VmState::Running,
         };
+        if running
+            && let Some(exit) = guest_power_off(shared, process, grace, command_timeout).await
+        {
+            return (ShutdownStage::GuestPowerOff, Some(exit));
+        }
         if running {
             match qmp
                 .execute_with_timeout(qapi_qmp::system_powerdown {}, command_timeout)

@@ -92,6 +92,10 @@ fn main() -> ExitCode {
             a_late_resume_is_followed_and_shutdown_stays_graceful,
         ),
         (
+            "an_agent_that_refuses_power_off_leaves_it_to_acpi",
+            an_agent_that_refuses_power_off_leaves_it_to_acpi,
+        ),
+        (
             "killing_the_host_kills_its_qemu",
             killing_the_host_kills_its_qemu,
         ),
@@ -678,6 +682,25 @@ fn the_conformance_suite_passes_with_the_fake_qemu(rt: &tokio::runtime::Runtime)
     let report = rt.block_on(vmkit_testkit::conformance::run(&target));
     report.assert_passed();
     assert!(children().is_empty(), "a fake QEMU outlived the suite");
+}
+
+/// Issue 15: shutdown asks the guest agent to power off first; an agent that refuses
+/// (the host test mode behind the fake vsock daemon does) leaves it to the ACPI stage,
+/// at once rather than after the grace period.
+fn an_agent_that_refuses_power_off_leaves_it_to_acpi(rt: &tokio::runtime::Runtime) {
+    let f = fake("", with_fake_agent);
+    rt.block_on(f.vm.start(StartOptions::new())).unwrap();
+    rt.block_on(vmkit_core::GuestCommunicator::client(&f.vm))
+        .unwrap();
+    let began = Instant::now();
+    let exit = rt.block_on(f.vm.shutdown()).unwrap();
+    assert_eq!(exit.stage, Some(ShutdownStage::AcpiPowerdown), "{exit:?}");
+    assert!(
+        began.elapsed() < f.vm.config().timeouts.shutdown_grace,
+        "the refusal was not waited out: {:?}",
+        began.elapsed()
+    );
+    assert_released(&f);
 }
 
 /// The orphan test's host: starts a real VM from a blocking-pool thread that then

@@ -26,9 +26,10 @@ async fn boots_with_a_disk_pauses_resumes_and_powers_off_by_acpi() {
     let Some(image) = setup() else { return };
     let _slot = VMS.acquire().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let vm = QemuBackend
-        .create_instance(image.config("acpi", &dir.path().join("state")))
-        .unwrap();
+    // No agent: the ACPI stage is the first one that can act.
+    let mut config = image.config("acpi", &dir.path().join("state"));
+    config.transport = vmkit_core::GuestTransport::None;
+    let vm = QemuBackend.create_instance(config).unwrap();
     let mut data = DiskConfig::new("data", disk(dir.path(), "data.img"));
     data.serial = Some("vmkit-data".into());
     vm.add_disk(data).unwrap();
@@ -95,6 +96,40 @@ async fn boots_with_a_disk_pauses_resumes_and_powers_off_by_acpi() {
     );
 }
 
+/// Issue 15: with an agent, shutdown's first stage is the agent's `PowerOff`: the guest
+/// powers itself off, without the ACPI button (no Powerdown event), even a guest that
+/// ignores ACPI.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_powers_the_guest_off_through_its_agent_first() {
+    let Some(image) = setup() else { return };
+    let _slot = VMS.acquire().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = image.config("agent-off", &dir.path().join("state"));
+    config.kernel.cmdline.push("vmkit.ignore_acpi".into());
+    let vm = start(QemuBackend.create_instance(config).unwrap()).await;
+    let pid = vm.vm_info().pid.unwrap();
+    let mut events = vm.events();
+    let began = Instant::now();
+    let exit = vm.shutdown().await.unwrap();
+    let took = began.elapsed();
+    assert_eq!(exit.stage, Some(ShutdownStage::GuestPowerOff), "{exit:?}");
+    assert_eq!(exit.reason, ExitReason::GuestShutdown, "{exit:?}");
+    assert!(took < vm.config().timeouts.shutdown_grace, "took {took:?}");
+    let mut seen = Vec::new();
+    while let Ok(event) = events.try_recv() {
+        seen.push(event);
+    }
+    assert!(!seen.contains(&VmEvent::Powerdown), "{seen:?}");
+    assert!(
+        seen.contains(&VmEvent::ShutdownRequested {
+            guest: true,
+            reason: "guest-shutdown".into()
+        }),
+        "{seen:?}"
+    );
+    assert_gone(pid, &vm);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guest_that_ignores_acpi_is_quit_within_grace_plus_one_second() {
     let Some(image) = setup() else { return };
@@ -102,6 +137,8 @@ async fn a_guest_that_ignores_acpi_is_quit_within_grace_plus_one_second() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = image.config("deaf", &dir.path().join("state"));
     config.kernel.cmdline.push("vmkit.ignore_acpi".into());
+    // No agent to power it off first: the guest is left with the button it ignores.
+    config.transport = vmkit_core::GuestTransport::None;
     config.timeouts.shutdown_grace = Duration::from_secs(1);
     let vm = QemuBackend.create_instance(config).unwrap();
     let vm = start(vm).await;
@@ -217,7 +254,7 @@ async fn microvm_boots_with_a_virtio_mmio_disk_and_powers_off_by_acpi() {
     assert!(line.contains("serials=vda:micro-data"), "{line}");
     let exit = vm.shutdown().await.unwrap();
     assert_eq!(exit.reason, ExitReason::GuestShutdown, "{exit:?}");
-    assert_eq!(exit.stage, Some(ShutdownStage::AcpiPowerdown), "{exit:?}");
+    assert_eq!(exit.stage, Some(ShutdownStage::GuestPowerOff), "{exit:?}");
 }
 
 // --- The guest agent over hybrid vsock (vhost-device-vsock) ---
