@@ -161,7 +161,8 @@ pub enum Error {
         cause: String,
     },
 
-    /// A hot-plug call was ended because the VM began shutting down.
+    /// A call (a hot-plug, a pause or resume) was refused or ended because the VM began
+    /// shutting down.
     #[error("the VM is shutting down")]
     ShuttingDown,
 

@@ -26,8 +26,15 @@ pub(crate) async fn change(
         VmState::Paused => VmState::Running,
         _ => VmState::Paused,
     };
+    // A shutdown under way owns the VM: a pause or resume racing it fails at once.
+    if shared.life().shutting_down {
+        return Err(CoreError::backend(op, Error::ShuttingDown));
+    }
     // One change at a time: a resume waits for a pause in flight to settle.
     let _one = shared.run_changes.lock().await;
+    if shared.life().shutting_down {
+        return Err(CoreError::backend(op, Error::ShuttingDown));
+    }
     let qmp = shared.qmp(op)?;
     shared.state.require(op, &[from])?;
     let mut states = shared.events.subscribe();

@@ -92,6 +92,10 @@ fn main() -> ExitCode {
             a_late_resume_is_followed_and_shutdown_stays_graceful,
         ),
         (
+            "a_pause_while_a_shutdown_runs_fails_at_once",
+            a_pause_while_a_shutdown_runs_fails_at_once,
+        ),
+        (
             "an_agent_that_refuses_power_off_leaves_it_to_acpi",
             an_agent_that_refuses_power_off_leaves_it_to_acpi,
         ),
@@ -682,6 +686,33 @@ fn the_conformance_suite_passes_with_the_fake_qemu(rt: &tokio::runtime::Runtime)
     let report = rt.block_on(vmkit_testkit::conformance::run(&target));
     report.assert_passed();
     assert!(children().is_empty(), "a fake QEMU outlived the suite");
+}
+
+/// Issue 15: while a shutdown runs (here: waiting out the grace of a guest that
+/// ignores the power button), a pause or resume fails at once saying so, rather than
+/// racing the shutdown's stages.
+fn a_pause_while_a_shutdown_runs_fails_at_once(rt: &tokio::runtime::Runtime) {
+    let f = fake("ignore-powerdown", |_| {});
+    rt.block_on(f.vm.start(StartOptions::new())).unwrap();
+    let vm = std::sync::Arc::new(f);
+    let stopping = {
+        let vm = std::sync::Arc::clone(&vm);
+        rt.spawn(async move { vm.vm.shutdown().await })
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    let began = Instant::now();
+    let err = rt.block_on(vm.vm.pause()).unwrap_err().to_string();
+    assert!(
+        began.elapsed() < Duration::from_millis(100),
+        "{:?}",
+        began.elapsed()
+    );
+    assert_eq!(err, "pause: the VM is shutting down");
+    let err = rt.block_on(vm.vm.resume()).unwrap_err().to_string();
+    assert_eq!(err, "resume: the VM is shutting down");
+    let exit = rt.block_on(stopping).unwrap().unwrap();
+    assert_eq!(exit.stage, Some(ShutdownStage::Quit), "{exit:?}");
+    assert_released(&vm);
 }
 
 /// Issue 15: shutdown asks the guest agent to power off first; an agent that refuses
