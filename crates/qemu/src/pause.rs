@@ -27,12 +27,15 @@ pub(crate) async fn change(
         _ => VmState::Paused,
     };
     // A shutdown under way owns the VM: a pause or resume racing it fails at once.
-    if shared.life().shutting_down {
+    // (Once it has ended, the state table answers: `InvalidState` in `Shutdown`.)
+    let shutdown_running =
+        || shared.life().shutting_down && shared.state.get() != VmState::Shutdown;
+    if shutdown_running() {
         return Err(CoreError::backend(op, Error::ShuttingDown));
     }
     // One change at a time: a resume waits for a pause in flight to settle.
     let _one = shared.run_changes.lock().await;
-    if shared.life().shutting_down {
+    if shutdown_running() {
         return Err(CoreError::backend(op, Error::ShuttingDown));
     }
     let qmp = shared.qmp(op)?;
