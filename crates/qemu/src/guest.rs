@@ -198,9 +198,14 @@ impl Link {
         }
         // Nothing may wait on a VM that is gone.
         self.set_open(true);
-        for socket in self.sockets.drain(..) {
-            remove_if_present(&socket);
-        }
+        // Plain unlinks, on the blocking pool (Drop does them inline).
+        let sockets: Vec<PathBuf> = self.sockets.drain(..).collect();
+        let _ = tokio::task::spawn_blocking(move || {
+            for socket in &sockets {
+                remove_if_present(socket);
+            }
+        })
+        .await;
         self.reserved = None;
     }
 }
@@ -397,7 +402,7 @@ pub(crate) async fn spawn_daemon(
             }
             return Err(Error::VsockDaemonExited {
                 status: exit.to_string(),
-                stderr: tail(&log_path, DAEMON_LOG_LINES),
+                stderr: tail(&log_path, DAEMON_LOG_LINES).await,
             });
         }
         sleep(pause).await;

@@ -228,7 +228,9 @@ impl Shared {
         // A start refused because another instance holds the dir never had it: the
         // sockets there are the other instance's.
         if state_lock.is_some() {
-            remove_sockets(&self.config);
+            // Plain unlinks, on the blocking pool (Drop does them inline).
+            let config = self.config.clone();
+            let _ = tokio::task::spawn_blocking(move || remove_sockets(&config)).await;
         }
         drop(state_lock);
         if let Ok(from) = self
@@ -247,12 +249,12 @@ impl Shared {
     }
 
     /// The exit of a VM that stopped on its own (no `shutdown` under way).
-    pub(crate) fn unrequested_exit(&self, exit: ProcessExit) -> ExitInfo {
+    pub(crate) async fn unrequested_exit(&self, exit: ProcessExit) -> ExitInfo {
         let (last_shutdown, panicked) = {
             let life = self.life();
             (life.last_shutdown.clone(), life.panicked)
         };
-        let stderr = tail(&self.config.layout().vmm_log(), STDERR_LINES);
+        let stderr = tail(&self.config.layout().vmm_log(), STDERR_LINES).await;
         let (reason, message) = match (panicked, last_shutdown) {
             (true, _) => (
                 ExitReason::GuestPanic,
@@ -383,7 +385,7 @@ pub(crate) fn spawn_monitor(shared: &Arc<Shared>, process: Arc<Process>) {
             !life.shutting_down && shared.state.get() != VmState::Starting
         };
         if handle {
-            let info = shared.unrequested_exit(exit);
+            let info = shared.unrequested_exit(exit).await;
             shared.end(info).await;
         }
     });

@@ -161,8 +161,17 @@ impl Process {
     }
 }
 
-/// The last `max_lines` lines of the file at `path` (at most 64 KiB read), for errors.
-pub(crate) fn tail(path: &Path, max_lines: usize) -> String {
+/// The last `max_lines` lines of the file at `path` (at most 64 KiB read), for errors;
+/// read on the blocking pool, off the runtime's threads.
+pub(crate) async fn tail(path: &Path, max_lines: usize) -> String {
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || tail_now(&path, max_lines))
+        .await
+        .unwrap_or_default()
+}
+
+/// [`tail`], on the calling thread.
+fn tail_now(path: &Path, max_lines: usize) -> String {
     use std::io::{Read, Seek, SeekFrom};
     let Ok(mut file) = std::fs::File::open(path) else {
         return String::new();
@@ -242,7 +251,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("log");
         std::fs::write(&path, "a\nb\n\nc\nd\n").unwrap();
-        assert_eq!(tail(&path, 2), "c\nd");
-        assert_eq!(tail(&dir.path().join("missing"), 2), "");
+        assert_eq!(tail_now(&path, 2), "c\nd");
+        assert_eq!(tail_now(&dir.path().join("missing"), 2), "");
     }
 }

@@ -69,7 +69,7 @@ pub(crate) async fn shutdown(shared: &Arc<Shared>) -> vmkit_core::Result<ExitInf
     };
     if let Some(exit) = process.exited() {
         // It was already gone (a crash, or the guest powered off) when we came.
-        return Ok(shared.end(shared.unrequested_exit(exit)).await);
+        return Ok(shared.end(shared.unrequested_exit(exit).await).await);
     }
     let (stage, exit) = stop_in_stages(shared, &process, qmp).await;
     match exit {

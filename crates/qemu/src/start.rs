@@ -93,7 +93,7 @@ pub(crate) async fn start(shared: &Arc<Shared>, opts: StartOptions) -> vmkit_cor
         life.process.as_ref().and_then(|p| p.exited())
     };
     if let Some(exit) = exited {
-        let info = shared.unrequested_exit(exit);
+        let info = shared.unrequested_exit(exit).await;
         shared.end(info).await;
     }
     tracing::info!(vm = %shared.config.id, elapsed_ms = started.elapsed().as_millis(), "VM running");
@@ -226,7 +226,7 @@ async fn boot(
         qmp = QmpClient::connect(layout.control_socket(), qmp_opts) => {
             qmp.map_err(|e| CoreError::backend(op("connect QMP"), Error::from(e)))?
         }
-        exit = process.wait() => return Err(exited_early(shared, exit)),
+        exit = process.wait() => return Err(exited_early(shared, exit).await),
     };
     shared.life().qmp = Some(qmp.clone());
     spawn_event_pump(shared, &qmp);
@@ -238,7 +238,7 @@ async fn boot(
         set(phase, Phase::Agent);
         let agent = tokio::select! {
             agent = guest::wait_for_agent(&addr, deadline) => agent,
-            exit = process.wait() => return Err(exited_early(shared, exit)),
+            exit = process.wait() => return Err(exited_early(shared, exit).await),
         };
         let agent = match agent {
             Ok(agent) => agent,
@@ -279,7 +279,7 @@ async fn boot(
             ready = wait_ready_line(&console, &options.ready_line) => {
                 ready.map_err(|e| CoreError::io(op("read the serial console"), e))?;
             }
-            exit = process.wait() => return Err(exited_early(shared, exit)),
+            exit = process.wait() => return Err(exited_early(shared, exit).await),
         }
         progress("guest ready".to_owned());
     }
@@ -355,10 +355,10 @@ async fn take_state_dir(shared: &Shared) -> vmkit_core::Result<()> {
 /// Why QEMU exited before the VM was running: a guest kernel panic (its line on the
 /// console), a guest reset (QEMU's SHUTDOWN event said so), or QEMU's own failure (its
 /// stderr).
-fn exited_early(shared: &Shared, exit: crate::process::ProcessExit) -> CoreError {
+async fn exited_early(shared: &Shared, exit: crate::process::ProcessExit) -> CoreError {
     let layout = shared.config.layout();
     let status = exit.to_string();
-    let console = tail(&layout.console_log(), CONSOLE_SCAN_LINES);
+    let console = tail(&layout.console_log(), CONSOLE_SCAN_LINES).await;
     let reset = shared
         .life()
         .last_shutdown
@@ -375,7 +375,7 @@ fn exited_early(shared: &Shared, exit: crate::process::ProcessExit) -> CoreError
     } else {
         Error::ExitedEarly {
             status,
-            stderr: tail(&layout.vmm_log(), STDERR_LINES),
+            stderr: tail(&layout.vmm_log(), STDERR_LINES).await,
         }
     };
     CoreError::backend("start", error)
