@@ -42,6 +42,18 @@ use vmkit_proto::{AGENT_PORT, STREAM_PORT};
 pub use limits::Limits;
 use listen::Listener;
 
+/// Writes `line` and a newline to stderr in one write. In a guest stderr is the serial
+/// console, shared with `/init`: `eprintln!` writes its pieces one by one, and the ready
+/// line `/init` prints could land in the middle of them, where the host does not see it
+/// as a line of its own.
+pub fn log_line(line: &str) {
+    use std::io::Write;
+    let mut whole = String::with_capacity(line.len() + 1);
+    whole.push_str(line);
+    whole.push('\n');
+    let _ = std::io::stderr().write_all(whole.as_bytes());
+}
+
 /// Where the agent listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Listen {

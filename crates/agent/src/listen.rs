@@ -56,7 +56,7 @@ impl Listener {
             match accepted {
                 Ok(conn) => return conn,
                 Err(e) => {
-                    eprintln!("vmkit-agent: accept on {self}: {e}");
+                    crate::log_line(&format!("vmkit-agent: accept on {self}: {e}"));
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }

@@ -72,7 +72,7 @@ fn main() -> ExitCode {
     let args = match parse_args() {
         Ok(parsed) => parsed,
         Err(e) => {
-            eprintln!("vmkit-agent: {e}");
+            vmkit_agent::log_line(&format!("vmkit-agent: {e}"));
             return ExitCode::from(2);
         }
     };
@@ -82,14 +82,14 @@ fn main() -> ExitCode {
     {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("vmkit-agent: start the runtime: {e}");
+            vmkit_agent::log_line(&format!("vmkit-agent: start the runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
     match runtime.block_on(serve(args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("vmkit-agent: {e}");
+            vmkit_agent::log_line(&format!("vmkit-agent: {e}"));
             ExitCode::FAILURE
         }
     }
@@ -99,7 +99,7 @@ fn main() -> ExitCode {
 async fn serve(args: Args) -> Result<(), String> {
     let serving = vmkit_agent::start_with_root(&args.listen, args.limits, &args.root)
         .map_err(|e| e.to_string())?;
-    eprintln!("vmkit-agent: serving {}", serving.describe());
+    vmkit_agent::log_line(&format!("vmkit-agent: serving {}", serving.describe()));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| format!("watch SIGTERM: {e}"))?;
     term.recv().await;

@@ -96,7 +96,7 @@ impl vmkit_proto::Agent for AgentService {
         tokio::spawn(async {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             let e = crate::power::power_off();
-            eprintln!("vmkit-agent: power off: {e}");
+            crate::log_line(&format!("vmkit-agent: power off: {e}"));
         });
         Ok(PowerOffResponse::new())
     }
