@@ -230,7 +230,7 @@ impl Shared {
         if state_lock.is_some() {
             // Plain unlinks, on the blocking pool (Drop does them inline).
             let config = self.config.clone();
-            let _ = tokio::task::spawn_blocking(move || remove_sockets(&config)).await;
+            let _ = tokio::task::spawn_blocking(move || remove_control_socket(&config)).await;
         }
         drop(state_lock);
         if let Ok(from) = self
@@ -338,15 +338,15 @@ impl Shared {
     }
 }
 
-/// Removes every socket this VM's backend creates in its state dir (the caller holds
-/// the dir's lock). Plain unlinks: quick, and also needed from `Drop`.
-fn remove_sockets(config: &InstanceConfig) {
-    for (what, socket) in config.layout().sockets() {
-        if let Err(e) = std::fs::remove_file(&socket)
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            tracing::warn!(socket = %socket.display(), error = %e, "cannot remove the {what}");
-        }
+/// Removes the QMP control socket (QEMU made it; nothing else removes it). The vsock
+/// sockets are the link's: it removes them when it is released or dropped, so each
+/// socket has one owner. Plain unlinks, also needed from `Drop`.
+fn remove_control_socket(config: &InstanceConfig) {
+    let socket = config.layout().control_socket();
+    if let Err(e) = std::fs::remove_file(&socket)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(socket = %socket.display(), error = %e, "cannot remove the control socket");
     }
 }
 
@@ -367,7 +367,7 @@ impl Drop for Shared {
         }
         drop(life.link.take());
         if let Some(lock) = life.state_lock.take() {
-            remove_sockets(&self.config);
+            remove_control_socket(&self.config);
             drop(lock);
         }
     }
