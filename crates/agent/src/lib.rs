@@ -67,12 +67,12 @@ pub enum Listen {
 impl Listen {
     /// The TTRPC socket of [`Listen::Unix`].
     pub fn ttrpc_socket(dir: &std::path::Path) -> PathBuf {
-        dir.join("agent.sock")
+        dir.join(vmkit_proto::AGENT_SOCKET)
     }
 
     /// The stream socket of [`Listen::Unix`].
     pub fn stream_socket(dir: &std::path::Path) -> PathBuf {
-        dir.join("stream.sock")
+        dir.join(vmkit_proto::STREAM_SOCKET)
     }
 }
 

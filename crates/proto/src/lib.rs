@@ -47,3 +47,18 @@ pub use stream::{MAGIC, MAX_HEADER, StreamHeader, StreamHeaderError, StreamReply
 pub const AGENT_PORT: u32 = 1025;
 /// The vsock port the agent serves raw streams on.
 pub const STREAM_PORT: u32 = 1026;
+
+/// The agent's host test mode (no vsock): the Unix socket in its directory that stands
+/// for [`AGENT_PORT`].
+pub const AGENT_SOCKET: &str = "agent.sock";
+/// The same for [`STREAM_PORT`].
+pub const STREAM_SOCKET: &str = "stream.sock";
+
+/// The host test mode's socket name for `port`, if it serves that port.
+pub fn unix_socket_name(port: u32) -> Option<&'static str> {
+    match port {
+        AGENT_PORT => Some(AGENT_SOCKET),
+        STREAM_PORT => Some(STREAM_SOCKET),
+        _ => None,
+    }
+}

@@ -265,10 +265,10 @@ async fn attempt(addr: &GuestAddr, deadline: Instant) -> Result<GuestConn> {
                 handshake.map(|()| GuestConn::Hybrid(conn))
             }
             GuestAddr::Unix { dir, port } => {
-                let socket = match *port {
-                    vmkit_proto::AGENT_PORT => dir.join("agent.sock"),
-                    vmkit_proto::STREAM_PORT => dir.join("stream.sock"),
-                    other => {
+                let socket = match vmkit_proto::unix_socket_name(*port) {
+                    Some(name) => dir.join(name),
+                    None => {
+                        let other = *port;
                         return Err(failure(
                             addr,
                             format!(
