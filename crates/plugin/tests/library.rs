@@ -11,14 +11,14 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::sync::Arc;
-use std::time::Instant;
 
 use vmkit_core::{Backend, Instance, InstanceConfig, Registry, StartOptions};
 use vmkit_plugin::loader;
 
 const CASE_ENV: &str = "VMKIT_PLUGIN_LOAD_CASE";
 
-type TestFn = fn(&tokio::runtime::Runtime);
+mod common;
+use common::TestFn;
 
 fn main() -> ExitCode {
     if let Ok(case) = std::env::var(CASE_ENV) {
@@ -29,10 +29,6 @@ fn main() -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
-    let filter: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
     let tests: &[(&str, TestFn)] = &[
         ("a_plugin_keeps_the_contract", conformance),
         ("the_example_plugin_keeps_the_contract", example),
@@ -52,33 +48,7 @@ fn main() -> ExitCode {
     ];
     // Before any plugin is loaded: what the plugins log must arrive here.
     tracing::subscriber::set_global_default(Capture).unwrap();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let (mut passed, mut failed) = (0, 0);
-    for (name, test) in tests {
-        if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
-            continue;
-        }
-        let began = Instant::now();
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| test(&runtime)));
-        let took = began.elapsed().as_secs_f64();
-        if result.is_ok() {
-            println!("test {name} ... ok ({took:.1} s)");
-            passed += 1;
-        } else {
-            println!("test {name} ... FAILED");
-            failed += 1;
-        }
-    }
-    println!("\nplugin library tests: {passed} passed, {failed} failed");
-    if failed == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
+    common::run("plugin library tests", tests)
 }
 
 /// `target/<profile>/lib<name>.so`, built by `cargo xtask test` (or `cargo build -p`).

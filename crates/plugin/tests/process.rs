@@ -18,16 +18,13 @@ use vmkit_testkit::model::{self, ModelTarget};
 
 const BACKEND_ENV: &str = "VMKIT_PLUGIN_TEST_BACKEND";
 
-type TestFn = fn(&tokio::runtime::Runtime);
+mod common;
+use common::TestFn;
 
 fn main() -> ExitCode {
     if std::env::var_os(BACKEND_ENV).is_some() {
         return ExitCode::from(u8::try_from(backend_main()).unwrap_or(1));
     }
-    let filter: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
     let tests: &[(&str, TestFn)] = &[
         ("the_conformance_suite_passes_out_of_process", conformance),
         ("the_model_holds_out_of_process", model_holds),
@@ -40,33 +37,7 @@ fn main() -> ExitCode {
             launch_errors,
         ),
     ];
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let (mut passed, mut failed) = (0, 0);
-    for (name, test) in tests {
-        if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
-            continue;
-        }
-        let began = Instant::now();
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| test(&runtime)));
-        let took = began.elapsed().as_secs_f64();
-        if result.is_ok() {
-            println!("test {name} ... ok ({took:.1} s)");
-            passed += 1;
-        } else {
-            println!("test {name} ... FAILED");
-            failed += 1;
-        }
-    }
-    println!("\nplugin process tests: {passed} passed, {failed} failed");
-    if failed == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
+    common::run("plugin process tests", tests)
 }
 
 /// The backend process: FakeBackend served on the socket; SIGUSR1 crashes its VMs.
