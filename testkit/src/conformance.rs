@@ -200,6 +200,20 @@ fn checks() -> [(&'static str, Check); 9] {
     ]
 }
 
+/// A [`Target::crash`] for backends whose VMM is a process `vm_info().pid` names:
+/// SIGKILLs it, as the VMM dying would. `false` when the VM reports no pid or the
+/// signal cannot be sent.
+pub fn kill_vmm(vm: &dyn Instance) -> bool {
+    let Some(pid) = vm.vm_info().pid.and_then(|p| i32::try_from(p).ok()) else {
+        return false;
+    };
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .is_ok()
+}
+
 /// Runs every check against `target`, one after the other.
 pub async fn run(target: &dyn Target) -> Report {
     let mut report = Report::default();

@@ -670,11 +670,7 @@ impl vmkit_testkit::conformance::Target for FakeQemuTarget {
     }
 
     async fn crash(&self, vm: &dyn Instance) -> bool {
-        let Some(pid) = vm.vm_info().pid else {
-            return false;
-        };
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap());
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).is_ok()
+        vmkit_testkit::conformance::kill_vmm(vm)
     }
 }
 

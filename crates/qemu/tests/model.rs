@@ -15,7 +15,7 @@ use std::process::ExitCode;
 use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
-use vmkit_core::{Accel, GuestTransport, Instance, InstanceConfig};
+use vmkit_core::{Accel, GuestTransport, InstanceConfig};
 use vmkit_qemu::{QemuBackend, QemuInstance};
 use vmkit_testkit::model::{self, ModelTarget};
 use vmkit_testkit::{fake_qemu, fake_vsock};
@@ -134,9 +134,10 @@ impl ModelTarget for FakeQemu {
     }
 
     async fn crash(vm: &QemuInstance) {
-        let pid = vm.vm_info().pid.expect("a live VM has a pid");
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap());
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+        assert!(
+            vmkit_testkit::conformance::kill_vmm(vm),
+            "a live VM has a VMM to kill"
+        );
     }
 
     fn runtime() -> &'static tokio::runtime::Runtime {
