@@ -185,25 +185,7 @@ async fn add_one(shared: Arc<Shared>, at: Option<CpuTopology>) -> vmkit_core::Re
         }
         None => None,
     };
-    {
-        // QEMU's multi-threaded TCG gives each vCPU thread a translation context and
-        // never takes an unplugged vCPU's back: a VM can start at most max_vcpus vCPU
-        // threads in its life, and one more aborts QEMU (`tcg_register_thread:
-        // assertion failed: (n < tcg_max_ctxs)`, QEMU 10.0). Refuse instead.
-        let life = shared.life();
-        if life.accel == Some(Accel::Tcg) && life.vcpu_threads >= max {
-            return Err(CoreError::unsupported(
-                op,
-                BACKEND_NAME,
-                format!(
-                    "under TCG QEMU starts at most max_vcpus ({max}) vCPU threads in a VM's life \
-                     and never reuses an unplugged vCPU's; {} have started, and one more would \
-                     abort QEMU",
-                    life.vcpu_threads
-                ),
-            ));
-        }
-    }
+    tcg_has_room(&shared, max)?;
     let id = slot.props.device_id();
     let args = json!({
         "driver": slot.driver,
@@ -238,29 +220,63 @@ async fn add_one(shared: Arc<Shared>, at: Option<CpuTopology>) -> vmkit_core::Re
                 },
             )
         })?;
-    // The guest's uevent helper usually onlines it; the agent waits for it in the
-    // guest and onlines it itself when the helper is slow.
-    if let Some((agent, before)) = named {
-        until_one_more_online(&agent, op, &before, &id, shared.config.timeouts.hotplug).await?;
-    } else {
-        let agent = agent(&shared).await?;
-        let mut req = WaitResourcesRequest::new();
-        req.cpus = vec![index];
-        wait_in_guest(
-            &agent,
-            op,
-            &format!("the guest onlining cpu{index} ({id})"),
-            req,
-            shared.config.timeouts.hotplug,
-        )
-        .await?;
-    }
+    until_guest_onlines(&shared, named, index, &id).await?;
     Ok(CpuInfo {
         index,
         topology: slot.props.topology(),
         device_id: Some(id),
         online: Some(true),
     })
+}
+
+/// QEMU's multi-threaded TCG gives each vCPU thread a translation context and never
+/// takes an unplugged vCPU's back: a VM can start at most `max` (max_vcpus) vCPU threads
+/// in its life, and one more aborts QEMU (`tcg_register_thread: assertion failed:
+/// (n < tcg_max_ctxs)`, QEMU 10.0). Refused instead.
+fn tcg_has_room(shared: &Shared, max: u32) -> vmkit_core::Result<()> {
+    let life = shared.life();
+    if life.accel == Some(Accel::Tcg) && life.vcpu_threads >= max {
+        return Err(CoreError::unsupported(
+            "hotplug_cpu",
+            BACKEND_NAME,
+            format!(
+                "under TCG QEMU starts at most max_vcpus ({max}) vCPU threads in a VM's life \
+                 and never reuses an unplugged vCPU's; {} have started, and one more would \
+                 abort QEMU",
+                life.vcpu_threads
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Waits until the guest has the vCPU QEMU lists as `index` (device `id`) online. The
+/// guest's uevent helper usually onlines it; the agent waits for it in the guest and
+/// onlines it itself when the helper is slow. A slot named out of order (`named`: the
+/// agent and the guest's CPUs before the plug) is watched for one more online CPU.
+async fn until_guest_onlines(
+    shared: &Arc<Shared>,
+    named: Option<(AgentClient, Vec<u32>)>,
+    index: u32,
+    id: &str,
+) -> vmkit_core::Result<()> {
+    let op = "hotplug_cpu";
+    let limit = shared.config.timeouts.hotplug;
+    if let Some((agent, before)) = named {
+        return until_one_more_online(&agent, op, &before, id, limit).await;
+    }
+    let agent = agent(shared).await?;
+    let mut req = WaitResourcesRequest::new();
+    req.cpus = vec![index];
+    wait_in_guest(
+        &agent,
+        op,
+        &format!("the guest onlining cpu{index} ({id})"),
+        req,
+        limit,
+    )
+    .await
+    .map(drop)
 }
 
 /// Waits until the guest has a CPU online that is not in `before`, asking the agent to
