@@ -18,7 +18,7 @@ use vmkit_plugin::loader;
 const CASE_ENV: &str = "VMKIT_PLUGIN_LOAD_CASE";
 
 mod common;
-use common::TestFn;
+use common::{TestFn, config};
 
 fn main() -> ExitCode {
     if let Ok(case) = std::env::var(CASE_ENV) {
@@ -64,18 +64,6 @@ fn library(name: &str) -> PathBuf {
         name.replace('_', "-")
     );
     path
-}
-
-fn config(dir: &Path, id: &str) -> InstanceConfig {
-    let kernel = dir.join("vmlinuz");
-    if !kernel.exists() {
-        std::fs::write(&kernel, b"never read").unwrap();
-    }
-    let mut config = InstanceConfig::new(id, dir.join(id), &kernel);
-    config.resources.max_vcpus = 4;
-    config.resources.max_memory_mib = Some(1024);
-    config.resources.memory_slots = 2;
-    config
 }
 
 struct Loaded {

@@ -19,7 +19,7 @@ use vmkit_testkit::model::{self, ModelTarget};
 const BACKEND_ENV: &str = "VMKIT_PLUGIN_TEST_BACKEND";
 
 mod common;
-use common::TestFn;
+use common::{TestFn, config};
 
 fn main() -> ExitCode {
     if std::env::var_os(BACKEND_ENV).is_some() {
@@ -102,18 +102,6 @@ fn wrapper_for(binary: &Path) -> PathBuf {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
     path
-}
-
-fn config(dir: &Path, id: &str) -> InstanceConfig {
-    let kernel = dir.join("vmlinuz");
-    if !kernel.exists() {
-        std::fs::write(&kernel, b"never read").unwrap();
-    }
-    let mut config = InstanceConfig::new(id, dir.join(id), &kernel);
-    config.resources.max_vcpus = 4;
-    config.resources.max_memory_mib = Some(1024);
-    config.resources.memory_slots = 2;
-    config
 }
 
 fn signal(pid: u32, signal: nix::sys::signal::Signal) {

@@ -3,8 +3,23 @@
 //! here, one after another, each caught on its own.
 #![allow(clippy::unwrap_used, clippy::print_stdout)] // a test harness: a failed step should panic
 
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Instant;
+
+/// A fake VM's config with state in `dir/<id>`: room for vCPU and memory hot-plug, and
+/// a kernel file the fake never reads.
+pub(crate) fn config(dir: &Path, id: &str) -> vmkit_core::InstanceConfig {
+    let kernel = dir.join("vmlinuz");
+    if !kernel.exists() {
+        std::fs::write(&kernel, b"never read").unwrap();
+    }
+    let mut config = vmkit_core::InstanceConfig::new(id, dir.join(id), &kernel);
+    config.resources.max_vcpus = 4;
+    config.resources.max_memory_mib = Some(1024);
+    config.resources.memory_slots = 2;
+    config
+}
 
 /// A test: it gets the runtime every test of the binary shares.
 pub(crate) type TestFn = fn(&tokio::runtime::Runtime);
