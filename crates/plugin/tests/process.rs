@@ -90,16 +90,7 @@ fn wrapper_for(binary: &Path) -> PathBuf {
     static DIR: LazyLock<tempfile::TempDir> = LazyLock::new(|| tempfile::tempdir().unwrap());
     let path = DIR.path().join("backend");
     if !path.exists() {
-        std::fs::write(
-            &path,
-            format!(
-                "#!/bin/sh\nexport {BACKEND_ENV}=1\nexec '{}' \"$@\"\n",
-                binary.display()
-            ),
-        )
-        .unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        vmkit_testkit::fake_qemu::write_wrapper(&path, binary, &[(BACKEND_ENV, "1")]).unwrap();
     }
     path
 }

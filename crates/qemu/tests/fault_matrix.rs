@@ -157,16 +157,15 @@ fn fake(behaviour: &str, edit: impl FnOnce(&mut InstanceConfig)) -> Fake {
     let dir = tempfile::tempdir().unwrap();
     let wrapper = dir.path().join("qemu");
     let me = std::env::current_exe().unwrap();
-    std::fs::write(
+    fake_qemu::write_wrapper(
         &wrapper,
-        format!(
-            "#!/bin/sh\nexport VMKIT_FAKE_QEMU_SELF=1 {}='{behaviour}'\nexec '{}' \"$@\"\n",
-            fake_qemu::BEHAVIOUR_ENV,
-            me.display()
-        ),
+        &me,
+        &[
+            ("VMKIT_FAKE_QEMU_SELF", "1"),
+            (fake_qemu::BEHAVIOUR_ENV, behaviour),
+        ],
     )
     .unwrap();
-    make_executable(&wrapper);
     let kernel = dir.path().join("vmlinuz");
     std::fs::write(&kernel, b"not a kernel: the fake never reads it").unwrap();
     let mut config = InstanceConfig::new("fake", dir.path().join("state"), &kernel);
@@ -195,15 +194,7 @@ fn with_fake_agent(config: &mut InstanceConfig) {
     let dir = config.state_dir.parent().unwrap().to_owned();
     let wrapper = dir.join("vhost-device-vsock");
     let me = std::env::current_exe().unwrap();
-    std::fs::write(
-        &wrapper,
-        format!(
-            "#!/bin/sh\nexport VMKIT_FAKE_VSOCK_SELF=1\nexec '{}' \"$@\"\n",
-            me.display()
-        ),
-    )
-    .unwrap();
-    make_executable(&wrapper);
+    fake_qemu::write_wrapper(&wrapper, &me, &[("VMKIT_FAKE_VSOCK_SELF", "1")]).unwrap();
     config
         .backend_options
         .insert("vhost_vsock_binary".into(), wrapper.display().to_string());
@@ -212,11 +203,6 @@ fn with_fake_agent(config: &mut InstanceConfig) {
         port: vmkit_proto::AGENT_PORT,
     };
     config.timeouts.command = Duration::from_secs(2);
-}
-
-fn make_executable(path: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
 }
 
 /// The VM ended cleanly: `Shutdown`, no QEMU child, no socket, no lock file.

@@ -73,16 +73,7 @@ static WRAPPERS: LazyLock<Wrappers> = LazyLock::new(|| {
     let me = std::env::current_exe().unwrap();
     let wrapper = |name: &str, env: &str| {
         let path = dir.path().join(name);
-        std::fs::write(
-            &path,
-            format!(
-                "#!/bin/sh\nexport {env}=1\nexec '{}' \"$@\"\n",
-                me.display()
-            ),
-        )
-        .unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        fake_qemu::write_wrapper(&path, &me, &[(env, "1")]).unwrap();
         path
     };
     Wrappers {

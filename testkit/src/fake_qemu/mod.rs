@@ -189,6 +189,30 @@ fn push_char(out: &mut [String], c: char) {
     }
 }
 
+/// Writes an executable script at `path` that runs `binary` with `env` exported (values
+/// single-quoted, so they may hold commas and spaces but not `'`): how a backend option
+/// that names a program (`binary`, `vhost_vsock_binary`) is pointed at a test binary that
+/// acts as the fake QEMU, the fake vsock daemon or a backend process.
+///
+/// # Errors
+/// When the script cannot be written or made executable.
+pub fn write_wrapper(
+    path: &std::path::Path,
+    binary: &std::path::Path,
+    env: &[(&str, &str)],
+) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let exports: String = env
+        .iter()
+        .map(|(key, value)| format!("export {key}='{value}'\n"))
+        .collect();
+    std::fs::write(
+        path,
+        format!("#!/bin/sh\n{exports}exec '{}' \"$@\"\n", binary.display()),
+    )?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
+}
+
 /// Runs the fake with this process's arguments and `VMKIT_FAKE_QEMU`; returns the
 /// exit code (the process should exit with it).
 pub fn main() -> i32 {
