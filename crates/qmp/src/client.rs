@@ -366,6 +366,28 @@ impl QmpClient {
         decode(name, &reply)
     }
 
+    /// Runs a typed command with `fd` passed alongside (SCM_RIGHTS on the command's
+    /// bytes), for QMP's `getfd` and `add-fd`; QEMU keeps its own copy, the caller keeps
+    /// `fd`. The default deadline.
+    ///
+    /// # Errors
+    /// As [`QmpClient::execute`].
+    pub async fn execute_with_fd<C: qapi_spec::Command>(
+        &self,
+        command: C,
+        fd: BorrowedFd<'_>,
+    ) -> Result<C::Ok> {
+        let reply = self
+            .call_with_fd(
+                C::NAME,
+                &command,
+                self.inner.opts.command_timeout,
+                Some(fd.as_raw_fd()),
+            )
+            .await?;
+        decode(C::NAME, &reply)
+    }
+
     /// [`QmpClient::execute_raw`] with its own deadline.
     ///
     /// # Errors
