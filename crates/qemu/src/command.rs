@@ -84,49 +84,75 @@ pub struct Launch<'a> {
 
 /// The arguments (without the binary).
 pub fn build(launch: &Launch<'_>) -> Vec<OsString> {
-    let config = launch.config;
-    let layout = config.layout();
-    let res = &config.resources;
-    let machine = launch.options.machine;
     let mut args: Vec<OsString> = Vec::with_capacity(48);
-    let mut push = |parts: &[&str]| args.extend(parts.iter().map(OsString::from));
+    args.extend(identity_args(launch));
+    args.extend(machine_args(launch));
+    args.extend(memory_args(launch));
+    args.extend(sandbox_args(launch));
+    args.extend(channel_args(launch));
+    args.extend(kernel_args(launch));
+    args.extend(device_args(launch));
+    args
+}
 
-    push(&[
+fn strs(parts: &[&str]) -> Vec<OsString> {
+    parts.iter().map(OsString::from).collect()
+}
+
+/// Whether guest RAM is shared with a vhost-user daemon (hybrid vsock).
+fn shares_ram(launch: &Launch<'_>) -> bool {
+    matches!(launch.vsock, Some(VsockDevice::VhostUser { .. }))
+}
+
+/// The VM's name, and no defaults, display or reboot.
+fn identity_args(launch: &Launch<'_>) -> Vec<OsString> {
+    strs(&[
         "-name",
-        &format!("guest={},debug-threads=on", escape_opt(&config.id)),
-    ]);
-    push(&[
+        &format!("guest={},debug-threads=on", escape_opt(&launch.config.id)),
         "-nodefaults",
         "-no-user-config",
         "-display",
         "none",
         "-no-reboot",
-    ]);
-    let shared_ram = matches!(launch.vsock, Some(VsockDevice::VhostUser { .. }));
-    if shared_ram {
+    ])
+}
+
+/// The machine (with a shared RAM backend for a vhost-user daemon), accelerator, CPU
+/// model and vCPUs.
+fn machine_args(launch: &Launch<'_>) -> Vec<OsString> {
+    let res = &launch.config.resources;
+    let machine = launch.options.machine;
+    let mut args = if shares_ram(launch) {
         // A vhost-user daemon maps guest RAM: it must be a shared memfd.
-        push(&[
-            "-machine",
-            &format!("{},memory-backend={RAM_BACKEND}", machine.as_str()),
-        ]);
         let ram = json!({
             "qom-type": "memory-backend-memfd",
             "id": RAM_BACKEND,
             "size": res.memory_mib << 20,
             "share": true,
         });
-        push(&["-object", &ram.to_string()]);
+        strs(&[
+            "-machine",
+            &format!("{},memory-backend={RAM_BACKEND}", machine.as_str()),
+            "-object",
+            &ram.to_string(),
+        ])
     } else {
-        push(&["-machine", machine.as_str()]);
-    }
-    push(&["-accel", launch.accel.as_str()]);
+        strs(&["-machine", machine.as_str()])
+    };
+    args.extend(strs(&["-accel", launch.accel.as_str()]));
     if matches!(launch.accel, Accel::Kvm | Accel::Hvf) {
-        push(&["-cpu", "host"]);
+        args.extend(strs(&["-cpu", "host"]));
     }
-    push(&[
+    args.extend(strs(&[
         "-smp",
         &format!("{},maxcpus={}", res.boot_vcpus, res.max_vcpus),
-    ]);
+    ]));
+    args
+}
+
+/// `-m` (with DIMM slots, or the room virtio-mem needs) and the virtio-mem device.
+fn memory_args(launch: &Launch<'_>) -> Vec<OsString> {
+    let res = &launch.config.resources;
     let virtio_mem = res.memory_hotplug == MemoryHotplug::VirtioMem;
     let memory = if res.memory_slots > 0 {
         format!(
@@ -141,39 +167,55 @@ pub fn build(launch: &Launch<'_>) -> Vec<OsString> {
     } else {
         format!("{}M", res.memory_mib)
     };
-    push(&["-m", &memory]);
+    let mut args = strs(&["-m", &memory]);
     if virtio_mem {
         // One backend spanning all the room; nothing is allocated until the guest
         // touches plugged blocks. Shared like boot RAM when a vhost-user daemon maps it.
         let room = (res.max_memory() - res.memory_mib) << 20;
-        let backend = if shared_ram {
+        let backend = if shares_ram(launch) {
             json!({"qom-type": "memory-backend-memfd", "id": VIRTIO_MEM_BACKEND,
                    "size": room, "share": true})
         } else {
             json!({"qom-type": "memory-backend-ram", "id": VIRTIO_MEM_BACKEND,
                    "size": room, "reserve": false})
         };
-        push(&["-object", &backend.to_string()]);
         // On the root complex: it is never unplugged, so it takes no hot-plug port.
         let device = json!({"driver": "virtio-mem-pci", "id": VIRTIO_MEM_ID,
                             "memdev": VIRTIO_MEM_BACKEND, "requested-size": 0,
                             "block-size": VIRTIO_MEM_BLOCK_MIB << 20,
                             "bus": "pcie.0"});
-        push(&["-device", &device.to_string()]);
+        args.extend(strs(&[
+            "-object",
+            &backend.to_string(),
+            "-device",
+            &device.to_string(),
+        ]));
     }
+    args
+}
+
+/// `-sandbox` and the user QEMU drops to.
+fn sandbox_args(launch: &Launch<'_>) -> Vec<OsString> {
+    let mut args = Vec::new();
     if launch.sandbox {
         let policy = if launch.options.run_as.is_some() {
             SANDBOX_RUN_AS
         } else {
             SANDBOX
         };
-        push(&["-sandbox", policy]);
+        args.extend(strs(&["-sandbox", policy]));
     }
     if let Some(user) = &launch.options.run_as {
         // Checked to be a user name or uid:gid (no comma) when the options were read.
-        push(&["-run-with", &format!("user={}", escape_opt(user))]);
+        args.extend(strs(&["-run-with", &format!("user={}", escape_opt(user))]));
     }
-    push(&[
+    args
+}
+
+/// QMP on the control socket and the serial console into its log.
+fn channel_args(launch: &Launch<'_>) -> Vec<OsString> {
+    let layout = launch.config.layout();
+    strs(&[
         "-chardev",
         &format!(
             "socket,id={QMP_CHARDEV},path={},server=on,wait=off",
@@ -188,36 +230,47 @@ pub fn build(launch: &Launch<'_>) -> Vec<OsString> {
         ),
         "-serial",
         &format!("chardev:{CONSOLE_CHARDEV}"),
-    ]);
-    // -kernel, -initrd and -append take their value whole: no escaping.
-    args.push("-kernel".into());
-    args.push(config.kernel.path.clone().into());
-    if let Some(initrd) = &config.kernel.initrd {
+    ])
+}
+
+/// The kernel, initrd and command line: each value whole, no escaping.
+fn kernel_args(launch: &Launch<'_>) -> Vec<OsString> {
+    let kernel = &launch.config.kernel;
+    let mut args: Vec<OsString> = vec!["-kernel".into(), kernel.path.clone().into()];
+    if let Some(initrd) = &kernel.initrd {
         args.push("-initrd".into());
         args.push(initrd.clone().into());
     }
     args.push("-append".into());
     args.push(launch.cmdline.into());
+    args
+}
+
+/// pvpanic and the hot-plug root ports (q35), the cold disks and NICs, and the vsock
+/// device (on a root port of its own when it can be replaced).
+fn device_args(launch: &Launch<'_>) -> Vec<OsString> {
+    let machine = launch.options.machine;
+    let mut args: Vec<OsString> = Vec::new();
+    let mut device = |json: serde_json::Value| {
+        args.push("-device".into());
+        args.push(json.to_string().into());
+    };
     if machine == Machine::Q35 {
         // On the root complex: it is never unplugged, so it takes no hot-plug port.
-        let pvpanic = json!({"driver": "pvpanic-pci", "id": PVPANIC_ID, "bus": "pcie.0"});
-        args.push("-device".into());
-        args.push(pvpanic.to_string().into());
+        device(json!({"driver": "pvpanic-pci", "id": PVPANIC_ID, "bus": "pcie.0"}));
         for i in 0..launch.options.hotplug_ports {
-            let port = json!({
+            device(json!({
                 "driver": "pcie-root-port",
                 "id": format!("{ROOT_PORT_PREFIX}{i}"),
                 "chassis": i + 1,
-            });
-            args.push("-device".into());
-            args.push(port.to_string().into());
+            }));
         }
     }
     for (i, disk) in launch.disks.iter().enumerate() {
         args.extend(disk_args(i, disk, machine));
     }
     for (i, (nic, fd)) in launch.nics.iter().enumerate() {
-        args.extend(nic_args(i, &config.id, nic, *fd, machine));
+        args.extend(nic_args(i, &launch.config.id, nic, *fd, machine));
     }
     if let Some(vsock) = launch.vsock {
         if machine == Machine::Q35 && matches!(vsock, VsockDevice::VhostUser { .. }) {
