@@ -34,6 +34,11 @@ use crate::process::{Process, tail};
 /// The guest CID every hybrid-vsock VM gets: each has its own daemon, so CIDs need not
 /// differ between VMs.
 pub(crate) const HYBRID_GUEST_CID: u32 = 3;
+/// How long after QEMU's `cont` answer (or its RESUME) the vsock link opens. QEMU sends
+/// RESUME before it restarts the vhost-user device, and the restart's messages are only
+/// queued for the daemon when `cont` answers; traffic that reaches vhost-device-vsock
+/// before it has processed them ends its worker (see [`vmkit_vsock::LinkGate`]).
+pub(crate) const LINK_SETTLE: Duration = Duration::from_millis(50);
 /// How long the daemon may take to die after SIGKILL.
 const DAEMON_REAP: Duration = Duration::from_secs(5);
 /// How many lines of the daemon's output go into an error.
@@ -498,6 +503,15 @@ pub(crate) async fn ping(client: &TtrpcClient, deadline: Instant) -> Result<(), 
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err(format!("no answer within {remaining:?}")),
+    }
+}
+
+/// Maps a failure to reach the agent for `op` into the core's error (a dial deadline
+/// stays a timeout; see [`core_error`]).
+pub(crate) fn dial_error(op: &str, e: Error) -> CoreError {
+    match e {
+        Error::Vsock(v) => core_error(op, v),
+        other => CoreError::backend(op, other),
     }
 }
 

@@ -36,25 +36,34 @@ pub mod command;
 pub mod devices;
 mod error;
 pub mod events;
+mod features;
 pub mod guest;
 mod host;
 mod hotplug;
+mod hotplugger;
 mod instance;
 pub mod kernel_cmdline;
+mod lifecycle;
+mod locks;
+mod monitor;
 pub mod options;
 mod pause;
 mod process;
+mod qmp;
 mod relink;
+mod running;
 mod runtime;
 mod shutdown;
 mod start;
+mod vm;
 
 use std::sync::Arc;
 
 use vmkit_core::{Backend, Capabilities, Instance, InstanceConfig};
 
 pub use error::Error;
-pub use instance::{CAPABILITIES, QemuInstance};
+pub use features::CAPABILITIES;
+pub use instance::QemuInstance;
 pub use options::{Machine, QemuOptions, Sandbox};
 
 /// Checks that vmkit can open (and so create) the TAP interface `name` on this host:
@@ -105,9 +114,7 @@ impl QemuBackend {
         for nic in &config.nics {
             devices.add_nic(nic.clone())?;
         }
-        Ok(QemuInstance::new(instance::Shared::new(
-            config, options, devices,
-        )))
+        Ok(QemuInstance::new(vm::Vm::new(config, options, devices)))
     }
 }
 

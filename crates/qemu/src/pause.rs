@@ -1,6 +1,6 @@
 //! `pause` and `resume`: the run state follows what QEMU reports, never what vmkit asked
 //! for. QEMU announces each change with a STOP or RESUME event, which the event pump
-//! applies ([`Shared::follow_qemu`]); `stop`/`cont` here only ask for the change and
+//! applies (`Vm::follow_qemu`); `stop`/`cont` here only ask for the change and
 //! then wait for that event. When the command fails or times out (a stalled QEMU still
 //! queues it and may carry it out later), vmkit asks `query-status` and takes QEMU's
 //! answer; if QEMU cannot answer either, the state stays as it is until QEMU's event
@@ -14,38 +14,33 @@ use vmkit_core::{Error as CoreError, VmEvent, VmState};
 use vmkit_qmp::{QmpClient, qapi_qmp};
 
 use crate::error::Error;
-use crate::instance::Shared;
+use crate::guest::LINK_SETTLE;
+use crate::vm::Vm;
 
 /// `Running → Paused` (`stop`) or `Paused → Running` (`cont`).
-pub(crate) async fn change(
-    shared: &Shared,
-    op: &'static str,
-    to: VmState,
-) -> vmkit_core::Result<()> {
+pub(crate) async fn change(vm: &Vm, op: &'static str, to: VmState) -> vmkit_core::Result<()> {
     let from = match to {
         VmState::Paused => VmState::Running,
         _ => VmState::Paused,
     };
     // A shutdown under way owns the VM: a pause or resume racing it fails at once.
     // (Once it has ended, the state table answers: `InvalidState` in `Shutdown`.)
-    let shutdown_running =
-        || shared.life().shutting_down && shared.state.get() != VmState::Shutdown;
-    if shutdown_running() {
+    if vm.life().is_stopping() {
         return Err(CoreError::backend(op, Error::ShuttingDown));
     }
     // One change at a time: a resume waits for a pause in flight to settle.
-    let _one = shared.run_changes.lock().await;
-    if shutdown_running() {
+    let _one = vm.life().one_run_change().await;
+    if vm.life().is_stopping() {
         return Err(CoreError::backend(op, Error::ShuttingDown));
     }
-    let qmp = shared.qmp(op)?;
-    shared.state.require(op, &[from])?;
-    let mut states = shared.events.subscribe();
-    let timeout = shared.config.timeouts.command;
+    let qmp = vm.qmp(op)?;
+    vm.life().require(op, &[from])?;
+    let mut states = vm.subscribe();
+    let timeout = vm.config().timeouts.command;
     if to == VmState::Paused {
         // Before QEMU stops the vrings: nothing of ours may reach a stopped vsock
         // device. Opened again when QEMU runs (its RESUME, or its answer below).
-        shared.open_link(false);
+        vm.open_link(false);
     }
     let (command, sent) = match to {
         VmState::Paused => ("stop", qmp.execute(qapi_qmp::stop {}).await.map(drop)),
@@ -54,17 +49,17 @@ pub(crate) async fn change(
     match sent {
         Ok(()) => {
             // QEMU sent its event with (before) the reply: the pump applies it.
-            if reached(shared, &mut states, to, timeout).await {
+            if reached(vm, &mut states, to, timeout).await {
                 if to == VmState::Running {
-                    open_link_when_settled(shared).await;
+                    open_link_when_settled(vm).await;
                 }
                 return Ok(());
             }
             // No event: QEMU was in that state already, or the event was lost.
-            match reconcile(shared, &qmp).await {
+            match reconcile(vm, &qmp).await {
                 Ok(state) if state == to => {
                     if to == VmState::Running {
-                        open_link_when_settled(shared).await;
+                        open_link_when_settled(vm).await;
                     }
                     Ok(())
                 }
@@ -81,11 +76,11 @@ pub(crate) async fn change(
         Err(e) => {
             // QEMU may still carry the command out (a stalled QEMU queued it): take
             // what it says now; its event corrects the state later if it does.
-            match reconcile(shared, &qmp).await {
-                Ok(VmState::Running) => open_link_when_settled(shared).await,
+            match reconcile(vm, &qmp).await {
+                Ok(VmState::Running) => open_link_when_settled(vm).await,
                 Ok(_) => {}
                 Err(why) => {
-                    tracing::warn!(vm = %shared.config.id, %why, "{op}: QEMU's run state is unknown until its next STOP/RESUME event");
+                    tracing::warn!(vm = %vm.id(), %why, "{op}: QEMU's run state is unknown until its next STOP/RESUME event");
                 }
             }
             Err(CoreError::backend(
@@ -96,12 +91,6 @@ pub(crate) async fn change(
     }
 }
 
-/// How long after QEMU's `cont` answer the vsock link opens. QEMU sends RESUME before
-/// it restarts the vhost-user device, and the restart's messages are only queued for
-/// the daemon when `cont` answers; traffic that reaches vhost-device-vsock before it
-/// has processed them ends its worker (see [`vmkit_vsock::LinkGate`]).
-pub(crate) const LINK_SETTLE: Duration = Duration::from_millis(50);
-
 /// How long the check after a resume may take to reach the agent.
 const LINK_CHECK: Duration = Duration::from_secs(2);
 
@@ -109,29 +98,29 @@ const LINK_CHECK: Duration = Duration::from_secs(2);
 /// the VM still runs, and checks it: an agent that does not answer a fresh connection
 /// marks the link broken, so that guest calls fail at once with the cause instead of
 /// each waiting for its deadline.
-async fn open_link_when_settled(shared: &Shared) {
+async fn open_link_when_settled(vm: &Vm) {
     // Only a hybrid-vsock link is held while paused: kernel vsock has nothing to settle.
-    if !shared.life().link.as_ref().is_some_and(|l| l.is_gated()) {
+    if vm.with_link(|l| l.is_gated()) != Some(true) {
         return;
     }
     tokio::time::sleep(LINK_SETTLE).await;
-    if shared.state.get() != VmState::Running {
+    if vm.life().state() != VmState::Running {
         return;
     }
-    shared.open_link(true);
-    let Some(addr) = shared.life().link.as_ref().map(|l| l.agent.clone()) else {
+    vm.open_link(true);
+    let Some((_, addr)) = vm.link_info() else {
         return;
     };
     let deadline = tokio::time::Instant::now() + LINK_CHECK;
     let Err(e) = crate::guest::wait_for_agent(&addr, deadline).await else {
         return;
     };
-    tracing::warn!(vm = %shared.config.id, %addr, error = %e, "guest link dead after resume; replacing the vsock device");
+    tracing::warn!(vm = %vm.id(), %addr, error = %e, "guest link dead after resume; replacing the vsock device");
     let dead = format!("no answer from {addr} after the resume: {e}");
-    let repaired = match crate::relink::repair(shared).await {
+    let repaired = match crate::relink::repair(vm).await {
         Ok(()) => {
             tokio::time::sleep(LINK_SETTLE).await;
-            shared.open_link(true);
+            vm.open_link(true);
             let deadline = tokio::time::Instant::now() + LINK_CHECK;
             crate::guest::wait_for_agent(&addr, deadline)
                 .await
@@ -139,32 +128,31 @@ async fn open_link_when_settled(shared: &Shared) {
                 .map_err(|e| format!("the agent did not answer through the new device: {e}"))
         }
         Err(e) => {
-            shared.open_link(true);
+            vm.open_link(true);
             Err(e.to_string())
         }
     };
     match repaired {
         Ok(()) => {
-            tracing::info!(vm = %shared.config.id, "guest link repaired: new vsock device and daemon")
+            tracing::info!(vm = %vm.id(), "guest link repaired: new vsock device and daemon")
         }
         Err(why) => {
-            tracing::error!(vm = %shared.config.id, %why, "guest link could not be repaired");
-            shared.life().link_broken =
-                Some(format!("{dead}; replacing the vsock device failed: {why}"));
+            tracing::error!(vm = %vm.id(), %why, "guest link could not be repaired");
+            vm.break_link(format!("{dead}; replacing the vsock device failed: {why}"));
         }
     }
 }
 
 /// Waits up to `timeout` for the state to become `to`.
 async fn reached(
-    shared: &Shared,
+    vm: &Vm,
     states: &mut broadcast::Receiver<VmEvent>,
     to: VmState,
     timeout: Duration,
 ) -> bool {
     let wait = async {
         loop {
-            if shared.state.get() == to {
+            if vm.life().state() == to {
                 return true;
             }
             match states.recv().await {
@@ -181,8 +169,8 @@ async fn reached(
 ///
 /// # Errors
 /// `query-status` failed (QEMU stalled or gone): the state is left as it is.
-pub(crate) async fn reconcile(shared: &Shared, qmp: &QmpClient) -> Result<VmState, Error> {
+async fn reconcile(vm: &Vm, qmp: &QmpClient) -> Result<VmState, Error> {
     let status = qmp.execute(qapi_qmp::query_status {}).await?;
-    shared.follow_qemu(status.running);
-    Ok(shared.state.get())
+    vm.follow_qemu(status.running);
+    Ok(vm.life().state())
 }

@@ -8,20 +8,19 @@
 //! daemon spawned on the same sockets, the chardev and the device added again. The
 //! guest's driver probes the new device and the agent's listeners survive: measured
 //! here, about 170 ms from `device_del` to an answered `Ping`. The host's traffic stays
-//! held ([`crate::instance::Shared::open_link`]) until QEMU has started the new device.
+//! held (`Vm::open_link`) until QEMU has started the new device.
 
 use std::time::Duration;
 
-use serde_json::json;
 use tokio::time::{Instant, sleep, timeout_at};
 use vmkit_core::VmEvent;
-use vmkit_qmp::QmpClient;
 use vmkit_vsock::GuestAddr;
 
 use crate::command::{VSOCK_ID, vhost_user_vsock_device};
 use crate::error::Error;
-use crate::instance::Shared;
 use crate::options::Machine;
+use crate::qmp::{Device, Qmp};
+use crate::vm::Vm;
 
 /// How often QEMU is asked whether the new device has started.
 const STARTED_POLL: Duration = Duration::from_millis(10);
@@ -37,33 +36,26 @@ fn failed(step: &'static str) -> impl Fn(String) -> Error {
 /// [`Error::Relink`] naming the step that failed: the VM has no replaceable device
 /// (kernel vsock, microvm), the guest did not release the old device, the new daemon
 /// did not come up, or QEMU refused a command.
-pub(crate) async fn repair(shared: &Shared) -> Result<(), Error> {
+pub(crate) async fn repair(vm: &Vm) -> Result<(), Error> {
     let check = failed("check");
-    if shared.options.machine != Machine::Q35 {
+    if vm.options().machine != Machine::Q35 {
         return Err(check(
             "microvm's vsock device sits on no hot-plug port".into(),
         ));
     }
-    let (uds, qmp) = {
-        let life = shared.life();
-        let uds = match life.link.as_ref().map(|l| &l.agent) {
-            Some(GuestAddr::HybridVsock { uds, .. }) => uds.clone(),
-            _ => {
-                return Err(check(
-                    "only a hybrid-vsock link has a daemon to replace".into(),
-                ));
-            }
-        };
-        let qmp = life
-            .qmp
-            .clone()
-            .ok_or_else(|| check("QMP is gone".into()))?;
-        (uds, qmp)
+    let uds = match vm.link_info() {
+        Some((_, GuestAddr::HybridVsock { uds, .. })) => uds,
+        _ => {
+            return Err(check(
+                "only a hybrid-vsock link has a daemon to replace".into(),
+            ));
+        }
     };
-    shared.open_link(false);
-    let deadline = Instant::now() + shared.config.timeouts.hotplug;
-    let mut events = shared.events.subscribe();
-    qmp.execute_raw("device_del", Some(json!({ "id": VSOCK_ID })))
+    let qmp = Qmp::new(vm.qmp("relink").map_err(|_| check("QMP is gone".into()))?);
+    vm.open_link(false);
+    let deadline = Instant::now() + vm.config().timeouts.hotplug;
+    let mut events = vm.subscribe();
+    qmp.device_del(VSOCK_ID)
         .await
         .map_err(|e| failed("device_del")(e.to_string()))?;
     let released = timeout_at(deadline, async {
@@ -81,35 +73,26 @@ pub(crate) async fn repair(shared: &Shared) -> Result<(), Error> {
             "the guest did not release the old device".into(),
         ));
     }
-    let old = shared.life().link.as_mut().and_then(|l| l.take_daemon());
+    let old = vm.with_link(|l| l.take_daemon()).flatten();
     if let Some(old) = old {
         old.signal(libc::SIGKILL);
     }
-    qmp.execute_raw("chardev-remove", Some(json!({ "id": VSOCK_ID })))
+    qmp.chardev_remove(VSOCK_ID)
         .await
         .map_err(|e| failed("chardev-remove")(e.to_string()))?;
     let (daemon, identity) = timeout_at(
         deadline,
-        crate::guest::spawn_daemon(&shared.config, &shared.options, &uds),
+        crate::guest::spawn_daemon(vm.config(), vm.options(), &uds),
     )
     .await
     .map_err(|_| failed("spawn vhost-device-vsock")("it did not come up in time".into()))?
     .map_err(|e| failed("spawn vhost-device-vsock")(e.to_string()))?;
-    let vhost = shared.config.layout().vhost_user_vsock_socket();
-    if let Some(link) = shared.life().link.as_mut() {
-        link.put_daemon(daemon, identity);
-    }
-    let chardev = json!({
-        "id": VSOCK_ID,
-        "backend": {"type": "socket", "data": {
-            "addr": {"type": "unix", "data": {"path": vhost}},
-            "server": false,
-        }},
-    });
-    qmp.execute_raw("chardev-add", Some(chardev))
+    let vhost = vm.config().layout().vhost_user_vsock_socket();
+    vm.with_link(|link| link.put_daemon(daemon, identity));
+    qmp.add_unix_chardev(VSOCK_ID, &vhost)
         .await
         .map_err(|e| failed("chardev-add")(e.to_string()))?;
-    qmp.execute_raw("device_add", Some(vhost_user_vsock_device()))
+    qmp.device_add(Device::from_json(vhost_user_vsock_device()))
         .await
         .map_err(|e| failed("device_add")(e.to_string()))?;
     wait_started(&qmp, deadline).await
@@ -118,16 +101,13 @@ pub(crate) async fn repair(shared: &Shared) -> Result<(), Error> {
 /// Waits until QEMU reports the new device's vhost backend started (the guest's
 /// driver probed it and set it up): before that, a host connection would reach a
 /// daemon that has no vrings yet.
-async fn wait_started(qmp: &QmpClient, deadline: Instant) -> Result<(), Error> {
+async fn wait_started(qmp: &Qmp, deadline: Instant) -> Result<(), Error> {
     let path = format!("/machine/peripheral/{VSOCK_ID}/virtio-backend");
     let mut last = String::from("no answer yet");
     while Instant::now() < deadline {
-        match qmp
-            .execute_raw("x-query-virtio-status", Some(json!({ "path": path })))
-            .await
-        {
-            Ok(status) if status["vhost-started"] == json!(true) => return Ok(()),
-            Ok(status) => last = format!("vhost-started {}", status["vhost-started"]),
+        match qmp.vhost_started(&path).await {
+            Ok(true) => return Ok(()),
+            Ok(false) => last = "vhost-started false".to_owned(),
             Err(e) => last = e.to_string(),
         }
         sleep(STARTED_POLL).await;

@@ -1,139 +1,102 @@
-//! vCPU hot-plug ([`CpuHotplugger`]): `query-hotpluggable-cpus` gives the free slots,
-//! `device_add` fills the first one (id `vmkit-cpu<socket>-<core>-<thread>`), and the
-//! agent onlines it; the call returns once the guest reports it online. Unplug is
-//! `device_del`, confirmed by `query-cpus-fast` no longer listing the CPU (one event is
-//! not trusted: GUEST.md).
+//! vCPU hot-plug: `query-hotpluggable-cpus` gives the free slots, `device_add` fills
+//! the first one (id `vmkit-cpu<socket>-<core>-<thread>`), and the agent onlines it;
+//! the call returns once the guest reports it online. Unplug is `device_del`,
+//! confirmed by `query-cpus-fast` no longer listing the CPU (one event is not trusted:
+//! GUEST.md).
 //!
 //! Under TCG, QEMU gives every vCPU thread it ever starts a translation context and
 //! never reuses an unplugged one's; a VM can therefore start at most `max_vcpus` vCPU
 //! threads in its life. Plugging one more aborts QEMU 10.0, so vmkit refuses it with
 //! `Unsupported` and QEMU keeps running. KVM has no such limit.
 
-use std::sync::{Arc, Weak};
-
-use async_trait::async_trait;
-use serde::Deserialize;
-use serde_json::json;
-use vmkit_core::{
-    Accel, CpuFailure, CpuHotplugger, CpuInfo, CpuTopology, Error as CoreError, VcpuResize, VmState,
-};
+use vmkit_core::{Accel, CpuFailure, CpuInfo, CpuTopology, Error as CoreError, VcpuResize};
 use vmkit_proto::AgentClient;
-use vmkit_proto::agent::{GuestInfoRequest, WaitResourcesRequest};
+use vmkit_proto::agent::WaitResourcesRequest;
+use vmkit_qmp::qapi_qmp::CpuInstanceProperties;
 
-use super::{
-    agent, agent_err, agent_for_query, ctx, eject, qmp_err, qmp_query, upgrade, wait_in_guest,
-};
+use super::context::{Context, POLL, agent_err, ctx, guest_info, qmp_err, wait_in_guest};
+use super::eject::eject;
 use crate::BACKEND_NAME;
 use crate::error::Error;
-use crate::instance::Shared;
+use crate::qmp::{CpuSlot, Device, PresentCpu};
 
 /// The id prefix of hot-plugged vCPUs.
 const CPU_ID_PREFIX: &str = "vmkit-cpu";
 
-/// A slot of `query-hotpluggable-cpus`.
-#[derive(Debug, Clone, Deserialize)]
-struct Slot {
-    #[serde(rename = "type")]
-    driver: String,
-    props: Props,
-    #[serde(rename = "qom-path")]
-    qom_path: Option<String>,
-}
-
-/// A vCPU's topology as QMP writes it.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
-struct Props {
-    #[serde(rename = "socket-id", default)]
-    socket: u32,
-    #[serde(rename = "core-id", default)]
-    core: u32,
-    #[serde(rename = "thread-id", default)]
-    thread: u32,
-}
-
-impl Props {
-    fn topology(self) -> CpuTopology {
-        CpuTopology {
-            socket: self.socket,
-            core: self.core,
-            thread: self.thread,
-        }
-    }
-
-    fn device_id(self) -> String {
-        format!(
-            "{CPU_ID_PREFIX}{}-{}-{}",
-            self.socket, self.core, self.thread
-        )
+/// A vCPU's place as QMP writes it.
+fn topology(props: &CpuInstanceProperties) -> CpuTopology {
+    let id = |v: Option<i64>| v.and_then(|v| u32::try_from(v).ok()).unwrap_or(0);
+    CpuTopology {
+        socket: id(props.socket_id),
+        core: id(props.core_id),
+        thread: id(props.thread_id),
     }
 }
 
-/// A present vCPU of `query-cpus-fast`.
-#[derive(Debug, Clone, Deserialize)]
-struct Present {
-    #[serde(rename = "cpu-index")]
-    index: u32,
-    props: Props,
-    #[serde(rename = "qom-path")]
-    qom_path: String,
+/// The device id vmkit gives the vCPU at `at`.
+fn device_id(at: CpuTopology) -> String {
+    format!("{CPU_ID_PREFIX}{}-{}-{}", at.socket, at.core, at.thread)
 }
 
-/// vCPU hot-plug for one VM; holds the VM weakly.
-pub(crate) struct Cpus {
-    pub(crate) shared: Weak<Shared>,
+fn present_topology(cpu: &PresentCpu) -> CpuTopology {
+    cpu.props.as_ref().map(topology).unwrap_or(CpuTopology {
+        socket: 0,
+        core: 0,
+        thread: 0,
+    })
 }
 
-impl Cpus {
-    fn shared(&self, op: &'static str) -> vmkit_core::Result<Arc<Shared>> {
-        upgrade(&self.shared, op)
-    }
+fn index_of(cpu: &PresentCpu) -> u32 {
+    u32::try_from(cpu.cpu_index).unwrap_or(u32::MAX)
 }
 
-async fn slots(shared: &Shared, op: &str) -> vmkit_core::Result<Vec<Slot>> {
-    qmp_query(shared, op, "query-hotpluggable-cpus").await
+fn hot_plugged(cpu: &PresentCpu) -> bool {
+    cpu.qom_path.contains(CPU_ID_PREFIX)
 }
 
-async fn present(shared: &Shared, op: &str) -> vmkit_core::Result<Vec<Present>> {
-    let mut cpus: Vec<Present> = qmp_query(shared, op, "query-cpus-fast").await?;
-    cpus.sort_by_key(|c| c.index);
-    Ok(cpus)
+async fn slots(ctx: &Context, op: &str) -> vmkit_core::Result<Vec<CpuSlot>> {
+    ctx.qmp()
+        .hotpluggable_cpus()
+        .await
+        .map_err(|e| qmp_err(op, e))
+}
+
+async fn present(ctx: &Context, op: &str) -> vmkit_core::Result<Vec<PresentCpu>> {
+    ctx.qmp().cpus_fast().await.map_err(|e| qmp_err(op, e))
 }
 
 /// The CPUs the guest has online, through the agent.
 async fn guest_online(agent: &AgentClient, op: &str) -> vmkit_core::Result<Vec<u32>> {
-    agent
-        .guest_info(ctx(), &GuestInfoRequest::new())
-        .await
-        .map(|info| info.online_cpus)
-        .map_err(|e| agent_err(op, "GuestInfo", &e))
+    guest_info(agent, op).await.map(|info| info.online_cpus)
 }
 
-async fn query(shared: Arc<Shared>) -> vmkit_core::Result<Vec<CpuInfo>> {
+/// `query_cpus`: QEMU's vCPUs, and whether the guest has each online when it can say.
+pub(crate) async fn query(ctx: &Context) -> vmkit_core::Result<Vec<CpuInfo>> {
     let op = "query_cpus";
-    let cpus = present(&shared, op).await?;
-    let online = match agent_for_query(&shared).await {
+    let cpus = present(ctx, op).await?;
+    let online = match ctx.agent_for_query().await {
         Some(agent) => Some(guest_online(&agent, op).await?),
         None => None,
     };
     Ok(cpus
-        .into_iter()
+        .iter()
         .map(|c| CpuInfo {
-            index: c.index,
-            topology: c.props.topology(),
-            device_id: c
-                .qom_path
-                .contains(CPU_ID_PREFIX)
-                .then(|| c.props.device_id()),
-            online: online.as_ref().map(|set| set.contains(&c.index)),
+            index: index_of(c),
+            topology: present_topology(c),
+            device_id: hot_plugged(c).then(|| device_id(present_topology(c))),
+            online: online.as_ref().map(|set| set.contains(&index_of(c))),
         })
         .collect())
 }
 
 /// The slot to fill: `at`, or the first free one.
-fn pick(all: &[Slot], at: Option<CpuTopology>, max: u32) -> vmkit_core::Result<&Slot> {
+fn pick(all: &[CpuSlot], at: Option<CpuTopology>, max: u32) -> vmkit_core::Result<&CpuSlot> {
     let Some(at) = at else {
-        let mut free: Vec<&Slot> = all.iter().filter(|s| s.qom_path.is_none()).collect();
-        free.sort_by_key(|s| (s.props.socket, s.props.core, s.props.thread));
+        let mut free: Vec<&CpuSlot> = all.iter().filter(|s| s.qom_path.is_none()).collect();
+        free.sort_by_key(|s| {
+            let t = topology(&s.props);
+            (t.socket, t.core, t.thread)
+        });
         return free.first().copied().ok_or_else(|| {
             CoreError::exhausted(
                 "hotplug_cpu",
@@ -146,11 +109,14 @@ fn pick(all: &[Slot], at: Option<CpuTopology>, max: u32) -> vmkit_core::Result<&
         "hotplug_cpu_at socket={} core={} thread={}",
         at.socket, at.core, at.thread
     );
-    match all.iter().find(|s| s.props.topology() == at) {
+    match all.iter().find(|s| topology(&s.props) == at) {
         None => {
             let mut slots: Vec<String> = all
                 .iter()
-                .map(|s| format!("{}/{}/{}", s.props.socket, s.props.core, s.props.thread))
+                .map(|s| {
+                    let t = topology(&s.props);
+                    format!("{}/{}/{}", t.socket, t.core, t.thread)
+                })
                 .collect();
             slots.sort();
             Err(CoreError::not_found(
@@ -170,48 +136,45 @@ fn pick(all: &[Slot], at: Option<CpuTopology>, max: u32) -> vmkit_core::Result<&
     }
 }
 
-async fn add_one(shared: Arc<Shared>, at: Option<CpuTopology>) -> vmkit_core::Result<CpuInfo> {
+/// `hotplug_cpu` (`at: None`) and `hotplug_cpu_at`: plugs a vCPU and waits until the
+/// guest has it online.
+pub(crate) async fn add(ctx: &Context, at: Option<CpuTopology>) -> vmkit_core::Result<CpuInfo> {
     let op = "hotplug_cpu";
-    let all = slots(&shared, op).await?;
-    let max = shared.config.resources.max_vcpus;
+    let all = slots(ctx, op).await?;
+    let max = ctx.limits().resources.max_vcpus;
     let slot = pick(&all, at, max)?;
+    let place = topology(&slot.props);
     // A slot named out of order gets the guest's lowest free CPU number, not QEMU's
     // cpu-index: the guest is watched for one more online CPU instead (its CPUs now).
     let named = match at {
         Some(_) => {
-            let agent = agent(&shared).await?;
+            let agent = ctx.agent().await?;
             let before = guest_online(&agent, op).await?;
             Some((agent, before))
         }
         None => None,
     };
-    tcg_has_room(&shared, max)?;
-    let id = slot.props.device_id();
-    let args = json!({
-        "driver": slot.driver,
-        "id": id,
-        "socket-id": slot.props.socket,
-        "core-id": slot.props.core,
-        "thread-id": slot.props.thread,
-    });
-    let qmp = shared.qmp(op)?;
-    qmp.execute_raw("device_add", Some(args))
-        .await
-        .map_err(|e| {
-            qmp_err(
-                &format!(
-                    "device_add cpu socket={} core={} thread={}",
-                    slot.props.socket, slot.props.core, slot.props.thread
-                ),
-                e,
-            )
-        })?;
-    shared.life().vcpu_threads += 1;
-    let index = present(&shared, op)
+    tcg_has_room(ctx, max)?;
+    let id = device_id(place);
+    let device = Device::new(slot.type_.clone(), id.clone())
+        .with("socket-id", place.socket)
+        .with("core-id", place.core)
+        .with("thread-id", place.thread);
+    ctx.qmp().device_add(device).await.map_err(|e| {
+        qmp_err(
+            &format!(
+                "device_add cpu socket={} core={} thread={}",
+                place.socket, place.core, place.thread
+            ),
+            e,
+        )
+    })?;
+    ctx.state().count_vcpu_thread();
+    let index = present(ctx, op)
         .await?
-        .into_iter()
-        .find(|c| c.props == slot.props)
-        .map(|c| c.index)
+        .iter()
+        .find(|c| present_topology(c) == place)
+        .map(index_of)
         .ok_or_else(|| {
             CoreError::backend(
                 op,
@@ -220,10 +183,10 @@ async fn add_one(shared: Arc<Shared>, at: Option<CpuTopology>) -> vmkit_core::Re
                 },
             )
         })?;
-    until_guest_onlines(&shared, named, index, &id).await?;
+    until_guest_onlines(ctx, named, index, &id).await?;
     Ok(CpuInfo {
         index,
-        topology: slot.props.topology(),
+        topology: place,
         device_id: Some(id),
         online: Some(true),
     })
@@ -233,17 +196,16 @@ async fn add_one(shared: Arc<Shared>, at: Option<CpuTopology>) -> vmkit_core::Re
 /// takes an unplugged vCPU's back: a VM can start at most `max` (max_vcpus) vCPU threads
 /// in its life, and one more aborts QEMU (`tcg_register_thread: assertion failed:
 /// (n < tcg_max_ctxs)`, QEMU 10.0). Refused instead.
-fn tcg_has_room(shared: &Shared, max: u32) -> vmkit_core::Result<()> {
-    let life = shared.life();
-    if life.accel == Some(Accel::Tcg) && life.vcpu_threads >= max {
+fn tcg_has_room(ctx: &Context, max: u32) -> vmkit_core::Result<()> {
+    let started = ctx.state().vcpu_threads();
+    if ctx.limits().accel == Accel::Tcg && started >= max {
         return Err(CoreError::unsupported(
             "hotplug_cpu",
             BACKEND_NAME,
             format!(
                 "under TCG QEMU starts at most max_vcpus ({max}) vCPU threads in a VM's life \
-                 and never reuses an unplugged vCPU's; {} have started, and one more would \
-                 abort QEMU",
-                life.vcpu_threads
+                 and never reuses an unplugged vCPU's; {started} have started, and one more \
+                 would abort QEMU"
             ),
         ));
     }
@@ -255,17 +217,17 @@ fn tcg_has_room(shared: &Shared, max: u32) -> vmkit_core::Result<()> {
 /// onlines it itself when the helper is slow. A slot named out of order (`named`: the
 /// agent and the guest's CPUs before the plug) is watched for one more online CPU.
 async fn until_guest_onlines(
-    shared: &Arc<Shared>,
+    ctx: &Context,
     named: Option<(AgentClient, Vec<u32>)>,
     index: u32,
     id: &str,
 ) -> vmkit_core::Result<()> {
     let op = "hotplug_cpu";
-    let limit = shared.config.timeouts.hotplug;
+    let limit = ctx.limits().deadline;
     if let Some((agent, before)) = named {
         return until_one_more_online(&agent, op, &before, id, limit).await;
     }
-    let agent = agent(shared).await?;
+    let agent = ctx.agent().await?;
     let mut req = WaitResourcesRequest::new();
     req.cpus = vec![index];
     wait_in_guest(
@@ -280,7 +242,7 @@ async fn until_guest_onlines(
 }
 
 /// Waits until the guest has a CPU online that is not in `before`, asking the agent to
-/// online what is offline every [`super::POLL`], within `limit`.
+/// online what is offline every [`POLL`], within `limit`.
 async fn until_one_more_online(
     agent: &AgentClient,
     op: &str,
@@ -309,124 +271,49 @@ async fn until_one_more_online(
                 after: limit,
             });
         }
-        tokio::time::sleep(super::POLL).await;
+        tokio::time::sleep(POLL).await;
     }
 }
 
-async fn remove_one(shared: Arc<Shared>, index: u32) -> vmkit_core::Result<()> {
+/// `unplug_cpu`: ejects hot-plugged vCPU `index`.
+pub(crate) async fn remove(ctx: &Context, index: u32) -> vmkit_core::Result<()> {
     let op = "unplug_cpu";
-    let cpus = present(&shared, op).await?;
-    let Some(cpu) = cpus.iter().find(|c| c.index == index) else {
+    let cpus = present(ctx, op).await?;
+    let Some(cpu) = cpus.iter().find(|c| index_of(c) == index) else {
         return Err(CoreError::not_found(
             format!("unplug_cpu {index}"),
             format!(
                 "no vCPU {index} (present: {:?})",
-                cpus.iter().map(|c| c.index).collect::<Vec<_>>()
+                cpus.iter().map(index_of).collect::<Vec<_>>()
             ),
         ));
     };
-    if !cpu.qom_path.contains(CPU_ID_PREFIX) {
+    if !hot_plugged(cpu) {
         return Err(CoreError::bad_argument(
             format!("unplug_cpu {index}"),
             "index",
             format!("vCPU {index} was there at boot; only hot-plugged vCPUs can be removed"),
         ));
     }
-    let id = cpu.props.device_id();
-    let shared = &shared;
+    let id = device_id(present_topology(cpu));
     eject(
-        shared,
+        ctx,
         &format!("unplug_cpu {index} ({id})"),
         &id,
         "QEMU still lists it; the guest did not release it",
-        || async move { Ok(!present(shared, op).await?.iter().any(|c| c.index == index)) },
+        || async move { Ok(!present(ctx, op).await?.iter().any(|c| index_of(c) == index)) },
     )
     .await
 }
 
-#[async_trait]
-impl CpuHotplugger for Cpus {
-    async fn query_cpus(&self) -> vmkit_core::Result<Vec<CpuInfo>> {
-        let shared = self.shared("query_cpus")?;
-        shared
-            .state
-            .require("query_cpus", &[VmState::Running, VmState::Paused])?;
-        shared
-            .hotplug
-            .run(&shared, "query_cpus".into(), query(Arc::clone(&shared)))
-            .await
-    }
-
-    async fn hotplug_cpu(&self) -> vmkit_core::Result<CpuInfo> {
-        let shared = self.shared("hotplug_cpu")?;
-        shared.state.require("hotplug_cpu", &[VmState::Running])?;
-        shared
-            .hotplug
-            .run(
-                &shared,
-                "hotplug_cpu".into(),
-                add_one(Arc::clone(&shared), None),
-            )
-            .await
-    }
-
-    async fn hotplug_cpu_at(&self, at: CpuTopology) -> vmkit_core::Result<CpuInfo> {
-        let shared = self.shared("hotplug_cpu")?;
-        shared.state.require("hotplug_cpu", &[VmState::Running])?;
-        shared
-            .hotplug
-            .run(
-                &shared,
-                format!(
-                    "hotplug_cpu_at socket={} core={} thread={}",
-                    at.socket, at.core, at.thread
-                ),
-                add_one(Arc::clone(&shared), Some(at)),
-            )
-            .await
-    }
-
-    async fn unplug_cpu(&self, index: u32) -> vmkit_core::Result<()> {
-        let shared = self.shared("unplug_cpu")?;
-        shared.state.require("unplug_cpu", &[VmState::Running])?;
-        shared
-            .hotplug
-            .run(
-                &shared,
-                format!("unplug_cpu {index}"),
-                remove_one(Arc::clone(&shared), index),
-            )
-            .await
-    }
-
-    async fn set_vcpus(&self, count: u32) -> vmkit_core::Result<VcpuResize> {
-        let shared = self.shared("set_vcpus")?;
-        shared.state.require("set_vcpus", &[VmState::Running])?;
-        let max = shared.config.resources.max_vcpus;
-        if count == 0 || count > max {
-            return Err(CoreError::bad_argument(
-                format!("set_vcpus {count}"),
-                "count",
-                format!("must be within 1..={max} (max_vcpus)"),
-            ));
-        }
-        let job_shared = Arc::clone(&shared);
-        shared
-            .hotplug
-            .run(&shared, format!("set_vcpus {count}"), async move {
-                resize(job_shared, count).await
-            })
-            .await
-    }
-}
-
-/// Adds or removes vCPUs (newest first) until `count` are present and online.
-async fn resize(shared: Arc<Shared>, count: u32) -> vmkit_core::Result<VcpuResize> {
-    let before = u32::try_from(present(&shared, "set_vcpus").await?.len()).unwrap_or(u32::MAX);
+/// `set_vcpus`: adds or removes vCPUs (newest first) until `count` are present and
+/// online.
+pub(crate) async fn resize(ctx: &Context, count: u32) -> vmkit_core::Result<VcpuResize> {
+    let before = u32::try_from(present(ctx, "set_vcpus").await?.len()).unwrap_or(u32::MAX);
     let mut failures = Vec::new();
     let mut now = before;
     while now < count {
-        match add_one(Arc::clone(&shared), None).await {
+        match add(ctx, None).await {
             Ok(_) => now += 1,
             Err(error) => {
                 failures.push(CpuFailure { index: now, error });
@@ -435,16 +322,11 @@ async fn resize(shared: Arc<Shared>, count: u32) -> vmkit_core::Result<VcpuResiz
         }
     }
     while now > count {
-        let cpus = present(&shared, "set_vcpus").await?;
-        let Some(newest) = cpus
-            .iter()
-            .filter(|c| c.qom_path.contains(CPU_ID_PREFIX))
-            .map(|c| c.index)
-            .max()
-        else {
+        let cpus = present(ctx, "set_vcpus").await?;
+        let Some(newest) = cpus.iter().filter(|c| hot_plugged(c)).map(index_of).max() else {
             break;
         };
-        match remove_one(Arc::clone(&shared), newest).await {
+        match remove(ctx, newest).await {
             Ok(()) => now -= 1,
             Err(error) => {
                 failures.push(CpuFailure {
@@ -466,10 +348,11 @@ async fn resize(shared: Arc<Shared>, count: u32) -> vmkit_core::Result<VcpuResiz
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     /// `query-hotpluggable-cpus` of QEMU 10 for `-smp 1,maxcpus=3` after core 2 was
     /// plugged: highest core first, present ones with their qom-path.
-    fn slots() -> Vec<Slot> {
+    fn slots() -> Vec<CpuSlot> {
         serde_json::from_value(json!([
             {"type": "qemu64-x86_64-cpu", "vcpus-count": 1, "qom-path": "/machine/peripheral/vmkit-cpu0-2-0",
              "props": {"socket-id": 0, "core-id": 2, "thread-id": 0}},
@@ -492,8 +375,8 @@ mod tests {
     #[test]
     fn a_slot_is_the_named_one_or_the_lowest_free_and_refusals_have_their_kind() {
         let all = slots();
-        assert_eq!(pick(&all, None, 3).unwrap().props.core, 1);
-        assert_eq!(pick(&all, at(1), 3).unwrap().props.core, 1);
+        assert_eq!(topology(&pick(&all, None, 3).unwrap().props).core, 1);
+        assert_eq!(topology(&pick(&all, at(1), 3).unwrap().props).core, 1);
         let taken = pick(&all, at(2), 3).unwrap_err();
         assert!(matches!(taken, CoreError::BadArgument { .. }), "{taken:?}");
         let missing = pick(&all, at(7), 3).unwrap_err();
@@ -502,7 +385,7 @@ mod tests {
             "hotplug_cpu_at socket=0 core=7 thread=0: not found: no such vCPU slot \
              (socket/core/thread: 0/0/0, 0/1/0, 0/2/0)"
         );
-        let full: Vec<Slot> = all.into_iter().filter(|s| s.qom_path.is_some()).collect();
+        let full: Vec<CpuSlot> = all.into_iter().filter(|s| s.qom_path.is_some()).collect();
         let none_left = pick(&full, None, 2).unwrap_err();
         assert!(
             matches!(none_left, CoreError::Exhausted { .. }),

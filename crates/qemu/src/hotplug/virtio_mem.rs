@@ -12,47 +12,30 @@
 //! of it keeps the rest: the grant shrinks to what is still plugged, and the error says
 //! how much was released.
 
-use std::sync::Arc;
-
-use serde::Deserialize;
-use serde_json::json;
 use tokio::time::{Instant, sleep};
 use vmkit_core::{DimmInfo, Error as CoreError};
+use vmkit_qmp::qapi_qmp::{MemoryDeviceInfo, VirtioMEMDeviceInfo};
 
-use super::memory::{guest_memory, memory_devices, until_guest_memory};
-use super::{MIB, POLL, agent, qmp_err};
+use super::context::{Context, MIB, POLL, free_name, guest_memory, qmp_err, until_guest_memory};
+use super::state::Grant;
 use crate::command::{VIRTIO_MEM_BLOCK_MIB, VIRTIO_MEM_ID};
-use crate::instance::{Shared, lock};
 
 /// The id prefix of virtio-mem grants (`vmkit-vmem.0`, …).
 const GRANT_PREFIX: &str = "vmkit-vmem.";
 
-/// Memory granted to the guest by one hot-plug call.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Grant {
-    /// Its id, as returned by `hotplug_memory`.
-    pub(crate) id: String,
-    /// Its size in MiB.
-    pub(crate) size_mib: u64,
-}
-
-/// The virtio-mem device as `query-memory-devices` reports it (sizes in bytes).
-#[derive(Debug, Clone, Deserialize)]
-struct Device {
-    #[serde(default)]
-    id: Option<String>,
-    size: u64,
-    #[serde(rename = "requested-size")]
-    requested_size: u64,
-    #[serde(rename = "max-size")]
-    max_size: u64,
-}
-
 /// vmkit's virtio-mem device, or an error saying QEMU does not list it.
-async fn device(shared: &Shared, op: &str) -> vmkit_core::Result<Device> {
-    let devices: Vec<Device> = memory_devices(shared, op, "virtio-mem").await?;
+async fn device(ctx: &Context, op: &str) -> vmkit_core::Result<VirtioMEMDeviceInfo> {
+    let devices = ctx
+        .qmp()
+        .memory_devices()
+        .await
+        .map_err(|e| qmp_err(op, e))?;
     devices
         .into_iter()
+        .filter_map(|d| match d {
+            MemoryDeviceInfo::virtio_mem(v) => Some(v.data),
+            _ => None,
+        })
         .find(|d| d.id.as_deref() == Some(VIRTIO_MEM_ID))
         .ok_or_else(|| {
             CoreError::backend(
@@ -64,29 +47,23 @@ async fn device(shared: &Shared, op: &str) -> vmkit_core::Result<Device> {
         })
 }
 
-async fn set_requested(shared: &Shared, op: &str, bytes: u64) -> vmkit_core::Result<()> {
-    let qmp = shared.qmp("virtio-mem")?;
-    qmp.execute_raw(
-        "qom-set",
-        Some(json!({
-            "path": format!("/machine/peripheral/{VIRTIO_MEM_ID}"),
-            "property": "requested-size",
-            "value": bytes,
-        })),
-    )
-    .await
-    .map(drop)
-    .map_err(|e| {
-        qmp_err(
-            &format!("{op}: qom-set {VIRTIO_MEM_ID} requested-size={bytes}"),
-            e,
-        )
-    })
+async fn set_requested(ctx: &Context, op: &str, bytes: u64) -> vmkit_core::Result<()> {
+    let path = format!("/machine/peripheral/{VIRTIO_MEM_ID}");
+    ctx.qmp()
+        .qom_set(&path, "requested-size", bytes.into())
+        .await
+        .map_err(|e| {
+            qmp_err(
+                &format!("{op}: qom-set {VIRTIO_MEM_ID} requested-size={bytes}"),
+                e,
+            )
+        })
 }
 
 /// The grants, as DIMM-like entries for `query_memory`.
-pub(crate) fn grants(shared: &Shared) -> Vec<DimmInfo> {
-    lock(&shared.virtio_mem_grants)
+pub(crate) fn grants(ctx: &Context) -> Vec<DimmInfo> {
+    ctx.state()
+        .grants()
         .iter()
         .map(|g| DimmInfo {
             id: g.id.clone(),
@@ -98,12 +75,12 @@ pub(crate) fn grants(shared: &Shared) -> Vec<DimmInfo> {
 }
 
 /// Bytes QEMU reports plugged into the guest through virtio-mem.
-pub(crate) async fn plugged(shared: &Shared, op: &str) -> vmkit_core::Result<u64> {
-    Ok(device(shared, op).await?.size)
+pub(crate) async fn plugged(ctx: &Context, op: &str) -> vmkit_core::Result<u64> {
+    Ok(device(ctx, op).await?.size)
 }
 
 /// Grants `size_mib` more to the guest and waits until its MemTotal shows it.
-pub(crate) async fn add(shared: Arc<Shared>, size_mib: u64) -> vmkit_core::Result<String> {
+pub(crate) async fn add(ctx: &Context, size_mib: u64) -> vmkit_core::Result<String> {
     let op = format!("hotplug_memory {size_mib} MiB (virtio-mem)");
     // Checked before any QMP command or guest call: the block size is vmkit's own
     // choice, and only vmkit's grants change the request.
@@ -115,12 +92,9 @@ pub(crate) async fn add(shared: Arc<Shared>, size_mib: u64) -> vmkit_core::Resul
             format!("not a multiple of the virtio-mem block size ({block_mib} MiB)"),
         ));
     }
-    let res = &shared.config.resources;
+    let res = &ctx.limits().resources;
     let (base, max) = (res.memory_mib, res.max_memory());
-    let granted: u64 = lock(&shared.virtio_mem_grants)
-        .iter()
-        .map(|g| g.size_mib)
-        .sum();
+    let granted: u64 = ctx.state().grants().iter().map(|g| g.size_mib).sum();
     if base + granted + size_mib > max {
         return Err(CoreError::exhausted(
             op,
@@ -130,10 +104,9 @@ pub(crate) async fn add(shared: Arc<Shared>, size_mib: u64) -> vmkit_core::Resul
             ),
         ));
     }
-    let agent = agent(&shared).await?;
+    let agent = ctx.agent().await?;
     // The guest's view and QEMU's, asked at once (both are round trips on a busy VM).
-    let ((total_before, _), dev) =
-        tokio::try_join!(guest_memory(&agent, &op), device(&shared, &op))?;
+    let ((total_before, _), dev) = tokio::try_join!(guest_memory(&agent, &op), device(ctx, &op))?;
     if dev.requested_size + size_mib * MIB > dev.max_size {
         // Someone else (the QMP escape hatch) asked for more than vmkit's grants.
         return Err(CoreError::exhausted(
@@ -147,27 +120,24 @@ pub(crate) async fn add(shared: Arc<Shared>, size_mib: u64) -> vmkit_core::Resul
         ));
     }
     let target = dev.requested_size + size_mib * MIB;
-    set_requested(&shared, &op, target).await?;
+    set_requested(ctx, &op, target).await?;
     let waited = until_guest_memory(
         &agent,
         &op,
         "the guest plugging the memory (does its kernel load virtio_mem?)",
         total_before + size_mib * MIB,
-        shared.config.timeouts.hotplug,
+        ctx.limits().deadline,
     )
     .await;
     if let Err(failure) = waited {
         // Roll back: ask for the old size again (best effort; logged).
-        if let Err(e) = set_requested(&shared, &op, dev.requested_size).await {
+        if let Err(e) = set_requested(ctx, &op, dev.requested_size).await {
             tracing::warn!(error = %e, "rollback of a virtio-mem request failed");
         }
         return Err(failure);
     }
-    let mut grants = lock(&shared.virtio_mem_grants);
-    let id = (0..)
-        .map(|n| format!("{GRANT_PREFIX}{n}"))
-        .find(|candidate| grants.iter().all(|g| &g.id != candidate))
-        .unwrap_or_else(|| format!("{GRANT_PREFIX}x"));
+    let mut grants = ctx.state().grants();
+    let id = free_name(GRANT_PREFIX, grants.iter().map(|g| g.id.as_str()));
     grants.push(Grant {
         id: id.clone(),
         size_mib,
@@ -176,42 +146,39 @@ pub(crate) async fn add(shared: Arc<Shared>, size_mib: u64) -> vmkit_core::Resul
 }
 
 /// Takes grant `id` back from the guest and waits until QEMU reports it released.
-pub(crate) async fn remove(shared: Arc<Shared>, id: String) -> vmkit_core::Result<()> {
+pub(crate) async fn remove(ctx: &Context, id: &str) -> vmkit_core::Result<()> {
     let op = format!("unplug_memory {id} (virtio-mem)");
-    let grant = lock(&shared.virtio_mem_grants)
-        .iter()
-        .find(|g| g.id == id)
-        .cloned();
+    let grant = ctx.state().grants().iter().find(|g| g.id == id).cloned();
     let Some(grant) = grant else {
-        let present: Vec<String> = grants(&shared).into_iter().map(|g| g.id).collect();
+        let present: Vec<String> = grants(ctx).into_iter().map(|g| g.id).collect();
         return Err(CoreError::not_found(
             op,
             format!("no such grant (present: {present:?})"),
         ));
     };
-    let dev = device(&shared, &op).await?;
+    let dev = device(ctx, &op).await?;
     let target = dev.requested_size.saturating_sub(grant.size_mib * MIB);
-    set_requested(&shared, &op, target).await?;
-    let deadline = Instant::now() + shared.config.timeouts.hotplug;
+    set_requested(ctx, &op, target).await?;
+    let deadline = Instant::now() + ctx.limits().deadline;
     let mut size = dev.size;
     loop {
         if size <= target {
-            lock(&shared.virtio_mem_grants).retain(|g| g.id != id);
+            ctx.state().grants().retain(|g| g.id != id);
             return Ok(());
         }
         if Instant::now() >= deadline {
             break;
         }
         sleep(POLL).await;
-        size = device(&shared, &op).await?.size;
+        size = device(ctx, &op).await?.size;
     }
     // The guest could not give everything back: keep what is still plugged, stop QEMU
     // asking for more, and shrink the grant to what is left of it.
     let released_mib = dev.size.saturating_sub(size) / MIB;
-    if let Err(e) = set_requested(&shared, &op, size).await {
+    if let Err(e) = set_requested(ctx, &op, size).await {
         tracing::warn!(error = %e, "virtio-mem: re-requesting the plugged size failed");
     }
-    let mut grants = lock(&shared.virtio_mem_grants);
+    let mut grants = ctx.state().grants();
     if let Some(g) = grants.iter_mut().find(|g| g.id == id) {
         g.size_mib = g.size_mib.saturating_sub(released_mib);
     }
@@ -221,6 +188,6 @@ pub(crate) async fn remove(shared: Arc<Shared>, id: String) -> vmkit_core::Resul
             "{op}: the guest released {released_mib} of {} MiB",
             grant.size_mib
         ),
-        after: shared.config.timeouts.hotplug,
+        after: ctx.limits().deadline,
     })
 }

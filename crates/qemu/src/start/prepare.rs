@@ -1,0 +1,183 @@
+//! The start's first phase: the state dir taken, the accelerator, sandbox and kernel
+//! command line decided, the TAPs opened, the guest's vsock link set up, and QEMU's
+//! command line built — everything before QEMU is spawned.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use vmkit_core::{Error as CoreError, NicBackend, NicConfig};
+
+use super::{Progress, unless_missing};
+use crate::command::{Launch, build};
+use crate::guest::{self, VsockDevice};
+use crate::locks::lock;
+use crate::options::{Machine, Sandbox};
+use crate::running::Running;
+use crate::vm::Vm;
+use crate::{accel, host, kernel_cmdline};
+
+/// What QEMU is spawned with.
+pub(super) struct Prepared {
+    /// Its arguments.
+    pub(super) args: Vec<OsString>,
+    /// The fds it inherits (TAPs, the vhost-vsock device).
+    pub(super) keep_fds: Vec<RawFd>,
+    /// The TAP fds vmkit opened, held until the VM is gone.
+    pub(super) taps: Vec<OwnedFd>,
+    /// Its stderr: the VMM log.
+    pub(super) stderr: std::fs::File,
+}
+
+fn op(what: &str) -> String {
+    format!("start: {what}")
+}
+
+/// The prepare phase. The boot's [`Running`] exists from the moment the state dir is
+/// held, so a failure from here on releases what was taken.
+pub(super) async fn prepare(vm: &Vm, progress: &Progress<'_>) -> vmkit_core::Result<Prepared> {
+    let config = vm.config();
+    let options = vm.options();
+    let accel =
+        accel::resolve(config.accel).map_err(|e| CoreError::backend(op("accelerator"), e))?;
+    take_state_dir(vm, accel).await?;
+    let sandbox = match options.sandbox {
+        Sandbox::On => true,
+        Sandbox::Off => false,
+        Sandbox::Auto => has_seccomp(&options.binary).await,
+    };
+    // Only microvm needs the TSC frequency (a /proc/cpuinfo read).
+    let tsc_khz = (options.machine == Machine::Microvm)
+        .then(host::tsc_khz)
+        .flatten();
+    let cmdline = kernel_cmdline::build(options.machine, tsc_khz, &config.kernel.cmdline)?;
+    let devices = vm.cold_devices();
+    let (nics, taps) = open_taps(&devices.nics)?;
+    let mut keep_fds: Vec<RawFd> = nics.iter().map(|(_, fd)| *fd).collect();
+    let vsock = link(vm, progress).await?;
+    if let Some(VsockDevice::Kernel { vhostfd, .. }) = &vsock {
+        keep_fds.push(*vhostfd);
+    }
+    let args = build(&Launch {
+        config,
+        options,
+        accel,
+        cmdline: &cmdline,
+        sandbox,
+        disks: &devices.disks,
+        nics: &nics,
+        vsock: vsock.as_ref(),
+    });
+    let vmm_log = config.layout().vmm_log();
+    let stderr = vmkit_core::state_dir::create_private_file(&vmm_log)
+        .map_err(|e| CoreError::io(op(&format!("create {}", vmm_log.display())), e))?;
+    Ok(Prepared {
+        args,
+        keep_fds,
+        taps,
+        stderr,
+    })
+}
+
+/// Each NIC with the TAP fd QEMU gets for it.
+type NicFds = Vec<(NicConfig, RawFd)>;
+
+/// Opens every TAP the NICs name (a TAP vmkit creates vanishes with the VM; QEMU
+/// inherits the fds): each NIC with the fd QEMU gets, and the fds vmkit owns.
+fn open_taps(nics: &[NicConfig]) -> vmkit_core::Result<(NicFds, Vec<OwnedFd>)> {
+    let mut with_fds = Vec::with_capacity(nics.len());
+    let mut opened: Vec<OwnedFd> = Vec::new();
+    for nic in nics {
+        let fd = match &nic.backend {
+            NicBackend::Tap { name } => {
+                let fd = host::open_tap(name).map_err(|e| {
+                    CoreError::io(op(&format!("open TAP {name} for NIC {}", nic.id)), e)
+                })?;
+                let raw = fd.as_raw_fd();
+                opened.push(fd);
+                raw
+            }
+            NicBackend::TapFd { fd } => *fd,
+        };
+        with_fds.push((nic.clone(), fd));
+    }
+    Ok((with_fds, opened))
+}
+
+/// Sets up the guest's vsock link (a CID, or a vhost-device-vsock daemon) and hands it
+/// to the boot's [`Running`]; returns the device QEMU gets (`None`: no agent).
+async fn link(vm: &Vm, progress: &Progress<'_>) -> vmkit_core::Result<Option<VsockDevice>> {
+    let plan = &vm.features().transport;
+    match guest::establish(plan, vm.config(), vm.options()).await {
+        Ok(Some((link, device))) => {
+            progress.report(match link.daemon_pid() {
+                Some(pid) => format!("vhost-device-vsock up (pid {pid})"),
+                None => format!("guest CID {} reserved", link.cid),
+            });
+            vm.with_running(|r| r.set_link(link));
+            Ok(Some(device))
+        }
+        Ok(None) => Ok(None),
+        Err(e) => Err(CoreError::backend(op("set up the guest's vsock"), e)),
+    }
+}
+
+/// Makes the state and log dirs private, takes this VM's hold on the state dir (the
+/// boot's [`Running`] holds it from then on), and removes what an earlier owner left
+/// (its QMP socket, its console log). Nothing in the dir is touched before the hold is
+/// taken: it may be another live VM's.
+async fn take_state_dir(vm: &Vm, accel: vmkit_core::Accel) -> vmkit_core::Result<()> {
+    let layout = vm.config().layout();
+    let holder = format!("vm {:?}", vm.id());
+    let prepared = {
+        let layout = layout.clone();
+        tokio::task::spawn_blocking(move || {
+            layout.prepare("start")?;
+            layout.lock("start", &holder)
+        })
+        .await
+    };
+    let lock = match prepared {
+        Ok(lock) => lock?,
+        Err(join) => {
+            return Err(CoreError::io(
+                "start: prepare the state dir",
+                std::io::Error::other(join.to_string()),
+            ));
+        }
+    };
+    vm.begin_running(Running::new(lock, layout.control_socket(), accel));
+    for stale in [layout.control_socket(), layout.console_log()] {
+        unless_missing(tokio::fs::remove_file(&stale).await)
+            .map_err(|e| CoreError::io(format!("start: remove stale {}", stale.display()), e))?;
+    }
+    Ok(())
+}
+
+/// Whether `binary` was built with seccomp (`-sandbox` in its `-help`). Asked once per
+/// binary per process; a binary that cannot be asked gets no sandbox (its start will
+/// report the real problem).
+async fn has_seccomp(binary: &Path) -> bool {
+    static CACHE: OnceLock<Mutex<HashMap<PathBuf, bool>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(known) = lock(cache).get(binary) {
+        return *known;
+    }
+    let mut command = tokio::process::Command::new(binary);
+    command
+        .arg("-help")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let has = match tokio::time::timeout(Duration::from_secs(10), command.output()).await {
+        Ok(Ok(out)) => String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .any(|l| l.starts_with("-sandbox ")),
+        _ => false,
+    };
+    lock(cache).insert(binary.to_owned(), has);
+    has
+}
