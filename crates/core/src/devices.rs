@@ -1,8 +1,10 @@
 //! Device descriptions: disks, NICs and MAC addresses. Plain data, validated when added.
 
 use std::fmt;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -95,13 +97,54 @@ pub enum NicBackend {
         /// Interface name, 1–15 bytes.
         name: String,
     },
-    /// A TAP device the caller already opened; the fd must stay open until `start`
-    /// returns, and is passed to the VMM.
+    /// A TAP device the caller already opened, handed over as an owned fd: the VM
+    /// holds it (and the VMM gets a copy) for as long as the NIC exists. A live fd of
+    /// this process, so it is never serialised: a config carrying one does not cross
+    /// to a plugin or into a file (serialising it fails, naming the variant).
+    #[serde(skip)]
     TapFd {
-        /// The open file descriptor.
-        fd: i32,
+        /// The open TAP.
+        fd: HostFd,
     },
 }
+
+/// An open file descriptor handed to vmkit: owned, shared by its clones (one open fd),
+/// closed when the last holder drops it. Equal when it is the same open fd.
+#[derive(Debug, Clone)]
+pub struct HostFd(Arc<OwnedFd>);
+
+impl HostFd {
+    /// Takes ownership of `fd`.
+    pub fn new(fd: OwnedFd) -> Self {
+        HostFd(Arc::new(fd))
+    }
+}
+
+impl From<OwnedFd> for HostFd {
+    fn from(fd: OwnedFd) -> Self {
+        HostFd::new(fd)
+    }
+}
+
+impl AsFd for HostFd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+}
+
+impl AsRawFd for HostFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+impl PartialEq for HostFd {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.as_raw_fd() == other.as_raw_fd()
+    }
+}
+
+impl Eq for HostFd {}
 
 /// A virtio-net NIC.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -129,18 +172,13 @@ impl NicConfig {
     /// Checks the NIC; `field` is its place in the config (`nics[0]`), used in errors.
     ///
     /// # Errors
-    /// [`Error::InvalidConfig`] for a malformed id, interface name, negative fd, or a MAC
-    /// that is all zeros or multicast.
+    /// [`Error::InvalidConfig`] for a malformed id or interface name, or a MAC that is
+    /// all zeros or multicast.
     pub fn validate(&self, field: &str) -> Result<()> {
         check_id(&format!("{field}.id"), &self.id)?;
         match &self.backend {
             NicBackend::Tap { name } => check_ifname(&format!("{field}.backend.name"), name)?,
-            NicBackend::TapFd { fd } if *fd < 0 => {
-                return Err(Error::config(
-                    format!("{field}.backend.fd"),
-                    format!("{fd} is not a file descriptor"),
-                ));
-            }
+            // An owned fd is open by construction.
             NicBackend::TapFd { .. } => {}
         }
         if let Some(mac) = &self.mac {
@@ -291,15 +329,21 @@ mod tests {
     fn nic_backend_is_checked() {
         let nic = NicConfig::tap("net0", "tap/0", None);
         assert!(reason(nic.validate("nics[2]")).starts_with("nics[2].backend.name: \"tap/0\""));
+        let fd: OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
         let nic = NicConfig {
             id: "net0".into(),
-            backend: NicBackend::TapFd { fd: -1 },
+            backend: NicBackend::TapFd { fd: fd.into() },
             mac: None,
         };
+        nic.validate("nics[0]").unwrap();
+        // A live fd never leaves the process in serialised data.
+        let err = serde_json::to_string(&nic).unwrap_err().to_string();
         assert_eq!(
-            reason(nic.validate("nics[0]")),
-            "nics[0].backend.fd: -1 is not a file descriptor"
+            err,
+            "the enum variant NicBackend::TapFd cannot be serialized"
         );
+        let clone = nic.clone();
+        assert_eq!(clone, nic, "a clone holds the same open fd");
     }
 
     #[test]

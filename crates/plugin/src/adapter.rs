@@ -51,6 +51,23 @@ pub trait Channel: Send + Sync + 'static {
 }
 
 /// The reply's error, or an error saying the reply was not the one expected.
+/// Refuses a NIC whose TAP is an fd of this process: an fd cannot cross to a plugin
+/// (its requests are serialised data), so the backend is told the TAP's name instead.
+fn crossable(op: &'static str, nic: &NicConfig) -> vmkit_core::Result<()> {
+    if matches!(nic.backend, vmkit_core::NicBackend::TapFd { .. }) {
+        return Err(CoreError::unsupported(
+            op,
+            "plugin",
+            format!(
+                "NIC {}: a TAP fd is this process's and cannot cross to a plugin backend; \
+                 name the TAP instead (NicBackend::Tap)",
+                nic.id
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn unexpected(op: &str, reply: Reply) -> CoreError {
     match reply {
         Reply::Failed { error } => error.into_core(),
@@ -131,6 +148,9 @@ impl PluginBackend {
     /// # Errors
     /// As `Backend::create`; or the plugin is gone.
     pub fn create_plugin(&self, config: InstanceConfig) -> vmkit_core::Result<PluginInstance> {
+        for nic in &config.nics {
+            crossable("create", nic)?;
+        }
         let deadline = config.timeouts.command.max(SETUP_DEADLINE);
         let id = match self.channel.call_blocking(
             Request::Create {
@@ -474,6 +494,7 @@ impl DeviceConfigurator for PluginInstance {
     }
 
     fn add_nic(&self, nic: NicConfig) -> vmkit_core::Result<()> {
+        crossable("add_nic", &nic)?;
         match self.remote.call_now(Request::AddNic {
             instance: self.remote.id,
             nic,
@@ -496,6 +517,7 @@ impl DeviceConfigurator for PluginInstance {
     }
 
     async fn hotplug_nic(&self, nic: NicConfig) -> vmkit_core::Result<()> {
+        crossable("hotplug_nic", &nic)?;
         self.remote
             .done(
                 "hotplug_nic",
@@ -700,5 +722,24 @@ impl MemoryHotplugger for RemoteMemory {
                 },
             )
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tap_fd_never_crosses_to_a_plugin() {
+        let fd: std::os::fd::OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
+        let nic = NicConfig {
+            id: "net0".into(),
+            backend: vmkit_core::NicBackend::TapFd { fd: fd.into() },
+            mac: None,
+        };
+        let err = crossable("hotplug_nic", &nic).unwrap_err();
+        assert!(matches!(err, CoreError::Unsupported { .. }), "{err:?}");
+        assert!(err.to_string().contains("NIC net0: a TAP fd"), "{err}");
+        assert!(crossable("add_nic", &NicConfig::tap("net1", "tap1", None)).is_ok());
     }
 }

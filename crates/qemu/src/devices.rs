@@ -209,9 +209,10 @@ mod tests {
                 .unwrap()
                 .contains("\"mac\":\"52:54:00:01:02:03\"")
         );
+        let fd: std::os::fd::OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
         let by_fd = NicConfig {
             id: "net1".into(),
-            backend: NicBackend::TapFd { fd: 7 },
+            backend: NicBackend::TapFd { fd: fd.into() },
             mac: None,
         };
         let args = nic_args(1, "vm", &by_fd, 7, Machine::Q35);

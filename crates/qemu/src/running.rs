@@ -4,11 +4,10 @@
 //! waits; dropping it (the instance was dropped while the VM ran) frees it at once:
 //! QEMU is killed, the daemon too, the sockets are removed, the hold is let go.
 
-use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use vmkit_core::{Accel, StateDirLock};
+use vmkit_core::{Accel, HostFd, StateDirLock};
 use vmkit_qmp::QmpClient;
 use vmkit_vsock::GuestAddr;
 
@@ -31,8 +30,8 @@ pub(crate) struct Running {
     /// Set when the guest link was found dead after a resume: every guest call then
     /// fails at once with this cause instead of waiting for its deadline.
     link_broken: Option<String>,
-    /// TAP fds vmkit opened; closed when the VM is gone (a TAP vmkit created vanishes).
-    taps: Vec<OwnedFd>,
+    /// The NICs' TAP fds; closed when the VM is gone (a TAP vmkit created vanishes).
+    taps: Vec<HostFd>,
 }
 
 impl Running {
@@ -68,7 +67,7 @@ impl Running {
     }
 
     /// QEMU's process and the TAP fds it inherited.
-    pub(crate) fn set_process(&mut self, process: Arc<Process>, taps: Vec<OwnedFd>) {
+    pub(crate) fn set_process(&mut self, process: Arc<Process>, taps: Vec<HostFd>) {
         self.process = Some(process);
         self.taps = taps;
     }

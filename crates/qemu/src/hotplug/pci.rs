@@ -2,11 +2,11 @@
 //! Each plug creates the backend (block node, or TAP fd + netdev) and then the device
 //! on a free port; a refused device takes its backend with it.
 
-use std::sync::Arc;
+use std::os::fd::AsFd;
 use std::time::Duration;
 
 use tokio::time::{Instant, sleep};
-use vmkit_core::{DiskConfig, Error as CoreError, NicBackend, NicConfig};
+use vmkit_core::{DiskConfig, Error as CoreError, HostFd, NicBackend, NicConfig};
 use vmkit_proto::AgentClient;
 
 use super::context::{Context, POLL, free_name, guest_info, qmp_err};
@@ -199,33 +199,20 @@ pub(crate) async fn add_nic(ctx: &Context, nic: NicConfig) -> vmkit_core::Result
     nic.validate("nic")?;
     ctx.limits().cold.check_free_id("nic", &nic.id)?;
     let (port, netdev) = free_port_and_name(ctx, &op, &nic.id, "vmkit-hotnet")?;
-    let tap: Option<Arc<std::os::fd::OwnedFd>> = match &nic.backend {
-        NicBackend::Tap { name } => {
-            Some(Arc::new(crate::host::open_tap(name).map_err(|e| {
-                CoreError::io(format!("{op}: open TAP {name}"), e)
-            })?))
-        }
-        NicBackend::TapFd { .. } => None,
-    };
-    let fd: std::os::fd::BorrowedFd<'_> = match (&tap, &nic.backend) {
-        (Some(owned), _) => std::os::fd::AsFd::as_fd(owned.as_ref()),
-        (None, NicBackend::TapFd { fd }) => {
-            // SAFETY: a `TapFd` NIC's fd is the caller's open TAP, kept open while the
-            // VM may use it (the `NicBackend::TapFd` contract); it is only borrowed for
-            // the `getfd` below, and QEMU takes its own copy.
-            #[allow(unsafe_code)]
-            unsafe {
-                std::os::fd::BorrowedFd::borrow_raw(*fd)
-            }
-        }
-        (None, NicBackend::Tap { .. }) => unreachable_tap(&op)?,
+    // The VM holds the TAP for as long as the NIC exists: one vmkit opened (closing
+    // it removes a TAP vmkit created) or the caller's.
+    let tap: HostFd = match &nic.backend {
+        NicBackend::Tap { name } => crate::host::open_tap(name)
+            .map_err(|e| CoreError::io(format!("{op}: open TAP {name}"), e))?
+            .into(),
+        NicBackend::TapFd { fd } => fd.clone(),
     };
     let mac = nic
         .mac
         .unwrap_or_else(|| crate::devices::stable_mac(&ctx.limits().vm_id, &nic.id));
     let fdname = format!("{netdev}-fd");
     ctx.qmp()
-        .getfd(&fdname, fd)
+        .getfd(&fdname, tap.as_fd())
         .await
         .map_err(|e| qmp_err(&format!("getfd {fdname} (the TAP fd)"), e))?;
     if let Err(e) = ctx.qmp().add_tap_netdev(&netdev, &fdname).await {
@@ -251,15 +238,4 @@ pub(crate) async fn add_nic(ctx: &Context, nic: NicConfig) -> vmkit_core::Result
         |info| info.nics.iter().any(|n| n.mac == mac),
     )
     .await
-}
-
-/// A `Tap` NIC always has the fd opened above; kept total without a panic.
-fn unreachable_tap(op: &str) -> vmkit_core::Result<std::os::fd::BorrowedFd<'static>> {
-    Err(CoreError::backend(
-        op.to_owned(),
-        Error::Io {
-            op: "open the TAP".into(),
-            source: std::io::Error::other("no fd for a TAP NIC"),
-        },
-    ))
 }

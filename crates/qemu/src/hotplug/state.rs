@@ -2,9 +2,10 @@
 //! the virtio-mem grants, the vCPU threads QEMU has started — and the queue its
 //! hot-plug calls run on. Owned by the VM; shared with each operation's context.
 
-use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
+
+use vmkit_core::HostFd;
 
 use super::queue::Queue;
 use crate::locks::lock;
@@ -25,12 +26,12 @@ pub(crate) struct HotDevice {
 pub(crate) enum HotBackend {
     /// A disk's block node.
     Block(String),
-    /// A NIC's netdev, and the TAP fd vmkit opened for it (closed on unplug, so a TAP
-    /// vmkit created goes with it).
+    /// A NIC's netdev, and its TAP (closed on unplug, so a TAP vmkit created goes
+    /// with it).
     Net {
         netdev: String,
         /// Held for its drop: closing it removes a TAP vmkit created.
-        _tap: Option<Arc<OwnedFd>>,
+        _tap: HostFd,
     },
 }
 

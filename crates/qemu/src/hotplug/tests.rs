@@ -731,17 +731,17 @@ async fn ports_run_out_and_ids_must_be_free() {
     assert!(matches!(again, CoreError::BadArgument { .. }), "{again:?}");
 }
 
-fn tap_fd_nic(id: &str, fd: &std::os::fd::OwnedFd) -> NicConfig {
-    use std::os::fd::AsRawFd;
+fn tap_fd_nic(id: &str, fd: &vmkit_core::HostFd) -> NicConfig {
     NicConfig {
         id: id.into(),
-        backend: NicBackend::TapFd { fd: fd.as_raw_fd() },
+        backend: NicBackend::TapFd { fd: fd.clone() },
         mac: None,
     }
 }
 
-fn an_fd() -> std::os::fd::OwnedFd {
-    std::fs::File::open("/dev/null").unwrap().into()
+fn an_fd() -> vmkit_core::HostFd {
+    let fd: std::os::fd::OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
+    fd.into()
 }
 
 #[tokio::test]

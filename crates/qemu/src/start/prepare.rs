@@ -4,12 +4,12 @@
 
 use std::collections::HashMap;
 use std::ffi::OsString;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
-use vmkit_core::{Error as CoreError, NicBackend, NicConfig};
+use vmkit_core::{Error as CoreError, HostFd, NicBackend, NicConfig};
 
 use super::{Progress, unless_missing};
 use crate::command::{Launch, build};
@@ -26,8 +26,8 @@ pub(super) struct Prepared {
     pub(super) args: Vec<OsString>,
     /// The fds it inherits (TAPs, the vhost-vsock device).
     pub(super) keep_fds: Vec<RawFd>,
-    /// The TAP fds vmkit opened, held until the VM is gone.
-    pub(super) taps: Vec<OwnedFd>,
+    /// The TAP fds, held until the VM is gone.
+    pub(super) taps: Vec<HostFd>,
     /// Its stderr: the VMM log.
     pub(super) stderr: std::fs::File,
 }
@@ -86,10 +86,11 @@ pub(super) async fn prepare(vm: &Vm, progress: &Progress<'_>) -> vmkit_core::Res
 type NicFds = Vec<(NicConfig, RawFd)>;
 
 /// Opens every TAP the NICs name (a TAP vmkit creates vanishes with the VM; QEMU
-/// inherits the fds): each NIC with the fd QEMU gets, and the fds vmkit owns.
-fn open_taps(nics: &[NicConfig]) -> vmkit_core::Result<(NicFds, Vec<OwnedFd>)> {
+/// inherits the fds): each NIC with the fd QEMU gets, and the fds the VM holds (those
+/// vmkit opened and the caller's) until it is gone.
+fn open_taps(nics: &[NicConfig]) -> vmkit_core::Result<(NicFds, Vec<HostFd>)> {
     let mut with_fds = Vec::with_capacity(nics.len());
-    let mut opened: Vec<OwnedFd> = Vec::new();
+    let mut held: Vec<HostFd> = Vec::new();
     for nic in nics {
         let fd = match &nic.backend {
             NicBackend::Tap { name } => {
@@ -97,14 +98,17 @@ fn open_taps(nics: &[NicConfig]) -> vmkit_core::Result<(NicFds, Vec<OwnedFd>)> {
                     CoreError::io(op(&format!("open TAP {name} for NIC {}", nic.id)), e)
                 })?;
                 let raw = fd.as_raw_fd();
-                opened.push(fd);
+                held.push(fd.into());
                 raw
             }
-            NicBackend::TapFd { fd } => *fd,
+            NicBackend::TapFd { fd } => {
+                held.push(fd.clone());
+                fd.as_raw_fd()
+            }
         };
         with_fds.push((nic.clone(), fd));
     }
-    Ok((with_fds, opened))
+    Ok((with_fds, held))
 }
 
 /// Sets up the guest's vsock link (a CID, or a vhost-device-vsock daemon) and hands it
