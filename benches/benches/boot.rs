@@ -50,7 +50,7 @@ fn main() {
 }
 
 fn cmdline() -> String {
-    let mut parts: Vec<&str> = vmkit_qemu::kernel_cmdline::BASE_PARAMS.to_vec();
+    let mut parts: Vec<&str> = vmkit_qemu::BASE_PARAMS.to_vec();
     parts.push("mitigations=off");
     parts.join(" ")
 }

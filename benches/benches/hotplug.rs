@@ -126,7 +126,7 @@ type Row = (&'static str, Duration, Duration);
 
 async fn run(vm: &QemuInstance, dir: &std::path::Path) -> Vec<Row> {
     let agent = vm.agent().await.unwrap();
-    let qmp = vm.qmp_client().unwrap();
+    let qmp = vm.unmanaged_qmp_client().unwrap();
     let cpus = vm.cpu_hotplugger().unwrap();
     let memory = vm.memory_hotplugger().unwrap();
     let mut rows = Vec::new();
@@ -252,7 +252,7 @@ async fn run(vm: &QemuInstance, dir: &std::path::Path) -> Vec<Row> {
 /// requested-size` on the same device.
 async fn run_virtio_mem(vm: &QemuInstance) -> Row {
     let agent = vm.agent().await.unwrap();
-    let qmp = vm.qmp_client().unwrap();
+    let qmp = vm.unmanaged_qmp_client().unwrap();
     let memory = vm.memory_hotplugger().unwrap();
     let request = |bytes: u64| {
         json!({"path": "/machine/peripheral/vmkit-vmem", "property": "requested-size",

@@ -15,45 +15,46 @@ use crate::options::{Machine, QemuOptions};
 
 /// The `-sandbox` policy vmkit uses: seccomp on, and QEMU may not use obsolete system
 /// calls, gain privileges, spawn processes or change its scheduling and CPU affinity.
-pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+pub(crate) const SANDBOX: &str =
+    "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
 /// The `-sandbox` policy with `run_as`: QEMU installs its seccomp filter before it
 /// drops to the user, so the drop's set*id calls must stay allowed (measured: with
 /// `elevateprivileges=deny` or `children` QEMU 10 dies of SIGSYS). Once QEMU is that
 /// user, setuid cannot make it root again.
-pub const SANDBOX_RUN_AS: &str =
+pub(crate) const SANDBOX_RUN_AS: &str =
     "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny";
 
 /// The chardev id of the QMP socket.
-pub const QMP_CHARDEV: &str = "vmkit-qmp";
+pub(crate) const QMP_CHARDEV: &str = "vmkit-qmp";
 /// The chardev id of the serial console.
-pub const CONSOLE_CHARDEV: &str = "vmkit-console";
+pub(crate) const CONSOLE_CHARDEV: &str = "vmkit-console";
 /// The id of the guest RAM's memory backend when it must be shared (vhost-user).
-pub const RAM_BACKEND: &str = "vmkit-ram";
+pub(crate) const RAM_BACKEND: &str = "vmkit-ram";
 /// The id of the virtio-mem device (with `memory_hotplug = virtio_mem`).
-pub const VIRTIO_MEM_ID: &str = "vmkit-vmem";
+pub(crate) const VIRTIO_MEM_ID: &str = "vmkit-vmem";
 /// The virtio-mem device's block size in MiB: hot-plug granularity (x86's default).
-pub const VIRTIO_MEM_BLOCK_MIB: u64 = 2;
+pub(crate) const VIRTIO_MEM_BLOCK_MIB: u64 = 2;
 /// The id of the virtio-mem device's memory backend.
-pub const VIRTIO_MEM_BACKEND: &str = "vmkit-vmem-ram";
+pub(crate) const VIRTIO_MEM_BACKEND: &str = "vmkit-vmem-ram";
 /// The id of the vsock device (and of its chardev, for vhost-user).
-pub const VSOCK_ID: &str = "vmkit-vsock";
+pub(crate) const VSOCK_ID: &str = "vmkit-vsock";
 /// The id of the PCIe root port the hybrid-vsock device sits on (q35): a hot-plug slot
 /// of its own, so that a vsock device whose daemon stopped serving can be replaced
 /// (see `relink`). Its chassis number comes after the hot-plug ports' (1–32).
-pub const VSOCK_PORT_ID: &str = "vmkit-rp-vsock";
+pub(crate) const VSOCK_PORT_ID: &str = "vmkit-rp-vsock";
 const VSOCK_PORT_CHASSIS: u32 = 33;
 
 /// The id of the pvpanic device (q35): the guest kernel reports a panic through it,
 /// QEMU emits GUEST_PANICKED and the instance ends with `ExitReason::GuestPanic`.
-pub const PVPANIC_ID: &str = "vmkit-pvpanic";
+pub(crate) const PVPANIC_ID: &str = "vmkit-pvpanic";
 
 /// The id prefix of the PCIe root ports reserved for hot-plug (`vmkit-rp0`, …).
-pub const ROOT_PORT_PREFIX: &str = "vmkit-rp";
+pub(crate) const ROOT_PORT_PREFIX: &str = "vmkit-rp";
 
 /// Escapes a value for QEMU's `key=value,…` option syntax: a comma is doubled, so it
 /// cannot end the value and start another option.
-pub fn escape_opt(value: &str) -> String {
+pub(crate) fn escape_opt(value: &str) -> String {
     value.replace(',', ",,")
 }
 
@@ -63,7 +64,7 @@ fn escape_path(path: &Path) -> String {
 
 /// Everything the command line is built from.
 #[derive(Debug)]
-pub struct Launch<'a> {
+pub(crate) struct Launch<'a> {
     /// The instance's config (id, resources, kernel, sockets via its layout).
     pub config: &'a InstanceConfig,
     /// The backend options.
@@ -83,7 +84,7 @@ pub struct Launch<'a> {
 }
 
 /// The arguments (without the binary).
-pub fn build(launch: &Launch<'_>) -> Vec<OsString> {
+pub(crate) fn build(launch: &Launch<'_>) -> Vec<OsString> {
     let mut args: Vec<OsString> = Vec::with_capacity(48);
     args.extend(identity_args(launch));
     args.extend(machine_args(launch));
@@ -286,13 +287,13 @@ fn device_args(launch: &Launch<'_>) -> Vec<OsString> {
 
 /// The hybrid-vsock device for `device_add` (q35): on its own root port, its chardev
 /// named like it.
-pub fn vhost_user_vsock_device() -> serde_json::Value {
+pub(crate) fn vhost_user_vsock_device() -> serde_json::Value {
     json!({"driver": "vhost-user-vsock-pci", "id": VSOCK_ID, "chardev": VSOCK_ID,
            "bus": VSOCK_PORT_ID})
 }
 
 /// The vsock device's arguments.
-pub fn vsock_args(vsock: &VsockDevice, machine: Machine) -> Vec<OsString> {
+pub(crate) fn vsock_args(vsock: &VsockDevice, machine: Machine) -> Vec<OsString> {
     let pci = machine == Machine::Q35;
     match vsock {
         VsockDevice::VhostUser { socket } => {

@@ -78,7 +78,7 @@ fn utf8_path(field: &str, path: &std::path::Path) -> vmkit_core::Result<()> {
 }
 
 /// The `blockdev-add` and `device_add` JSON of `disk` on block node `node`.
-pub fn disk_json(
+pub(crate) fn disk_json(
     node: &str,
     disk: &DiskConfig,
     machine: Machine,
@@ -105,7 +105,7 @@ pub fn disk_json(
 }
 
 /// `-blockdev` and `-device` for disk number `index`.
-pub fn disk_args(index: usize, disk: &DiskConfig, machine: Machine) -> Vec<OsString> {
+pub(crate) fn disk_args(index: usize, disk: &DiskConfig, machine: Machine) -> Vec<OsString> {
     let (blockdev, device) = disk_json(&format!("vmkit-disk{index}"), disk, machine);
     vec![
         "-blockdev".into(),
@@ -118,7 +118,7 @@ pub fn disk_args(index: usize, disk: &DiskConfig, machine: Machine) -> Vec<OsStr
 /// `-netdev` and `-device` for NIC number `index` of VM `vm_id`. `fd` is the open TAP
 /// QEMU inherits: the caller's for a [`vmkit_core::NicBackend::TapFd`], the one vmkit
 /// opened for a [`vmkit_core::NicBackend::Tap`] (so QEMU never opens, creates or names a TAP itself).
-pub fn nic_args(
+pub(crate) fn nic_args(
     index: usize,
     vm_id: &str,
     nic: &NicConfig,

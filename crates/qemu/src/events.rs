@@ -6,7 +6,7 @@ use vmkit_qmp::qapi_qmp;
 use vmkit_qmp::qapi_qmp::Event as QapiEvent;
 
 /// The [`VmEvent`] for a QMP event; `None` for the end of the stream.
-pub fn to_vm_event(event: &Event) -> Option<VmEvent> {
+pub(crate) fn to_vm_event(event: &Event) -> Option<VmEvent> {
     match event {
         Event::Qmp { name, event, .. } => Some(match event.as_ref() {
             QapiEvent::SHUTDOWN { data, .. } => VmEvent::ShutdownRequested {

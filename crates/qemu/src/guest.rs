@@ -83,7 +83,7 @@ impl Plan {
 
 /// The vsock device QEMU gets.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum VsockDevice {
+pub(crate) enum VsockDevice {
     /// `vhost-user-vsock` on the daemon's vhost-user `socket`; guest RAM must then be a
     /// shared memfd.
     VhostUser {

@@ -86,11 +86,48 @@ impl QemuInstance {
         self.vm.options()
     }
 
-    /// The VM's QMP client while it runs, for commands vmkit does not wrap (queries,
-    /// diagnostics). Do not change what vmkit manages behind its back (devices it
-    /// plugged, the run state): its view would go stale.
-    pub fn qmp_client(&self) -> Option<vmkit_qmp::QmpClient> {
-        self.vm.qmp("qmp_client").ok()
+    /// Runs a read-only QMP command vmkit does not wrap — `query-*`, `x-query-*`,
+    /// `qom-list` or `qom-get` — and returns QEMU's answer, for diagnostics. Anything
+    /// else is refused: a command that changed what vmkit manages (devices it plugged,
+    /// the run state) would leave its view stale.
+    ///
+    /// Allowed in: `Running`, `Paused`. Deadline: the config's `timeouts.command`.
+    ///
+    /// # Errors
+    /// `BadArgument` for a command that is not read-only; `InvalidState`; `Backend`
+    /// with QEMU's error.
+    pub async fn qmp_query(
+        &self,
+        command: &str,
+        arguments: Option<serde_json::Value>,
+    ) -> vmkit_core::Result<serde_json::Value> {
+        let read_only = command.starts_with("query-")
+            || command.starts_with("x-query-")
+            || matches!(command, "qom-list" | "qom-get");
+        if !read_only {
+            return Err(CoreError::bad_argument(
+                format!("qmp_query {command}"),
+                "command",
+                "only query-*, x-query-*, qom-list and qom-get: vmkit manages the rest",
+            ));
+        }
+        self.vm
+            .life()
+            .require("qmp_query", &[VmState::Running, VmState::Paused])?;
+        let qmp = self.vm.qmp("qmp_query")?;
+        // Untyped on purpose: the caller names a query vmkit does not wrap, so there is
+        // no schema type to pick here.
+        qmp.execute_raw(command, arguments)
+            .await
+            .map_err(|e| CoreError::backend(format!("qmp_query {command}"), crate::Error::Qmp(e)))
+    }
+
+    /// The VM's own QMP client, unrestricted — only with the `unmanaged-qmp` feature,
+    /// which exists for benchmarks that time raw QMP against vmkit on the same VM.
+    /// Whatever it changes, vmkit does not know about.
+    #[cfg(feature = "unmanaged-qmp")]
+    pub fn unmanaged_qmp_client(&self) -> Option<vmkit_qmp::QmpClient> {
+        self.vm.qmp("unmanaged_qmp_client").ok()
     }
 
     /// Runs a disk or NIC hot-plug or an unplug (`call`, named `op`) on the VM's

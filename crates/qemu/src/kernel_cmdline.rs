@@ -7,7 +7,7 @@ use vmkit_core::validate::check_cmdline_part;
 use crate::options::Machine;
 
 /// x86's `COMMAND_LINE_SIZE`: the kernel silently truncates anything longer.
-pub const MAX_CMDLINE: usize = 2048;
+pub(crate) const MAX_CMDLINE: usize = 2048;
 
 /// Parameters vmkit always passes: the console on the first serial port, reboot (and so,
 /// with `-no-reboot`, exit) at once on panic, and options that skip slow probes of
@@ -33,7 +33,7 @@ pub const BASE_PARAMS: &[&str] = &[
 /// `vmkit_core::Error::InvalidConfig` naming `kernel.cmdline[i]` when a parameter would
 /// split or holds control characters, or `kernel.cmdline` when the whole line exceeds
 /// [`MAX_CMDLINE`] bytes.
-pub fn build(
+pub(crate) fn build(
     machine: Machine,
     tsc_khz: Option<u64>,
     extra: &[String],

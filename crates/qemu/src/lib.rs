@@ -2,8 +2,9 @@
 //!
 //! The QEMU backend of vmkit: [`QemuBackend`] creates [`QemuInstance`]s that boot a
 //! Linux guest under QEMU (KVM where it really works, TCG elsewhere), drive it over QMP,
-//! talk to the vmkit agent in the guest over kernel or hybrid vsock ([`guest`]), and stop
-//! it in bounded stages (ACPI power button, `quit`, SIGTERM, SIGKILL). QEMU (and the
+//! talk to the vmkit agent in the guest over kernel or hybrid vsock, and stop
+//! it in bounded stages (the agent's power-off, the ACPI power button, `quit`, SIGTERM,
+//! SIGKILL). QEMU (and the
 //! per-VM vhost-device-vsock daemon) are spawned directly with a parent-death signal, so
 //! they never outlive the host process; a failed or finished VM leaves no process,
 //! socket or CID behind.
@@ -27,26 +28,27 @@
 //! # }
 //! ```
 //!
-//! Backend options (`InstanceConfig::backend_options`) are listed in [`options`].
-//! Files follow the life cycle: [`command`] (argv), [`kernel_cmdline`], [`devices`],
-//! [`guest`] (vsock link, agent), `start.rs`, `shutdown.rs`, [`events`].
+//! Backend options (`InstanceConfig::backend_options`) are listed at [`QemuOptions`].
+//! The public surface is what an embedder needs: the backend, the instance, its options,
+//! the accelerator choice ([`accel`]) and the error; the inside (one owner per concern,
+//! typed QMP, hot-plug behind a narrow context) is described in `docs/architecture.md`.
 
 pub mod accel;
-pub mod command;
-pub mod devices;
+mod command;
+mod devices;
 mod error;
-pub mod events;
+mod events;
 mod features;
-pub mod guest;
+mod guest;
 mod host;
 mod hotplug;
 mod hotplugger;
 mod instance;
-pub mod kernel_cmdline;
+mod kernel_cmdline;
 mod lifecycle;
 mod locks;
 mod monitor;
-pub mod options;
+mod options;
 mod pause;
 mod process;
 mod qmp;
@@ -61,10 +63,12 @@ use std::sync::Arc;
 
 use vmkit_core::{Backend, Capabilities, Instance, InstanceConfig};
 
+pub use devices::{ColdDevices, stable_mac};
 pub use error::Error;
 pub use features::CAPABILITIES;
 pub use instance::QemuInstance;
-pub use options::{Machine, QemuOptions, Sandbox};
+pub use kernel_cmdline::BASE_PARAMS;
+pub use options::{MAX_HOTPLUG_PORTS, Machine, QemuOptions, Sandbox};
 
 /// Checks that vmkit can open (and so create) the TAP interface `name` on this host:
 /// opens it and closes it again (a TAP vmkit created is not persistent, so it vanishes).
@@ -156,6 +160,28 @@ mod tests {
         );
         config.backend_options.clear();
         assert!(QemuBackend.create_instance(config).is_ok());
+    }
+
+    #[tokio::test]
+    async fn qmp_query_takes_only_read_only_commands() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("vmlinuz");
+        std::fs::write(&kernel, b"k").unwrap();
+        let config = InstanceConfig::new("vm1", dir.path().join("state"), &kernel);
+        let vm = QemuBackend.create_instance(config).unwrap();
+        for changes in ["device_add", "stop", "human-monitor-command", "qom-set"] {
+            let err = vm.qmp_query(changes, None).await.unwrap_err();
+            assert!(
+                matches!(err, vmkit_core::Error::BadArgument { .. }),
+                "{changes}: {err:?}"
+            );
+        }
+        // A read-only one passes the check and meets the state's.
+        let err = vm.qmp_query("query-status", None).await.unwrap_err();
+        assert!(
+            matches!(err, vmkit_core::Error::InvalidState { .. }),
+            "{err:?}"
+        );
     }
 }
 

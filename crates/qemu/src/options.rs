@@ -1,21 +1,17 @@
-//! The QEMU backend's own settings, read from `InstanceConfig::backend_options`.
-//!
-//! | key | values | default |
-//! | --- | --- | --- |
-//! | `binary` | path of the QEMU binary | `$VMKIT_QEMU`, else `qemu-system-x86_64` on `PATH` |
-//! | `machine` | `q35`, `microvm` | `q35` |
-//! | `hotplug_ports` | PCIe root ports reserved for hot-plug (q35), 0–32 | `4` |
-//! | `ready_line` | the serial-console line prefix that says the guest is up | `VMKIT_READY` |
-//! | `sandbox` | `auto` (on when QEMU has seccomp), `on`, `off` | `auto` |
-//! | `vhost_vsock_binary` | the `vhost-device-vsock` daemon for hybrid vsock | `$VMKIT_VHOST_VSOCK`, else on `PATH`, else `~/.cargo/bin` |
+//! The QEMU backend's own settings, read from `InstanceConfig::backend_options`
+//! (the keys are listed at [`QemuOptions`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use serde::de::{Deserializer, Error as _, IntoDeserializer};
+use serde::{Deserialize, de::value::MapDeserializer};
+
 use crate::error::Error;
 
 /// The machine type.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Machine {
     /// PC with PCIe (`q35`): hot-plug of CPUs, memory and PCIe devices.
     Q35,
@@ -34,7 +30,8 @@ impl Machine {
 }
 
 /// `-sandbox` policy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Sandbox {
     /// On when the QEMU binary was built with seccomp.
     Auto,
@@ -47,7 +44,18 @@ pub enum Sandbox {
 /// Most PCIe root ports that can be reserved.
 pub const MAX_HOTPLUG_PORTS: u32 = 32;
 
-/// The backend's settings for one instance.
+/// The backend's settings for one instance, read from `InstanceConfig::backend_options`
+/// (every value a string; an unknown key is refused):
+///
+/// | key | values | default |
+/// | --- | --- | --- |
+/// | `binary` | path of the QEMU binary | `$VMKIT_QEMU`, else `qemu-system-x86_64` on `PATH` |
+/// | `machine` | `q35`, `microvm` | `q35` |
+/// | `hotplug_ports` | PCIe root ports reserved for hot-plug (q35), 0–32 | `4` |
+/// | `ready_line` | the serial-console line prefix that says the guest is up | `VMKIT_READY` |
+/// | `sandbox` | `auto` (on when QEMU has seccomp), `on`, `off` | `auto` |
+/// | `vhost_vsock_binary` | the `vhost-device-vsock` daemon for hybrid vsock | `$VMKIT_VHOST_VSOCK`, else on `PATH`, else `~/.cargo/bin` |
+/// | `run_as` | the unprivileged user QEMU drops to (`-run-with user=`): a user name or `uid:gid` | none |
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QemuOptions {
     /// The QEMU binary.
@@ -68,8 +76,43 @@ pub struct QemuOptions {
     pub run_as: Option<String>,
 }
 
+/// One `backend_options` entry, as serde reads it: each key its own typed field, and
+/// any other key refused.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Entry {
+    #[serde(default, deserialize_with = "some")]
+    binary: Option<PathBuf>,
+    #[serde(default, deserialize_with = "some")]
+    machine: Option<Machine>,
+    #[serde(default, deserialize_with = "number")]
+    hotplug_ports: Option<u32>,
+    #[serde(default, deserialize_with = "some")]
+    ready_line: Option<String>,
+    #[serde(default, deserialize_with = "some")]
+    sandbox: Option<Sandbox>,
+    #[serde(default, deserialize_with = "some")]
+    vhost_vsock_binary: Option<PathBuf>,
+    #[serde(default, deserialize_with = "some")]
+    run_as: Option<String>,
+}
+
+fn some<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
+}
+
+/// A number written as text (every option value is a string).
+fn number<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    let text = String::deserialize(d)?;
+    text.parse()
+        .map(Some)
+        .map_err(|_| D::Error::custom(format!("{text:?}: expected a number")))
+}
+
 impl QemuOptions {
-    /// Reads the options from `backend_options`; unknown keys are refused.
+    /// Reads the options from `backend_options`: each entry is deserialised on its own
+    /// (so an error names its key), unknown keys are refused, then the values are
+    /// checked.
     ///
     /// # Errors
     /// [`Error::Option`] naming the key.
@@ -88,61 +131,53 @@ impl QemuOptions {
                 key: key.clone(),
                 reason,
             };
-            match key.as_str() {
-                "binary" => {
-                    if value.is_empty() {
-                        return Err(bad("must not be empty".into()));
-                    }
-                    opts.binary = PathBuf::from(value);
-                }
-                "machine" => {
-                    opts.machine = match value.as_str() {
-                        "q35" => Machine::Q35,
-                        "microvm" => Machine::Microvm,
-                        other => {
-                            return Err(bad(format!("{other:?}: expected q35 or microvm")));
-                        }
-                    }
-                }
-                "hotplug_ports" => {
-                    opts.hotplug_ports = value
-                        .parse()
-                        .ok()
-                        .filter(|n| *n <= MAX_HOTPLUG_PORTS)
-                        .ok_or_else(|| bad(format!("{value:?}: expected 0-{MAX_HOTPLUG_PORTS}")))?;
-                }
-                "ready_line" => {
-                    if value.trim().is_empty() {
-                        return Err(bad("must not be blank".into()));
-                    }
-                    opts.ready_line = value.clone();
-                }
-                "sandbox" => {
-                    opts.sandbox = match value.as_str() {
-                        "auto" => Sandbox::Auto,
-                        "on" => Sandbox::On,
-                        "off" => Sandbox::Off,
-                        other => return Err(bad(format!("{other:?}: expected auto, on or off"))),
-                    }
-                }
-                "vhost_vsock_binary" => {
-                    if value.is_empty() {
-                        return Err(bad("must not be empty".into()));
-                    }
-                    opts.vhost_vsock_binary = PathBuf::from(value);
-                }
-                "run_as" => {
-                    check_run_as(value).map_err(bad)?;
-                    opts.run_as = Some(value.clone());
-                }
-                _ => {
-                    return Err(bad("unknown key; known: binary, machine, hotplug_ports, \
-                         ready_line, sandbox, vhost_vsock_binary, run_as"
-                        .into()));
-                }
-            }
+            let pair = std::iter::once((key.as_str(), value.as_str().into_deserializer()));
+            let entry =
+                Entry::deserialize(MapDeserializer::<_, serde::de::value::Error>::new(pair))
+                    .map_err(|e| bad(e.to_string()))?;
+            opts.apply(entry).map_err(bad)?;
         }
         Ok(opts)
+    }
+
+    /// Checks and takes the value `entry` carries.
+    fn apply(&mut self, entry: Entry) -> Result<(), String> {
+        let nonempty = |path: PathBuf| {
+            if path.as_os_str().is_empty() {
+                Err("must not be empty".to_owned())
+            } else {
+                Ok(path)
+            }
+        };
+        if let Some(binary) = entry.binary {
+            self.binary = nonempty(binary)?;
+        }
+        if let Some(machine) = entry.machine {
+            self.machine = machine;
+        }
+        if let Some(ports) = entry.hotplug_ports {
+            if ports > MAX_HOTPLUG_PORTS {
+                return Err(format!("{ports}: expected 0-{MAX_HOTPLUG_PORTS}"));
+            }
+            self.hotplug_ports = ports;
+        }
+        if let Some(line) = entry.ready_line {
+            if line.trim().is_empty() {
+                return Err("must not be blank".into());
+            }
+            self.ready_line = line;
+        }
+        if let Some(sandbox) = entry.sandbox {
+            self.sandbox = sandbox;
+        }
+        if let Some(binary) = entry.vhost_vsock_binary {
+            self.vhost_vsock_binary = nonempty(binary)?;
+        }
+        if let Some(user) = entry.run_as {
+            check_run_as(&user)?;
+            self.run_as = Some(user);
+        }
+        Ok(())
     }
 }
 
@@ -171,13 +206,13 @@ fn check_run_as(value: &str) -> Result<(), String> {
 
 /// `$VMKIT_QEMU`, else `qemu-system-x86_64` found on `PATH`, else the bare name (the
 /// spawn then fails with a clear "not found").
-pub fn default_binary() -> PathBuf {
+pub(crate) fn default_binary() -> PathBuf {
     find_binary("VMKIT_QEMU", "qemu-system-x86_64", &[])
 }
 
 /// `$VMKIT_VHOST_VSOCK`, else `vhost-device-vsock` on `PATH`, else in `~/.cargo/bin`
 /// (where `cargo install` puts it), else the bare name.
-pub fn default_vhost_vsock_binary() -> PathBuf {
+pub(crate) fn default_vhost_vsock_binary() -> PathBuf {
     let cargo_bin = std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
@@ -255,15 +290,23 @@ mod tests {
     fn bad_values_name_the_key() {
         assert_eq!(
             parse(&[("machine", "pc")]).unwrap_err(),
-            "backend option machine: \"pc\": expected q35 or microvm"
+            "backend option machine: unknown variant `pc`, expected `q35` or `microvm`"
         );
         assert_eq!(
             parse(&[("hotplug_ports", "33")]).unwrap_err(),
-            "backend option hotplug_ports: \"33\": expected 0-32"
+            "backend option hotplug_ports: 33: expected 0-32"
+        );
+        assert_eq!(
+            parse(&[("hotplug_ports", "four")]).unwrap_err(),
+            "backend option hotplug_ports: \"four\": expected a number"
         );
         assert_eq!(
             parse(&[("sandbox", "yes")]).unwrap_err(),
-            "backend option sandbox: \"yes\": expected auto, on or off"
+            "backend option sandbox: unknown variant `yes`, expected one of `auto`, `on`, `off`"
+        );
+        assert_eq!(
+            parse(&[("binary", "")]).unwrap_err(),
+            "backend option binary: must not be empty"
         );
         assert_eq!(
             parse(&[("run_as", "65534:65534")])
@@ -281,7 +324,7 @@ mod tests {
         assert!(
             parse(&[("cpu", "host")])
                 .unwrap_err()
-                .starts_with("backend option cpu: unknown key")
+                .starts_with("backend option cpu: unknown field `cpu`, expected one of `binary`")
         );
     }
 }

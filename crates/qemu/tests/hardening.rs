@@ -350,11 +350,7 @@ async fn reaches(vm: &vmkit_qemu::QemuInstance, state: VmState) {
 
 /// Whether QEMU itself says its vCPUs run.
 async fn qemu_running(vm: &vmkit_qemu::QemuInstance) -> bool {
-    let qmp = vm.qmp_client().unwrap();
-    qmp.execute(vmkit_qmp::qapi_qmp::query_status {})
-        .await
-        .unwrap()
-        .running
+    vm.qmp_query("query-status", None).await.unwrap()["running"] == true
 }
 
 /// Issue 12, defect 7, on a real QEMU stalled by SIGSTOP: a `pause` that times out is

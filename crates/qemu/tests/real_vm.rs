@@ -214,7 +214,7 @@ async fn tap_nics_appear_in_the_guest_with_their_macs_and_vanish_with_the_vm() {
     let vm = start(vm).await;
 
     let line = ready_line(&vm).await;
-    let derived = vmkit_qemu::devices::stable_mac("nics", "net1");
+    let derived = vmkit_qemu::stable_mac("nics", "net1");
     assert!(
         line.ends_with(&format!("nics=eth0:{chosen},eth1:{derived}")),
         "{line}"
@@ -720,9 +720,7 @@ async fn memory_grows_by_dimms_shrinks_by_unplug_and_refuses_bad_sizes_first() {
     );
     assert_eq!(memory.query_memory().await.unwrap().dimms, []);
     let objects = vm
-        .qmp_client()
-        .unwrap()
-        .execute_raw("qom-list", Some(serde_json::json!({"path": "/objects"})))
+        .qmp_query("qom-list", Some(serde_json::json!({"path": "/objects"})))
         .await
         .unwrap();
     assert!(
@@ -783,12 +781,7 @@ async fn guest_total_mib(agent: &AgentClient) -> u64 {
 
 /// QEMU's `requested-size` and `size` of the virtio-mem device, in MiB.
 async fn virtio_mem_sizes(vm: &QemuInstance) -> (u64, u64) {
-    let devices = vm
-        .qmp_client()
-        .unwrap()
-        .execute_raw("query-memory-devices", None)
-        .await
-        .unwrap();
+    let devices = vm.qmp_query("query-memory-devices", None).await.unwrap();
     let data = &devices[0]["data"];
     assert_eq!(devices[0]["type"], "virtio-mem", "{devices}");
     (
