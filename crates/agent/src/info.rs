@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use vmkit_proto::agent::{BlockDevice, GuestInfoResponse, NetInterface};
+use vmkit_proto::agent::{BlockDevice, CpuPlace, GuestInfoResponse, NetInterface};
 
 use crate::root::Root;
 
@@ -128,6 +128,20 @@ fn nics(root: &Root) -> Vec<NetInterface> {
     nics
 }
 
+/// Where CPU `cpu` sits (`cpuN/topology`): its package, core, and its position among its
+/// thread siblings. `None` when the kernel does not say.
+fn cpu_place(root: &Root, cpu: u32) -> Option<CpuPlace> {
+    let dir = root.path(&format!("/sys/devices/system/cpu/cpu{cpu}/topology"));
+    let number = |file: &str| read_sync(dir.join(file)).ok()?.parse::<u32>().ok();
+    let siblings = parse_cpu_list(&read_sync(dir.join("thread_siblings_list")).ok()?);
+    let mut place = CpuPlace::new();
+    place.cpu = cpu;
+    place.socket = number("physical_package_id")?;
+    place.core = number("core_id")?;
+    place.thread = u32::try_from(siblings.iter().position(|&s| s == cpu)?).ok()?;
+    Some(place)
+}
+
 /// Everything [`GuestInfoResponse`] carries.
 fn guest_info_sync(root: &Root) -> GuestInfoResponse {
     let mut info = GuestInfoResponse::new();
@@ -135,6 +149,11 @@ fn guest_info_sync(root: &Root) -> GuestInfoResponse {
     info.kernel_version = read_sync(root.path("/proc/sys/kernel/version")).unwrap_or_default();
     info.online_cpus =
         parse_cpu_list(&read_sync(root.path("/sys/devices/system/cpu/online")).unwrap_or_default());
+    info.online_places = info
+        .online_cpus
+        .iter()
+        .filter_map(|&cpu| cpu_place(root, cpu))
+        .collect();
     let meminfo = std::fs::read_to_string(root.path("/proc/meminfo")).unwrap_or_default();
     info.mem_total_bytes = meminfo_bytes(&meminfo, "MemTotal");
     let (block, online) = memory_blocks(root);
@@ -156,6 +175,29 @@ pub(crate) async fn guest_info(root: Root) -> GuestInfoResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cpu_place_comes_from_its_sysfs_topology() {
+        let dir = tempfile::tempdir().unwrap();
+        let topo = dir.path().join("sys/devices/system/cpu/cpu1/topology");
+        std::fs::create_dir_all(&topo).unwrap();
+        // cpu1 is the guest's number for the vCPU QEMU put in core 2 (plugged out of
+        // order), the second thread of its core.
+        for (file, text) in [
+            ("physical_package_id", "0\n"),
+            ("core_id", "2\n"),
+            ("thread_siblings_list", "0-1\n"),
+        ] {
+            std::fs::write(topo.join(file), text).unwrap();
+        }
+        let root = Root::at(dir.path());
+        let place = cpu_place(&root, 1).unwrap();
+        assert_eq!(
+            (place.cpu, place.socket, place.core, place.thread),
+            (1, 0, 2, 1)
+        );
+        assert!(cpu_place(&root, 0).is_none(), "no topology, no place");
+    }
 
     #[test]
     fn cpu_lists_parse_like_the_kernel_writes_them() {

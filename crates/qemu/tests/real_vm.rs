@@ -605,6 +605,11 @@ async fn a_vcpu_goes_into_the_slot_the_caller_names() {
     let listed = cpus.query_cpus().await.unwrap();
     let cores: Vec<u32> = listed.iter().map(|c| c.topology.core).collect();
     assert_eq!(cores, [0, 2], "slot 1 stays free: {listed:?}");
+    // The guest calls core 2 cpu1 (its lowest free number); vmkit matches by place.
+    assert!(
+        listed.iter().all(|c| c.online == Some(true)),
+        "both online: {listed:?}"
+    );
     let taken = cpus.hotplug_cpu_at(slot(2)).await.unwrap_err();
     assert!(
         matches!(taken, vmkit_core::Error::BadArgument { .. }),

@@ -11,7 +11,7 @@
 
 use vmkit_core::{Accel, CpuFailure, CpuInfo, CpuTopology, Error as CoreError, VcpuResize};
 use vmkit_proto::AgentClient;
-use vmkit_proto::agent::WaitResourcesRequest;
+use vmkit_proto::agent::{GuestInfoResponse, WaitResourcesRequest};
 use vmkit_qmp::qapi_qmp::CpuInstanceProperties;
 
 use super::context::{Context, POLL, agent_err, ctx, guest_info, qmp_err, wait_in_guest};
@@ -70,21 +70,36 @@ async fn guest_online(agent: &AgentClient, op: &str) -> vmkit_core::Result<Vec<u
     guest_info(agent, op).await.map(|info| info.online_cpus)
 }
 
+/// Whether the guest has the vCPU QEMU lists as `index` at `at` online. By place when
+/// the guest reports places (a vCPU plugged out of order gets the guest's lowest free
+/// number, not QEMU's cpu-index), else by number.
+fn guest_has(info: &GuestInfoResponse, index: u32, at: CpuTopology) -> bool {
+    if info.online_places.is_empty() {
+        return info.online_cpus.contains(&index);
+    }
+    info.online_places
+        .iter()
+        .any(|p| (p.socket, p.core, p.thread) == (at.socket, at.core, at.thread))
+}
+
 /// `query_cpus`: QEMU's vCPUs, and whether the guest has each online when it can say.
 pub(crate) async fn query(ctx: &Context) -> vmkit_core::Result<Vec<CpuInfo>> {
     let op = "query_cpus";
     let cpus = present(ctx, op).await?;
-    let online = match ctx.agent_for_query().await {
-        Some(agent) => Some(guest_online(&agent, op).await?),
+    let guest = match ctx.agent_for_query().await {
+        Some(agent) => Some(guest_info(&agent, op).await?),
         None => None,
     };
     Ok(cpus
         .iter()
-        .map(|c| CpuInfo {
-            index: index_of(c),
-            topology: present_topology(c),
-            device_id: hot_plugged(c).then(|| device_id(present_topology(c))),
-            online: online.as_ref().map(|set| set.contains(&index_of(c))),
+        .map(|c| {
+            let (index, topology) = (index_of(c), present_topology(c));
+            CpuInfo {
+                index,
+                topology,
+                device_id: hot_plugged(c).then(|| device_id(topology)),
+                online: guest.as_ref().map(|info| guest_has(info, index, topology)),
+            }
         })
         .collect())
 }

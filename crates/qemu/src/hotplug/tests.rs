@@ -865,3 +865,35 @@ async fn a_paused_guest_is_not_asked_by_a_query() {
     let cpus = cpu::query(&rig.ctx).await.unwrap();
     assert_eq!(cpus[0].online, None);
 }
+
+#[tokio::test]
+async fn query_cpus_matches_the_guests_cpus_by_place_when_it_reports_them() {
+    let rig = Rig::dimm().await;
+    // Core 2 plugged first: QEMU calls it cpu-index 2, the guest calls it cpu1.
+    script_cpus(&rig, &[2]);
+    rig.guest.set_online_cpus(&[0, 1]).unwrap();
+    let by_number = cpu::query(&rig.ctx).await.unwrap();
+    assert_eq!(
+        by_number.iter().map(|c| c.online).collect::<Vec<_>>(),
+        [Some(true), Some(false)],
+        "without topology only the numbers can be matched (and they differ)"
+    );
+    for (cpu, core) in [(0, "0"), (1, "2")] {
+        let topo = rig
+            .guest
+            .root()
+            .join(format!("sys/devices/system/cpu/cpu{cpu}/topology"));
+        std::fs::create_dir_all(&topo).unwrap();
+        std::fs::write(topo.join("physical_package_id"), "0").unwrap();
+        std::fs::write(topo.join("core_id"), core).unwrap();
+        std::fs::write(topo.join("thread_siblings_list"), cpu.to_string()).unwrap();
+    }
+    let by_place = cpu::query(&rig.ctx).await.unwrap();
+    assert_eq!(
+        by_place
+            .iter()
+            .map(|c| (c.topology.core, c.online))
+            .collect::<Vec<_>>(),
+        [(0, Some(true)), (2, Some(true))]
+    );
+}
