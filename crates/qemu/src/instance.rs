@@ -115,8 +115,8 @@ impl QemuInstance {
             .life()
             .require("qmp_query", &[VmState::Running, VmState::Paused])?;
         let qmp = self.vm.qmp("qmp_query")?;
-        // Untyped on purpose: the caller names a query vmkit does not wrap, so there is
-        // no schema type to pick here.
+        // Not in the schema vmkit can name at compile time: the caller picks the query,
+        // so it goes untyped (and read-only, checked above).
         qmp.execute_raw(command, arguments)
             .await
             .map_err(|e| CoreError::backend(format!("qmp_query {command}"), crate::Error::Qmp(e)))

@@ -897,3 +897,127 @@ async fn query_cpus_matches_the_guests_cpus_by_place_when_it_reports_them() {
         [(0, Some(true)), (2, Some(true))]
     );
 }
+
+/// An operation under test, and the QMP commands it sends on its way to success.
+struct Steps {
+    name: &'static str,
+    commands: &'static [&'static str],
+}
+
+/// Scripts every command an operation sends to succeed (and the guest to follow), so
+/// that one of them can then be made to fail.
+fn script_success(rig: &Rig, name: &str) {
+    let ok = || MockReply::ok(json!({}));
+    match name {
+        "hotplug_cpu" => {
+            script_cpus(rig, &[]);
+            cpu_plug_works(rig, true);
+            rig.qmp
+                .on("query-cpus-fast", MockReply::ok(cpus_fast(&[1])));
+        }
+        "unplug_cpu" => {
+            script_cpus(rig, &[1]);
+            rig.qmp.on("device_del", ok());
+            rig.qmp
+                .on_once("query-cpus-fast", MockReply::ok(cpus_fast(&[1])));
+            rig.qmp.on("query-cpus-fast", MockReply::ok(cpus_fast(&[])));
+        }
+        "hotplug_memory" => {
+            rig.qmp.on("query-memory-devices", MockReply::ok(json!([])));
+            dimm_plug_works(rig, true);
+            rig.qmp.on("object-del", ok());
+        }
+        "hotplug_disk" | "hotplug_nic" => {
+            for command in [
+                "blockdev-add",
+                "blockdev-del",
+                "getfd",
+                "closefd",
+                "netdev_add",
+                "netdev_del",
+            ] {
+                rig.qmp.on(command, ok());
+            }
+            let guest = rig.guest.clone();
+            rig.qmp.on(
+                "device_add",
+                MockReply::from_fn(move |_| {
+                    guest
+                        .put_disk(&GuestDisk {
+                            name: "vda".into(),
+                            serial: "ser-data".into(),
+                            size_bytes: 4096,
+                        })
+                        .unwrap();
+                    MockReply::ok(json!({}))
+                }),
+            );
+        }
+        other => panic!("no script for {other}"),
+    }
+}
+
+async fn run(rig: &Rig, name: &str) -> vmkit_core::Result<()> {
+    match name {
+        "hotplug_cpu" => cpu::add(&rig.ctx, None).await.map(drop),
+        "unplug_cpu" => cpu::remove(&rig.ctx, 1).await,
+        "hotplug_memory" => memory::add(&rig.ctx, 256, None).await.map(drop),
+        "hotplug_disk" => pci::add_disk(&rig.ctx, disk(rig._dir.path(), "data")).await,
+        "hotplug_nic" => pci::add_nic(&rig.ctx, tap_fd_nic("net0", &an_fd())).await,
+        other => panic!("no operation {other}"),
+    }
+}
+
+#[tokio::test]
+async fn a_qmp_error_at_any_step_is_reported_with_qemus_words_and_leaves_nothing_recorded() {
+    let table = [
+        Steps {
+            name: "hotplug_cpu",
+            commands: &["query-hotpluggable-cpus", "device_add", "query-cpus-fast"],
+        },
+        Steps {
+            name: "unplug_cpu",
+            commands: &["query-cpus-fast", "device_del"],
+        },
+        Steps {
+            name: "hotplug_memory",
+            commands: &["query-memory-devices", "object-add", "device_add"],
+        },
+        Steps {
+            name: "hotplug_disk",
+            commands: &["blockdev-add", "device_add"],
+        },
+        Steps {
+            name: "hotplug_nic",
+            commands: &["getfd", "netdev_add", "device_add"],
+        },
+    ];
+    for steps in &table {
+        // The scripted path works end to end first, so each failure below is the
+        // injected one.
+        let rig = Rig::dimm().await;
+        script_success(&rig, steps.name);
+        if steps.name != "hotplug_nic" {
+            run(&rig, steps.name)
+                .await
+                .unwrap_or_else(|e| panic!("{}: the scripted path fails: {e}", steps.name));
+        }
+        for failing in steps.commands {
+            let rig = Rig::dimm().await;
+            script_success(&rig, steps.name);
+            rig.qmp.on_once(failing, qemu_error("injected"));
+            let err = run(&rig, steps.name).await.unwrap_err();
+            let text = err.to_string();
+            assert!(
+                text.contains(&format!("{failing}: QMP error GenericError: injected")),
+                "{} with {failing} failing: {text}",
+                steps.name
+            );
+            assert!(
+                rig.ctx.state().devices().is_empty(),
+                "{} with {failing} failing: a device stays recorded",
+                steps.name
+            );
+        }
+    }
+}
