@@ -627,10 +627,9 @@ fn disk(dir: &std::path::Path, id: &str) -> DiskConfig {
     disk
 }
 
-#[tokio::test]
-async fn a_disk_lands_on_a_free_port_and_returns_once_the_guest_lists_it() {
-    let rig = Rig::dimm().await;
-    rig.qmp.on("blockdev-add", MockReply::ok(json!({})));
+/// `device_add` of the disk `data` (serial `ser-data`) that QEMU takes and the guest
+/// lists.
+fn disk_plug_works(rig: &Rig) {
     let guest = rig.guest.clone();
     rig.qmp.on(
         "device_add",
@@ -645,6 +644,13 @@ async fn a_disk_lands_on_a_free_port_and_returns_once_the_guest_lists_it() {
             MockReply::ok(json!({}))
         }),
     );
+}
+
+#[tokio::test]
+async fn a_disk_lands_on_a_free_port_and_returns_once_the_guest_lists_it() {
+    let rig = Rig::dimm().await;
+    rig.qmp.on("blockdev-add", MockReply::ok(json!({})));
+    disk_plug_works(&rig);
     pci::add_disk(&rig.ctx, disk(rig._dir.path(), "data"))
         .await
         .unwrap();
@@ -805,20 +811,7 @@ async fn unplugging_a_device_waits_for_device_deleted_then_removes_its_backend()
     assert!(matches!(missing, CoreError::NotFound { .. }), "{missing:?}");
     rig.qmp.on("blockdev-add", MockReply::ok(json!({})));
     rig.qmp.on("blockdev-del", MockReply::ok(json!({})));
-    let guest = rig.guest.clone();
-    rig.qmp.on(
-        "device_add",
-        MockReply::from_fn(move |_| {
-            guest
-                .put_disk(&GuestDisk {
-                    name: "vda".into(),
-                    serial: "ser-data".into(),
-                    size_bytes: 4096,
-                })
-                .unwrap();
-            MockReply::ok(json!({}))
-        }),
-    );
+    disk_plug_works(&rig);
     pci::add_disk(&rig.ctx, disk(rig._dir.path(), "data"))
         .await
         .unwrap();
@@ -938,20 +931,7 @@ fn script_success(rig: &Rig, name: &str) {
             ] {
                 rig.qmp.on(command, ok());
             }
-            let guest = rig.guest.clone();
-            rig.qmp.on(
-                "device_add",
-                MockReply::from_fn(move |_| {
-                    guest
-                        .put_disk(&GuestDisk {
-                            name: "vda".into(),
-                            serial: "ser-data".into(),
-                            size_bytes: 4096,
-                        })
-                        .unwrap();
-                    MockReply::ok(json!({}))
-                }),
-            );
+            disk_plug_works(rig);
         }
         other => panic!("no script for {other}"),
     }
