@@ -50,17 +50,21 @@ impl ColdDevices {
     /// # Errors
     /// `InvalidConfig` naming `field.id`.
     pub fn check_free_id(&self, field: &str, id: &str) -> vmkit_core::Result<()> {
-        let taken = self.disks.iter().map(|d| d.id.as_str());
-        let taken = taken.chain(self.nics.iter().map(|n| n.id.as_str()));
-        for other in taken {
-            if other == id {
-                return Err(CoreError::config(
-                    format!("{field}.id"),
-                    format!("duplicate device id {id:?} (disks and NICs share one id space)"),
-                ));
-            }
+        if self.has_id(id) {
+            return Err(CoreError::config(
+                format!("{field}.id"),
+                format!("duplicate device id {id:?} (disks and NICs share one id space)"),
+            ));
         }
         Ok(())
+    }
+
+    /// Whether a cold disk or NIC has the id `id`.
+    pub fn has_id(&self, id: &str) -> bool {
+        let disks = self.disks.iter().map(|d| d.id.as_str());
+        disks
+            .chain(self.nics.iter().map(|n| n.id.as_str()))
+            .any(|other| other == id)
     }
 }
 

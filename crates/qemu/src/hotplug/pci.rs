@@ -50,6 +50,13 @@ fn free_port_and_name(
     id: &str,
     prefix: &str,
 ) -> vmkit_core::Result<(String, String)> {
+    if ctx.limits().cold.has_id(id) {
+        return Err(CoreError::bad_argument(
+            op,
+            "id",
+            format!("duplicate device id {id:?} (a cold-plugged device has it)"),
+        ));
+    }
     let hot = ctx.state().devices();
     if hot.iter().any(|d| d.id == id) {
         return Err(CoreError::bad_argument(
@@ -81,7 +88,6 @@ pub(crate) async fn add_disk(ctx: &Context, disk: DiskConfig) -> vmkit_core::Res
     let op = format!("hotplug_disk {}", disk.id);
     let field = "disk";
     disk.validate(field)?;
-    ctx.limits().cold.check_free_id(field, &disk.id)?;
     let (port, node) = free_port_and_name(ctx, &op, &disk.id, "vmkit-hot")?;
     let agent = ctx.agent().await.ok();
     // With a serial the new disk is recognised by it; without, by the count going up.
@@ -197,7 +203,6 @@ pub(crate) async fn remove_device(ctx: &Context, id: &str) -> vmkit_core::Result
 pub(crate) async fn add_nic(ctx: &Context, nic: NicConfig) -> vmkit_core::Result<()> {
     let op = format!("hotplug_nic {}", nic.id);
     nic.validate("nic")?;
-    ctx.limits().cold.check_free_id("nic", &nic.id)?;
     let (port, netdev) = free_port_and_name(ctx, &op, &nic.id, "vmkit-hotnet")?;
     // The VM holds the TAP for as long as the NIC exists: one vmkit opened (closing
     // it removes a TAP vmkit created) or the caller's.

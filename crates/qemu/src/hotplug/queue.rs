@@ -48,8 +48,10 @@ impl Queue {
         let job_op = op.clone();
         let job: Job = Box::pin(async move {
             let result = tokio::select! {
-                result = work => result,
+                // A stop that has begun wins over work that could still start.
+                biased;
                 () = stopping => Err(CoreError::backend(job_op, Error::ShuttingDown)),
+                result = work => result,
             };
             let _ = reply.send(result);
         });

@@ -897,6 +897,17 @@ struct Steps {
     commands: &'static [&'static str],
 }
 
+impl Steps {
+    async fn rig(&self) -> Rig {
+        let memory = if self.name == "hotplug_virtio_mem" {
+            MemoryHotplug::VirtioMem
+        } else {
+            MemoryHotplug::Dimm
+        };
+        Rig::new(memory, Accel::Kvm).await
+    }
+}
+
 /// Scripts every command an operation sends to succeed (and the guest to follow), so
 /// that one of them can then be made to fail.
 fn script_success(rig: &Rig, name: &str) {
@@ -920,6 +931,18 @@ fn script_success(rig: &Rig, name: &str) {
             dimm_plug_works(rig, true);
             rig.qmp.on("object-del", ok());
         }
+        "hotplug_virtio_mem" => {
+            rig.qmp
+                .on("query-memory-devices", MockReply::ok(virtio_mem(0, 0)));
+            let guest = rig.guest.clone();
+            rig.qmp.on(
+                "qom-set",
+                MockReply::from_fn(move |_| {
+                    guest.set_memory((BOOT_MIB + 128) * MIB).unwrap();
+                    MockReply::ok(json!({}))
+                }),
+            );
+        }
         "hotplug_disk" | "hotplug_nic" => {
             for command in [
                 "blockdev-add",
@@ -942,6 +965,7 @@ async fn run(rig: &Rig, name: &str) -> vmkit_core::Result<()> {
         "hotplug_cpu" => cpu::add(&rig.ctx, None).await.map(drop),
         "unplug_cpu" => cpu::remove(&rig.ctx, 1).await,
         "hotplug_memory" => memory::add(&rig.ctx, 256, None).await.map(drop),
+        "hotplug_virtio_mem" => memory::add(&rig.ctx, 128, None).await.map(drop),
         "hotplug_disk" => pci::add_disk(&rig.ctx, disk(rig._dir.path(), "data")).await,
         "hotplug_nic" => pci::add_nic(&rig.ctx, tap_fd_nic("net0", &an_fd())).await,
         other => panic!("no operation {other}"),
@@ -964,6 +988,10 @@ async fn a_qmp_error_at_any_step_is_reported_with_qemus_words_and_leaves_nothing
             commands: &["query-memory-devices", "object-add", "device_add"],
         },
         Steps {
+            name: "hotplug_virtio_mem",
+            commands: &["query-memory-devices", "qom-set"],
+        },
+        Steps {
             name: "hotplug_disk",
             commands: &["blockdev-add", "device_add"],
         },
@@ -975,7 +1003,7 @@ async fn a_qmp_error_at_any_step_is_reported_with_qemus_words_and_leaves_nothing
     for steps in &table {
         // The scripted path works end to end first, so each failure below is the
         // injected one.
-        let rig = Rig::dimm().await;
+        let rig = steps.rig().await;
         script_success(&rig, steps.name);
         if steps.name != "hotplug_nic" {
             run(&rig, steps.name)
@@ -983,7 +1011,7 @@ async fn a_qmp_error_at_any_step_is_reported_with_qemus_words_and_leaves_nothing
                 .unwrap_or_else(|e| panic!("{}: the scripted path fails: {e}", steps.name));
         }
         for failing in steps.commands {
-            let rig = Rig::dimm().await;
+            let rig = steps.rig().await;
             script_success(&rig, steps.name);
             rig.qmp.on_once(failing, qemu_error("injected"));
             let err = run(&rig, steps.name).await.unwrap_err();
@@ -1000,4 +1028,115 @@ async fn a_qmp_error_at_any_step_is_reported_with_qemus_words_and_leaves_nothing
             );
         }
     }
+}
+
+#[tokio::test]
+async fn virtio_mem_needs_its_device_and_keeps_to_its_size() {
+    let rig = Rig::new(MemoryHotplug::VirtioMem, Accel::Kvm).await;
+    rig.qmp.on("query-memory-devices", MockReply::ok(json!([])));
+    let missing = memory::add(&rig.ctx, 128, None).await.unwrap_err();
+    assert!(
+        missing
+            .to_string()
+            .contains("QEMU does not list the virtio-mem device vmkit-vmem"),
+        "{missing}"
+    );
+    // Someone else (not vmkit's grants) asked QEMU for all of it already.
+    rig.qmp
+        .on("query-memory-devices", MockReply::ok(virtio_mem(512, 512)));
+    let full = memory::add(&rig.ctx, 128, None).await.unwrap_err();
+    assert!(matches!(full, CoreError::Exhausted { .. }), "{full:?}");
+    assert!(!rig.sent().contains(&"qom-set".to_owned()));
+}
+
+#[tokio::test]
+async fn a_virtio_mem_grant_given_back_whole_is_gone() {
+    let rig = Rig::new(MemoryHotplug::VirtioMem, Accel::Kvm).await;
+    rig.ctx.state().grants().push(super::state::Grant {
+        id: "vmkit-vmem.0".into(),
+        size_mib: 128,
+    });
+    rig.qmp.on("qom-set", MockReply::ok(json!({})));
+    rig.qmp
+        .on_once("query-memory-devices", MockReply::ok(virtio_mem(128, 128)));
+    rig.qmp
+        .on("query-memory-devices", MockReply::ok(virtio_mem(0, 0)));
+    memory::remove(&rig.ctx, "vmkit-vmem.0").await.unwrap();
+    assert_eq!(rig.args_of("qom-set")["value"], json!(0));
+    assert!(rig.ctx.state().grants().is_empty());
+    let info = memory::query(&rig.ctx).await.unwrap();
+    assert_eq!((info.plugged_mib, info.dimms.len()), (0, 0));
+    assert_eq!(info.guest_total_mib, Some(BOOT_MIB));
+}
+
+#[tokio::test]
+async fn a_disk_the_guest_never_lists_times_out_naming_it() {
+    let rig = Rig::dimm().await;
+    rig.qmp.on("blockdev-add", MockReply::ok(json!({})));
+    rig.qmp.on("device_add", MockReply::ok(json!({})));
+    let err = pci::add_disk(&rig.ctx, disk(rig._dir.path(), "data"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, CoreError::Timeout { .. }), "{err:?}");
+    assert!(
+        err.to_string().contains("the guest showing the new disk"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_hot_plug_may_not_take_a_cold_devices_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rig = Rig::dimm().await;
+    let mut cold = ColdDevices::default();
+    cold.add_disk(disk(dir.path(), "root")).unwrap();
+    let mut limits = rig.ctx.limits().clone();
+    limits.cold = cold;
+    rig.ctx = Context::new(
+        rig.ctx.qmp().clone(),
+        Arc::new(HostAgent {
+            client: rig.ctx.agent().await.unwrap(),
+            runs: true,
+        }),
+        limits,
+        broadcast::channel(4).0,
+        Arc::new(Hotplug::new(1)),
+    );
+    let err = pci::add_disk(&rig.ctx, disk(dir.path(), "root"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, CoreError::BadArgument { .. }), "{err:?}");
+    assert!(
+        err.to_string().contains("a cold-plugged device has it"),
+        "{err}"
+    );
+    assert!(rig.sent().is_empty(), "{:?}", rig.sent());
+}
+
+#[tokio::test]
+async fn a_backend_qemu_will_not_delete_after_the_device_went_is_reported() {
+    let rig = Rig::dimm().await;
+    rig.qmp.on("blockdev-add", MockReply::ok(json!({})));
+    disk_plug_works(&rig);
+    pci::add_disk(&rig.ctx, disk(rig._dir.path(), "data"))
+        .await
+        .unwrap();
+    rig.qmp.on(
+        "device_del",
+        MockReply::ok(json!({})).then_event(
+            "DEVICE_DELETED",
+            json!({"device": "data", "path": "/machine/peripheral/data"}),
+        ),
+    );
+    rig.qmp
+        .on("blockdev-del", qemu_error("Node vmkit-hot0 is in use"));
+    let err = pci::remove_device(&rig.ctx, "data").await.unwrap_err();
+    assert!(
+        err.to_string().starts_with("blockdev-del vmkit-hot0"),
+        "{err}"
+    );
+    assert!(
+        rig.ctx.state().devices().is_empty(),
+        "the device itself is gone from QEMU"
+    );
 }
