@@ -1,0 +1,152 @@
+//! The state of one link, shared by the mux's tasks and its channels: each channel's
+//! buffers, window and wakers, the opens waiting for an answer, the other side's epoch,
+//! and why the link died once it did.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Mutex, MutexGuard};
+use std::task::Waker;
+
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::error::Error;
+use crate::frame::Frame;
+
+/// How many bytes a sender may have in flight on one channel before the receiver's
+/// reader has consumed them.
+pub(crate) const WINDOW: u32 = 256 << 10;
+
+/// One channel's state, shared by the reader task and the [`Channel`].
+#[derive(Debug)]
+pub(crate) struct Chan {
+    /// Bytes received and not yet read.
+    pub(crate) rx: VecDeque<u8>,
+    pub(crate) rx_waker: Option<Waker>,
+    /// The other side closed its sending half.
+    pub(crate) eof: bool,
+    /// Why the channel is dead, once it is.
+    pub(crate) failed: Option<String>,
+    /// Bytes this side may still send.
+    pub(crate) window: u32,
+    pub(crate) tx_waker: Option<Waker>,
+    /// Bytes read since the last credit sent.
+    pub(crate) unacked: u32,
+}
+
+impl Chan {
+    pub(crate) fn new() -> Self {
+        Chan {
+            rx: VecDeque::new(),
+            rx_waker: None,
+            eof: false,
+            failed: None,
+            window: WINDOW,
+            tx_waker: None,
+            unacked: 0,
+        }
+    }
+
+    /// Marks the channel dead and wakes whoever waits on it.
+    pub(crate) fn fail(&mut self, reason: &str) {
+        if self.failed.is_none() {
+            self.failed = Some(reason.to_owned());
+        }
+        self.wake();
+    }
+
+    fn wake(&mut self) {
+        self.wake_reader();
+        self.wake_writer();
+    }
+
+    /// Wakes a read waiting for bytes.
+    pub(crate) fn wake_reader(&mut self) {
+        if let Some(w) = self.rx_waker.take() {
+            w.wake();
+        }
+    }
+
+    /// Wakes a write waiting for credit.
+    pub(crate) fn wake_writer(&mut self) {
+        if let Some(w) = self.tx_waker.take() {
+            w.wake();
+        }
+    }
+}
+
+/// The link's state.
+#[derive(Default)]
+pub(crate) struct State {
+    pub(crate) channels: HashMap<u32, Chan>,
+    /// Opens waiting for the other side's answer.
+    pub(crate) pending: HashMap<u32, oneshot::Sender<Result<(), Error>>>,
+    pub(crate) next_id: u32,
+    /// The other side's epoch, once it said hello.
+    pub(crate) peer_epoch: Option<u64>,
+    /// Where accepted channels go (as their ids); `None` once the link is dead.
+    pub(crate) incoming: Option<mpsc::UnboundedSender<(u32, u32)>>,
+    /// Why the link is dead, once it is.
+    pub(crate) dead: Option<String>,
+    /// The ports this side serves (`None`: any).
+    pub(crate) ports: Option<Vec<u32>>,
+}
+
+/// What the mux's tasks and channels share.
+pub(crate) struct Shared {
+    state: Mutex<State>,
+    out: mpsc::UnboundedSender<Vec<u8>>,
+    /// Ticks `true` when the link dies (the tasks stop).
+    pub(crate) stop: watch::Sender<bool>,
+}
+
+impl Shared {
+    pub(crate) fn new(state: State, out: mpsc::UnboundedSender<Vec<u8>>) -> Self {
+        Shared {
+            state: Mutex::new(state),
+            out,
+            stop: watch::channel(false).0,
+        }
+    }
+
+    /// Queues raw bytes (the sync pad) for the writer task.
+    pub(crate) fn send_raw(&self, bytes: Vec<u8>) {
+        let _ = self.out.send(bytes);
+    }
+
+    pub(crate) fn state(&self) -> MutexGuard<'_, State> {
+        // Every critical section is a few field updates: a panic cannot leave the
+        // state half-changed, so a poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues `frame` for the writer task (a dead link drops it).
+    pub(crate) fn send(&self, frame: &Frame) {
+        let _ = self.out.send(frame.encode());
+    }
+
+    /// Ends the link: every channel, every open and the acceptor fail with `reason`.
+    pub(crate) fn kill(&self, reason: &str) {
+        {
+            let mut state = self.state();
+            if state.dead.is_some() {
+                return;
+            }
+            state.dead = Some(reason.to_owned());
+            fail_all(&mut state, reason, &|| Error::Closed {
+                reason: reason.to_owned(),
+            });
+            state.incoming = None;
+        }
+        self.stop.send_replace(true);
+        tracing::debug!(%reason, "serial link closed");
+    }
+}
+
+/// Fails every channel with `reason` and every open with `error()`.
+pub(crate) fn fail_all(state: &mut State, reason: &str, error: &dyn Fn() -> Error) {
+    for chan in state.channels.values_mut() {
+        chan.fail(reason);
+    }
+    for (_, open) in state.pending.drain() {
+        let _ = open.send(Err(error()));
+    }
+}
