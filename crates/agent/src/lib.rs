@@ -3,7 +3,9 @@
 //! The guest agent: a static binary the test guest's `/init` starts. It serves the
 //! `vmkit.agent.v1.Agent` TTRPC service (see `vmkit-proto`) on vsock port 1025 and raw
 //! streams on port 1026, and never panics on a bad request: each gets an error with a
-//! reason, and the agent keeps serving.
+//! reason, and the agent keeps serving. A guest without vsock runs it on a
+//! virtio-serial port instead ([`Listen::Serial`]): the same two ports, as channels of
+//! a `vmkit-serial` link that survives the host reconnecting and the agent restarting.
 //!
 //! It is a library too: [`start`] serves the same code on Unix sockets in a directory
 //! ([`Listen::Unix`], the host test mode, where `PowerOff` is refused), in the caller's
@@ -28,6 +30,7 @@ mod online;
 mod power;
 mod root;
 mod rpc;
+mod serial;
 mod service;
 mod streams;
 mod wait;
@@ -41,6 +44,7 @@ use vmkit_proto::{AGENT_PORT, STREAM_PORT};
 
 pub use limits::Limits;
 use listen::Listener;
+pub use serial::SerialEnd;
 
 /// Writes `line` and a newline to stderr in one write. In a guest stderr is the serial
 /// console, shared with `/init`: `eprintln!` writes its pieces one by one, and the ready
@@ -62,6 +66,10 @@ pub enum Listen {
     /// Unix sockets `agent.sock` (TTRPC) and `stream.sock` (streams) in this directory:
     /// the host test mode, where `PowerOff` is refused.
     Unix(PathBuf),
+    /// The channels of a virtio-serial link (ports 1025 and 1026 as on vsock), for a
+    /// guest without vsock. `PowerOff` is served on a real port, refused on the test
+    /// mode's socket.
+    Serial(SerialEnd),
 }
 
 impl Listen {
@@ -142,12 +150,18 @@ pub fn start_with_root(
     limits: Limits,
     root: &std::path::Path,
 ) -> std::io::Result<Serving> {
-    let power_off = matches!(listen, Listen::Vsock);
+    let power_off = matches!(listen, Listen::Vsock | Listen::Serial(SerialEnd::Device(_)));
     let service = Arc::new(service::AgentService::new(power_off, root::Root::at(root)));
     let named = |what: &str, listener: std::io::Result<Listener>| {
         listener.map_err(|e| std::io::Error::new(e.kind(), format!("listen for {what}: {e}")))
     };
+    let mut router = None;
     let (rpc, streams, sockets) = match listen {
+        Listen::Serial(end) => {
+            let (rpc, streams, route) = serial::listeners(end);
+            router = Some(route);
+            (rpc, streams, Vec::new())
+        }
         Listen::Vsock => (
             named("TTRPC", Listener::vsock(AGENT_PORT))?,
             named("streams", Listener::vsock(STREAM_PORT))?,
@@ -165,6 +179,9 @@ pub fn start_with_root(
     let what = format!("TTRPC on {rpc}, streams on {streams}");
     let (stop_tx, stop_rx) = watch::channel(false);
     let stop = Stop(stop_rx);
+    if let Some(route) = router {
+        tokio::spawn(stop.bounding(route));
+    }
     tokio::spawn(stop.bounding(streams::serve(
         streams,
         limits::Gate::new(limits.max_connections),

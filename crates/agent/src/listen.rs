@@ -1,4 +1,5 @@
-//! The agent's listeners: kernel vsock in a guest, Unix sockets for tests.
+//! The agent's listeners: kernel vsock in a guest, the channels of a virtio-serial
+//! port where the guest has no vsock (`serial.rs`), Unix sockets for tests.
 
 use std::fmt;
 use std::path::Path;
@@ -6,6 +7,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::UnixListener;
+use tokio::sync::{Mutex, mpsc};
 use tokio_vsock::{VMADDR_CID_ANY, VsockAddr, VsockListener};
 
 /// A connected stream, whatever the transport.
@@ -16,6 +18,11 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin> Conn for T {}
 pub(crate) enum Listener {
     Vsock(VsockListener, u32),
     Unix(UnixListener, String),
+    /// The channels opened to one port of the serial link.
+    Channels(
+        Mutex<mpsc::UnboundedReceiver<vmkit_serial::Channel>>,
+        String,
+    ),
 }
 
 impl fmt::Display for Listener {
@@ -23,6 +30,7 @@ impl fmt::Display for Listener {
         match self {
             Listener::Vsock(_, port) => write!(f, "vsock port {port}"),
             Listener::Unix(_, path) => write!(f, "unix://{path}"),
+            Listener::Channels(_, what) => f.write_str(what),
         }
     }
 }
@@ -52,6 +60,10 @@ impl Listener {
             let accepted: std::io::Result<Box<dyn Conn>> = match self {
                 Listener::Vsock(l, _) => l.accept().await.map(|(c, _)| Box::new(c) as _),
                 Listener::Unix(l, _) => l.accept().await.map(|(c, _)| Box::new(c) as _),
+                Listener::Channels(rx, _) => match rx.lock().await.recv().await {
+                    Some(channel) => Ok(Box::new(channel) as _),
+                    None => Err(std::io::Error::other("the serial link's router ended")),
+                },
             };
             match accepted {
                 Ok(conn) => return conn,

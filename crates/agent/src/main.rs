@@ -4,6 +4,10 @@
 //! vmkit-agent                 # in a guest: vsock ports 1025 (TTRPC) and 1026 (streams)
 //! vmkit-agent --unix DIR      # anywhere, for tests: DIR/agent.sock and DIR/stream.sock;
 //!                             # PowerOff is refused in this mode
+//! vmkit-agent --serial DEV    # in a guest without vsock: the channels of the
+//!                             # virtio-serial port DEV (e.g. /dev/vport0p1)
+//! vmkit-agent --serial-socket PATH
+//!                             # for tests: a Unix socket standing in for the port
 //! vmkit-agent --root DIR      # read /proc and /sys under DIR (a fake guest's files)
 //! vmkit-agent --max-connections N --body-budget BYTES \
 //!             --frame-timeout-ms MS --idle-timeout-ms MS
@@ -13,9 +17,10 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use vmkit_agent::{Limits, Listen};
+use vmkit_agent::{Limits, Listen, SerialEnd};
 
-const USAGE: &str = "usage: vmkit-agent [--unix DIR] [--root DIR] [--max-connections N] \
+const USAGE: &str = "usage: vmkit-agent [--unix DIR | --serial DEV | --serial-socket PATH] \
+                     [--root DIR] [--max-connections N] \
                      [--body-budget BYTES] [--frame-timeout-ms MS] [--idle-timeout-ms MS]";
 
 /// What the command line asks for.
@@ -43,6 +48,14 @@ fn parse_args() -> Result<Args, String> {
             "--unix" => {
                 let dir = args.next().ok_or("--unix needs a directory")?;
                 listen = Listen::Unix(dir.into());
+            }
+            "--serial" => {
+                let dev = args.next().ok_or("--serial needs a device")?;
+                listen = Listen::Serial(SerialEnd::Device(dev.into()));
+            }
+            "--serial-socket" => {
+                let path = args.next().ok_or("--serial-socket needs a path")?;
+                listen = Listen::Serial(SerialEnd::Socket(path.into()));
             }
             "--root" => root = args.next().ok_or("--root needs a directory")?.into(),
             "--max-connections" => {
