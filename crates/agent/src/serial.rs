@@ -6,10 +6,12 @@
 
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::unix::pipe;
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{Mutex, mpsc};
 use vmkit_proto::{AGENT_PORT, STREAM_PORT};
 use vmkit_serial::{Channel, Mux, Side};
@@ -88,17 +90,76 @@ async fn open(end: &SerialEnd) -> std::io::Result<Box<dyn Port>> {
     }
 }
 
-/// A character device read and written without blocking a runtime thread: tokio's
-/// pipe halves accept any non-blocking fd that epoll can watch, which a virtio-serial
-/// port is; the writer gets a duplicate of the reader's fd (the port itself can be
-/// opened only once).
-fn open_device(path: &Path) -> std::io::Result<impl Port + use<>> {
+/// A virtio-serial port read and written without blocking a runtime thread. A read
+/// returns at most one of the port's 4 KiB buffers even when more wait, so a short read
+/// does not mean the port is drained: readiness is cleared only when a read would block
+/// (tokio's own file and pipe types clear it after any short read, and then wait for a
+/// wake-up that never comes).
+struct Device(AsyncFd<std::fs::File>);
+
+fn open_device(path: &Path) -> std::io::Result<Device> {
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
         .open(path)?;
-    let writer = pipe::Sender::from_file_unchecked(file.try_clone()?)?;
-    let reader = pipe::Receiver::from_file_unchecked(file)?;
-    Ok(tokio::io::join(reader, writer))
+    // `AsyncFd::new` is deprecated because an `AsRawFd` type may change or close its fd
+    // while registered; a `File` owns its one fd until it is dropped with the AsyncFd,
+    // so that cannot happen here.
+    #[allow(deprecated)]
+    let fd = AsyncFd::new(file)?;
+    Ok(Device(fd))
+}
+
+impl AsyncRead for Device {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        loop {
+            let mut guard = ready!(self.0.poll_read_ready(cx))?;
+            let unfilled = buf.initialize_unfilled();
+            let read = guard.try_io(|fd| {
+                let mut file: &std::fs::File = fd.get_ref();
+                std::io::Read::read(&mut file, unfilled)
+            });
+            match read {
+                Ok(Ok(n)) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Ok(Err(e)) => return Poll::Ready(Err(e)),
+                // Would block: readiness was cleared; wait for the next wake-up.
+                Err(_would_block) => {}
+            }
+        }
+    }
+}
+
+impl AsyncWrite for Device {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        loop {
+            let mut guard = ready!(self.0.poll_write_ready(cx))?;
+            let written = guard.try_io(|fd| {
+                let mut file: &std::fs::File = fd.get_ref();
+                std::io::Write::write(&mut file, buf)
+            });
+            if let Ok(result) = written {
+                return Poll::Ready(result);
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
 }

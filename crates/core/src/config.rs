@@ -416,6 +416,11 @@ pub enum GuestTransport {
         /// The agent's vsock port.
         port: u32,
     },
+    /// No vsock at all: a virtio-serial port carrying a multiplexed link
+    /// (`vmkit-serial`) with the agent on its ports 1025 (TTRPC) and 1026 (streams), for
+    /// hosts without `/dev/vhost-vsock` where no vhost-user daemon may run, and for QEMU
+    /// on macOS.
+    VirtioSerial,
 }
 
 impl Default for GuestTransport {
@@ -455,6 +460,7 @@ impl GuestTransport {
                 }
                 port
             }
+            GuestTransport::VirtioSerial => return Ok(()),
         };
         if *port == 0 || *port == u32::MAX {
             return Err(Error::config(
@@ -565,6 +571,17 @@ impl StateLayout {
         self.state_dir.join("vhost-user-vsock.sock")
     }
 
+    /// The VMM's socket for the guest agent's virtio-serial port.
+    pub fn serial_socket(&self) -> PathBuf {
+        self.state_dir.join("serial.sock")
+    }
+
+    /// The dir of the agent's per-port sockets a virtio-serial link is served on (the
+    /// layout of the agent's host test mode).
+    pub fn guest_dir(&self) -> PathBuf {
+        self.state_dir.join("guest")
+    }
+
     /// The guest's serial console log.
     pub fn console_log(&self) -> PathBuf {
         self.log_dir.join("console.log")
@@ -602,11 +619,14 @@ impl StateLayout {
     }
 
     /// Every socket a backend may create, with a short name for messages.
-    pub fn sockets(&self) -> [(&'static str, PathBuf); 3] {
+    /// (The agent sockets in [`StateLayout::guest_dir`] are shorter than the vhost-user
+    /// socket's path, so they fit wherever it does.)
+    pub fn sockets(&self) -> [(&'static str, PathBuf); 4] {
         [
             ("control socket", self.control_socket()),
             ("vsock socket", self.vsock_socket()),
             ("vhost-user socket", self.vhost_user_vsock_socket()),
+            ("serial socket", self.serial_socket()),
         ]
     }
 }

@@ -10,7 +10,7 @@ use serde_json::json;
 use vmkit_core::{Accel, DiskConfig, InstanceConfig, MemoryHotplug, NicConfig};
 
 use crate::devices::{disk_args, nic_args};
-use crate::guest::VsockDevice;
+use crate::guest::GuestDevice;
 use crate::options::{Machine, QemuOptions};
 
 /// The `-sandbox` policy vmkit uses: seccomp on, and QEMU may not use obsolete system
@@ -80,7 +80,7 @@ pub(crate) struct Launch<'a> {
     /// NICs, each with the open TAP fd QEMU inherits.
     pub nics: &'a [(NicConfig, RawFd)],
     /// The vsock device, if the guest is reached over vsock.
-    pub vsock: Option<&'a VsockDevice>,
+    pub vsock: Option<&'a GuestDevice>,
 }
 
 /// The arguments (without the binary).
@@ -102,7 +102,7 @@ fn strs(parts: &[&str]) -> Vec<OsString> {
 
 /// Whether guest RAM is shared with a vhost-user daemon (hybrid vsock).
 fn shares_ram(launch: &Launch<'_>) -> bool {
-    matches!(launch.vsock, Some(VsockDevice::VhostUser { .. }))
+    matches!(launch.vsock, Some(GuestDevice::VhostUser { .. }))
 }
 
 /// The VM's name, and no defaults, display or reboot.
@@ -274,7 +274,7 @@ fn device_args(launch: &Launch<'_>) -> Vec<OsString> {
         args.extend(nic_args(i, &launch.config.id, nic, *fd, machine));
     }
     if let Some(vsock) = launch.vsock {
-        if machine == Machine::Q35 && matches!(vsock, VsockDevice::VhostUser { .. }) {
+        if machine == Machine::Q35 && matches!(vsock, GuestDevice::VhostUser { .. }) {
             let port = json!({"driver": "pcie-root-port", "id": VSOCK_PORT_ID,
                               "chassis": VSOCK_PORT_CHASSIS});
             args.push("-device".into());
@@ -292,11 +292,11 @@ pub(crate) fn vhost_user_vsock_device() -> serde_json::Value {
            "bus": VSOCK_PORT_ID})
 }
 
-/// The vsock device's arguments.
-pub(crate) fn vsock_args(vsock: &VsockDevice, machine: Machine) -> Vec<OsString> {
+/// The guest link's device arguments: a vsock device, or the virtio-serial port.
+pub(crate) fn vsock_args(vsock: &GuestDevice, machine: Machine) -> Vec<OsString> {
     let pci = machine == Machine::Q35;
     match vsock {
-        VsockDevice::VhostUser { socket } => {
+        GuestDevice::VhostUser { socket } => {
             let driver = if pci {
                 "vhost-user-vsock-pci"
             } else {
@@ -314,7 +314,7 @@ pub(crate) fn vsock_args(vsock: &VsockDevice, machine: Machine) -> Vec<OsString>
                 device.to_string().into(),
             ]
         }
-        VsockDevice::Kernel { cid, vhostfd } => {
+        GuestDevice::Kernel { cid, vhostfd } => {
             let driver = if pci {
                 "vhost-vsock-pci"
             } else {
@@ -328,7 +328,39 @@ pub(crate) fn vsock_args(vsock: &VsockDevice, machine: Machine) -> Vec<OsString>
             });
             vec!["-device".into(), device.to_string().into()]
         }
+        GuestDevice::Serial { chardev } => serial_args(chardev, pci),
     }
+}
+
+/// The id of the virtio-serial controller.
+const SERIAL_ID: &str = "vmkit-serial";
+/// The id of the agent's port's chardev.
+const SERIAL_CHARDEV: &str = "vmkit-agent";
+/// The name the guest sees the agent's port by (`/sys/class/virtio-ports/*/name`).
+pub(crate) const SERIAL_PORT_NAME: &str = "vmkit.agent";
+
+/// A virtio-serial controller (on the root complex: never unplugged) with one port,
+/// the agent's, on a Unix-socket chardev QEMU listens on (vmkit connects).
+fn serial_args(chardev: &std::path::Path, pci: bool) -> Vec<OsString> {
+    let controller = if pci {
+        json!({"driver": "virtio-serial-pci", "id": SERIAL_ID, "bus": "pcie.0"})
+    } else {
+        json!({"driver": "virtio-serial-device", "id": SERIAL_ID})
+    };
+    let port = json!({"driver": "virtserialport", "bus": format!("{SERIAL_ID}.0"),
+                      "chardev": SERIAL_CHARDEV, "name": SERIAL_PORT_NAME, "id": "vmkit-agent-port"});
+    vec![
+        "-chardev".into(),
+        format!(
+            "socket,id={SERIAL_CHARDEV},path={},server=on,wait=off",
+            escape_path(chardev)
+        )
+        .into(),
+        "-device".into(),
+        controller.to_string().into(),
+        "-device".into(),
+        port.to_string().into(),
+    ]
 }
 
 #[cfg(test)]
@@ -354,7 +386,7 @@ mod tests {
         c: &InstanceConfig,
         opts: &QemuOptions,
         accel: Accel,
-        vsock: Option<&VsockDevice>,
+        vsock: Option<&GuestDevice>,
     ) -> Vec<String> {
         args_of(&Launch {
             config: c,
@@ -437,7 +469,7 @@ mod tests {
         c.resources.memory_hotplug = MemoryHotplug::VirtioMem;
         c.resources.max_memory_mib = Some(1280);
         let opts = QemuOptions::from_map(&Default::default()).unwrap();
-        let hybrid = VsockDevice::VhostUser {
+        let hybrid = GuestDevice::VhostUser {
             socket: "/run/v.sock".into(),
         };
         for (vsock, qom_type) in [
@@ -471,10 +503,37 @@ mod tests {
     }
 
     #[test]
+    fn a_serial_guest_link_is_a_controller_a_named_port_and_a_listening_chardev() {
+        let serial = GuestDevice::Serial {
+            chardev: "/run/vmkit/a,b/serial.sock".into(),
+        };
+        let args: Vec<String> = vsock_args(&serial, Machine::Q35)
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        assert_eq!(
+            args,
+            [
+                "-chardev",
+                "socket,id=vmkit-agent,path=/run/vmkit/a,,b/serial.sock,server=on,wait=off",
+                "-device",
+                r#"{"bus":"pcie.0","driver":"virtio-serial-pci","id":"vmkit-serial"}"#,
+                "-device",
+                r#"{"bus":"vmkit-serial.0","chardev":"vmkit-agent","driver":"virtserialport","id":"vmkit-agent-port","name":"vmkit.agent"}"#,
+            ]
+        );
+        let mmio = vsock_args(&serial, Machine::Microvm);
+        assert!(
+            mmio[3].to_str().unwrap().contains("virtio-serial-device"),
+            "{mmio:?}"
+        );
+    }
+
+    #[test]
     fn vhost_user_vsock_shares_guest_ram_and_kernel_vsock_passes_its_fd() {
         let c = config();
         let opts = QemuOptions::from_map(&Default::default()).unwrap();
-        let hybrid = VsockDevice::VhostUser {
+        let hybrid = GuestDevice::VhostUser {
             socket: "/run/vmkit/a,b/vhost.sock".into(),
         };
         let args = plain_args(&c, &opts, Accel::Tcg, Some(&hybrid));
@@ -503,7 +562,7 @@ mod tests {
             ]
         );
 
-        let kernel = VsockDevice::Kernel {
+        let kernel = GuestDevice::Kernel {
             cid: 42,
             vhostfd: 9,
         };

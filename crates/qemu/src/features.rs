@@ -45,7 +45,7 @@ impl Features {
             cpu_hotplug: q35 && agent && res.max_vcpus > res.boot_vcpus,
             memory_hotplug: (q35 && agent && memory_room).then_some(res.memory_hotplug),
             hotplug_ports: if q35 { options.hotplug_ports } else { 0 },
-            transport: Plan::for_config(config),
+            transport: Plan::for_config(config, options),
         }
     }
 
@@ -67,6 +67,9 @@ impl Features {
             Plan::None => return Capabilities::PAUSE,
             Plan::Hybrid { .. } => CAPABILITIES.difference(Capabilities::VSOCK),
             Plan::Kernel { .. } => CAPABILITIES.difference(Capabilities::HYBRID_VSOCK),
+            Plan::Serial { .. } => {
+                CAPABILITIES.difference(Capabilities::VSOCK | Capabilities::HYBRID_VSOCK)
+            }
         };
         if !self.cpu_hotplug {
             caps.remove(Capabilities::CPU_HOTPLUG);

@@ -30,6 +30,7 @@ use crate::error::Error;
 use crate::host;
 use crate::options::QemuOptions;
 use crate::process::{Process, tail};
+use crate::serial_bridge::SerialBridge;
 
 /// The guest CID every hybrid-vsock VM gets: each has its own daemon, so CIDs need not
 /// differ between VMs.
@@ -53,22 +54,31 @@ pub(crate) enum Plan {
     Hybrid { port: u32, uds: PathBuf },
     /// Kernel vsock; `cid` as configured, or allocated.
     Kernel { port: u32, cid: Option<u32> },
+    /// A virtio-serial port on QEMU's `chardev` socket, its ports served as sockets in
+    /// `dir` (see [`crate::serial_bridge`]).
+    Serial { chardev: PathBuf, dir: PathBuf },
 }
 
 impl Plan {
-    /// The plan for `config` on this host (`Auto` picks kernel vsock when it works).
-    pub(crate) fn for_config(config: &InstanceConfig) -> Plan {
+    /// The plan for `config` on this host. `Auto` picks kernel vsock when it works,
+    /// else hybrid vsock when the vhost-user daemon is there to run, else virtio-serial.
+    pub(crate) fn for_config(config: &InstanceConfig, options: &QemuOptions) -> Plan {
         let layout = config.layout();
+        let serial = || Plan::Serial {
+            chardev: layout.serial_socket(),
+            dir: layout.guest_dir(),
+        };
         match &config.transport {
             GuestTransport::None => Plan::None,
             GuestTransport::Auto { port } if host::vhost_vsock_usable() => Plan::Kernel {
                 port: *port,
                 cid: None,
             },
-            GuestTransport::Auto { port } => Plan::Hybrid {
+            GuestTransport::Auto { port } if options.vhost_vsock_binary.is_file() => Plan::Hybrid {
                 port: *port,
                 uds: layout.vsock_socket(),
             },
+            GuestTransport::Auto { .. } | GuestTransport::VirtioSerial => serial(),
             GuestTransport::Vsock { cid, port } => Plan::Kernel {
                 port: *port,
                 cid: *cid,
@@ -81,9 +91,14 @@ impl Plan {
     }
 }
 
-/// The vsock device QEMU gets.
+/// The device QEMU gets for the guest link.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum VsockDevice {
+pub(crate) enum GuestDevice {
+    /// A virtio-serial port on the chardev socket QEMU listens on.
+    Serial {
+        /// The chardev's socket.
+        chardev: PathBuf,
+    },
     /// `vhost-user-vsock` on the daemon's vhost-user `socket`; guest RAM must then be a
     /// shared memfd.
     VhostUser {
@@ -121,12 +136,17 @@ impl Reserved {
 pub(crate) struct Link {
     /// The agent's address.
     pub(crate) agent: GuestAddr,
-    /// The guest's CID (kernel vsock) or [`HYBRID_GUEST_CID`].
-    pub(crate) cid: u32,
+    /// The guest's CID (kernel vsock) or [`HYBRID_GUEST_CID`]; `None` over
+    /// virtio-serial.
+    pub(crate) cid: Option<u32>,
     daemon: Option<Arc<Process>>,
+    /// The host end of a virtio-serial link.
+    bridge: Option<SerialBridge>,
     reserved: Option<Reserved>,
     /// Sockets created for this VM, removed on release.
     sockets: Vec<PathBuf>,
+    /// Dirs made for those sockets, removed after them.
+    dirs: Vec<PathBuf>,
     /// The daemon's vhost-user socket and its identity once QEMU could connect (hybrid).
     vhost_server: Option<(PathBuf, SocketIdentity)>,
     /// Holds this process's traffic to the daemon while the VM is paused (hybrid; see
@@ -203,14 +223,11 @@ impl Link {
         }
         // Nothing may wait on a VM that is gone.
         self.set_open(true);
+        drop(self.bridge.take());
         // Plain unlinks, on the blocking pool (Drop does them inline).
         let sockets: Vec<PathBuf> = self.sockets.drain(..).collect();
-        let _ = tokio::task::spawn_blocking(move || {
-            for socket in &sockets {
-                remove_if_present(socket);
-            }
-        })
-        .await;
+        let dirs: Vec<PathBuf> = self.dirs.drain(..).collect();
+        let _ = tokio::task::spawn_blocking(move || remove_all(&sockets, &dirs)).await;
         self.reserved = None;
     }
 }
@@ -224,8 +241,23 @@ impl Drop for Link {
             daemon.signal(libc::SIGKILL);
         }
         self.set_open(true);
-        for socket in self.sockets.drain(..) {
-            remove_if_present(&socket);
+        drop(self.bridge.take());
+        remove_all(&self.sockets, &self.dirs);
+        self.sockets.clear();
+        self.dirs.clear();
+    }
+}
+
+/// Removes `sockets`, then the (now empty) `dirs` that held them.
+fn remove_all(sockets: &[PathBuf], dirs: &[PathBuf]) {
+    for socket in sockets {
+        remove_if_present(socket);
+    }
+    for dir in dirs {
+        if let Err(e) = std::fs::remove_dir(dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot remove a link's dir");
         }
     }
 }
@@ -280,65 +312,111 @@ pub(crate) async fn establish(
     plan: &Plan,
     config: &InstanceConfig,
     options: &QemuOptions,
-) -> Result<Option<(Link, VsockDevice)>, Error> {
+) -> Result<Option<(Link, GuestDevice)>, Error> {
     match plan {
         Plan::None => Ok(None),
-        Plan::Kernel { port, cid } => {
-            let reserved = match cid {
-                Some(cid) => match host::reserve_vsock_cid(*cid) {
-                    Ok(Some(fd)) => Reserved::Fixed(fd),
-                    Ok(None) => return Err(Error::CidInUse { cid: *cid }),
-                    Err(source) => {
-                        return Err(Error::Io {
-                            op: format!("reserve guest CID {cid} on /dev/vhost-vsock"),
-                            source,
-                        });
-                    }
-                },
-                None => Reserved::Leased(cid_allocator()?.allocate_with(|cid| {
-                    Ok(match host::reserve_vsock_cid(cid)? {
-                        Some(fd) => Reservation::Reserved(fd),
-                        None => Reservation::Taken,
-                    })
-                })?),
-            };
-            let cid = match &reserved {
-                Reserved::Leased(lease) => lease.cid(),
-                Reserved::Fixed(_) => cid.unwrap_or_default(),
-            };
-            let vhostfd = reserved.fd().ok_or_else(|| Error::Io {
-                op: format!("reserve guest CID {cid}"),
-                source: std::io::Error::other("the reservation holds no fd"),
-            })?;
-            let link = Link {
-                agent: GuestAddr::Vsock { cid, port: *port },
-                cid,
-                daemon: None,
-                reserved: Some(reserved),
-                sockets: Vec::new(),
-                vhost_server: None,
-                gate: None,
-            };
-            Ok(Some((link, VsockDevice::Kernel { cid, vhostfd })))
-        }
-        Plan::Hybrid { port, uds } => {
-            let vhost = config.layout().vhost_user_vsock_socket();
-            let (daemon, identity) = spawn_daemon(config, options, uds).await?;
-            let link = Link {
-                agent: GuestAddr::HybridVsock {
-                    uds: uds.clone(),
-                    port: *port,
-                },
-                cid: HYBRID_GUEST_CID,
-                daemon: Some(daemon),
-                reserved: None,
-                sockets: vec![uds.clone(), vhost.clone()],
-                vhost_server: Some((vhost.clone(), identity)),
-                gate: Some(LinkGate::register(uds)),
-            };
-            Ok(Some((link, VsockDevice::VhostUser { socket: vhost })))
-        }
+        Plan::Kernel { port, cid } => kernel_link(*port, *cid).map(Some),
+        Plan::Hybrid { port, uds } => hybrid_link(config, options, *port, uds).await.map(Some),
+        Plan::Serial { chardev, dir } => serial_link(chardev, dir).await.map(Some),
     }
+}
+
+/// Kernel vsock: the CID named (reserved in the kernel) or one from the allocator.
+fn kernel_link(port: u32, cid: Option<u32>) -> Result<(Link, GuestDevice), Error> {
+    let reserved = match cid {
+        Some(cid) => match host::reserve_vsock_cid(cid) {
+            Ok(Some(fd)) => Reserved::Fixed(fd),
+            Ok(None) => return Err(Error::CidInUse { cid }),
+            Err(source) => {
+                return Err(Error::Io {
+                    op: format!("reserve guest CID {cid} on /dev/vhost-vsock"),
+                    source,
+                });
+            }
+        },
+        None => Reserved::Leased(cid_allocator()?.allocate_with(|cid| {
+            Ok(match host::reserve_vsock_cid(cid)? {
+                Some(fd) => Reservation::Reserved(fd),
+                None => Reservation::Taken,
+            })
+        })?),
+    };
+    let cid = match &reserved {
+        Reserved::Leased(lease) => lease.cid(),
+        Reserved::Fixed(_) => cid.unwrap_or_default(),
+    };
+    let vhostfd = reserved.fd().ok_or_else(|| Error::Io {
+        op: format!("reserve guest CID {cid}"),
+        source: std::io::Error::other("the reservation holds no fd"),
+    })?;
+    let link = Link {
+        agent: GuestAddr::Vsock { cid, port },
+        cid: Some(cid),
+        daemon: None,
+        bridge: None,
+        reserved: Some(reserved),
+        sockets: Vec::new(),
+        dirs: Vec::new(),
+        vhost_server: None,
+        gate: None,
+    };
+    Ok((link, GuestDevice::Kernel { cid, vhostfd }))
+}
+
+/// Hybrid vsock: a vhost-device-vsock daemon serving QEMU and the host's `uds`.
+async fn hybrid_link(
+    config: &InstanceConfig,
+    options: &QemuOptions,
+    port: u32,
+    uds: &Path,
+) -> Result<(Link, GuestDevice), Error> {
+    let vhost = config.layout().vhost_user_vsock_socket();
+    let (daemon, identity) = spawn_daemon(config, options, uds).await?;
+    let link = Link {
+        agent: GuestAddr::HybridVsock {
+            uds: uds.to_owned(),
+            port,
+        },
+        cid: Some(HYBRID_GUEST_CID),
+        daemon: Some(daemon),
+        bridge: None,
+        reserved: None,
+        sockets: vec![uds.to_owned(), vhost.clone()],
+        dirs: Vec::new(),
+        vhost_server: Some((vhost.clone(), identity)),
+        gate: Some(LinkGate::register(uds)),
+    };
+    Ok((link, GuestDevice::VhostUser { socket: vhost }))
+}
+
+/// virtio-serial: the bridge that serves the agent's ports in `dir` over QEMU's
+/// `chardev`.
+async fn serial_link(chardev: &Path, dir: &Path) -> Result<(Link, GuestDevice), Error> {
+    let ports = [vmkit_proto::AGENT_PORT, vmkit_proto::STREAM_PORT];
+    let (bridge, agent) =
+        SerialBridge::start(chardev.to_owned(), dir, &ports, vmkit_proto::AGENT_PORT)
+            .await
+            .map_err(|source| Error::Io {
+                op: format!("serve the guest's serial link in {}", dir.display()),
+                source,
+            })?;
+    let mut sockets = bridge.sockets().to_vec();
+    sockets.push(chardev.to_owned());
+    let link = Link {
+        agent,
+        cid: None,
+        daemon: None,
+        bridge: Some(bridge),
+        reserved: None,
+        sockets,
+        dirs: vec![dir.to_owned()],
+        vhost_server: None,
+        gate: None,
+    };
+    let device = GuestDevice::Serial {
+        chardev: chardev.to_owned(),
+    };
+    Ok((link, device))
 }
 
 /// Spawns a vhost-device-vsock for `config`'s VM, serving QEMU on the state dir's
@@ -555,15 +633,16 @@ mod tests {
 
     #[test]
     fn plans_follow_the_transport() {
+        let options = QemuOptions::from_map(&Default::default()).unwrap();
         let mut config = InstanceConfig::new("vm", "/run/vm", "/boot/vmlinuz");
         config.transport = GuestTransport::None;
-        assert_eq!(Plan::for_config(&config), Plan::None);
+        assert_eq!(Plan::for_config(&config, &options), Plan::None);
         config.transport = GuestTransport::HybridVsock {
             uds: None,
             port: 1025,
         };
         assert_eq!(
-            Plan::for_config(&config),
+            Plan::for_config(&config, &options),
             Plan::Hybrid {
                 port: 1025,
                 uds: "/run/vm/vsock.sock".into()
@@ -574,24 +653,43 @@ mod tests {
             port: 99,
         };
         assert_eq!(
-            Plan::for_config(&config),
+            Plan::for_config(&config, &options),
             Plan::Kernel {
                 port: 99,
                 cid: Some(7)
             }
         );
+        config.transport = GuestTransport::VirtioSerial;
+        let serial = Plan::Serial {
+            chardev: "/run/vm/serial.sock".into(),
+            dir: "/run/vm/guest".into(),
+        };
+        assert_eq!(Plan::for_config(&config, &options), serial);
+        // Auto: kernel vsock where it works, else hybrid where its daemon can run, else
+        // virtio-serial.
         config.transport = GuestTransport::Auto { port: 1025 };
-        let expected = if host::vhost_vsock_usable() {
-            Plan::Kernel {
+        let daemon = tempfile::NamedTempFile::new().unwrap();
+        let with_daemon = QemuOptions {
+            vhost_vsock_binary: daemon.path().to_owned(),
+            ..options.clone()
+        };
+        let without = QemuOptions {
+            vhost_vsock_binary: "/nonexistent/vhost-device-vsock".into(),
+            ..options.clone()
+        };
+        if host::vhost_vsock_usable() {
+            let kernel = Plan::Kernel {
                 port: 1025,
                 cid: None,
-            }
+            };
+            assert_eq!(Plan::for_config(&config, &without), kernel);
         } else {
-            Plan::Hybrid {
+            let hybrid = Plan::Hybrid {
                 port: 1025,
                 uds: "/run/vm/vsock.sock".into(),
-            }
-        };
-        assert_eq!(Plan::for_config(&config), expected);
+            };
+            assert_eq!(Plan::for_config(&config, &with_daemon), hybrid);
+            assert_eq!(Plan::for_config(&config, &without), serial);
+        }
     }
 }

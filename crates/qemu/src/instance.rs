@@ -188,7 +188,7 @@ impl Instance for QemuInstance {
             .filter(|p| p.exited().is_none())
             .map(|p| p.pid());
         let (cid, guest) = match self.vm.link_info() {
-            Some((cid, addr)) => (Some(cid), Some(addr)),
+            Some((cid, addr)) => (cid, Some(addr)),
             None => (None, None),
         };
         let mut sockets = vec![(

@@ -55,6 +55,7 @@ mod qmp;
 mod relink;
 mod running;
 mod runtime;
+mod serial_bridge;
 mod shutdown;
 mod start;
 mod vm;

@@ -153,8 +153,8 @@ impl Vm {
             })
     }
 
-    /// The link's CID and agent address, once the VM has one.
-    pub(crate) fn link_info(&self) -> Option<(u32, GuestAddr)> {
+    /// The link's CID (none over virtio-serial) and agent address, once the VM has one.
+    pub(crate) fn link_info(&self) -> Option<(Option<u32>, GuestAddr)> {
         self.with_running(|r| r.link().map(|l| (l.cid, l.agent.clone())))
             .flatten()
     }

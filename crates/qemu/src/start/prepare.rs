@@ -13,7 +13,7 @@ use vmkit_core::{Error as CoreError, HostFd, NicBackend, NicConfig};
 
 use super::{Progress, unless_missing};
 use crate::command::{Launch, build};
-use crate::guest::{self, VsockDevice};
+use crate::guest::{self, GuestDevice};
 use crate::locks::lock;
 use crate::options::{Machine, Sandbox};
 use crate::running::Running;
@@ -58,7 +58,7 @@ pub(super) async fn prepare(vm: &Vm, progress: &Progress<'_>) -> vmkit_core::Res
     let (nics, taps) = open_taps(&devices.nics)?;
     let mut keep_fds: Vec<RawFd> = nics.iter().map(|(_, fd)| *fd).collect();
     let vsock = link(vm, progress).await?;
-    if let Some(VsockDevice::Kernel { vhostfd, .. }) = &vsock {
+    if let Some(GuestDevice::Kernel { vhostfd, .. }) = &vsock {
         keep_fds.push(*vhostfd);
     }
     let args = build(&Launch {
@@ -113,13 +113,14 @@ fn open_taps(nics: &[NicConfig]) -> vmkit_core::Result<(NicFds, Vec<HostFd>)> {
 
 /// Sets up the guest's vsock link (a CID, or a vhost-device-vsock daemon) and hands it
 /// to the boot's [`Running`]; returns the device QEMU gets (`None`: no agent).
-async fn link(vm: &Vm, progress: &Progress<'_>) -> vmkit_core::Result<Option<VsockDevice>> {
+async fn link(vm: &Vm, progress: &Progress<'_>) -> vmkit_core::Result<Option<GuestDevice>> {
     let plan = &vm.features().transport;
     match guest::establish(plan, vm.config(), vm.options()).await {
         Ok(Some((link, device))) => {
-            progress.report(match link.daemon_pid() {
-                Some(pid) => format!("vhost-device-vsock up (pid {pid})"),
-                None => format!("guest CID {} reserved", link.cid),
+            progress.report(match (link.daemon_pid(), link.cid) {
+                (Some(pid), _) => format!("vhost-device-vsock up (pid {pid})"),
+                (None, Some(cid)) => format!("guest CID {cid} reserved"),
+                (None, None) => format!("serial link served at {}", link.agent),
             });
             vm.with_running(|r| r.set_link(link));
             Ok(Some(device))

@@ -104,6 +104,29 @@ pub async fn start(vm: QemuInstance) -> QemuInstance {
     again
 }
 
+/// Shuts `vm` down gracefully (the guest powers off) and checks that no process
+/// mentions `state` and that none of `paths` is left.
+pub async fn shut_down_leaving_nothing(
+    vm: &QemuInstance,
+    state: &Path,
+    paths: &[std::path::PathBuf],
+) {
+    let exit = vm.shutdown().await.unwrap();
+    assert_eq!(
+        exit.reason,
+        vmkit_core::ExitReason::GuestShutdown,
+        "{exit:?}"
+    );
+    assert_eq!(
+        processes_mentioning(state),
+        Vec::<u32>::new(),
+        "a daemon or QEMU outlived the VM"
+    );
+    for path in paths {
+        assert!(!path.exists(), "{} left behind", path.display());
+    }
+}
+
 pub fn assert_gone(pid: u32, vm: &QemuInstance) {
     assert!(
         !Path::new(&format!("/proc/{pid}")).exists(),
