@@ -38,7 +38,9 @@ fn bench(args: &[String]) -> Result<(), String> {
         "build the QEMU plugin (release)",
         run::cargo().args(["build", "--release", "--locked", "-p", "vmkit-plugin-qemu"]),
     )?;
-    for bench in ["qmp", "boot", "guest", "hotplug", "plugin", "soak"] {
+    for bench in [
+        "qmp", "boot", "guest", "serial", "hotplug", "plugin", "soak",
+    ] {
         let mut cmd = run::cargo();
         cmd.env("VMKIT_IMAGE_DIR", &image).args([
             "bench",
