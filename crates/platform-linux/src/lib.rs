@@ -35,3 +35,18 @@ pub mod process;
 pub mod spawn;
 pub mod tap;
 pub mod vhost_vsock;
+
+/// The hardware accelerator QEMU may use here (the seam vmkit-qemu calls, with the same
+/// name in `vmkit-macos`).
+pub mod accel {
+    /// `Some("kvm")` when the KVM probe finds it really usable, else `None` (TCG).
+    pub fn hardware_accel() -> Option<&'static str> {
+        crate::kvm::probe().is_usable().then_some("kvm")
+    }
+}
+
+/// The limits Linux sets (the same names as in `vmkit-macos`).
+pub mod limits {
+    /// The longest Unix socket path: `sun_path` is 108 bytes, the last for the NUL.
+    pub const SUN_PATH_MAX: usize = 107;
+}

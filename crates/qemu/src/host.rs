@@ -1,5 +1,6 @@
-//! The one place this crate meets the host OS: everything goes through the platform
-//! crate for the target (`vmkit-linux` on Linux).
+//! The one place this crate meets the host OS: everything goes through
+//! `vmkit-platform`, which is `vmkit-linux` or `vmkit-macos` by target, so no `cfg` is
+//! needed here.
 
 use std::io;
 use std::os::fd::OwnedFd;
@@ -7,22 +8,30 @@ use std::os::fd::OwnedFd;
 use tokio::process::{Child, Command};
 use vmkit_core::Accel;
 
-#[cfg(target_os = "linux")]
-use vmkit_linux as os;
+use vmkit_platform as os;
 
-#[cfg(not(target_os = "linux"))]
-compile_error!("vmkit-qemu supports Linux hosts only so far (vmkit-macos is planned)");
-
-/// The accelerator `Accel::Auto` means on this host: KVM when the probe finds it really
-/// usable, else TCG.
+/// The accelerator `Accel::Auto` means on this host: the platform's hardware
+/// accelerator (KVM, HVF) when its probe finds it really usable, else TCG.
 pub(crate) fn default_accel() -> Accel {
-    let status = os::kvm::probe();
-    tracing::debug!(kvm = %status, "accelerator probe");
-    if status.is_usable() {
-        Accel::Kvm
-    } else {
-        Accel::Tcg
+    let hardware = os::accel::hardware_accel();
+    tracing::debug!(?hardware, "accelerator probe");
+    hardware
+        .and_then(|name| name.parse().ok())
+        .unwrap_or(Accel::Tcg)
+}
+
+/// Checks that `path` fits this host's Unix socket addresses (103 bytes on macOS, 107
+/// on Linux).
+pub(crate) fn check_socket_path(path: &std::path::Path) -> Result<(), String> {
+    let len = path.as_os_str().len();
+    if len > os::limits::SUN_PATH_MAX {
+        return Err(format!(
+            "socket path {} is {len} bytes; a Unix socket path holds at most {} here",
+            path.display(),
+            os::limits::SUN_PATH_MAX
+        ));
     }
+    Ok(())
 }
 
 /// Spawns `command` so it dies with this process, letting it inherit `keep_fds`.

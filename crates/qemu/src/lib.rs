@@ -111,6 +111,11 @@ impl QemuBackend {
                 ),
             ));
         }
+        // The sockets vmkit and QEMU make must fit this host's socket addresses.
+        for (what, socket) in config.layout().sockets() {
+            host::check_socket_path(&socket)
+                .map_err(|e| vmkit_core::Error::config("state_dir", format!("{what}: {e}")))?;
+        }
         // The config's own devices go through the same checks as later add_* calls.
         let mut devices = devices::ColdDevices::default();
         for disk in &config.disks {

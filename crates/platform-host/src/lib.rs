@@ -1,0 +1,22 @@
+//! # vmkit-platform
+//!
+//! The platform layer of the host being built for, under one name, so that the crates
+//! above it (vmkit-qemu) have no `cfg(target_os)` of their own: this is `vmkit-linux`
+//! on Linux and `vmkit-macos` on macOS. Both offer the same modules — `accel`
+//! (`hardware_accel()`), `limits` (`SUN_PATH_MAX`), `process`, `spawn`, `tap`,
+//! `vhost_vsock` — with each OS's answers.
+//!
+//! ```
+//! // KVM or HVF when really usable, else None (TCG).
+//! let _ = vmkit_platform::accel::hardware_accel();
+//! assert!(vmkit_platform::limits::SUN_PATH_MAX >= 103);
+//! ```
+
+#[cfg(target_os = "linux")]
+pub use vmkit_linux::*;
+
+#[cfg(target_os = "macos")]
+pub use vmkit_macos::*;
+
+#[cfg(not(any(target_os = "linux", target_os = "macos")))]
+compile_error!("vmkit runs on Linux and macOS hosts");

@@ -1,0 +1,46 @@
+//! # vmkit-macos
+//!
+//! What vmkit needs from macOS, in one place, with the same module names as
+//! `vmkit-linux` so that vmkit-qemu picks either by its target alone (a renamed
+//! dependency in its `Cargo.toml`; no `cfg` in its code):
+//!
+//! - [`accel`]: whether QEMU may use Hypervisor.framework (`hvf`): `kern.hv_support` is
+//!   1, the guest is the host's own architecture, QEMU is not running under Rosetta
+//!   (`sysctl.proc_translated`), and the QEMU binary lists `hvf` in `-accel help`;
+//!   otherwise TCG, saying which check failed. [`accel::decide`] is the decision table.
+//! - [`net`]: networking without TAP — QEMU's `user` networking by default, `vmnet-*`
+//!   when privileged, or a `stream` netdev to a socket_vmnet or gvproxy socket.
+//! - [`limits`]: `sun_path` is 104 bytes on macOS, so a socket path may be 103.
+//! - [`tap`], [`vhost_vsock`]: what macOS does not have, refused with a reason.
+//! - `spawn`, `process`, `kqueue` (macOS only): spawning QEMU, signals, and watching a
+//!   process's exit with `EVFILT_PROC`/`NOTE_EXIT` (macOS has no parent-death signal).
+//!
+//! Everything that does not call the OS is plain code, unit-tested on Linux; the thin
+//! OS wrappers sit behind `cfg(target_os = "macos")`. These machines cannot install a
+//! macOS standard library, so those wrappers have not been compiled here.
+//!
+//! ```
+//! use vmkit_macos::accel::{Arch, Decision, HvfFacts, decide};
+//!
+//! let facts = HvfFacts {
+//!     hv_support: Some(1),
+//!     translated: Some(0),
+//!     host: Arch::Aarch64,
+//!     guest: Arch::Aarch64,
+//!     qemu_lists_hvf: true,
+//! };
+//! assert_eq!(decide(&facts), Decision::Hvf);
+//! ```
+
+pub mod accel;
+pub mod limits;
+pub mod net;
+pub mod tap;
+pub mod vhost_vsock;
+
+#[cfg(target_os = "macos")]
+pub mod kqueue;
+#[cfg(target_os = "macos")]
+pub mod process;
+#[cfg(target_os = "macos")]
+pub mod spawn;
