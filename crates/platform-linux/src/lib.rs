@@ -50,3 +50,11 @@ pub mod limits {
     /// The longest Unix socket path: `sun_path` is 108 bytes, the last for the NUL.
     pub const SUN_PATH_MAX: usize = 107;
 }
+
+/// vhost-user devices (the hybrid-vsock daemon's): QEMU on Linux has them.
+pub mod vhost_user {
+    /// Whether QEMU on this host can use a vhost-user device.
+    pub fn supported() -> bool {
+        true
+    }
+}

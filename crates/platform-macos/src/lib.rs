@@ -11,7 +11,8 @@
 //! - [`net`]: networking without TAP — QEMU's `user` networking by default, `vmnet-*`
 //!   when privileged, or a `stream` netdev to a socket_vmnet or gvproxy socket.
 //! - [`limits`]: `sun_path` is 104 bytes on macOS, so a socket path may be 103.
-//! - [`tap`], [`vhost_vsock`]: what macOS does not have, refused with a reason.
+//! - [`tap`], [`vhost_vsock`], [`vhost_user`]: what macOS does not have, refused with a
+//!   reason (so `GuestTransport::Auto` picks virtio-serial).
 //! - `spawn`, `process`, `kqueue` (macOS only): spawning QEMU, signals, and watching a
 //!   process's exit with `EVFILT_PROC`/`NOTE_EXIT` (macOS has no parent-death signal).
 //!
@@ -37,6 +38,8 @@ pub mod limits;
 pub mod net;
 pub mod tap;
 pub mod vhost_vsock;
+
+pub use vhost_vsock::vhost_user;
 
 #[cfg(target_os = "macos")]
 pub mod kqueue;

@@ -19,3 +19,11 @@ pub fn reserve_cid(cid: u32) -> io::Result<Option<OwnedFd>> {
         format!("guest CID {cid}: macOS has no kernel vsock; use the virtio-serial transport"),
     ))
 }
+
+/// vhost-user devices, which QEMU on macOS does not have either.
+pub mod vhost_user {
+    /// Never on macOS (no vhost-user, so no hybrid vsock).
+    pub fn supported() -> bool {
+        false
+    }
+}

@@ -61,7 +61,8 @@ pub(crate) enum Plan {
 
 impl Plan {
     /// The plan for `config` on this host. `Auto` picks kernel vsock when it works,
-    /// else hybrid vsock when the vhost-user daemon is there to run, else virtio-serial.
+    /// else hybrid vsock when this host's QEMU has vhost-user and the daemon is there to
+    /// run, else virtio-serial.
     pub(crate) fn for_config(config: &InstanceConfig, options: &QemuOptions) -> Plan {
         let layout = config.layout();
         let serial = || Plan::Serial {
@@ -74,10 +75,14 @@ impl Plan {
                 port: *port,
                 cid: None,
             },
-            GuestTransport::Auto { port } if options.vhost_vsock_binary.is_file() => Plan::Hybrid {
-                port: *port,
-                uds: layout.vsock_socket(),
-            },
+            GuestTransport::Auto { port }
+                if host::vhost_user_supported() && options.vhost_vsock_binary.is_file() =>
+            {
+                Plan::Hybrid {
+                    port: *port,
+                    uds: layout.vsock_socket(),
+                }
+            }
             GuestTransport::Auto { .. } | GuestTransport::VirtioSerial => serial(),
             GuestTransport::Vsock { cid, port } => Plan::Kernel {
                 port: *port,

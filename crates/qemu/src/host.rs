@@ -63,6 +63,11 @@ pub(crate) fn vhost_vsock_usable() -> bool {
     os::vhost_vsock::usable()
 }
 
+/// Whether QEMU here can use vhost-user devices (and so hybrid vsock).
+pub(crate) fn vhost_user_supported() -> bool {
+    os::vhost_user::supported()
+}
+
 /// Reserves `cid` in the kernel; `None` when another VM holds it.
 pub(crate) fn reserve_vsock_cid(cid: u32) -> io::Result<Option<OwnedFd>> {
     os::vhost_vsock::reserve_cid(cid)
