@@ -106,6 +106,36 @@ pub enum NicBackend {
         /// The open TAP.
         fd: HostFd,
     },
+    /// The VMM's own user-mode networking (QEMU's slirp): no privileges and no host
+    /// device; the guest is NATed. What a host without TAP (macOS) uses by default.
+    User,
+    /// A `stream` netdev to a Unix socket a helper serves (socket_vmnet, gvproxy,
+    /// passt), which holds whatever privileges the network needs.
+    Stream {
+        /// The helper's socket.
+        socket: PathBuf,
+    },
+    /// Apple's vmnet.framework (macOS only; root, or the com.apple.vm.networking
+    /// entitlement).
+    Vmnet {
+        /// Which vmnet network.
+        mode: VmnetMode,
+    },
+}
+
+/// A vmnet.framework network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum VmnetMode {
+    /// NAT to the host's network.
+    Shared,
+    /// A network of the host and its guests only.
+    Host,
+    /// Bridged onto a host interface.
+    Bridged {
+        /// The host interface (`en0`).
+        ifname: String,
+    },
 }
 
 /// An open file descriptor handed to vmkit: owned, shared by its clones (one open fd),
@@ -179,7 +209,14 @@ impl NicConfig {
         match &self.backend {
             NicBackend::Tap { name } => check_ifname(&format!("{field}.backend.name"), name)?,
             // An owned fd is open by construction.
-            NicBackend::TapFd { .. } => {}
+            NicBackend::TapFd { .. } | NicBackend::User => {}
+            NicBackend::Stream { socket } => {
+                crate::validate::check_socket_path(&format!("{field}.backend.socket"), socket)?;
+            }
+            NicBackend::Vmnet {
+                mode: VmnetMode::Bridged { ifname },
+            } => check_ifname(&format!("{field}.backend.mode.ifname"), ifname)?,
+            NicBackend::Vmnet { .. } => {}
         }
         if let Some(mac) = &self.mac {
             mac.validate_unicast(&format!("{field}.mac"))?;
@@ -344,6 +381,29 @@ mod tests {
         );
         let clone = nic.clone();
         assert_eq!(clone, nic, "a clone holds the same open fd");
+        // The backends without TAP, as serde data, and their checks.
+        let user: NicConfig = serde_json::from_str(r#"{"id": "net1", "backend": "user"}"#).unwrap();
+        assert_eq!(user.backend, NicBackend::User);
+        user.validate("nics[1]").unwrap();
+        let stream: NicConfig = serde_json::from_str(
+            r#"{"id": "net2", "backend": {"stream": {"socket": "/var/run/socket_vmnet"}}}"#,
+        )
+        .unwrap();
+        stream.validate("nics[2]").unwrap();
+        let bridged = NicConfig {
+            id: "net3".into(),
+            backend: NicBackend::Vmnet {
+                mode: VmnetMode::Bridged {
+                    ifname: "en/0".into(),
+                },
+            },
+            mac: None,
+        };
+        assert!(
+            reason(bridged.validate("nics[3]")).starts_with("nics[3].backend.mode.ifname:"),
+            "{:?}",
+            bridged.validate("nics[3]")
+        );
     }
 
     #[test]

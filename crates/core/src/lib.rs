@@ -49,7 +49,7 @@ pub use config::{
     Accel, DEFAULT_AGENT_PORT, GuestTransport, InstanceConfig, KernelConfig, MemoryHotplug,
     Resources, StateLayout, Timeouts,
 };
-pub use devices::{DiskConfig, DiskFormat, HostFd, MacAddr, NicBackend, NicConfig};
+pub use devices::{DiskConfig, DiskFormat, HostFd, MacAddr, NicBackend, NicConfig, VmnetMode};
 pub use error::{Error, Result};
 pub use guest_addr::GuestAddr;
 pub use info::{

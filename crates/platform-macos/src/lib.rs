@@ -8,8 +8,9 @@
 //!   1, the guest is the host's own architecture, QEMU is not running under Rosetta
 //!   (`sysctl.proc_translated`), and the QEMU binary lists `hvf` in `-accel help`;
 //!   otherwise TCG, saying which check failed. [`accel::decide`] is the decision table.
-//! - [`net`]: networking without TAP — QEMU's `user` networking by default, `vmnet-*`
-//!   when privileged, or a `stream` netdev to a socket_vmnet or gvproxy socket.
+//! - [`net`]: networking without TAP — QEMU's `user` networking by default, vmnet when
+//!   privileged, or a `stream` netdev to a socket_vmnet or gvproxy socket (the backends
+//!   are vmkit-core's `NicBackend`s; vmkit-qemu writes their `-netdev`s).
 //! - [`limits`]: `sun_path` is 104 bytes on macOS, so a socket path may be 103.
 //! - [`tap`], [`vhost_vsock`], [`vhost_user`]: what macOS does not have, refused with a
 //!   reason (so `GuestTransport::Auto` picks virtio-serial).

@@ -1,15 +1,15 @@
 //! The QEMU command line. QEMU is spawned directly (no shell), so only QEMU's own
 //! option syntax needs care: inside a `key=value,…` option a comma in a value must be
-//! doubled ([`escape_opt`]); devices are passed as JSON instead.
+//! doubled (`escape.rs`); devices are passed as JSON instead.
 
 use std::ffi::OsString;
 use std::os::fd::RawFd;
-use std::path::Path;
 
 use serde_json::json;
 use vmkit_core::{Accel, DiskConfig, InstanceConfig, MemoryHotplug, NicConfig};
 
 use crate::devices::{disk_args, nic_args};
+use crate::escape::{escape_opt, escape_path};
 use crate::guest::GuestDevice;
 use crate::options::{Machine, QemuOptions};
 
@@ -52,16 +52,6 @@ pub(crate) const PVPANIC_ID: &str = "vmkit-pvpanic";
 /// The id prefix of the PCIe root ports reserved for hot-plug (`vmkit-rp0`, …).
 pub(crate) const ROOT_PORT_PREFIX: &str = "vmkit-rp";
 
-/// Escapes a value for QEMU's `key=value,…` option syntax: a comma is doubled, so it
-/// cannot end the value and start another option.
-pub(crate) fn escape_opt(value: &str) -> String {
-    value.replace(',', ",,")
-}
-
-fn escape_path(path: &Path) -> String {
-    escape_opt(&path.to_string_lossy())
-}
-
 /// Everything the command line is built from.
 #[derive(Debug)]
 pub(crate) struct Launch<'a> {
@@ -78,7 +68,7 @@ pub(crate) struct Launch<'a> {
     /// Disks, in order.
     pub disks: &'a [DiskConfig],
     /// NICs, each with the open TAP fd QEMU inherits.
-    pub nics: &'a [(NicConfig, RawFd)],
+    pub nics: &'a [(NicConfig, Option<RawFd>)],
     /// The vsock device, if the guest is reached over vsock.
     pub vsock: Option<&'a GuestDevice>,
 }

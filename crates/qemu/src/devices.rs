@@ -6,8 +6,9 @@ use std::ffi::OsString;
 use std::os::fd::RawFd;
 
 use serde_json::json;
-use vmkit_core::{DiskConfig, Error as CoreError, MacAddr, NicConfig};
+use vmkit_core::{DiskConfig, Error as CoreError, MacAddr, NicBackend, NicConfig, VmnetMode};
 
+use crate::escape::{escape_opt, escape_path};
 use crate::options::Machine;
 
 /// The devices a VM boots with. Ids are unique across disks and NICs.
@@ -119,14 +120,37 @@ pub(crate) fn disk_args(index: usize, disk: &DiskConfig, machine: Machine) -> Ve
     ]
 }
 
-/// `-netdev` and `-device` for NIC number `index` of VM `vm_id`. `fd` is the open TAP
-/// QEMU inherits: the caller's for a [`vmkit_core::NicBackend::TapFd`], the one vmkit
-/// opened for a [`vmkit_core::NicBackend::Tap`] (so QEMU never opens, creates or names a TAP itself).
+/// The `-netdev` value for a NIC's host side with netdev id `id`. `fd` is the open TAP
+/// QEMU inherits for a TAP NIC: the caller's for a [`vmkit_core::NicBackend::TapFd`],
+/// the one vmkit opened for a [`vmkit_core::NicBackend::Tap`] (so QEMU never opens,
+/// creates or names a TAP itself). Values are escaped for QEMU's option syntax.
+pub(crate) fn netdev_arg(id: &str, backend: &NicBackend, fd: Option<RawFd>) -> String {
+    match backend {
+        NicBackend::Tap { .. } | NicBackend::TapFd { .. } => {
+            format!("tap,id={id},fd={}", fd.unwrap_or(-1))
+        }
+        NicBackend::User => format!("user,id={id}"),
+        NicBackend::Stream { socket } => format!(
+            "stream,id={id},server=off,addr.type=unix,addr.path={}",
+            escape_path(socket)
+        ),
+        NicBackend::Vmnet { mode } => match mode {
+            VmnetMode::Shared => format!("vmnet-shared,id={id}"),
+            VmnetMode::Host => format!("vmnet-host,id={id}"),
+            VmnetMode::Bridged { ifname } => {
+                format!("vmnet-bridged,id={id},ifname={}", escape_opt(ifname))
+            }
+        },
+    }
+}
+
+/// `-netdev` and `-device` for NIC number `index` of VM `vm_id`, on the TAP `fd` when
+/// it has one (see [`netdev_arg`]).
 pub(crate) fn nic_args(
     index: usize,
     vm_id: &str,
     nic: &NicConfig,
-    fd: RawFd,
+    fd: Option<RawFd>,
     machine: Machine,
 ) -> Vec<OsString> {
     let netdev_id = format!("vmkit-net{index}");
@@ -142,7 +166,7 @@ pub(crate) fn nic_args(
     });
     vec![
         "-netdev".into(),
-        format!("tap,id={netdev_id},fd={fd}").into(),
+        netdev_arg(&netdev_id, &nic.backend, fd).into(),
         "-device".into(),
         device.to_string().into(),
     ]
@@ -198,14 +222,14 @@ mod tests {
         let args = disk_args(1, &DiskConfig::new("d", &path), Machine::Microvm);
         assert!(args[3].to_str().unwrap().contains("\"virtio-blk-device\""));
         let nic = NicConfig::tap("n", "tap0", None);
-        let args = nic_args(0, "vm", &nic, 5, Machine::Microvm);
+        let args = nic_args(0, "vm", &nic, Some(5), Machine::Microvm);
         assert!(args[3].to_str().unwrap().contains("\"virtio-net-device\""));
     }
 
     #[test]
     fn nics_pass_their_tap_fd_whatever_the_backend() {
         let nic = NicConfig::tap("net0", "tap0", Some(MacAddr([0x52, 0x54, 0, 1, 2, 3])));
-        let args = nic_args(0, "vm", &nic, 9, Machine::Q35);
+        let args = nic_args(0, "vm", &nic, Some(9), Machine::Q35);
         assert_eq!(args[1], "tap,id=vmkit-net0,fd=9");
         assert!(
             args[3]
@@ -219,8 +243,42 @@ mod tests {
             backend: NicBackend::TapFd { fd: fd.into() },
             mac: None,
         };
-        let args = nic_args(1, "vm", &by_fd, 7, Machine::Q35);
+        let args = nic_args(1, "vm", &by_fd, Some(7), Machine::Q35);
         assert_eq!(args[1], "tap,id=vmkit-net1,fd=7");
+    }
+
+    #[test]
+    fn nics_without_tap_are_one_netdev_each() {
+        assert_eq!(netdev_arg("n0", &NicBackend::User, None), "user,id=n0");
+        assert_eq!(
+            netdev_arg(
+                "n1",
+                &NicBackend::Stream {
+                    socket: "/var/run/socket_vmnet,x".into()
+                },
+                None
+            ),
+            "stream,id=n1,server=off,addr.type=unix,addr.path=/var/run/socket_vmnet,,x"
+        );
+        let vmnet = |mode| NicBackend::Vmnet { mode };
+        assert_eq!(
+            netdev_arg("n2", &vmnet(VmnetMode::Shared), None),
+            "vmnet-shared,id=n2"
+        );
+        assert_eq!(
+            netdev_arg("n3", &vmnet(VmnetMode::Host), None),
+            "vmnet-host,id=n3"
+        );
+        assert_eq!(
+            netdev_arg(
+                "n4",
+                &vmnet(VmnetMode::Bridged {
+                    ifname: "en0".into()
+                }),
+                None
+            ),
+            "vmnet-bridged,id=n4,ifname=en0"
+        );
     }
 
     #[test]

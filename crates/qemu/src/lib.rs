@@ -37,6 +37,7 @@ pub mod accel;
 mod command;
 mod devices;
 mod error;
+mod escape;
 mod events;
 mod features;
 mod guest;

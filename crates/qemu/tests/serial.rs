@@ -1,13 +1,14 @@
 //! The guest channel over virtio-serial only (issue 16): the real test guest under real
 //! QEMU with no vsock device in its argv, its agent on a `virtserialport`, reached
-//! through vmkit's serial bridge.
+//! through vmkit's serial bridge — and, as on a Mac, a NIC on QEMU's user networking
+//! instead of a TAP.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests
 
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use vmkit_core::{GuestCommunicator, GuestTransport, Instance};
+use vmkit_core::{GuestCommunicator, GuestTransport, Instance, NicBackend, NicConfig};
 use vmkit_proto::agent::{ExecRequest, GuestInfoRequest, PingRequest};
 use vmkit_proto::{AgentClient, StreamHeader};
 use vmkit_qemu::{QemuBackend, QemuInstance};
@@ -63,10 +64,20 @@ async fn the_agent_works_over_virtio_serial_alone_and_survives_its_restart() {
     let state = dir.path().join("state");
     let mut config = image.config("serial", &state);
     config.transport = GuestTransport::VirtioSerial;
+    // As on a Mac: no TAP either, QEMU's user networking.
+    config.nics.push(NicConfig {
+        id: "net0".into(),
+        backend: NicBackend::User,
+        mac: None,
+    });
     let vm = start(QemuBackend.create_instance(config).unwrap()).await;
     let argv = qemu_argv(&vm);
     assert!(!argv.contains("vsock"), "no vsock device: {argv}");
     assert!(argv.contains("virtserialport"), "{argv}");
+    assert!(argv.contains("-netdev user,id=vmkit-net0"), "{argv}");
+    let mac = vmkit_qemu::stable_mac("serial", "net0");
+    let line = ready_line(&vm).await;
+    assert!(line.ends_with(&format!("nics=eth0:{mac}")), "{line}");
     assert_eq!(vm.vm_info().cid, None);
 
     let agent = vm.agent().await.unwrap();

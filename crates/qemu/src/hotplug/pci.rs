@@ -211,6 +211,13 @@ pub(crate) async fn add_nic(ctx: &Context, nic: NicConfig) -> vmkit_core::Result
             .map_err(|e| CoreError::io(format!("{op}: open TAP {name}"), e))?
             .into(),
         NicBackend::TapFd { fd } => fd.clone(),
+        NicBackend::User | NicBackend::Stream { .. } | NicBackend::Vmnet { .. } => {
+            return Err(CoreError::unsupported(
+                op,
+                crate::BACKEND_NAME,
+                "hot-plug takes TAP NICs; user, stream and vmnet NICs are cold-plugged",
+            ));
+        }
     };
     let mac = nic
         .mac

@@ -1140,3 +1140,16 @@ async fn a_backend_qemu_will_not_delete_after_the_device_went_is_reported() {
         "the device itself is gone from QEMU"
     );
 }
+
+#[tokio::test]
+async fn a_nic_without_tap_is_not_hot_plugged() {
+    let rig = Rig::dimm().await;
+    let user = NicConfig {
+        id: "net9".into(),
+        backend: NicBackend::User,
+        mac: None,
+    };
+    let err = pci::add_nic(&rig.ctx, user).await.unwrap_err();
+    assert!(matches!(err, CoreError::Unsupported { .. }), "{err:?}");
+    assert!(rig.sent().is_empty(), "{:?}", rig.sent());
+}

@@ -56,7 +56,7 @@ pub(super) async fn prepare(vm: &Vm, progress: &Progress<'_>) -> vmkit_core::Res
     let cmdline = kernel_cmdline::build(options.machine, tsc_khz, &config.kernel.cmdline)?;
     let devices = vm.cold_devices();
     let (nics, taps) = open_taps(&devices.nics)?;
-    let mut keep_fds: Vec<RawFd> = nics.iter().map(|(_, fd)| *fd).collect();
+    let mut keep_fds: Vec<RawFd> = nics.iter().filter_map(|(_, fd)| *fd).collect();
     let vsock = link(vm, progress).await?;
     if let Some(GuestDevice::Kernel { vhostfd, .. }) = &vsock {
         keep_fds.push(*vhostfd);
@@ -82,8 +82,8 @@ pub(super) async fn prepare(vm: &Vm, progress: &Progress<'_>) -> vmkit_core::Res
     })
 }
 
-/// Each NIC with the TAP fd QEMU gets for it.
-type NicFds = Vec<(NicConfig, RawFd)>;
+/// Each NIC with the TAP fd QEMU gets for it (none for the backends without TAP).
+type NicFds = Vec<(NicConfig, Option<RawFd>)>;
 
 /// Opens every TAP the NICs name (a TAP vmkit creates vanishes with the VM; QEMU
 /// inherits the fds): each NIC with the fd QEMU gets, and the fds the VM holds (those
@@ -99,12 +99,13 @@ fn open_taps(nics: &[NicConfig]) -> vmkit_core::Result<(NicFds, Vec<HostFd>)> {
                 })?;
                 let raw = fd.as_raw_fd();
                 held.push(fd.into());
-                raw
+                Some(raw)
             }
             NicBackend::TapFd { fd } => {
                 held.push(fd.clone());
-                fd.as_raw_fd()
+                Some(fd.as_raw_fd())
             }
+            NicBackend::User | NicBackend::Stream { .. } | NicBackend::Vmnet { .. } => None,
         };
         with_fds.push((nic.clone(), fd));
     }
