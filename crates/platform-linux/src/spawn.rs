@@ -22,6 +22,9 @@ use std::sync::OnceLock;
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot};
 
+/// Whether a spawned child dies with this process (the parent-death signal sees to it).
+pub const CHILDREN_DIE_WITH_PARENT: bool = true;
+
 /// What to spawn, and how.
 #[derive(Debug)]
 pub struct SpawnRequest {

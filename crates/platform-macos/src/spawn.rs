@@ -9,6 +9,10 @@ use std::sync::OnceLock;
 
 use tokio::process::{Child, Command};
 
+/// Whether a spawned child dies with this process: not on macOS (no parent-death
+/// signal), so QEMU is asked to (`-run-with exit-with-parent=on`) where it can.
+pub const CHILDREN_DIE_WITH_PARENT: bool = false;
+
 /// What to spawn.
 #[derive(Debug)]
 pub struct SpawnRequest {

@@ -65,6 +65,9 @@ pub(crate) struct Launch<'a> {
     pub cmdline: &'a str,
     /// Whether to pass `-sandbox`.
     pub sandbox: bool,
+    /// Whether QEMU is to exit when vmkit does (`-run-with exit-with-parent=on`), for
+    /// platforms that cannot see to it themselves.
+    pub exit_with_parent: bool,
     /// Disks, in order.
     pub disks: &'a [DiskConfig],
     /// NICs, each with the open TAP fd QEMU inherits.
@@ -185,7 +188,7 @@ fn memory_args(launch: &Launch<'_>) -> Vec<OsString> {
     args
 }
 
-/// `-sandbox` and the user QEMU drops to.
+/// `-sandbox`, the user QEMU drops to, and whether it exits with vmkit.
 fn sandbox_args(launch: &Launch<'_>) -> Vec<OsString> {
     let mut args = Vec::new();
     if launch.sandbox {
@@ -196,9 +199,16 @@ fn sandbox_args(launch: &Launch<'_>) -> Vec<OsString> {
         };
         args.extend(strs(&["-sandbox", policy]));
     }
+    let mut run_with = Vec::new();
     if let Some(user) = &launch.options.run_as {
         // Checked to be a user name or uid:gid (no comma) when the options were read.
-        args.extend(strs(&["-run-with", &format!("user={}", escape_opt(user))]));
+        run_with.push(format!("user={}", escape_opt(user)));
+    }
+    if launch.exit_with_parent {
+        run_with.push("exit-with-parent=on".to_owned());
+    }
+    if !run_with.is_empty() {
+        args.extend(strs(&["-run-with", &run_with.join(",")]));
     }
     args
 }
@@ -384,6 +394,7 @@ mod tests {
             accel,
             cmdline: "",
             sandbox: false,
+            exit_with_parent: false,
             disks: &[],
             nics: &[],
             vsock,
@@ -409,18 +420,20 @@ mod tests {
             memory_hotplug: MemoryHotplug::Dimm,
         };
         let opts = QemuOptions::from_map(&Default::default()).unwrap();
-        let sandboxed = |options: &QemuOptions| {
+        let launched = |options: &QemuOptions, exit_with_parent: bool| {
             args_of(&Launch {
                 config: &c,
                 options,
                 accel: Accel::Tcg,
                 cmdline: "console=ttyS0 quiet",
                 sandbox: true,
+                exit_with_parent,
                 disks: &[],
                 nics: &[],
                 vsock: None,
             })
         };
+        let sandboxed = |options: &QemuOptions| launched(options, false);
         let args = sandboxed(&opts);
         assert_eq!(value_after(&args, "-accel"), ["tcg"]);
         assert!(
@@ -437,6 +450,13 @@ mod tests {
         let dropping = sandboxed(&unprivileged);
         assert_eq!(value_after(&dropping, "-run-with"), ["user=vmkit-qemu"]);
         assert_eq!(value_after(&dropping, "-sandbox"), [SANDBOX_RUN_AS]);
+        // Where the platform cannot tie QEMU to vmkit (macOS), QEMU is asked to: one
+        // -run-with carries both.
+        let tied = launched(&unprivileged, true);
+        assert_eq!(
+            value_after(&tied, "-run-with"),
+            ["user=vmkit-qemu,exit-with-parent=on"]
+        );
         assert_eq!(value_after(&args, "-append"), ["console=ttyS0 quiet"]);
         let devices = value_after(&args, "-device");
         assert_eq!(

@@ -63,6 +63,11 @@ pub(crate) fn vhost_vsock_usable() -> bool {
     os::vhost_vsock::usable()
 }
 
+/// Whether a child spawned here dies with this process by the platform's own means.
+pub(crate) fn children_die_with_us() -> bool {
+    os::spawn::CHILDREN_DIE_WITH_PARENT
+}
+
 /// Whether QEMU here can use vhost-user devices (and so hybrid vsock).
 pub(crate) fn vhost_user_supported() -> bool {
     os::vhost_user::supported()

@@ -44,11 +44,15 @@ pub(super) async fn prepare(vm: &Vm, progress: &Progress<'_>) -> vmkit_core::Res
     let accel =
         accel::resolve(config.accel).map_err(|e| CoreError::backend(op("accelerator"), e))?;
     take_state_dir(vm, accel).await?;
+    let binary = binary_features(&options.binary).await;
     let sandbox = match options.sandbox {
         Sandbox::On => true,
         Sandbox::Off => false,
-        Sandbox::Auto => has_seccomp(&options.binary).await,
+        Sandbox::Auto => binary.seccomp,
     };
+    // Where the platform cannot tie QEMU's life to ours (macOS), QEMU newer than 10.0
+    // can do it itself.
+    let exit_with_parent = !host::children_die_with_us() && binary.exit_with_parent;
     // Only microvm needs the TSC frequency (a /proc/cpuinfo read).
     let tsc_khz = (options.machine == Machine::Microvm)
         .then(host::tsc_khz)
@@ -67,6 +71,7 @@ pub(super) async fn prepare(vm: &Vm, progress: &Progress<'_>) -> vmkit_core::Res
         accel,
         cmdline: &cmdline,
         sandbox,
+        exit_with_parent,
         disks: &devices.disks,
         nics: &nics,
         vsock: vsock.as_ref(),
@@ -163,11 +168,30 @@ async fn take_state_dir(vm: &Vm, accel: vmkit_core::Accel) -> vmkit_core::Result
     Ok(())
 }
 
-/// Whether `binary` was built with seccomp (`-sandbox` in its `-help`). Asked once per
-/// binary per process; a binary that cannot be asked gets no sandbox (its start will
-/// report the real problem).
-async fn has_seccomp(binary: &Path) -> bool {
-    static CACHE: OnceLock<Mutex<HashMap<PathBuf, bool>>> = OnceLock::new();
+/// What a QEMU binary's `-help` says it can do.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct BinaryFeatures {
+    /// Built with seccomp (`-sandbox`).
+    seccomp: bool,
+    /// `-run-with exit-with-parent=on` (QEMU newer than 10.0).
+    exit_with_parent: bool,
+}
+
+impl BinaryFeatures {
+    fn of(help: &str) -> BinaryFeatures {
+        BinaryFeatures {
+            seccomp: help.lines().any(|l| l.starts_with("-sandbox ")),
+            exit_with_parent: help
+                .lines()
+                .any(|l| l.starts_with("-run-with ") && l.contains("exit-with-parent")),
+        }
+    }
+}
+
+/// What `binary` can do, from its `-help`. Asked once per binary per process; a binary
+/// that cannot be asked gets none of it (its start will report the real problem).
+async fn binary_features(binary: &Path) -> BinaryFeatures {
+    static CACHE: OnceLock<Mutex<HashMap<PathBuf, BinaryFeatures>>> = OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
     if let Some(known) = lock(cache).get(binary) {
         return *known;
@@ -178,12 +202,30 @@ async fn has_seccomp(binary: &Path) -> bool {
         .stdin(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true);
-    let has = match tokio::time::timeout(Duration::from_secs(10), command.output()).await {
-        Ok(Ok(out)) => String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .any(|l| l.starts_with("-sandbox ")),
-        _ => false,
+    let features = match tokio::time::timeout(Duration::from_secs(10), command.output()).await {
+        Ok(Ok(out)) => BinaryFeatures::of(&String::from_utf8_lossy(&out.stdout)),
+        _ => BinaryFeatures::default(),
     };
-    lock(cache).insert(binary.to_owned(), has);
-    has
+    lock(cache).insert(binary.to_owned(), features);
+    features
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn help_text_says_what_the_binary_can_do() {
+        let qemu_10_0 = "-sandbox on[,obsolete=allow|deny]\n-run-with [async-teardown=on|off][,chroot=dir][user=username|uid:gid]\n";
+        assert_eq!(
+            BinaryFeatures::of(qemu_10_0),
+            BinaryFeatures {
+                seccomp: true,
+                exit_with_parent: false
+            }
+        );
+        let newer = "-run-with [async-teardown=on|off][,chroot=dir][exit-with-parent=on|off][user=username|uid:gid]\n";
+        assert!(BinaryFeatures::of(newer).exit_with_parent);
+        assert!(!BinaryFeatures::of(newer).seccomp);
+    }
 }
