@@ -133,6 +133,22 @@ impl Rig {
         Rig::new(MemoryHotplug::Dimm, Accel::Kvm).await
     }
 
+    /// The same QEMU and agent seen through a new context: a guest that `runs` or is
+    /// paused, and `limits` (the events and hot-plug state start afresh).
+    async fn reframe(&mut self, runs: bool, limits: Limits) {
+        let agent = Arc::new(HostAgent {
+            client: self.ctx.agent().await.unwrap(),
+            runs,
+        });
+        self.ctx = Context::new(
+            self.ctx.qmp().clone(),
+            agent,
+            limits,
+            broadcast::channel(4).0,
+            Arc::new(Hotplug::new(1)),
+        );
+    }
+
     /// The names of the commands QEMU got, in order.
     fn sent(&self) -> Vec<String> {
         self.qmp
@@ -843,18 +859,8 @@ async fn a_paused_guest_is_not_asked_by_a_query() {
     let cpus = cpu::query(&ctx).await.unwrap();
     assert_eq!(cpus[0].online, Some(true), "a running guest is asked");
     // The same context with a paused guest: QEMU's view only.
-    let (tx, _) = broadcast::channel(4);
-    let paused = Arc::new(HostAgent {
-        client: rig.ctx.agent().await.unwrap(),
-        runs: false,
-    });
-    rig.ctx = Context::new(
-        rig.ctx.qmp().clone(),
-        paused,
-        rig.ctx.limits().clone(),
-        tx,
-        Arc::new(Hotplug::new(1)),
-    );
+    let limits = rig.ctx.limits().clone();
+    rig.reframe(false, limits).await;
     let cpus = cpu::query(&rig.ctx).await.unwrap();
     assert_eq!(cpus[0].online, None);
 }
@@ -1092,16 +1098,7 @@ async fn a_hot_plug_may_not_take_a_cold_devices_id() {
     cold.add_disk(disk(dir.path(), "root")).unwrap();
     let mut limits = rig.ctx.limits().clone();
     limits.cold = cold;
-    rig.ctx = Context::new(
-        rig.ctx.qmp().clone(),
-        Arc::new(HostAgent {
-            client: rig.ctx.agent().await.unwrap(),
-            runs: true,
-        }),
-        limits,
-        broadcast::channel(4).0,
-        Arc::new(Hotplug::new(1)),
-    );
+    rig.reframe(true, limits).await;
     let err = pci::add_disk(&rig.ctx, disk(dir.path(), "root"))
         .await
         .unwrap_err();
