@@ -44,7 +44,13 @@ pub(super) async fn prepare(vm: &Vm, progress: &Progress<'_>) -> vmkit_core::Res
     let accel =
         accel::resolve(config.accel).map_err(|e| CoreError::backend(op("accelerator"), e))?;
     take_state_dir(vm, accel).await?;
-    let binary = binary_features(&options.binary).await;
+    // The binary is asked (its `-help`) only when the answer matters.
+    let ties_us = host::children_die_with_us();
+    let binary = if options.sandbox == Sandbox::Auto || !ties_us {
+        binary_features(&options.binary).await
+    } else {
+        BinaryFeatures::default()
+    };
     let sandbox = match options.sandbox {
         Sandbox::On => true,
         Sandbox::Off => false,
@@ -52,7 +58,7 @@ pub(super) async fn prepare(vm: &Vm, progress: &Progress<'_>) -> vmkit_core::Res
     };
     // Where the platform cannot tie QEMU's life to ours (macOS), QEMU newer than 10.0
     // can do it itself.
-    let exit_with_parent = !host::children_die_with_us() && binary.exit_with_parent;
+    let exit_with_parent = !ties_us && binary.exit_with_parent;
     // Only microvm needs the TSC frequency (a /proc/cpuinfo read).
     let tsc_khz = (options.machine == Machine::Microvm)
         .then(host::tsc_khz)
