@@ -24,8 +24,7 @@ fn context(
         op,
         state: VmState::Shutdown,
     })?;
-    vm.life().require(op, allowed)?;
-    let ctx = vm.hotplug_context(op)?;
+    let ctx = vm.hotplug_context(op, allowed)?;
     Ok((vm, ctx))
 }
 

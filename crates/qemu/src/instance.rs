@@ -149,8 +149,7 @@ impl QemuInstance {
                 "disk and NIC hot-plug need q35 with hot-plug root ports (backend option hotplug_ports)",
             ));
         }
-        self.vm.life().require(call, &[VmState::Running])?;
-        let ctx = self.vm.hotplug_context(call)?;
+        let ctx = self.vm.hotplug_context(call, &[VmState::Running])?;
         self.vm.run_hotplug(op, work(ctx)).await
     }
 }
@@ -242,8 +241,7 @@ impl DeviceConfigurator for QemuInstance {
     }
 
     async fn unplug(&self, id: &str) -> vmkit_core::Result<()> {
-        self.vm.life().require("unplug", &[VmState::Running])?;
-        let ctx = self.vm.hotplug_context("unplug")?;
+        let ctx = self.vm.hotplug_context("unplug", &[VmState::Running])?;
         let id = id.to_owned();
         self.vm
             .run_hotplug(format!("unplug {id}"), async move {

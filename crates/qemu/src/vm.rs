@@ -263,12 +263,15 @@ impl Vm {
             .await
     }
 
-    /// The context a hot-plug operation named `op` runs on: the VM's QMP, agent,
-    /// limits, events and hot-plug state. `InvalidState` when the VM has no QMP.
+    /// The context a hot-plug operation named `op` runs on, once the VM is in one of
+    /// `allowed`: the VM's QMP, agent, limits, events and hot-plug state.
+    /// `InvalidState` in another state, or when the VM has no QMP.
     pub(crate) fn hotplug_context(
         self: &Arc<Self>,
         op: &'static str,
+        allowed: &[VmState],
     ) -> vmkit_core::Result<Context> {
+        self.life.require(op, allowed)?;
         let (qmp, accel) = self
             .with_running(|r| r.qmp().cloned().map(|q| (q, r.accel())))
             .flatten()
