@@ -18,14 +18,10 @@ fn read_sync(path: impl AsRef<Path>) -> std::io::Result<String> {
     Ok(std::fs::read_to_string(path)?.trim().to_owned())
 }
 
-/// Milliseconds since boot (`CLOCK_BOOTTIME`): a clock read, no file I/O, so `Ping`
-/// stays a pure round trip.
+/// Milliseconds since boot: a clock read, no file I/O, so `Ping` stays a pure round
+/// trip.
 pub(crate) fn uptime_ms() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).map_or(0, |t| {
-        let secs = u64::try_from(t.tv_sec()).unwrap_or(0);
-        let ms = u64::try_from(t.tv_nsec()).unwrap_or(0) / 1_000_000;
-        secs * 1000 + ms
-    })
+    vmkit_platform::system::uptime_ms()
 }
 
 /// Parses a kernel CPU list ("0-2,5") into ascending numbers; malformed parts are

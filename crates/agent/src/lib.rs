@@ -27,7 +27,6 @@ mod info;
 mod limits;
 mod listen;
 mod online;
-mod power;
 mod root;
 mod rpc;
 mod serial;

@@ -95,7 +95,10 @@ impl vmkit_proto::Agent for AgentService {
         // Answer first, then power off: the reply must leave before the guest stops.
         tokio::spawn(async {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            let e = crate::power::power_off();
+            // sync(2) may take a while: off the runtime's threads.
+            let e = tokio::task::spawn_blocking(vmkit_platform::system::power_off)
+                .await
+                .unwrap_or_else(|e| std::io::Error::other(e.to_string()));
             crate::log_line(&format!("vmkit-agent: power off: {e}"));
         });
         Ok(PowerOffResponse::new())

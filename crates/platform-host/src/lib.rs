@@ -3,8 +3,8 @@
 //! The platform layer of the host being built for, under one name, so that the crates
 //! above it (vmkit-qemu) have no `cfg(target_os)` of their own: this is `vmkit-linux`
 //! on Linux and `vmkit-macos` on macOS. Both offer the same modules — `accel`
-//! (`hardware_accel()`), `limits` (`SUN_PATH_MAX`), `process`, `spawn`, `tap`,
-//! `vhost_vsock` — with each OS's answers.
+//! (`hardware_accel()`), `limits` (`SUN_PATH_MAX`), `process`, `spawn`, `system`,
+//! `tap`, `vhost_vsock` — with each OS's answers.
 //!
 //! ```
 //! // KVM or HVF when really usable, else None (TCG).

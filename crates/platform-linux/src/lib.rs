@@ -12,6 +12,7 @@
 //!   spawned from a tokio worker or blocking-pool thread would be killed when that
 //!   thread retires.)
 //! - [`process`]: signals to children, the host CPU frequency.
+//! - [`system`]: the uptime, and powering off (for the guest agent).
 //! - [`tap::open_tap`]: opens (creating if needed) a TAP interface and returns its fd,
 //!   to be passed to the VMM.
 //! - [`vhost_vsock`]: whether kernel vsock for guests exists here, and the kernel's own
@@ -33,6 +34,7 @@
 pub mod kvm;
 pub mod process;
 pub mod spawn;
+pub mod system;
 pub mod tap;
 pub mod vhost_vsock;
 

@@ -12,6 +12,7 @@
 //!   privileged, or a `stream` netdev to a socket_vmnet or gvproxy socket (the backends
 //!   are vmkit-core's `NicBackend`s; vmkit-qemu writes their `-netdev`s).
 //! - [`limits`]: `sun_path` is 104 bytes on macOS, so a socket path may be 103.
+//! - [`system`]: the uptime (the agent's host test mode); powering off is refused.
 //! - [`tap`], [`vhost_vsock`], [`vhost_user`]: what macOS does not have, refused with a
 //!   reason (so `GuestTransport::Auto` picks virtio-serial).
 //! - `spawn`, `process`, `kqueue` (macOS only): spawning QEMU, signals, and watching a
@@ -37,6 +38,7 @@
 pub mod accel;
 pub mod limits;
 pub mod net;
+pub mod system;
 pub mod tap;
 pub mod vhost_vsock;
 
