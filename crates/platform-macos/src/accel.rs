@@ -151,7 +151,7 @@ mod os {
 
     /// The facts for a guest of the host's own architecture, QEMU at `$VMKIT_QEMU` or
     /// `qemu-system-<arch>` on `PATH` (asked once per process: `-accel help`).
-    fn hvf_facts() -> HvfFacts {
+    pub(super) fn hvf_facts() -> HvfFacts {
         static LISTS_HVF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         let lists_hvf = *LISTS_HVF.get_or_init(|| {
             let qemu = std::env::var_os("VMKIT_QEMU").unwrap_or_else(|| match Arch::native() {

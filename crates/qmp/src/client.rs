@@ -724,14 +724,11 @@ async fn send_with_fd(stream: &UnixStream, bytes: &[u8], fd: RawFd) -> std::io::
             let iov = [std::io::IoSlice::new(bytes)];
             let fds = [fd];
             let cmsg = [ControlMessage::ScmRights(&fds)];
-            sendmsg::<()>(
-                stream.as_raw_fd(),
-                &iov,
-                &cmsg,
-                MsgFlags::MSG_NOSIGNAL,
-                None,
-            )
-            .map_err(std::io::Error::from)
+            // No MSG_NOSIGNAL: macOS has no such flag, and this socket's other writes
+            // (plain write(2) through tokio) rely on SIGPIPE being ignored, as Rust's
+            // runtime sets it, just the same.
+            sendmsg::<()>(stream.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), None)
+                .map_err(std::io::Error::from)
         });
         match sent {
             Ok(n) => return Ok(n),

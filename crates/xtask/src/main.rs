@@ -3,6 +3,7 @@
 
 mod image;
 mod install;
+mod macos;
 mod run;
 mod test;
 
@@ -19,6 +20,10 @@ tasks:
             install what is missing, then run the benchmarks in benches/; each prints
             its figures against a baseline measured in the same run (--check: exit
             non-zero when a target is missed)
+  check-macos
+            type-check the host crates for x86_64- and aarch64-apple-darwin (std built
+            from Debian's Rust source, unpacked under target/macos-check/; nothing links
+            or runs)
   install   install what is missing (system packages need root) and stop
   image     build the test guest (kernel + initramfs) into target/vmkit-image/, cached
   demo      boot a VM, talk to the guest, hotplug, shut down
@@ -86,6 +91,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("test") => test::run(&args[1..]),
         Some("install") => install::ensure_all(),
+        Some("check-macos") => macos::check(),
         Some("image") => install::ensure_all().and_then(|()| image::ensure_image().map(drop)),
         Some("bench") => bench(&args[1..]),
         Some("demo") => demo(&args[1..]),

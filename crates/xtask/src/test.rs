@@ -32,6 +32,7 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
                 "warnings",
             ]),
         )?;
+        crate::macos::check()?;
         step(
             "doc",
             cargo().env("RUSTDOCFLAGS", "-D warnings").args([
