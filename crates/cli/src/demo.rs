@@ -65,7 +65,14 @@ async fn run_in(
     initrd: &Path,
     step: &impl Fn(&str),
 ) -> Result<(), String> {
-    let accel = vmkit_qemu::accel::resolve(vmkit_core::Accel::Auto).map_err(|e| e.to_string())?;
+    // The backend's defaults: the host's own machine and QEMU. The probe may run QEMU.
+    let qemu = vmkit_qemu::QemuOptions::from_map(&Default::default()).map_err(|e| e.to_string())?;
+    let accel = tokio::task::spawn_blocking(move || {
+        vmkit_qemu::accel::resolve(vmkit_core::Accel::Auto, &qemu)
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())?;
     step(&format!(
         "accelerator: {accel} (auto; set {}=tcg|kvm to override)",
         vmkit_qemu::accel::ACCEL_ENV

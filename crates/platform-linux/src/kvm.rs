@@ -51,13 +51,15 @@ pub fn probe_at(dev_kvm: &Path, sys_module: &Path, cpuinfo: &Path) -> KvmStatus 
                 .to_owned(),
         );
     }
-    let flags = std::fs::read_to_string(cpuinfo).unwrap_or_default();
-    let has_vt = flags
-        .lines()
-        .filter(|l| l.starts_with("flags"))
+    let text = std::fs::read_to_string(cpuinfo).unwrap_or_default();
+    let mut flag_lines = text.lines().filter(|l| l.starts_with("flags")).peekable();
+    // x86 lists its CPU flags on `flags` lines; arm64 has `Features` lines and no
+    // virtualisation flag at all (there, a /dev/kvm that opens is KVM).
+    let x86 = flag_lines.peek().is_some();
+    let has_vt = flag_lines
         .flat_map(|l| l.split_whitespace())
         .any(|f| f == "vmx" || f == "svm");
-    if !has_vt {
+    if x86 && !has_vt {
         return KvmStatus::Unusable(format!(
             "{} shows neither the vmx nor the svm flag (no hardware virtualisation)",
             cpuinfo.display()
@@ -113,6 +115,23 @@ mod tests {
         assert!(
             matches!(&status, KvmStatus::Unusable(r) if r.ends_with("kvm: No such file or directory (os error 2)")),
             "{status}"
+        );
+    }
+
+    #[test]
+    fn an_arm64_host_has_no_vt_flag_to_look_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = dir.path().join("kvm");
+        std::fs::write(&dev, b"").unwrap();
+        let cpuinfo = dir.path().join("cpuinfo");
+        std::fs::write(
+            &cpuinfo,
+            "processor\t: 0\nBogoMIPS\t: 48.00\nFeatures\t: fp asimd evtstrm aes crc32\n",
+        )
+        .unwrap();
+        assert_eq!(
+            probe_at(&dev, &dir.path().join("module"), &cpuinfo),
+            KvmStatus::Usable
         );
     }
 

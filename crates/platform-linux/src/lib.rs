@@ -41,9 +41,13 @@ pub mod vhost_vsock;
 /// The hardware accelerator QEMU may use here (the seam vmkit-qemu calls, with the same
 /// name in `vmkit-macos`).
 pub mod accel {
-    /// `Some("kvm")` when the KVM probe finds it really usable, else `None` (TCG).
-    pub fn hardware_accel() -> Option<&'static str> {
-        crate::kvm::probe().is_usable().then_some("kvm")
+    use std::path::Path;
+
+    /// `Some("kvm")` when the KVM probe finds it really usable and the guest is of the
+    /// host's own architecture (`guest_arch` in Rust's names, `"x86_64"`), else `None`
+    /// (TCG). The QEMU binary plays no part on Linux.
+    pub fn hardware_accel(guest_arch: &str, _qemu: &Path) -> Option<&'static str> {
+        (guest_arch == std::env::consts::ARCH && crate::kvm::probe().is_usable()).then_some("kvm")
     }
 }
 

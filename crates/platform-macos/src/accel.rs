@@ -13,6 +13,15 @@ pub enum Arch {
 }
 
 impl Arch {
+    /// The architecture named `name` in Rust's names (`"aarch64"`, `"x86_64"`).
+    pub fn from_name(name: &str) -> Option<Arch> {
+        match name {
+            "aarch64" => Some(Arch::Aarch64),
+            "x86_64" => Some(Arch::X86_64),
+            _ => None,
+        }
+    }
+
     /// The architecture this code was built for.
     pub const fn native() -> Arch {
         if cfg!(target_arch = "aarch64") {
@@ -111,21 +120,25 @@ pub fn lists_hvf(accel_help: &str) -> bool {
     accel_help.lines().any(|line| line.trim() == "hvf")
 }
 
-/// The QEMU accelerator name for hardware acceleration on this host, when it is
-/// usable: `Some("hvf")`, else `None` (TCG). The seam vmkit-qemu calls.
+/// The QEMU accelerator name for hardware acceleration of a `guest_arch` guest (Rust's
+/// names, `"aarch64"`) run by the QEMU binary `qemu`, when it is usable: `Some("hvf")`,
+/// else `None` (TCG). The seam vmkit-qemu calls. It runs `qemu -accel help` (once per
+/// binary): call it from a blocking thread.
 #[cfg(target_os = "macos")]
-pub fn hardware_accel() -> Option<&'static str> {
-    match decide(&os::hvf_facts()) {
+pub fn hardware_accel(guest_arch: &str, qemu: &std::path::Path) -> Option<&'static str> {
+    match decide(&os::hvf_facts(guest_arch, qemu)) {
         Decision::Hvf => Some("hvf"),
         Decision::Tcg(_) => None,
     }
 }
 
-/// The probe's OS calls (macOS only; not compiled on the machines vmkit is developed
-/// on).
+/// The probe's OS calls (macOS only).
 #[cfg(target_os = "macos")]
 mod os {
+    use std::collections::HashMap;
     use std::ffi::CStr;
+    use std::path::{Path, PathBuf};
+    use std::sync::Mutex;
 
     use super::{Arch, HvfFacts, lists_hvf};
 
@@ -149,27 +162,38 @@ mod os {
         (rc == 0).then_some(value)
     }
 
-    /// The facts for a guest of the host's own architecture, QEMU at `$VMKIT_QEMU` or
-    /// `qemu-system-<arch>` on `PATH` (asked once per process: `-accel help`).
-    pub(super) fn hvf_facts() -> HvfFacts {
-        static LISTS_HVF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let lists_hvf = *LISTS_HVF.get_or_init(|| {
-            let qemu = std::env::var_os("VMKIT_QEMU").unwrap_or_else(|| match Arch::native() {
-                Arch::Aarch64 => "qemu-system-aarch64".into(),
-                Arch::X86_64 => "qemu-system-x86_64".into(),
-            });
-            std::process::Command::new(qemu)
-                .args(["-accel", "help"])
-                .output()
-                .map(|out| lists_hvf(&String::from_utf8_lossy(&out.stdout)))
-                .unwrap_or(false)
+    /// Whether `qemu -accel help` lists hvf, asked once per binary.
+    fn qemu_lists_hvf(qemu: &Path) -> bool {
+        static ASKED: Mutex<Option<HashMap<PathBuf, bool>>> = Mutex::new(None);
+        let mut asked = ASKED
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *asked
+            .get_or_insert_with(HashMap::new)
+            .entry(qemu.to_owned())
+            .or_insert_with(|| {
+                std::process::Command::new(qemu)
+                    .args(["-accel", "help"])
+                    .output()
+                    .map(|out| lists_hvf(&String::from_utf8_lossy(&out.stdout)))
+                    .unwrap_or(false)
+            })
+    }
+
+    /// The facts for a `guest_arch` guest run by `qemu` on this Mac.
+    pub(super) fn hvf_facts(guest_arch: &str, qemu: &Path) -> HvfFacts {
+        let host = Arch::native();
+        // An architecture the decision does not know is foreign: the other one stands in.
+        let guest = Arch::from_name(guest_arch).unwrap_or(match host {
+            Arch::Aarch64 => Arch::X86_64,
+            Arch::X86_64 => Arch::Aarch64,
         });
         HvfFacts {
             hv_support: sysctl_i64(c"kern.hv_support"),
             translated: sysctl_i64(c"sysctl.proc_translated"),
-            host: Arch::native(),
-            guest: Arch::native(),
-            qemu_lists_hvf: lists_hvf,
+            host,
+            guest,
+            qemu_lists_hvf: host == guest && qemu_lists_hvf(qemu),
         }
     }
 }
@@ -186,6 +210,13 @@ mod tests {
             guest: Arch::Aarch64,
             qemu_lists_hvf: true,
         }
+    }
+
+    #[test]
+    fn architectures_are_read_by_rusts_names() {
+        assert_eq!(Arch::from_name("aarch64"), Some(Arch::Aarch64));
+        assert_eq!(Arch::from_name("x86_64"), Some(Arch::X86_64));
+        assert_eq!(Arch::from_name("riscv64"), None);
     }
 
     #[test]

@@ -1,23 +1,29 @@
 //! Choosing the accelerator: `Auto` means KVM where it really works, else HVF on
-//! macOS, else TCG; `VMKIT_ACCEL=tcg|kvm|hvf` overrides `Auto` for hosts where the
+//! macOS, else TCG — hardware acceleration only for a guest of the host's own
+//! architecture; `VMKIT_ACCEL=tcg|kvm|hvf` overrides `Auto` for hosts where the
 //! probe cannot tell (an explicit accelerator in the config always wins).
 
 use vmkit_core::Accel;
 
 use crate::error::Error;
 use crate::host;
+use crate::options::QemuOptions;
 
 /// The environment variable that overrides `Accel::Auto`.
 pub const ACCEL_ENV: &str = "VMKIT_ACCEL";
 
-/// Resolves `requested` to a concrete accelerator, reading [`ACCEL_ENV`] and probing
-/// the host for `Auto`.
+/// Resolves `requested` to a concrete accelerator for a VM with `options` (its machine
+/// says the guest's architecture, its binary is the QEMU asked on macOS), reading
+/// [`ACCEL_ENV`] and probing the host for `Auto`. The probe may run the QEMU binary:
+/// call this from a blocking thread in async code.
 ///
 /// # Errors
 /// [`Error::Accel`] when the environment override is not an accelerator name.
-pub fn resolve(requested: Accel) -> Result<Accel, Error> {
+pub fn resolve(requested: Accel, options: &QemuOptions) -> Result<Accel, Error> {
     let env = std::env::var(ACCEL_ENV).ok();
-    resolve_with(requested, env.as_deref(), host::default_accel)
+    resolve_with(requested, env.as_deref(), || {
+        host::default_accel(options.machine, &options.binary)
+    })
 }
 
 /// [`resolve`] with the override and the host probe given (for tests).

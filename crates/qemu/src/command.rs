@@ -45,7 +45,7 @@ pub(crate) const VSOCK_ID: &str = "vmkit-vsock";
 pub(crate) const VSOCK_PORT_ID: &str = "vmkit-rp-vsock";
 const VSOCK_PORT_CHASSIS: u32 = 33;
 
-/// The id of the pvpanic device (q35): the guest kernel reports a panic through it,
+/// The id of the pvpanic device (PCI machines): the guest kernel reports a panic through it,
 /// QEMU emits GUEST_PANICKED and the instance ends with `ExitReason::GuestPanic`.
 pub(crate) const PVPANIC_ID: &str = "vmkit-pvpanic";
 
@@ -115,8 +115,9 @@ fn identity_args(launch: &Launch<'_>) -> Vec<OsString> {
 /// model and vCPUs.
 fn machine_args(launch: &Launch<'_>) -> Vec<OsString> {
     let res = &launch.config.resources;
-    let machine = launch.options.machine;
-    let mut args = if shares_ram(launch) {
+    let mut machine = machine_name(launch.options.machine, launch.accel);
+    let mut args = Vec::new();
+    if shares_ram(launch) {
         // A vhost-user daemon maps guest RAM: it must be a shared memfd.
         let ram = json!({
             "qom-type": "memory-backend-memfd",
@@ -124,24 +125,39 @@ fn machine_args(launch: &Launch<'_>) -> Vec<OsString> {
             "size": res.memory_mib << 20,
             "share": true,
         });
-        strs(&[
-            "-machine",
-            &format!("{},memory-backend={RAM_BACKEND}", machine.as_str()),
-            "-object",
-            &ram.to_string(),
-        ])
-    } else {
-        strs(&["-machine", machine.as_str()])
-    };
+        machine.push_str(&format!(",memory-backend={RAM_BACKEND}"));
+        args.extend(strs(&["-object", &ram.to_string()]));
+    }
+    args.splice(0..0, strs(&["-machine", &machine]));
     args.extend(strs(&["-accel", launch.accel.as_str()]));
-    if matches!(launch.accel, Accel::Kvm | Accel::Hvf) {
-        args.extend(strs(&["-cpu", "host"]));
+    if let Some(cpu) = cpu_model(launch.options.machine, launch.accel) {
+        args.extend(strs(&["-cpu", cpu]));
     }
     args.extend(strs(&[
         "-smp",
         &format!("{},maxcpus={}", res.boot_vcpus, res.max_vcpus),
     ]));
     args
+}
+
+/// `-machine`'s value: on `virt`, a GICv3 (up to 512 vCPUs, where GICv2 stops at 8),
+/// or under KVM the host's own interrupt controller.
+fn machine_name(machine: Machine, accel: Accel) -> String {
+    match (machine, accel) {
+        (Machine::Virt, Accel::Kvm) => "virt,gic-version=host".to_owned(),
+        (Machine::Virt, _) => "virt,gic-version=3".to_owned(),
+        (other, _) => other.as_str().to_owned(),
+    }
+}
+
+/// `-cpu`: the host's own CPU under hardware acceleration (KVM, HVF); under TCG, `max`
+/// on `virt` (whose default, a Cortex-A15, is 32-bit) and QEMU's default on x86.
+fn cpu_model(machine: Machine, accel: Accel) -> Option<&'static str> {
+    match (accel, machine) {
+        (Accel::Kvm | Accel::Hvf, _) => Some("host"),
+        (_, Machine::Virt) => Some("max"),
+        _ => None,
+    }
 }
 
 /// `-m` (with DIMM slots, or the room virtio-mem needs) and the virtio-mem device.
@@ -247,7 +263,7 @@ fn kernel_args(launch: &Launch<'_>) -> Vec<OsString> {
     args
 }
 
-/// pvpanic and the hot-plug root ports (q35), the cold disks and NICs, and the vsock
+/// pvpanic and the hot-plug root ports (PCI machines), the cold disks and NICs, and the vsock
 /// device (on a root port of its own when it can be replaced).
 fn device_args(launch: &Launch<'_>) -> Vec<OsString> {
     let machine = launch.options.machine;
@@ -256,7 +272,7 @@ fn device_args(launch: &Launch<'_>) -> Vec<OsString> {
         args.push("-device".into());
         args.push(json.to_string().into());
     };
-    if machine == Machine::Q35 {
+    if machine.has_pci() {
         // On the root complex: it is never unplugged, so it takes no hot-plug port.
         device(json!({"driver": "pvpanic-pci", "id": PVPANIC_ID, "bus": "pcie.0"}));
         for i in 0..launch.options.hotplug_ports {
@@ -274,7 +290,7 @@ fn device_args(launch: &Launch<'_>) -> Vec<OsString> {
         args.extend(nic_args(i, &launch.config.id, nic, *fd, machine));
     }
     if let Some(vsock) = launch.vsock {
-        if machine == Machine::Q35 && matches!(vsock, GuestDevice::VhostUser { .. }) {
+        if machine.has_pci() && matches!(vsock, GuestDevice::VhostUser { .. }) {
             let port = json!({"driver": "pcie-root-port", "id": VSOCK_PORT_ID,
                               "chassis": VSOCK_PORT_CHASSIS});
             args.push("-device".into());
@@ -294,7 +310,7 @@ pub(crate) fn vhost_user_vsock_device() -> serde_json::Value {
 
 /// The guest link's device arguments: a vsock device, or the virtio-serial port.
 pub(crate) fn vsock_args(vsock: &GuestDevice, machine: Machine) -> Vec<OsString> {
-    let pci = machine == Machine::Q35;
+    let pci = machine.has_pci();
     match vsock {
         GuestDevice::VhostUser { socket } => {
             let driver = if pci {
@@ -419,7 +435,7 @@ mod tests {
             max_memory_mib: Some(2048),
             memory_hotplug: MemoryHotplug::Dimm,
         };
-        let opts = QemuOptions::from_map(&Default::default()).unwrap();
+        let opts = QemuOptions::q35();
         let launched = |options: &QemuOptions, exit_with_parent: bool| {
             args_of(&Launch {
                 config: &c,
@@ -474,11 +490,85 @@ mod tests {
     }
 
     #[test]
+    fn an_apple_silicon_command_line() {
+        // What a Mac with Apple Silicon runs: the virt board under HVF, the guest
+        // reached over virtio-serial, user networking, QEMU told to exit with vmkit.
+        let c = config();
+        let opts = QemuOptions {
+            machine: Machine::Virt,
+            ..QemuOptions::q35()
+        };
+        let serial = GuestDevice::Serial {
+            chardev: "/Users/a/vm/serial.sock".into(),
+        };
+        let nic = NicConfig {
+            id: "net0".into(),
+            backend: vmkit_core::NicBackend::User,
+            mac: None,
+        };
+        let cmdline = crate::kernel_cmdline::build(Machine::Virt, None, &[]).unwrap();
+        let launch = |accel: Accel| {
+            args_of(&Launch {
+                config: &c,
+                options: &opts,
+                accel,
+                cmdline: &cmdline,
+                sandbox: false,
+                exit_with_parent: true,
+                disks: &[],
+                nics: &[(nic.clone(), None)],
+                vsock: Some(&serial),
+            })
+        };
+        let args = launch(Accel::Hvf);
+        assert_eq!(value_after(&args, "-machine"), ["virt,gic-version=3"]);
+        assert_eq!(value_after(&args, "-accel"), ["hvf"]);
+        assert_eq!(value_after(&args, "-cpu"), ["host"]);
+        assert_eq!(value_after(&args, "-smp"), ["1,maxcpus=1"]);
+        assert_eq!(value_after(&args, "-run-with"), ["exit-with-parent=on"]);
+        assert!(value_after(&args, "-append")[0].starts_with("console=ttyAMA0 "));
+        assert_eq!(value_after(&args, "-netdev"), ["user,id=vmkit-net0"]);
+        assert!(
+            !args.iter().any(|a| a.contains("vsock")),
+            "no vsock device or daemon: {args:?}"
+        );
+        let devices: Vec<serde_json::Value> = value_after(&args, "-device")
+            .into_iter()
+            .map(|d| serde_json::from_str(d).unwrap())
+            .collect();
+        let drivers: Vec<&str> = devices
+            .iter()
+            .map(|d| d["driver"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            drivers,
+            [
+                "pvpanic-pci",
+                "pcie-root-port",
+                "pcie-root-port",
+                "pcie-root-port",
+                "pcie-root-port",
+                "virtio-net-pci",
+                "virtio-serial-pci",
+                "virtserialport"
+            ]
+        );
+        assert_eq!(devices[6]["bus"], "pcie.0");
+        // The same board under TCG (an Intel Mac or a Linux host emulating arm64)
+        // needs a 64-bit CPU model; under KVM on an arm64 host, the host's GIC.
+        let tcg = launch(Accel::Tcg);
+        assert_eq!(value_after(&tcg, "-cpu"), ["max"]);
+        let kvm = launch(Accel::Kvm);
+        assert_eq!(value_after(&kvm, "-machine"), ["virt,gic-version=host"]);
+        assert_eq!(value_after(&kvm, "-cpu"), ["host"]);
+    }
+
+    #[test]
     fn virtio_mem_spans_the_room_above_boot_memory_and_is_shared_under_vhost_user() {
         let mut c = config();
         c.resources.memory_hotplug = MemoryHotplug::VirtioMem;
         c.resources.max_memory_mib = Some(1280);
-        let opts = QemuOptions::from_map(&Default::default()).unwrap();
+        let opts = QemuOptions::q35();
         let hybrid = GuestDevice::VhostUser {
             socket: "/run/v.sock".into(),
         };
@@ -542,7 +632,7 @@ mod tests {
     #[test]
     fn vhost_user_vsock_shares_guest_ram_and_kernel_vsock_passes_its_fd() {
         let c = config();
-        let opts = QemuOptions::from_map(&Default::default()).unwrap();
+        let opts = QemuOptions::q35();
         let hybrid = GuestDevice::VhostUser {
             socket: "/run/vmkit/a,b/vhost.sock".into(),
         };
@@ -589,7 +679,7 @@ mod tests {
     #[test]
     fn kvm_uses_the_host_cpu_and_no_slots_means_plain_memory() {
         let c = config();
-        let opts = QemuOptions::from_map(&Default::default()).unwrap();
+        let opts = QemuOptions::q35();
         let args = plain_args(&c, &opts, Accel::Kvm, None);
         assert_eq!(value_after(&args, "-cpu"), ["host"]);
         assert_eq!(value_after(&args, "-m"), ["256M"]);
@@ -599,7 +689,7 @@ mod tests {
     #[test]
     fn commas_in_paths_are_doubled_in_options_and_kept_whole_elsewhere() {
         let c = config();
-        let opts = QemuOptions::from_map(&Default::default()).unwrap();
+        let opts = QemuOptions::q35();
         let args = plain_args(&c, &opts, Accel::Tcg, None);
         let chardevs = value_after(&args, "-chardev");
         assert_eq!(

@@ -97,7 +97,7 @@ pub(crate) fn disk_json(
     });
     let mut device = json!({
         "driver": match machine {
-            Machine::Q35 => "virtio-blk-pci",
+            Machine::Q35 | Machine::Virt => "virtio-blk-pci",
             Machine::Microvm => "virtio-blk-device",
         },
         "drive": node,
@@ -157,7 +157,7 @@ pub(crate) fn nic_args(
     let mac = nic.mac.unwrap_or_else(|| stable_mac(vm_id, &nic.id));
     let device = json!({
         "driver": match machine {
-            Machine::Q35 => "virtio-net-pci",
+            Machine::Q35 | Machine::Virt => "virtio-net-pci",
             Machine::Microvm => "virtio-net-device",
         },
         "netdev": netdev_id,

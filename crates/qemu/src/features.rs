@@ -22,10 +22,11 @@ pub const CAPABILITIES: Capabilities = Capabilities::PAUSE
 /// One VM's feature set.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Features {
-    /// vCPU hot-plug: q35, an agent to online them, room above the boot vCPUs.
+    /// vCPU hot-plug: q35 (QEMU cannot add vCPUs to microvm or Arm's virt), an agent to
+    /// online them, room above the boot vCPUs.
     pub(crate) cpu_hotplug: bool,
-    /// Memory hot-plug: q35, an agent, room above boot memory, DIMM slots or
-    /// virtio-mem.
+    /// Memory hot-plug: an agent, room above boot memory, and DIMM slots on q35 or
+    /// virtio-mem on q35 or virt.
     pub(crate) memory_hotplug: Option<MemoryHotplug>,
     /// Reserved PCIe root ports for disks and NICs (0: no disk or NIC hot-plug).
     pub(crate) hotplug_ports: u32,
@@ -36,15 +37,24 @@ pub(crate) struct Features {
 impl Features {
     /// The features of a VM made from `config` and `options` on this host.
     pub(crate) fn of(config: &InstanceConfig, options: &QemuOptions) -> Features {
-        let q35 = options.machine == Machine::Q35;
+        let machine = options.machine;
         let agent = config.transport != GuestTransport::None;
         let res = &config.resources;
         let memory_room = res.max_memory() > res.memory_mib
             && (res.memory_slots > 0 || res.memory_hotplug == MemoryHotplug::VirtioMem);
+        // DIMMs need ACPI hot-plug, which only q35 gives a directly booted kernel.
+        let memory_kind = matches!(
+            (machine, res.memory_hotplug),
+            (Machine::Q35, _) | (Machine::Virt, MemoryHotplug::VirtioMem)
+        );
         Features {
-            cpu_hotplug: q35 && agent && res.max_vcpus > res.boot_vcpus,
-            memory_hotplug: (q35 && agent && memory_room).then_some(res.memory_hotplug),
-            hotplug_ports: if q35 { options.hotplug_ports } else { 0 },
+            cpu_hotplug: machine == Machine::Q35 && agent && res.max_vcpus > res.boot_vcpus,
+            memory_hotplug: (memory_kind && agent && memory_room).then_some(res.memory_hotplug),
+            hotplug_ports: if machine.has_pci() {
+                options.hotplug_ports
+            } else {
+                0
+            },
             transport: Plan::for_config(config, options),
         }
     }
@@ -104,7 +114,7 @@ mod tests {
 
     #[test]
     fn each_feature_has_its_conditions() {
-        let options = QemuOptions::from_map(&Default::default()).unwrap();
+        let options = QemuOptions::q35();
         let all = Features::of(&config(), &options);
         assert!(all.cpu_hotplug && all.pcie_hotplug() && all.shares_ram());
         assert_eq!(all.memory_hotplug, Some(MemoryHotplug::Dimm));
@@ -134,6 +144,18 @@ mod tests {
         };
         let f = Features::of(&config(), &microvm);
         assert!(!f.cpu_hotplug && f.memory_hotplug.is_none() && !f.pcie_hotplug());
+
+        // Arm's virt: PCIe ports and virtio-mem, no vCPUs, no DIMMs.
+        let virt = QemuOptions {
+            machine: Machine::Virt,
+            ..options.clone()
+        };
+        let f = Features::of(&config(), &virt);
+        assert!(!f.cpu_hotplug && f.memory_hotplug.is_none() && f.pcie_hotplug());
+        assert_eq!(
+            Features::of(&no_slots, &virt).memory_hotplug,
+            Some(MemoryHotplug::VirtioMem)
+        );
 
         let mut none = config();
         none.transport = GuestTransport::None;

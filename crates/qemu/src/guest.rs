@@ -638,7 +638,7 @@ mod tests {
 
     #[test]
     fn plans_follow_the_transport() {
-        let options = QemuOptions::from_map(&Default::default()).unwrap();
+        let options = QemuOptions::q35();
         let mut config = InstanceConfig::new("vm", "/run/vm", "/boot/vmlinuz");
         config.transport = GuestTransport::None;
         assert_eq!(Plan::for_config(&config, &options), Plan::None);

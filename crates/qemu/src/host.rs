@@ -4,16 +4,20 @@
 
 use std::io;
 use std::os::fd::OwnedFd;
+use std::path::Path;
 
 use tokio::process::{Child, Command};
 use vmkit_core::Accel;
 
+use crate::options::Machine;
+
 use vmkit_platform as os;
 
-/// The accelerator `Accel::Auto` means on this host: the platform's hardware
-/// accelerator (KVM, HVF) when its probe finds it really usable, else TCG.
-pub(crate) fn default_accel() -> Accel {
-    let hardware = os::accel::hardware_accel();
+/// The accelerator `Accel::Auto` means on this host for a `machine` guest run by
+/// `qemu`: the platform's hardware accelerator (KVM, HVF) when its probe finds it really
+/// usable for that guest, else TCG. May run `qemu` (macOS): call it off the runtime.
+pub(crate) fn default_accel(machine: Machine, qemu: &Path) -> Accel {
+    let hardware = os::accel::hardware_accel(machine.guest_arch(), qemu);
     tracing::debug!(?hardware, "accelerator probe");
     hardware
         .and_then(|name| name.parse().ok())

@@ -9,9 +9,9 @@ use crate::options::Machine;
 /// x86's `COMMAND_LINE_SIZE`: the kernel silently truncates anything longer.
 pub(crate) const MAX_CMDLINE: usize = 2048;
 
-/// Parameters vmkit always passes: the console on the first serial port, reboot (and so,
-/// with `-no-reboot`, exit) at once on panic, and options that skip slow probes of
-/// hardware a VM does not have.
+/// Parameters vmkit always passes on x86 machines (q35, microvm): the console on the
+/// first serial port, reboot (and so, with `-no-reboot`, exit) at once on panic, and
+/// options that skip slow probes of hardware a VM does not have.
 pub const BASE_PARAMS: &[&str] = &[
     "console=ttyS0",
     "panic=-1",
@@ -24,6 +24,18 @@ pub const BASE_PARAMS: &[&str] = &[
     "cryptomgr.notests",
     "tsc=reliable",
 ];
+
+/// The same on Arm's `virt`: the console on its PL011 (`ttyAMA0`), and none of the PC
+/// hardware options (no i8042, no 8250, no TSC).
+const VIRT_PARAMS: &[&str] = &["console=ttyAMA0", "panic=-1", "quiet", "cryptomgr.notests"];
+
+/// The parameters vmkit always passes on `machine`.
+fn base_params(machine: Machine) -> &'static [&'static str] {
+    match machine {
+        Machine::Q35 | Machine::Microvm => BASE_PARAMS,
+        Machine::Virt => VIRT_PARAMS,
+    }
+}
 
 /// Builds the command line for `machine` from the caller's `extra` parameters.
 /// `tsc_khz` (the host TSC frequency) is passed on microvm, which otherwise may hang in
@@ -38,7 +50,10 @@ pub(crate) fn build(
     tsc_khz: Option<u64>,
     extra: &[String],
 ) -> vmkit_core::Result<String> {
-    let mut parts: Vec<String> = BASE_PARAMS.iter().map(|p| (*p).to_owned()).collect();
+    let mut parts: Vec<String> = base_params(machine)
+        .iter()
+        .map(|p| (*p).to_owned())
+        .collect();
     if machine == Machine::Microvm
         && let Some(khz) = tsc_khz
     {
@@ -79,6 +94,15 @@ mod tests {
         assert!(
             !line.contains("tsc_early_khz"),
             "q35 needs no tsc_early_khz: {line}"
+        );
+    }
+
+    #[test]
+    fn virt_gets_its_own_console_and_no_pc_options() {
+        let line = build(Machine::Virt, Some(2_445_000), &["rdinit=/init".into()]).unwrap();
+        assert_eq!(
+            line,
+            "console=ttyAMA0 panic=-1 quiet cryptomgr.notests rdinit=/init"
         );
     }
 

@@ -101,17 +101,7 @@ impl QemuBackend {
             }
             other => vmkit_core::Error::backend("create", other),
         })?;
-        if config.resources.memory_hotplug == vmkit_core::MemoryHotplug::VirtioMem
-            && options.machine != Machine::Q35
-        {
-            return Err(vmkit_core::Error::config(
-                "resources.memory_hotplug",
-                format!(
-                    "virtio_mem needs machine q35 (virtio-mem is a PCI device; {} has no PCI)",
-                    options.machine.as_str()
-                ),
-            ));
-        }
+        check_machine(&config.resources, options.machine)?;
         // The sockets vmkit and QEMU make must fit this host's socket addresses.
         for (what, socket) in config.layout().sockets() {
             host::check_socket_path(&socket)
@@ -145,6 +135,40 @@ impl Backend for QemuBackend {
 
 vmkit_core::register_backend!(|| Arc::new(QemuBackend));
 
+/// What `machine` cannot do with `res`, refused at create rather than at the first
+/// hot-plug: virtio-mem off PCI, and on Arm's `virt` vCPU hot-plug (QEMU has none for
+/// it) and DIMMs (their hot-plug needs ACPI, which its directly booted kernel lacks).
+fn check_machine(res: &vmkit_core::Resources, machine: Machine) -> vmkit_core::Result<()> {
+    use vmkit_core::MemoryHotplug;
+    let name = machine.as_str();
+    if res.memory_hotplug == MemoryHotplug::VirtioMem && !machine.has_pci() {
+        return Err(vmkit_core::Error::config(
+            "resources.memory_hotplug",
+            format!(
+                "virtio_mem needs a PCI machine (q35, virt): virtio-mem is a PCI device; {name} has no PCI"
+            ),
+        ));
+    }
+    if machine == Machine::Virt {
+        if res.max_vcpus > res.boot_vcpus {
+            return Err(vmkit_core::Error::config(
+                "resources.max_vcpus",
+                format!(
+                    "{} > boot_vcpus {}: QEMU cannot hot-plug vCPUs on machine virt",
+                    res.max_vcpus, res.boot_vcpus
+                ),
+            ));
+        }
+        if res.memory_hotplug == MemoryHotplug::Dimm && res.memory_slots > 0 {
+            return Err(vmkit_core::Error::config(
+                "resources.memory_slots",
+                "DIMM hot-plug needs ACPI, which machine virt does not give a directly booted kernel; use memory_hotplug virtio_mem",
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,9 +187,44 @@ mod tests {
         let err = QemuBackend.create_instance(config.clone()).err().unwrap();
         assert_eq!(
             err.to_string(),
-            "invalid config: resources.memory_hotplug: virtio_mem needs machine q35 (virtio-mem is a PCI device; microvm has no PCI)"
+            "invalid config: resources.memory_hotplug: virtio_mem needs a PCI machine (q35, virt): virtio-mem is a PCI device; microvm has no PCI"
         );
         config.backend_options.clear();
+        assert!(QemuBackend.create_instance(config.clone()).is_ok());
+        config
+            .backend_options
+            .insert("machine".into(), "virt".into());
+        assert!(
+            QemuBackend.create_instance(config).is_ok(),
+            "virtio-mem on virt"
+        );
+    }
+
+    #[test]
+    fn virt_refuses_vcpu_and_dimm_hotplug_at_create() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("Image");
+        std::fs::write(&kernel, b"k").unwrap();
+        let mut config = InstanceConfig::new("vm1", dir.path().join("state"), &kernel);
+        config
+            .backend_options
+            .insert("machine".into(), "virt".into());
+        config.resources.boot_vcpus = 1;
+        config.resources.max_vcpus = 2;
+        let err = QemuBackend.create_instance(config.clone()).err().unwrap();
+        assert_eq!(
+            err.to_string(),
+            "invalid config: resources.max_vcpus: 2 > boot_vcpus 1: QEMU cannot hot-plug vCPUs on machine virt"
+        );
+        config.resources.max_vcpus = 1;
+        config.resources.memory_slots = 2;
+        config.resources.max_memory_mib = Some(1024);
+        let err = QemuBackend.create_instance(config.clone()).err().unwrap();
+        assert!(
+            matches!(&err, vmkit_core::Error::InvalidConfig { field, .. } if field == "resources.memory_slots"),
+            "{err}"
+        );
+        config.resources.memory_slots = 0;
         assert!(QemuBackend.create_instance(config).is_ok());
     }
 

@@ -17,6 +17,11 @@ pub enum Machine {
     Q35,
     /// The minimal `microvm` machine: virtio-mmio, fastest boot, no PCI hot-plug.
     Microvm,
+    /// The Arm `virt` board (`qemu-system-aarch64`; Apple Silicon, arm64 hosts): PCIe,
+    /// so disk and NIC hot-plug and virtio-mem; no vCPU hot-plug (QEMU cannot add CPUs
+    /// to it) and no DIMMs (their hot-plug needs ACPI, which a directly booted kernel
+    /// does not get).
+    Virt,
 }
 
 impl Machine {
@@ -25,6 +30,43 @@ impl Machine {
         match self {
             Machine::Q35 => "q35",
             Machine::Microvm => "microvm",
+            Machine::Virt => "virt",
+        }
+    }
+
+    /// The machine for a guest of the host's own architecture: `virt` on aarch64,
+    /// `q35` elsewhere.
+    pub fn native() -> Machine {
+        Machine::for_arch(std::env::consts::ARCH)
+    }
+
+    /// The machine for a guest of architecture `arch` (Rust's names, `"aarch64"`).
+    pub fn for_arch(arch: &str) -> Machine {
+        if arch == "aarch64" {
+            Machine::Virt
+        } else {
+            Machine::Q35
+        }
+    }
+
+    /// Whether its devices sit on PCIe (root bus `pcie.0`), not virtio-mmio.
+    pub(crate) const fn has_pci(self) -> bool {
+        matches!(self, Machine::Q35 | Machine::Virt)
+    }
+
+    /// Its guests' architecture, in Rust's names (`"x86_64"`, `"aarch64"`).
+    pub(crate) const fn guest_arch(self) -> &'static str {
+        match self {
+            Machine::Q35 | Machine::Microvm => "x86_64",
+            Machine::Virt => "aarch64",
+        }
+    }
+
+    /// The QEMU binary that emulates it.
+    pub(crate) const fn binary_name(self) -> &'static str {
+        match self {
+            Machine::Q35 | Machine::Microvm => "qemu-system-x86_64",
+            Machine::Virt => "qemu-system-aarch64",
         }
     }
 }
@@ -49,8 +91,8 @@ pub const MAX_HOTPLUG_PORTS: u32 = 32;
 ///
 /// | key | values | default |
 /// | --- | --- | --- |
-/// | `binary` | path of the QEMU binary | `$VMKIT_QEMU`, else `qemu-system-x86_64` on `PATH` |
-/// | `machine` | `q35`, `microvm` | `q35` |
+/// | `binary` | path of the QEMU binary | `$VMKIT_QEMU`, else the machine's (`qemu-system-x86_64`, or `qemu-system-aarch64` for `virt`) on `PATH` |
+/// | `machine` | `q35`, `microvm`, `virt` | the host's own: `virt` on aarch64, else `q35` |
 /// | `hotplug_ports` | PCIe root ports reserved for hot-plug (q35), 0–32 | `4` |
 /// | `ready_line` | the serial-console line prefix that says the guest is up | `VMKIT_READY` |
 /// | `sandbox` | `auto` (on when QEMU has seccomp), `on`, `off` | `auto` |
@@ -118,8 +160,9 @@ impl QemuOptions {
     /// [`Error::Option`] naming the key.
     pub fn from_map(map: &BTreeMap<String, String>) -> Result<Self, Error> {
         let mut opts = QemuOptions {
-            binary: default_binary(),
-            machine: Machine::Q35,
+            // Found once the machine is known (below), unless given.
+            binary: PathBuf::new(),
+            machine: Machine::native(),
             hotplug_ports: 4,
             ready_line: "VMKIT_READY".to_owned(),
             sandbox: Sandbox::Auto,
@@ -136,6 +179,9 @@ impl QemuOptions {
                 Entry::deserialize(MapDeserializer::<_, serde::de::value::Error>::new(pair))
                     .map_err(|e| bad(e.to_string()))?;
             opts.apply(entry).map_err(bad)?;
+        }
+        if opts.binary.as_os_str().is_empty() {
+            opts.binary = default_binary(opts.machine);
         }
         Ok(opts)
     }
@@ -181,6 +227,16 @@ impl QemuOptions {
     }
 }
 
+#[cfg(test)]
+impl QemuOptions {
+    /// The defaults on q35, whatever the host's architecture (for tests of x86 argv).
+    pub(crate) fn q35() -> QemuOptions {
+        let mut opts = QemuOptions::from_map(&BTreeMap::new()).unwrap();
+        opts.machine = Machine::Q35;
+        opts
+    }
+}
+
 /// A `run_as` value: a POSIX user name (`[a-z_][a-z0-9_-]*`, at most 32 bytes) or
 /// `uid:gid` in digits. Nothing else reaches QEMU's command line.
 fn check_run_as(value: &str) -> Result<(), String> {
@@ -204,10 +260,10 @@ fn check_run_as(value: &str) -> Result<(), String> {
     }
 }
 
-/// `$VMKIT_QEMU`, else `qemu-system-x86_64` found on `PATH`, else the bare name (the
-/// spawn then fails with a clear "not found").
-pub(crate) fn default_binary() -> PathBuf {
-    find_binary("VMKIT_QEMU", "qemu-system-x86_64", &[])
+/// `$VMKIT_QEMU`, else `machine`'s QEMU (`qemu-system-x86_64`, `qemu-system-aarch64`)
+/// found on `PATH`, else the bare name (the spawn then fails with a clear "not found").
+pub(crate) fn default_binary(machine: Machine) -> PathBuf {
+    find_binary("VMKIT_QEMU", machine.binary_name(), &[])
 }
 
 /// `$VMKIT_VHOST_VSOCK`, else `vhost-device-vsock` on `PATH`, else in `~/.cargo/bin`
@@ -256,10 +312,33 @@ mod tests {
     #[test]
     fn defaults() {
         let opts = parse(&[]).unwrap();
-        assert_eq!(opts.machine, Machine::Q35);
+        assert_eq!(opts.machine, Machine::native());
         assert_eq!(opts.hotplug_ports, 4);
         assert_eq!(opts.ready_line, "VMKIT_READY");
         assert_eq!(opts.sandbox, Sandbox::Auto);
+    }
+
+    #[test]
+    fn the_machine_follows_the_host_and_picks_its_qemu() {
+        assert_eq!(Machine::for_arch("aarch64"), Machine::Virt);
+        assert_eq!(Machine::for_arch("x86_64"), Machine::Q35);
+        let virt = parse(&[("machine", "virt")]).unwrap();
+        let q35 = parse(&[("machine", "q35")]).unwrap();
+        if std::env::var_os("VMKIT_QEMU").is_none() {
+            assert!(
+                virt.binary.ends_with("qemu-system-aarch64"),
+                "{:?}",
+                virt.binary
+            );
+            assert!(
+                q35.binary.ends_with("qemu-system-x86_64"),
+                "{:?}",
+                q35.binary
+            );
+        }
+        // A binary given is kept, whichever the machine.
+        let given = parse(&[("machine", "virt"), ("binary", "/opt/q")]).unwrap();
+        assert_eq!(given.binary, Path::new("/opt/q"));
     }
 
     #[test]
@@ -290,7 +369,7 @@ mod tests {
     fn bad_values_name_the_key() {
         assert_eq!(
             parse(&[("machine", "pc")]).unwrap_err(),
-            "backend option machine: unknown variant `pc`, expected `q35` or `microvm`"
+            "backend option machine: unknown variant `pc`, expected one of `q35`, `microvm`, `virt`"
         );
         assert_eq!(
             parse(&[("hotplug_ports", "33")]).unwrap_err(),

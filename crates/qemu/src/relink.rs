@@ -18,7 +18,6 @@ use vmkit_vsock::GuestAddr;
 
 use crate::command::{VSOCK_ID, vhost_user_vsock_device};
 use crate::error::Error;
-use crate::options::Machine;
 use crate::qmp::{Device, Qmp};
 use crate::vm::Vm;
 
@@ -38,10 +37,12 @@ fn failed(step: &'static str) -> impl Fn(String) -> Error {
 /// did not come up, or QEMU refused a command.
 pub(crate) async fn repair(vm: &Vm) -> Result<(), Error> {
     let check = failed("check");
-    if vm.options().machine != Machine::Q35 {
-        return Err(check(
-            "microvm's vsock device sits on no hot-plug port".into(),
-        ));
+    let machine = vm.options().machine;
+    if !machine.has_pci() {
+        return Err(check(format!(
+            "{}'s vsock device sits on no hot-plug port",
+            machine.as_str()
+        )));
     }
     let uds = match vm.link_info() {
         Some((_, GuestAddr::HybridVsock { uds, .. })) => uds,

@@ -41,8 +41,12 @@ fn op(what: &str) -> String {
 pub(super) async fn prepare(vm: &Vm, progress: &Progress<'_>) -> vmkit_core::Result<Prepared> {
     let config = vm.config();
     let options = vm.options();
-    let accel =
-        accel::resolve(config.accel).map_err(|e| CoreError::backend(op("accelerator"), e))?;
+    // The probe reads /proc and /dev (Linux) or runs the QEMU binary (macOS).
+    let (requested, probe_options) = (config.accel, options.clone());
+    let accel = tokio::task::spawn_blocking(move || accel::resolve(requested, &probe_options))
+        .await
+        .map_err(|e| CoreError::backend(op("accelerator"), e))?
+        .map_err(|e| CoreError::backend(op("accelerator"), e))?;
     take_state_dir(vm, accel).await?;
     // The binary is asked (its `-help`) only when the answer matters.
     let ties_us = host::children_die_with_us();
