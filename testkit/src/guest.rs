@@ -1,5 +1,6 @@
-//! The test guest that `cargo xtask image` builds (kernel + initramfs in
-//! `target/vmkit-image/`), and configs that boot it quickly under TCG.
+//! The test guests that `cargo xtask image` builds (kernel + initramfs in
+//! `target/vmkit-image/`, and the arm64 one for machine `virt` in
+//! `target/vmkit-image-arm64/`), and configs that boot them quickly under TCG.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -20,26 +21,42 @@ pub struct GuestImage {
 /// The directory the image is looked for in: `$VMKIT_IMAGE_DIR`, else
 /// `<workspace>/target/vmkit-image` (`$CARGO_TARGET_DIR/vmkit-image` when set).
 pub fn image_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("VMKIT_IMAGE_DIR") {
+    dir_of("VMKIT_IMAGE_DIR", "vmkit-image")
+}
+
+/// The arm64 image's directory: `$VMKIT_ARM64_IMAGE_DIR`, else
+/// `<workspace>/target/vmkit-image-arm64` (under `$CARGO_TARGET_DIR` when set).
+pub fn arm64_image_dir() -> PathBuf {
+    dir_of("VMKIT_ARM64_IMAGE_DIR", "vmkit-image-arm64")
+}
+
+/// `$env_var`, else `name` in the target dir.
+fn dir_of(env_var: &str, name: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os(env_var) {
         return PathBuf::from(dir);
     }
     if let Some(target) = std::env::var_os("CARGO_TARGET_DIR") {
-        return PathBuf::from(target).join("vmkit-image");
+        return PathBuf::from(target).join(name);
     }
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .unwrap_or(Path::new("."))
-        .join("target/vmkit-image")
+        .join("target")
+        .join(name)
 }
 
-/// The test guest, if built.
-pub fn guest_image() -> Option<GuestImage> {
-    let dir = image_dir();
+/// The image in `dir`, if built.
+fn image_in(dir: &Path) -> Option<GuestImage> {
     let image = GuestImage {
         kernel: dir.join("vmlinuz"),
         initrd: dir.join("initrd.img"),
     };
     (image.kernel.is_file() && image.initrd.is_file()).then_some(image)
+}
+
+/// The test guest, if built.
+pub fn guest_image() -> Option<GuestImage> {
+    image_in(&image_dir())
 }
 
 /// The test guest, or `None` with a note on stderr so the caller can skip.
@@ -48,17 +65,29 @@ pub fn guest_image() -> Option<GuestImage> {
 /// Under CI, when the image is missing: `cargo xtask test` builds it first, so its
 /// absence is a failure there, never a silent skip.
 pub fn require_guest_image() -> Option<GuestImage> {
-    match guest_image() {
+    require_in(&image_dir(), "cargo xtask image")
+}
+
+/// The arm64 test guest (machine `virt`), or `None` with a note on stderr.
+///
+/// # Panics
+/// Under CI, when it is missing: `cargo xtask test` builds it.
+pub fn require_arm64_guest_image() -> Option<GuestImage> {
+    require_in(&arm64_image_dir(), "cargo xtask image --arm64")
+}
+
+fn require_in(dir: &Path, build: &str) -> Option<GuestImage> {
+    match image_in(dir) {
         Some(image) => Some(image),
         None if under_ci() => panic!(
             "the test guest is missing from {} and CI is set: `cargo xtask test` builds it \
-             (or run `cargo xtask image`)",
-            image_dir().display()
+             (or run `{build}`)",
+            dir.display()
         ),
         None => {
             eprintln!(
-                "note: no test guest in {} (run `cargo xtask image`); skipping",
-                image_dir().display()
+                "note: no test guest in {} (run `{build}`); skipping",
+                dir.display()
             );
             None
         }
@@ -76,6 +105,18 @@ impl GuestImage {
         config.resources.max_vcpus = 4;
         config.timeouts.start = Duration::from_secs(60);
         config.timeouts.shutdown_grace = Duration::from_secs(10);
+        config
+    }
+
+    /// [`GuestImage::config`] for the arm64 guest: machine `virt` (which QEMU cannot
+    /// hot-plug vCPUs on, so 1 vCPU, no more), the guest reached over virtio-serial.
+    pub fn virt_config(&self, id: &str, state_dir: &Path) -> InstanceConfig {
+        let mut config = self.config(id, state_dir);
+        config.resources.max_vcpus = config.resources.boot_vcpus;
+        config.transport = vmkit_core::GuestTransport::VirtioSerial;
+        config
+            .backend_options
+            .insert("machine".into(), "virt".into());
         config
     }
 }

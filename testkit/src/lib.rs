@@ -56,5 +56,5 @@ pub mod mocks;
 pub mod model;
 pub mod qemu;
 
-pub use guest::{GuestImage, guest_image, require_guest_image};
+pub use guest::{GuestImage, guest_image, require_arm64_guest_image, require_guest_image};
 pub use mock_qmp::{Greeting, MockQmpServer, MockReply, ReceivedCommand};

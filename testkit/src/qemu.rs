@@ -20,6 +20,30 @@ pub fn qemu_binary() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// `qemu-system-aarch64` on `PATH` (for the arm64 guest on machine `virt`), or `None`
+/// with a note on stderr so the caller can skip.
+///
+/// # Panics
+/// Under CI, when it is missing: `cargo xtask test` installs it (`qemu-system-arm`).
+pub fn require_qemu_aarch64() -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join("qemu-system-aarch64"))
+            .find(|p| p.is_file())
+    });
+    match found {
+        Some(path) => Some(path),
+        None if under_ci() => panic!(
+            "qemu-system-aarch64 not found and CI is set: `cargo xtask test` installs it \
+             (Debian: apt-get install -t bookworm-backports qemu-system-arm)"
+        ),
+        None => {
+            eprintln!("note: qemu-system-aarch64 not found; skipping a test that needs it");
+            None
+        }
+    }
+}
+
 /// `true` when running under CI (`CI` set to anything but `false`/`0`/empty).
 pub fn under_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")

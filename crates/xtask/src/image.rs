@@ -1,15 +1,15 @@
 //! `cargo xtask image`: the test guest, built from Debian packages into
-//! `target/vmkit-image/` and cached there.
+//! `target/vmkit-image/` (x86_64) or `target/vmkit-image-arm64/` (arm64, for the Arm
+//! `virt` machine) and cached there.
 //!
-//! - Kernel: the `vmlinuz` of Debian's `linux-image-<ver>-cloud-amd64-unsigned` (the
-//!   version `linux-image-cloud-amd64` points at), fetched with `apt-get download` and
+//! - Kernel: the `vmlinuz` of Debian's `linux-image-<ver>-cloud-<arch>-unsigned` (the
+//!   version `linux-image-cloud-<arch>` points at), fetched with `apt-get download` and
 //!   unpacked with `dpkg-deb -x`. Its virtio and vsock drivers are modules.
 //! - Initramfs (`initrd.img`, uncompressed `newc` cpio written here, so neither `cpio`
 //!   nor `gzip` is needed, and the guest spends no time decompressing): static busybox,
 //!   `images/init` as `/init`, the modules listed in `images/modules.list`, the
 //!   hotplug helper, the ACPI power-button handler, and `vmkit-agent` (built here as a
-//!   static binary: `--target x86_64-unknown-linux-gnu` with `+crt-static`, so the flag
-//!   stays off build scripts and proc macros and the host build's cache is kept).
+//!   static binary, see [`GuestArch::build_agent`]).
 //!
 //! The build is skipped when `target/vmkit-image/stamp` matches the kernel package, the
 //! contents of `images/` and the agent binary.
@@ -21,25 +21,24 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+pub(crate) use crate::arch::GuestArch;
 use crate::run::{output, step, workspace_root};
 
-/// The metapackage whose dependency names the current cloud kernel.
-const KERNEL_META: &str = "linux-image-cloud-amd64";
 const BUSYBOX: &str = "busybox-static";
 
-/// Where the image lives: `<target dir>/vmkit-image`.
-pub(crate) fn image_dir() -> PathBuf {
+/// Where the image for `arch` lives: `<target dir>/vmkit-image[-arm64]`.
+pub(crate) fn image_dir(arch: GuestArch) -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map_or_else(|| workspace_root().join("target"), PathBuf::from);
-    target.join("vmkit-image")
+    target.join(arch.image_dir_name())
 }
 
-/// Builds the image unless the cached one is current. Returns its directory.
-pub(crate) fn ensure_image() -> Result<PathBuf, String> {
-    let dir = image_dir();
+/// Builds the image for `arch` unless the cached one is current. Returns its directory.
+pub(crate) fn ensure_image(arch: GuestArch) -> Result<PathBuf, String> {
+    let dir = image_dir(arch);
     let inputs = workspace_root().join("images");
-    let kernel_pkg = kernel_package()?;
-    let agent_path = build_agent()?;
+    let kernel_pkg = kernel_package(arch)?;
+    let agent_path = arch.build_agent()?;
     let agent = read_bytes(&agent_path)?;
     let stamp = format!(
         "{kernel_pkg} {:016x} {:016x}\n",
@@ -64,8 +63,8 @@ pub(crate) fn ensure_image() -> Result<PathBuf, String> {
     // apt's sandbox user must be able to write here, or apt warns and falls back to root.
     let _ = Command::new("chmod").arg("777").arg(&debs).status();
     step(
-        "download guest packages",
-        Command::new("apt-get")
+        &format!("download guest packages ({})", arch.debian()),
+        arch.apt("apt-get")
             .current_dir(&debs)
             .args(["download", "-q", &kernel_pkg, BUSYBOX]),
     )?;
@@ -80,11 +79,8 @@ pub(crate) fn ensure_image() -> Result<PathBuf, String> {
 
     let modules_dir = find_file(&kernel_root.join("lib/modules"), |_| true)?;
     let module_list = read(&inputs.join("modules.list"))?;
-    let modules: Vec<&str> = module_list
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .collect();
+    let builtin = fs::read_to_string(modules_dir.join("modules.builtin")).unwrap_or_default();
+    let modules = modules_for(&module_list, arch, &builtin);
 
     let mut cpio = Cpio::default();
     for d in [
@@ -151,29 +147,49 @@ pub(crate) fn ensure_image() -> Result<PathBuf, String> {
     Ok(dir)
 }
 
-/// `linux-image-<ver>-cloud-amd64-unsigned` for the version the metapackage depends on.
-fn kernel_package() -> Result<String, String> {
-    let depends = || output(Command::new("apt-cache").args(["depends", KERNEL_META]));
+/// `linux-image-<ver>-cloud-<arch>-unsigned` for the version the metapackage depends on.
+fn kernel_package(arch: GuestArch) -> Result<String, String> {
+    let meta = arch.kernel_meta();
+    let depends = || output(arch.apt("apt-cache").args(["depends", &meta]));
     let mut text = depends().unwrap_or_default();
     if !text.contains("Depends:") {
-        step(
-            "apt-get update",
-            Command::new("apt-get").args(["update", "-q"]),
-        )?;
+        arch.update_lists()?;
         text = depends().unwrap_or_default();
     }
-    parse_kernel_package(&text).ok_or_else(|| {
-        format!("cannot tell the kernel version: `apt-cache depends {KERNEL_META}` said {text:?}")
+    parse_kernel_package(&text, arch).ok_or_else(|| {
+        format!("cannot tell the kernel version: `apt-cache depends {meta}` said {text:?}")
     })
 }
 
-fn parse_kernel_package(depends: &str) -> Option<String> {
+fn parse_kernel_package(depends: &str, arch: GuestArch) -> Option<String> {
+    let suffix = format!("-cloud-{}", arch.debian());
     depends
         .lines()
         .filter_map(|l| l.trim().strip_prefix("Depends:"))
         .map(str::trim)
-        .find(|p| p.starts_with("linux-image-") && p.ends_with("-cloud-amd64"))
+        .find(|p| p.starts_with("linux-image-") && p.ends_with(&suffix))
         .map(|p| format!("{p}-unsigned"))
+}
+
+/// The modules of `images/modules.list` to put in `arch`'s image: a line is a module
+/// name, optionally followed by the Debian architectures it is for (`pvpanic-pci
+/// amd64`: arm64's cloud kernel has no pvpanic); modules the kernel has built in
+/// (its `modules.builtin`) are left out.
+fn modules_for<'a>(list: &'a str, arch: GuestArch, builtin: &str) -> Vec<&'a str> {
+    list.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            let name = words.next()?;
+            let archs: Vec<&str> = words.collect();
+            (archs.is_empty() || archs.contains(&arch.debian())).then_some(name)
+        })
+        .filter(|name| {
+            let file = format!("/{name}.ko");
+            !builtin.lines().any(|l| l.trim().ends_with(&file))
+        })
+        .collect()
 }
 
 fn unpack(debs: &Path, package: &str, into: &Path) -> Result<(), String> {
@@ -286,31 +302,6 @@ fn hash_dir(dir: &Path) -> Result<u64, String> {
     Ok(hasher.finish())
 }
 
-/// The target triple the agent is built for: given explicitly so that `+crt-static`
-/// applies to the agent only, not to build scripts or proc macros.
-const AGENT_TARGET: &str = "x86_64-unknown-linux-gnu";
-
-/// Builds `vmkit-agent` as a static binary; returns its path. Cargo makes this a no-op
-/// when nothing changed.
-fn build_agent() -> Result<PathBuf, String> {
-    step(
-        "build the guest agent (static)",
-        crate::run::cargo()
-            .args([
-                "build",
-                "--release",
-                "-p",
-                "vmkit-agent",
-                "--target",
-                AGENT_TARGET,
-            ])
-            .env("RUSTFLAGS", "-C target-feature=+crt-static"),
-    )?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| workspace_root().join("target"), PathBuf::from);
-    Ok(target.join(AGENT_TARGET).join("release/vmkit-agent"))
-}
-
 fn hash_bytes(bytes: &[u8]) -> u64 {
     let mut hasher = DefaultHasher::new();
     bytes.hash(&mut hasher);
@@ -385,10 +376,34 @@ mod tests {
     fn kernel_package_comes_from_the_metapackage_dependency() {
         let text = "linux-image-cloud-amd64\n  Depends: linux-image-6.1.0-56-cloud-amd64\n";
         assert_eq!(
-            parse_kernel_package(text).as_deref(),
+            parse_kernel_package(text, GuestArch::X86_64).as_deref(),
             Some("linux-image-6.1.0-56-cloud-amd64-unsigned")
         );
-        assert_eq!(parse_kernel_package("linux-image-cloud-amd64\n"), None);
+        assert_eq!(parse_kernel_package(text, GuestArch::Aarch64), None);
+        let arm = "linux-image-cloud-arm64\n  Depends: linux-image-6.1.0-57-cloud-arm64\n";
+        assert_eq!(
+            parse_kernel_package(arm, GuestArch::Aarch64).as_deref(),
+            Some("linux-image-6.1.0-57-cloud-arm64-unsigned")
+        );
+        assert_eq!(
+            parse_kernel_package("linux-image-cloud-amd64\n", GuestArch::X86_64),
+            None
+        );
+    }
+
+    #[test]
+    fn modules_are_picked_per_architecture_and_builtins_left_out() {
+        let list = "# comment\nvirtio_pci\nbutton\npvpanic-pci amd64\n\nevdev amd64 arm64\n";
+        let arm_builtin =
+            "kernel/drivers/acpi/button.ko\nkernel/drivers/tty/serial/amba-pl011.ko\n";
+        assert_eq!(
+            modules_for(list, GuestArch::X86_64, ""),
+            ["virtio_pci", "button", "pvpanic-pci", "evdev"]
+        );
+        assert_eq!(
+            modules_for(list, GuestArch::Aarch64, arm_builtin),
+            ["virtio_pci", "evdev"]
+        );
     }
 
     #[test]

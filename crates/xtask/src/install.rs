@@ -24,6 +24,21 @@ pub(crate) fn ensure_all() -> Result<(), String> {
     Ok(())
 }
 
+/// What the arm64 guest needs here: QEMU's Arm emulator, and the cross linker and arm64
+/// glibc the static agent is linked with.
+pub(crate) fn ensure_arm64_tools() -> Result<(), String> {
+    let have = |binary: &str| succeeds(Command::new(binary).arg("--version"));
+    let glibc = Path::new("/usr/aarch64-linux-gnu/lib/libc.a").is_file();
+    if have("aarch64-linux-gnu-gcc") && glibc && have("qemu-system-aarch64") {
+        return Ok(());
+    }
+    install_with_qemu_10(&[
+        "qemu-system-arm",
+        "gcc-aarch64-linux-gnu",
+        "libc6-dev-arm64-cross",
+    ])
+}
+
 /// `cargo install` puts vhost-device-vsock in `~/.cargo/bin`, where vmkit-qemu looks
 /// for it when it is not on `PATH`.
 fn ensure_vhost_device_vsock() -> Result<(), String> {
@@ -116,14 +131,18 @@ fn ensure_qemu() -> Result<(), String> {
         }
         _ => {}
     }
-    let packages = ["qemu-system-x86"];
+    install_with_qemu_10(&["qemu-system-x86"])
+}
+
+/// Installs `packages`, from bookworm-backports on bookworm: its own QEMU is 7.2, its
+/// backports carry QEMU 10.
+fn install_with_qemu_10(packages: &[&str]) -> Result<(), String> {
     if debian_codename().as_deref() == Some("bookworm") {
-        // Bookworm's own QEMU is 7.2; its backports carry QEMU 10.
         let list = Path::new("/etc/apt/sources.list.d/vmkit-bookworm-backports.list");
         let line = "deb http://deb.debian.org/debian bookworm-backports main\n";
-        apt_install(&packages, Some(("bookworm-backports", list, line)))
+        apt_install(packages, Some(("bookworm-backports", list, line)))
     } else {
-        apt_install(&packages, None)
+        apt_install(packages, None)
     }
 }
 

@@ -1,216 +1,35 @@
 //! `cargo xtask check-macos`: type-checks the crates that run on a macOS host, for
 //! `x86_64-apple-darwin` and `aarch64-apple-darwin`, on a Linux machine.
 //!
-//! rustup cannot install a macOS standard library on these machines (their network
-//! reaches crates.io and Debian only), so the check builds `std` for those targets from
-//! source (`-Zbuild-std`, which `RUSTC_BOOTSTRAP=1` allows on a stable cargo) with
-//! Debian's own compiler and its standard library source (`rustc-web` and
-//! `rust-web-src`, from bookworm-security), fetched with `apt-get download` and unpacked
-//! under `target/macos-check/` (nothing is installed system-wide). It is a type check
-//! only: nothing is linked (there is no macOS linker or SDK here) and nothing runs.
+//! rustup cannot install a macOS standard library on these machines, so `std` for
+//! those targets is built from Debian's Rust source ([`crate::debian_rust`]). It is a
+//! type check only: nothing is linked (there is no macOS linker or SDK here) and
+//! nothing runs.
 
-use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
-use crate::run::{cargo, output, step, workspace_root};
+use crate::debian_rust::Toolchain;
+use crate::run::step;
 
 /// The macOS targets vmkit's host crates are checked for.
 const TARGETS: [&str; 2] = ["x86_64-apple-darwin", "aarch64-apple-darwin"];
-/// Debian's compiler package; its version picks the others'.
-const RUSTC: &str = "rustc-web";
-/// Packages downloaded at the compiler's version; their `libstd-rust-web-*` and
-/// `libllvm*` dependencies are fetched too.
-const PACKAGES: [&str; 3] = [RUSTC, "libstd-rust-web-dev", "rust-web-src"];
 /// Host crates that never build for macOS: the Linux layer and this task.
 const LINUX_ONLY: [&str; 2] = ["vmkit-linux", "xtask"];
 
 /// Type-checks the workspace's host crates for both macOS targets.
 pub(crate) fn check() -> Result<(), String> {
-    let root = ensure_toolchain()?;
+    let rust = Toolchain::ensure()?;
     for target in TARGETS {
         step(
             &format!("type-check for {target}"),
-            checker(&root, target)
+            rust.cargo("check", target)
                 .args(["--workspace", "--lib", "--bins"])
                 .args(LINUX_ONLY.iter().flat_map(|c| ["--exclude", c])),
         )?;
         // vmkit-macos's unit tests, with its macOS-only modules in the build.
         step(
             &format!("type-check vmkit-macos's tests for {target}"),
-            checker(&root, target).args(["--tests", "-p", "vmkit-macos"]),
+            rust.cargo("check", target)
+                .args(["--tests", "-p", "vmkit-macos"]),
         )?;
     }
     Ok(())
-}
-
-/// `cargo check` for `target` with the unpacked compiler at `root`, `std` built from
-/// its source.
-fn checker(root: &Path, target: &str) -> Command {
-    let mut cmd = cargo();
-    cmd.env("RUSTC", root.join("usr/bin/rustc"))
-        .env("LD_LIBRARY_PATH", root.join("usr/lib/x86_64-linux-gnu"))
-        .env("RUSTC_BOOTSTRAP", "1")
-        .env("CARGO_TARGET_DIR", dir().join("target"))
-        .env_remove("RUSTC_WRAPPER")
-        .args([
-            "check",
-            "--locked",
-            "-Zbuild-std=std,panic_abort",
-            "--target",
-            target,
-        ]);
-    cmd
-}
-
-/// `target/macos-check`.
-fn dir() -> PathBuf {
-    workspace_root().join("target/macos-check")
-}
-
-/// Debian's compiler and std source at the candidate version, unpacked once per
-/// version; returns the unpacked root (its `usr/` is the compiler's sysroot).
-fn ensure_toolchain() -> Result<PathBuf, String> {
-    let version = candidate(RUSTC)?;
-    let root = dir().join(format!("rust-{}", version.replace([':', '~', '+'], "_")));
-    let rustc = root.join("usr/bin/rustc");
-    let works = output(
-        Command::new(&rustc)
-            .env("LD_LIBRARY_PATH", root.join("usr/lib/x86_64-linux-gnu"))
-            .arg("--version"),
-    )
-    .is_some();
-    if works && root.join("usr/lib/rustlib/src/rust/library/std").is_dir() {
-        return Ok(root);
-    }
-    let debs = root.with_extension("debs");
-    for d in [&root, &debs] {
-        if d.exists() {
-            fs::remove_dir_all(d).map_err(|e| format!("remove {}: {e}", d.display()))?;
-        }
-        fs::create_dir_all(d).map_err(|e| format!("create {}: {e}", d.display()))?;
-    }
-    let packages = with_dependencies(&version)?;
-    step(
-        &format!("download Debian's Rust {version} (for the macOS check, once)"),
-        Command::new("apt-get")
-            .current_dir(&debs)
-            .args(["download", "-q"])
-            .args(&packages),
-    )?;
-    let mut names: Vec<PathBuf> = fs::read_dir(&debs)
-        .map_err(|e| format!("read {}: {e}", debs.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "deb"))
-        .collect();
-    names.sort();
-    for deb in &names {
-        unpack(deb, &root)?;
-    }
-    fs::remove_dir_all(&debs).map_err(|e| format!("remove {}: {e}", debs.display()))?;
-    Ok(root)
-}
-
-fn unpack(deb: &Path, into: &Path) -> Result<(), String> {
-    let name = deb
-        .file_name()
-        .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
-    step(
-        &format!("unpack {name}"),
-        Command::new("dpkg-deb").arg("-x").arg(deb).arg(into),
-    )
-}
-
-/// `apt-get download` arguments: [`PACKAGES`] at `version`, and the shared libraries
-/// they need (`libstd-rust-web-<x.y>`, `libllvm<n>`) at their candidate versions.
-fn with_dependencies(version: &str) -> Result<Vec<String>, String> {
-    let mut wanted: Vec<String> = PACKAGES.iter().map(|p| format!("{p}={version}")).collect();
-    let mut i = 0;
-    while i < wanted.len() {
-        let show =
-            output(Command::new("apt-cache").args(["show", "--no-all-versions", &wanted[i]]))
-                .ok_or_else(|| format!("`apt-cache show {}` failed", wanted[i]))?;
-        for dep in runtime_libraries(&show) {
-            if !wanted
-                .iter()
-                .any(|w| w.split('=').next() == Some(dep.as_str()))
-            {
-                wanted.push(dep);
-            }
-        }
-        i += 1;
-    }
-    Ok(wanted)
-}
-
-/// The `libstd-rust-web-*` and `libllvm*` names in a package's `Depends:` field.
-fn runtime_libraries(show: &str) -> Vec<String> {
-    show.lines()
-        .filter_map(|l| l.strip_prefix("Depends:"))
-        .flat_map(|deps| deps.split(','))
-        .filter_map(|dep| dep.split_whitespace().next())
-        .filter(|name| name.starts_with("libstd-rust-web-") || name.starts_with("libllvm"))
-        .map(str::to_owned)
-        .collect()
-}
-
-/// `package`'s candidate version in the apt sources (after one `apt-get update` if
-/// the lists do not know it).
-fn candidate(package: &str) -> Result<String, String> {
-    let ask = || {
-        output(Command::new("apt-cache").args(["policy", package]))
-            .as_deref()
-            .and_then(parse_candidate)
-    };
-    if let Some(v) = ask() {
-        return Ok(v);
-    }
-    step(
-        "apt-get update",
-        Command::new("apt-get").args(["update", "-q"]),
-    )?;
-    ask().ok_or_else(|| {
-        format!(
-            "Debian's {package} is not in this machine's apt sources (bookworm-security has \
-             it): the macOS check needs its compiler and standard library source"
-        )
-    })
-}
-
-fn parse_candidate(policy: &str) -> Option<String> {
-    policy
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("Candidate:"))
-        .map(str::trim)
-        .filter(|v| !v.is_empty() && *v != "(none)")
-        .map(str::to_owned)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{parse_candidate, runtime_libraries};
-
-    #[test]
-    fn the_candidate_is_read_and_none_is_none() {
-        let policy = "rustc-web:\n  Installed: (none)\n  Candidate: 1.96.0+dfsg1-1~deb12u2\n  \
-                      Version table:\n";
-        assert_eq!(
-            parse_candidate(policy).as_deref(),
-            Some("1.96.0+dfsg1-1~deb12u2")
-        );
-        assert_eq!(
-            parse_candidate("x:\n  Installed: (none)\n  Candidate: (none)\n"),
-            None
-        );
-        assert_eq!(parse_candidate(""), None);
-    }
-
-    #[test]
-    fn only_the_compilers_own_libraries_are_followed() {
-        let show = "Package: libstd-rust-web-dev\nDepends: libstd-rust-web-1.96 (= 1.96.0), \
-                    libc6 (>= 2.34)\nPre-Depends: libllvm99\n";
-        assert_eq!(runtime_libraries(show), ["libstd-rust-web-1.96"]);
-        let show = "Depends: libc6 (>= 2.34), libgcc-s1 (>= 4.2), libllvm22, libstdc++6 (>= 11)";
-        assert_eq!(runtime_libraries(show), ["libllvm22"]);
-    }
 }

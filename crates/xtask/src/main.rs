@@ -1,6 +1,8 @@
 //! `cargo xtask`: the project's tasks. The README's two set-up commands are
 //! `cargo xtask demo` and `cargo xtask test`; both install what is missing first.
 
+mod arch;
+mod debian_rust;
 mod image;
 mod install;
 mod macos;
@@ -14,18 +16,21 @@ usage: cargo xtask <task> [options]
 
 tasks:
   test [--no-lint] [-- <cargo test args>]
-            install what is missing, then: fmt check, clippy -D warnings, doc with
-            -D warnings, cargo deny (bans licenses sources), the whole test suite
+            install what is missing and build both test guests (x86_64, arm64), then:
+            fmt check, clippy -D warnings, the macOS type check, doc with -D warnings,
+            cargo deny (bans licenses sources), the whole test suite
   bench [--check]
             install what is missing, then run the benchmarks in benches/; each prints
             its figures against a baseline measured in the same run (--check: exit
             non-zero when a target is missed)
   check-macos
             type-check the host crates for x86_64- and aarch64-apple-darwin (std built
-            from Debian's Rust source, unpacked under target/macos-check/; nothing links
+            from Debian's Rust source, unpacked under target/debian-rust/; nothing links
             or runs)
   install   install what is missing (system packages need root) and stop
-  image     build the test guest (kernel + initramfs) into target/vmkit-image/, cached
+  image [--arm64]
+            build the test guest (kernel + initramfs) into target/vmkit-image/, cached
+            (--arm64: the arm64 guest for machine virt, into target/vmkit-image-arm64/)
   demo      boot a VM, talk to the guest, hotplug, shut down
 ";
 
@@ -37,7 +42,7 @@ fn bench(args: &[String]) -> Result<(), String> {
         other => return Err(format!("bench: unknown arguments {other:?}")),
     };
     install::ensure_all()?;
-    let image = image::ensure_image()?;
+    let image = image::ensure_image(image::GuestArch::X86_64)?;
     // The plugin bench loads the QEMU plugin's library and runs its executable.
     run::step(
         "build the QEMU plugin (release)",
@@ -66,7 +71,7 @@ fn bench(args: &[String]) -> Result<(), String> {
 /// `cargo xtask demo`: install what is missing, build the guest, run `vmkit demo`.
 fn demo(args: &[String]) -> Result<(), String> {
     install::ensure_all()?;
-    let image = image::ensure_image()?;
+    let image = image::ensure_image(image::GuestArch::X86_64)?;
     run::step(
         "demo",
         run::cargo()
@@ -86,13 +91,27 @@ fn demo(args: &[String]) -> Result<(), String> {
     )
 }
 
+/// `cargo xtask image [--arm64]`.
+fn image_task(args: &[String]) -> Result<(), String> {
+    let arch = match args {
+        [] => image::GuestArch::X86_64,
+        [flag] if flag == "--arm64" => {
+            install::ensure_arm64_tools()?;
+            image::GuestArch::Aarch64
+        }
+        other => return Err(format!("image: unknown arguments {other:?}")),
+    };
+    install::ensure_all()?;
+    image::ensure_image(arch).map(drop)
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("test") => test::run(&args[1..]),
         Some("install") => install::ensure_all(),
         Some("check-macos") => macos::check(),
-        Some("image") => install::ensure_all().and_then(|()| image::ensure_image().map(drop)),
+        Some("image") => image_task(&args[1..]),
         Some("bench") => bench(&args[1..]),
         Some("demo") => demo(&args[1..]),
         Some("-h" | "--help" | "help") => {

@@ -16,7 +16,10 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
         }
     }
     install::ensure_all()?;
-    let image = image::ensure_image()?;
+    install::ensure_arm64_tools()?;
+    let image = image::ensure_image(image::GuestArch::X86_64)?;
+    // The arm64 guest for machine virt (what Apple Silicon runs), emulated here.
+    let arm64_image = image::ensure_image(image::GuestArch::Aarch64)?;
     if lint {
         step("format", cargo().args(["fmt", "--all", "--", "--check"]))?;
         step(
@@ -66,6 +69,7 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
         "tests",
         cargo()
             .env("VMKIT_IMAGE_DIR", &image)
+            .env("VMKIT_ARM64_IMAGE_DIR", &arm64_image)
             .args(["test", "--workspace", "--all-features", "--locked"])
             .args(test_args),
     )
