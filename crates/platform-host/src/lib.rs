@@ -3,12 +3,13 @@
 //! The platform layer of the host being built for, under one name, so that the crates
 //! above it (vmkit-qemu) have no `cfg(target_os)` of their own: this is `vmkit-linux`
 //! on Linux and `vmkit-macos` on macOS. Both offer the same modules — `accel`
-//! (`hardware_accel()`), `limits` (`SUN_PATH_MAX`), `process`, `spawn`, `system`,
+//! (`hardware_accel(guest_arch, qemu)`), `limits` (`SUN_PATH_MAX`), `process`, `spawn`, `system`,
 //! `tap`, `vhost_vsock` — with each OS's answers.
 //!
 //! ```
-//! // KVM or HVF when really usable, else None (TCG).
-//! let _ = vmkit_platform::accel::hardware_accel();
+//! // KVM or HVF when really usable for a guest of this architecture, else None (TCG).
+//! let qemu = std::path::Path::new("qemu-system-x86_64");
+//! let _ = vmkit_platform::accel::hardware_accel(std::env::consts::ARCH, qemu);
 //! assert!(vmkit_platform::limits::SUN_PATH_MAX >= 103);
 //! ```
 
