@@ -15,12 +15,15 @@
 //! - [`system`]: the uptime (the agent's host test mode); powering off is refused.
 //! - [`tap`], [`vhost_vsock`], [`vhost_user`]: what macOS does not have, refused with a
 //!   reason (so `GuestTransport::Auto` picks virtio-serial).
-//! - `spawn`, `process`, `kqueue` (macOS only): spawning QEMU, signals, and watching a
-//!   process's exit with `EVFILT_PROC`/`NOTE_EXIT` (macOS has no parent-death signal).
+//! - `spawn`, `process`, `kqueue` (macOS only): spawning QEMU with a guardian process
+//!   that watches vmkit with `EVFILT_PROC`/`NOTE_EXIT` and kills QEMU when vmkit exits
+//!   (macOS has no parent-death signal), and signals.
 //!
 //! Everything that does not call the OS is plain code, unit-tested on Linux; the thin
 //! OS wrappers sit behind `cfg(target_os = "macos")`. These machines cannot install a
-//! macOS standard library, so those wrappers have not been compiled here.
+//! macOS standard library from rustup, so those wrappers are type-checked here for
+//! both Mac targets with `std` built from source (`cargo xtask check-macos`), but have
+//! never been linked or run.
 //!
 //! ```
 //! use vmkit_macos::accel::{Arch, Decision, HvfFacts, decide};

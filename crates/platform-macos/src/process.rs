@@ -1,5 +1,5 @@
-//! Signals and host facts. macOS only; not compiled on the machines vmkit is developed
-//! on.
+//! Signals and host facts. macOS only: type-checked on Linux (`cargo xtask check-macos`),
+//! never run there.
 
 use std::io;
 

@@ -1,7 +1,8 @@
-//! Spawning the VMM on macOS. There is no parent-death signal: the caller watches the
-//! child ([`crate::kqueue`]) and kills it when vmkit's instance goes, and QEMU newer
-//! than 10.0 is also given `-run-with exit-with-parent=on`. macOS only; not compiled on
-//! the machines vmkit is developed on.
+//! Spawning the VMM on macOS. There is no parent-death signal, so each child gets a
+//! guardian process ([`crate::kqueue::fork_guardian`]) that kills it with `SIGKILL`
+//! when vmkit exits, however vmkit exits; QEMU newer than 10.0 is also given
+//! `-run-with exit-with-parent=on`. macOS only: type-checked on Linux
+//! (`cargo xtask check-macos`), never run there.
 
 use std::io;
 use std::os::fd::RawFd;
@@ -9,8 +10,9 @@ use std::sync::OnceLock;
 
 use tokio::process::{Child, Command};
 
-/// Whether a spawned child dies with this process: not on macOS (no parent-death
-/// signal), so QEMU is asked to (`-run-with exit-with-parent=on`) where it can.
+/// Whether the kernel sees to it that a spawned child dies with this process: not on
+/// macOS (no parent-death signal). The guardian does, and QEMU is asked to as well
+/// (`-run-with exit-with-parent=on`) where it can.
 pub const CHILDREN_DIE_WITH_PARENT: bool = false;
 
 /// What to spawn.
@@ -47,7 +49,8 @@ impl Spawner {
         SPAWNER.get_or_init(Spawner::default)
     }
 
-    /// Spawns `request` with a umask of 077.
+    /// Spawns `request` with a umask of 077 and a guardian that kills it when this
+    /// process exits.
     ///
     /// # Errors
     /// The spawn's error; `Unsupported` when fds are to be inherited.
@@ -59,13 +62,16 @@ impl Spawner {
             ));
         }
         let mut command = request.command;
-        // SAFETY: umask(2) is async-signal-safe and touches no memory; nothing else
-        // runs between fork and exec.
+        // Read here, before the fork: in the child it would be the child's own.
+        let parent = libc::pid_t::try_from(std::process::id())
+            .map_err(|_| io::Error::other("pid out of range"))?;
+        // SAFETY: the closure runs between fork and exec, the only thread: umask(2) is
+        // async-signal-safe, and fork_guardian makes raw system calls only.
         #[allow(unsafe_code)]
         unsafe {
-            command.pre_exec(|| {
+            command.pre_exec(move || {
                 libc::umask(0o077);
-                Ok(())
+                crate::kqueue::fork_guardian(parent)
             });
         }
         command.kill_on_drop(true).spawn()
