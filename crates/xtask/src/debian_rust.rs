@@ -16,9 +16,15 @@ use crate::run::{cargo, output, step, workspace_root};
 
 /// Debian's compiler package; its version picks the others'.
 const RUSTC: &str = "rustc-web";
-/// Packages downloaded at the compiler's version; their `libstd-rust-web-*` and
-/// `libllvm*` dependencies are fetched too.
-const PACKAGES: [&str; 3] = [RUSTC, "libstd-rust-web-dev", "rust-web-src"];
+/// Packages downloaded at the compiler's version (clippy's driver too: it must be the
+/// compiler's own); their `libstd-rust-web-*` and `libllvm*` dependencies are fetched
+/// too.
+const PACKAGES: [&str; 4] = [
+    RUSTC,
+    "libstd-rust-web-dev",
+    "rust-web-src",
+    "rust-web-clippy",
+];
 
 /// The unpacked compiler.
 pub(crate) struct Toolchain {
@@ -50,6 +56,24 @@ impl Toolchain {
     }
 }
 
+impl Toolchain {
+    /// `cargo check` for `target` through this compiler's clippy, its warnings (and the
+    /// workspace's lint levels) denied as `cargo clippy -- -D warnings` does.
+    pub(crate) fn clippy(&self, target: &str) -> Command {
+        let mut cmd = self.cargo("check", target);
+        cmd.env(
+            "RUSTC_WORKSPACE_WRAPPER",
+            self.root.join("usr/bin/clippy-driver"),
+        )
+        // cargo-clippy's own way of handing clippy-driver its arguments.
+        .env(
+            "CLIPPY_ARGS",
+            "-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__",
+        );
+        cmd
+    }
+}
+
 /// Where [`Toolchain::cargo`] builds.
 pub(crate) fn target_dir() -> PathBuf {
     dir().join("target")
@@ -64,7 +88,8 @@ fn dir() -> PathBuf {
 /// version; returns the unpacked root (its `usr/` is the compiler's sysroot).
 fn unpacked() -> Result<PathBuf, String> {
     let version = candidate(RUSTC)?;
-    let root = dir().join(format!("rust-{}", version.replace([':', '~', '+'], "_")));
+    let name = format!("rust-{}", version.replace([':', '~', '+'], "_"));
+    let root = dir().join(&name);
     let rustc = root.join("usr/bin/rustc");
     let works = output(
         Command::new(&rustc)
@@ -72,10 +97,13 @@ fn unpacked() -> Result<PathBuf, String> {
             .arg("--version"),
     )
     .is_some();
-    if works && root.join("usr/lib/rustlib/src/rust/library/std").is_dir() {
+    if works
+        && root.join("usr/lib/rustlib/src/rust/library/std").is_dir()
+        && root.join("usr/bin/clippy-driver").is_file()
+    {
         return Ok(root);
     }
-    let debs = root.with_extension("debs");
+    let debs = dir().join(format!("{name}-debs"));
     for d in [&root, &debs] {
         if d.exists() {
             fs::remove_dir_all(d).map_err(|e| format!("remove {}: {e}", d.display()))?;

@@ -77,6 +77,31 @@ pub(crate) fn ensure_image(arch: GuestArch) -> Result<PathBuf, String> {
     fs::copy(&vmlinuz, dir.join("vmlinuz"))
         .map_err(|e| format!("copy {}: {e}", vmlinuz.display()))?;
 
+    let (initrd, module_count) = initramfs(arch, &inputs, &kernel_root, &busybox_root, &agent)?;
+    fs::write(dir.join("initrd.img"), &initrd).map_err(|e| format!("write initrd.img: {e}"))?;
+    let _ = fs::remove_dir_all(&debs);
+    let _ = fs::remove_dir_all(&busybox_root);
+    let _ = fs::remove_dir_all(&kernel_root);
+    fs::write(&stamp_path, stamp).map_err(|e| format!("write {}: {e}", stamp_path.display()))?;
+    println!(
+        "==> guest image: vmlinuz + initrd.img ({} KiB, {} modules) in {}",
+        initrd.len() / 1024,
+        module_count,
+        dir.display()
+    );
+    Ok(dir)
+}
+
+/// The initramfs: busybox, `/init` and its helpers, the agent, and the modules
+/// `images/modules.list` names for `arch` with their dependencies, in `insmod` order.
+/// Returns it and how many modules it holds.
+fn initramfs(
+    arch: GuestArch,
+    inputs: &Path,
+    kernel_root: &Path,
+    busybox_root: &Path,
+    agent: &[u8],
+) -> Result<(Vec<u8>, usize), String> {
     let modules_dir = find_file(&kernel_root.join("lib/modules"), |_| true)?;
     let module_list = read(&inputs.join("modules.list"))?;
     let builtin = fs::read_to_string(modules_dir.join("modules.builtin")).unwrap_or_default();
@@ -111,7 +136,7 @@ pub(crate) fn ensure_image(arch: GuestArch) -> Result<PathBuf, String> {
         0o755,
         &read_bytes(&inputs.join("vmkit-hotplug"))?,
     );
-    cpio.file("sbin/vmkit-agent", 0o755, &agent);
+    cpio.file("sbin/vmkit-agent", 0o755, agent);
     cpio.file(
         "etc/acpi/PWRF/00000080",
         0o755,
@@ -132,19 +157,7 @@ pub(crate) fn ensure_image(arch: GuestArch) -> Result<PathBuf, String> {
     for (name, path) in &ordered {
         cpio.file(&format!("lib/modules/{name}.ko"), 0o644, &read_bytes(path)?);
     }
-    let initrd = cpio.finish();
-    fs::write(dir.join("initrd.img"), &initrd).map_err(|e| format!("write initrd.img: {e}"))?;
-    let _ = fs::remove_dir_all(&debs);
-    let _ = fs::remove_dir_all(&busybox_root);
-    let _ = fs::remove_dir_all(&kernel_root);
-    fs::write(&stamp_path, stamp).map_err(|e| format!("write {}: {e}", stamp_path.display()))?;
-    println!(
-        "==> guest image: vmlinuz + initrd.img ({} KiB, {} modules) in {}",
-        initrd.len() / 1024,
-        ordered.len(),
-        dir.display()
-    );
-    Ok(dir)
+    Ok((cpio.finish(), ordered.len()))
 }
 
 /// `linux-image-<ver>-cloud-<arch>-unsigned` for the version the metapackage depends on.

@@ -17,16 +17,16 @@ usage: cargo xtask <task> [options]
 tasks:
   test [--no-lint] [-- <cargo test args>]
             install what is missing and build both test guests (x86_64, arm64), then:
-            fmt check, clippy -D warnings, the macOS type check, doc with -D warnings,
+            fmt check, clippy -D warnings (Linux, then both macOS targets), doc with -D warnings,
             cargo deny (bans licenses sources), the whole test suite
   bench [--check]
             install what is missing, then run the benchmarks in benches/; each prints
             its figures against a baseline measured in the same run (--check: exit
             non-zero when a target is missed)
   check-macos
-            type-check the host crates for x86_64- and aarch64-apple-darwin (std built
-            from Debian's Rust source, unpacked under target/debian-rust/; nothing links
-            or runs)
+            clippy -D warnings on the host crates for x86_64- and aarch64-apple-darwin
+            (std built from Debian's Rust source, unpacked under target/debian-rust/;
+            nothing links or runs)
   install   install what is missing (system packages need root) and stop
   image [--arm64]
             build the test guest (kernel + initramfs) into target/vmkit-image/, cached
