@@ -125,13 +125,50 @@ impl GuestImage {
 const AGENT_WAIT: &str = "start: waiting for the guest agent to answer Ping (";
 
 /// Whether `text` holds the start failure vhost-device-vsock 0.3 causes about once in a
-/// hundred VMs — the agent wait timed out, its last dial was `write CONNECT …: Broken
-/// pipe`: the daemon closed every host dial for the whole start although the guest was
-/// up (docs/guest-communication.md). Anywhere in `text`: a conformance check quotes the
-/// start error inside its own message. Real-VM tests start such a VM once more.
+/// hundred VMs — the agent wait timed out, and its last dial was refused by the daemon
+/// without being read: `write CONNECT …: Broken pipe` when the daemon closed first, or
+/// `read the CONNECT answer: Connection reset by peer` when the line arrived before it
+/// closed (a socket closed with unread data resets; dials see that while the guest's
+/// vsock comes up too, but not for a whole start). Either way the daemon closed every
+/// host dial for the whole start although the guest was up
+/// (docs/guest-communication.md). A guest that is up but not listening looks different:
+/// `closed before OK: nothing listens on guest port 1025 yet`. Anywhere in `text`: a conformance
+/// check quotes the start error inside its own message. Real-VM tests start such a VM
+/// once more.
 pub fn vsock_daemon_fault(text: &str) -> bool {
     text.find(AGENT_WAIT).is_some_and(|at| {
         let tail = &text[at..];
-        tail.contains("; last: write CONNECT") && tail.contains("Broken pipe")
+        (tail.contains("; last: write CONNECT") && tail.contains("Broken pipe"))
+            || (tail.contains("; last: read the CONNECT answer")
+                && tail.contains("Connection reset by peer"))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::vsock_daemon_fault;
+
+    #[test]
+    fn the_daemon_fault_is_known_by_both_of_its_last_dials_only() {
+        let wait = "start: waiting for the guest agent to answer Ping (41 dials of \
+                    hvsock:///t/vsock.sock:1025; last: ";
+        let closed_first =
+            format!("{wait}write CONNECT 1025: Broken pipe (os error 32)): timed out after 60s");
+        let read_first = format!(
+            "wrong_state_calls: start: {wait}read the CONNECT answer: Connection reset by peer \
+             (os error 104)): timed out after 60s"
+        );
+        assert!(vsock_daemon_fault(&closed_first));
+        assert!(
+            vsock_daemon_fault(&read_first),
+            "quoted inside a check's message"
+        );
+        let not_listening = format!(
+            "{wait}closed before OK: nothing listens on guest port 1025 yet): timed out after 60s"
+        );
+        assert!(!vsock_daemon_fault(&not_listening));
+        assert!(!vsock_daemon_fault(
+            "read the CONNECT answer: Connection reset by peer"
+        ));
+    }
 }
