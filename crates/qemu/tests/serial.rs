@@ -7,11 +7,10 @@
 
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use vmkit_core::{GuestCommunicator, GuestTransport, Instance, NicBackend, NicConfig};
+use vmkit_proto::AgentClient;
 use vmkit_proto::agent::{ExecRequest, GuestInfoRequest, PingRequest};
-use vmkit_proto::{AgentClient, StreamHeader};
-use vmkit_qemu::{QemuBackend, QemuInstance};
+use vmkit_qemu::QemuBackend;
 
 mod common;
 use common::*;
@@ -24,36 +23,6 @@ fn exec_req(argv: &[&str]) -> ExecRequest {
     let mut req = ExecRequest::new();
     req.argv = argv.iter().map(|s| (*s).to_owned()).collect();
     req
-}
-
-/// QEMU's command line, from `/proc`.
-fn qemu_argv(vm: &QemuInstance) -> String {
-    let pid = vm.vm_info().pid.unwrap();
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .unwrap()
-        .split(|b| *b == 0)
-        .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-/// Sends `data` through an echo stream and returns what came back.
-async fn echo(vm: &QemuInstance, data: Vec<u8>) -> Vec<u8> {
-    let mut stream = vm.open_stream(&StreamHeader::Echo).await.unwrap();
-    let (mut r, mut w) = tokio::io::split(&mut stream);
-    let writer = async move {
-        for chunk in data.chunks(64 << 10) {
-            w.write_all(chunk).await.unwrap();
-        }
-        w.shutdown().await.unwrap();
-    };
-    let reader = async move {
-        let mut back = Vec::new();
-        r.read_to_end(&mut back).await.unwrap();
-        back
-    };
-    let ((), back) = tokio::join!(writer, reader);
-    back
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,7 +12,6 @@ use vmkit_core::{
     Capabilities, DeviceConfigurator, DiskConfig, Instance, MemoryHotplug, NicBackend, NicConfig,
     ResourceManager,
 };
-use vmkit_proto::StreamHeader;
 use vmkit_proto::agent::PingRequest;
 use vmkit_qemu::{QemuBackend, QemuInstance};
 use vmkit_testkit::qemu::require_qemu_aarch64;
@@ -20,17 +19,6 @@ use vmkit_testkit::require_arm64_guest_image;
 
 mod common;
 use common::*;
-
-/// QEMU's command line, from `/proc`.
-fn qemu_argv(vm: &QemuInstance) -> String {
-    let pid = vm.vm_info().pid.unwrap();
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .unwrap()
-        .split(|b| *b == 0)
-        .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect::<Vec<_>>()
-        .join(" ")
-}
 
 async fn run(vm: &QemuInstance, script: &str) -> String {
     let agent = vm.agent().await.unwrap();
@@ -98,22 +86,11 @@ async fn an_arm64_guest_on_virt_over_virtio_serial_hotplugs_and_leaves_nothing()
     let mac = vmkit_qemu::stable_mac("arm", "net0");
     let line = ready_line(&vm).await;
     assert!(line.ends_with(&format!("nics=eth0:{mac}")), "{line}");
-    let mut stream = vm.open_stream(&StreamHeader::Echo).await.unwrap();
     let data: Vec<u8> = (0..(1 << 20)).map(|i: u32| (i % 253) as u8).collect();
-    let (mut r, mut w) = tokio::io::split(&mut stream);
-    let write = async {
-        use tokio::io::AsyncWriteExt as _;
-        w.write_all(&data).await.unwrap();
-        w.shutdown().await.unwrap();
-    };
-    let read = async {
-        use tokio::io::AsyncReadExt as _;
-        let mut back = Vec::new();
-        r.read_to_end(&mut back).await.unwrap();
-        back
-    };
-    let ((), back) = tokio::join!(write, read);
-    assert!(back == data, "1 MiB echo came back altered");
+    assert!(
+        echo(&vm, data.clone()).await == data,
+        "1 MiB echo came back altered"
+    );
 
     // A disk on one of virt's PCIe root ports: the guest sees it, then lets it go.
     let path = disk(dir.path(), "d1.img");

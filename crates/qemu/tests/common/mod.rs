@@ -191,3 +191,37 @@ pub async fn guest_info(agent: &AgentClient) -> vmkit_proto::agent::GuestInfoRes
         .await
         .unwrap()
 }
+
+/// QEMU's command line, from `/proc`, its arguments joined by spaces.
+pub fn qemu_argv(vm: &QemuInstance) -> String {
+    let pid = vm.vm_info().pid.unwrap();
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .unwrap()
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Sends `data` through an echo stream and returns what came back.
+pub async fn echo(vm: &QemuInstance, data: Vec<u8>) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = vm
+        .open_stream(&vmkit_proto::StreamHeader::Echo)
+        .await
+        .unwrap();
+    let (mut r, mut w) = tokio::io::split(&mut stream);
+    let writer = async move {
+        for chunk in data.chunks(64 << 10) {
+            w.write_all(chunk).await.unwrap();
+        }
+        w.shutdown().await.unwrap();
+    };
+    let reader = async move {
+        let mut back = Vec::new();
+        r.read_to_end(&mut back).await.unwrap();
+        back
+    };
+    let ((), back) = tokio::join!(writer, reader);
+    back
+}
