@@ -4,7 +4,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use vmkit_core::{DiskConfig, InstanceConfig, NicConfig, Registry, StartOptions, VmEvent};
+use vmkit_core::{
+    DiskConfig, Instance, InstanceConfig, NicConfig, Registry, StartOptions, StateLayout, VmEvent,
+    VmInfo,
+};
 use vmkit_proto::agent::{ExecRequest, GuestInfoRequest};
 use vmkit_proto::{AgentClient, STREAM_PORT, StreamHeader};
 
@@ -65,6 +68,57 @@ async fn run_in(
     initrd: &Path,
     step: &impl Fn(&str),
 ) -> Result<(), String> {
+    announce_accel(step).await?;
+    let (vm, layout) = create(opts, work, kernel, initrd, step)?;
+    let (info, printer) = boot(vm.as_ref(), step).await?;
+    let agent = ask_the_guest(vm.as_ref(), step).await?;
+    echo_a_mib(vm.as_ref(), step).await?;
+    hot_plug(vm.as_ref(), &agent, step).await?;
+    let began = Instant::now();
+    let exit = vm.shutdown().await.map_err(|e| e.to_string())?;
+    step(&format!(
+        "shut down in {:.3} s: {:?} by {:?}",
+        began.elapsed().as_secs_f64(),
+        exit.reason,
+        exit.stage
+    ));
+    let _ = tokio::time::timeout(Duration::from_secs(1), printer).await;
+
+    let pid = info.pid.ok_or("the running VM reported no pid")?;
+    let leftovers: Vec<String> = [
+        (
+            Path::new(&format!("/proc/{pid}")).exists(),
+            format!("QEMU pid {pid}"),
+        ),
+        (
+            layout.control_socket().exists(),
+            "the QMP socket".to_owned(),
+        ),
+        (
+            layout.vsock_socket().exists() || layout.vhost_user_vsock_socket().exists(),
+            "a vsock socket".to_owned(),
+        ),
+        (
+            still_running(&layout.state_dir().display().to_string()),
+            "a process of the VM (QEMU or vhost-device-vsock)".to_owned(),
+        ),
+        (
+            Path::new(&format!("/sys/class/net/{TAP}")).exists(),
+            format!("TAP {TAP}"),
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(left, what)| left.then_some(what))
+    .collect();
+    if !leftovers.is_empty() {
+        return Err(format!("left behind: {}", leftovers.join(", ")));
+    }
+    step("nothing left behind: no QEMU or vsock daemon, no socket, no TAP");
+    Ok(())
+}
+
+/// Says which accelerator `Auto` means here.
+async fn announce_accel(step: &impl Fn(&str)) -> Result<(), String> {
     // The backend's defaults: the host's own machine and QEMU. The probe may run QEMU.
     let qemu = vmkit_qemu::QemuOptions::from_map(&Default::default()).map_err(|e| e.to_string())?;
     let accel = tokio::task::spawn_blocking(move || {
@@ -78,6 +132,17 @@ async fn run_in(
         vmkit_qemu::accel::ACCEL_ENV
     ));
 
+    Ok(())
+}
+
+/// The VM, with a disk and (where a TAP can be made) a NIC; and its state layout.
+fn create(
+    opts: &Options,
+    work: &Path,
+    kernel: &Path,
+    initrd: &Path,
+    step: &impl Fn(&str),
+) -> Result<(Box<dyn Instance>, StateLayout), String> {
     let mut config = InstanceConfig::new("demo", work.join("state"), kernel);
     config.kernel.initrd = Some(initrd.to_owned());
     config.resources.max_vcpus = 4;
@@ -110,6 +175,14 @@ async fn run_in(
         }
     }
 
+    Ok((vm, layout))
+}
+
+/// Starts the VM (printing its start progress), then pauses and resumes it.
+async fn boot(
+    vm: &dyn Instance,
+    step: &impl Fn(&str),
+) -> Result<(VmInfo, tokio::task::JoinHandle<()>), String> {
     let mut events = vm.events();
     let printer = tokio::spawn(async move {
         while let Ok(event) = events.recv().await {
@@ -147,6 +220,11 @@ async fn run_in(
         began.elapsed().as_secs_f64() * 1000.0
     ));
 
+    Ok((info, printer))
+}
+
+/// What the guest sees, and `uname -a` run in it; returns the agent client.
+async fn ask_the_guest(vm: &dyn Instance, step: &impl Fn(&str)) -> Result<AgentClient, String> {
     let agent = AgentClient::new(vm.client().await.map_err(|e| e.to_string())?);
     let guest = agent
         .guest_info(ctx(), &GuestInfoRequest::new())
@@ -192,6 +270,11 @@ async fn run_in(
         String::from_utf8_lossy(&out.stdout).trim()
     ));
 
+    Ok(agent)
+}
+
+/// 1 MiB through a raw echo stream, byte-exact.
+async fn echo_a_mib(vm: &dyn Instance, step: &impl Fn(&str)) -> Result<(), String> {
     let began = Instant::now();
     let raw = vm
         .start_stream(STREAM_PORT)
@@ -230,6 +313,15 @@ async fn run_in(
         "1 MiB echoed byte-exact over a stream in {:.1} ms",
         began.elapsed().as_secs_f64() * 1000.0
     ));
+    Ok(())
+}
+
+/// A vCPU and 256 MiB hot-plugged, and what the guest then sees.
+async fn hot_plug(
+    vm: &dyn Instance,
+    agent: &AgentClient,
+    step: &impl Fn(&str),
+) -> Result<(), String> {
     let began = Instant::now();
     match vm.cpu_hotplugger() {
         Some(cpus) => {
@@ -273,46 +365,6 @@ async fn run_in(
         guest.mem_total_bytes >> 20
     ));
 
-    let began = Instant::now();
-    let exit = vm.shutdown().await.map_err(|e| e.to_string())?;
-    step(&format!(
-        "shut down in {:.3} s: {:?} by {:?}",
-        began.elapsed().as_secs_f64(),
-        exit.reason,
-        exit.stage
-    ));
-    let _ = tokio::time::timeout(Duration::from_secs(1), printer).await;
-
-    let pid = info.pid.ok_or("the running VM reported no pid")?;
-    let leftovers: Vec<String> = [
-        (
-            Path::new(&format!("/proc/{pid}")).exists(),
-            format!("QEMU pid {pid}"),
-        ),
-        (
-            layout.control_socket().exists(),
-            "the QMP socket".to_owned(),
-        ),
-        (
-            layout.vsock_socket().exists() || layout.vhost_user_vsock_socket().exists(),
-            "a vsock socket".to_owned(),
-        ),
-        (
-            still_running(&layout.state_dir().display().to_string()),
-            "a process of the VM (QEMU or vhost-device-vsock)".to_owned(),
-        ),
-        (
-            Path::new(&format!("/sys/class/net/{TAP}")).exists(),
-            format!("TAP {TAP}"),
-        ),
-    ]
-    .into_iter()
-    .filter_map(|(left, what)| left.then_some(what))
-    .collect();
-    if !leftovers.is_empty() {
-        return Err(format!("left behind: {}", leftovers.join(", ")));
-    }
-    step("nothing left behind: no QEMU or vsock daemon, no socket, no TAP");
     Ok(())
 }
 
