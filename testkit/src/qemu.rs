@@ -14,9 +14,14 @@ pub fn qemu_binary() -> Option<PathBuf> {
     if let Some(path) = std::env::var_os("VMKIT_QEMU") {
         return Some(PathBuf::from(path));
     }
+    on_path("qemu-system-x86_64")
+}
+
+/// `name` in a `PATH` directory.
+fn on_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
-        .map(|dir| dir.join("qemu-system-x86_64"))
+        .map(|dir| dir.join(name))
         .find(|p| p.is_file())
 }
 
@@ -26,22 +31,11 @@ pub fn qemu_binary() -> Option<PathBuf> {
 /// # Panics
 /// Under CI, when it is missing: `cargo xtask test` installs it (`qemu-system-arm`).
 pub fn require_qemu_aarch64() -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|path| {
-        std::env::split_paths(&path)
-            .map(|dir| dir.join("qemu-system-aarch64"))
-            .find(|p| p.is_file())
-    });
-    match found {
-        Some(path) => Some(path),
-        None if under_ci() => panic!(
-            "qemu-system-aarch64 not found and CI is set: `cargo xtask test` installs it \
-             (Debian: apt-get install -t bookworm-backports qemu-system-arm)"
-        ),
-        None => {
-            eprintln!("note: qemu-system-aarch64 not found; skipping a test that needs it");
-            None
-        }
-    }
+    required(
+        on_path("qemu-system-aarch64"),
+        "qemu-system-aarch64",
+        "qemu-system-arm",
+    )
 }
 
 /// `true` when running under CI (`CI` set to anything but `false`/`0`/empty).
@@ -55,14 +49,20 @@ pub fn under_ci() -> bool {
 /// Under CI, when QEMU is missing: `cargo xtask test` installs it, so its absence is a
 /// failure there, never a silent skip.
 pub fn require_qemu() -> Option<PathBuf> {
-    match qemu_binary() {
+    required(qemu_binary(), "qemu-system-x86_64", "qemu-system-x86")
+}
+
+/// `found`, or — the binary `name` (from Debian's `package`) missing — a panic under CI
+/// and a skip note otherwise.
+fn required(found: Option<PathBuf>, name: &str, package: &str) -> Option<PathBuf> {
+    match found {
         Some(path) => Some(path),
         None if under_ci() => panic!(
-            "qemu-system-x86_64 not found and CI is set: `cargo xtask test` installs it \
-             (Debian: apt-get install -t bookworm-backports qemu-system-x86)"
+            "{name} not found and CI is set: `cargo xtask test` installs it \
+             (Debian: apt-get install -t bookworm-backports {package})"
         ),
         None => {
-            eprintln!("note: qemu-system-x86_64 not found; skipping a test that needs it");
+            eprintln!("note: {name} not found; skipping a test that needs it");
             None
         }
     }
