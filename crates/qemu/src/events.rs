@@ -54,6 +54,17 @@ pub(crate) fn to_vm_event(event: &Event) -> Option<VmEvent> {
     }
 }
 
+/// The id of the virtio-serial port whose guest end `event` says closed, if it does.
+pub(crate) fn closed_serial_port(event: &Event) -> Option<&str> {
+    match event {
+        Event::Qmp { event, .. } => match event.as_ref() {
+            QapiEvent::VSERPORT_CHANGE { data, .. } if !data.open => Some(&data.id),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
 /// A QAPI enum value as QEMU spells it (`"guest-shutdown"`).
 fn enum_name(value: &impl serde::Serialize) -> String {
     match serde_json::to_value(value) {

@@ -19,11 +19,8 @@ use std::time::Duration;
 
 use tokio::time::{Instant, sleep};
 use vmkit_core::{Error as CoreError, GuestTransport, InstanceConfig};
-use vmkit_proto::AgentClient;
-use vmkit_proto::agent::PingRequest;
 use vmkit_vsock::{
     CidAllocator, CidLease, CidOptions, ConnHealth, GuestAddr, LinkGate, Reservation, TtrpcClient,
-    dial_with_retry, ttrpc_client_tracked,
 };
 
 use crate::error::Error;
@@ -184,6 +181,21 @@ impl Link {
             } else {
                 gate.close();
             }
+        }
+    }
+
+    /// The virtio-serial link to the agent, when that is the transport.
+    pub(crate) fn serial_mux(&self) -> Option<vmkit_serial::Mux> {
+        self.bridge.as_ref().and_then(SerialBridge::mux)
+    }
+
+    /// QEMU says the guest closed its virtio-serial port `id`: when it is the agent's,
+    /// the bridge ends the agent's channels (see [`SerialBridge::guest_closed`]).
+    pub(crate) fn guest_port_closed(&self, id: &str) {
+        if let Some(bridge) = &self.bridge
+            && id == crate::command::SERIAL_PORT_ID
+        {
+            bridge.guest_closed();
         }
     }
 
@@ -546,46 +558,18 @@ impl Agent {
     }
 }
 
-/// Dials `addr` until `deadline` and returns once the agent answers `Ping`. A connection
-/// the agent drops before answering (it is starting or restarting) is dialled again.
+/// Dials `addr` until `deadline` and returns once the agent answers `Ping` (see
+/// [`vmkit_vsock::connect_agent`]: a connection the agent drops before answering is
+/// dialled again).
 ///
 /// # Errors
-/// The last dial failure when the deadline passes before any connection.
+/// The last dial failure when the deadline passes before any connection; `Agent` when
+/// the last connection's `Ping` failed.
 pub(crate) async fn wait_for_agent(addr: &GuestAddr, deadline: Instant) -> Result<Agent, Error> {
-    loop {
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        let conn = dial_with_retry(addr, remaining).await?;
-        let (client, health) = ttrpc_client_tracked(conn);
-        match ping(&client, deadline).await {
-            Ok(()) => return Ok(Agent { client, health }),
-            Err(cause) if Instant::now() < deadline => {
-                tracing::debug!(%addr, %cause, "agent connection dropped before Ping; redialling");
-                sleep(Duration::from_millis(10)).await;
-            }
-            Err(cause) => {
-                return Err(Error::Agent {
-                    call: "Ping",
-                    cause,
-                });
-            }
-        }
-    }
-}
-
-/// One `Ping`, bounded by `deadline`.
-pub(crate) async fn ping(client: &TtrpcClient, deadline: Instant) -> Result<(), String> {
-    let remaining = deadline.saturating_duration_since(Instant::now());
-    let nanos = i64::try_from(remaining.as_nanos()).unwrap_or(i64::MAX);
-    let agent = AgentClient::new(client.clone());
-    match tokio::time::timeout_at(
-        deadline,
-        agent.ping(ttrpc::context::with_timeout(nanos), &PingRequest::new()),
-    )
-    .await
-    {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(format!("no answer within {remaining:?}")),
+    match vmkit_vsock::connect_agent(addr, deadline).await {
+        Ok((client, health)) => Ok(Agent { client, health }),
+        Err(vmkit_vsock::Error::Agent { call, cause, .. }) => Err(Error::Agent { call, cause }),
+        Err(e) => Err(Error::Vsock(e)),
     }
 }
 

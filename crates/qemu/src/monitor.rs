@@ -9,7 +9,7 @@ use tokio::sync::broadcast;
 use vmkit_core::{VmEvent, VmState};
 use vmkit_qmp::QmpClient;
 
-use crate::events::to_vm_event;
+use crate::events::{closed_serial_port, to_vm_event};
 use crate::guest::LINK_SETTLE;
 use crate::process::Process;
 use crate::vm::Vm;
@@ -49,6 +49,9 @@ pub(crate) fn spawn_event_pump(vm: &Arc<Vm>, qmp: &QmpClient) {
                 return;
             };
             let Some(vm) = weak.upgrade() else { return };
+            if let Some(port) = closed_serial_port(&event) {
+                vm.with_running(|r| r.link().map(|link| link.guest_port_closed(port)));
+            }
             vm.note(&vm_event);
             match &vm_event {
                 VmEvent::Stopped => vm.follow_qemu(false),

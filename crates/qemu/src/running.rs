@@ -88,6 +88,11 @@ impl Running {
         self.agent = Some(agent);
     }
 
+    /// Forgets the cached agent connection (it no longer reaches a live agent).
+    pub(crate) fn forget_agent(&mut self) {
+        self.agent = None;
+    }
+
     /// The cached agent connection, while it is open.
     pub(crate) fn live_agent(&self) -> Option<&Agent> {
         self.agent.as_ref().filter(|a| a.is_alive())

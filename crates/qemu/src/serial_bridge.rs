@@ -28,6 +28,8 @@ const OPEN: Duration = Duration::from_secs(1);
 pub(crate) struct SerialBridge {
     tasks: Vec<JoinHandle<()>>,
     sockets: Vec<PathBuf>,
+    /// The link of the moment (`None` while connecting).
+    mux: watch::Receiver<Option<Mux>>,
 }
 
 impl Drop for SerialBridge {
@@ -77,7 +79,28 @@ impl SerialBridge {
             dir: dir.to_owned(),
             port: agent_port,
         };
-        Ok((SerialBridge { tasks, sockets }, addr))
+        let bridge = SerialBridge {
+            tasks,
+            sockets,
+            mux: mux_rx,
+        };
+        Ok((bridge, addr))
+    }
+
+    /// The link of the moment, if connected (for a probe of the agent's side).
+    pub(crate) fn mux(&self) -> Option<Mux> {
+        self.mux.borrow().clone()
+    }
+
+    /// The guest closed its end of the port (QEMU's `VSERPORT_CHANGE`): its agent is
+    /// gone. Only QEMU sees that — no byte crosses the link — so without this word the
+    /// host would hand out its cached client, on channels nobody serves, until the next
+    /// agent's hello. Every channel fails now (the cached client is seen dead and
+    /// re-dialled), and new channels wait for the next agent.
+    pub(crate) fn guest_closed(&self) {
+        if let Some(mux) = self.mux.borrow().as_ref() {
+            mux.peer_closed("the guest closed its virtio-serial port (its agent ended)");
+        }
     }
 
     /// The sockets it serves (removed with the link).

@@ -27,6 +27,10 @@ use crate::process::{Process, ProcessExit, tail};
 use crate::qmp::Qmp;
 use crate::running::Running;
 
+/// How long a live agent may take to answer a probe of the virtio-serial link (it
+/// answers in well under a millisecond; a slower answer only costs a fresh dial).
+const SERIAL_PROBE: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// How many lines of QEMU's stderr go into an error or a crash report.
 pub(crate) const STDERR_LINES: usize = 8;
 
@@ -331,6 +335,19 @@ impl Vm {
         }
     }
 
+    /// Whether the agent's end of the link is there. Over virtio-serial an agent that
+    /// died leaves no trace on the link (QEMU's `VSERPORT_CHANGE` says it, but QEMU sends
+    /// at most one a second per port): while the guest runs, the link is probed. Over
+    /// vsock the guest's kernel resets the connection of a dead agent, which the cached
+    /// client's health already shows. A paused guest is not probed: it cannot answer,
+    /// and its calls are answered on resume.
+    async fn agent_side_answers(&self) -> bool {
+        let Some(mux) = self.with_link(|l| l.serial_mux()).flatten() else {
+            return true;
+        };
+        self.life.state() != VmState::Running || mux.peer_answers(SERIAL_PROBE).await
+    }
+
     fn cached_agent(&self) -> Option<guest::Agent> {
         self.with_running(|r| r.live_agent().cloned()).flatten()
     }
@@ -340,7 +357,11 @@ impl Vm {
     pub(crate) async fn agent_client(&self) -> vmkit_core::Result<GuestClient> {
         let addr = self.agent_addr("client")?;
         if let Some(agent) = self.cached_agent() {
-            return Ok(agent.client);
+            if self.agent_side_answers().await {
+                return Ok(agent.client);
+            }
+            // Its connection looks open but nobody is at the other end.
+            self.with_running(Running::forget_agent);
         }
         // One re-dial for all callers that found the connection dead.
         let _dialing = self.dialing.lock().await;

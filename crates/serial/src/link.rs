@@ -82,6 +82,9 @@ pub(crate) struct State {
     pub(crate) next_id: u32,
     /// The other side's epoch, once it said hello.
     pub(crate) peer_epoch: Option<u64>,
+    /// The other side's last life ended without a word ([`crate::Mux::peer_closed`]):
+    /// opens wait for its next hello before they go out.
+    pub(crate) awaiting_peer: bool,
     /// Where accepted channels go (as their ids); `None` once the link is dead.
     pub(crate) incoming: Option<mpsc::UnboundedSender<(u32, u32)>>,
     /// Why the link is dead, once it is.
@@ -96,6 +99,9 @@ pub(crate) struct Shared {
     out: mpsc::UnboundedSender<Vec<u8>>,
     /// Ticks `true` when the link dies (the tasks stop).
     pub(crate) stop: watch::Sender<bool>,
+    /// Ticks on every hello (or answer) from the other side: what opens waiting for
+    /// its next life wake on.
+    pub(crate) met: watch::Sender<u64>,
 }
 
 impl Shared {
@@ -104,6 +110,7 @@ impl Shared {
             state: Mutex::new(state),
             out,
             stop: watch::channel(false).0,
+            met: watch::channel(0).0,
         }
     }
 

@@ -27,6 +27,8 @@ pub enum Side {
 /// Ends the link when the last [`Mux`] handle is dropped.
 struct Handle {
     shared: Arc<Shared>,
+    /// This side's epoch (said again by [`Mux::peer_closed`]).
+    epoch: u64,
 }
 
 impl Drop for Handle {
@@ -117,6 +119,7 @@ impl Mux {
             Mux {
                 handle: Arc::new(Handle {
                     shared: Arc::clone(&shared),
+                    epoch,
                 }),
             },
             Incoming {
@@ -135,6 +138,13 @@ impl Mux {
     /// again), [`Error::Timeout`] when it does not answer in time.
     pub async fn open(&self, port: u32, timeout: Duration) -> Result<Channel, Error> {
         let shared = &self.handle.shared;
+        let deadline = tokio::time::Instant::now() + timeout;
+        if !self.await_peer(deadline).await {
+            return Err(Error::Timeout {
+                port,
+                after: timeout,
+            });
+        }
         let (tx, rx) = oneshot::channel();
         let id = {
             let mut state = shared.state();
@@ -150,7 +160,7 @@ impl Mux {
             id
         };
         shared.send(&Frame::Open { channel: id, port });
-        let answer = tokio::time::timeout(timeout, rx).await;
+        let answer = tokio::time::timeout_at(deadline, rx).await;
         let outcome = match answer {
             Ok(Ok(Ok(()))) => return Ok(Channel::new(Arc::clone(shared), id, port)),
             Ok(Ok(Err(Error::Refused { reason, .. }))) => Err(Error::Refused { port, reason }),
@@ -169,6 +179,77 @@ impl Mux {
         drop(state);
         shared.send(&Frame::Reset { channel: id });
         outcome
+    }
+
+    /// The other side's end went away without a word — its process died, which over
+    /// virtio-serial only QEMU sees (the guest closed its port: `VSERPORT_CHANGE`).
+    /// Every channel and open of its life fails now with `reason`, as a restart would
+    /// fail them once the next life says hello; opens from now on wait (within their
+    /// timeout) for that hello before they go out, so none is sent into the gap and
+    /// answered by nobody, or by a life that is about to be replaced. This side's hello
+    /// is said again, so a peer that is already back answers it.
+    pub fn peer_closed(&self, reason: &str) {
+        let shared = &self.handle.shared;
+        {
+            let mut state = shared.state();
+            if state.dead.is_some() {
+                return;
+            }
+            state.peer_epoch = None;
+            state.awaiting_peer = true;
+            fail_all(&mut state, reason, &|| Error::PeerRestarted);
+        }
+        shared.send(&Frame::Hello {
+            epoch: self.handle.epoch,
+        });
+        tracing::debug!(%reason, "serial link: the other side closed its end");
+    }
+
+    /// Whether the other side's life this side knows (the one its channels are with)
+    /// answers now: this side's hello is said again and the answer awaited, at most
+    /// `timeout`. Nothing else crosses when the other side's process died without a
+    /// word (over virtio-serial the guest holds what is written to a closed port until
+    /// the port is opened again), so a `false` is the only sign of it before its next
+    /// life says hello — and an answer from that next life is a `false` too. A `false`
+    /// may also be a slow peer, so it changes nothing on the link.
+    pub async fn peer_answers(&self, timeout: Duration) -> bool {
+        let shared = &self.handle.shared;
+        let mut met = shared.met.subscribe();
+        met.borrow_and_update();
+        let known = {
+            let state = shared.state();
+            match (&state.dead, state.peer_epoch) {
+                (None, Some(epoch)) => epoch,
+                _ => return false,
+            }
+        };
+        shared.send(&Frame::Hello {
+            epoch: self.handle.epoch,
+        });
+        match tokio::time::timeout(timeout, met.changed()).await {
+            Ok(Ok(())) => shared.state().peer_epoch == Some(known),
+            _ => false,
+        }
+    }
+
+    /// Waits until the other side's next life said hello, when [`Mux::peer_closed`]
+    /// said the last one ended; `false` when `deadline` passed first.
+    async fn await_peer(&self, deadline: tokio::time::Instant) -> bool {
+        let shared = &self.handle.shared;
+        let mut met = shared.met.subscribe();
+        loop {
+            {
+                let state = shared.state();
+                if !state.awaiting_peer || state.dead.is_some() {
+                    return true;
+                }
+            }
+            match tokio::time::timeout_at(deadline, met.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return true,
+                Err(_) => return false,
+            }
+        }
     }
 
     /// Why the link is dead, once it is.
@@ -298,6 +379,9 @@ fn met(shared: &Shared, peer: u64) {
         tracing::debug!("serial link: the other side restarted");
     }
     state.peer_epoch = Some(peer);
+    state.awaiting_peer = false;
+    drop(state);
+    shared.met.send_modify(|n| *n = n.wrapping_add(1));
 }
 
 /// The other side opens `channel` to `port`: accepted when this side serves it.

@@ -294,6 +294,103 @@ async fn a_reconnecting_host_is_served_again_and_the_agent_drops_its_old_channel
     assert_eq!(round_trip(channel, b"again".to_vec()).await, b"again");
 }
 
+/// The agent dies and its next life takes its time: QEMU tells the host the guest
+/// closed its port (`peer_closed`). The old channel fails at once, not when the next
+/// life says hello, and an open made in the gap waits for that hello and reaches the
+/// new agent — it is neither sent into the gap nor failed by the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_peer_fails_its_channels_at_once_and_opens_wait_for_its_next_life() {
+    let (port, host_end) = Port::new();
+    let (host, _) = Mux::new(host_end, Side::Host);
+    let (guest, incoming) = Mux::new(port.attach().await, Side::Guest);
+    echo(incoming);
+    let mut old = open_again(&host, ECHO).await;
+    old.write_all(b"x").await.unwrap();
+    let mut buf = [0u8; 1];
+    old.read_exact(&mut buf).await.unwrap();
+
+    drop(guest);
+    let began = Instant::now();
+    host.peer_closed("the guest closed its port");
+    let read = old.read(&mut buf).await;
+    assert!(read.is_err(), "the old channel fails: {read:?}");
+    assert!(began.elapsed() < Duration::from_millis(100));
+
+    // An open in the gap: it waits for the next life, however slow, within its timeout.
+    let host2 = host.clone();
+    let waiting = tokio::spawn(async move { host2.open(ECHO, OPEN).await });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(!waiting.is_finished(), "an open in the gap must wait");
+    let (next, incoming) = Mux::new(port.attach().await, Side::Guest);
+    echo(incoming);
+    let channel = waiting
+        .await
+        .unwrap()
+        .expect("the open reaches the new agent");
+    assert_eq!(
+        round_trip(channel, pattern(100_000, 4)).await,
+        pattern(100_000, 4)
+    );
+
+    // With no next life, an open ends at its own timeout, as a timeout.
+    drop(next);
+    host.peer_closed("the guest closed its port");
+    let err = host
+        .open(ECHO, Duration::from_millis(200))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Timeout { .. }), "{err:?}");
+}
+
+/// A live peer answers a probe at once; a dead one (its end detached, as a killed
+/// agent's port) does not, and the probe says so within its timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_tells_a_live_peer_from_a_dead_one() {
+    let (port, host_end) = Port::new();
+    let (host, _) = Mux::new(host_end, Side::Host);
+    let (guest, incoming) = Mux::new(port.attach().await, Side::Guest);
+    echo(incoming);
+    let _ = open_again(&host, ECHO).await;
+    let began = Instant::now();
+    assert!(host.peer_answers(Duration::from_secs(2)).await);
+    assert!(began.elapsed() < Duration::from_millis(500));
+    drop(guest);
+    let began = Instant::now();
+    assert!(!host.peer_answers(Duration::from_millis(300)).await);
+    assert!(began.elapsed() >= Duration::from_millis(300));
+    // A probe that its next life answers is no answer from the life the host's
+    // channels are with; once the host has met the next life, that one answers.
+    let host2 = host.clone();
+    let probe = tokio::spawn(async move { host2.peer_answers(Duration::from_secs(2)).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (_guest, incoming) = Mux::new(port.attach().await, Side::Guest);
+    echo(incoming);
+    assert!(
+        !probe.await.unwrap(),
+        "the next life is not the one that died"
+    );
+    assert!(host.peer_answers(Duration::from_secs(2)).await);
+}
+
+/// QEMU's word that the port closed can come after the next life already said hello
+/// (two sockets, no order between them): the host says hello again, the new agent
+/// answers, and opens go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_word_of_the_closed_port_does_not_wedge_the_link() {
+    let (port, host_end) = Port::new();
+    let (host, _) = Mux::new(host_end, Side::Host);
+    let (guest, incoming) = Mux::new(port.attach().await, Side::Guest);
+    echo(incoming);
+    let _old = open_again(&host, ECHO).await;
+    drop(guest);
+    let (_guest, incoming) = Mux::new(port.attach().await, Side::Guest);
+    echo(incoming);
+    let _ = open_again(&host, ECHO).await;
+    host.peer_closed("the guest closed its port");
+    let channel = host.open(ECHO, Duration::from_secs(2)).await.unwrap();
+    assert_eq!(round_trip(channel, b"late".to_vec()).await, b"late");
+}
+
 /// The mux works over any stream: here a Unix socket pair, as QEMU's chardev gives.
 #[tokio::test]
 async fn it_runs_over_a_unix_socket() {

@@ -8,9 +8,12 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
+use vmkit_proto::AgentClient;
+use vmkit_proto::agent::PingRequest;
 
 use crate::dial::{GuestConn, dial, dial_with_retry};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use vmkit_core::GuestAddr;
 
 /// The TTRPC client type (`ttrpc::r#async::Client`); wrap it in
@@ -36,6 +39,57 @@ pub async fn connect_ttrpc(addr: &GuestAddr, timeout: Duration) -> Result<TtrpcC
 /// As [`crate::dial_with_retry`].
 pub async fn connect_ttrpc_with_retry(addr: &GuestAddr, timeout: Duration) -> Result<TtrpcClient> {
     Ok(ttrpc_client(dial_with_retry(addr, timeout).await?))
+}
+
+/// A client of the agent at `addr` that answered a `Ping`, and its health: dials with
+/// retry and pings, until `deadline`. A connection taken and then dropped before the
+/// `Ping` is answered — an agent starting or restarting, however long it takes, or a
+/// relay (the serial bridge) that accepts before the agent does — is dialled again, so
+/// what comes back reaches a live agent.
+///
+/// # Errors
+/// The last dial failure ([`Error::DialTimeout`]) when no connection was made by the
+/// deadline; [`Error::Agent`] when the last connection's `Ping` failed at the deadline.
+pub async fn connect_agent(
+    addr: &GuestAddr,
+    deadline: Instant,
+) -> Result<(TtrpcClient, ConnHealth)> {
+    loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let conn = dial_with_retry(addr, remaining).await?;
+        let (client, health) = ttrpc_client_tracked(conn);
+        match ping(&client, deadline).await {
+            Ok(()) => return Ok((client, health)),
+            Err(cause) if Instant::now() < deadline => {
+                tracing::debug!(%addr, %cause, "agent connection dropped before Ping; redialling");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(cause) => {
+                return Err(Error::Agent {
+                    addr: addr.to_string(),
+                    call: "Ping",
+                    cause,
+                });
+            }
+        }
+    }
+}
+
+/// One `Ping`, bounded by `deadline`.
+async fn ping(client: &TtrpcClient, deadline: Instant) -> std::result::Result<(), String> {
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    let nanos = i64::try_from(remaining.as_nanos()).unwrap_or(i64::MAX);
+    let agent = AgentClient::new(client.clone());
+    match tokio::time::timeout_at(
+        deadline,
+        agent.ping(ttrpc::context::with_timeout(nanos), &PingRequest::new()),
+    )
+    .await
+    {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {remaining:?}")),
+    }
 }
 
 /// Whether a connection given to TTRPC is still open: it turns false once its reader

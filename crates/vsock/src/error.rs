@@ -30,6 +30,16 @@ pub enum Error {
         /// The last attempt's failure.
         last: String,
     },
+    /// The agent took the connection but did not answer its first call.
+    #[error("the guest agent at {addr} did not answer {call}: {cause}")]
+    Agent {
+        /// The address dialled.
+        addr: String,
+        /// The call (`Ping`).
+        call: &'static str,
+        /// What happened.
+        cause: String,
+    },
     /// Opening a raw stream failed after the connection was made.
     #[error("stream {kind} on {addr}: {cause}")]
     Stream {
