@@ -3,7 +3,8 @@
 //! The backend-neutral heart of vmkit: the traits every VMM backend implements
 //! ([`Instance`], [`DeviceConfigurator`], [`GuestCommunicator`], [`ResourceManager`],
 //! [`CpuHotplugger`], [`MemoryHotplugger`], [`Backend`]), the VM state machine
-//! ([`VmState`], [`StateCell`]), the plain-data configuration ([`InstanceConfig`]) with
+//! ([`VmState`], [`StateCell`]) and the [`Lifecycle`] helper every backend builds its
+//! instances on, the plain-data configuration ([`InstanceConfig`]) with
 //! its validation, the reported types ([`VmInfo`], [`Capabilities`], [`VmEvent`],
 //! [`ExitInfo`]), the crate's [`Error`], and the backend [`Registry`].
 //!
@@ -39,6 +40,7 @@ pub mod error;
 pub mod guest_addr;
 pub mod info;
 pub mod instance;
+pub mod lifecycle;
 pub mod resources;
 pub mod state;
 pub mod state_dir;
@@ -59,6 +61,7 @@ pub use info::{
 pub use instance::{
     DeviceConfigurator, GuestClient, GuestCommunicator, GuestStream, Instance, StartOptions,
 };
+pub use lifecycle::{Lifecycle, StartAttempt, StopGuard};
 pub use resources::{
     CpuFailure, CpuHotplugger, CpuInfo, CpuTopology, DimmInfo, MemoryHotplugger, MemoryInfo,
     ResourceManager, VcpuResize,

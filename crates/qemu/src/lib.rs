@@ -46,7 +46,6 @@ mod hotplug;
 mod hotplugger;
 mod instance;
 mod kernel_cmdline;
-mod lifecycle;
 mod locks;
 mod monitor;
 mod options;

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::broadcast;
 use vmkit_core::{
     DiskConfig, Error as CoreError, ExitInfo, ExitReason, GuestClient, GuestTransport,
-    InstanceConfig, NicConfig, VmEvent, VmState,
+    InstanceConfig, Lifecycle, NicConfig, VmEvent, VmState,
 };
 use vmkit_proto::AgentClient;
 use vmkit_qmp::QmpClient;
@@ -20,7 +20,6 @@ use crate::error::Error;
 use crate::features::Features;
 use crate::guest::{self, Link};
 use crate::hotplug::{AgentSource, Context, Hotplug, Limits};
-use crate::lifecycle::Lifecycle;
 use crate::locks::lock;
 use crate::options::QemuOptions;
 use crate::process::{Process, ProcessExit, tail};
@@ -66,7 +65,7 @@ impl Vm {
         let features = Features::of(&config, &options);
         let hotplug = Arc::new(Hotplug::new(config.resources.boot_vcpus));
         Vm {
-            life: Lifecycle::new(events.clone()),
+            life: Lifecycle::with_events(events.clone()),
             events,
             features,
             hotplug,
@@ -137,9 +136,19 @@ impl Vm {
         self.running().as_mut().map(f)
     }
 
-    /// Makes `running` the current boot's (a start's first step).
-    pub(crate) fn begin_running(&self, running: Running) {
+    /// Makes `running` the current boot's (a start's first step). However the VM ends
+    /// — a start abandoned by its caller included — what the boot took goes: an end
+    /// releases it in order, and the lifecycle's hook drops whatever is left (QEMU
+    /// killed, the daemon killed, sockets removed, the lock released).
+    pub(crate) fn begin_running(self: &Arc<Self>, running: Running) {
         *self.running() = Some(running);
+        let weak = Arc::downgrade(self);
+        self.life.on_end(move || {
+            if let Some(vm) = weak.upgrade() {
+                let left = vm.running().take();
+                drop(left);
+            }
+        });
     }
 
     /// QEMU's process, while a boot has one.
@@ -180,10 +189,10 @@ impl Vm {
         self.with_running(|r| r.break_link(cause));
     }
 
-    /// Makes the run state what QEMU reports (see [`Lifecycle::follow_qemu`]); a
+    /// Makes the run state what QEMU reports (see [`Lifecycle::follow_vmm`]); a
     /// paused QEMU also holds the guest link.
     pub(crate) fn follow_qemu(&self, running: bool) {
-        self.life.follow_qemu(running);
+        self.life.follow_vmm(running);
         if !running {
             self.open_link(false);
         }
@@ -257,14 +266,17 @@ impl Vm {
     /// Ends the VM's life: releases what its boot took, moves to `Shutdown` and
     /// publishes `info`. The first call wins; a later one gets the exit in force.
     pub(crate) async fn end(&self, info: ExitInfo) -> ExitInfo {
-        self.life
-            .end(&self.config.id, info, async {
+        let exit = self
+            .life
+            .end(info, async {
                 let running = self.running().take();
                 if let Some(running) = running {
                     running.release().await;
                 }
             })
-            .await
+            .await;
+        tracing::info!(vm = %self.config.id, reason = ?exit.reason, stage = ?exit.stage, "VM gone");
+        exit
     }
 
     /// The context a hot-plug operation named `op` runs on, once the VM is in one of

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::{Instant, timeout_at};
-use vmkit_core::{Error as CoreError, ExitInfo, ExitReason, StartOptions, VmState};
+use vmkit_core::{Error as CoreError, ExitInfo, ExitReason, StartOptions};
 use vmkit_qmp::{QmpClient, QmpOptions};
 
 use crate::error::Error;
@@ -80,8 +80,9 @@ pub(crate) async fn start(vm: &Arc<Vm>, opts: StartOptions) -> vmkit_core::Resul
     // Refused before anything is taken: the VM stays New and may be started again from
     // a runtime that has what QMP, vsock and deadlines need.
     crate::runtime::check("start")?;
-    vm.life()
-        .transition("start", VmState::New, VmState::Starting)?;
+    // Dropped before it finishes (the caller dropped this future), the attempt ends
+    // the VM: QEMU and everything the boot took go, as after a failed start.
+    let attempt = vm.life().begin_start("start")?;
     let timeout = opts.timeout.unwrap_or(vm.config().timeouts.start);
     let deadline = Instant::now() + timeout;
     let progress = Progress {
@@ -106,12 +107,12 @@ pub(crate) async fn start(vm: &Arc<Vm>, opts: StartOptions) -> vmkit_core::Resul
     };
     if let Err(error) = outcome {
         fail(vm, &error).await;
+        attempt.failed();
         return Err(error);
     }
     // Running only if QEMU is still there: an exit that happened while we were
     // Starting was left to us by the monitor (see `spawn_monitor`).
-    vm.life()
-        .transition("start", VmState::Starting, VmState::Running)?;
+    attempt.running()?;
     if let Some(exit) = vm.process().and_then(|p| p.exited()) {
         let info = vm.unrequested_exit(exit).await;
         vm.end(info).await;

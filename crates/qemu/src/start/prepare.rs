@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::ffi::OsString;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use vmkit_core::{Error as CoreError, HostFd, NicBackend, NicConfig};
@@ -38,7 +38,7 @@ fn op(what: &str) -> String {
 
 /// The prepare phase. The boot's [`Running`] exists from the moment the state dir is
 /// held, so a failure from here on releases what was taken.
-pub(super) async fn prepare(vm: &Vm, progress: &Progress<'_>) -> vmkit_core::Result<Prepared> {
+pub(super) async fn prepare(vm: &Arc<Vm>, progress: &Progress<'_>) -> vmkit_core::Result<Prepared> {
     let config = vm.config();
     let options = vm.options();
     // The probe reads /proc and /dev (Linux) or runs the QEMU binary (macOS).
@@ -150,7 +150,7 @@ async fn link(vm: &Vm, progress: &Progress<'_>) -> vmkit_core::Result<Option<Gue
 /// boot's [`Running`] holds it from then on), and removes what an earlier owner left
 /// (its QMP socket, its console log). Nothing in the dir is touched before the hold is
 /// taken: it may be another live VM's.
-async fn take_state_dir(vm: &Vm, accel: vmkit_core::Accel) -> vmkit_core::Result<()> {
+async fn take_state_dir(vm: &Arc<Vm>, accel: vmkit_core::Accel) -> vmkit_core::Result<()> {
     let layout = vm.config().layout();
     let holder = format!("vm {:?}", vm.id());
     let prepared = {
