@@ -505,7 +505,23 @@ impl Default for Timeouts {
     }
 }
 
+/// What a staged shutdown adds to its graceful stages: the forced stages' own waits
+/// and the kill and reap (see [`Timeouts::shutdown_bound`]).
+const FORCED_STOP: Duration = Duration::from_secs(10);
+
 impl Timeouts {
+    /// The longest a whole `shutdown` may take: two graceful stages of
+    /// `shutdown_grace` (the guest agent's power-off, the ACPI button), each begun with
+    /// a command, then the forced ones (a `quit` command, SIGTERM, SIGKILL and the
+    /// reap). A caller that waits on a shutdown from outside the backend (the plugin
+    /// host) gives up past this.
+    pub fn shutdown_bound(&self) -> Duration {
+        self.shutdown_grace
+            .saturating_mul(2)
+            .saturating_add(self.command.saturating_mul(3))
+            .saturating_add(FORCED_STOP)
+    }
+
     /// Each timeout must be non-zero and at most [`MAX_TIMEOUT`].
     ///
     /// # Errors

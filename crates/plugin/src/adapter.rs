@@ -9,39 +9,46 @@
 //! backend. A plugin that goes away fails every pending call at once, and its instances
 //! end with `ExitReason::Crashed` and a message naming the cause.
 
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::sync::broadcast;
 use vmkit_core::{
     Backend, Capabilities, CpuHotplugger, CpuInfo, CpuTopology, DeviceConfigurator, DiskConfig,
-    Error as CoreError, ExitInfo, ExitReason, GuestAddr, GuestClient, GuestCommunicator,
-    GuestStream, Instance, InstanceConfig, MemoryHotplugger, MemoryInfo, NicConfig,
-    ResourceManager, StartOptions, VcpuResize, VmEvent, VmInfo, VmState,
+    Error as CoreError, ExitInfo, GuestAddr, GuestClient, GuestCommunicator, GuestStream, Instance,
+    InstanceConfig, MemoryHotplugger, MemoryInfo, NicConfig, ResourceManager, StartOptions,
+    Timeouts, VcpuResize, VmEvent, VmInfo, VmState,
 };
 
+use crate::feed::InstanceFeed;
 use crate::wire::{InstanceId, Reply, Request, resize_from_wire};
 
 /// Where a plugin came from (vmkit-core's, as the registry lists it).
 pub use vmkit_core::BackendOrigin as Origin;
 
 /// A transport to one plugin.
+///
+/// Every call has a deadline (only `Wait`, which lasts as long as the VM, may go
+/// without); past it the call fails with `Error::Timeout` naming the operation and the
+/// plugin, and the plugin is told to cancel it. Dropping a call's future cancels it in
+/// the plugin too: the backend's own future is dropped, so its work stops.
 #[async_trait]
 pub trait Channel: Send + Sync + 'static {
     /// Sends `req` and waits for its reply; an `Err` when the plugin is gone or did not
     /// answer within `deadline`.
     async fn call(&self, req: Request, deadline: Option<Duration>) -> vmkit_core::Result<Reply>;
 
-    /// The same for the contract's synchronous methods (`create`, `state`, `vm_info`,
-    /// cold devices): blocks the calling thread for one round trip, at most `deadline`.
+    /// The same for the contract's synchronous methods (`create`, `vm_info`, cold
+    /// devices): blocks the calling thread for one round trip, at most `deadline`.
     fn call_blocking(&self, req: Request, deadline: Duration) -> vmkit_core::Result<Reply>;
 
     /// Sends `req` without waiting for its reply (`Destroy` from a `Drop`).
     fn notify(&self, req: Request);
 
-    /// From now on, instance `id`'s events go to `sink`.
-    fn subscribe(&self, id: InstanceId, sink: broadcast::Sender<VmEvent>);
+    /// From now on, instance `id`'s events go to `feed`; when the plugin goes away, the
+    /// channel calls [`InstanceFeed::lost`] with the cause.
+    fn subscribe(&self, id: InstanceId, feed: Arc<InstanceFeed>);
 
     /// Why the plugin is gone, once it is.
     fn gone(&self) -> Option<String>;
@@ -96,6 +103,9 @@ impl std::fmt::Debug for PluginBackend {
 
 /// How long a description or a create may take.
 const SETUP_DEADLINE: Duration = Duration::from_secs(10);
+/// How long past an operation's own deadline the host waits for the plugin's answer
+/// (which names what timed out better than the host can) before giving up on it.
+const ANSWER_MARGIN: Duration = Duration::from_millis(500);
 
 impl PluginBackend {
     /// Asks the plugin behind `channel` what it is.
@@ -168,12 +178,13 @@ impl PluginBackend {
             Reply::Hotpluggers { cpu, memory } => (cpu, memory),
             other => return Err(unexpected("create", other)),
         };
-        let (events, _) = broadcast::channel(256);
-        self.channel.subscribe(id, events.clone());
+        let feed = Arc::new(InstanceFeed::new(&self.name));
+        self.channel.subscribe(id, Arc::clone(&feed));
         let remote = Remote {
             id,
             channel: Arc::clone(&self.channel),
-            command: config.timeouts.command,
+            timeouts: config.timeouts.clone(),
+            max_vcpus: config.resources.max_vcpus,
         };
         Ok(PluginInstance {
             cpus: cpu.then(|| RemoteCpus(remote.clone())),
@@ -181,10 +192,8 @@ impl PluginBackend {
             remote,
             backend: self.name.clone(),
             config,
-            events,
+            feed,
             agent: tokio::sync::Mutex::new(None),
-            lost: OnceLock::new(),
-            last_state: Mutex::new(VmState::New),
         })
     }
 }
@@ -203,22 +212,49 @@ impl Backend for PluginBackend {
     }
 }
 
-/// One instance in a plugin: its id and the channel.
+/// One instance in a plugin: its id, the channel, and the deadlines of its calls.
 #[derive(Clone)]
 struct Remote {
     id: InstanceId,
     channel: Arc<dyn Channel>,
-    command: Duration,
+    timeouts: Timeouts,
+    max_vcpus: u32,
 }
 
 impl Remote {
+    /// How long the host waits for `req`'s answer: the operation's own deadline (from
+    /// the instance's timeouts, as the backend applies them) and a margin for the
+    /// backend's own timeout error to arrive first. `None` for `Wait` only.
+    fn deadline(&self, req: &Request) -> Option<Duration> {
+        let t = &self.timeouts;
+        let hotplug = t.hotplug.saturating_add(t.command);
+        let own = match req {
+            Request::Wait { .. } => return None,
+            Request::Start { timeout_ms, .. } => timeout_ms.map_or(t.start, Duration::from_millis),
+            Request::Shutdown { .. } => t.shutdown_bound(),
+            Request::HotplugDisk { .. }
+            | Request::HotplugNic { .. }
+            | Request::Unplug { .. }
+            | Request::HotplugCpu { .. }
+            | Request::HotplugCpuAt { .. }
+            | Request::UnplugCpu { .. }
+            | Request::HotplugMemory { .. }
+            | Request::UnplugMemory { .. } => hotplug,
+            // One vCPU at a time, each a hot-plug.
+            Request::SetVcpus { .. } => hotplug.saturating_mul(self.max_vcpus.max(1)),
+            _ => t.command,
+        };
+        Some(own.saturating_add(ANSWER_MARGIN))
+    }
+
     async fn call(&self, req: Request) -> vmkit_core::Result<Reply> {
-        self.channel.call(req, None).await
+        let deadline = self.deadline(&req);
+        self.channel.call(req, deadline).await
     }
 
     fn call_now(&self, req: Request) -> vmkit_core::Result<Reply> {
-        self.channel
-            .call_blocking(req, self.command.max(SETUP_DEADLINE))
+        let deadline = self.deadline(&req).unwrap_or(SETUP_DEADLINE);
+        self.channel.call_blocking(req, deadline)
     }
 
     async fn done(&self, op: &str, req: Request) -> vmkit_core::Result<()> {
@@ -230,19 +266,20 @@ impl Remote {
 }
 
 /// An instance in a plugin, driven through its channel.
+///
+/// Its state is what the plugin's events said (they arrive before the reply of the
+/// operation that caused them), so [`Instance::state`] costs no round trip and is
+/// never a value the plugin did not give; when the plugin goes away the instance ends
+/// at once as crashed, with `Exited` published and no call needed.
 pub struct PluginInstance {
     remote: Remote,
     backend: String,
     config: InstanceConfig,
-    events: broadcast::Sender<VmEvent>,
+    feed: Arc<InstanceFeed>,
     cpus: Option<RemoteCpus>,
     memory: Option<RemoteMemory>,
     /// The cached agent client and its health.
     agent: tokio::sync::Mutex<Option<(GuestClient, vmkit_vsock::ConnHealth)>>,
-    /// How the instance ended when its plugin went away (the same for every caller).
-    lost: OnceLock<ExitInfo>,
-    /// The last state the plugin reported.
-    last_state: Mutex<VmState>,
 }
 
 impl std::fmt::Debug for PluginInstance {
@@ -268,58 +305,18 @@ impl PluginInstance {
         &self.config
     }
 
-    /// The exit of an instance whose plugin is gone, published once.
-    fn lost_exit(&self, cause: &str) -> ExitInfo {
-        self.lost
-            .get_or_init(|| {
-                let from = self.remember(VmState::Shutdown);
-                if from != VmState::Shutdown {
-                    let _ = self.events.send(VmEvent::StateChanged {
-                        from,
-                        to: VmState::Shutdown,
-                    });
-                }
-                ExitInfo {
-                    reason: ExitReason::Crashed,
-                    stage: None,
-                    exit_code: None,
-                    signal: None,
-                    message: Some(format!("the {} backend is gone: {cause}", self.backend)),
-                }
-            })
-            .clone()
-    }
-
-    /// Records `state`; returns the one before.
-    fn remember(&self, state: VmState) -> VmState {
-        let mut last = self.last_state.lock().unwrap_or_else(|p| p.into_inner());
-        std::mem::replace(&mut *last, state)
-    }
-
     /// An exit from `reply`, or the plugin's loss.
     fn exit_of(&self, op: &str, reply: vmkit_core::Result<Reply>) -> vmkit_core::Result<ExitInfo> {
         match reply {
             Ok(Reply::Exit { exit }) => {
-                self.remember(VmState::Shutdown);
+                self.feed.ended(&exit);
                 Ok(exit)
             }
             Ok(other) => Err(unexpected(op, other)),
             Err(e) => match self.remote.channel.gone() {
-                Some(cause) => Ok(self.lost_exit(&cause)),
+                Some(cause) => Ok(self.feed.lost(&cause)),
                 None => Err(e),
             },
-        }
-    }
-
-    fn info(&self) -> Option<VmInfo> {
-        match self.remote.call_now(Request::VmInfo {
-            instance: self.remote.id,
-        }) {
-            Ok(Reply::VmInfo { info }) => {
-                self.remember(info.state);
-                Some(*info)
-            }
-            _ => None,
         }
     }
 
@@ -335,11 +332,9 @@ impl PluginInstance {
             Reply::VmInfo { info } => *info,
             other => return Err(unexpected(op, other)),
         };
-        if !states.contains(&info.state) {
-            return Err(CoreError::InvalidState {
-                op,
-                state: info.state,
-            });
+        let state = self.state();
+        if !states.contains(&state) {
+            return Err(CoreError::InvalidState { op, state });
         }
         if !info.capabilities.contains(Capabilities::GUEST_AGENT) {
             return Err(CoreError::unsupported(
@@ -386,8 +381,8 @@ impl Instance for PluginInstance {
     }
 
     async fn shutdown(&self) -> vmkit_core::Result<ExitInfo> {
-        if let Some(exit) = self.lost.get() {
-            return Ok(exit.clone());
+        if let Some(exit) = self.feed.exit() {
+            return Ok(exit);
         }
         let reply = self
             .remote
@@ -421,48 +416,44 @@ impl Instance for PluginInstance {
     }
 
     async fn wait(&self) -> ExitInfo {
-        if let Some(exit) = self.lost.get() {
-            return exit.clone();
+        if let Some(exit) = self.feed.exit() {
+            return exit;
         }
-        let reply = self
-            .remote
-            .call(Request::Wait {
-                instance: self.remote.id,
-            })
-            .await;
-        match self.exit_of("wait", reply) {
-            Ok(exit) => exit,
-            Err(e) => self.lost_exit(&e.to_string()),
-        }
-    }
-
-    fn state(&self) -> VmState {
-        if self.lost.get().is_some() {
-            return VmState::Shutdown;
-        }
-        match self.remote.call_now(Request::State {
+        // The backend's `Exited` event, or its answer to `Wait` (for a backend whose
+        // events do not say it), whichever comes first; the other is dropped (a
+        // dropped call is cancelled in the plugin).
+        let asked = self.remote.call(Request::Wait {
             instance: self.remote.id,
-        }) {
-            Ok(Reply::State { state }) => {
-                self.remember(state);
-                state
-            }
-            _ => match self.remote.channel.gone() {
-                Some(cause) => {
-                    self.lost_exit(&cause);
-                    VmState::Shutdown
-                }
-                // An answer that did not come: the last one known.
-                None => *self.last_state.lock().unwrap_or_else(|p| p.into_inner()),
+        });
+        tokio::select! {
+            exit = self.feed.wait_exit() => exit,
+            reply = asked => match self.exit_of("wait", reply) {
+                Ok(exit) => exit,
+                Err(e) => self.feed.lost(&e.to_string()),
             },
         }
     }
 
-    fn vm_info(&self) -> VmInfo {
-        if self.lost.get().is_none()
-            && let Some(info) = self.info()
+    fn state(&self) -> VmState {
+        if self.feed.exit().is_none()
+            && let Some(cause) = self.remote.channel.gone()
         {
-            return info;
+            self.feed.lost(&cause);
+        }
+        self.feed.state()
+    }
+
+    fn vm_info(&self) -> VmInfo {
+        if self.feed.exit().is_none()
+            && let Ok(Reply::VmInfo { info }) = self.remote.call_now(Request::VmInfo {
+                instance: self.remote.id,
+            })
+        {
+            // The state is the events' (a snapshot may trail or lead them).
+            return VmInfo {
+                state: self.state(),
+                ..*info
+            };
         }
         VmInfo {
             id: self.config.id.clone(),
@@ -477,7 +468,7 @@ impl Instance for PluginInstance {
     }
 
     fn events(&self) -> broadcast::Receiver<VmEvent> {
-        self.events.subscribe()
+        self.feed.subscribe()
     }
 }
 
@@ -555,10 +546,12 @@ impl GuestCommunicator for PluginInstance {
         let addr = self
             .guest("client", &[VmState::Running, VmState::Paused])
             .await?;
-        let conn = vmkit_vsock::dial_with_retry(&addr, self.config.timeouts.dial)
+        // A connection counts once the agent answers on it (one taken and dropped is
+        // an agent restarting, or a relay accepting before the agent does).
+        let deadline = tokio::time::Instant::now() + self.config.timeouts.dial;
+        let (client, health) = vmkit_vsock::connect_agent(&addr, deadline)
             .await
             .map_err(|e| vsock_error("client", e))?;
-        let (client, health) = vmkit_vsock::ttrpc_client_tracked(conn);
         *cached = Some((client.clone(), health));
         Ok(client)
     }

@@ -247,17 +247,30 @@ impl Dispatcher {
             }
         };
         let id = req.instance().unwrap_or_default();
-        // Run on a task of its own: a panic ends the task, not the caller.
-        let task = tokio::spawn(async move { run(vm, req).await });
-        let reply = task.await;
+        // Run here, not on a task of its own: dropping this future (the host cancelled
+        // the call) must drop the backend's own future, so its work stops. A panic is
+        // caught around each poll.
+        let reply = CatchUnwind(Box::pin(run(vm, req))).await;
         self.settle(id).await;
-        match reply {
-            Ok(reply) => reply,
-            Err(e) if e.is_panic() => panicked("plugin call", e.into_panic().as_ref()),
-            Err(_) => Reply::failed(&CoreError::backend(
-                "plugin call",
-                crate::wire::RemoteError("the operation was cancelled".into()),
-            )),
+        reply.unwrap_or_else(|payload| panicked("plugin call", payload.as_ref()))
+    }
+}
+
+/// A future whose panics, in any poll, come out as `Err` with the panic's payload.
+struct CatchUnwind<F>(std::pin::Pin<Box<F>>);
+
+impl<F: Future> Future for CatchUnwind<F> {
+    type Output = Result<F::Output, Box<dyn std::any::Any + Send>>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let inner = self.0.as_mut();
+        match std::panic::catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
+            Ok(std::task::Poll::Ready(out)) => std::task::Poll::Ready(Ok(out)),
+            Err(payload) => std::task::Poll::Ready(Err(payload)),
         }
     }
 }

@@ -41,6 +41,28 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// The plugin sent more than a message may hold; it was not read whole.
+    #[error(
+        "the plugin ({origin}) sent a {what} of {size} bytes or more, over the {limit}-byte limit"
+    )]
+    Oversized {
+        /// Where it came from.
+        origin: String,
+        /// What was too large (`"reply"`, `"line"`).
+        what: &'static str,
+        /// Its size, or as much of it as was seen.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The plugin sent something that is not a message of the protocol.
+    #[error("the plugin ({origin}) broke the protocol: {what}")]
+    Protocol {
+        /// Where it came from.
+        origin: String,
+        /// What it sent, and what was wrong with it.
+        what: String,
+    },
     /// The plugin went away (its process died, its socket closed).
     #[error("the backend ({origin}) is gone: {cause}")]
     BackendGone {

@@ -7,23 +7,26 @@
 //! checked before its first function is called. Each failure is an [`Error`] naming
 //! the file and what was wrong.
 
-#![allow(unsafe_code)] // dlopen/dlsym and the descriptor's raw fields
+#![allow(unsafe_code)] // opening the library and the descriptor's raw fields
 
-use std::ffi::{CStr, CString, c_void};
-use std::os::unix::ffi::OsStrExt;
+use std::ffi::c_void;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::sync::{broadcast, oneshot};
-use vmkit_core::{Error as CoreError, VmEvent};
+use tokio::sync::oneshot;
+use vmkit_core::Error as CoreError;
 
-use crate::abi::{ABI_MAJOR, DescriptorV1, MAGIC, PANIC_UNWIND, RawBuffer, RawStr, SYMBOL, TARGET};
+use crate::abi::{
+    ABI_MAJOR, DescriptorV1, MAGIC, PANIC_UNWIND, RawBuffer, RawStr, SYMBOL, TARGET, V1_0_SIZE,
+};
 use crate::adapter::{Channel, Origin, PluginBackend};
 use crate::error::Error;
-use crate::wire::{EventMessage, InstanceId, Reply, Request, SCHEMA_VERSION};
+use crate::feed::InstanceFeed;
+pub use crate::wire::PluginOptions;
+use crate::wire::{EventMessage, InstanceId, MAX_MESSAGE, Reply, Request, SCHEMA_VERSION};
 
 /// The first fields of every descriptor version, read before `size` says more exist.
 #[repr(C)]
@@ -81,19 +84,6 @@ fn unsafe_place(path: &Path) -> Option<String> {
     None
 }
 
-/// The last `dlerror()` text.
-fn dl_error() -> String {
-    // SAFETY: dlerror returns a thread-local, NUL-terminated message or null.
-    let text = unsafe { libc::dlerror() };
-    if text.is_null() {
-        return "unknown error".into();
-    }
-    // SAFETY: non-null: a valid C string until the next dl* call on this thread.
-    unsafe { CStr::from_ptr(text) }
-        .to_string_lossy()
-        .into_owned()
-}
-
 /// A string field of a descriptor.
 ///
 /// # Safety
@@ -140,14 +130,14 @@ unsafe fn checked(
             ),
         ));
     }
-    let needed = std::mem::size_of::<DescriptorV1>();
-    if (header.size as usize) < needed {
+    if (header.size as usize) < V1_0_SIZE {
         return Err(wrong(
             "size",
-            format!("{} bytes, at least {needed} expected", header.size),
+            format!("{} bytes, at least {V1_0_SIZE} expected", header.size),
         ));
     }
-    // SAFETY: `size` says the whole version-1 descriptor is there, and it is 'static.
+    // SAFETY: `size` says the version-1.0 fields are there, and they are 'static; the
+    // appended ones are read only when `size` covers them (`configure`).
     let d: &'static DescriptorV1 = unsafe { &*descriptor };
     if d.schema != SCHEMA_VERSION {
         return Err(wrong(
@@ -202,14 +192,30 @@ unsafe extern "C" fn log_record(level: u32, target: RawStr, message: RawStr) {
     });
 }
 
-/// Loads the plugin library at `path` and describes its backend.
+/// Loads the plugin library at `path` and describes its backend, with the default
+/// [`PluginOptions`].
 ///
 /// # Errors
 /// [`Error::UnsafePath`], [`Error::Load`], [`Error::Descriptor`], each naming the file.
 pub fn load(path: &Path) -> Result<PluginBackend, Error> {
+    load_with(path, &PluginOptions::default())
+}
+
+/// Loads the plugin library at `path` with `options` (its runtime's size) and
+/// describes its backend. A library is loaded once per process: loading it again
+/// gives another handle on the same plugin, whose runtime keeps the first options.
+///
+/// # Errors
+/// [`Error::UnsafePath`], [`Error::Load`], [`Error::Descriptor`], each naming the file;
+/// `Descriptor` with field `configure` when the plugin refuses the options.
+pub fn load_with(path: &Path, options: &PluginOptions) -> Result<PluginBackend, Error> {
     let path = std::fs::canonicalize(path).map_err(|e| Error::Load {
         path: path.to_owned(),
         reason: format!("cannot resolve it: {e}"),
+    })?;
+    options.validate().map_err(|e| Error::Load {
+        path: path.clone(),
+        reason: e.to_string(),
     })?;
     if let Some(reason) = unsafe_place(&path) {
         return Err(Error::UnsafePath { path, reason });
@@ -217,39 +223,37 @@ pub fn load(path: &Path) -> Result<PluginBackend, Error> {
     if let Some(reason) = crate::elf::file_problem(&path) {
         return Err(Error::Load { path, reason });
     }
-    let c_path = CString::new(path.as_os_str().as_bytes()).map_err(|_| Error::Load {
-        path: path.clone(),
-        reason: "the path holds a NUL byte".into(),
-    })?;
-    // SAFETY: a NUL-terminated path; the library's initialisers run here (that is
-    // what loading a plugin means; its place was checked above).
-    let handle = unsafe {
-        libc::dlopen(
-            c_path.as_ptr(),
-            libc::RTLD_NOW | libc::RTLD_LOCAL | libc::RTLD_NODELETE,
+    // SAFETY: the library's initialisers run here (that is what loading a plugin
+    // means; its place and its ELF were checked above). RTLD_NOW fails a missing
+    // symbol now; RTLD_NODELETE keeps it mapped for ever (TLS destructors of an
+    // unloaded library crash).
+    let library = unsafe {
+        libloading::os::unix::Library::open(
+            Some(&path),
+            libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_LOCAL | libc::RTLD_NODELETE,
         )
-    };
-    if handle.is_null() {
-        return Err(Error::Load {
-            path,
-            reason: dl_error(),
-        });
     }
-    // SAFETY: a live handle and a NUL-terminated symbol name.
-    let symbol = unsafe { libc::dlsym(handle, SYMBOL.as_ptr().cast()) };
-    if symbol.is_null() {
-        return Err(Error::Descriptor {
-            path,
-            field: "symbol",
-            reason: "no vmkit_plugin_v1: not a vmkit plugin (or one of another ABI major)".into(),
-        });
-    }
+    .map_err(|e| Error::Load {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
     // SAFETY: the symbol a vmkit plugin exports has this type (export_backend!).
-    let entry: extern "C" fn() -> *const DescriptorV1 = unsafe { std::mem::transmute(symbol) };
+    let entry = unsafe { library.get::<extern "C" fn() -> *const DescriptorV1>(SYMBOL) }
+        .map(|symbol| *symbol)
+        .map_err(|e| Error::Descriptor {
+            path: path.clone(),
+            field: "symbol",
+            reason: format!(
+                "no vmkit_plugin_v1: not a vmkit plugin (or one of another ABI major): {e}"
+            ),
+        })?;
+    // Never closed: the plugin's code and statics live as long as this process.
+    std::mem::forget(library);
     // A panic cannot leave an `extern "C"` function: the export catches its own.
     let descriptor = entry();
     // SAFETY: a plugin's descriptor is static data of the (never unloaded) library.
     let descriptor = unsafe { checked(&path, descriptor) }?;
+    configure(&path, descriptor, options)?;
     // SAFETY: checked above; `init` is the plugin's own entry point.
     let status = unsafe { (descriptor.init)(Some(log_record)) };
     if status != 0 {
@@ -268,6 +272,48 @@ pub fn load(path: &Path) -> Result<PluginBackend, Error> {
         field: "describe",
         reason: e.to_string(),
     })
+}
+
+/// Hands `options` to the plugin (ABI 1.1); an ABI 1.0 plugin takes none, so only the
+/// defaults are accepted for it.
+fn configure(
+    path: &Path,
+    descriptor: &'static DescriptorV1,
+    options: &PluginOptions,
+) -> Result<(), Error> {
+    let refused = |reason: String| Error::Descriptor {
+        path: path.to_owned(),
+        field: "configure",
+        reason,
+    };
+    if (descriptor.size as usize) < std::mem::size_of::<DescriptorV1>() {
+        if *options != PluginOptions::default() {
+            return Err(refused(format!(
+                "the plugin speaks ABI {}.{}, which takes no options; asked for {options:?}",
+                descriptor.abi_major, descriptor.abi_minor
+            )));
+        }
+        return Ok(());
+    }
+    // Plain data with string keys: serialising cannot fail.
+    let json = serde_json::to_vec(options).unwrap_or_default();
+    // SAFETY: `size` covers `configure` (checked above); the JSON outlives the call.
+    let status = unsafe {
+        (descriptor.configure)(RawStr {
+            ptr: json.as_ptr(),
+            len: json.len(),
+        })
+    };
+    match status {
+        0 => Ok(()),
+        4 => Err(refused(format!("it refused the options {options:?}"))),
+        5 => Err(refused(format!(
+            "it runs with other options already (loaded before with them); asked for {options:?}"
+        ))),
+        other => Err(refused(format!(
+            "configure returned {other} (1: it panicked)"
+        ))),
+    }
 }
 
 /// One library of a directory and what loading it gave.
@@ -330,123 +376,230 @@ struct LibraryChannel {
     origin: Origin,
 }
 
-/// The reply in `bytes`, or an error saying it was unreadable.
-fn reply_of(bytes: &[u8]) -> vmkit_core::Result<Reply> {
-    serde_json::from_slice(bytes).map_err(|e| {
-        CoreError::backend(
-            "plugin call",
-            crate::wire::RemoteError(format!("an unreadable reply from the plugin: {e}")),
-        )
-    })
-}
+/// What the plugin's completion hands over: a reply's bytes, or the length of one over
+/// [`MAX_MESSAGE`] (freed unread).
+type Answer = Result<Vec<u8>, usize>;
 
-/// The completion callback: hands the reply to the waiting future.
-unsafe extern "C" fn complete(ctx: *mut c_void, reply: RawBuffer) {
-    let _ = std::panic::catch_unwind(|| {
-        // SAFETY: `ctx` is the Box made in `call`, handed back exactly once.
-        let tx = unsafe { Box::from_raw(ctx.cast::<oneshot::Sender<Vec<u8>>>()) };
-        // SAFETY: the plugin made the buffer with `RawBuffer::from_vec`.
-        let _ = tx.send(unsafe { reply.take() });
-    });
-}
+/// Where a completion goes (boxed once more, so that the context is a thin pointer).
+type Deliver = Box<dyn FnOnce(Answer) + Send>;
 
-/// The event callback: each event to the instance's sender; the empty buffer frees it.
-unsafe extern "C" fn event(ctx: *mut c_void, message: RawBuffer) {
-    let _ = std::panic::catch_unwind(|| {
-        let sink = ctx.cast::<broadcast::Sender<VmEvent>>();
-        if message.is_empty() {
-            // SAFETY: the Box made in `subscribe`; the empty buffer is its last use.
-            drop(unsafe { Box::from_raw(sink) });
-            return;
-        }
-        // SAFETY: the plugin made the buffer with `RawBuffer::from_vec`.
-        let bytes = unsafe { message.take() };
-        if let Ok(message) = serde_json::from_slice::<EventMessage>(&bytes) {
-            // SAFETY: the Box lives until the empty buffer.
-            let _ = unsafe { &*sink }.send(message.event);
-        }
-    });
-}
-
-/// Cancels a spawned operation unless it has answered.
-struct CancelOnDrop {
-    cancel: unsafe extern "C" fn(u64),
-    op: u64,
-    armed: bool,
-}
-
-impl Drop for CancelOnDrop {
-    fn drop(&mut self) {
-        if self.armed {
-            // SAFETY: the plugin's own entry point; a finished op id is ignored.
-            unsafe { (self.cancel)(self.op) };
-        }
-    }
-}
+/// How long a plugin that let a call time out has to answer a `describe`, before it is
+/// reported as wedged (every thread of its runtime blocked).
+const WEDGE_PROBE: Duration = Duration::from_millis(250);
 
 impl LibraryChannel {
-    fn start(&self, req: &Request) -> (u64, oneshot::Receiver<Vec<u8>>) {
+    /// The reply in `answer`, or an error saying why there is none.
+    fn reply_of(&self, op: &str, answer: Answer) -> vmkit_core::Result<Reply> {
+        let bytes = answer.map_err(|size| {
+            CoreError::backend(
+                op.to_owned(),
+                Error::Oversized {
+                    origin: self.origin.to_string(),
+                    what: "reply",
+                    size,
+                    limit: MAX_MESSAGE,
+                },
+            )
+        })?;
+        serde_json::from_slice(&bytes).map_err(|e| {
+            CoreError::backend(
+                op.to_owned(),
+                Error::Protocol {
+                    origin: self.origin.to_string(),
+                    what: format!("an unreadable reply: {e}"),
+                },
+            )
+        })
+    }
+
+    /// Starts `req` in the plugin; `deliver` gets its answer, once. Returns the
+    /// operation's id (for `cancel`).
+    fn start(&self, req: &Request, deliver: Deliver) -> u64 {
+        // Plain data with string keys: serialising cannot fail.
         let bytes = serde_json::to_vec(req).unwrap_or_default();
-        let (tx, rx) = oneshot::channel::<Vec<u8>>();
-        let ctx = Box::into_raw(Box::new(tx)).cast::<c_void>();
+        let ctx = Box::into_raw(Box::new(deliver)).cast::<c_void>();
         let raw = RawStr {
             ptr: bytes.as_ptr(),
             len: bytes.len(),
         };
         // SAFETY: `bytes` outlives the call; `complete` reclaims `ctx` exactly once.
-        let op = unsafe { (self.descriptor.0.spawn)(raw, ctx, complete) };
-        (op, rx)
+        unsafe { (self.descriptor.0.spawn)(raw, ctx, complete) }
+    }
+
+    fn cancel(&self, op: u64) {
+        // SAFETY: the plugin's own entry point; a finished op id is ignored.
+        unsafe { (self.descriptor.0.cancel)(op) };
+    }
+
+    /// Asks the plugin a `describe`, to tell a slow call from a wedged plugin: the
+    /// probe's id and where its answer arrives.
+    fn probe(&self) -> (u64, oneshot::Receiver<Answer>) {
+        let (tx, rx) = oneshot::channel();
+        let id = self.start(
+            &Request::Describe,
+            Box::new(move |answer| {
+                let _ = tx.send(answer);
+            }),
+        );
+        (id, rx)
+    }
+
+    /// The timeout of `op` after `limit`; `wedged` when the plugin did not even answer
+    /// the probe (which is then cancelled).
+    fn timed_out(&self, op: &str, limit: Duration, probe: u64, wedged: bool) -> CoreError {
+        let why = if wedged {
+            self.cancel(probe);
+            format!(
+                "; it answers nothing, not even describe within {WEDGE_PROBE:?}: every \
+                 thread of its runtime is blocked (a plugin must never block inside an \
+                 async call)"
+            )
+        } else {
+            String::new()
+        };
+        CoreError::Timeout {
+            op: format!("{op}: no answer from the plugin ({}){why}", self.origin),
+            after: limit,
+        }
+    }
+}
+
+/// The completion callback: hands the reply (bounded) to its caller.
+unsafe extern "C" fn complete(ctx: *mut c_void, reply: RawBuffer) {
+    let _ = std::panic::catch_unwind(|| {
+        // SAFETY: `ctx` is the Box made in `start`, handed back exactly once.
+        let deliver = unsafe { Box::from_raw(ctx.cast::<Deliver>()) };
+        // SAFETY: the plugin made the buffer with `RawBuffer::from_vec`.
+        deliver(unsafe { reply.take_within(MAX_MESSAGE) });
+    });
+}
+
+/// The event callback: each event to the instance's feed; the empty buffer frees it.
+unsafe extern "C" fn event(ctx: *mut c_void, message: RawBuffer) {
+    let _ = std::panic::catch_unwind(|| {
+        let feed = ctx.cast::<Arc<InstanceFeed>>();
+        if message.is_empty() {
+            // SAFETY: the Box made in `subscribe`; the empty buffer is its last use.
+            drop(unsafe { Box::from_raw(feed) });
+            return;
+        }
+        // SAFETY: the plugin made the buffer with `RawBuffer::from_vec`.
+        let Ok(bytes) = (unsafe { message.take_within(MAX_MESSAGE) }) else {
+            tracing::warn!("vmkit-plugin: an event over {MAX_MESSAGE} bytes was dropped");
+            return;
+        };
+        match serde_json::from_slice::<EventMessage>(&bytes) {
+            // SAFETY: the Box lives until the empty buffer.
+            Ok(message) => unsafe { &*feed }.publish(message.event),
+            Err(e) => tracing::warn!(error = %e, "vmkit-plugin: an unreadable event was dropped"),
+        }
+    });
+}
+
+/// Cancels a spawned operation unless it has answered.
+struct CancelOnDrop<'a> {
+    channel: &'a LibraryChannel,
+    op: u64,
+    armed: bool,
+}
+
+impl Drop for CancelOnDrop<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.channel.cancel(self.op);
+        }
     }
 }
 
 #[async_trait]
 impl Channel for LibraryChannel {
     async fn call(&self, req: Request, deadline: Option<Duration>) -> vmkit_core::Result<Reply> {
-        let (op, rx) = self.start(&req);
+        let op = req.name();
+        let (tx, rx) = oneshot::channel::<Answer>();
+        let id = self.start(
+            &req,
+            Box::new(move |answer| {
+                let _ = tx.send(answer);
+            }),
+        );
         let mut guard = CancelOnDrop {
-            cancel: self.descriptor.0.cancel,
-            op,
+            channel: self,
+            op: id,
             armed: true,
         };
         let answer = match deadline {
-            Some(limit) => {
-                tokio::time::timeout(limit, rx)
-                    .await
-                    .map_err(|_| CoreError::Timeout {
-                        op: format!("a call to the plugin ({})", self.origin),
-                        after: limit,
-                    })?
-            }
+            Some(limit) => match tokio::time::timeout(limit, rx).await {
+                Ok(answer) => answer,
+                Err(_) => {
+                    drop(guard);
+                    let (probe, answered) = self.probe();
+                    let wedged = tokio::time::timeout(WEDGE_PROBE, answered).await.is_err();
+                    return Err(self.timed_out(op, limit, probe, wedged));
+                }
+            },
             None => rx.await,
         };
         guard.armed = false;
-        let bytes = answer.map_err(|_| {
+        let answer = answer.map_err(|_| {
             CoreError::backend(
-                "plugin call",
-                crate::wire::RemoteError("the plugin dropped the call".into()),
+                op,
+                Error::Protocol {
+                    origin: self.origin.to_string(),
+                    what: "it dropped the call without answering".into(),
+                },
             )
         })?;
-        reply_of(&bytes)
+        self.reply_of(op, answer)
     }
 
-    fn call_blocking(&self, req: Request, _deadline: Duration) -> vmkit_core::Result<Reply> {
-        let bytes = serde_json::to_vec(&req).unwrap_or_default();
-        let raw = RawStr {
-            ptr: bytes.as_ptr(),
-            len: bytes.len(),
-        };
-        // SAFETY: `bytes` outlives the call; the reply is the plugin's `from_vec`.
-        let reply = unsafe { (self.descriptor.0.invoke)(raw).take() };
-        reply_of(&reply)
+    fn call_blocking(&self, req: Request, deadline: Duration) -> vmkit_core::Result<Reply> {
+        // On the plugin's runtime like any call, so that a plugin that hangs cannot
+        // hold this thread past the deadline (a direct `invoke` would).
+        let op = req.name();
+        let (tx, rx) = mpsc::channel::<Answer>();
+        let id = self.start(
+            &req,
+            Box::new(move |answer| {
+                let _ = tx.send(answer);
+            }),
+        );
+        match rx.recv_timeout(deadline) {
+            Ok(answer) => self.reply_of(op, answer),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                self.cancel(id);
+                let (probe, mut answered) = self.probe();
+                let began = std::time::Instant::now();
+                let wedged = loop {
+                    match answered.try_recv() {
+                        Ok(_) => break false,
+                        Err(oneshot::error::TryRecvError::Closed) => break true,
+                        Err(oneshot::error::TryRecvError::Empty)
+                            if began.elapsed() < WEDGE_PROBE =>
+                        {
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                        Err(oneshot::error::TryRecvError::Empty) => break true,
+                    }
+                };
+                Err(self.timed_out(op, deadline, probe, wedged))
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(CoreError::backend(
+                op,
+                Error::Protocol {
+                    origin: self.origin.to_string(),
+                    what: "it dropped the call without answering".into(),
+                },
+            )),
+        }
     }
 
     fn notify(&self, req: Request) {
-        // The receiver goes now: the reply is dropped when it comes.
-        let _ = self.start(&req);
+        // Nobody waits: the reply is dropped when it comes.
+        let _ = self.start(&req, Box::new(|_| {}));
     }
 
-    fn subscribe(&self, instance: InstanceId, sink: broadcast::Sender<VmEvent>) {
-        let ctx = Box::into_raw(Box::new(sink)).cast::<c_void>();
+    fn subscribe(&self, instance: InstanceId, feed: Arc<InstanceFeed>) {
+        let ctx = Box::into_raw(Box::new(feed)).cast::<c_void>();
         // SAFETY: `event` frees `ctx` on the stream's empty buffer, its last call.
         unsafe { (self.descriptor.0.subscribe)(instance, ctx, event) };
     }

@@ -10,7 +10,7 @@
 //!   [`PluginBackend::describe`](crate::PluginBackend::describe).
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufReader, Write};
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -20,21 +20,26 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-use tokio::sync::{broadcast, oneshot};
-use vmkit_core::{Backend, Error as CoreError, VmEvent};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::oneshot;
+use vmkit_core::{Backend, Error as CoreError};
 
 use crate::adapter::{Channel, Origin};
 use crate::dispatch::Dispatcher;
 use crate::error::Error;
-use crate::wire::{EventMessage, InstanceId, Reply, Request};
+use crate::feed::InstanceFeed;
+use crate::lines::{LineError, read_line, read_line_async};
+use crate::wire::{EventMessage, InstanceId, MAX_MESSAGE, Reply, Request};
 
-/// The longest line either side accepts (a `VmInfo` or a config is a few KiB).
-const MAX_LINE: usize = 4 << 20;
 /// How long a launched backend may take to listen.
 const LISTEN_DEADLINE: Duration = Duration::from_secs(10);
 /// How long a backend may take to exit once its host hung up, before SIGKILL.
 const EXIT_GRACE: Duration = Duration::from_secs(5);
+/// How long a backend whose host is gone gives its runtime's tasks to end before it
+/// exits all the same (its instances were dropped first, which ends their VMs).
+const ORPHAN_EXIT: Duration = Duration::from_millis(500);
+/// How often a backend process checks that its host is still its parent.
+const PARENT_POLL: Duration = Duration::from_millis(100);
 
 /// A message from the host.
 #[derive(Debug, Serialize, Deserialize)]
@@ -107,15 +112,27 @@ pub async fn serve(backend: Arc<dyn Backend>, socket: &Path) -> std::io::Result<
             }
         }
     });
-    let mut lines = tokio::io::BufReader::new(read).lines();
+    let mut lines = tokio::io::BufReader::new(read);
     let mut forwarders = Vec::new();
     // The calls in flight, so that the host can cancel one.
     let running: Arc<Mutex<HashMap<u64, tokio::task::AbortHandle>>> = Arc::default();
-    while let Ok(Some(line)) = lines.next_line().await {
-        if line.len() > MAX_LINE {
-            break;
-        }
-        match serde_json::from_str::<ToBackend>(&line) {
+    loop {
+        let line = match read_line_async(&mut lines, MAX_MESSAGE).await {
+            Ok(Some(line)) => line,
+            Ok(None) => break,
+            Err(LineError::TooLong(seen)) => {
+                tracing::error!(
+                    seen,
+                    "vmkit-plugin: the host sent a line over {MAX_MESSAGE} bytes; hanging up"
+                );
+                break;
+            }
+            Err(LineError::Io(e)) => {
+                tracing::debug!(error = %e, "vmkit-plugin: the host connection ended");
+                break;
+            }
+        };
+        match serde_json::from_slice::<ToBackend>(&line) {
             Ok(ToBackend::Call { id, request }) => {
                 let (dispatcher, out) = (Arc::clone(&dispatcher), out_tx.clone());
                 let calls = Arc::clone(&running);
@@ -145,7 +162,11 @@ pub async fn serve(backend: Arc<dyn Backend>, socket: &Path) -> std::io::Result<
             }
         }
     }
-    // The host is gone: nothing more to answer; the instances go with the dispatcher.
+    // The host is gone: nothing more to answer; the calls in flight are dropped (their
+    // backend futures with them) and the instances go with the dispatcher.
+    for (_, call) in locked(&running).drain() {
+        call.abort();
+    }
     for forwarder in forwarders {
         forwarder.abort();
     }
@@ -155,8 +176,8 @@ pub async fn serve(backend: Arc<dyn Backend>, socket: &Path) -> std::io::Result<
 }
 
 /// A backend executable's whole `main`: reads `<name> serve --socket PATH`, checks the
-/// name is `backend`'s, serves on a multi-thread runtime of its own, and returns the
-/// exit code (2 for a bad command line, 1 when serving failed).
+/// name is `backend`'s, and [`run_backend`]s it; returns the exit code (2 for a bad
+/// command line, 1 when serving failed).
 pub fn serve_main(backend: Arc<dyn Backend>) -> i32 {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let usage = format!("usage: <binary> {} serve --socket PATH", backend.name());
@@ -176,6 +197,20 @@ pub fn serve_main(backend: Arc<dyn Backend>) -> i32 {
             return 2;
         }
     };
+    run_backend(backend, &socket, || {})
+}
+
+/// Serves `backend` on `socket` on a multi-thread runtime of its own until the host
+/// hangs up, and returns the exit code (1 when serving failed). `setup` runs first,
+/// inside the runtime (to spawn the executable's own tasks).
+///
+/// The process dies with its host: when the host's connection ends (it exited or was
+/// killed) every instance is dropped, which ends its VM, and the runtime gets
+/// half a second for its tasks before the process exits; and should the host die while
+/// the connection lingers, a watch on the parent process exits within 100 ms of its
+/// death (the parent changes when the host is gone).
+pub fn run_backend(backend: Arc<dyn Backend>, socket: &Path, setup: impl FnOnce()) -> i32 {
+    watch_parent();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -186,7 +221,13 @@ pub fn serve_main(backend: Arc<dyn Backend>) -> i32 {
             return 1;
         }
     };
-    match runtime.block_on(serve(backend, &socket)) {
+    let served = runtime.block_on(async {
+        setup();
+        serve(backend, socket).await
+    });
+    // A blocked task must not keep an orphan alive.
+    runtime.shutdown_timeout(ORPHAN_EXIT);
+    match served {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("vmkit backend: serve on {}: {e}", socket.display());
@@ -195,16 +236,52 @@ pub fn serve_main(backend: Arc<dyn Backend>) -> i32 {
     }
 }
 
+/// Exits the process once its parent (the host) is gone.
+fn watch_parent() {
+    let host = std::os::unix::process::parent_id();
+    let watch = move || {
+        loop {
+            std::thread::sleep(PARENT_POLL);
+            if std::os::unix::process::parent_id() != host {
+                eprintln!("vmkit backend: the host (pid {host}) is gone; exiting");
+                std::process::exit(1);
+            }
+        }
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("vmkit-host-watch".into())
+        .spawn(watch)
+    {
+        eprintln!("vmkit backend: cannot watch the host process: {e}");
+    }
+}
+
+/// A reply, or why the backend's answer to the call could not be read.
+type Answered = Result<Reply, String>;
+
 /// Where a reply goes.
 enum Pending {
-    Async(oneshot::Sender<Reply>),
-    Blocking(mpsc::Sender<Reply>),
+    Async(oneshot::Sender<Answered>),
+    Blocking(mpsc::Sender<Answered>),
+}
+
+impl Pending {
+    fn send(self, answer: Answered) {
+        match self {
+            Pending::Async(tx) => {
+                let _ = tx.send(answer);
+            }
+            Pending::Blocking(tx) => {
+                let _ = tx.send(answer);
+            }
+        }
+    }
 }
 
 /// What the reader thread and the callers share.
 struct Shared {
     pending: Mutex<HashMap<u64, Pending>>,
-    subscribers: Mutex<HashMap<InstanceId, broadcast::Sender<VmEvent>>>,
+    subscribers: Mutex<HashMap<InstanceId, Arc<InstanceFeed>>>,
     gone: Mutex<Option<String>>,
     child: Mutex<Child>,
 }
@@ -215,10 +292,26 @@ fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
-    /// Marks the backend gone: every pending call fails now (their senders drop).
+    /// Marks the backend gone: every pending call fails now (their senders drop), and
+    /// every instance ends as crashed, with `Exited` published (no call needed).
     fn fail_all(&self, cause: String) {
-        locked(&self.gone).get_or_insert(cause);
+        let cause = locked(&self.gone).get_or_insert(cause).clone();
         locked(&self.pending).clear();
+        let feeds: Vec<Arc<InstanceFeed>> = locked(&self.subscribers).values().cloned().collect();
+        for feed in feeds {
+            feed.lost(&cause);
+        }
+    }
+
+    /// The backend broke the protocol (`what`): it is killed, and it is gone.
+    fn broken(&self, what: &str) {
+        tracing::error!(%what, "vmkit-plugin: the backend process broke the protocol; killing it");
+        {
+            let mut child = locked(&self.child);
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.fail_all(format!("it broke the protocol: {what}"));
     }
 
     /// How the process ended, waiting a little for it to be reapable.
@@ -414,39 +507,88 @@ fn write_lines(mut conn: StdUnixStream, lines: &mpsc::Receiver<Vec<u8>>) {
 }
 
 /// The reader thread: replies to their callers, events to their subscribers; at the
-/// end, the backend is gone.
+/// end, the backend is gone. A line over the limit, or one that is no message, breaks
+/// the protocol: the backend is killed. A reply whose call can be told but whose body
+/// cannot be read fails that call at once.
 fn read_replies(conn: StdUnixStream, shared: &Shared) {
     let mut reader = BufReader::new(conn);
-    let mut line = String::new();
     loop {
-        line.clear();
-        match reader.read_line(&mut line) {
-            Ok(0) | Err(_) => break,
-            Ok(_) if line.len() > MAX_LINE => break,
-            Ok(_) => {}
-        }
-        match serde_json::from_str::<ToHost>(&line) {
-            Ok(ToHost::Reply { id, reply }) => match locked(&shared.pending).remove(&id) {
-                Some(Pending::Async(tx)) => {
-                    let _ = tx.send(reply);
+        let line = match read_line(&mut reader, MAX_MESSAGE) {
+            Ok(Some(line)) => line,
+            Ok(None) | Err(LineError::Io(_)) => break,
+            Err(LineError::TooLong(seen)) => {
+                return shared.broken(&format!(
+                    "a line of {seen} bytes or more, over the {MAX_MESSAGE}-byte limit"
+                ));
+            }
+        };
+        match serde_json::from_slice::<ToHost>(&line) {
+            Ok(ToHost::Reply { id, reply }) => {
+                if let Some(pending) = locked(&shared.pending).remove(&id) {
+                    pending.send(Ok(reply));
                 }
-                Some(Pending::Blocking(tx)) => {
-                    let _ = tx.send(reply);
-                }
-                None => {}
-            },
+            }
             Ok(ToHost::Event(message)) => {
-                if let Some(sink) = locked(&shared.subscribers).get(&message.instance) {
-                    let _ = sink.send(message.event);
+                let feed = locked(&shared.subscribers).get(&message.instance).cloned();
+                if let Some(feed) = feed {
+                    feed.publish(message.event);
                 }
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "vmkit-plugin: an unreadable message from a backend")
-            }
+            Err(e) => match reply_id(&line) {
+                Some(id) => {
+                    if let Some(pending) = locked(&shared.pending).remove(&id) {
+                        pending.send(Err(format!("an unreadable reply: {e}")));
+                    }
+                }
+                None => {
+                    return shared.broken(&format!(
+                        "a line that is no message ({e}): {}",
+                        shown(&line)
+                    ));
+                }
+            },
         }
     }
     let cause = shared.how_it_ended();
     shared.fail_all(cause);
+}
+
+/// The call id of a reply line whose body is unreadable, if the line says it.
+fn reply_id(line: &[u8]) -> Option<u64> {
+    let value: serde_json::Value = serde_json::from_slice(line).ok()?;
+    value.get("reply")?.get("id")?.as_u64()
+}
+
+/// The start of a line, for an error.
+fn shown(line: &[u8]) -> String {
+    String::from_utf8_lossy(&line[..line.len().min(120)]).into_owned()
+}
+
+impl ProcessChannel {
+    /// The reply in `answer`, or the error that stands for its absence.
+    fn answer(&self, op: &str, answer: Option<Answered>) -> vmkit_core::Result<Reply> {
+        match answer {
+            Some(Ok(reply)) => Ok(reply),
+            Some(Err(what)) => Err(CoreError::backend(
+                op.to_owned(),
+                Error::Protocol {
+                    origin: self.origin.to_string(),
+                    what,
+                },
+            )),
+            None => {
+                let cause = self.gone().unwrap_or_else(|| "it dropped the call".into());
+                Err(self.gone_error(&cause))
+            }
+        }
+    }
+
+    fn timeout(&self, op: &str, after: Duration) -> CoreError {
+        CoreError::Timeout {
+            op: format!("{op}: no answer from the backend process ({})", self.origin),
+            after,
+        }
+    }
 }
 
 #[async_trait]
@@ -459,9 +601,11 @@ impl Channel for ProcessChannel {
         if let Some(cause) = self.gone() {
             return Err(self.gone_error(&cause));
         }
+        let op = request.name();
         let (tx, rx) = oneshot::channel();
         let id = self.register(Pending::Async(tx));
-        // Dropping this future (the caller gave up) cancels the call in the backend.
+        // Dropping this future (the caller gave up, or its deadline passed) cancels the
+        // call in the backend.
         struct Forget<'a>(&'a ProcessChannel, u64);
         impl Drop for Forget<'_> {
             fn drop(&mut self) {
@@ -475,25 +619,18 @@ impl Channel for ProcessChannel {
         let answer = match deadline {
             Some(limit) => match tokio::time::timeout(limit, rx).await {
                 Ok(answer) => answer,
-                Err(_) => {
-                    return Err(CoreError::Timeout {
-                        op: format!("a call to the backend process ({})", self.origin),
-                        after: limit,
-                    });
-                }
+                Err(_) => return Err(self.timeout(op, limit)),
             },
             None => rx.await,
         };
-        answer.map_err(|_| {
-            let cause = self.gone().unwrap_or_else(|| "it dropped the call".into());
-            self.gone_error(&cause)
-        })
+        self.answer(op, answer.ok())
     }
 
     fn call_blocking(&self, request: Request, deadline: Duration) -> vmkit_core::Result<Reply> {
         if let Some(cause) = self.gone() {
             return Err(self.gone_error(&cause));
         }
+        let op = request.name();
         let (tx, rx) = mpsc::channel();
         let id = self.register(Pending::Blocking(tx));
         if let Err(e) = self.send(&ToBackend::Call { id, request }) {
@@ -501,30 +638,37 @@ impl Channel for ProcessChannel {
             return Err(e);
         }
         match rx.recv_timeout(deadline) {
-            Ok(reply) => Ok(reply),
+            Ok(answer) => self.answer(op, Some(answer)),
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                locked(&self.shared.pending).remove(&id);
-                Err(CoreError::Timeout {
-                    op: format!("a call to the backend process ({})", self.origin),
-                    after: deadline,
-                })
+                if locked(&self.shared.pending).remove(&id).is_some() {
+                    let _ = self.send(&ToBackend::Cancel { id });
+                }
+                Err(self.timeout(op, deadline))
             }
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                let cause = self.gone().unwrap_or_else(|| "it dropped the call".into());
-                Err(self.gone_error(&cause))
-            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => self.answer(op, None),
         }
     }
 
     fn notify(&self, request: Request) {
+        if let Request::Destroy { instance } = &request {
+            locked(&self.shared.subscribers).remove(instance);
+        }
         // Its reply, if any, finds no caller and is dropped.
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let _ = self.send(&ToBackend::Call { id, request });
     }
 
-    fn subscribe(&self, instance: InstanceId, sink: broadcast::Sender<VmEvent>) {
-        locked(&self.shared.subscribers).insert(instance, sink);
+    fn subscribe(&self, instance: InstanceId, feed: Arc<InstanceFeed>) {
+        if let Some(cause) = self.gone() {
+            feed.lost(&cause);
+            return;
+        }
+        locked(&self.shared.subscribers).insert(instance, Arc::clone(&feed));
         let _ = self.send(&ToBackend::Subscribe { instance });
+        // Gone while subscribing: `fail_all` may have passed this feed by.
+        if let Some(cause) = self.gone() {
+            feed.lost(&cause);
+        }
     }
 
     fn gone(&self) -> Option<String> {

@@ -15,6 +15,55 @@ use vmkit_core::{
 /// The schema's version; a host refuses a peer with another one.
 pub const SCHEMA_VERSION: u32 = 1;
 
+/// The largest message (request, reply or event) either transport carries, in bytes:
+/// a `VmInfo` or a config is a few KiB. A larger one is refused before it is held
+/// whole.
+pub const MAX_MESSAGE: usize = 4 << 20;
+
+/// What a host tells a plugin library before its `init` (ABI 1.1's `configure`), as
+/// JSON: the size of the plugin's own tokio runtime, where its async calls run. A
+/// plugin must never block inside an async call; one that does holds a worker thread,
+/// and with every worker held its calls time out (typed) instead of answering.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PluginOptions {
+    /// The runtime's worker threads (1 to 256).
+    pub worker_threads: usize,
+    /// The most threads it runs blocking work on (`spawn_blocking`; 1 to 4096).
+    pub max_blocking_threads: usize,
+}
+
+impl Default for PluginOptions {
+    fn default() -> Self {
+        PluginOptions {
+            worker_threads: 4,
+            max_blocking_threads: 64,
+        }
+    }
+}
+
+impl PluginOptions {
+    /// Checks the sizes.
+    ///
+    /// # Errors
+    /// `Error::InvalidConfig` naming the field that is out of range.
+    pub fn validate(&self) -> vmkit_core::Result<()> {
+        if !(1..=256).contains(&self.worker_threads) {
+            return Err(CoreError::config(
+                "plugin.worker_threads",
+                format!("{} is outside 1..=256", self.worker_threads),
+            ));
+        }
+        if !(1..=4096).contains(&self.max_blocking_threads) {
+            return Err(CoreError::config(
+                "plugin.max_blocking_threads",
+                format!("{} is outside 1..=4096", self.max_blocking_threads),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// An instance in the plugin's table.
 pub type InstanceId = u64;
 
@@ -192,6 +241,38 @@ impl Request {
             | QueryMemory { instance }
             | HotplugMemory { instance, .. }
             | UnplugMemory { instance, .. } => Some(*instance),
+        }
+    }
+
+    /// The operation's name, as the contract's method is called (`"start"`,
+    /// `"hotplug_disk"`); errors about the call name it.
+    pub fn name(&self) -> &'static str {
+        use Request::*;
+        match self {
+            Describe => "describe",
+            Create { .. } => "create",
+            Destroy { .. } => "destroy",
+            Start { .. } => "start",
+            Shutdown { .. } => "shutdown",
+            Pause { .. } => "pause",
+            Resume { .. } => "resume",
+            Wait { .. } => "wait",
+            State { .. } => "state",
+            VmInfo { .. } => "vm_info",
+            Hotpluggers { .. } => "hotpluggers",
+            AddDisk { .. } => "add_disk",
+            AddNic { .. } => "add_nic",
+            HotplugDisk { .. } => "hotplug_disk",
+            HotplugNic { .. } => "hotplug_nic",
+            Unplug { .. } => "unplug",
+            QueryCpus { .. } => "query_cpus",
+            HotplugCpu { .. } => "hotplug_cpu",
+            HotplugCpuAt { .. } => "hotplug_cpu_at",
+            UnplugCpu { .. } => "unplug_cpu",
+            SetVcpus { .. } => "set_vcpus",
+            QueryMemory { .. } => "query_memory",
+            HotplugMemory { .. } => "hotplug_memory",
+            UnplugMemory { .. } => "unplug_memory",
         }
     }
 

@@ -22,7 +22,17 @@ use common::{TestFn, config};
 
 fn main() -> ExitCode {
     if let Ok(case) = std::env::var(CASE_ENV) {
-        // SAFETY of the case: the child only loads and reports.
+        // The child only loads and reports. An ABI 1.0 plugin takes no options: asked
+        // for some it is refused, and with the defaults it loads.
+        if case == "abi-1.0" {
+            let options = loader::PluginOptions {
+                worker_threads: 2,
+                ..loader::PluginOptions::default()
+            };
+            if let Err(e) = loader::load_with(&library("vmkit_plugin_testing"), &options) {
+                println!("{e}");
+            }
+        }
         match loader::load(&library("vmkit_plugin_testing")) {
             Ok(backend) => println!("loaded {} for {case}", backend.name()),
             Err(e) => println!("{e}"),
@@ -121,13 +131,27 @@ fn wrong_descriptors(_rt: &tokio::runtime::Runtime) {
             "bad-magic",
             "magic: [78, 79, 84, 86, 77, 75, 73, 84], expected",
         ),
-        ("abi-2", "abi_major: ABI 2.0, this host speaks 1.x"),
+        ("abi-2", "abi_major: ABI 2.1, this host speaks 1.x"),
         ("short", "size: 16 bytes, at least"),
         (
             "other-target",
             "target: \"riscv64gc-unknown-linux-gnu\", this host is",
         ),
+        ("schema-2", "schema: 2, this host speaks 1"),
+        (
+            "old-vmkit",
+            "vmkit_version: built with vmkit \"0.0.9\", this host is",
+        ),
+        (
+            "panic-abort",
+            "panic: built with panic=abort: a panic in it would abort this process",
+        ),
+        ("no-name", "name: empty or not UTF-8"),
         ("null", "descriptor: vmkit_plugin_v1 returned null"),
+        (
+            "abi-1.0",
+            "configure: the plugin speaks ABI 1.0, which takes no options",
+        ),
     ] {
         let out = Command::new(&me)
             .env(CASE_ENV, mode)
@@ -141,6 +165,11 @@ fn wrong_descriptors(_rt: &tokio::runtime::Runtime) {
             "{mode}: the error names the file: {text}"
         );
         assert!(text.contains(expected), "{mode}: {text}");
+        assert_eq!(
+            text.contains("loaded fake"),
+            mode == "abi-1.0",
+            "{mode}: only an ABI 1.0 plugin with the default options loads: {text}"
+        );
     }
 }
 

@@ -50,12 +50,7 @@ fn backend_main() -> i32 {
         eprintln!("test backend: this executable serves \"fake\", not {name:?}");
         return 2;
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
+    vmkit_plugin::process::run_backend(Arc::new(FakeBackend), Path::new(socket), || {
         let mut usr1 =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1()).unwrap();
         tokio::spawn(async move {
@@ -63,9 +58,6 @@ fn backend_main() -> i32 {
                 vmkit_testkit::fake_backend::crash_all().await;
             }
         });
-        vmkit_plugin::process::serve(Arc::new(FakeBackend), Path::new(socket))
-            .await
-            .map_or(1, |()| 0)
     })
 }
 

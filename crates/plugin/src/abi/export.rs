@@ -18,7 +18,7 @@ use crate::abi::{
     StaticDescriptor, TARGET, panic_strategy,
 };
 use crate::dispatch::{Dispatcher, panic_text};
-use crate::wire::{EventMessage, Reply, Request, SCHEMA_VERSION};
+use crate::wire::{EventMessage, PluginOptions, Reply, Request, SCHEMA_VERSION};
 
 /// The plugin's state once `init` ran.
 struct Exported {
@@ -29,6 +29,7 @@ struct Exported {
 }
 
 static BACKEND: OnceLock<Arc<dyn Backend>> = OnceLock::new();
+static OPTIONS: OnceLock<PluginOptions> = OnceLock::new();
 static DESCRIPTOR: OnceLock<StaticDescriptor> = OnceLock::new();
 static EXPORTED: OnceLock<Exported> = OnceLock::new();
 
@@ -57,6 +58,7 @@ pub fn descriptor(make: fn() -> Arc<dyn Backend>) -> *const DescriptorV1 {
                 spawn,
                 cancel,
                 subscribe,
+                configure,
             })
         })
     });
@@ -109,8 +111,10 @@ unsafe extern "C" fn init(log: Option<LogFn>) -> u32 {
         let Some(backend) = BACKEND.get() else {
             return 2;
         };
+        let options = OPTIONS.get().cloned().unwrap_or_default();
         let runtime = match tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
+            .worker_threads(options.worker_threads)
+            .max_blocking_threads(options.max_blocking_threads)
             .thread_name(format!("vmkit-plugin-{}", backend.name()))
             .enable_all()
             .build()
@@ -124,6 +128,29 @@ unsafe extern "C" fn init(log: Option<LogFn>) -> u32 {
             ops: Mutex::new(HashMap::new()),
             next: AtomicU64::new(1),
         });
+        0
+    });
+    done.unwrap_or(1)
+}
+
+/// `configure`: the host's [`PluginOptions`], before `init`. 0 when taken; 4 when they
+/// are unreadable or out of range; 5 when other options were taken first (a library
+/// loaded twice: its one runtime has the first ones).
+unsafe extern "C" fn configure(options: RawStr) -> u32 {
+    let done = std::panic::catch_unwind(|| {
+        // SAFETY: the host keeps the options' bytes alive during the call.
+        let bytes = unsafe { options.bytes() };
+        let Ok(options) = serde_json::from_slice::<PluginOptions>(bytes) else {
+            return 4;
+        };
+        if options.validate().is_err() {
+            return 4;
+        }
+        let wanted = options.clone();
+        let taken = OPTIONS.get_or_init(|| options);
+        if *taken != wanted {
+            return 5;
+        }
         0
     });
     done.unwrap_or(1)

@@ -19,8 +19,8 @@ use std::ffi::c_void;
 pub const MAGIC: [u8; 8] = *b"VMKITPL\0";
 /// The ABI's major version (the symbol's name carries it).
 pub const ABI_MAJOR: u32 = 1;
-/// The ABI's minor version (fields appended).
-pub const ABI_MINOR: u32 = 0;
+/// The ABI's minor version (fields appended): 1 added [`DescriptorV1::configure`].
+pub const ABI_MINOR: u32 = 1;
 /// The exported symbol, NUL-terminated.
 pub const SYMBOL: &[u8] = b"vmkit_plugin_v1\0";
 /// The target triple this crate was built for.
@@ -139,6 +139,24 @@ impl RawBuffer {
         }
         bytes
     }
+
+    /// [`RawBuffer::take`], unless the buffer holds more than `limit` bytes: then it is
+    /// freed unread and its length is the error.
+    ///
+    /// # Safety
+    /// As for [`RawBuffer::take`].
+    pub unsafe fn take_within(self, limit: usize) -> Result<Vec<u8>, usize> {
+        if self.len <= limit {
+            // SAFETY: the caller's promise, passed on.
+            return Ok(unsafe { self.take() });
+        }
+        let len = self.len;
+        if let Some(free) = self.free {
+            // SAFETY: `free` is the allocating side's own, called once, here.
+            unsafe { free(self) };
+        }
+        Err(len)
+    }
 }
 
 /// Called exactly once per spawned operation, from any thread, with its reply.
@@ -183,7 +201,14 @@ pub struct DescriptorV1 {
     pub cancel: unsafe extern "C" fn(op: u64),
     /// Sends instance `instance`'s events to `on_event(ctx, …)` until they end.
     pub subscribe: unsafe extern "C" fn(instance: u64, ctx: *mut c_void, on_event: EventFn),
+    /// ABI 1.1: takes the host's options for the plugin (JSON of
+    /// [`PluginOptions`](crate::loader::PluginOptions)) before `init`; 0 on success.
+    pub configure: unsafe extern "C" fn(options: RawStr) -> u32,
 }
+
+/// The size of an ABI 1.0 descriptor (without `configure`), the least a host of this
+/// major version accepts.
+pub const V1_0_SIZE: usize = std::mem::offset_of!(DescriptorV1, configure);
 
 /// A descriptor that can live in a `static`.
 #[derive(Debug)]
