@@ -97,10 +97,12 @@ impl InstanceConfig {
         StateLayout::new(&self.state_dir, self.log_dir.as_deref())
     }
 
-    /// Checks every field; stops at the first error, which names the field.
+    /// Checks every field a backend-neutral config has; stops at the first error,
+    /// which names the field. The kernel is not among them: a backend that boots one
+    /// checks it too ([`KernelConfig::validate`]), one that boots none ignores it.
     ///
-    /// Checks the file system for the kernel, initrd and disk images (they must exist),
-    /// nothing else: the state and log dirs are created at start.
+    /// Checks the file system for the disk images (they must exist), nothing else: the
+    /// state and log dirs are created at start.
     ///
     /// # Errors
     /// [`Error::InvalidConfig`].
@@ -115,7 +117,6 @@ impl InstanceConfig {
             check_path("log_dir", log_dir, Exists::Any)?;
         }
         self.resources.validate()?;
-        self.kernel.validate()?;
         self.transport.validate()?;
         self.timeouts.validate()?;
         let mut ids = BTreeSet::new();
@@ -676,11 +677,29 @@ mod tests {
     fn error_after(edit: impl FnOnce(&mut InstanceConfig, &Path)) -> String {
         let mut f = fixture();
         f.config.validate().expect("fixture is valid");
+        f.config
+            .kernel
+            .validate()
+            .expect("fixture's kernel is valid");
         edit(&mut f.config, &f.image);
-        match f.config.validate() {
+        match f
+            .config
+            .validate()
+            .and_then(|()| f.config.kernel.validate())
+        {
             Err(Error::InvalidConfig { field, reason }) => format!("{field}: {reason}"),
             other => panic!("expected InvalidConfig, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn the_kernel_is_the_booting_backends_to_check() {
+        let mut f = fixture();
+        f.config.kernel.path = "/nonexistent/vmlinuz".into();
+        f.config
+            .validate()
+            .expect("a config for a backend that boots no kernel");
+        assert!(f.config.kernel.validate().is_err());
     }
 
     #[test]

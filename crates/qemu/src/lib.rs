@@ -94,6 +94,7 @@ impl QemuBackend {
     /// `InvalidConfig` naming the field, for the config or a backend option.
     pub fn create_instance(&self, config: InstanceConfig) -> vmkit_core::Result<QemuInstance> {
         config.validate()?;
+        config.kernel.validate()?;
         let options = QemuOptions::from_map(&config.backend_options).map_err(|e| match e {
             Error::Option { key, reason } => {
                 vmkit_core::Error::config(format!("backend_options.{key}"), reason)

@@ -15,12 +15,11 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::broadcast;
 use vmkit_core::{
     Backend, Capabilities, CpuHotplugger, DeviceConfigurator, DiskConfig, Error, ExitInfo,
-    ExitReason, GuestClient, GuestCommunicator, GuestStream, Instance, InstanceConfig,
-    MemoryHotplugger, NicConfig, ResourceManager, Result, StartOptions, StateCell, VmEvent, VmInfo,
-    VmState,
+    ExitReason, GuestClient, GuestCommunicator, GuestStream, Instance, InstanceConfig, Lifecycle,
+    MemoryHotplugger, NicConfig, ResourceManager, Result, StartOptions, VmEvent, VmInfo, VmState,
 };
 
 /// The backend: `"null"`, VMs that run nothing.
@@ -37,13 +36,11 @@ impl Backend for NullBackend {
     }
 
     fn create(&self, config: InstanceConfig) -> Result<Box<dyn Instance>> {
+        // A null VM boots no kernel: the config's kernel is not checked.
         config.validate()?;
-        let (events, _) = broadcast::channel(64);
         Ok(Box::new(NullVm {
             config,
-            state: StateCell::new(),
-            events,
-            exit: watch::channel(None).0,
+            life: Lifecycle::new(),
             disks: Mutex::new(Vec::new()),
         }))
     }
@@ -51,108 +48,63 @@ impl Backend for NullBackend {
 
 vmkit_plugin::export_backend!(NullBackend);
 
-/// A VM of [`NullBackend`].
+/// A VM of [`NullBackend`]: vmkit-core's [`Lifecycle`] keeps its state, events and exit.
 struct NullVm {
     config: InstanceConfig,
-    state: StateCell,
-    events: broadcast::Sender<VmEvent>,
-    exit: watch::Sender<Option<ExitInfo>>,
+    life: Lifecycle,
     disks: Mutex<Vec<DiskConfig>>,
 }
 
+/// What a null VM cannot do.
+const NOTHING: &str = "a null VM has no guest and no devices to plug";
+
 impl NullVm {
-    fn change(&self, op: &'static str, from: VmState, to: VmState) -> Result<()> {
-        self.state.transition(op, from, to)?;
-        let _ = self.events.send(VmEvent::StateChanged { from, to });
-        Ok(())
-    }
-
-    /// Ends the VM once; every later call gets the first exit.
-    fn end(&self, reason: ExitReason) -> ExitInfo {
-        let mut first = None;
-        self.exit.send_if_modified(|exit| {
-            if exit.is_some() {
-                return false;
-            }
-            let from = self.state.get();
-            let reason = if from == VmState::New {
-                ExitReason::NeverStarted
-            } else {
-                reason
-            };
-            if self
-                .state
-                .transition_from_any("shutdown", VmState::Shutdown)
-                .is_ok()
-            {
-                let _ = self.events.send(VmEvent::StateChanged {
-                    from,
-                    to: VmState::Shutdown,
-                });
-            }
-            let info = ExitInfo {
-                reason,
-                stage: None,
-                exit_code: None,
-                signal: None,
-                message: None,
-            };
-            let _ = self.events.send(VmEvent::Exited(info.clone()));
-            *exit = Some(info);
-            first = exit.clone();
-            true
-        });
-        first
-            .or_else(|| self.exit.borrow().clone())
-            .unwrap_or_else(ExitInfo::never_started)
-    }
-
     fn unsupported(&self, op: &'static str, live: &[VmState]) -> Error {
-        match self.state.require(op, live) {
-            Err(wrong_state) => wrong_state,
-            Ok(_) => {
-                Error::unsupported(op, "null", "a null VM has no guest and no devices to plug")
-            }
-        }
+        self.life.unsupported(op, "null", live, NOTHING)
     }
 }
 
 #[async_trait]
 impl Instance for NullVm {
     async fn start(&self, _opts: StartOptions) -> Result<()> {
-        self.change("start", VmState::New, VmState::Starting)?;
-        self.change("start", VmState::Starting, VmState::Running)
+        self.life.begin_start("start")?.running()
     }
 
     async fn shutdown(&self) -> Result<ExitInfo> {
-        Ok(self.end(ExitReason::HostShutdown))
+        let reason = match self.life.state() {
+            VmState::New => ExitReason::NeverStarted,
+            _ => ExitReason::HostShutdown,
+        };
+        let exit = ExitInfo {
+            reason,
+            ..ExitInfo::never_started()
+        };
+        Ok(self.life.end(exit, async {}).await)
     }
 
     async fn pause(&self) -> Result<()> {
-        self.change("pause", VmState::Running, VmState::Paused)
+        self.life
+            .transition("pause", VmState::Running, VmState::Paused)
     }
 
     async fn resume(&self) -> Result<()> {
-        self.change("resume", VmState::Paused, VmState::Running)
+        self.life
+            .transition("resume", VmState::Paused, VmState::Running)
     }
 
     async fn wait(&self) -> ExitInfo {
-        let mut exit = self.exit.subscribe();
-        match exit.wait_for(Option::is_some).await {
-            Ok(info) => info.clone().unwrap_or_else(ExitInfo::never_started),
-            Err(_) => ExitInfo::never_started(),
-        }
+        self.life.wait_exit().await
     }
 
     fn state(&self) -> VmState {
-        self.state.get()
+        self.life.state()
     }
 
     fn vm_info(&self) -> VmInfo {
         VmInfo {
             id: self.config.id.clone(),
             backend: "null".into(),
-            state: self.state.get(),
+            state: self.life.state(),
             pid: None,
             cid: None,
             sockets: Vec::new(),
@@ -162,14 +114,14 @@ impl Instance for NullVm {
     }
 
     fn events(&self) -> broadcast::Receiver<VmEvent> {
-        self.events.subscribe()
+        self.life.events()
     }
 }
 
 #[async_trait]
 impl DeviceConfigurator for NullVm {
     fn add_disk(&self, disk: DiskConfig) -> Result<()> {
-        self.state.require("add_disk", &[VmState::New])?;
+        self.life.require("add_disk", &[VmState::New])?;
         disk.validate("disk")?;
         let mut disks = self.disks.lock().unwrap_or_else(|p| p.into_inner());
         if disks.iter().any(|d| d.id == disk.id) {

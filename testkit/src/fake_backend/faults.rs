@@ -29,6 +29,10 @@ pub enum Op {
     HotplugNic,
     /// `unplug` (a disk or NIC).
     Unplug,
+    /// `state()` (synchronous: a fault there blocks the caller's thread).
+    State,
+    /// `vm_info()` (synchronous, as `State`).
+    VmInfo,
 }
 
 impl Op {
@@ -46,8 +50,27 @@ impl Op {
             Op::HotplugDisk => "hotplug_disk",
             Op::HotplugNic => "hotplug_nic",
             Op::Unplug => "unplug",
+            Op::State => "state",
+            Op::VmInfo => "vm_info",
         }
     }
+
+    /// Every operation, for parsing.
+    const ALL: [Op; 13] = [
+        Op::Start,
+        Op::Shutdown,
+        Op::Pause,
+        Op::Resume,
+        Op::HotplugCpu,
+        Op::UnplugCpu,
+        Op::HotplugMemory,
+        Op::UnplugMemory,
+        Op::HotplugDisk,
+        Op::HotplugNic,
+        Op::Unplug,
+        Op::State,
+        Op::VmInfo,
+    ];
 }
 
 /// What an operation does instead of, or before, its work.
@@ -63,6 +86,40 @@ pub enum Fault {
     /// The VM dies right there: it ends with [`vmkit_core::ExitReason::Crashed`] and the
     /// operation fails.
     Crash,
+    /// Never answers, whatever its deadline — a broken backend, for testing what calls
+    /// it across a boundary (the plugin host's own deadlines). In a synchronous call it
+    /// blocks the thread.
+    Wedge,
+    /// Blocks its thread for good inside an async call — the bug a plugin must never
+    /// have, for testing that a wedged plugin runtime is detected.
+    Block,
+}
+
+impl Fault {
+    /// A fault by name: `delay:<ms>`, `error:<message>`, `hang`, `crash`, `wedge`,
+    /// `block`.
+    ///
+    /// # Errors
+    /// `Error::InvalidConfig` (field `backend_options.faults`) naming what is wrong.
+    pub fn parse(text: &str) -> vmkit_core::Result<Fault> {
+        let bad = |why: String| vmkit_core::Error::config("backend_options.faults", why);
+        Ok(match text.split_once(':') {
+            Some(("delay", ms)) => Fault::Delay(Duration::from_millis(
+                ms.parse()
+                    .map_err(|_| bad(format!("{text:?}: delay:<milliseconds>")))?,
+            )),
+            Some(("error", message)) => Fault::Error(message.to_owned()),
+            None if text == "hang" => Fault::Hang,
+            None if text == "crash" => Fault::Crash,
+            None if text == "wedge" => Fault::Wedge,
+            None if text == "block" => Fault::Block,
+            _ => {
+                return Err(bad(format!(
+                    "{text:?}: a fault is delay:<ms>, error:<message>, hang, crash, wedge or block"
+                )));
+            }
+        })
+    }
 }
 
 /// The faults of one fake VM; each stays until cleared.
@@ -74,6 +131,27 @@ pub(crate) struct Faults {
 }
 
 impl Faults {
+    /// Faults from `op=fault` pairs separated by commas (`start=wedge,vm_info=block`).
+    pub(crate) fn parse(text: &str) -> vmkit_core::Result<Faults> {
+        let mut faults = Faults::default();
+        for pair in text.split(',').filter(|p| !p.is_empty()) {
+            let Some((name, fault)) = pair.split_once('=') else {
+                return Err(vmkit_core::Error::config(
+                    "backend_options.faults",
+                    format!("{pair:?}: expected op=fault"),
+                ));
+            };
+            let Some(op) = Op::ALL.into_iter().find(|op| op.name() == name) else {
+                return Err(vmkit_core::Error::config(
+                    "backend_options.faults",
+                    format!("{name:?} is no operation of the fake VM"),
+                ));
+            };
+            faults.set(op, Some(Fault::parse(fault)?));
+        }
+        Ok(faults)
+    }
+
     pub(crate) fn set(&mut self, op: Op, fault: Option<Fault>) {
         match fault {
             Some(fault) => {

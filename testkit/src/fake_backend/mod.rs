@@ -26,10 +26,8 @@
 //!
 //! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
 //! let dir = tempfile::tempdir().unwrap();
-//! // Config validation checks that the kernel exists; the fake never reads it.
-//! let kernel = dir.path().join("vmlinuz");
-//! std::fs::write(&kernel, b"").unwrap();
-//! let config = InstanceConfig::new("sandbox-1", dir.path().join("state"), &kernel);
+//! // The fake boots no kernel: its path is never looked at.
+//! let config = InstanceConfig::new("sandbox-1", dir.path().join("state"), "/no/kernel");
 //! let vm = FakeBackend::new().create_fake(config).unwrap();
 //! vm.inject(Op::Start, Some(Fault::Error("QEMU said no".into())));
 //! assert!(vm.start(StartOptions::new()).await.is_err()); // the retry path of your code
@@ -45,12 +43,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::broadcast;
 use vmkit_core::{
     Backend, Capabilities, CpuHotplugger, DeviceConfigurator, DiskConfig, Error, ExitInfo,
-    ExitReason, GuestClient, GuestCommunicator, GuestStream, Instance, InstanceConfig,
-    MemoryHotplugger, NicConfig, ResourceManager, ShutdownStage, StartOptions, StateCell,
-    StateDirLock, VmEvent, VmInfo, VmState,
+    ExitReason, GuestClient, GuestCommunicator, GuestStream, Instance, InstanceConfig, Lifecycle,
+    MemoryHotplugger, NicConfig, ResourceManager, ShutdownStage, StartOptions, StateDirLock,
+    VmEvent, VmInfo, VmState,
 };
 
 use faults::Faults;
@@ -124,7 +122,7 @@ pub async fn crash_all() -> usize {
     };
     let mut crashed_now = 0;
     for vm in vms {
-        if matches!(vm.state.get(), VmState::Running | VmState::Paused) {
+        if matches!(vm.life.state(), VmState::Running | VmState::Paused) {
             vm.end(crashed()).await;
             crashed_now += 1;
         }
@@ -144,12 +142,19 @@ impl FakeBackend {
 
     /// Creates a fake VM and returns it as its own type, with the fault controls.
     ///
+    /// Backend options: `hotplug_ports` (a whole number, default 4) and `faults`, the
+    /// faults it starts with as `op=fault` pairs separated by commas (`start=wedge,
+    /// vm_info=block`; see [`Fault::parse`]) — for a fake served behind a boundary
+    /// (a plugin library, a backend process) where [`FakeInstance::inject`] cannot be
+    /// called.
+    ///
     /// # Errors
     /// [`Error::InvalidConfig`] from the config's validation, or for an unknown or bad
-    /// backend option (`hotplug_ports`).
+    /// backend option.
     pub fn create_fake(&self, config: InstanceConfig) -> vmkit_core::Result<FakeInstance> {
         config.validate()?;
         let mut ports = 4u32;
+        let mut faults = Faults::default();
         for (key, value) in &config.backend_options {
             match key.as_str() {
                 "hotplug_ports" => {
@@ -160,30 +165,32 @@ impl FakeBackend {
                         )
                     })?;
                 }
+                "faults" => faults = Faults::parse(value)?,
                 other => {
                     return Err(Error::config(
                         format!("backend_options.{other}"),
-                        "unknown key; the fake backend knows hotplug_ports",
+                        "unknown key; the fake backend knows hotplug_ports and faults",
                     ));
                 }
             }
         }
         let resources = Resources::of(&config);
         let vm = Arc::new(Vm {
-            state: StateCell::new(),
-            events: broadcast::channel(256).0,
-            exit: watch::channel(None).0,
-            faults: Mutex::new(Faults::default()),
+            life: Lifecycle::new(),
+            faults: Mutex::new(faults),
             devices: Mutex::new(Devices {
                 ports,
                 ..Devices::default()
             }),
             resources: Mutex::new(resources),
-            life: Mutex::new(Life::default()),
-            ending: tokio::sync::Mutex::new(()),
+            held: Arc::default(),
             dialing: tokio::sync::Mutex::new(()),
             config,
         });
+        // However the VM ends (a dropped start or instance included), what it holds
+        // goes: the agent, its sockets, the state dir's lock.
+        let held = Arc::clone(&vm.held);
+        vm.life.on_end(move || lock(&held).release());
         lock(live()).insert(vm.config.id.clone(), Arc::downgrade(&vm));
         Ok(FakeInstance {
             cpus: FakeCpus::new(Arc::clone(&vm)),
@@ -218,7 +225,7 @@ impl std::fmt::Debug for FakeInstance {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FakeInstance")
             .field("id", &self.vm.config.id)
-            .field("state", &self.vm.state.get())
+            .field("state", &self.vm.life.state())
             .finish_non_exhaustive()
     }
 }
@@ -232,15 +239,12 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// The shared state of one fake VM.
 pub(crate) struct Vm {
     pub(crate) config: InstanceConfig,
-    pub(crate) state: StateCell,
-    events: broadcast::Sender<VmEvent>,
-    exit: watch::Sender<Option<ExitInfo>>,
+    /// The state, events, stop and exit (vmkit-core's helper).
+    pub(crate) life: Lifecycle,
     faults: Mutex<Faults>,
     devices: Mutex<Devices>,
     pub(crate) resources: Mutex<Resources>,
-    life: Mutex<Life>,
-    /// Held while the VM's life is being ended.
-    ending: tokio::sync::Mutex<()>,
+    held: Arc<Mutex<Held>>,
     /// Held while the cached client is re-dialled.
     dialing: tokio::sync::Mutex<()>,
 }
@@ -254,23 +258,24 @@ struct Devices {
     ports: u32,
 }
 
-/// What exists while the VM lives.
+/// What the VM holds while it lives.
 #[derive(Default)]
-struct Life {
+struct Held {
     lock: Option<StateDirLock>,
     agent: Option<vmkit_agent::Serving>,
     cached: Option<GuestClient>,
-    /// A `shutdown` has begun.
-    shutting_down: bool,
+}
+
+impl Held {
+    /// Lets everything go: the agent stops (its sockets removed), the lock is released.
+    fn release(&mut self) {
+        self.cached = None;
+        self.agent = None;
+        self.lock = None;
+    }
 }
 
 impl Vm {
-    fn transition(&self, op: &'static str, from: VmState, to: VmState) -> vmkit_core::Result<()> {
-        self.state.transition(op, from, to)?;
-        let _ = self.events.send(VmEvent::StateChanged { from, to });
-        Ok(())
-    }
-
     /// The agent's TTRPC socket.
     fn ttrpc_socket(&self) -> PathBuf {
         vmkit_agent::Listen::ttrpc_socket(&self.config.state_dir)
@@ -304,36 +309,25 @@ impl Vm {
                 self.end(crashed()).await;
                 Err(Error::backend(op.name(), FakeError::Crashed))
             }
+            Some(Fault::Wedge) => std::future::pending().await,
+            Some(Fault::Block) => block_forever(),
         }
     }
 
-    /// Ends the VM's life once: stops the agent, removes its sockets, releases the
-    /// state dir, moves to `Shutdown`, publishes `info`. A later call gets the first
-    /// call's exit.
+    /// The fault of a synchronous call (`state`, `vm_info`): it can only block.
+    fn sync_fault(&self, op: Op) {
+        match lock(&self.faults).get(op) {
+            Some(Fault::Delay(d)) => std::thread::sleep(d),
+            Some(Fault::Wedge | Fault::Block | Fault::Hang) => block_forever(),
+            _ => {}
+        }
+    }
+
+    /// Ends the VM's life once: the lifecycle's hook stops the agent, removes its
+    /// sockets and releases the state dir; then `Shutdown` and `info` are published. A
+    /// later call gets the first call's exit.
     async fn end(&self, info: ExitInfo) -> ExitInfo {
-        let _ending = self.ending.lock().await;
-        if let Some(first) = self.exit.borrow().clone() {
-            return first;
-        }
-        let (agent, lock_held, cached) = {
-            let mut life = lock(&self.life);
-            (life.agent.take(), life.lock.take(), life.cached.take())
-        };
-        drop(cached);
-        drop(agent); // removes the agent's sockets
-        drop(lock_held);
-        if let Ok(from) = self
-            .state
-            .transition_from_any("shutdown", VmState::Shutdown)
-        {
-            let _ = self.events.send(VmEvent::StateChanged {
-                from,
-                to: VmState::Shutdown,
-            });
-        }
-        let _ = self.events.send(VmEvent::Exited(info.clone()));
-        self.exit.send_replace(Some(info.clone()));
-        info
+        self.life.end(info, async {}).await
     }
 
     /// Starts serving the agent in the state dir.
@@ -343,13 +337,13 @@ impl Vm {
             vmkit_agent::Limits::default(),
         )
         .map_err(|e| Error::backend("start", FakeError::Agent(e)))?;
-        lock(&self.life).agent = Some(serving);
+        lock(&self.held).agent = Some(serving);
         Ok(())
     }
 
     /// The agent's socket, if the VM may be talked to (Running or Paused).
     fn agent_socket(&self, op: &'static str) -> vmkit_core::Result<PathBuf> {
-        self.state
+        self.life
             .require(op, &[VmState::Running, VmState::Paused])?;
         Ok(self.ttrpc_socket())
     }
@@ -398,6 +392,13 @@ async fn try_dial(
     Ok(client)
 }
 
+/// Blocks the calling thread for good: [`Fault::Block`], a plugin bug on purpose.
+fn block_forever() -> ! {
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
 /// How a crash ends the fake VM.
 fn crashed() -> ExitInfo {
     ExitInfo {
@@ -430,12 +431,12 @@ impl FakeInstance {
     /// starting VM's never comes, so `start` times out) or answer again (`false`).
     pub fn silence_agent(&self, silent: bool) -> vmkit_core::Result<()> {
         lock(&self.vm.faults).agent_silent = silent;
-        let running = matches!(self.vm.state.get(), VmState::Running | VmState::Paused);
+        let running = matches!(self.vm.life.state(), VmState::Running | VmState::Paused);
         if silent {
-            let mut life = lock(&self.vm.life);
-            life.agent = None;
-            life.cached = None;
-        } else if running && lock(&self.vm.life).agent.is_none() {
+            let mut held = lock(&self.vm.held);
+            held.agent = None;
+            held.cached = None;
+        } else if running && lock(&self.vm.held).agent.is_none() {
             self.vm.serve_agent()?;
         }
         Ok(())
@@ -451,14 +452,15 @@ impl FakeInstance {
 impl Instance for FakeInstance {
     async fn start(&self, opts: StartOptions) -> vmkit_core::Result<()> {
         let vm = &self.vm;
-        vm.transition("start", VmState::New, VmState::Starting)?;
+        // Dropped before it finishes, the attempt ends the VM (nothing left).
+        let attempt = vm.life.begin_start("start")?;
         let timeout = opts.timeout.unwrap_or(vm.config.timeouts.start);
         let result = async {
             vm.fault(Op::Start, timeout).await?;
             let layout = vm.config.layout();
             layout.prepare("start")?;
             let held = layout.lock("start", &format!("vm {:?}", vm.config.id))?;
-            lock(&vm.life).lock = Some(held);
+            lock(&vm.held).lock = Some(held);
             if lock(&vm.faults).agent_silent {
                 tokio::time::sleep(timeout).await;
                 return Err(Error::Timeout {
@@ -467,7 +469,7 @@ impl Instance for FakeInstance {
                 });
             }
             vm.serve_agent()?;
-            let _ = vm.events.send(VmEvent::StartProgress {
+            vm.life.publish(VmEvent::StartProgress {
                 step: "guest agent answered".into(),
                 elapsed_ms: 0,
             });
@@ -483,28 +485,23 @@ impl Instance for FakeInstance {
                 message: Some(e.to_string()),
             })
             .await;
+            attempt.failed();
             return Err(e);
         }
         // A shutdown or crash while starting has ended the VM: the start fails with it.
-        vm.transition("start", VmState::Starting, VmState::Running)
+        attempt.running()
     }
 
     async fn shutdown(&self) -> vmkit_core::Result<ExitInfo> {
         let vm = &self.vm;
-        if let Some(info) = vm.exit.borrow().clone() {
+        if let Some(info) = vm.life.exit() {
             return Ok(info);
         }
-        let first = !std::mem::replace(&mut lock(&vm.life).shutting_down, true);
-        if !first {
-            let mut exit = vm.exit.subscribe();
-            let info = exit
-                .wait_for(Option::is_some)
-                .await
-                .map(|i| i.clone().unwrap_or_else(ExitInfo::never_started))
-                .unwrap_or_else(|_| ExitInfo::never_started());
-            return Ok(info);
-        }
+        let Some(_stop) = vm.life.begin_stop() else {
+            return Ok(vm.life.wait_exit().await);
+        };
         if vm
+            .life
             .transition("shutdown", VmState::New, VmState::Shutdown)
             .is_ok()
         {
@@ -515,7 +512,7 @@ impl Instance for FakeInstance {
         let _ = vm.fault(Op::Shutdown, vm.config.timeouts.command).await;
         // A cooperative guest powers off on the ACPI button; a paused one cannot, so the
         // VMM is quit.
-        let info = match vm.state.get() {
+        let info = match vm.life.state() {
             VmState::Paused => ExitInfo {
                 reason: ExitReason::HostShutdown,
                 stage: Some(ShutdownStage::Quit),
@@ -536,37 +533,37 @@ impl Instance for FakeInstance {
 
     async fn pause(&self) -> vmkit_core::Result<()> {
         let vm = &self.vm;
-        vm.state.require("pause", &[VmState::Running])?;
+        vm.life.require("pause", &[VmState::Running])?;
         vm.fault(Op::Pause, vm.config.timeouts.command).await?;
-        vm.transition("pause", VmState::Running, VmState::Paused)?;
-        let _ = vm.events.send(VmEvent::Stopped);
+        vm.life
+            .transition("pause", VmState::Running, VmState::Paused)?;
+        vm.life.publish(VmEvent::Stopped);
         Ok(())
     }
 
     async fn resume(&self) -> vmkit_core::Result<()> {
         let vm = &self.vm;
-        vm.state.require("resume", &[VmState::Paused])?;
+        vm.life.require("resume", &[VmState::Paused])?;
         vm.fault(Op::Resume, vm.config.timeouts.command).await?;
-        vm.transition("resume", VmState::Paused, VmState::Running)?;
-        let _ = vm.events.send(VmEvent::Resumed);
+        vm.life
+            .transition("resume", VmState::Paused, VmState::Running)?;
+        vm.life.publish(VmEvent::Resumed);
         Ok(())
     }
 
     async fn wait(&self) -> ExitInfo {
-        let mut exit = self.vm.exit.subscribe();
-        exit.wait_for(Option::is_some)
-            .await
-            .map(|i| i.clone().unwrap_or_else(ExitInfo::never_started))
-            .unwrap_or_else(|_| ExitInfo::never_started())
+        self.vm.life.wait_exit().await
     }
 
     fn state(&self) -> VmState {
-        self.vm.state.get()
+        self.vm.sync_fault(Op::State);
+        self.vm.life.state()
     }
 
     fn vm_info(&self) -> VmInfo {
         let vm = &self.vm;
-        let state = vm.state.get();
+        vm.sync_fault(Op::VmInfo);
+        let state = vm.life.state();
         let mut capabilities = CAPABILITIES;
         if self.cpu_hotplugger().is_none() {
             capabilities.remove(Capabilities::CPU_HOTPLUG);
@@ -577,7 +574,7 @@ impl Instance for FakeInstance {
         if lock(&vm.devices).ports == 0 {
             capabilities.remove(Capabilities::DISK_HOTPLUG | Capabilities::NIC_HOTPLUG);
         }
-        let (sockets, guest) = if lock(&vm.life).agent.is_some() {
+        let (sockets, guest) = if lock(&vm.held).agent.is_some() {
             let sockets = vec![
                 ("agent".to_owned(), vm.ttrpc_socket()),
                 ("streams".to_owned(), vm.stream_socket()),
@@ -603,7 +600,7 @@ impl Instance for FakeInstance {
     }
 
     fn events(&self) -> broadcast::Receiver<VmEvent> {
-        self.vm.events.subscribe()
+        self.vm.life.events()
     }
 }
 
@@ -631,7 +628,7 @@ impl DeviceConfigurator for FakeInstance {
 
     async fn unplug(&self, id: &str) -> vmkit_core::Result<()> {
         let vm = &self.vm;
-        vm.state.require("unplug", &[VmState::Running])?;
+        vm.life.require("unplug", &[VmState::Running])?;
         if !lock(&vm.devices).hot.iter().any(|d| d == id) {
             return Err(Error::not_found(
                 format!("unplug {id}"),
@@ -640,7 +637,7 @@ impl DeviceConfigurator for FakeInstance {
         }
         vm.fault(Op::Unplug, vm.config.timeouts.command).await?;
         lock(&vm.devices).hot.retain(|d| d != id);
-        let _ = vm.events.send(VmEvent::DeviceDeleted {
+        vm.life.publish(VmEvent::DeviceDeleted {
             id: Some(id.to_owned()),
             path: format!("/machine/peripheral/{id}"),
         });
@@ -651,7 +648,7 @@ impl DeviceConfigurator for FakeInstance {
 impl FakeInstance {
     fn add_cold(&self, op: &'static str, id: &str) -> vmkit_core::Result<()> {
         let mut devices = lock(&self.vm.devices);
-        self.vm.state.require(op, &[VmState::New])?;
+        self.vm.life.require(op, &[VmState::New])?;
         if devices.cold.iter().any(|d| d == id) {
             return Err(Error::config(
                 "id",
@@ -671,7 +668,7 @@ impl FakeInstance {
                 "no hot-plug ports (backend option hotplug_ports is 0)",
             ));
         }
-        vm.state.require(call, &[VmState::Running])?;
+        vm.life.require(call, &[VmState::Running])?;
         {
             let devices = lock(&vm.devices);
             if devices.cold.iter().chain(&devices.hot).any(|d| *d == id) {
@@ -690,7 +687,7 @@ impl FakeInstance {
             }
         }
         vm.fault(op, vm.config.timeouts.command).await?;
-        vm.state.require(call, &[VmState::Running])?;
+        vm.life.require(call, &[VmState::Running])?;
         lock(&vm.devices).hot.push(id);
         Ok(())
     }
@@ -701,15 +698,15 @@ impl GuestCommunicator for FakeInstance {
     async fn client(&self) -> vmkit_core::Result<GuestClient> {
         let vm = &self.vm;
         vm.agent_socket("client")?;
-        if let Some(client) = lock(&vm.life).cached.clone() {
+        if let Some(client) = lock(&vm.held).cached.clone() {
             return Ok(client);
         }
         let _dialing = vm.dialing.lock().await;
-        if let Some(client) = lock(&vm.life).cached.clone() {
+        if let Some(client) = lock(&vm.held).cached.clone() {
             return Ok(client);
         }
         let client = vm.dial("client", vm.config.timeouts.dial).await?;
-        lock(&vm.life).cached = Some(client.clone());
+        lock(&vm.held).cached = Some(client.clone());
         Ok(client)
     }
 
@@ -732,7 +729,7 @@ impl GuestCommunicator for FakeInstance {
 
     async fn start_stream(&self, port: u32) -> vmkit_core::Result<Box<dyn GuestStream>> {
         let vm = &self.vm;
-        vm.state.require("start_stream", &[VmState::Running])?;
+        vm.life.require("start_stream", &[VmState::Running])?;
         if port != vmkit_proto::STREAM_PORT {
             return Err(Error::io(
                 format!("start_stream {port}"),
@@ -770,9 +767,14 @@ impl Drop for FakeInstance {
     fn drop(&mut self) {
         // Dropping a live fake VM ends it: the agent stops, its sockets and the state
         // dir's lock go (what a real backend does when its instance is dropped).
-        let mut life = lock(&self.vm.life);
-        life.cached = None;
-        life.agent = None;
-        life.lock = None;
+        if self.vm.life.exit().is_none() {
+            self.vm.life.end_now(ExitInfo {
+                reason: ExitReason::HostShutdown,
+                stage: None,
+                exit_code: None,
+                signal: None,
+                message: Some("the instance was dropped".into()),
+            });
+        }
     }
 }

@@ -82,7 +82,7 @@ impl FakeCpus {
 
     async fn add(&self) -> vmkit_core::Result<CpuInfo> {
         let vm = &self.vm;
-        vm.state.require("hotplug_cpu", &[VmState::Running])?;
+        vm.life.require("hotplug_cpu", &[VmState::Running])?;
         {
             let res = lock(&vm.resources);
             if res.vcpus >= res.max_vcpus {
@@ -94,7 +94,7 @@ impl FakeCpus {
             }
         }
         vm.fault(Op::HotplugCpu, vm.config.timeouts.command).await?;
-        vm.state.require("hotplug_cpu", &[VmState::Running])?;
+        vm.life.require("hotplug_cpu", &[VmState::Running])?;
         let mut res = lock(&vm.resources);
         let index = res.vcpus;
         res.vcpus += 1;
@@ -104,7 +104,7 @@ impl FakeCpus {
     async fn remove(&self, index: u32) -> vmkit_core::Result<()> {
         let vm = &self.vm;
         let op = format!("unplug_cpu {index}");
-        vm.state.require("unplug_cpu", &[VmState::Running])?;
+        vm.life.require("unplug_cpu", &[VmState::Running])?;
         {
             let res = lock(&vm.resources);
             if index < res.boot_vcpus || index >= res.vcpus {
@@ -132,7 +132,7 @@ impl FakeCpus {
 impl CpuHotplugger for FakeCpus {
     async fn query_cpus(&self) -> vmkit_core::Result<Vec<CpuInfo>> {
         self.vm
-            .state
+            .life
             .require("query_cpus", &[VmState::Running, VmState::Paused])?;
         let res = lock(&self.vm.resources);
         Ok((0..res.vcpus).map(|i| res.cpu(i)).collect())
@@ -147,7 +147,7 @@ impl CpuHotplugger for FakeCpus {
             "hotplug_cpu_at socket={} core={} thread={}",
             at.socket, at.core, at.thread
         );
-        self.vm.state.require("hotplug_cpu", &[VmState::Running])?;
+        self.vm.life.require("hotplug_cpu", &[VmState::Running])?;
         let (vcpus, max) = {
             let res = lock(&self.vm.resources);
             (res.vcpus, res.max_vcpus)
@@ -182,7 +182,7 @@ impl CpuHotplugger for FakeCpus {
 
     async fn set_vcpus(&self, count: u32) -> vmkit_core::Result<VcpuResize> {
         let vm = &self.vm;
-        vm.state.require("set_vcpus", &[VmState::Running])?;
+        vm.life.require("set_vcpus", &[VmState::Running])?;
         let (before, boot, max) = {
             let res = lock(&vm.resources);
             (res.vcpus, res.boot_vcpus, res.max_vcpus)
@@ -241,7 +241,7 @@ impl FakeMemory {
 impl MemoryHotplugger for FakeMemory {
     async fn query_memory(&self) -> vmkit_core::Result<MemoryInfo> {
         self.vm
-            .state
+            .life
             .require("query_memory", &[VmState::Running, VmState::Paused])?;
         let res = lock(&self.vm.resources);
         Ok(MemoryInfo {
@@ -256,7 +256,7 @@ impl MemoryHotplugger for FakeMemory {
     async fn hotplug_memory(&self, size_mib: u64) -> vmkit_core::Result<String> {
         let vm = &self.vm;
         let op = format!("hotplug_memory {size_mib} MiB");
-        vm.state.require("hotplug_memory", &[VmState::Running])?;
+        vm.life.require("hotplug_memory", &[VmState::Running])?;
         {
             let res = lock(&vm.resources);
             if size_mib == 0 || !size_mib.is_multiple_of(MEMORY_BLOCK_MIB) {
@@ -291,7 +291,7 @@ impl MemoryHotplugger for FakeMemory {
         }
         vm.fault(Op::HotplugMemory, vm.config.timeouts.command)
             .await?;
-        vm.state.require("hotplug_memory", &[VmState::Running])?;
+        vm.life.require("hotplug_memory", &[VmState::Running])?;
         let mut res = lock(&vm.resources);
         let id = format!("fake-mem{}", res.next_dimm);
         res.next_dimm += 1;
@@ -307,7 +307,7 @@ impl MemoryHotplugger for FakeMemory {
 
     async fn unplug_memory(&self, id: &str) -> vmkit_core::Result<()> {
         let vm = &self.vm;
-        vm.state.require("unplug_memory", &[VmState::Running])?;
+        vm.life.require("unplug_memory", &[VmState::Running])?;
         if !lock(&vm.resources).dimms.iter().any(|d| d.id == id) {
             return Err(Error::not_found(
                 format!("unplug_memory {id}"),
