@@ -22,6 +22,10 @@ use common::{TestFn, config};
 
 fn main() -> ExitCode {
     if let Ok(case) = std::env::var(CASE_ENV) {
+        if case == "wedge" {
+            wedge_child();
+            return ExitCode::SUCCESS;
+        }
         // The child only loads and reports. An ABI 1.0 plugin takes no options: asked
         // for some it is refused, and with the defaults it loads.
         if case == "abi-1.0" {
@@ -55,6 +59,11 @@ fn main() -> ExitCode {
         ("libraries_others_may_write_are_refused", unsafe_places),
         ("a_plugin_directory_registers_each_backend", directory),
         ("a_plugins_log_records_reach_the_host", logs),
+        (
+            "a_hung_plugin_times_out_typed_and_leaves_nothing",
+            hung_library,
+        ),
+        ("a_wedged_plugin_runtime_is_named", wedged_runtime),
     ];
     // Before any plugin is loaded: what the plugins log must arrive here.
     tracing::subscriber::set_global_default(Capture).unwrap();
@@ -122,6 +131,60 @@ fn example(rt: &tokio::runtime::Runtime) {
     assert_eq!(target.backend.name(), "null");
     let report = rt.block_on(vmkit_testkit::conformance::run(&target));
     report.assert_passed();
+}
+
+fn hung_library(rt: &tokio::runtime::Runtime) {
+    let backend = loader::load(&library("vmkit_plugin_testing")).unwrap();
+    common::hung_plugin(rt, &backend);
+}
+
+/// A plugin whose one runtime thread an async call blocks (the bug a plugin must not
+/// have): its calls time out, typed, and the error says the runtime is wedged. In a
+/// child process: the blocked thread stays blocked.
+fn wedged_runtime(_rt: &tokio::runtime::Runtime) {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .env(CASE_ENV, "wedge")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "the host died: {out:?}");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    for line in lines {
+        assert!(
+            line.contains("no answer from the plugin")
+                && line.contains("every thread of its runtime is blocked"),
+            "{line}"
+        );
+    }
+}
+
+/// The child of [`wedged_runtime`]: a one-thread plugin runtime, a pause that blocks
+/// it, then a resume; prints each call's error.
+fn wedge_child() {
+    let options = loader::PluginOptions {
+        worker_threads: 1,
+        ..loader::PluginOptions::default()
+    };
+    let backend = loader::load_with(&library("vmkit_plugin_testing"), &options).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), "wedged");
+    config.timeouts.command = std::time::Duration::from_millis(300);
+    config
+        .backend_options
+        .insert("faults".into(), "pause=block".into());
+    let vm = backend.create(config).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(vm.start(StartOptions::new())).unwrap();
+    for result in [rt.block_on(vm.pause()), rt.block_on(vm.resume())] {
+        match result {
+            Err(e) => println!("{e}"),
+            Ok(()) => println!("answered"),
+        }
+    }
 }
 
 fn wrong_descriptors(_rt: &tokio::runtime::Runtime) {

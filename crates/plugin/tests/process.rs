@@ -17,6 +17,9 @@ use vmkit_testkit::fake_backend::FakeBackend;
 use vmkit_testkit::model::{self, ModelTarget};
 
 const BACKEND_ENV: &str = "VMKIT_PLUGIN_TEST_BACKEND";
+/// Set in a child that plays a host: it launches a backend, starts a VM in it, prints
+/// the backend's pid and waits to be killed.
+const HOST_ENV: &str = "VMKIT_PLUGIN_TEST_HOST";
 
 mod common;
 use common::{TestFn, config};
@@ -24,6 +27,9 @@ use common::{TestFn, config};
 fn main() -> ExitCode {
     if std::env::var_os(BACKEND_ENV).is_some() {
         return ExitCode::from(u8::try_from(backend_main()).unwrap_or(1));
+    }
+    if std::env::var_os(HOST_ENV).is_some() {
+        host_main();
     }
     let tests: &[(&str, TestFn)] = &[
         ("the_conformance_suite_passes_out_of_process", conformance),
@@ -36,6 +42,15 @@ fn main() -> ExitCode {
             "a_backend_that_cannot_serve_is_a_launch_error",
             launch_errors,
         ),
+        (
+            "a_hung_backend_process_times_out_typed_and_leaves_nothing",
+            hung_process,
+        ),
+        (
+            "events_are_pushed_and_exited_arrives_with_no_call_pending",
+            exited_pushed,
+        ),
+        ("a_backend_process_dies_with_its_host", dies_with_host),
     ];
     common::run("plugin process tests", tests)
 }
@@ -216,6 +231,139 @@ fn killed_mid_call(rt: &tokio::runtime::Runtime) {
         .unwrap_err()
         .to_string();
     assert!(err.contains("killed by signal 9"), "{err}");
+}
+
+fn hung_process(rt: &tokio::runtime::Runtime) {
+    let served = launch();
+    common::hung_plugin(rt, &served.backend);
+}
+
+/// Waits (at most 3 s) on `events` alone — no call to the backend — for `Exited`.
+fn exited_on(
+    rt: &tokio::runtime::Runtime,
+    events: &mut tokio::sync::broadcast::Receiver<vmkit_core::VmEvent>,
+) -> vmkit_core::ExitInfo {
+    rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(3), async {
+            loop {
+                if let Ok(vmkit_core::VmEvent::Exited(exit)) = events.recv().await {
+                    return exit;
+                }
+            }
+        })
+        .await
+        .expect("Exited pushed with no call pending")
+    })
+}
+
+/// A process-hosted VM killed from outside, then a backend killed from outside: each
+/// time `Exited` reaches `events()` by itself, once.
+fn exited_pushed(rt: &tokio::runtime::Runtime) {
+    let served = launch();
+    let dir = tempfile::tempdir().unwrap();
+    let vm = served
+        .backend
+        .create_plugin(config(dir.path(), "pushed"))
+        .unwrap();
+    let mut events = vm.events();
+    rt.block_on(vm.start(StartOptions::new())).unwrap();
+    // The VM dies in the backend (SIGUSR1 crashes the fake's VMs there).
+    signal(served.channel.pid(), nix::sys::signal::Signal::SIGUSR1);
+    let exit = exited_on(rt, &mut events);
+    assert_eq!(exit.reason, ExitReason::Crashed, "{exit:?}");
+    assert_eq!(vm.state(), VmState::Shutdown);
+
+    // The backend process dies: its running VM ends as crashed, named.
+    let other = served
+        .backend
+        .create_plugin(config(dir.path(), "orphaned"))
+        .unwrap();
+    let mut events = other.events();
+    rt.block_on(other.start(StartOptions::new())).unwrap();
+    signal(served.channel.pid(), nix::sys::signal::Signal::SIGKILL);
+    let exit = exited_on(rt, &mut events);
+    assert_eq!(exit.reason, ExitReason::Crashed, "{exit:?}");
+    assert!(
+        exit.message
+            .as_deref()
+            .is_some_and(|m| m.contains("killed by signal 9")),
+        "{exit:?}"
+    );
+    assert_eq!(other.state(), VmState::Shutdown);
+    let mut more = Vec::new();
+    while let Ok(event) = events.try_recv() {
+        more.push(event);
+    }
+    assert!(
+        !more
+            .iter()
+            .any(|e| matches!(e, vmkit_core::VmEvent::Exited(_))),
+        "Exited once: {more:?}"
+    );
+}
+
+/// The host child: a backend launched, a VM running in it, the backend's pid on
+/// stdout; then it waits to be killed.
+fn host_main() -> ! {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let served = launch();
+    let dir = std::env::var(HOST_ENV).unwrap();
+    let vm = served
+        .backend
+        .create_plugin(config(Path::new(&dir), "hosted"))
+        .unwrap();
+    rt.block_on(vm.start(StartOptions::new())).unwrap();
+    println!("{}", served.channel.pid());
+    loop {
+        std::thread::sleep(Duration::from_secs(60));
+    }
+}
+
+/// The host is SIGKILLed: its backend process (and the VM in it) is gone within 1 s.
+fn dies_with_host(_rt: &tokio::runtime::Runtime) {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let mut host = std::process::Command::new(std::env::current_exe().unwrap())
+        .env(HOST_ENV, dir.path())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(host.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let backend: i32 = line
+        .trim()
+        .parse()
+        .expect("the host printed its backend's pid");
+    let alive = |pid: i32| Path::new(&format!("/proc/{pid}")).exists() && !zombie(pid);
+    assert!(alive(backend));
+    host.kill().unwrap();
+    let killed = Instant::now();
+    host.wait().unwrap();
+    common::eventually(
+        Duration::from_secs(1),
+        "the backend outlived its host",
+        || !alive(backend),
+    );
+    eprintln!("backend gone {:?} after its host", killed.elapsed());
+    // Its VM went with it: the fake's agent socket and lock are free.
+    assert!(common::nothing_left(&config(dir.path(), "hosted")));
+}
+
+/// Whether `pid` is a zombie (dead, not yet reaped by its new parent).
+fn zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            stat.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
 }
 
 fn launch_errors(_rt: &tokio::runtime::Runtime) {
