@@ -8,6 +8,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, LazyLock};
+use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
 use vmkit_core::{Backend, Instance, InstanceConfig, StartOptions, VmState};
@@ -108,6 +109,44 @@ async fn drive(target: &Plugged) {
     assert_eq!(vm.shutdown().await.unwrap(), exit);
 }
 
+/// A start whose caller gives up while the guest boots: the call is cancelled in the
+/// plugin, whose QEMU backend then ends the VM — no QEMU, vsock daemon or socket is
+/// left within 5 s, and the host's state says so.
+async fn dropped_start(target: &Plugged) {
+    for (n, after) in [300u64, 1300].into_iter().enumerate() {
+        let config = target.config(&format!("dropped-{n}"));
+        let vm = target.backend.create(config.clone()).unwrap();
+        let gave_up =
+            tokio::time::timeout(Duration::from_millis(after), vm.start(StartOptions::new())).await;
+        assert!(gave_up.is_err(), "the start finished within {after} ms");
+        let dropped = Instant::now();
+        let layout = config.layout();
+        loop {
+            let running = vmkit_testkit::leaks::processes_mentioning(&config.state_dir);
+            let sockets: Vec<_> = layout
+                .sockets()
+                .into_iter()
+                .map(|(_, path)| path)
+                .filter(|path| path.exists())
+                .collect();
+            if running.is_empty() && sockets.is_empty() && vm.state() == VmState::Shutdown {
+                break;
+            }
+            assert!(
+                dropped.elapsed() < Duration::from_secs(5),
+                "a start dropped at {after} ms left processes {running:?}, sockets {sockets:?}, \
+                 state {}",
+                vm.state()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        eprintln!(
+            "start dropped at {after} ms: nothing left {:?} later",
+            dropped.elapsed()
+        );
+    }
+}
+
 async fn check(backend: PluginBackend, image: GuestImage) {
     let target = Plugged {
         backend,
@@ -118,6 +157,7 @@ async fn check(backend: PluginBackend, image: GuestImage) {
     let report = conformance::run(&target).await;
     report.assert_complete();
     drive(&target).await;
+    dropped_start(&target).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
