@@ -17,7 +17,12 @@
 //! | `devices_before_start_only` | cold devices are accepted in `New` only |
 //! | `capabilities_are_honest` | a reported capability works; a hot-plugger is `Some` exactly when its capability is reported; with `GUEST_AGENT`, `vm_info().guest` is where a client dialled by vmkit-vsock answers `Ping` |
 //! | `wait_after_a_crash` | a VM that dies resolves `wait()` with `Crashed` and ends in `Shutdown` (with [`Target::crash`]) |
-//! | `nothing_left` | after `shutdown` no socket the VM reported exists and its process is gone |
+//! | `cancelled_start` | a `start` whose future is dropped midway (with [`Target::slow_start`]) ends like a failed one: `Shutdown` within 5 s, `Exited` published, nothing left |
+//! | `nothing_left` | after `shutdown` and the instance's drop: no process names the state dir (the VMM, its helpers), none holds a file in it, no Unix socket is bound or left in it, its lock is free, and the reported VMM process is gone — on a host where it cannot look (no `/proc`), the check fails instead of passing |
+//!
+//! Every call a check makes has a deadline from the config's timeouts (a `start`:
+//! `timeouts.start`; a `shutdown`: [`vmkit_core::Timeouts::shutdown_bound`]; two seconds
+//! more each): a backend that hangs fails the check that called it, naming the call.
 //!
 //! ```no_run
 //! use vmkit_core::{Instance, InstanceConfig};
@@ -47,6 +52,7 @@
 use std::fmt::Write as _;
 use std::future::Future;
 use std::pin::Pin;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use vmkit_core::{
@@ -71,6 +77,13 @@ pub trait Target: Send + Sync {
     /// Makes a running `vm` die as a crashed VMM would; `false` when the target cannot
     /// (the crash check is then skipped, and says so).
     async fn crash(&self, vm: &dyn Instance) -> bool;
+
+    /// A config for a test VM named `id` whose `start` takes a second or more, so that a
+    /// check can drop it midway (a real guest's boot; a fake with a start delay).
+    /// `None` (the default): the `cancelled_start` check is skipped, and says so.
+    fn slow_start(&self, _id: &str) -> Option<InstanceConfig> {
+        None
+    }
 
     /// Whether a check's failure text is a known fault of the target's environment,
     /// not of the backend (e.g. a vsock daemon that never serves its guest): such a
@@ -175,10 +188,11 @@ pub const CHECKS: &[&str] = &[
     "devices_before_start_only",
     "capabilities_are_honest",
     "wait_after_a_crash",
+    "cancelled_start",
     "nothing_left",
 ];
 
-fn checks() -> [(&'static str, Check); 9] {
+fn checks() -> [(&'static str, Check); 10] {
     [
         ("life_cycle", |t| Box::pin(life_cycle(t))),
         ("wrong_state_calls", |t| Box::pin(wrong_state_calls(t))),
@@ -196,6 +210,7 @@ fn checks() -> [(&'static str, Check); 9] {
             Box::pin(capabilities_are_honest(t))
         }),
         ("wait_after_a_crash", |t| Box::pin(wait_after_a_crash(t))),
+        ("cancelled_start", |t| Box::pin(cancelled_start(t))),
         ("nothing_left", |t| Box::pin(nothing_left(t))),
     ]
 }
@@ -261,10 +276,45 @@ fn create(target: &dyn Target, id: &str) -> Result<Box<dyn Instance>, String> {
         .map_err(|e| format!("create {id}: {e}"))
 }
 
+/// What the suite adds to a call's own deadline before it calls the call hung.
+const GRACE: Duration = Duration::from_secs(2);
+
+/// `call`'s result, or an error naming `what` when it does not return within `limit`.
+async fn bounded<T>(
+    what: &str,
+    limit: Duration,
+    call: impl Future<Output = T>,
+) -> Result<T, String> {
+    tokio::time::timeout(limit, call).await.map_err(|_| {
+        format!("{what} did not return within {limit:?}: a call must end at its deadline")
+    })
+}
+
+/// How long a `start` and a `shutdown` of the target's VMs may take.
+fn limits(target: &dyn Target) -> (Duration, Duration) {
+    let t = target.config("limits").timeouts;
+    (t.start + GRACE, t.shutdown_bound() + GRACE)
+}
+
+async fn start(target: &dyn Target, vm: &dyn Instance) -> Result<(), String> {
+    let (limit, _) = limits(target);
+    bounded("start", limit, vm.start(StartOptions::new()))
+        .await?
+        .map_err(|e| format!("start: {e}"))
+}
+
+async fn shutdown(target: &dyn Target, vm: &dyn Instance) -> Result<vmkit_core::ExitInfo, String> {
+    let (_, limit) = limits(target);
+    bounded("shutdown", limit, vm.shutdown())
+        .await?
+        .map_err(|e| format!("shutdown: {e}"))
+}
+
 async fn started(target: &dyn Target, id: &str) -> Result<Box<dyn Instance>, String> {
     let vm = create(target, id)?;
-    vm.start(StartOptions::new())
-        .await
+    let (limit, _) = limits(target);
+    bounded(&format!("start {id}"), limit, vm.start(StartOptions::new()))
+        .await?
         .map_err(|e| format!("start {id}: {e}"))?;
     Ok(vm)
 }
@@ -291,9 +341,7 @@ async fn life_cycle(target: &dyn Target) -> Result<String, String> {
     let vm = create(target, "conf-life")?;
     let mut events = vm.events();
     expect_state(vm.as_ref(), VmState::New, "create")?;
-    vm.start(StartOptions::new())
-        .await
-        .map_err(|e| format!("start: {e}"))?;
+    start(target, vm.as_ref()).await?;
     expect_state(vm.as_ref(), VmState::Running, "start")?;
     let pause = vm.vm_info().capabilities.contains(Capabilities::PAUSE);
     if pause {
@@ -302,7 +350,7 @@ async fn life_cycle(target: &dyn Target) -> Result<String, String> {
         vm.resume().await.map_err(|e| format!("resume: {e}"))?;
         expect_state(vm.as_ref(), VmState::Running, "resume")?;
     }
-    let exit = vm.shutdown().await.map_err(|e| format!("shutdown: {e}"))?;
+    let exit = shutdown(target, vm.as_ref()).await?;
     expect_state(vm.as_ref(), VmState::Shutdown, "shutdown")?;
     let (n, s, r, p, d) = (
         VmState::New,
@@ -340,9 +388,7 @@ async fn wrong_state_calls(target: &dyn Target) -> Result<String, String> {
     refused(vm.pause().await, "pause", new)?;
     refused(vm.resume().await, "resume", new)?;
     refused(vm.unplug("nothing").await, "unplug", new)?;
-    vm.start(StartOptions::new())
-        .await
-        .map_err(|e| format!("start: {e}"))?;
+    start(target, vm.as_ref()).await?;
     let running = VmState::Running;
     refused(vm.start(StartOptions::new()).await, "start", running)?;
     refused(vm.resume().await, "resume", running)?;
@@ -362,7 +408,7 @@ async fn wrong_state_calls(target: &dyn Target) -> Result<String, String> {
             VmState::Paused,
         )?;
     }
-    vm.shutdown().await.map_err(|e| format!("shutdown: {e}"))?;
+    shutdown(target, vm.as_ref()).await?;
     let gone = VmState::Shutdown;
     refused(vm.start(StartOptions::new()).await, "start", gone)?;
     refused(vm.pause().await, "pause", gone)?;
@@ -384,22 +430,22 @@ async fn start_twice(target: &dyn Target) -> Result<String, String> {
         after.pid == info.pid && after.state == VmState::Running,
         || format!("the second start changed the VM: {info:?} → {after:?}"),
     )?;
-    vm.shutdown().await.map_err(|e| format!("shutdown: {e}"))?;
+    shutdown(target, vm.as_ref()).await?;
     Ok(String::new())
 }
 
 async fn shutdown_twice_and_at_once(target: &dyn Target) -> Result<String, String> {
     let vm = started(target, "conf-shutdowns").await?;
-    let (a, b) = tokio::join!(vm.shutdown(), vm.shutdown());
-    let (a, b) = (a.map_err(|e| e.to_string())?, b.map_err(|e| e.to_string())?);
+    let (a, b) = tokio::join!(shutdown(target, vm.as_ref()), shutdown(target, vm.as_ref()));
+    let (a, b) = (a?, b?);
     ensure(a == b, || {
         format!("concurrent shutdowns differ: {a:?} vs {b:?}")
     })?;
-    let c = vm.shutdown().await.map_err(|e| e.to_string())?;
+    let c = shutdown(target, vm.as_ref()).await?;
     ensure(c == a, || {
         format!("a later shutdown differs: {c:?} vs {a:?}")
     })?;
-    let w = vm.wait().await;
+    let w = bounded("wait after shutdown", GRACE, vm.wait()).await?;
     ensure(w == a, || {
         format!("wait() differs from shutdown: {w:?} vs {a:?}")
     })?;
@@ -408,7 +454,7 @@ async fn shutdown_twice_and_at_once(target: &dyn Target) -> Result<String, Strin
 
 async fn shutdown_before_start(target: &dyn Target) -> Result<String, String> {
     let vm = create(target, "conf-never")?;
-    let exit = vm.shutdown().await.map_err(|e| e.to_string())?;
+    let exit = shutdown(target, vm.as_ref()).await?;
     ensure(exit.reason == ExitReason::NeverStarted, || {
         format!("shutdown in New: {exit:?}, expected NeverStarted")
     })?;
@@ -436,15 +482,13 @@ async fn devices_before_start_only(target: &dyn Target) -> Result<String, String
             ));
         }
     }
-    vm.start(StartOptions::new())
-        .await
-        .map_err(|e| format!("start: {e}"))?;
+    start(target, vm.as_ref()).await?;
     refused(
         vm.add_disk(DiskConfig::new("late", &disk)),
         "add_disk",
         VmState::Running,
     )?;
-    vm.shutdown().await.map_err(|e| format!("shutdown: {e}"))?;
+    shutdown(target, vm.as_ref()).await?;
     Ok(String::new())
 }
 
@@ -499,7 +543,7 @@ async fn capabilities_are_honest(target: &dyn Target) -> Result<String, String> 
             }
         }
     }
-    vm.shutdown().await.map_err(|e| format!("shutdown: {e}"))?;
+    shutdown(target, vm.as_ref()).await?;
     Ok(String::new())
 }
 
@@ -528,7 +572,7 @@ async fn guest_address_answers(vm: &dyn Instance) -> Result<(), String> {
 async fn wait_after_a_crash(target: &dyn Target) -> Result<String, String> {
     let vm = started(target, "conf-crash").await?;
     if !target.crash(vm.as_ref()).await {
-        vm.shutdown().await.map_err(|e| format!("shutdown: {e}"))?;
+        shutdown(target, vm.as_ref()).await?;
         return Ok("skipped: the target cannot crash a VM".into());
     }
     let exit = tokio::time::timeout(std::time::Duration::from_secs(10), vm.wait())
@@ -538,36 +582,97 @@ async fn wait_after_a_crash(target: &dyn Target) -> Result<String, String> {
         format!("wait() after a crash: {exit:?}")
     })?;
     expect_state(vm.as_ref(), VmState::Shutdown, "a crash")?;
-    let again = vm.shutdown().await.map_err(|e| e.to_string())?;
+    let again = shutdown(target, vm.as_ref()).await?;
     ensure(again == exit, || {
         format!("shutdown after a crash: {again:?}, expected {exit:?}")
     })?;
     Ok(String::new())
 }
 
-async fn nothing_left(target: &dyn Target) -> Result<String, String> {
-    let vm = started(target, "conf-left").await?;
-    let info = vm.vm_info();
-    vm.shutdown().await.map_err(|e| format!("shutdown: {e}"))?;
-    for (role, socket) in &info.sockets {
-        ensure(!socket.exists(), || {
-            format!("the {role} socket {} is left", socket.display())
-        })?;
+async fn cancelled_start(target: &dyn Target) -> Result<String, String> {
+    let Some(config) = target.slow_start("conf-cancel") else {
+        return Ok("skipped: the target gives no slow start to cancel".into());
+    };
+    let vm = target
+        .backend()
+        .create(config.clone())
+        .map_err(|e| format!("create conf-cancel: {e}"))?;
+    let mut events = vm.events();
+    let midway = Duration::from_millis(300);
+    if let Ok(done) = tokio::time::timeout(midway, vm.start(StartOptions::new())).await {
+        let _ = shutdown(target, vm.as_ref()).await;
+        return Err(format!(
+            "the slow start ended within {midway:?} ({done:?}): nothing to cancel"
+        ));
     }
-    if let Some(pid) = info.pid {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-        while std::path::Path::new(&format!("/proc/{pid}")).exists()
-            && std::time::Instant::now() < deadline
-        {
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    // Dropped: the start must end as a failed one.
+    let within = Duration::from_secs(5);
+    let began = std::time::Instant::now();
+    while vm.state() != VmState::Shutdown {
+        if began.elapsed() > within {
+            return Err(format!(
+                "a start dropped after {midway:?} left the VM {} {within:?} later (a dropped \
+                 start must end the VM, as a failed one does)",
+                vm.state()
+            ));
         }
-        ensure(
-            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
-            || format!("the VMM process {pid} outlived shutdown"),
-        )?;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    ensure(vm.vm_info().pid.is_none(), || {
-        "vm_info() still reports a pid".into()
+    let exit = bounded("wait after a cancelled start", GRACE, vm.wait()).await?;
+    let mut exited = None;
+    while let Ok(event) = events.try_recv() {
+        if let VmEvent::Exited(info) = event {
+            exited = Some(info);
+        }
+    }
+    ensure(exited.as_ref() == Some(&exit), || {
+        format!("a cancelled start: Exited event {exited:?}, wait() {exit:?}")
+    })?;
+    drop(vm);
+    let left = leftovers(&config, None).await?;
+    ensure(left.is_empty(), || {
+        format!("a cancelled start left: {}", left.join("; "))
     })?;
     Ok(String::new())
+}
+
+async fn nothing_left(target: &dyn Target) -> Result<String, String> {
+    let config = target.config("conf-left");
+    let vm = target
+        .backend()
+        .create(config.clone())
+        .map_err(|e| format!("create conf-left: {e}"))?;
+    start(target, vm.as_ref()).await?;
+    let info = vm.vm_info();
+    shutdown(target, vm.as_ref()).await?;
+    ensure(vm.vm_info().pid.is_none(), || {
+        "vm_info() still reports a pid after shutdown".into()
+    })?;
+    drop(vm);
+    let left = leftovers(&config, Some(&info)).await?;
+    ensure(left.is_empty(), || left.join("; "))?;
+    Ok(String::new())
+}
+
+/// What a VM of `config` (that reported `info` while it ran) left behind, looked for
+/// for up to two seconds (a killed process takes a moment to go): processes naming its
+/// state dir, files in it held open, Unix sockets bound or left in it, its lock held,
+/// its VMM process. `Err` when this host offers no way to look.
+async fn leftovers(
+    config: &InstanceConfig,
+    info: Option<&vmkit_core::VmInfo>,
+) -> Result<Vec<String>, String> {
+    if !std::path::Path::new("/proc/self/fd").is_dir() {
+        return Err(
+            "cannot look for leaked processes, fds and sockets: this host has no /proc".into(),
+        );
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        let left = crate::leaks::left_by(config, info);
+        if left.is_empty() || std::time::Instant::now() >= deadline {
+            return Ok(left);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -1,7 +1,7 @@
 //! What a test counts to prove nothing was left behind: this process's children
-//! (zombies included), its open fds, and processes whose command line names a path
-//! (a VM's state dir names its QEMU and vsock daemon). Linux `/proc` readers; an
-//! unreadable entry counts as absent.
+//! (zombies included), its open fds, processes whose command line names a path (a VM's
+//! state dir names its QEMU and vsock daemon), and all a VM can leave in its state dir
+//! ([`left_by`]). Linux `/proc` readers; an unreadable entry counts as absent.
 
 use std::path::Path;
 
@@ -25,6 +25,122 @@ pub fn processes_mentioning(needle: impl AsRef<Path>) -> Vec<u32> {
                 .is_ok_and(|cmdline| String::from_utf8_lossy(&cmdline).contains(&needle))
         })
         .collect()
+}
+
+/// What a VM of `config` left behind once it ended, each as a sentence: processes
+/// whose command line names its state dir (the VMM, its helpers; zombies aside), files
+/// under the state dir that a process holds open, Unix sockets bound under it (open in
+/// any process, per `/proc/net/unix`) or socket files left in it, its lock still held,
+/// and, with `info` (what the VM reported while it ran), its VMM process alive.
+pub fn left_by(
+    config: &vmkit_core::InstanceConfig,
+    info: Option<&vmkit_core::VmInfo>,
+) -> Vec<String> {
+    let dir = &config.state_dir;
+    let mut left = Vec::new();
+    for pid in processes_mentioning(dir) {
+        if pid != std::process::id() {
+            left.push(format!(
+                "process {pid} ({}) names the state dir",
+                command_line(pid)
+            ));
+        }
+    }
+    for (pid, file) in open_files_under(dir) {
+        left.push(format!("process {pid} holds {} open", file.display()));
+    }
+    for socket in bound_sockets_under(dir) {
+        left.push(format!("a Unix socket is still bound at {socket}"));
+    }
+    for socket in socket_files_under(dir) {
+        left.push(format!("the socket file {} is left", socket.display()));
+    }
+    if dir.is_dir()
+        && let Err(e) = config
+            .layout()
+            .lock("check the state dir's lock", "vmkit-testkit")
+    {
+        left.push(format!("the state dir's lock is still held: {e}"));
+    }
+    if let Some(pid) = info.and_then(|i| i.pid)
+        && alive(pid)
+    {
+        left.push(format!("the VMM process {pid} is alive"));
+    }
+    left
+}
+
+/// Whether `pid` runs (it exists and is no zombie).
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rfind(')')
+            .and_then(|at| stat.get(at + 2..))
+            .is_some_and(|rest| !rest.starts_with('Z') && !rest.starts_with('X'))
+    })
+}
+
+/// A process's command line, its arguments joined by spaces.
+fn command_line(pid: u32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|raw| {
+            String::from_utf8_lossy(&raw)
+                .replace('\0', " ")
+                .trim()
+                .to_owned()
+        })
+        .unwrap_or_default()
+}
+
+/// Files under `dir` that some process holds open, with the process.
+fn open_files_under(dir: &Path) -> Vec<(u32, std::path::PathBuf)> {
+    let mut open = Vec::new();
+    for pid in pids() {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if let Ok(target) = std::fs::read_link(fd.path())
+                && target.starts_with(dir)
+            {
+                open.push((pid, target));
+            }
+        }
+    }
+    open
+}
+
+/// Unix sockets bound under `dir` that are still open in some process.
+fn bound_sockets_under(dir: &Path) -> Vec<String> {
+    let prefix = dir.display().to_string();
+    std::fs::read_to_string("/proc/net/unix")
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+        // "Num RefCount Protocol Flags Type St Inode Path": the path is the 8th field.
+        .filter_map(|line| line.split_whitespace().nth(7))
+        .filter(|path| path.starts_with(&prefix))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Socket files anywhere under `dir`.
+fn socket_files_under(dir: &Path) -> Vec<std::path::PathBuf> {
+    use std::os::unix::fs::FileTypeExt;
+    let mut found = Vec::new();
+    let mut todo = vec![dir.to_owned()];
+    while let Some(next) = todo.pop() {
+        let Ok(entries) = std::fs::read_dir(&next) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            match entry.file_type() {
+                Ok(t) if t.is_dir() => todo.push(entry.path()),
+                Ok(t) if t.is_socket() => found.push(entry.path()),
+                _ => {}
+            }
+        }
+    }
+    found
 }
 
 /// Every pid in `/proc`.

@@ -44,6 +44,14 @@ impl Target for Fake {
     async fn crash(&self, vm: &dyn Instance) -> bool {
         fake_backend::crash(&vm.vm_info().id).await
     }
+
+    fn slow_start(&self, id: &str) -> Option<InstanceConfig> {
+        let mut config = self.config(id);
+        config
+            .backend_options
+            .insert("faults".into(), "start=delay:1500".into());
+        Some(config)
+    }
 }
 
 #[tokio::test]

@@ -507,8 +507,9 @@ impl Default for Timeouts {
 }
 
 /// What a staged shutdown adds to its graceful stages: the forced stages' own waits
-/// and the kill and reap (see [`Timeouts::shutdown_bound`]).
-const FORCED_STOP: Duration = Duration::from_secs(10);
+/// (vmkit-qemu's: 1 s after `quit`, 1 s after SIGTERM, 5 s after SIGKILL) and a second
+/// to spare (see [`Timeouts::shutdown_bound`]).
+const FORCED_STOP: Duration = Duration::from_secs(8);
 
 impl Timeouts {
     /// The longest a whole `shutdown` may take: two graceful stages of

@@ -18,7 +18,7 @@ use vmkit_plugin::loader;
 const CASE_ENV: &str = "VMKIT_PLUGIN_LOAD_CASE";
 
 mod common;
-use common::{TestFn, config};
+use common::{TestFn, config, slow_config};
 
 fn main() -> ExitCode {
     if let Ok(case) = std::env::var(CASE_ENV) {
@@ -88,6 +88,8 @@ fn library(name: &str) -> PathBuf {
 struct Loaded {
     backend: vmkit_plugin::PluginBackend,
     dir: tempfile::TempDir,
+    /// A fake behind the plugin: its start can be made slow (for `cancelled_start`).
+    fake: bool,
 }
 
 #[async_trait::async_trait]
@@ -108,12 +110,17 @@ impl vmkit_testkit::conformance::Target for Loaded {
         // The fake VMs live in the library's own copy of the testkit: out of reach.
         false
     }
+
+    fn slow_start(&self, id: &str) -> Option<InstanceConfig> {
+        self.fake.then(|| slow_config(self.dir.path(), id))
+    }
 }
 
 fn conformance(rt: &tokio::runtime::Runtime) {
     let target = Loaded {
         backend: loader::load(&library("vmkit_plugin_testing")).unwrap(),
         dir: tempfile::tempdir().unwrap(),
+        fake: true,
     };
     assert_eq!(target.backend.name(), "fake");
     let report = rt.block_on(vmkit_testkit::conformance::run(&target));
@@ -127,6 +134,7 @@ fn example(rt: &tokio::runtime::Runtime) {
     let target = Loaded {
         backend: loader::load(&library("vmkit_plugin_example")).unwrap(),
         dir: tempfile::tempdir().unwrap(),
+        fake: false,
     };
     assert_eq!(target.backend.name(), "null");
     let report = rt.block_on(vmkit_testkit::conformance::run(&target));

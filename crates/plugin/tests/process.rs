@@ -133,6 +133,10 @@ impl vmkit_testkit::conformance::Target for OutOfProcess {
         signal(self.served.channel.pid(), nix::sys::signal::Signal::SIGUSR1);
         true
     }
+
+    fn slow_start(&self, id: &str) -> Option<InstanceConfig> {
+        Some(common::slow_config(self.dir.path(), id))
+    }
 }
 
 fn conformance(rt: &tokio::runtime::Runtime) {

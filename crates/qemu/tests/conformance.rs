@@ -37,6 +37,11 @@ impl Target for RealGuest {
         vmkit_testkit::conformance::kill_vmm(vm)
     }
 
+    /// A real guest's boot takes about 2 s here.
+    fn slow_start(&self, id: &str) -> Option<InstanceConfig> {
+        Some(self.config(id))
+    }
+
     /// vhost-device-vsock 0.3's daemon that never serves its guest, about one VM in
     /// a hundred (docs/guest-communication.md): the real-VM tests start such a VM once
     /// more, and so does the suite.

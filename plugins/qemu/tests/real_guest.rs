@@ -66,6 +66,11 @@ impl Target for Plugged {
         vmkit_testkit::conformance::kill_vmm(vm)
     }
 
+    /// A real guest's boot takes about 2 s here.
+    fn slow_start(&self, id: &str) -> Option<InstanceConfig> {
+        Some(self.config(id))
+    }
+
     fn environment_fault(&self, failure: &str) -> bool {
         vmkit_testkit::guest::vsock_daemon_fault(failure)
     }

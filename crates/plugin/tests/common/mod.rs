@@ -21,6 +21,16 @@ pub(crate) fn config(dir: &Path, id: &str) -> vmkit_core::InstanceConfig {
     config
 }
 
+/// [`config`] with a start that takes 1.5 s (the fake's start delay), for the
+/// conformance suite's `cancelled_start`.
+pub(crate) fn slow_config(dir: &Path, id: &str) -> vmkit_core::InstanceConfig {
+    let mut config = config(dir, id);
+    config
+        .backend_options
+        .insert("faults".into(), "start=delay:1500".into());
+    config
+}
+
 /// A test: it gets the runtime every test of the binary shares.
 pub(crate) type TestFn = fn(&tokio::runtime::Runtime);
 
