@@ -172,7 +172,7 @@ impl Dispatcher {
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| self.answer_now_inner(req)));
         match result {
             Ok(reply) => reply,
-            Err(payload) => Some(panicked("plugin call", payload.as_ref())),
+            Err(payload) => Some(panicked(req.name(), payload.as_ref())),
         }
     }
 
@@ -247,12 +247,13 @@ impl Dispatcher {
             }
         };
         let id = req.instance().unwrap_or_default();
+        let op = req.name();
         // Run here, not on a task of its own: dropping this future (the host cancelled
         // the call) must drop the backend's own future, so its work stops. A panic is
         // caught around each poll.
         let reply = CatchUnwind(Box::pin(run(vm, req))).await;
         self.settle(id).await;
-        reply.unwrap_or_else(|payload| panicked("plugin call", payload.as_ref()))
+        reply.unwrap_or_else(|payload| panicked(op, payload.as_ref()))
     }
 }
 

@@ -714,3 +714,120 @@ impl Drop for ProcessChannel {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The examples of `docs/plugin-protocol.md`, by direction.
+    fn examples(direction: &str) -> Vec<String> {
+        let page = include_str!("../../../docs/plugin-protocol.md");
+        let fence = format!("```json {direction}\n");
+        page.split(fence.as_str())
+            .skip(1)
+            .filter_map(|block| block.split("```").next())
+            .map(|block| block.trim().to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn the_protocol_page_is_the_protocol() {
+        let to_backend = examples("to-backend");
+        let to_host = examples("to-host");
+        assert!(to_backend.len() >= 5 && to_host.len() >= 5);
+        for line in &to_backend {
+            assert!(!line.contains('\n'), "one message a line: {line}");
+            if let Err(e) = serde_json::from_str::<ToBackend>(line) {
+                panic!("the page's host message does not parse: {e}\n{line}");
+            }
+        }
+        for line in &to_host {
+            assert!(!line.contains('\n'), "one message a line: {line}");
+            if let Err(e) = serde_json::from_str::<ToHost>(line) {
+                panic!("the page's backend message does not parse: {e}\n{line}");
+            }
+        }
+        // Every operation of the schema is on the page, and a message this side writes
+        // reads back as itself.
+        let page = include_str!("../../../docs/plugin-protocol.md");
+        let ops = [
+            Request::Describe,
+            Request::Create {
+                config: Box::new(vmkit_core::InstanceConfig::new("vm", "/run/vm", "/k")),
+            },
+            Request::Destroy { instance: 1 },
+            Request::Start {
+                instance: 1,
+                timeout_ms: None,
+            },
+            Request::Shutdown { instance: 1 },
+            Request::Pause { instance: 1 },
+            Request::Resume { instance: 1 },
+            Request::Wait { instance: 1 },
+            Request::State { instance: 1 },
+            Request::VmInfo { instance: 1 },
+            Request::Hotpluggers { instance: 1 },
+            Request::AddDisk {
+                instance: 1,
+                disk: vmkit_core::DiskConfig::new("d", "/d.img"),
+            },
+            Request::AddNic {
+                instance: 1,
+                nic: vmkit_core::NicConfig::tap("n", "tap0", None),
+            },
+            Request::HotplugDisk {
+                instance: 1,
+                disk: vmkit_core::DiskConfig::new("d", "/d.img"),
+            },
+            Request::HotplugNic {
+                instance: 1,
+                nic: vmkit_core::NicConfig::tap("n", "tap0", None),
+            },
+            Request::Unplug {
+                instance: 1,
+                id: "d".into(),
+            },
+            Request::QueryCpus { instance: 1 },
+            Request::HotplugCpu { instance: 1 },
+            Request::HotplugCpuAt {
+                instance: 1,
+                at: vmkit_core::CpuTopology {
+                    socket: 0,
+                    core: 1,
+                    thread: 0,
+                },
+            },
+            Request::UnplugCpu {
+                instance: 1,
+                index: 1,
+            },
+            Request::SetVcpus {
+                instance: 1,
+                count: 2,
+            },
+            Request::QueryMemory { instance: 1 },
+            Request::HotplugMemory {
+                instance: 1,
+                size_mib: 128,
+            },
+            Request::UnplugMemory {
+                instance: 1,
+                id: "m".into(),
+            },
+        ];
+        for request in ops {
+            let name = request.name();
+            assert!(
+                page.contains(&format!("`{name}`")),
+                "docs/plugin-protocol.md does not name the operation {name}"
+            );
+            let line = line_of(&ToBackend::Call { id: 3, request });
+            let json = std::str::from_utf8(&line).unwrap();
+            assert!(
+                json.contains(&format!("\"op\":\"{name}\"")),
+                "{name} is tagged by its name: {json}"
+            );
+            assert!(serde_json::from_slice::<ToBackend>(&line).is_ok(), "{json}");
+        }
+    }
+}

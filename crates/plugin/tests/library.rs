@@ -253,7 +253,23 @@ fn panic_in_create(rt: &tokio::runtime::Runtime) {
         .expect("a create that panics fails")
         .to_string();
     assert!(
-        err.contains("the backend panicked: the testing plugin panics for \"panic-1\" as told"),
+        err.starts_with(
+            "create: the backend panicked: the testing plugin panics for \"panic-1\" as told"
+        ),
+        "{err}"
+    );
+    // A panic inside an async call (its future polled on the plugin's runtime) too.
+    let mut panicky = config(dir.path(), "boom-in-start");
+    panicky
+        .backend_options
+        .insert("faults".into(), "start=panic".into());
+    let vm = backend.create(panicky).unwrap();
+    let err = rt
+        .block_on(vm.start(StartOptions::new()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("start: the backend panicked: the fake was told to panic in start"),
         "{err}"
     );
     // The plugin and this process go on.

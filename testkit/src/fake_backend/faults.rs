@@ -93,11 +93,13 @@ pub enum Fault {
     /// Blocks its thread for good inside an async call — the bug a plugin must never
     /// have, for testing that a wedged plugin runtime is detected.
     Block,
+    /// Panics inside the call (a backend bug), for testing that a boundary catches it.
+    Panic,
 }
 
 impl Fault {
     /// A fault by name: `delay:<ms>`, `error:<message>`, `hang`, `crash`, `wedge`,
-    /// `block`.
+    /// `block`, `panic`.
     ///
     /// # Errors
     /// `Error::InvalidConfig` (field `backend_options.faults`) naming what is wrong.
@@ -113,9 +115,10 @@ impl Fault {
             None if text == "crash" => Fault::Crash,
             None if text == "wedge" => Fault::Wedge,
             None if text == "block" => Fault::Block,
+            None if text == "panic" => Fault::Panic,
             _ => {
                 return Err(bad(format!(
-                    "{text:?}: a fault is delay:<ms>, error:<message>, hang, crash, wedge or block"
+                    "{text:?}: a fault is delay:<ms>, error:<message>, hang, crash, wedge, block or panic"
                 )));
             }
         })

@@ -311,6 +311,8 @@ impl Vm {
             }
             Some(Fault::Wedge) => std::future::pending().await,
             Some(Fault::Block) => block_forever(),
+            #[allow(clippy::panic)] // the fault asked for
+            Some(Fault::Panic) => panic!("the fake was told to panic in {}", op.name()),
         }
     }
 
@@ -319,6 +321,8 @@ impl Vm {
         match lock(&self.faults).get(op) {
             Some(Fault::Delay(d)) => std::thread::sleep(d),
             Some(Fault::Wedge | Fault::Block | Fault::Hang) => block_forever(),
+            #[allow(clippy::panic)] // the fault asked for
+            Some(Fault::Panic) => panic!("the fake was told to panic in {}", op.name()),
             _ => {}
         }
     }
