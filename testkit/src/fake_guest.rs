@@ -34,12 +34,17 @@ pub struct FakeGuest {
 
 impl FakeGuest {
     /// The root the fake QEMU and the fake vsock daemon share for the VM whose vhost-user
-    /// vsock socket is `vhost_user_socket`: `fake-guest` beside it (in the state dir).
+    /// vsock socket is `vhost_user_socket`: `<state dir>.fake-guest`, beside the state
+    /// dir, not in it — what a guest keeps is not the host's, and a check that nothing
+    /// is left in the state dir must not find the guest's own sockets there.
     pub fn root_for(vhost_user_socket: &Path) -> PathBuf {
-        vhost_user_socket
-            .parent()
-            .unwrap_or(Path::new("."))
-            .join("fake-guest")
+        let state = vhost_user_socket.parent().unwrap_or(Path::new("."));
+        let mut name = state
+            .file_name()
+            .map(std::ffi::OsStr::to_os_string)
+            .unwrap_or_else(|| "vm".into());
+        name.push(".fake-guest");
+        state.parent().unwrap_or(Path::new(".")).join(name)
     }
 
     /// An empty guest at `root` (a stale one there is removed first).
@@ -205,7 +210,7 @@ mod tests {
         assert!(!guest.root().join("sys/block/vda").exists());
         assert_eq!(
             FakeGuest::root_for(Path::new("/run/vm/vhost-user-vsock.sock")),
-            Path::new("/run/vm/fake-guest")
+            Path::new("/run/vm.fake-guest")
         );
     }
 }

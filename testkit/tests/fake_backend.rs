@@ -55,6 +55,27 @@ fn assert_released(f: &Vm) {
     }
 }
 
+/// A boxed or shared instance is itself an `Instance` (vmkit-core forwards every
+/// method), so it goes where one is expected.
+#[tokio::test]
+async fn boxed_and_shared_instances_are_instances() {
+    fn generic_state(vm: &impl vmkit_core::Instance) -> VmState {
+        vm.state()
+    }
+    let Vm { dir: _dir, vm } = fake(|_| {});
+    let shared: std::sync::Arc<dyn vmkit_core::Instance> = std::sync::Arc::new(vm);
+    let boxed: Box<dyn vmkit_core::Instance> = Box::new(std::sync::Arc::clone(&shared));
+    boxed.start(StartOptions::new()).await.unwrap();
+    assert_eq!(generic_state(&shared), VmState::Running);
+    assert_eq!(generic_state(&boxed), VmState::Running);
+    assert!(
+        boxed.cpu_hotplugger().is_some(),
+        "the pointee's hot-plugger"
+    );
+    let exit = boxed.shutdown().await.unwrap();
+    assert_eq!(shared.wait().await, exit);
+}
+
 #[test]
 fn it_registers_as_fake() {
     let registry = Registry::from_inventory().unwrap();

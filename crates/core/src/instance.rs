@@ -51,6 +51,19 @@ impl StartOptions {
 /// State machine: `New → Starting → Running ⇄ Paused`, and any state `→ Shutdown`
 /// (see [`VmState::can_transition_to`]). A method called in a state it does not allow
 /// returns [`crate::Error::InvalidState`].
+///
+/// **Deadlines.** Every method ends by its deadline, from the config's
+/// [`crate::Timeouts`] (named on each method), with [`crate::Error::Timeout`] naming the
+/// operation — through every transport, a plugin library or a backend process
+/// included. Only [`Instance::wait`] waits as long as the VM runs.
+///
+/// **Cancellation.** Dropping the future of any method cancels its work: the backend's
+/// own work stops, not only the caller's wait (through a plugin too). A `start`
+/// cancelled midway ends like a failed one: the VM in `Shutdown`, everything it took
+/// released, `Exited` published, `wait()` saying `StartFailed` and "cancelled".
+/// Dropping an instance ends its VM and releases everything it holds. Backends get
+/// both from [`crate::Lifecycle`] ([`crate::Lifecycle::begin_start`],
+/// [`crate::Lifecycle::on_end`]); the conformance suite (vmkit-testkit) checks them.
 #[async_trait]
 pub trait Instance: DeviceConfigurator + GuestCommunicator + ResourceManager + Send + Sync {
     /// Boots the VM: `New → Starting → Running`. Returns once the guest's ready signal

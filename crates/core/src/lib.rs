@@ -37,6 +37,7 @@ pub mod backend;
 pub mod config;
 pub mod devices;
 pub mod error;
+mod forward;
 pub mod guest_addr;
 pub mod info;
 pub mod instance;

@@ -622,7 +622,7 @@ mod tests {
             &format!("socket,id=vmkit-vsock,path={}", vhost.display()),
         ]));
         let root = m.guest_root().unwrap();
-        assert_eq!(root, dir.join("fake-guest"));
+        assert_eq!(root, FakeGuest::root_for(&vhost));
         m.boot(FakeGuest::create(&root).unwrap()).unwrap();
         m
     }
@@ -638,7 +638,7 @@ mod tests {
     }
 
     fn guest_file(dir: &std::path::Path, rel: &str) -> String {
-        std::fs::read_to_string(dir.join("fake-guest").join(rel))
+        std::fs::read_to_string(FakeGuest::root_for(&dir.join("vhost-user-vsock.sock")).join(rel))
             .unwrap_or_default()
             .trim()
             .to_owned()
@@ -751,7 +751,11 @@ mod tests {
                 .contains("does not support hotplugging")
         );
         ok(&mut m, "device_del", json!({"id": "d1"}));
-        assert!(!dir.path().join("fake-guest/sys/block/vdb").exists());
+        assert!(
+            !FakeGuest::root_for(&dir.path().join("vhost-user-vsock.sock"))
+                .join("sys/block/vdb")
+                .exists()
+        );
         ok(&mut m, "blockdev-del", json!({"node-name": "h0"}));
     }
 }
