@@ -102,7 +102,6 @@ pub async fn serve(backend: Arc<dyn Backend>, socket: &Path) -> std::io::Result<
     let accepted = listener.accept().await;
     let _ = std::fs::remove_file(socket);
     let (conn, _) = accepted?;
-    let dispatcher = Arc::new(Dispatcher::new(backend));
     let (read, mut write) = conn.into_split();
     let (out_tx, mut out_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
     let writer = tokio::spawn(async move {
@@ -113,66 +112,98 @@ pub async fn serve(backend: Arc<dyn Backend>, socket: &Path) -> std::io::Result<
         }
     });
     let mut lines = tokio::io::BufReader::new(read);
-    let mut forwarders = Vec::new();
-    // The calls in flight, so that the host can cancel one.
-    let running: Arc<Mutex<HashMap<u64, tokio::task::AbortHandle>>> = Arc::default();
-    loop {
-        let line = match read_line_async(&mut lines, MAX_MESSAGE).await {
-            Ok(Some(line)) => line,
-            Ok(None) => break,
-            Err(LineError::TooLong(seen)) => {
-                tracing::error!(
-                    seen,
-                    "vmkit-plugin: the host sent a line over {MAX_MESSAGE} bytes; hanging up"
-                );
-                break;
-            }
-            Err(LineError::Io(e)) => {
-                tracing::debug!(error = %e, "vmkit-plugin: the host connection ended");
-                break;
-            }
-        };
+    let mut session = Session {
+        dispatcher: Arc::new(Dispatcher::new(backend)),
+        out: out_tx,
+        running: Arc::default(),
+        forwarders: Vec::new(),
+    };
+    while let Some(line) = next_line(&mut lines).await {
         match serde_json::from_slice::<ToBackend>(&line) {
-            Ok(ToBackend::Call { id, request }) => {
-                let (dispatcher, out) = (Arc::clone(&dispatcher), out_tx.clone());
-                let calls = Arc::clone(&running);
-                let task = tokio::spawn(async move {
-                    let reply = dispatcher.answer(request).await;
-                    let _ = out.send(line_of(&ToHost::Reply { id, reply }));
-                    locked(&calls).remove(&id);
-                });
-                locked(&running).insert(id, task.abort_handle());
-            }
-            Ok(ToBackend::Cancel { id }) => {
-                if let Some(task) = locked(&running).remove(&id) {
-                    task.abort();
-                }
-            }
-            Ok(ToBackend::Subscribe { instance }) => {
-                let out = out_tx.clone();
-                let sink = move |event| {
-                    let _ = out.send(line_of(&ToHost::Event(EventMessage { instance, event })));
-                };
-                if let Some(forward) = dispatcher.subscribe(instance, sink) {
-                    forwarders.push(tokio::spawn(forward));
-                }
-            }
+            Ok(message) => session.handle(message),
             Err(e) => {
                 tracing::warn!(error = %e, "vmkit-plugin: an unreadable message from the host")
             }
         }
     }
-    // The host is gone: nothing more to answer; the calls in flight are dropped (their
-    // backend futures with them) and the instances go with the dispatcher.
-    for (_, call) in locked(&running).drain() {
-        call.abort();
-    }
-    for forwarder in forwarders {
-        forwarder.abort();
-    }
+    session.end();
     writer.abort();
-    drop(dispatcher);
     Ok(())
+}
+
+/// The host's next line; `None` once it hung up (or sent a line over the limit, which
+/// ends the connection).
+async fn next_line(
+    lines: &mut tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>,
+) -> Option<Vec<u8>> {
+    match read_line_async(lines, MAX_MESSAGE).await {
+        Ok(line) => line,
+        Err(LineError::TooLong(seen)) => {
+            tracing::error!(
+                seen,
+                "vmkit-plugin: the host sent a line over {MAX_MESSAGE} bytes; hanging up"
+            );
+            None
+        }
+        Err(LineError::Io(e)) => {
+            tracing::debug!(error = %e, "vmkit-plugin: the host connection ended");
+            None
+        }
+    }
+}
+
+/// One host connection's state on the backend side.
+struct Session {
+    dispatcher: Arc<Dispatcher>,
+    /// Lines for the writer task.
+    out: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
+    /// The calls in flight, so that the host can cancel one.
+    running: Arc<Mutex<HashMap<u64, tokio::task::AbortHandle>>>,
+    /// The event forwarders, one per subscribed instance.
+    forwarders: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Session {
+    fn handle(&mut self, message: ToBackend) {
+        match message {
+            ToBackend::Call { id, request } => {
+                let (dispatcher, out) = (Arc::clone(&self.dispatcher), self.out.clone());
+                let calls = Arc::clone(&self.running);
+                let task = tokio::spawn(async move {
+                    let reply = dispatcher.answer(request).await;
+                    let _ = out.send(line_of(&ToHost::Reply { id, reply }));
+                    locked(&calls).remove(&id);
+                });
+                locked(&self.running).insert(id, task.abort_handle());
+            }
+            ToBackend::Cancel { id } => {
+                if let Some(task) = locked(&self.running).remove(&id) {
+                    task.abort();
+                }
+            }
+            ToBackend::Subscribe { instance } => {
+                let out = self.out.clone();
+                let sink = move |event| {
+                    let _ = out.send(line_of(&ToHost::Event(EventMessage { instance, event })));
+                };
+                if let Some(forward) = self.dispatcher.subscribe(instance, sink) {
+                    self.forwarders.push(tokio::spawn(forward));
+                }
+            }
+        }
+    }
+
+    /// The host is gone: nothing more to answer; the calls in flight are dropped (their
+    /// backend futures with them) and the instances go with the dispatcher.
+    fn end(self) {
+        for (_, call) in locked(&self.running).drain() {
+            call.abort();
+        }
+        for forwarder in self.forwarders {
+            forwarder.abort();
+        }
+        drop(self.dispatcher);
+    }
 }
 
 /// A backend executable's whole `main`: reads `<name> serve --socket PATH`, checks the

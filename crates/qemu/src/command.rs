@@ -354,8 +354,6 @@ const SERIAL_ID: &str = "vmkit-serial";
 const SERIAL_CHARDEV: &str = "vmkit-agent";
 /// The name the guest sees the agent's port by (`/sys/class/virtio-ports/*/name`).
 pub(crate) const SERIAL_PORT_NAME: &str = "vmkit.agent";
-/// The agent port's QEMU device id (what `VSERPORT_CHANGE` names).
-pub(crate) const SERIAL_PORT_ID: &str = "vmkit-agent-port";
 
 /// A virtio-serial controller (on the root complex: never unplugged) with one port,
 /// the agent's, on a Unix-socket chardev QEMU listens on (vmkit connects).
@@ -366,7 +364,7 @@ fn serial_args(chardev: &std::path::Path, pci: bool) -> Vec<OsString> {
         json!({"driver": "virtio-serial-device", "id": SERIAL_ID})
     };
     let port = json!({"driver": "virtserialport", "bus": format!("{SERIAL_ID}.0"),
-                      "chardev": SERIAL_CHARDEV, "name": SERIAL_PORT_NAME, "id": SERIAL_PORT_ID});
+                      "chardev": SERIAL_CHARDEV, "name": SERIAL_PORT_NAME, "id": crate::guest::SERIAL_PORT_ID});
     vec![
         "-chardev".into(),
         format!(

@@ -133,6 +133,9 @@ impl Reserved {
     }
 }
 
+/// The agent's virtio-serial port's QEMU device id (what `VSERPORT_CHANGE` names).
+pub(crate) const SERIAL_PORT_ID: &str = "vmkit-agent-port";
+
 /// What exists for guest communication while the VM lives. Dropping it kills the
 /// daemon (without waiting); [`Link::release`] also waits for it and removes sockets.
 pub(crate) struct Link {
@@ -193,7 +196,7 @@ impl Link {
     /// the bridge ends the agent's channels (see [`SerialBridge::guest_closed`]).
     pub(crate) fn guest_port_closed(&self, id: &str) {
         if let Some(bridge) = &self.bridge
-            && id == crate::command::SERIAL_PORT_ID
+            && id == SERIAL_PORT_ID
         {
             bridge.guest_closed();
         }

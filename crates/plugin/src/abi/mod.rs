@@ -202,7 +202,7 @@ pub struct DescriptorV1 {
     /// Sends instance `instance`'s events to `on_event(ctx, …)` until they end.
     pub subscribe: unsafe extern "C" fn(instance: u64, ctx: *mut c_void, on_event: EventFn),
     /// ABI 1.1: takes the host's options for the plugin (JSON of
-    /// [`PluginOptions`](crate::loader::PluginOptions)) before `init`; 0 on success.
+    /// [`PluginOptions`](crate::wire::PluginOptions)) before `init`; 0 on success.
     pub configure: unsafe extern "C" fn(options: RawStr) -> u32,
 }
 
