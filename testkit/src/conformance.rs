@@ -17,6 +17,12 @@
 //! | `devices_before_start_only` | cold devices are accepted in `New` only |
 //! | `capabilities_are_honest` | a reported capability works; a hot-plugger is `Some` exactly when its capability is reported; with `GUEST_AGENT`, `vm_info().guest` is where a client dialled by vmkit-vsock answers `Ping` |
 //! | `wait_after_a_crash` | a VM that dies resolves `wait()` with `Crashed` and ends in `Shutdown` (with [`Target::crash`]) |
+//! | `start_timeout` | a slow start given a short deadline (`StartOptions::with_timeout`) fails with `Timeout` by it, ends in `Shutdown` and leaves nothing (with [`Target::slow_start`]) |
+//! | `concurrent_calls` | two `start`s at once: exactly one succeeds, the other is `InvalidState`; then many reads and agent calls at once all answer |
+//! | `device_hotplug` | with `DISK_HOTPLUG`: a hot-plugged disk is accepted, a duplicate id is `BadArgument`, its unplug succeeds (with `DeviceDeleted` published), a second unplug is `NotFound`; without it, `hotplug_disk` is `Unsupported` |
+//! | `resource_hotplug` | with `CPU_HOTPLUG`: `set_vcpus(n + 1)` reaches it and `query_cpus` shows it; with `MEMORY_HOTPLUG`: `hotplug_memory` adds to `query_memory`'s plugged memory |
+//! | `guest_calls_and_streams` | with `GUEST_AGENT`: calls at once on one client answer; with `GUEST_STREAMS`: a stream to the agent's stream port echoes 256 KiB byte-exact |
+//! | `two_runs_in_a_row` | a second VM on the same config (its state dir) starts and stops after the first |
 //! | `cancelled_start` | a `start` whose future is dropped midway (with [`Target::slow_start`]) ends like a failed one: `Shutdown` within 5 s, `Exited` published, nothing left |
 //! | `nothing_left` | after `shutdown` and the instance's drop: no process names the state dir (the VMM, its helpers), none holds a file in it, no Unix socket is bound or left in it, its lock is free, and the reported VMM process is gone — on a host where it cannot look (no `/proc`), the check fails instead of passing |
 //!
@@ -188,11 +194,17 @@ pub const CHECKS: &[&str] = &[
     "devices_before_start_only",
     "capabilities_are_honest",
     "wait_after_a_crash",
+    "start_timeout",
+    "concurrent_calls",
+    "device_hotplug",
+    "resource_hotplug",
+    "guest_calls_and_streams",
+    "two_runs_in_a_row",
     "cancelled_start",
     "nothing_left",
 ];
 
-fn checks() -> [(&'static str, Check); 10] {
+fn checks() -> [(&'static str, Check); 16] {
     [
         ("life_cycle", |t| Box::pin(life_cycle(t))),
         ("wrong_state_calls", |t| Box::pin(wrong_state_calls(t))),
@@ -210,6 +222,14 @@ fn checks() -> [(&'static str, Check); 10] {
             Box::pin(capabilities_are_honest(t))
         }),
         ("wait_after_a_crash", |t| Box::pin(wait_after_a_crash(t))),
+        ("start_timeout", |t| Box::pin(start_timeout(t))),
+        ("concurrent_calls", |t| Box::pin(concurrent_calls(t))),
+        ("device_hotplug", |t| Box::pin(device_hotplug(t))),
+        ("resource_hotplug", |t| Box::pin(resource_hotplug(t))),
+        ("guest_calls_and_streams", |t| {
+            Box::pin(guest_calls_and_streams(t))
+        }),
+        ("two_runs_in_a_row", |t| Box::pin(two_runs_in_a_row(t))),
         ("cancelled_start", |t| Box::pin(cancelled_start(t))),
         ("nothing_left", |t| Box::pin(nothing_left(t))),
     ]
@@ -586,6 +606,290 @@ async fn wait_after_a_crash(target: &dyn Target) -> Result<String, String> {
     ensure(again == exit, || {
         format!("shutdown after a crash: {again:?}, expected {exit:?}")
     })?;
+    Ok(String::new())
+}
+
+async fn start_timeout(target: &dyn Target) -> Result<String, String> {
+    let Some(config) = target.slow_start("conf-deadline") else {
+        return Ok("skipped: the target gives no slow start".into());
+    };
+    let vm = target
+        .backend()
+        .create(config.clone())
+        .map_err(|e| format!("create conf-deadline: {e}"))?;
+    let deadline = Duration::from_millis(200);
+    let began = std::time::Instant::now();
+    let result = bounded(
+        "a start with a 200ms deadline",
+        deadline + GRACE,
+        vm.start(StartOptions::with_timeout(deadline)),
+    )
+    .await?;
+    let took = began.elapsed();
+    match result {
+        Err(Error::Timeout { .. }) => {}
+        Err(other) => {
+            return Err(format!(
+                "a start past its deadline: {other}, expected Timeout"
+            ));
+        }
+        Ok(()) => {
+            let _ = shutdown(target, vm.as_ref()).await;
+            return Err(format!(
+                "a start with a {deadline:?} deadline returned Ok after {took:?}: it must end \
+                 by its deadline"
+            ));
+        }
+    }
+    expect_state(vm.as_ref(), VmState::Shutdown, "a start that timed out")?;
+    drop(vm);
+    let left = leftovers(&config, None).await?;
+    ensure(left.is_empty(), || {
+        format!("a start that timed out left: {}", left.join("; "))
+    })?;
+    Ok(String::new())
+}
+
+async fn concurrent_calls(target: &dyn Target) -> Result<String, String> {
+    let vm = create(target, "conf-concurrent")?;
+    let (limit, _) = limits(target);
+    let (a, b) = tokio::join!(
+        bounded("start", limit, vm.start(StartOptions::new())),
+        bounded("start", limit, vm.start(StartOptions::new())),
+    );
+    let (a, b) = (a?, b?);
+    let wrong = |r: &vmkit_core::Result<()>| matches!(r, Err(Error::InvalidState { .. }));
+    ensure((a.is_ok() && wrong(&b)) || (b.is_ok() && wrong(&a)), || {
+        format!("two starts at once: {a:?} and {b:?}; exactly one must start the VM")
+    })?;
+    let reads = (0..8).map(|_| async { vm.vm_info().state });
+    let states = futures_join_all(reads).await;
+    ensure(states.iter().all(|s| *s == VmState::Running), || {
+        format!("vm_info() at once: {states:?}")
+    })?;
+    if vm
+        .vm_info()
+        .capabilities
+        .contains(Capabilities::GUEST_AGENT)
+    {
+        let pings = (0..4).map(|_| async {
+            let client = vm.client().await.map_err(|e| format!("client(): {e}"))?;
+            ping(client).await
+        });
+        for result in futures_join_all(pings).await {
+            result?;
+        }
+    }
+    shutdown(target, vm.as_ref()).await?;
+    Ok(String::new())
+}
+
+/// Runs every future at once and returns their outputs in order.
+async fn futures_join_all<F: Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let mut pinned: Vec<Pin<Box<F>>> = futures.map(Box::pin).collect();
+    let mut outputs: Vec<Option<F::Output>> = pinned.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (future, output) in pinned.iter_mut().zip(outputs.iter_mut()) {
+            if output.is_none() {
+                match future.as_mut().poll(cx) {
+                    std::task::Poll::Ready(value) => *output = Some(value),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    outputs.into_iter().flatten().collect()
+}
+
+/// One `Ping` on `client`, within ten seconds.
+async fn ping(client: vmkit_core::GuestClient) -> Result<(), String> {
+    let nanos = i64::try_from(Duration::from_secs(10).as_nanos()).unwrap_or(i64::MAX);
+    vmkit_proto::AgentClient::new(client)
+        .ping(
+            ttrpc::context::with_timeout(nanos),
+            &vmkit_proto::agent::PingRequest::new(),
+        )
+        .await
+        .map(drop)
+        .map_err(|e| format!("Ping: {e}"))
+}
+
+async fn device_hotplug(target: &dyn Target) -> Result<String, String> {
+    let Some(image) = target.disk() else {
+        return Ok("skipped: the target gives no disk image".into());
+    };
+    let vm = started(target, "conf-hotplug").await?;
+    let hotplug = target.config("limits").timeouts.hotplug + GRACE;
+    let disk = DiskConfig::new("conf-hot", &image);
+    let plugged = bounded("hotplug_disk", hotplug, vm.hotplug_disk(disk.clone())).await?;
+    if !vm
+        .vm_info()
+        .capabilities
+        .contains(Capabilities::DISK_HOTPLUG)
+    {
+        shutdown(target, vm.as_ref()).await?;
+        return match plugged {
+            Err(Error::Unsupported { .. }) => Ok(String::new()),
+            other => Err(format!(
+                "hotplug_disk without DISK_HOTPLUG: {other:?}, expected Unsupported"
+            )),
+        };
+    }
+    plugged.map_err(|e| format!("hotplug_disk with DISK_HOTPLUG: {e}"))?;
+    match bounded("hotplug_disk", hotplug, vm.hotplug_disk(disk)).await? {
+        Err(Error::BadArgument { .. }) => {}
+        other => {
+            return Err(format!(
+                "a duplicate disk id: {other:?}, expected BadArgument"
+            ));
+        }
+    }
+    let mut events = vm.events();
+    bounded("unplug", hotplug, vm.unplug("conf-hot"))
+        .await?
+        .map_err(|e| format!("unplug a hot-plugged disk: {e}"))?;
+    let deleted = bounded("DeviceDeleted after unplug", GRACE, async {
+        loop {
+            match events.recv().await {
+                Ok(VmEvent::DeviceDeleted { .. }) => return true,
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(_) => return false,
+            }
+        }
+    })
+    .await
+    .unwrap_or(false);
+    ensure(deleted, || {
+        "unplug succeeded but no DeviceDeleted was published".into()
+    })?;
+    match bounded("unplug", hotplug, vm.unplug("conf-hot")).await? {
+        Err(Error::NotFound { .. }) => {}
+        other => return Err(format!("a second unplug: {other:?}, expected NotFound")),
+    }
+    shutdown(target, vm.as_ref()).await?;
+    Ok(String::new())
+}
+
+async fn resource_hotplug(target: &dyn Target) -> Result<String, String> {
+    let vm = started(target, "conf-resources").await?;
+    let hotplug = target.config("limits").timeouts.hotplug + GRACE;
+    if let Some(cpus) = vm.cpu_hotplugger() {
+        let before = bounded("query_cpus", hotplug, cpus.query_cpus())
+            .await?
+            .map_err(|e| format!("query_cpus: {e}"))?
+            .len();
+        let want = u32::try_from(before + 1).unwrap_or(u32::MAX);
+        let resize = bounded("set_vcpus", hotplug, cpus.set_vcpus(want))
+            .await?
+            .map_err(|e| format!("set_vcpus({want}) with CPU_HOTPLUG: {e}"))?;
+        let after = bounded("query_cpus", hotplug, cpus.query_cpus())
+            .await?
+            .map_err(|e| format!("query_cpus: {e}"))?
+            .len();
+        ensure(resize.achieved == want && after == before + 1, || {
+            format!(
+                "set_vcpus({want}) from {before}: achieved {}, query_cpus shows {after}",
+                resize.achieved
+            )
+        })?;
+    }
+    if let Some(memory) = vm.memory_hotplugger() {
+        let before = bounded("query_memory", hotplug, memory.query_memory())
+            .await?
+            .map_err(|e| format!("query_memory: {e}"))?;
+        bounded("hotplug_memory", hotplug, memory.hotplug_memory(128))
+            .await?
+            .map_err(|e| format!("hotplug_memory(128) with MEMORY_HOTPLUG: {e}"))?;
+        let after = bounded("query_memory", hotplug, memory.query_memory())
+            .await?
+            .map_err(|e| format!("query_memory: {e}"))?;
+        ensure(after.plugged_mib == before.plugged_mib + 128, || {
+            format!(
+                "hotplug_memory(128): plugged {} MiB before, {} after",
+                before.plugged_mib, after.plugged_mib
+            )
+        })?;
+    }
+    shutdown(target, vm.as_ref()).await?;
+    Ok(String::new())
+}
+
+async fn guest_calls_and_streams(target: &dyn Target) -> Result<String, String> {
+    let vm = started(target, "conf-guest").await?;
+    let caps = vm.vm_info().capabilities;
+    if caps.contains(Capabilities::GUEST_AGENT) {
+        let client = vm.client().await.map_err(|e| format!("client(): {e}"))?;
+        let calls = (0..4).map(|_| ping(client.clone()));
+        for result in futures_join_all(calls).await {
+            result.map_err(|e| format!("calls at once on one client: {e}"))?;
+        }
+    }
+    if caps.contains(Capabilities::GUEST_STREAMS) {
+        echo(vm.as_ref())
+            .await
+            .map_err(|e| format!("a stream with GUEST_STREAMS: {e}"))?;
+    }
+    shutdown(target, vm.as_ref()).await?;
+    Ok(String::new())
+}
+
+/// 256 KiB through an echo stream on the agent's stream port, byte-exact.
+async fn echo(vm: &dyn Instance) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let data: Vec<u8> = (0..256u32 << 10).map(|i| (i % 251) as u8).collect();
+    let raw = vm
+        .start_stream(vmkit_proto::STREAM_PORT)
+        .await
+        .map_err(|e| format!("start_stream: {e}"))?;
+    let stream = vmkit_vsock::begin_stream(
+        raw,
+        &vmkit_proto::StreamHeader::Echo,
+        Duration::from_secs(10),
+        "the guest",
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let (mut r, mut w) = tokio::io::split(stream);
+    let sent = data.clone();
+    let writer = async move {
+        w.write_all(&sent).await?;
+        w.shutdown().await
+    };
+    let reader = async move {
+        let mut back = Vec::new();
+        r.read_to_end(&mut back).await.map(|_| back)
+    };
+    let (written, back) = bounded("the echo", Duration::from_secs(30), async {
+        tokio::join!(writer, reader)
+    })
+    .await?;
+    written.map_err(|e| format!("write: {e}"))?;
+    let back = back.map_err(|e| format!("read: {e}"))?;
+    ensure(back == data, || {
+        format!(
+            "{} bytes sent, {} came back, not the same",
+            data.len(),
+            back.len()
+        )
+    })
+}
+
+async fn two_runs_in_a_row(target: &dyn Target) -> Result<String, String> {
+    for run in ["first", "second"] {
+        let vm = started(target, "conf-again")
+            .await
+            .map_err(|e| format!("the {run} run: {e}"))?;
+        shutdown(target, vm.as_ref())
+            .await
+            .map_err(|e| format!("the {run} run: {e}"))?;
+    }
     Ok(String::new())
 }
 

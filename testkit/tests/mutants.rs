@@ -37,6 +37,16 @@ enum Mutation {
     HungShutdown,
     /// `start` runs on a task of its own: dropping its future cancels nothing.
     DetachedStart,
+    /// `start` ignores `StartOptions::timeout`.
+    IgnoresStartTimeout,
+    /// A second `start` while the first runs (or after it) "succeeds" too.
+    RacyStart,
+    /// Reports DISK_HOTPLUG, but `hotplug_disk` is `Unsupported`.
+    LyingDiskHotplug,
+    /// `set_vcpus` says it reached the count without plugging anything.
+    LyingVcpus,
+    /// Reports GUEST_STREAMS, but no stream opens.
+    NoStreams,
 }
 
 /// What a mutant leaks, kept past its instance's drop (so that the check sees it) and
@@ -75,10 +85,14 @@ impl Backend for MutantBackend {
         FakeBackend.capabilities()
     }
 
-    fn create(&self, config: InstanceConfig) -> vmkit_core::Result<Box<dyn Instance>> {
+    fn create(&self, mut config: InstanceConfig) -> vmkit_core::Result<Box<dyn Instance>> {
+        if self.0 == Mutation::LyingVcpus {
+            config.resources.max_vcpus = 2;
+        }
         let inner = Arc::new(FakeBackend.create_fake(config.clone())?);
         let (events, _) = broadcast::channel(256);
         Ok(Box::new(Mutant {
+            cpus: LyingCpus(Arc::clone(&inner)),
             inner,
             mutation: self.0,
             config,
@@ -89,6 +103,7 @@ impl Backend for MutantBackend {
 
 struct Mutant {
     inner: Arc<FakeInstance>,
+    cpus: LyingCpus,
     mutation: Mutation,
     config: InstanceConfig,
     events: broadcast::Sender<VmEvent>,
@@ -119,7 +134,15 @@ impl Instance for Mutant {
                 .await
                 .unwrap();
         }
-        self.inner.start(opts).await?;
+        let started = match self.mutation {
+            Mutation::IgnoresStartTimeout => self.inner.start(StartOptions::new()).await,
+            Mutation::RacyStart => match self.inner.start(opts).await {
+                Err(Error::InvalidState { .. }) => Ok(()),
+                other => other,
+            },
+            _ => self.inner.start(opts).await,
+        };
+        started?;
         self.said(VmState::Starting, VmState::Running);
         self.said(VmState::New, VmState::Starting);
         Ok(())
@@ -173,8 +196,10 @@ impl Instance for Mutant {
 
     fn vm_info(&self) -> VmInfo {
         let mut info = self.inner.vm_info();
-        if self.mutation == Mutation::LyingCapability {
-            info.capabilities |= Capabilities::CPU_HOTPLUG;
+        match self.mutation {
+            Mutation::LyingCapability => info.capabilities |= Capabilities::CPU_HOTPLUG,
+            Mutation::LyingDiskHotplug => info.capabilities |= Capabilities::DISK_HOTPLUG,
+            _ => {}
         }
         info
     }
@@ -199,6 +224,9 @@ impl DeviceConfigurator for Mutant {
     }
 
     async fn hotplug_disk(&self, disk: DiskConfig) -> vmkit_core::Result<()> {
+        if self.mutation == Mutation::LyingDiskHotplug {
+            return Err(Error::unsupported("hotplug_disk", "mutant", "no ports"));
+        }
         self.inner.hotplug_disk(disk).await
     }
 
@@ -226,17 +254,69 @@ impl GuestCommunicator for Mutant {
     }
 
     async fn start_stream(&self, port: u32) -> vmkit_core::Result<Box<dyn GuestStream>> {
+        if self.mutation == Mutation::NoStreams {
+            return Err(Error::io(
+                "start_stream",
+                std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+            ));
+        }
         self.inner.start_stream(port).await
     }
 }
 
 impl ResourceManager for Mutant {
     fn cpu_hotplugger(&self) -> Option<&dyn CpuHotplugger> {
+        if self.mutation == Mutation::LyingVcpus {
+            return Some(&self.cpus);
+        }
         self.inner.cpu_hotplugger()
     }
 
     fn memory_hotplugger(&self) -> Option<&dyn MemoryHotplugger> {
         self.inner.memory_hotplugger()
+    }
+}
+
+/// vCPU hot-plug that says it did what it did not ([`Mutation::LyingVcpus`]).
+struct LyingCpus(Arc<FakeInstance>);
+
+impl LyingCpus {
+    fn real(&self) -> vmkit_core::Result<&dyn CpuHotplugger> {
+        self.0
+            .cpu_hotplugger()
+            .ok_or_else(|| Error::unsupported("cpus", "mutant", "none"))
+    }
+}
+
+#[async_trait]
+impl CpuHotplugger for LyingCpus {
+    async fn query_cpus(&self) -> vmkit_core::Result<Vec<vmkit_core::CpuInfo>> {
+        self.real()?.query_cpus().await
+    }
+
+    async fn hotplug_cpu(&self) -> vmkit_core::Result<vmkit_core::CpuInfo> {
+        self.real()?.hotplug_cpu().await
+    }
+
+    async fn hotplug_cpu_at(
+        &self,
+        at: vmkit_core::CpuTopology,
+    ) -> vmkit_core::Result<vmkit_core::CpuInfo> {
+        self.real()?.hotplug_cpu_at(at).await
+    }
+
+    async fn unplug_cpu(&self, index: u32) -> vmkit_core::Result<()> {
+        self.real()?.unplug_cpu(index).await
+    }
+
+    async fn set_vcpus(&self, count: u32) -> vmkit_core::Result<vmkit_core::VcpuResize> {
+        let before = u32::try_from(self.query_cpus().await?.len()).unwrap();
+        Ok(vmkit_core::VcpuResize {
+            requested: count,
+            before,
+            achieved: count,
+            failures: Vec::new(),
+        })
     }
 }
 
@@ -379,6 +459,72 @@ async fn a_start_that_ignores_its_dropped_future_is_caught_by_cancelled_start() 
         Mutation::DetachedStart,
         "cancelled_start",
         "a start dropped after 300ms left the VM",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_that_ignores_its_deadline_is_caught_by_start_timeout() {
+    let _one = ONE.lock().await;
+    caught(
+        Mutation::IgnoresStartTimeout,
+        "start_timeout",
+        "a start with a 200ms deadline returned Ok",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_racy_start_is_caught_by_concurrent_calls() {
+    let _one = ONE.lock().await;
+    caught(
+        Mutation::RacyStart,
+        "concurrent_calls",
+        "exactly one must start the VM",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lying_disk_hotplug_is_caught_by_device_hotplug() {
+    let _one = ONE.lock().await;
+    caught(
+        Mutation::LyingDiskHotplug,
+        "device_hotplug",
+        "hotplug_disk with DISK_HOTPLUG: hotplug_disk: not supported",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vcpus_that_lie_are_caught_by_resource_hotplug() {
+    let _one = ONE.lock().await;
+    caught(
+        Mutation::LyingVcpus,
+        "resource_hotplug",
+        "set_vcpus(2) from 1: achieved 2, query_cpus shows 1",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_that_do_not_open_are_caught_by_guest_calls_and_streams() {
+    let _one = ONE.lock().await;
+    caught(
+        Mutation::NoStreams,
+        "guest_calls_and_streams",
+        "a stream with GUEST_STREAMS: start_stream:",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_lock_is_caught_by_two_runs_in_a_row_too() {
+    let _one = ONE.lock().await;
+    caught(
+        Mutation::HoldLock,
+        "two_runs_in_a_row",
+        "the second run: start conf-again:",
     )
     .await;
 }

@@ -459,7 +459,7 @@ impl Instance for FakeInstance {
         // Dropped before it finishes, the attempt ends the VM (nothing left).
         let attempt = vm.life.begin_start("start")?;
         let timeout = opts.timeout.unwrap_or(vm.config.timeouts.start);
-        let result = async {
+        let work = async {
             vm.fault(Op::Start, timeout).await?;
             let layout = vm.config.layout();
             layout.prepare("start")?;
@@ -478,8 +478,26 @@ impl Instance for FakeInstance {
                 elapsed_ms: 0,
             });
             Ok(())
-        }
-        .await;
+        };
+        // A start ends by its deadline (a moment later, so that a fault that ends at the
+        // deadline itself reports its own cause) — unless it is wedged on purpose: a
+        // broken backend's start never answers.
+        let wedged = matches!(
+            lock(&vm.faults).get(Op::Start),
+            Some(Fault::Wedge | Fault::Block)
+        );
+        let bound = timeout + Duration::from_millis(100);
+        let result = if wedged {
+            work.await
+        } else {
+            match tokio::time::timeout(bound, work).await {
+                Ok(result) => result,
+                Err(_) => Err(Error::Timeout {
+                    op: "start: the fake VM did not come up".into(),
+                    after: timeout,
+                }),
+            }
+        };
         if let Err(e) = result {
             vm.end(ExitInfo {
                 reason: ExitReason::StartFailed,
