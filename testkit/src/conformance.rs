@@ -290,9 +290,15 @@ fn ensure(cond: bool, text: impl FnOnce() -> String) -> Result<(), String> {
 }
 
 fn create(target: &dyn Target, id: &str) -> Result<Box<dyn Instance>, String> {
+    create_from(target, target.config(id))
+}
+
+/// A VM of `config` (which the check keeps, to look at its state dir afterwards).
+fn create_from(target: &dyn Target, config: InstanceConfig) -> Result<Box<dyn Instance>, String> {
+    let id = config.id.clone();
     target
         .backend()
-        .create(target.config(id))
+        .create(config)
         .map_err(|e| format!("create {id}: {e}"))
 }
 
@@ -574,18 +580,11 @@ async fn guest_address_answers(vm: &dyn Instance) -> Result<(), String> {
     let Some(addr) = vm.vm_info().guest else {
         return Err("GUEST_AGENT reported but vm_info().guest is None while running".into());
     };
-    let within = std::time::Duration::from_secs(10);
-    let client = vmkit_vsock::connect_ttrpc_with_retry(&addr, within)
+    let client = vmkit_vsock::connect_ttrpc_with_retry(&addr, AGENT_CALL)
         .await
         .map_err(|e| format!("dial vm_info().guest {addr}: {e}"))?;
-    let nanos = i64::try_from(within.as_nanos()).unwrap_or(i64::MAX);
-    vmkit_proto::AgentClient::new(client)
-        .ping(
-            ttrpc::context::with_timeout(nanos),
-            &vmkit_proto::agent::PingRequest::new(),
-        )
+    agent_ping(client)
         .await
-        .map(drop)
         .map_err(|e| format!("Ping at vm_info().guest {addr}: {e}"))
 }
 
@@ -613,10 +612,7 @@ async fn start_timeout(target: &dyn Target) -> Result<String, String> {
     let Some(config) = target.slow_start("conf-deadline") else {
         return Ok("skipped: the target gives no slow start".into());
     };
-    let vm = target
-        .backend()
-        .create(config.clone())
-        .map_err(|e| format!("create conf-deadline: {e}"))?;
+    let vm = create_from(target, config.clone())?;
     let deadline = Duration::from_millis(200);
     let began = std::time::Instant::now();
     let result = bounded(
@@ -708,9 +704,12 @@ async fn futures_join_all<F: Future>(futures: impl Iterator<Item = F>) -> Vec<F:
     outputs.into_iter().flatten().collect()
 }
 
-/// One `Ping` on `client`, within ten seconds.
-async fn ping(client: vmkit_core::GuestClient) -> Result<(), String> {
-    let nanos = i64::try_from(Duration::from_secs(10).as_nanos()).unwrap_or(i64::MAX);
+/// How long an agent call (or a dial of the agent) a check makes may take.
+const AGENT_CALL: Duration = Duration::from_secs(10);
+
+/// One `Ping` on `client`, within [`AGENT_CALL`].
+async fn agent_ping(client: vmkit_core::GuestClient) -> Result<(), ttrpc::Error> {
+    let nanos = i64::try_from(AGENT_CALL.as_nanos()).unwrap_or(i64::MAX);
     vmkit_proto::AgentClient::new(client)
         .ping(
             ttrpc::context::with_timeout(nanos),
@@ -718,7 +717,11 @@ async fn ping(client: vmkit_core::GuestClient) -> Result<(), String> {
         )
         .await
         .map(drop)
-        .map_err(|e| format!("Ping: {e}"))
+}
+
+/// [`agent_ping`], its error as a check's.
+async fn ping(client: vmkit_core::GuestClient) -> Result<(), String> {
+    agent_ping(client).await.map_err(|e| format!("Ping: {e}"))
 }
 
 async fn device_hotplug(target: &dyn Target) -> Result<String, String> {
@@ -897,10 +900,7 @@ async fn cancelled_start(target: &dyn Target) -> Result<String, String> {
     let Some(config) = target.slow_start("conf-cancel") else {
         return Ok("skipped: the target gives no slow start to cancel".into());
     };
-    let vm = target
-        .backend()
-        .create(config.clone())
-        .map_err(|e| format!("create conf-cancel: {e}"))?;
+    let vm = create_from(target, config.clone())?;
     let mut events = vm.events();
     let midway = Duration::from_millis(300);
     if let Ok(done) = tokio::time::timeout(midway, vm.start(StartOptions::new())).await {
@@ -942,10 +942,7 @@ async fn cancelled_start(target: &dyn Target) -> Result<String, String> {
 
 async fn nothing_left(target: &dyn Target) -> Result<String, String> {
     let config = target.config("conf-left");
-    let vm = target
-        .backend()
-        .create(config.clone())
-        .map_err(|e| format!("create conf-left: {e}"))?;
+    let vm = create_from(target, config.clone())?;
     start(target, vm.as_ref()).await?;
     let info = vm.vm_info();
     shutdown(target, vm.as_ref()).await?;
