@@ -708,7 +708,7 @@ async fn futures_join_all<F: Future>(futures: impl Iterator<Item = F>) -> Vec<F:
 const AGENT_CALL: Duration = Duration::from_secs(10);
 
 /// One `Ping` on `client`, within [`AGENT_CALL`].
-async fn agent_ping(client: vmkit_core::GuestClient) -> Result<(), ttrpc::Error> {
+pub(crate) async fn agent_ping(client: vmkit_core::GuestClient) -> Result<(), ttrpc::Error> {
     let nanos = i64::try_from(AGENT_CALL.as_nanos()).unwrap_or(i64::MAX);
     vmkit_proto::AgentClient::new(client)
         .ping(

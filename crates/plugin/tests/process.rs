@@ -171,6 +171,20 @@ impl ModelTarget for ModelOutOfProcess {
         MODEL_BACKEND.backend.create_plugin(config).unwrap()
     }
 
+    fn configure(config: &mut InstanceConfig, _dir: &Path) {
+        config
+            .backend_options
+            .insert("hotplug_ports".into(), Self::HOTPLUG_PORTS.to_string());
+    }
+
+    fn nic(id: &str) -> Option<vmkit_core::NicConfig> {
+        Some(vmkit_core::NicConfig {
+            id: id.into(),
+            backend: vmkit_core::NicBackend::User,
+            mac: None,
+        })
+    }
+
     async fn crash(_vm: &PluginInstance) {
         signal(
             MODEL_BACKEND.channel.pid(),

@@ -110,6 +110,7 @@ impl ModelTarget for FakeQemu {
             WRAPPERS.vsock.display().to_string(),
         );
         options.insert("sandbox".into(), "off".into());
+        options.insert("hotplug_ports".into(), Self::HOTPLUG_PORTS.to_string());
         options.insert("ready_line".into(), "VMKIT_READY".into());
         config.transport = GuestTransport::HybridVsock {
             uds: None,

@@ -2,7 +2,7 @@
 //!
 //! A minimal backend written as a downstream author would, and exported as a plugin
 //! library with one macro (see `docs/plugins.md`). Its "VMs" run nothing: they keep
-//! vmkit's state table, cold disks and events, which is all the contract asks of a
+//! vmkit's state table, cold devices and events, which is all the contract asks of a
 //! backend without a guest. Build it with `cargo build -p vmkit-plugin-example` and
 //! load `target/debug/libvmkit_plugin_example.so` with `vmkit_plugin::loader::load`.
 //!
@@ -41,7 +41,7 @@ impl Backend for NullBackend {
         Ok(Box::new(NullVm {
             config,
             life: Lifecycle::new(),
-            disks: Mutex::new(Vec::new()),
+            devices: Mutex::new(Vec::new()),
         }))
     }
 }
@@ -52,7 +52,8 @@ vmkit_plugin::export_backend!(NullBackend);
 struct NullVm {
     config: InstanceConfig,
     life: Lifecycle,
-    disks: Mutex<Vec<DiskConfig>>,
+    /// The ids of its cold-plugged disks and NICs.
+    devices: Mutex<Vec<String>>,
 }
 
 /// What a null VM cannot do.
@@ -61,6 +62,26 @@ const NOTHING: &str = "a null VM has no guest and no devices to plug";
 impl NullVm {
     fn unsupported(&self, op: &'static str, live: &[VmState]) -> Error {
         self.life.unsupported(op, "null", live, NOTHING)
+    }
+
+    /// Keeps a cold device's id: before start only, once per id, checked by `check`.
+    fn add_cold(
+        &self,
+        op: &'static str,
+        id: &str,
+        check: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
+        self.life.require(op, &[VmState::New])?;
+        check()?;
+        let mut devices = self.devices.lock().unwrap_or_else(|p| p.into_inner());
+        if devices.iter().any(|d| d == id) {
+            return Err(Error::config(
+                "id",
+                format!("{op}: duplicate device id {id:?}"),
+            ));
+        }
+        devices.push(id.to_owned());
+        Ok(())
     }
 }
 
@@ -121,21 +142,11 @@ impl Instance for NullVm {
 #[async_trait]
 impl DeviceConfigurator for NullVm {
     fn add_disk(&self, disk: DiskConfig) -> Result<()> {
-        self.life.require("add_disk", &[VmState::New])?;
-        disk.validate("disk")?;
-        let mut disks = self.disks.lock().unwrap_or_else(|p| p.into_inner());
-        if disks.iter().any(|d| d.id == disk.id) {
-            return Err(Error::config(
-                "disk.id",
-                format!("duplicate disk id {:?}", disk.id),
-            ));
-        }
-        disks.push(disk);
-        Ok(())
+        self.add_cold("add_disk", &disk.id, || disk.validate("disk"))
     }
 
-    fn add_nic(&self, _nic: NicConfig) -> Result<()> {
-        Err(self.unsupported("add_nic", &[VmState::New]))
+    fn add_nic(&self, nic: NicConfig) -> Result<()> {
+        self.add_cold("add_nic", &nic.id, || nic.validate("nic"))
     }
 
     async fn hotplug_disk(&self, _disk: DiskConfig) -> Result<()> {

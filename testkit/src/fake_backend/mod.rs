@@ -316,6 +316,20 @@ impl Vm {
         }
     }
 
+    /// The state check of a disk or NIC hot-plug call, then `Unsupported` when the VM
+    /// has no hot-plug ports.
+    fn no_ports(&self, op: &'static str) -> vmkit_core::Result<()> {
+        if lock(&self.devices).ports > 0 {
+            return self.life.require(op, &[VmState::Running]);
+        }
+        Err(self.life.unsupported(
+            op,
+            FAKE_BACKEND,
+            &[VmState::Running],
+            "no hot-plug ports (backend option hotplug_ports is 0)",
+        ))
+    }
+
     /// The fault of a synchronous call (`state`, `vm_info`): it can only block.
     fn sync_fault(&self, op: Op) {
         match lock(&self.faults).get(op) {
@@ -650,7 +664,7 @@ impl DeviceConfigurator for FakeInstance {
 
     async fn unplug(&self, id: &str) -> vmkit_core::Result<()> {
         let vm = &self.vm;
-        vm.life.require("unplug", &[VmState::Running])?;
+        vm.no_ports("unplug")?;
         if !lock(&vm.devices).hot.iter().any(|d| d == id) {
             return Err(Error::not_found(
                 format!("unplug {id}"),
@@ -683,14 +697,7 @@ impl FakeInstance {
 
     async fn add_hot(&self, call: &'static str, op: Op, id: String) -> vmkit_core::Result<()> {
         let vm = &self.vm;
-        if lock(&vm.devices).ports == 0 {
-            return Err(Error::unsupported(
-                call,
-                FAKE_BACKEND,
-                "no hot-plug ports (backend option hotplug_ports is 0)",
-            ));
-        }
-        vm.life.require(call, &[VmState::Running])?;
+        vm.no_ports(call)?;
         {
             let devices = lock(&vm.devices);
             if devices.cold.iter().chain(&devices.hot).any(|d| *d == id) {
