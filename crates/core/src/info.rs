@@ -113,15 +113,42 @@ pub struct ExitInfo {
 }
 
 impl ExitInfo {
-    /// An instance shut down before it was started.
-    pub fn never_started() -> Self {
+    /// An exit for `reason` and nothing else known; the `with_` methods add the rest
+    /// (`ExitInfo::new(ExitReason::StartFailed).with_message("no kernel")`).
+    pub fn new(reason: ExitReason) -> Self {
         ExitInfo {
-            reason: ExitReason::NeverStarted,
+            reason,
             stage: None,
             exit_code: None,
             signal: None,
             message: None,
         }
+    }
+
+    /// An instance shut down before it was started.
+    pub fn never_started() -> Self {
+        ExitInfo::new(ExitReason::NeverStarted)
+    }
+
+    /// The same, ended by `stage`.
+    #[must_use]
+    pub fn with_stage(mut self, stage: ShutdownStage) -> Self {
+        self.stage = Some(stage);
+        self
+    }
+
+    /// The same, with the VMM's exit code.
+    #[must_use]
+    pub fn with_exit_code(mut self, code: i32) -> Self {
+        self.exit_code = Some(code);
+        self
+    }
+
+    /// The same, with `message`.
+    #[must_use]
+    pub fn with_message(mut self, message: impl Into<String>) -> Self {
+        self.message = Some(message.into());
+        self
     }
 }
 

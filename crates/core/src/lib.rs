@@ -44,6 +44,7 @@ pub mod instance;
 pub mod lifecycle;
 pub mod resources;
 pub mod state;
+pub mod state_cell;
 pub mod state_dir;
 pub mod validate;
 
@@ -67,7 +68,8 @@ pub use resources::{
     CpuFailure, CpuHotplugger, CpuInfo, CpuTopology, DimmInfo, MemoryHotplugger, MemoryInfo,
     ResourceManager, VcpuResize,
 };
-pub use state::{StateCell, VmState};
+pub use state::VmState;
+pub use state_cell::StateCell;
 pub use state_dir::StateDirLock;
 
 #[doc(hidden)]

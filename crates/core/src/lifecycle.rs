@@ -45,7 +45,8 @@ use tokio::sync::{broadcast, watch};
 
 use crate::error::{Error, Result};
 use crate::info::{ExitInfo, ExitReason, VmEvent};
-use crate::state::{StateCell, VmState};
+use crate::state::VmState;
+use crate::state_cell::StateCell;
 
 /// How many events a subscriber may fall behind before it sees `Lagged`.
 const EVENTS: usize = 256;
@@ -137,16 +138,11 @@ impl Drop for StartAttempt<'_> {
     fn drop(&mut self) {
         if !self.done && self.life.exit().is_none() {
             tracing::warn!("start abandoned (its future was dropped): ending the VM");
-            self.life.end_now(ExitInfo {
-                reason: ExitReason::StartFailed,
-                stage: None,
-                exit_code: None,
-                signal: None,
-                message: Some(format!(
+            self.life
+                .end_now(ExitInfo::new(ExitReason::StartFailed).with_message(format!(
                     "{}: cancelled: the caller dropped the start before it finished",
                     self.op
-                )),
-            });
+                )));
         }
     }
 }
@@ -295,6 +291,69 @@ impl Lifecycle {
     /// Whether the exit is the stopping caller's to report (a stop guard is alive).
     pub fn stop_owns_exit(&self) -> bool {
         self.stopping.load(Ordering::Acquire)
+    }
+
+    /// How a backend's `shutdown` begins. `Err(exit)` when the answer is known
+    /// without stopping anything: the VM had ended; another caller's stop is under way
+    /// (its exit, awaited); the VM was never started (ended now as `NeverStarted`, its
+    /// hooks run); a start under way, told by this stop to end, ended it (awaited).
+    /// `Ok(guard)`: the VM runs or is paused, and this caller stops it and ends it with
+    /// [`Lifecycle::end`].
+    pub async fn begin_shutdown(&self) -> std::result::Result<StopGuard<'_>, ExitInfo> {
+        if let Some(info) = self.exit() {
+            return Err(info);
+        }
+        let Some(stop) = self.begin_stop() else {
+            return Err(self.wait_exit().await);
+        };
+        // New → Shutdown as one compare-and-swap, so a racing `start` cannot slip in.
+        if self
+            .transition("shutdown", VmState::New, VmState::Shutdown)
+            .is_ok()
+        {
+            return Err(self.end(ExitInfo::never_started(), async {}).await);
+        }
+        if self.start_settled().await == VmState::Shutdown {
+            return Err(self.wait_exit().await);
+        }
+        Ok(stop)
+    }
+
+    /// A backend's `pause`: `Running` required, `work` (stopping the vCPUs) run with no
+    /// other pause or resume at once, then `Running → Paused` and [`VmEvent::Stopped`].
+    ///
+    /// # Errors
+    /// `InvalidState` outside `Running` (before `work`), or `work`'s error.
+    pub async fn pause(&self, work: impl std::future::Future<Output = Result<()>>) -> Result<()> {
+        self.change_run("pause", VmState::Running, VmState::Paused, work)
+            .await?;
+        self.publish(VmEvent::Stopped);
+        Ok(())
+    }
+
+    /// A backend's `resume`: as [`Lifecycle::pause`], `Paused → Running` and
+    /// [`VmEvent::Resumed`].
+    ///
+    /// # Errors
+    /// `InvalidState` outside `Paused` (before `work`), or `work`'s error.
+    pub async fn resume(&self, work: impl std::future::Future<Output = Result<()>>) -> Result<()> {
+        self.change_run("resume", VmState::Paused, VmState::Running, work)
+            .await?;
+        self.publish(VmEvent::Resumed);
+        Ok(())
+    }
+
+    async fn change_run(
+        &self,
+        op: &'static str,
+        from: VmState,
+        to: VmState,
+        work: impl std::future::Future<Output = Result<()>>,
+    ) -> Result<()> {
+        let _one = self.one_run_change().await;
+        self.require(op, &[from])?;
+        work.await?;
+        self.transition(op, from, to)
     }
 
     /// Resolves once a stop has begun.
@@ -552,5 +611,82 @@ mod tests {
         attempt.running().unwrap();
         let err = life.unsupported("hotplug_disk", "null", &[VmState::Running], "no devices");
         assert!(matches!(err, Error::Unsupported { .. }), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn pause_and_resume_check_first_and_publish_after() {
+        let life = Lifecycle::new();
+        let work_ran = std::sync::atomic::AtomicBool::new(false);
+        let err = life
+            .pause(async {
+                work_ran.store(true, Ordering::SeqCst);
+                Ok(())
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::InvalidState { .. }), "{err:?}");
+        assert!(
+            !work_ran.load(Ordering::SeqCst),
+            "no work in the wrong state"
+        );
+        life.begin_start("start").unwrap().running().unwrap();
+        let mut events = life.events();
+        let refused = life.pause(async { Err(Error::config("x", "the VMM said no")) });
+        assert!(refused.await.is_err());
+        assert_eq!(
+            life.state(),
+            VmState::Running,
+            "a failed pause changes nothing"
+        );
+        life.pause(async { Ok(()) }).await.unwrap();
+        life.resume(async { Ok(()) }).await.unwrap();
+        let mut seen = Vec::new();
+        while let Ok(event) = events.try_recv() {
+            seen.push(event);
+        }
+        assert_eq!(
+            seen,
+            [
+                VmEvent::StateChanged {
+                    from: VmState::Running,
+                    to: VmState::Paused
+                },
+                VmEvent::Stopped,
+                VmEvent::StateChanged {
+                    from: VmState::Paused,
+                    to: VmState::Running
+                },
+                VmEvent::Resumed,
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn begin_shutdown_knows_the_answer_or_hands_over_the_stop() {
+        let fresh = Lifecycle::new();
+        let hooks = counted(&fresh);
+        let exit = fresh.begin_shutdown().await.unwrap_err();
+        assert_eq!(exit.reason, ExitReason::NeverStarted);
+        assert_eq!(fresh.state(), VmState::Shutdown);
+        assert_eq!(hooks.load(Ordering::SeqCst), 1);
+        assert_eq!(fresh.begin_shutdown().await.unwrap_err(), exit, "ended");
+
+        let life = Lifecycle::new();
+        life.begin_start("start").unwrap().running().unwrap();
+        let stop = life
+            .begin_shutdown()
+            .await
+            .expect("a running VM is this caller's to stop");
+        let second = life.begin_shutdown();
+        tokio::pin!(second);
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(20), &mut second)
+                .await
+                .is_err(),
+            "a second caller waits for the first stop"
+        );
+        life.end(host_shutdown(), async {}).await;
+        drop(stop);
+        assert_eq!(second.await.unwrap_err().reason, ExitReason::HostShutdown);
     }
 }

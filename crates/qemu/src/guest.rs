@@ -294,7 +294,7 @@ fn remove_if_present(path: &Path) {
 /// `/run/vmkit/cids` when this user may create it, else `<tmp>/vmkit-cids-<euid>`. The
 /// dir is private (0700, ours; see [`vmkit_core::state_dir`]): a dir another user
 /// planted in a shared `/tmp` is refused, not used.
-fn cid_allocator() -> Result<&'static CidAllocator, Error> {
+pub(crate) fn cid_allocator() -> Result<&'static CidAllocator, Error> {
     static CIDS: OnceLock<Result<CidAllocator, String>> = OnceLock::new();
     let cids = CIDS.get_or_init(|| {
         let op = "set up the CID lock dir";

@@ -80,6 +80,14 @@ pub fn probe_tap(name: &str) -> std::io::Result<()> {
     host::open_tap(name).map(drop)
 }
 
+/// Whether the kernel-vsock CID `cid` is leased on this host: by a VM of this process,
+/// or by any process holding its lock file in the QEMU backend's CID lock dir (see
+/// `VMKIT_CID_DIR`) — what a leak check asks once a VM that reported it has ended.
+/// `false` when the lock dir cannot be set up (then no CID can have been leased).
+pub fn cid_in_use(cid: u32) -> bool {
+    guest::cid_allocator().is_ok_and(|cids| cids.in_use(cid))
+}
+
 /// The backend's registry name.
 pub const BACKEND_NAME: &str = "qemu";
 

@@ -20,26 +20,12 @@ const KILL_WAIT: Duration = Duration::from_secs(5);
 
 /// `shutdown`: the one stop of the VM, or the answer of the stop already under way.
 pub(crate) async fn shutdown(vm: &Vm) -> vmkit_core::Result<ExitInfo> {
-    if let Some(info) = vm.life().exit() {
-        return Ok(info);
-    }
-    let Some(_stop) = vm.life().begin_stop() else {
-        // The first caller's stages are bounded; its answer is ours.
-        return Ok(vm.life().wait_exit().await);
+    let _stop = match vm.life().begin_shutdown().await {
+        Ok(stop) => stop,
+        // Ended before, by another caller's stop (whose stages are bounded), never
+        // started, or by a start this stop cancelled: the answer is known.
+        Err(info) => return Ok(info),
     };
-    // New → Shutdown as one compare-and-swap, so a racing `start` cannot slip in.
-    if vm
-        .life()
-        .transition("shutdown", VmState::New, VmState::Shutdown)
-        .is_ok()
-    {
-        return Ok(vm.end(ExitInfo::never_started()).await);
-    }
-    // A start under way was cancelled by the stop; it releases everything and reports.
-    // If it finished first, the VM runs and is stopped below.
-    if vm.life().start_settled().await == VmState::Shutdown {
-        return Ok(vm.life().wait_exit().await);
-    }
     let Some(process) = vm.process() else {
         // Nothing was ever spawned (cannot happen after a successful start; kept total).
         return Ok(vm.end(ExitInfo::never_started()).await);

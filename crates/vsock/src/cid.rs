@@ -182,6 +182,23 @@ impl CidAllocator {
         self.shared.lock().leased.len()
     }
 
+    /// Whether `cid` is leased: by this allocator, or (with a lock dir) by any process
+    /// holding its lock file — what a leak check asks once a VM has ended.
+    pub fn in_use(&self, cid: u32) -> bool {
+        if self.shared.lock().leased.contains(&cid) {
+            return true;
+        }
+        let Some(dir) = &self.shared.opts.lock_dir else {
+            return false;
+        };
+        // A lock file that cannot be opened is no lease (none was ever taken there).
+        let Ok(file) = File::open(dir.join(format!("{cid}.lock"))) else {
+            return false;
+        };
+        // Our own probe's lock is dropped with `file` at once.
+        matches!(file.try_lock(), Err(TryLockError::WouldBlock))
+    }
+
     /// The next free CID.
     ///
     /// # Errors
@@ -420,5 +437,26 @@ mod tests {
         assert!(two.allocate().is_err(), "3 is cooling, 4 and 5 are held");
         std::thread::sleep(Duration::from_millis(350));
         assert_eq!(two.allocate().unwrap().cid(), 3);
+    }
+
+    #[test]
+    fn in_use_sees_leases_here_and_in_other_processes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mk = || {
+            CidAllocator::new(CidOptions {
+                range: 3..=5,
+                cooldown: Duration::ZERO,
+                lock_dir: Some(dir.path().into()),
+            })
+            .unwrap()
+        };
+        let (one, two) = (mk(), mk());
+        let lease = one.allocate().unwrap();
+        assert!(one.in_use(3), "leased here");
+        assert!(two.in_use(3), "its lock file is held elsewhere");
+        assert!(!two.in_use(4), "never leased");
+        drop(lease);
+        assert!(!one.in_use(3) && !two.in_use(3), "released");
+        assert_eq!(two.allocate().unwrap().cid(), 3, "the probe took no lease");
     }
 }

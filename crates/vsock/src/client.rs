@@ -170,3 +170,62 @@ impl AsyncWrite for Tracked {
         Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 }
+
+/// One VM's cached agent client, for `GuestCommunicator::client`: handed out while its
+/// connection lives (and, when asked to verify, while the agent answers a `Ping` on it
+/// within [`AgentCache::PROBE`]), re-dialled with [`connect_agent`] otherwise. One
+/// re-dial at a time: callers that found the connection dead wait for it.
+#[derive(Default)]
+pub struct AgentCache {
+    cached: tokio::sync::Mutex<Option<(TtrpcClient, ConnHealth)>>,
+}
+
+impl std::fmt::Debug for AgentCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentCache").finish_non_exhaustive()
+    }
+}
+
+impl AgentCache {
+    /// How long a cached client's `Ping` may take when it is verified.
+    pub const PROBE: Duration = Duration::from_millis(500);
+
+    /// A cache with no client yet.
+    pub fn new() -> AgentCache {
+        AgentCache::default()
+    }
+
+    /// The cached client of the agent at `addr`, or a new one that answered a `Ping`
+    /// within `dial`. With `verify`, the cached client must also answer a `Ping` now
+    /// (for a link whose closing is not seen on the connection itself — a serial relay
+    /// whose guest side restarted).
+    ///
+    /// # Errors
+    /// As [`connect_agent`].
+    pub async fn client(
+        &self,
+        addr: &GuestAddr,
+        dial: Duration,
+        verify: bool,
+    ) -> Result<TtrpcClient> {
+        let mut cached = self.cached.lock().await;
+        if let Some((client, health)) = cached.as_ref()
+            && health.is_alive()
+            && (!verify || ping(client, Instant::now() + Self::PROBE).await.is_ok())
+        {
+            return Ok(client.clone());
+        }
+        *cached = None;
+        let (client, health) = connect_agent(addr, Instant::now() + dial).await?;
+        *cached = Some((client.clone(), health));
+        Ok(client)
+    }
+
+    /// Drops the cached client (the VM ended), unless a re-dial holds the cache: that
+    /// one's client is dropped with the cache.
+    pub fn forget(&self) {
+        if let Ok(mut cached) = self.cached.try_lock() {
+            *cached = None;
+        }
+    }
+}

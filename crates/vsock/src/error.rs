@@ -97,5 +97,20 @@ impl Error {
     }
 }
 
+impl Error {
+    /// The error of `op` in vmkit-core's terms, for a backend's `GuestCommunicator`
+    /// calls: a dial that ran out of time is a `Timeout` (its text keeps the attempts
+    /// and the last cause), anything else a `Backend` error with this one as its source.
+    pub fn into_core(self, op: &str) -> vmkit_core::Error {
+        match self {
+            Error::DialTimeout { after, .. } => vmkit_core::Error::Timeout {
+                op: format!("{op}: {self}"),
+                after,
+            },
+            other => vmkit_core::Error::backend(op, other),
+        }
+    }
+}
+
 /// The crate's result.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

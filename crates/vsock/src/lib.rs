@@ -29,8 +29,8 @@ mod stream;
 
 pub use cid::{CidAllocator, CidLease, CidOptions, Reservation};
 pub use client::{
-    ConnHealth, TtrpcClient, connect_agent, connect_ttrpc, connect_ttrpc_with_retry, ttrpc_client,
-    ttrpc_client_tracked,
+    AgentCache, ConnHealth, TtrpcClient, connect_agent, connect_ttrpc, connect_ttrpc_with_retry,
+    ttrpc_client, ttrpc_client_tracked,
 };
 pub use dial::{GuestConn, HybridConn, dial, dial_with_retry};
 pub use error::{Error, Result};
