@@ -16,9 +16,9 @@ use async_trait::async_trait;
 use tokio::sync::broadcast;
 use vmkit_core::{
     Backend, Capabilities, CpuHotplugger, CpuInfo, CpuTopology, DeviceConfigurator, DiskConfig,
-    Error as CoreError, ExitInfo, GuestAddr, GuestClient, GuestCommunicator, GuestStream, Instance,
-    InstanceConfig, MemoryHotplugger, MemoryInfo, NicConfig, ResourceManager, StartOptions,
-    Timeouts, VcpuResize, VmEvent, VmInfo, VmState,
+    Error as CoreError, ExitInfo, GuestAddr, GuestClient, GuestCommunicator, GuestStream,
+    GuestTransport, Instance, InstanceConfig, MemoryHotplugger, MemoryInfo, NicConfig,
+    ResourceManager, StartOptions, Timeouts, VcpuResize, VmEvent, VmInfo, VmState,
 };
 
 use crate::feed::InstanceFeed;
@@ -193,7 +193,7 @@ impl PluginBackend {
             backend: self.name.clone(),
             config,
             feed,
-            agent: tokio::sync::Mutex::new(None),
+            agent: vmkit_vsock::AgentCache::new(),
         })
     }
 }
@@ -278,8 +278,8 @@ pub struct PluginInstance {
     feed: Arc<InstanceFeed>,
     cpus: Option<RemoteCpus>,
     memory: Option<RemoteMemory>,
-    /// The cached agent client and its health.
-    agent: tokio::sync::Mutex<Option<(GuestClient, vmkit_vsock::ConnHealth)>>,
+    /// The cached agent client.
+    agent: vmkit_vsock::AgentCache,
 }
 
 impl std::fmt::Debug for PluginInstance {
@@ -349,17 +349,6 @@ impl PluginInstance {
                 crate::wire::RemoteError("the plugin reports no guest address".into()),
             )
         })
-    }
-}
-
-/// A vsock error for `op` in the core's terms (a dial deadline is a timeout).
-fn vsock_error(op: &str, e: vmkit_vsock::Error) -> CoreError {
-    match e {
-        vmkit_vsock::Error::DialTimeout { after, .. } => CoreError::Timeout {
-            op: format!("{op}: {e}"),
-            after,
-        },
-        other => CoreError::backend(op.to_owned(), other),
     }
 }
 
@@ -536,24 +525,18 @@ impl DeviceConfigurator for PluginInstance {
 #[async_trait]
 impl GuestCommunicator for PluginInstance {
     async fn client(&self) -> vmkit_core::Result<GuestClient> {
-        let mut cached = self.agent.lock().await;
-        if let Some((client, health)) = cached.as_ref()
-            && health.is_alive()
-            && matches!(self.state(), VmState::Running | VmState::Paused)
-        {
-            return Ok(client.clone());
-        }
         let addr = self
             .guest("client", &[VmState::Running, VmState::Paused])
             .await?;
-        // A connection counts once the agent answers on it (one taken and dropped is
-        // an agent restarting, or a relay accepting before the agent does).
-        let deadline = tokio::time::Instant::now() + self.config.timeouts.dial;
-        let (client, health) = vmkit_vsock::connect_agent(&addr, deadline)
+        // Over virtio-serial the plugin's relay keeps the host's connection open while
+        // the guest's agent restarts: a cached client must answer before it is handed
+        // out (a paused guest cannot, and its client is kept).
+        let verify = matches!(self.config.transport, GuestTransport::VirtioSerial)
+            && self.state() == VmState::Running;
+        self.agent
+            .client(&addr, self.config.timeouts.dial, verify)
             .await
-            .map_err(|e| vsock_error("client", e))?;
-        *cached = Some((client.clone(), health));
-        Ok(client)
+            .map_err(|e| e.into_core("client"))
     }
 
     async fn dial_client(&self) -> vmkit_core::Result<GuestClient> {
@@ -562,7 +545,7 @@ impl GuestCommunicator for PluginInstance {
             .await?;
         vmkit_vsock::connect_ttrpc(&addr, self.config.timeouts.dial)
             .await
-            .map_err(|e| vsock_error("dial_client", e))
+            .map_err(|e| e.into_core("dial_client"))
     }
 
     async fn dial_client_with_retry(&self, timeout: Duration) -> vmkit_core::Result<GuestClient> {
@@ -574,14 +557,14 @@ impl GuestCommunicator for PluginInstance {
             .await?;
         vmkit_vsock::connect_ttrpc_with_retry(&addr, timeout)
             .await
-            .map_err(|e| vsock_error("dial_client_with_retry", e))
+            .map_err(|e| e.into_core("dial_client_with_retry"))
     }
 
     async fn start_stream(&self, port: u32) -> vmkit_core::Result<Box<dyn GuestStream>> {
         let addr = self.guest("start_stream", &[VmState::Running]).await?;
         let conn = vmkit_vsock::dial(&addr.with_port(port), self.config.timeouts.dial)
             .await
-            .map_err(|e| vsock_error("start_stream", e))?;
+            .map_err(|e| e.into_core("start_stream"))?;
         Ok(Box::new(conn))
     }
 }

@@ -74,6 +74,12 @@ impl Target for Plugged {
     fn environment_fault(&self, failure: &str) -> bool {
         vmkit_testkit::guest::vsock_daemon_fault(failure)
     }
+
+    /// The CID a kernel-vsock VM leased: the plugin's QEMU backend takes its lease in
+    /// the same lock dir, so the lock file tells from this process.
+    fn held_outside(&self, info: &vmkit_core::VmInfo) -> Result<Vec<String>, String> {
+        Ok(conformance::cid_still_leased(info, vmkit_qemu::cid_in_use))
+    }
 }
 
 fn ctx() -> ttrpc::context::Context {
@@ -177,8 +183,72 @@ async fn the_qemu_backend_loaded_from_its_library_passes_every_check() {
 async fn the_qemu_backend_out_of_process_passes_every_check() {
     let Some(image) = setup() else { return };
     let _slot = VMS.acquire().await.unwrap();
+    check(out_of_process(), image).await;
+}
+
+/// The QEMU backend served by `vmkit-backend-qemu`.
+fn out_of_process() -> PluginBackend {
     let binary = Path::new(env!("CARGO_BIN_EXE_vmkit-backend-qemu"));
     let channel = ProcessChannel::launch(binary, "qemu").unwrap();
-    let backend = PluginBackend::describe(Arc::clone(&channel) as _).unwrap();
-    check(backend, image).await;
+    PluginBackend::describe(Arc::clone(&channel) as _).unwrap()
+}
+
+/// What `script` printed, run by the guest agent's `sh`.
+async fn sh(agent: &vmkit_proto::AgentClient, script: &str) -> String {
+    let mut exec = vmkit_proto::agent::ExecRequest::new();
+    exec.argv = vec!["/bin/sh".into(), "-c".into(), script.into()];
+    let out = agent.exec(ctx(), &exec).await.unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// The guest agent's pid, as the agent's own `sh` child sees its parent.
+async fn agent_pid(agent: &vmkit_proto::AgentClient) -> String {
+    sh(agent, "echo $PPID").await
+}
+
+/// Over virtio-serial the backend process's relay keeps the host's connection open
+/// while the guest's agent restarts, and QEMU says the port closed at most once a
+/// second: the host's `client()` must still reach each new agent, however slowly it
+/// comes (issue 22), through the process boundary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_reaches_a_restarted_agent_over_virtio_serial_out_of_process() {
+    let Some(image) = setup() else { return };
+    let _slot = VMS.acquire().await.unwrap();
+    let backend = out_of_process();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = image.config("restart", &dir.path().join("restart"));
+    config.transport = vmkit_core::GuestTransport::VirtioSerial;
+    let vm = backend.create(config).unwrap();
+    vm.start(StartOptions::new()).await.unwrap();
+    let mut pid = agent_pid(&vmkit_proto::AgentClient::new(vm.client().await.unwrap())).await;
+    for (n, slow_ms) in [300u64, 1100, 700, 1300, 100].into_iter().enumerate() {
+        let slow = Duration::from_millis(slow_ms);
+        let killer = format!(
+            "echo {}.{:03} > /run/vmkit-agent.restart_delay; \
+             (sleep 0.1; kill -9 $(pidof vmkit-agent)) >/dev/null 2>&1 &",
+            slow.as_secs(),
+            slow.subsec_millis()
+        );
+        sh(
+            &vmkit_proto::AgentClient::new(vm.client().await.unwrap()),
+            &killer,
+        )
+        .await;
+        // Past the kill; the new agent may be up or still coming, and nothing has
+        // told the host either way.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let again = vm
+            .client()
+            .await
+            .unwrap_or_else(|e| panic!("restart {n} ({slow_ms} ms): client(): {e}"));
+        let again = vmkit_proto::AgentClient::new(again);
+        again
+            .ping(ctx(), &vmkit_proto::agent::PingRequest::new())
+            .await
+            .unwrap_or_else(|e| panic!("restart {n} ({slow_ms} ms): ping the new agent: {e}"));
+        let next = agent_pid(&again).await;
+        assert_ne!(next, pid, "restart {n}: a new agent answered");
+        pid = next;
+    }
+    vm.shutdown().await.unwrap();
 }
