@@ -92,25 +92,21 @@ impl Instance for NullVm {
     }
 
     async fn shutdown(&self) -> Result<ExitInfo> {
-        let reason = match self.life.state() {
-            VmState::New => ExitReason::NeverStarted,
-            _ => ExitReason::HostShutdown,
+        // Ended, being stopped, never started: the answer is known. Else stop it.
+        let _stop = match self.life.begin_shutdown().await {
+            Ok(stop) => stop,
+            Err(known) => return Ok(known),
         };
-        let exit = ExitInfo {
-            reason,
-            ..ExitInfo::never_started()
-        };
+        let exit = ExitInfo::new(ExitReason::HostShutdown);
         Ok(self.life.end(exit, async {}).await)
     }
 
     async fn pause(&self) -> Result<()> {
-        self.life
-            .transition("pause", VmState::Running, VmState::Paused)
+        self.life.pause(async { Ok(()) }).await
     }
 
     async fn resume(&self) -> Result<()> {
-        self.life
-            .transition("resume", VmState::Paused, VmState::Running)
+        self.life.resume(async { Ok(()) }).await
     }
 
     async fn wait(&self) -> ExitInfo {

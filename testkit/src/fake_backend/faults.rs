@@ -3,74 +3,57 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-/// An operation of the fake VM that a fault can be attached to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum Op {
-    /// `start`.
-    Start,
-    /// `shutdown`.
-    Shutdown,
-    /// `pause`.
-    Pause,
-    /// `resume`.
-    Resume,
-    /// `hotplug_cpu` (and each vCPU `set_vcpus` adds).
-    HotplugCpu,
-    /// `unplug_cpu` (and each vCPU `set_vcpus` removes).
-    UnplugCpu,
-    /// `hotplug_memory`.
-    HotplugMemory,
-    /// `unplug_memory`.
-    UnplugMemory,
-    /// `hotplug_disk`.
-    HotplugDisk,
-    /// `hotplug_nic`.
-    HotplugNic,
-    /// `unplug` (a disk or NIC).
-    Unplug,
-    /// `state()` (synchronous: a fault there blocks the caller's thread).
-    State,
-    /// `vm_info()` (synchronous, as `State`).
-    VmInfo,
+/// `Op`, its names and the list of all, from one table.
+macro_rules! ops {
+    ($($(#[$doc:meta])* $op:ident = $name:literal,)*) => {
+        /// An operation of the fake VM that a fault can be attached to.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[non_exhaustive]
+        pub enum Op {
+            $($(#[$doc])* $op,)*
+        }
+
+        impl Op {
+            /// The operation's name, as errors give it.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(Op::$op => $name,)*
+                }
+            }
+
+            /// Every operation, for parsing.
+            const ALL: &'static [Op] = &[$(Op::$op,)*];
+        }
+    };
 }
 
-impl Op {
-    /// The operation's name, as errors give it.
-    pub fn name(self) -> &'static str {
-        match self {
-            Op::Start => "start",
-            Op::Shutdown => "shutdown",
-            Op::Pause => "pause",
-            Op::Resume => "resume",
-            Op::HotplugCpu => "hotplug_cpu",
-            Op::UnplugCpu => "unplug_cpu",
-            Op::HotplugMemory => "hotplug_memory",
-            Op::UnplugMemory => "unplug_memory",
-            Op::HotplugDisk => "hotplug_disk",
-            Op::HotplugNic => "hotplug_nic",
-            Op::Unplug => "unplug",
-            Op::State => "state",
-            Op::VmInfo => "vm_info",
-        }
-    }
-
-    /// Every operation, for parsing.
-    const ALL: [Op; 13] = [
-        Op::Start,
-        Op::Shutdown,
-        Op::Pause,
-        Op::Resume,
-        Op::HotplugCpu,
-        Op::UnplugCpu,
-        Op::HotplugMemory,
-        Op::UnplugMemory,
-        Op::HotplugDisk,
-        Op::HotplugNic,
-        Op::Unplug,
-        Op::State,
-        Op::VmInfo,
-    ];
+ops! {
+    /// `start`.
+    Start = "start",
+    /// `shutdown`.
+    Shutdown = "shutdown",
+    /// `pause`.
+    Pause = "pause",
+    /// `resume`.
+    Resume = "resume",
+    /// `hotplug_cpu` (and each vCPU `set_vcpus` adds).
+    HotplugCpu = "hotplug_cpu",
+    /// `unplug_cpu` (and each vCPU `set_vcpus` removes).
+    UnplugCpu = "unplug_cpu",
+    /// `hotplug_memory`.
+    HotplugMemory = "hotplug_memory",
+    /// `unplug_memory`.
+    UnplugMemory = "unplug_memory",
+    /// `hotplug_disk`.
+    HotplugDisk = "hotplug_disk",
+    /// `hotplug_nic`.
+    HotplugNic = "hotplug_nic",
+    /// `unplug` (a disk or NIC).
+    Unplug = "unplug",
+    /// `state()` (synchronous: a fault there blocks the caller's thread).
+    State = "state",
+    /// `vm_info()` (synchronous, as `State`).
+    VmInfo = "vm_info",
 }
 
 /// What an operation does instead of, or before, its work.
@@ -144,7 +127,7 @@ impl Faults {
                     format!("{pair:?}: expected op=fault"),
                 ));
             };
-            let Some(op) = Op::ALL.into_iter().find(|op| op.name() == name) else {
+            let Some(op) = Op::ALL.iter().copied().find(|op| op.name() == name) else {
                 return Err(vmkit_core::Error::config(
                     "backend_options.faults",
                     format!("{name:?} is no operation of the fake VM"),
@@ -156,14 +139,10 @@ impl Faults {
     }
 
     pub(crate) fn set(&mut self, op: Op, fault: Option<Fault>) {
-        match fault {
-            Some(fault) => {
-                self.per_op.insert(op, fault);
-            }
-            None => {
-                self.per_op.remove(&op);
-            }
-        }
+        let _ = match fault {
+            Some(fault) => self.per_op.insert(op, fault),
+            None => self.per_op.remove(&op),
+        };
     }
 
     pub(crate) fn get(&self, op: Op) -> Option<Fault> {

@@ -46,9 +46,9 @@ use async_trait::async_trait;
 use tokio::sync::broadcast;
 use vmkit_core::{
     Backend, Capabilities, CpuHotplugger, DeviceConfigurator, DiskConfig, Error, ExitInfo,
-    ExitReason, GuestClient, GuestCommunicator, GuestStream, Instance, InstanceConfig, Lifecycle,
-    MemoryHotplugger, NicConfig, ResourceManager, ShutdownStage, StartOptions, StateDirLock,
-    VmEvent, VmInfo, VmState,
+    ExitReason, GuestAddr, GuestClient, GuestCommunicator, GuestStream, Instance, InstanceConfig,
+    Lifecycle, MemoryHotplugger, NicConfig, ResourceManager, ShutdownStage, StartOptions,
+    StateDirLock, VmEvent, VmInfo, VmState,
 };
 
 use faults::Faults;
@@ -184,13 +184,16 @@ impl FakeBackend {
             }),
             resources: Mutex::new(resources),
             held: Arc::default(),
-            dialing: tokio::sync::Mutex::new(()),
+            agent: Arc::default(),
             config,
         });
         // However the VM ends (a dropped start or instance included), what it holds
-        // goes: the agent, its sockets, the state dir's lock.
-        let held = Arc::clone(&vm.held);
-        vm.life.on_end(move || lock(&held).release());
+        // goes: the agent (its sockets removed), its client, the state dir's lock.
+        let (held, agent) = (Arc::clone(&vm.held), Arc::clone(&vm.agent));
+        vm.life.on_end(move || {
+            *lock(&held) = Held::default();
+            agent.forget();
+        });
         lock(live()).insert(vm.config.id.clone(), Arc::downgrade(&vm));
         Ok(FakeInstance {
             cpus: FakeCpus::new(Arc::clone(&vm)),
@@ -245,8 +248,8 @@ pub(crate) struct Vm {
     devices: Mutex<Devices>,
     pub(crate) resources: Mutex<Resources>,
     held: Arc<Mutex<Held>>,
-    /// Held while the cached client is re-dialled.
-    dialing: tokio::sync::Mutex<()>,
+    /// The cached agent client.
+    agent: Arc<vmkit_vsock::AgentCache>,
 }
 
 /// Cold and hot devices, by id.
@@ -263,16 +266,6 @@ struct Devices {
 struct Held {
     lock: Option<StateDirLock>,
     agent: Option<vmkit_agent::Serving>,
-    cached: Option<GuestClient>,
-}
-
-impl Held {
-    /// Lets everything go: the agent stops (its sockets removed), the lock is released.
-    fn release(&mut self) {
-        self.cached = None;
-        self.agent = None;
-        self.lock = None;
-    }
 }
 
 impl Vm {
@@ -359,55 +352,14 @@ impl Vm {
         Ok(())
     }
 
-    /// The agent's socket, if the VM may be talked to (Running or Paused).
-    fn agent_socket(&self, op: &'static str) -> vmkit_core::Result<PathBuf> {
-        self.life
-            .require(op, &[VmState::Running, VmState::Paused])?;
-        Ok(self.ttrpc_socket())
-    }
-
-    /// One connection to the agent; `Ok` only once it answered a `Ping`.
-    async fn dial(&self, op: &'static str, timeout: Duration) -> vmkit_core::Result<GuestClient> {
-        let socket = self.agent_socket(op)?;
-        let deadline = tokio::time::Instant::now() + timeout;
-        let last = loop {
-            match try_dial(&socket, deadline).await {
-                Ok(client) => return Ok(client),
-                Err(cause) if tokio::time::Instant::now() >= deadline => break cause,
-                Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
-            }
-        };
-        Err(Error::Timeout {
-            op: format!(
-                "{op}: the agent at {} did not answer ({last})",
-                socket.display()
-            ),
-            after: timeout,
+    /// Where the agent listens, if the VM may be talked to in one of `allowed`.
+    fn guest(&self, op: &'static str, allowed: &[VmState]) -> vmkit_core::Result<GuestAddr> {
+        self.life.require(op, allowed)?;
+        Ok(GuestAddr::Unix {
+            dir: self.config.state_dir.clone(),
+            port: vmkit_proto::AGENT_PORT,
         })
     }
-}
-
-/// A TTRPC client on `socket` once its agent answered a `Ping` (before `deadline`).
-async fn try_dial(
-    socket: &std::path::Path,
-    deadline: tokio::time::Instant,
-) -> Result<GuestClient, String> {
-    let stream = tokio::time::timeout_at(deadline, tokio::net::UnixStream::connect(socket))
-        .await
-        .map_err(|_| "connect timed out".to_owned())?
-        .map_err(|e| format!("connect: {e}"))?;
-    let client = ttrpc::r#async::Client::new(ttrpc::r#async::transport::Socket::new(stream));
-    let agent = vmkit_proto::AgentClient::new(client.clone());
-    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-    let nanos = i64::try_from(left.as_nanos()).unwrap_or(i64::MAX);
-    agent
-        .ping(
-            ttrpc::context::with_timeout(nanos),
-            &vmkit_proto::agent::PingRequest::new(),
-        )
-        .await
-        .map_err(|e| format!("Ping: {e}"))?;
-    Ok(client)
 }
 
 /// Blocks the calling thread for good: [`Fault::Block`], a plugin bug on purpose.
@@ -419,13 +371,7 @@ fn block_forever() -> ! {
 
 /// How a crash ends the fake VM.
 fn crashed() -> ExitInfo {
-    ExitInfo {
-        reason: ExitReason::Crashed,
-        stage: None,
-        exit_code: None,
-        signal: None,
-        message: Some("the fake VM crashed as told".to_owned()),
-    }
+    ExitInfo::new(ExitReason::Crashed).with_message("the fake VM crashed as told")
 }
 
 impl FakeInstance {
@@ -451,9 +397,7 @@ impl FakeInstance {
         lock(&self.vm.faults).agent_silent = silent;
         let running = matches!(self.vm.life.state(), VmState::Running | VmState::Paused);
         if silent {
-            let mut held = lock(&self.vm.held);
-            held.agent = None;
-            held.cached = None;
+            lock(&self.vm.held).agent = None;
         } else if running && lock(&self.vm.held).agent.is_none() {
             self.vm.serve_agent()?;
         }
@@ -513,14 +457,8 @@ impl Instance for FakeInstance {
             }
         };
         if let Err(e) = result {
-            vm.end(ExitInfo {
-                reason: ExitReason::StartFailed,
-                stage: None,
-                exit_code: None,
-                signal: None,
-                message: Some(e.to_string()),
-            })
-            .await;
+            vm.end(ExitInfo::new(ExitReason::StartFailed).with_message(e.to_string()))
+                .await;
             attempt.failed();
             return Err(e);
         }
@@ -530,61 +468,35 @@ impl Instance for FakeInstance {
 
     async fn shutdown(&self) -> vmkit_core::Result<ExitInfo> {
         let vm = &self.vm;
-        if let Some(info) = vm.life.exit() {
-            return Ok(info);
-        }
-        let Some(_stop) = vm.life.begin_stop() else {
-            return Ok(vm.life.wait_exit().await);
+        let _stop = match vm.life.begin_shutdown().await {
+            Ok(stop) => stop,
+            Err(known) => return Ok(known),
         };
-        if vm
-            .life
-            .transition("shutdown", VmState::New, VmState::Shutdown)
-            .is_ok()
-        {
-            return Ok(vm.end(ExitInfo::never_started()).await);
-        }
         // A shutdown always ends the VM: a fault only delays it (a real backend goes on
         // to its next, forced stage when one fails), or crashes it first.
         let _ = vm.fault(Op::Shutdown, vm.config.timeouts.command).await;
         // A cooperative guest powers off on the ACPI button; a paused one cannot, so the
         // VMM is quit.
-        let info = match vm.life.state() {
-            VmState::Paused => ExitInfo {
-                reason: ExitReason::HostShutdown,
-                stage: Some(ShutdownStage::Quit),
-                exit_code: Some(0),
-                signal: None,
-                message: None,
-            },
-            _ => ExitInfo {
-                reason: ExitReason::GuestShutdown,
-                stage: Some(ShutdownStage::AcpiPowerdown),
-                exit_code: Some(0),
-                signal: None,
-                message: None,
-            },
+        let (reason, stage) = match vm.life.state() {
+            VmState::Paused => (ExitReason::HostShutdown, ShutdownStage::Quit),
+            _ => (ExitReason::GuestShutdown, ShutdownStage::AcpiPowerdown),
         };
+        let info = ExitInfo::new(reason).with_stage(stage).with_exit_code(0);
         Ok(vm.end(info).await)
     }
 
     async fn pause(&self) -> vmkit_core::Result<()> {
         let vm = &self.vm;
-        vm.life.require("pause", &[VmState::Running])?;
-        vm.fault(Op::Pause, vm.config.timeouts.command).await?;
         vm.life
-            .transition("pause", VmState::Running, VmState::Paused)?;
-        vm.life.publish(VmEvent::Stopped);
-        Ok(())
+            .pause(vm.fault(Op::Pause, vm.config.timeouts.command))
+            .await
     }
 
     async fn resume(&self) -> vmkit_core::Result<()> {
         let vm = &self.vm;
-        vm.life.require("resume", &[VmState::Paused])?;
-        vm.fault(Op::Resume, vm.config.timeouts.command).await?;
         vm.life
-            .transition("resume", VmState::Paused, VmState::Running)?;
-        vm.life.publish(VmEvent::Resumed);
-        Ok(())
+            .resume(vm.fault(Op::Resume, vm.config.timeouts.command))
+            .await
     }
 
     async fn wait(&self) -> ExitInfo {
@@ -722,59 +634,38 @@ impl FakeInstance {
     }
 }
 
+/// The states in which the agent may be called.
+const LIVE: &[VmState] = &[VmState::Running, VmState::Paused];
+
 #[async_trait]
 impl GuestCommunicator for FakeInstance {
     async fn client(&self) -> vmkit_core::Result<GuestClient> {
-        let vm = &self.vm;
-        vm.agent_socket("client")?;
-        if let Some(client) = lock(&vm.held).cached.clone() {
-            return Ok(client);
-        }
-        let _dialing = vm.dialing.lock().await;
-        if let Some(client) = lock(&vm.held).cached.clone() {
-            return Ok(client);
-        }
-        let client = vm.dial("client", vm.config.timeouts.dial).await?;
-        lock(&vm.held).cached = Some(client.clone());
-        Ok(client)
+        let addr = self.vm.guest("client", LIVE)?;
+        let dial = self.vm.config.timeouts.dial;
+        let client = self.vm.agent.client(&addr, dial, false).await;
+        client.map_err(|e| e.into_core("client"))
     }
 
     async fn dial_client(&self) -> vmkit_core::Result<GuestClient> {
-        // One attempt, as the contract says: a connection and a Ping within the dial
-        // deadline, no retry.
-        let socket = self.vm.agent_socket("dial_client")?;
-        let deadline = tokio::time::Instant::now() + self.vm.config.timeouts.dial;
-        try_dial(&socket, deadline).await.map_err(|cause| {
-            Error::io(
-                format!("dial_client {}", socket.display()),
-                std::io::Error::other(cause),
-            )
-        })
+        // One attempt, as the contract says: no retry.
+        let addr = self.vm.guest("dial_client", LIVE)?;
+        let client = vmkit_vsock::connect_ttrpc(&addr, self.vm.config.timeouts.dial).await;
+        client.map_err(|e| e.into_core("dial_client"))
     }
 
     async fn dial_client_with_retry(&self, timeout: Duration) -> vmkit_core::Result<GuestClient> {
-        self.vm.dial("dial_client_with_retry", timeout).await
+        let addr = self.vm.guest("dial_client_with_retry", LIVE)?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let agent = vmkit_vsock::connect_agent(&addr, deadline).await;
+        agent
+            .map(|(client, _)| client)
+            .map_err(|e| e.into_core("dial_client_with_retry"))
     }
 
     async fn start_stream(&self, port: u32) -> vmkit_core::Result<Box<dyn GuestStream>> {
-        let vm = &self.vm;
-        vm.life.require("start_stream", &[VmState::Running])?;
-        if port != vmkit_proto::STREAM_PORT {
-            return Err(Error::io(
-                format!("start_stream {port}"),
-                std::io::Error::new(
-                    std::io::ErrorKind::ConnectionRefused,
-                    format!(
-                        "nothing listens on guest port {port} (the agent's streams are on {})",
-                        vmkit_proto::STREAM_PORT
-                    ),
-                ),
-            ));
-        }
-        let stream = tokio::net::UnixStream::connect(vm.stream_socket())
-            .await
-            .map_err(|e| Error::io(format!("start_stream {port}"), e))?;
-        Ok(Box::new(stream))
+        let addr = self.vm.guest("start_stream", &[VmState::Running])?;
+        let conn = vmkit_vsock::dial(&addr.with_port(port), self.vm.config.timeouts.dial).await;
+        Ok(Box::new(conn.map_err(|e| e.into_core("start_stream"))?))
     }
 }
 
@@ -789,21 +680,5 @@ impl ResourceManager for FakeInstance {
         lock(&self.vm.resources)
             .memory_hotplug()
             .then_some(&self.memory as &dyn MemoryHotplugger)
-    }
-}
-
-impl Drop for FakeInstance {
-    fn drop(&mut self) {
-        // Dropping a live fake VM ends it: the agent stops, its sockets and the state
-        // dir's lock go (what a real backend does when its instance is dropped).
-        if self.vm.life.exit().is_none() {
-            self.vm.life.end_now(ExitInfo {
-                reason: ExitReason::HostShutdown,
-                stage: None,
-                exit_code: None,
-                signal: None,
-                message: Some("the instance was dropped".into()),
-            });
-        }
     }
 }
