@@ -24,7 +24,7 @@
 //! | `guest_calls_and_streams` | with `GUEST_AGENT`: calls at once on one client answer; with `GUEST_STREAMS`: a stream to the agent's stream port echoes 256 KiB byte-exact |
 //! | `two_runs_in_a_row` | a second VM on the same config (its state dir) starts and stops after the first |
 //! | `cancelled_start` | a `start` whose future is dropped midway (with [`Target::slow_start`]) ends like a failed one: `Shutdown` within 5 s, `Exited` published, nothing left |
-//! | `nothing_left` | after `shutdown` and the instance's drop: no process names the state dir (the VMM, its helpers), none holds a file in it, no Unix socket is bound or left in it, its lock is free, and the reported VMM process is gone — on a host where it cannot look (no `/proc`), the check fails instead of passing |
+//! | `nothing_left` | after `shutdown` and the instance's drop: no process names the state dir (the VMM, its helpers), none holds a file in it, no Unix socket is bound or left in it, its lock is free, the reported VMM process is gone, a TAP it created is gone, a CID it reported is not leased ([`Target::held_outside`]) — where it cannot look (no `/proc`, no `/sys/class/net`, a CID the target cannot check), the check fails instead of passing |
 //!
 //! Every call a check makes has a deadline from the config's timeouts (a `start`:
 //! `timeouts.start`; a `shutdown`: [`vmkit_core::Timeouts::shutdown_bound`]; two seconds
@@ -89,6 +89,23 @@ pub trait Target: Send + Sync {
     /// `None` (the default): the `cancelled_start` check is skipped, and says so.
     fn slow_start(&self, _id: &str) -> Option<InstanceConfig> {
         None
+    }
+
+    /// What a VM that reported `info` may still hold outside its state dir, which only
+    /// the target knows where to look for — a kernel-vsock CID lease — each as a
+    /// sentence, once it has ended (`nothing_left` asks). The default looks for nothing,
+    /// and so fails, saying it cannot look, for a VM that reported a CID.
+    ///
+    /// # Errors
+    /// What cannot be looked for.
+    fn held_outside(&self, info: &vmkit_core::VmInfo) -> Result<Vec<String>, String> {
+        match info.cid {
+            Some(cid) => Err(format!(
+                "the VM reported CID {cid}, and the target does not say how to look for its \
+                 lease (implement Target::held_outside)"
+            )),
+            None => Ok(Vec::new()),
+        }
     }
 
     /// Whether a check's failure text is a known fault of the target's environment,
@@ -942,6 +959,7 @@ async fn cancelled_start(target: &dyn Target) -> Result<String, String> {
 
 async fn nothing_left(target: &dyn Target) -> Result<String, String> {
     let config = target.config("conf-left");
+    let new_taps = taps_to_create(&config)?;
     let vm = create_from(target, config.clone())?;
     start(target, vm.as_ref()).await?;
     let info = vm.vm_info();
@@ -950,9 +968,51 @@ async fn nothing_left(target: &dyn Target) -> Result<String, String> {
         "vm_info() still reports a pid after shutdown".into()
     })?;
     drop(vm);
-    let left = leftovers(&config, Some(&info)).await?;
+    let mut left = leftovers(&config, Some(&info)).await?;
+    left.extend(target.held_outside(&info)?);
+    for tap in new_taps {
+        if std::path::Path::new(NET_DEVICES).join(&tap).exists() {
+            left.push(format!("the TAP {tap} the VM created is left"));
+        }
+    }
     ensure(left.is_empty(), || left.join("; "))?;
     Ok(String::new())
+}
+
+/// For [`Target::held_outside`]: the CID `info` reported, when `in_use` says it is
+/// still leased (e.g. `vmkit_qemu::cid_in_use`), as `nothing_left` reports it.
+pub fn cid_still_leased(info: &vmkit_core::VmInfo, in_use: impl Fn(u32) -> bool) -> Vec<String> {
+    info.cid
+        .filter(|cid| in_use(*cid))
+        .map(|cid| format!("CID {cid} is still leased"))
+        .into_iter()
+        .collect()
+}
+
+/// Where Linux lists network interfaces.
+const NET_DEVICES: &str = "/sys/class/net";
+
+/// The TAPs `config`'s NICs name that do not exist yet: the VM creates them, and they
+/// must go with it. `Err` when the host offers no way to look.
+fn taps_to_create(config: &InstanceConfig) -> Result<Vec<String>, String> {
+    let taps: Vec<&String> = config
+        .nics
+        .iter()
+        .filter_map(|nic| match &nic.backend {
+            vmkit_core::NicBackend::Tap { name } => Some(name),
+            _ => None,
+        })
+        .collect();
+    if !taps.is_empty() && !std::path::Path::new(NET_DEVICES).is_dir() {
+        return Err(format!(
+            "cannot look for leaked TAPs: this host has no {NET_DEVICES}"
+        ));
+    }
+    Ok(taps
+        .into_iter()
+        .filter(|tap| !std::path::Path::new(NET_DEVICES).join(tap).exists())
+        .cloned()
+        .collect())
 }
 
 /// What a VM of `config` (that reported `info` while it ran) left behind, looked for

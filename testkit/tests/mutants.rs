@@ -47,7 +47,22 @@ enum Mutation {
     LyingVcpus,
     /// Reports GUEST_STREAMS, but no stream opens.
     NoStreams,
+    /// Leases a kernel-vsock CID at start (reported in `vm_info`) and never releases it.
+    LeakCid,
+    /// Shutdown keeps a file of the state dir open.
+    LeakFd,
 }
+
+/// The CIDs mutants lease (lock files in a dir of their own).
+static CIDS: LazyLock<(tempfile::TempDir, vmkit_vsock::CidAllocator)> = LazyLock::new(|| {
+    let dir = tempfile::tempdir().unwrap();
+    let cids = vmkit_vsock::CidAllocator::new(vmkit_vsock::CidOptions {
+        lock_dir: Some(dir.path().into()),
+        ..vmkit_vsock::CidOptions::default()
+    })
+    .unwrap();
+    (dir, cids)
+});
 
 /// What a mutant leaks, kept past its instance's drop (so that the check sees it) and
 /// cleaned at the end of each test.
@@ -56,6 +71,8 @@ struct Leaks {
     sockets: Vec<std::os::unix::net::UnixListener>,
     helpers: Vec<std::process::Child>,
     locks: Vec<StateDirLock>,
+    cids: Vec<vmkit_vsock::CidLease>,
+    files: Vec<std::fs::File>,
 }
 
 static LEAKS: LazyLock<Mutex<Leaks>> = LazyLock::new(Mutex::default);
@@ -68,6 +85,8 @@ fn clean_leaks() {
     let mut leaks = leaks();
     leaks.sockets.clear();
     leaks.locks.clear();
+    leaks.cids.clear();
+    leaks.files.clear();
     for mut helper in leaks.helpers.drain(..) {
         let _ = helper.kill();
         let _ = helper.wait();
@@ -128,6 +147,9 @@ impl Instance for Mutant {
                 .unwrap();
             leaks().helpers.push(helper);
         }
+        if self.mutation == Mutation::LeakCid {
+            leaks().cids.push(CIDS.1.allocate().unwrap());
+        }
         if self.mutation == Mutation::DetachedStart {
             let inner = Arc::clone(&self.inner);
             return tokio::spawn(async move { inner.start(opts).await })
@@ -166,6 +188,10 @@ impl Instance for Mutant {
                 let lock = self.config.layout().lock("mutant", "a mutant").unwrap();
                 leaks().locks.push(lock);
             }
+            Mutation::LeakFd => {
+                let path = self.config.state_dir.join("console.log");
+                leaks().files.push(std::fs::File::create(path).unwrap());
+            }
             _ => {}
         }
         Ok(exit)
@@ -199,6 +225,7 @@ impl Instance for Mutant {
         match self.mutation {
             Mutation::LyingCapability => info.capabilities |= Capabilities::CPU_HOTPLUG,
             Mutation::LyingDiskHotplug => info.capabilities |= Capabilities::DISK_HOTPLUG,
+            Mutation::LeakCid => info.cid = leaks().cids.last().map(vmkit_vsock::CidLease::cid),
             _ => {}
         }
         info
@@ -351,6 +378,12 @@ impl Target for MutantTarget {
         false
     }
 
+    fn held_outside(&self, info: &VmInfo) -> Result<Vec<String>, String> {
+        Ok(conformance::cid_still_leased(info, |cid| {
+            CIDS.1.in_use(cid)
+        }))
+    }
+
     fn slow_start(&self, id: &str) -> Option<InstanceConfig> {
         let mut config = self.config(id);
         config
@@ -395,6 +428,52 @@ async fn a_leaked_socket_is_caught_by_nothing_left() {
 async fn a_leaked_helper_process_is_caught_by_nothing_left() {
     let _one = ONE.lock().await;
     caught(Mutation::LeakHelper, "nothing_left", "names the state dir").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaked_cid_lease_is_caught_by_nothing_left() {
+    let _one = ONE.lock().await;
+    caught(Mutation::LeakCid, "nothing_left", "is still leased").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaked_fd_is_caught_by_nothing_left() {
+    let _one = ONE.lock().await;
+    caught(Mutation::LeakFd, "nothing_left", "console.log open").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cid_the_target_cannot_look_for_fails_nothing_left() {
+    let _one = ONE.lock().await;
+    let target = Blind(MutantTarget {
+        backend: MutantBackend(Mutation::LeakCid),
+        dir: tempfile::tempdir().unwrap(),
+    });
+    let outcome = conformance::run_one(&target, "nothing_left").await.unwrap();
+    clean_leaks();
+    let text = outcome.result.unwrap_err();
+    assert!(
+        text.contains("does not say how to look for its lease"),
+        "{text}"
+    );
+}
+
+/// A target that does not say how to look for a CID lease.
+struct Blind(MutantTarget);
+
+#[async_trait]
+impl Target for Blind {
+    fn backend(&self) -> &dyn Backend {
+        self.0.backend()
+    }
+
+    fn config(&self, id: &str) -> InstanceConfig {
+        self.0.config(id)
+    }
+
+    async fn crash(&self, vm: &dyn Instance) -> bool {
+        self.0.crash(vm).await
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

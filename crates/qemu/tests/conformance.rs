@@ -42,6 +42,11 @@ impl Target for RealGuest {
         Some(self.config(id))
     }
 
+    /// The CID a kernel-vsock VM leased, in this process or (lock file) any other.
+    fn held_outside(&self, info: &vmkit_core::VmInfo) -> Result<Vec<String>, String> {
+        Ok(conformance::cid_still_leased(info, vmkit_qemu::cid_in_use))
+    }
+
     /// vhost-device-vsock 0.3's daemon that never serves its guest, about one VM in
     /// a hundred (docs/guest-communication.md): the real-VM tests start such a VM once
     /// more, and so does the suite.
