@@ -19,7 +19,7 @@
 //! | `wait_after_a_crash` | a VM that dies resolves `wait()` with `Crashed` and ends in `Shutdown` (with [`Target::crash`]) |
 //! | `start_timeout` | a slow start given a short deadline (`StartOptions::with_timeout`) fails with `Timeout` by it, ends in `Shutdown` and leaves nothing (with [`Target::slow_start`]) |
 //! | `concurrent_calls` | two `start`s at once: exactly one succeeds, the other is `InvalidState`; then many reads and agent calls at once all answer |
-//! | `device_hotplug` | with `DISK_HOTPLUG`: a hot-plugged disk is accepted, a duplicate id is `BadArgument`, its unplug succeeds (with `DeviceDeleted` published), a second unplug is `NotFound`; without it, `hotplug_disk` is `Unsupported` |
+//! | `device_hotplug` | with `DISK_HOTPLUG`: a hot-plugged disk is accepted, a duplicate id is `BadArgument`, its unplug succeeds (with `DeviceDeleted` published), a second unplug is `NotFound`; without it, `hotplug_disk` is `Unsupported`. The same for a NIC ([`Target::nic`]) with `NIC_HOTPLUG` |
 //! | `resource_hotplug` | with `CPU_HOTPLUG`: `set_vcpus(n + 1)` reaches it and `query_cpus` shows it; with `MEMORY_HOTPLUG`: `hotplug_memory` adds to `query_memory`'s plugged memory |
 //! | `guest_calls_and_streams` | with `GUEST_AGENT`: calls at once on one client answer; with `GUEST_STREAMS`: a stream to the agent's stream port echoes 256 KiB byte-exact |
 //! | `two_runs_in_a_row` | a second VM on the same config (its state dir) starts and stops after the first |
@@ -77,6 +77,13 @@ pub trait Target: Send + Sync {
 
     /// A disk image a test VM may cold-plug (`None`: the device checks use none).
     fn disk(&self) -> Option<std::path::PathBuf> {
+        None
+    }
+
+    /// A NIC named `id` the backend can hot-plug on this host (a TAP where the backend
+    /// needs one). `None` (the default): `device_hotplug` leaves NICs out, and its note
+    /// says so.
+    fn nic(&self, _id: &str) -> Option<vmkit_core::NicConfig> {
         None
     }
 
@@ -793,7 +800,46 @@ async fn device_hotplug(target: &dyn Target) -> Result<String, String> {
         Err(Error::NotFound { .. }) => {}
         other => return Err(format!("a second unplug: {other:?}, expected NotFound")),
     }
+    let note = nic_hotplug(target, vm.as_ref(), hotplug).await?;
     shutdown(target, vm.as_ref()).await?;
+    Ok(note)
+}
+
+/// A NIC hot-plugged, refused a second time under its id, and unplugged (or
+/// `Unsupported` without `NIC_HOTPLUG`). The note says when the target gave no NIC.
+async fn nic_hotplug(
+    target: &dyn Target,
+    vm: &dyn Instance,
+    hotplug: Duration,
+) -> Result<String, String> {
+    let Some(nic) = target.nic("conf-nic") else {
+        return Ok("NICs left out: the target gives no NIC (Target::nic)".into());
+    };
+    let plugged = bounded("hotplug_nic", hotplug, vm.hotplug_nic(nic.clone())).await?;
+    if !vm
+        .vm_info()
+        .capabilities
+        .contains(Capabilities::NIC_HOTPLUG)
+    {
+        return match plugged {
+            Err(Error::Unsupported { .. }) => Ok(String::new()),
+            other => Err(format!(
+                "hotplug_nic without NIC_HOTPLUG: {other:?}, expected Unsupported"
+            )),
+        };
+    }
+    plugged.map_err(|e| format!("hotplug_nic with NIC_HOTPLUG: {e}"))?;
+    match bounded("hotplug_nic", hotplug, vm.hotplug_nic(nic)).await? {
+        Err(Error::BadArgument { .. }) => {}
+        other => {
+            return Err(format!(
+                "a duplicate NIC id: {other:?}, expected BadArgument"
+            ));
+        }
+    }
+    bounded("unplug", hotplug, vm.unplug("conf-nic"))
+        .await?
+        .map_err(|e| format!("unplug a hot-plugged NIC: {e}"))?;
     Ok(String::new())
 }
 

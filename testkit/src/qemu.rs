@@ -43,6 +43,25 @@ pub fn under_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
 }
 
+/// A TAP NIC `id` on a TAP this process may create (`probe` is the backend's check,
+/// e.g. `vmkit_qemu::probe_tap`), named for this process; `None` where the host
+/// refuses TAP (no root, no `/dev/net/tun`).
+///
+/// # Panics
+/// Under CI (root with a tun device), when the TAP cannot be created.
+pub fn tap_nic(
+    id: &str,
+    probe: impl FnOnce(&str) -> std::io::Result<()>,
+) -> Option<vmkit_core::NicConfig> {
+    let name = format!("vmkc{}", std::process::id() % 100_000);
+    match probe(&name) {
+        Ok(()) => Some(vmkit_core::NicConfig::tap(id, name, None)),
+        #[allow(clippy::panic)] // CI must not skip what it can run
+        Err(e) if under_ci() => panic!("CI is set but TAP {name} cannot be created: {e}"),
+        Err(_) => None,
+    }
+}
+
 /// The QEMU binary, or `None` with a note on stderr so the caller can skip.
 ///
 /// # Panics

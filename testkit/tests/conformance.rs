@@ -41,6 +41,10 @@ impl Target for Fake {
         Some(self.dir.path().join("disk.img"))
     }
 
+    fn nic(&self, id: &str) -> Option<vmkit_core::NicConfig> {
+        Some(vmkit_core::NicConfig::user(id))
+    }
+
     async fn crash(&self, vm: &dyn Instance) -> bool {
         fake_backend::crash(&vm.vm_info().id).await
     }

@@ -11,7 +11,7 @@
 
 use std::sync::LazyLock;
 
-use vmkit_core::{InstanceConfig, NicBackend, NicConfig};
+use vmkit_core::{InstanceConfig, NicConfig};
 use vmkit_testkit::fake_backend::{FakeBackend, FakeInstance};
 use vmkit_testkit::model::{self, ModelTarget};
 
@@ -44,11 +44,7 @@ impl ModelTarget for Fake {
     }
 
     fn nic(id: &str) -> Option<NicConfig> {
-        Some(NicConfig {
-            id: id.into(),
-            backend: NicBackend::User,
-            mac: None,
-        })
+        Some(NicConfig::user(id))
     }
 
     async fn crash(vm: &FakeInstance) {

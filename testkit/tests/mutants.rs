@@ -47,6 +47,8 @@ enum Mutation {
     LyingVcpus,
     /// Reports GUEST_STREAMS, but no stream opens.
     NoStreams,
+    /// Reports NIC_HOTPLUG, but `hotplug_nic` is `Unsupported`.
+    LyingNicHotplug,
     /// Leases a kernel-vsock CID at start (reported in `vm_info`) and never releases it.
     LeakCid,
     /// Shutdown keeps a file of the state dir open.
@@ -225,6 +227,7 @@ impl Instance for Mutant {
         match self.mutation {
             Mutation::LyingCapability => info.capabilities |= Capabilities::CPU_HOTPLUG,
             Mutation::LyingDiskHotplug => info.capabilities |= Capabilities::DISK_HOTPLUG,
+            Mutation::LyingNicHotplug => info.capabilities |= Capabilities::NIC_HOTPLUG,
             Mutation::LeakCid => info.cid = leaks().cids.last().map(vmkit_vsock::CidLease::cid),
             _ => {}
         }
@@ -258,6 +261,9 @@ impl DeviceConfigurator for Mutant {
     }
 
     async fn hotplug_nic(&self, nic: NicConfig) -> vmkit_core::Result<()> {
+        if self.mutation == Mutation::LyingNicHotplug {
+            return Err(Error::unsupported("hotplug_nic", "mutant", "no NICs"));
+        }
         self.inner.hotplug_nic(nic).await
     }
 
@@ -372,6 +378,10 @@ impl Target for MutantTarget {
         let path = self.dir.path().join("disk.img");
         std::fs::write(&path, b"").unwrap();
         Some(path)
+    }
+
+    fn nic(&self, id: &str) -> Option<vmkit_core::NicConfig> {
+        Some(vmkit_core::NicConfig::user(id))
     }
 
     async fn crash(&self, _vm: &dyn Instance) -> bool {
@@ -560,6 +570,17 @@ async fn a_racy_start_is_caught_by_concurrent_calls() {
         Mutation::RacyStart,
         "concurrent_calls",
         "exactly one must start the VM",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lying_nic_hotplug_is_caught_by_device_hotplug() {
+    let _one = ONE.lock().await;
+    caught(
+        Mutation::LyingNicHotplug,
+        "device_hotplug",
+        "hotplug_nic with NIC_HOTPLUG",
     )
     .await;
 }

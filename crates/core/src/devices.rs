@@ -199,6 +199,15 @@ impl NicConfig {
         }
     }
 
+    /// A NIC on the VMM's own user-mode network ([`NicBackend::User`]).
+    pub fn user(id: impl Into<String>) -> Self {
+        NicConfig {
+            id: id.into(),
+            backend: NicBackend::User,
+            mac: None,
+        }
+    }
+
     /// Checks the NIC; `field` is its place in the config (`nics[0]`), used in errors.
     ///
     /// # Errors

@@ -106,6 +106,10 @@ impl vmkit_testkit::conformance::Target for Loaded {
         Some(self.dir.path().join("vmlinuz"))
     }
 
+    fn nic(&self, id: &str) -> Option<vmkit_core::NicConfig> {
+        Some(vmkit_core::NicConfig::user(id))
+    }
+
     async fn crash(&self, _vm: &dyn Instance) -> bool {
         // The fake VMs live in the library's own copy of the testkit: out of reach.
         false

@@ -129,6 +129,10 @@ impl vmkit_testkit::conformance::Target for OutOfProcess {
         Some(self.dir.path().join("vmlinuz"))
     }
 
+    fn nic(&self, id: &str) -> Option<vmkit_core::NicConfig> {
+        Some(vmkit_core::NicConfig::user(id))
+    }
+
     async fn crash(&self, _vm: &dyn Instance) -> bool {
         signal(self.served.channel.pid(), nix::sys::signal::Signal::SIGUSR1);
         true
@@ -178,11 +182,7 @@ impl ModelTarget for ModelOutOfProcess {
     }
 
     fn nic(id: &str) -> Option<vmkit_core::NicConfig> {
-        Some(vmkit_core::NicConfig {
-            id: id.into(),
-            backend: vmkit_core::NicBackend::User,
-            mac: None,
-        })
+        Some(vmkit_core::NicConfig::user(id))
     }
 
     async fn crash(_vm: &PluginInstance) {

@@ -655,6 +655,14 @@ impl vmkit_testkit::conformance::Target for FakeQemuTarget {
         Some(self.template.vm.config().kernel.path.clone())
     }
 
+    /// The CID the VM leased (none: the fake QEMU's guest is on hybrid vsock).
+    fn held_outside(&self, info: &vmkit_core::VmInfo) -> Result<Vec<String>, String> {
+        Ok(vmkit_testkit::conformance::cid_still_leased(
+            info,
+            vmkit_qemu::cid_in_use,
+        ))
+    }
+
     async fn crash(&self, vm: &dyn Instance) -> bool {
         vmkit_testkit::conformance::kill_vmm(vm)
     }

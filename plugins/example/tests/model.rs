@@ -7,7 +7,7 @@
 
 use std::sync::LazyLock;
 
-use vmkit_core::{Backend, Instance, InstanceConfig, NicBackend, NicConfig};
+use vmkit_core::{Backend, Instance, InstanceConfig, NicConfig};
 use vmkit_plugin_example::NullBackend;
 use vmkit_testkit::model::{self, ModelTarget};
 
@@ -32,11 +32,7 @@ impl ModelTarget for Null {
     }
 
     fn nic(id: &str) -> Option<NicConfig> {
-        Some(NicConfig {
-            id: id.into(),
-            backend: NicBackend::User,
-            mac: None,
-        })
+        Some(NicConfig::user(id))
     }
 
     async fn crash(_vm: &Box<dyn Instance>) {
