@@ -68,6 +68,11 @@ async fn handle(mut conn: Box<dyn Conn>) {
             }
         }
         StreamHeader::Exec { argv } => exec_stream(conn, &argv).await,
+        // No process service yet (docs/decision-process-service.md): no id is known.
+        StreamHeader::Attach { id, stream, .. } => {
+            let reason = format!("attach {id} {}: no such process", stream.name());
+            refuse(conn, &reason).await;
+        }
     }
 }
 

@@ -361,8 +361,11 @@ async fn streams_echo_and_carry_a_programs_stdio_and_refuse_bad_headers() {
     let (_, reply) = stream(&agent.stream_path(), b"VMKIT-STREAM/1 tar\n").await;
     assert_eq!(
         reply,
-        "ERR unknown stream kind \"tar\" (known: echo, exec)\n"
+        "ERR unknown stream kind \"tar\" (known: echo, exec, attach)\n"
     );
+    // The header is understood; the process service that owns ids is not built yet.
+    let (_, reply) = stream(&agent.stream_path(), b"VMKIT-STREAM/1 attach 3 stdout\n").await;
+    assert_eq!(reply, "ERR attach 3 stdout: no such process\n");
     let (_, reply) = stream(&agent.stream_path(), b"VMKIT-STREAM/1 exec [\"/nope\"]\n").await;
     assert!(reply.starts_with("ERR exec /nope: No such file"), "{reply}");
     let (_, reply) = stream(&agent.stream_path(), &[b'x'; 5000]).await;

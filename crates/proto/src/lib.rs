@@ -41,7 +41,7 @@ mod generated {
 pub use framed::FramedStream;
 pub use generated::agent;
 pub use generated::agent_ttrpc::{Agent, AgentClient, create_agent};
-pub use stream::{MAGIC, MAX_HEADER, StreamHeader, StreamHeaderError, StreamReply};
+pub use stream::{MAGIC, MAX_HEADER, StdioStream, StreamHeader, StreamHeaderError, StreamReply};
 
 /// The vsock port the agent serves its TTRPC service on.
 pub const AGENT_PORT: u32 = 1025;

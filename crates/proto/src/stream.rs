@@ -8,6 +8,7 @@
 //! agent → OK\n
 //! host  → VMKIT-STREAM/1 exec ["cat","-n"]\n
 //! agent → ERR exec cat: No such file or directory\n
+//! host  → VMKIT-STREAM/1 attach 7 stdout from=4096\n
 //! ```
 
 /// What every header starts with: the protocol and its version.
@@ -27,6 +28,54 @@ pub enum StreamHeader {
         /// The program and its arguments.
         argv: Vec<String>,
     },
+    /// One stdio stream of a process the agent's process service spawned (see
+    /// `docs/decision-process-service.md`): `id` is the agent's process id, `from` the
+    /// number of bytes of that stream the host has already received (0 on a first
+    /// attach; a reconnecting host resumes there).
+    Attach {
+        /// The agent's process id.
+        id: u64,
+        /// Which stream.
+        stream: StdioStream,
+        /// Bytes of the stream the host already has.
+        from: u64,
+    },
+}
+
+/// A process's stdio stream, as [`StreamHeader::Attach`] names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StdioStream {
+    /// Its stdin (host → process).
+    Stdin,
+    /// Its stdout.
+    Stdout,
+    /// Its stderr.
+    Stderr,
+    /// Its TTY, both ways (a process spawned with one has no other stream).
+    Tty,
+}
+
+impl StdioStream {
+    /// The stream's name on the wire.
+    pub fn name(self) -> &'static str {
+        match self {
+            StdioStream::Stdin => "stdin",
+            StdioStream::Stdout => "stdout",
+            StdioStream::Stderr => "stderr",
+            StdioStream::Tty => "tty",
+        }
+    }
+
+    fn from_name(name: &str) -> Option<StdioStream> {
+        [
+            StdioStream::Stdin,
+            StdioStream::Stdout,
+            StdioStream::Stderr,
+            StdioStream::Tty,
+        ]
+        .into_iter()
+        .find(|s| s.name() == name)
+    }
 }
 
 /// Why a header or reply line was refused.
@@ -45,7 +94,7 @@ pub enum StreamHeaderError {
     #[error("not a vmkit stream header (expected {MAGIC:?}): {0:?}")]
     BadMagic(String),
     /// A kind the agent does not know.
-    #[error("unknown stream kind {0:?} (known: echo, exec)")]
+    #[error("unknown stream kind {0:?} (known: echo, exec, attach)")]
     UnknownKind(String),
     /// The kind's argument is malformed.
     #[error("bad {kind} stream argument: {reason}")]
@@ -80,6 +129,10 @@ impl StreamHeader {
                 let json = serde_json::to_string(argv).unwrap_or_default();
                 format!("{MAGIC} exec {json}\n")
             }
+            StreamHeader::Attach { id, stream, from } => match from {
+                0 => format!("{MAGIC} attach {id} {}\n", stream.name()),
+                from => format!("{MAGIC} attach {id} {} from={from}\n", stream.name()),
+            },
         };
         if line.len() > MAX_HEADER {
             return Err(StreamHeaderError::TooLong);
@@ -118,8 +171,47 @@ impl StreamHeader {
                 }
                 Ok(StreamHeader::Exec { argv })
             }
+            "attach" => parse_attach(arg),
             other => Err(StreamHeaderError::UnknownKind(shorten(other))),
         }
+    }
+}
+
+/// `<id> <stream>[ from=<offset>]`: decimal numbers (no sign, no leading zeros beyond
+/// a lone 0), a known stream, nothing else.
+fn parse_attach(arg: &str) -> Result<StreamHeader, StreamHeaderError> {
+    let bad = |reason: String| StreamHeaderError::BadArgument {
+        kind: "attach",
+        reason,
+    };
+    let number = |what: &str, text: &str| {
+        let canonical = !text.is_empty()
+            && text.bytes().all(|b| b.is_ascii_digit())
+            && (text == "0" || !text.starts_with('0'));
+        canonical
+            .then(|| text.parse::<u64>().ok())
+            .flatten()
+            .ok_or_else(|| bad(format!("{what} {:?} is not a decimal u64", shorten(text))))
+    };
+    let mut fields = arg.split(' ');
+    let id = number("process id", fields.next().unwrap_or_default())?;
+    let name = fields.next().unwrap_or_default();
+    let stream = StdioStream::from_name(name).ok_or_else(|| {
+        bad(format!(
+            "stream {:?} is none of stdin, stdout, stderr, tty",
+            shorten(name)
+        ))
+    })?;
+    let from = match fields.next() {
+        None => 0,
+        Some(field) => match field.strip_prefix("from=") {
+            Some(offset) => number("offset", offset)?,
+            None => return Err(bad(format!("unexpected {:?}", shorten(field)))),
+        },
+    };
+    match fields.next() {
+        None => Ok(StreamHeader::Attach { id, stream, from }),
+        Some(extra) => Err(bad(format!("unexpected {:?}", shorten(extra)))),
     }
 }
 
@@ -222,7 +314,7 @@ mod tests {
         );
         assert_eq!(
             err(b"VMKIT-STREAM/1 tar x\n"),
-            "unknown stream kind \"tar\" (known: echo, exec)"
+            "unknown stream kind \"tar\" (known: echo, exec, attach)"
         );
         assert_eq!(
             err(b"VMKIT-STREAM/1 exec []\n"),
@@ -263,7 +355,76 @@ mod tests {
         assert!(StreamReply::parse(&huge.encode()).is_ok());
     }
 
+    #[test]
+    fn attach_headers_read_as_documented_and_refuse_the_rest() {
+        let attach = StreamHeader::Attach {
+            id: 7,
+            stream: StdioStream::Stdout,
+            from: 4096,
+        };
+        assert_eq!(
+            attach.encode().unwrap(),
+            b"VMKIT-STREAM/1 attach 7 stdout from=4096\n"
+        );
+        let first = StreamHeader::Attach {
+            id: 0,
+            stream: StdioStream::Tty,
+            from: 0,
+        };
+        assert_eq!(first.encode().unwrap(), b"VMKIT-STREAM/1 attach 0 tty\n");
+        assert_eq!(
+            StreamHeader::parse(b"VMKIT-STREAM/1 attach 0 tty from=0\n").unwrap(),
+            first,
+            "an explicit from=0 is a first attach too"
+        );
+        let err = |line: &[u8]| StreamHeader::parse(line).unwrap_err().to_string();
+        for (line, says) in [
+            (&b"VMKIT-STREAM/1 attach\n"[..], "process id \"\" is not"),
+            (b"VMKIT-STREAM/1 attach -1 stdout\n", "process id \"-1\""),
+            (b"VMKIT-STREAM/1 attach +1 stdout\n", "process id \"+1\""),
+            (b"VMKIT-STREAM/1 attach 007 stdout\n", "process id \"007\""),
+            (
+                b"VMKIT-STREAM/1 attach 18446744073709551616 stdout\n",
+                "is not a decimal u64",
+            ),
+            (
+                b"VMKIT-STREAM/1 attach 1 stdio\n",
+                "stream \"stdio\" is none of",
+            ),
+            (
+                b"VMKIT-STREAM/1 attach 1 stdout  from=1\n",
+                "unexpected \"\"",
+            ),
+            (
+                b"VMKIT-STREAM/1 attach 1 stdout to=1\n",
+                "unexpected \"to=1\"",
+            ),
+            (b"VMKIT-STREAM/1 attach 1 stdout from=x\n", "offset \"x\""),
+            (
+                b"VMKIT-STREAM/1 attach 1 stdout from=1 x\n",
+                "unexpected \"x\"",
+            ),
+        ] {
+            let text = err(line);
+            assert!(text.starts_with("bad attach stream argument: "), "{text}");
+            assert!(text.contains(says), "{line:?}: {text}");
+        }
+    }
+
     proptest! {
+        #[test]
+        fn any_attach_round_trips(id: u64, from: u64, which in 0..4usize) {
+            let stream = [
+                StdioStream::Stdin,
+                StdioStream::Stdout,
+                StdioStream::Stderr,
+                StdioStream::Tty,
+            ][which];
+            let header = StreamHeader::Attach { id, stream, from };
+            let line = header.encode().unwrap();
+            prop_assert_eq!(StreamHeader::parse(&line).unwrap(), header);
+        }
+
         #[test]
         fn parsing_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
             let _ = StreamHeader::parse(&bytes);

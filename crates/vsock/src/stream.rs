@@ -14,6 +14,7 @@ fn kind_of(header: &StreamHeader) -> &'static str {
     match header {
         StreamHeader::Echo => "echo",
         StreamHeader::Exec { .. } => "exec",
+        StreamHeader::Attach { .. } => "attach",
     }
 }
 
