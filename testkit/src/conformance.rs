@@ -393,7 +393,7 @@ async fn life_cycle(target: &dyn Target) -> Result<String, String> {
     expect_state(vm.as_ref(), VmState::New, "create")?;
     start(target, vm.as_ref()).await?;
     expect_state(vm.as_ref(), VmState::Running, "start")?;
-    let pause = vm.vm_info().capabilities.contains(Capabilities::PAUSE);
+    let pause = reports(vm.as_ref(), Capabilities::PAUSE);
     if pause {
         vm.pause().await.map_err(|e| format!("pause: {e}"))?;
         expect_state(vm.as_ref(), VmState::Paused, "pause")?;
@@ -449,7 +449,7 @@ async fn wrong_state_calls(target: &dyn Target) -> Result<String, String> {
             running,
         )?;
     }
-    if vm.vm_info().capabilities.contains(Capabilities::PAUSE) {
+    if reports(vm.as_ref(), Capabilities::PAUSE) {
         vm.pause().await.map_err(|e| format!("pause: {e}"))?;
         refused(vm.pause().await, "pause", VmState::Paused)?;
         refused(
@@ -687,11 +687,7 @@ async fn concurrent_calls(target: &dyn Target) -> Result<String, String> {
     ensure(states.iter().all(|s| *s == VmState::Running), || {
         format!("vm_info() at once: {states:?}")
     })?;
-    if vm
-        .vm_info()
-        .capabilities
-        .contains(Capabilities::GUEST_AGENT)
-    {
+    if reports(vm.as_ref(), Capabilities::GUEST_AGENT) {
         let pings = (0..4).map(|_| async {
             let client = vm.client().await.map_err(|e| format!("client(): {e}"))?;
             ping(client).await
@@ -756,28 +752,13 @@ async fn device_hotplug(target: &dyn Target) -> Result<String, String> {
     let hotplug = target.config("limits").timeouts.hotplug + GRACE;
     let disk = DiskConfig::new("conf-hot", &image);
     let plugged = bounded("hotplug_disk", hotplug, vm.hotplug_disk(disk.clone())).await?;
-    if !vm
-        .vm_info()
-        .capabilities
-        .contains(Capabilities::DISK_HOTPLUG)
-    {
+    if !reports(vm.as_ref(), Capabilities::DISK_HOTPLUG) {
         shutdown(target, vm.as_ref()).await?;
-        return match plugged {
-            Err(Error::Unsupported { .. }) => Ok(String::new()),
-            other => Err(format!(
-                "hotplug_disk without DISK_HOTPLUG: {other:?}, expected Unsupported"
-            )),
-        };
+        return unsupported_without("hotplug_disk", "DISK_HOTPLUG", plugged);
     }
     plugged.map_err(|e| format!("hotplug_disk with DISK_HOTPLUG: {e}"))?;
-    match bounded("hotplug_disk", hotplug, vm.hotplug_disk(disk)).await? {
-        Err(Error::BadArgument { .. }) => {}
-        other => {
-            return Err(format!(
-                "a duplicate disk id: {other:?}, expected BadArgument"
-            ));
-        }
-    }
+    let again = bounded("hotplug_disk", hotplug, vm.hotplug_disk(disk)).await?;
+    refused_as_duplicate("disk", again)?;
     let mut events = vm.events();
     bounded("unplug", hotplug, vm.unplug("conf-hot"))
         .await?
@@ -805,6 +786,35 @@ async fn device_hotplug(target: &dyn Target) -> Result<String, String> {
     Ok(note)
 }
 
+/// Whether `vm` reports `cap`.
+fn reports(vm: &dyn Instance, cap: Capabilities) -> bool {
+    vm.vm_info().capabilities.contains(cap)
+}
+
+/// A hot-plug `call` of a VM without capability `cap` must say `Unsupported`.
+fn unsupported_without(
+    call: &str,
+    cap: &str,
+    plugged: vmkit_core::Result<()>,
+) -> Result<String, String> {
+    match plugged {
+        Err(Error::Unsupported { .. }) => Ok(String::new()),
+        other => Err(format!(
+            "{call} without {cap}: {other:?}, expected Unsupported"
+        )),
+    }
+}
+
+/// A second hot-plug of a `what` under the same id must say `BadArgument`.
+fn refused_as_duplicate(what: &str, again: vmkit_core::Result<()>) -> Result<(), String> {
+    match again {
+        Err(Error::BadArgument { .. }) => Ok(()),
+        other => Err(format!(
+            "a duplicate {what} id: {other:?}, expected BadArgument"
+        )),
+    }
+}
+
 /// A NIC hot-plugged, refused a second time under its id, and unplugged (or
 /// `Unsupported` without `NIC_HOTPLUG`). The note says when the target gave no NIC.
 async fn nic_hotplug(
@@ -816,27 +826,12 @@ async fn nic_hotplug(
         return Ok("NICs left out: the target gives no NIC (Target::nic)".into());
     };
     let plugged = bounded("hotplug_nic", hotplug, vm.hotplug_nic(nic.clone())).await?;
-    if !vm
-        .vm_info()
-        .capabilities
-        .contains(Capabilities::NIC_HOTPLUG)
-    {
-        return match plugged {
-            Err(Error::Unsupported { .. }) => Ok(String::new()),
-            other => Err(format!(
-                "hotplug_nic without NIC_HOTPLUG: {other:?}, expected Unsupported"
-            )),
-        };
+    if !reports(vm, Capabilities::NIC_HOTPLUG) {
+        return unsupported_without("hotplug_nic", "NIC_HOTPLUG", plugged);
     }
     plugged.map_err(|e| format!("hotplug_nic with NIC_HOTPLUG: {e}"))?;
-    match bounded("hotplug_nic", hotplug, vm.hotplug_nic(nic)).await? {
-        Err(Error::BadArgument { .. }) => {}
-        other => {
-            return Err(format!(
-                "a duplicate NIC id: {other:?}, expected BadArgument"
-            ));
-        }
-    }
+    let again = bounded("hotplug_nic", hotplug, vm.hotplug_nic(nic)).await?;
+    refused_as_duplicate("NIC", again)?;
     bounded("unplug", hotplug, vm.unplug("conf-nic"))
         .await?
         .map_err(|e| format!("unplug a hot-plugged NIC: {e}"))?;

@@ -461,6 +461,11 @@ mod tests {
         }
     }
 
+    /// The events published so far.
+    fn drain(events: &mut broadcast::Receiver<VmEvent>) -> Vec<VmEvent> {
+        std::iter::from_fn(|| events.try_recv().ok()).collect()
+    }
+
     fn counted(life: &Lifecycle) -> Arc<AtomicUsize> {
         let runs = Arc::new(AtomicUsize::new(0));
         let seen = Arc::clone(&runs);
@@ -559,12 +564,8 @@ mod tests {
                 .is_some_and(|m| m.contains("start: cancelled")),
             "{exit:?}"
         );
-        let mut seen = Vec::new();
-        while let Ok(event) = events.try_recv() {
-            seen.push(event);
-        }
         assert_eq!(
-            seen,
+            drain(&mut events),
             [
                 VmEvent::StateChanged {
                     from: VmState::New,
@@ -640,12 +641,8 @@ mod tests {
         );
         life.pause(async { Ok(()) }).await.unwrap();
         life.resume(async { Ok(()) }).await.unwrap();
-        let mut seen = Vec::new();
-        while let Ok(event) = events.try_recv() {
-            seen.push(event);
-        }
         assert_eq!(
-            seen,
+            drain(&mut events),
             [
                 VmEvent::StateChanged {
                     from: VmState::Running,

@@ -110,6 +110,15 @@ pub enum StreamHeaderError {
 }
 
 impl StreamHeader {
+    /// The kind's name on the wire (`echo`, `exec`, `attach`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StreamHeader::Echo => "echo",
+            StreamHeader::Exec { .. } => "exec",
+            StreamHeader::Attach { .. } => "attach",
+        }
+    }
+
     /// The header line, newline included.
     ///
     /// # Errors

@@ -95,9 +95,7 @@ impl Error {
             }
         )
     }
-}
 
-impl Error {
     /// The error of `op` in vmkit-core's terms, for a backend's `GuestCommunicator`
     /// calls: a dial that ran out of time is a `Timeout` (its text keeps the attempts
     /// and the last cause), anything else a `Backend` error with this one as its source.

@@ -10,14 +10,6 @@ use crate::dial::{GuestConn, dial};
 use crate::error::{Error, Result};
 use vmkit_core::GuestAddr;
 
-fn kind_of(header: &StreamHeader) -> &'static str {
-    match header {
-        StreamHeader::Echo => "echo",
-        StreamHeader::Exec { .. } => "exec",
-        StreamHeader::Attach { .. } => "attach",
-    }
-}
-
 /// A raw stream to the agent: the connection in frames. Write, then `shutdown()` to
 /// end your side (the connection stays open); read until EOF, which is the agent's end
 /// of the stream (a connection cut short is an `UnexpectedEof` error instead).
@@ -53,7 +45,7 @@ pub async fn begin_stream<S: AsyncRead + AsyncWrite + Unpin>(
     timeout: Duration,
     peer: &str,
 ) -> Result<FramedStream<S>> {
-    let kind = kind_of(header);
+    let kind = header.kind();
     let fail = |cause: String| Error::Stream {
         addr: peer.to_owned(),
         kind,

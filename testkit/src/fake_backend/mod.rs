@@ -311,7 +311,7 @@ impl Vm {
 
     /// The state check of a disk or NIC hot-plug call, then `Unsupported` when the VM
     /// has no hot-plug ports.
-    fn no_ports(&self, op: &'static str) -> vmkit_core::Result<()> {
+    fn hotplug_allowed(&self, op: &'static str) -> vmkit_core::Result<()> {
         if lock(&self.devices).ports > 0 {
             return self.life.require(op, &[VmState::Running]);
         }
@@ -576,7 +576,7 @@ impl DeviceConfigurator for FakeInstance {
 
     async fn unplug(&self, id: &str) -> vmkit_core::Result<()> {
         let vm = &self.vm;
-        vm.no_ports("unplug")?;
+        vm.hotplug_allowed("unplug")?;
         if !lock(&vm.devices).hot.iter().any(|d| d == id) {
             return Err(Error::not_found(
                 format!("unplug {id}"),
@@ -609,7 +609,7 @@ impl FakeInstance {
 
     async fn add_hot(&self, call: &'static str, op: Op, id: String) -> vmkit_core::Result<()> {
         let vm = &self.vm;
-        vm.no_ports(call)?;
+        vm.hotplug_allowed(call)?;
         {
             let devices = lock(&vm.devices);
             if devices.cold.iter().chain(&devices.hot).any(|d| *d == id) {

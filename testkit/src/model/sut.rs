@@ -102,6 +102,11 @@ fn settles(within: Duration, mut done: impl FnMut() -> bool) -> bool {
     true
 }
 
+/// The i-th id of `ids`, or one no device has ("none").
+fn nth_or_made_up(ids: &[String], i: usize) -> String {
+    ids.get(i).cloned().unwrap_or_else(|| "none".into())
+}
+
 /// A vCPU slot no VM has.
 const NOWHERE: CpuTopology = CpuTopology {
     socket: 1000,
@@ -368,11 +373,7 @@ impl<T: ModelTarget> Sut<T> {
                 (self.call("hotplug_nic", self.vm.hotplug_nic(nic)), Some(id))
             }
             Step::Unplug(i) => {
-                let id = self
-                    .hot_ids
-                    .get(*i)
-                    .cloned()
-                    .unwrap_or_else(|| "none".into());
+                let id = nth_or_made_up(&self.hot_ids, *i);
                 let r = self.call("unplug", self.vm.unplug(&id));
                 if r.is_ok() {
                     self.hot_ids.remove(*i);
@@ -441,11 +442,7 @@ impl<T: ModelTarget> Sut<T> {
                 r.map(drop)
             }
             Step::UnplugMemory(i) => {
-                let id = self
-                    .dimm_ids
-                    .get(*i)
-                    .cloned()
-                    .unwrap_or_else(|| "none".into());
+                let id = nth_or_made_up(&self.dimm_ids, *i);
                 let r = self.call("unplug_memory", self.memory().unplug_memory(&id));
                 if r.is_ok() {
                     self.dimm_ids.remove(*i);
