@@ -4,7 +4,8 @@
 //! above it (vmkit-qemu) have no `cfg(target_os)` of their own: this is `vmkit-linux`
 //! on Linux and `vmkit-macos` on macOS. Both offer the same modules — `accel`
 //! (`hardware_accel(guest_arch, qemu)`), `limits` (`SUN_PATH_MAX`), `process`, `spawn`, `system`,
-//! `tap`, `vhost_vsock` — with each OS's answers.
+//! `tap`, `vhost_vsock` — with each OS's answers. [`child`] is its own: what a guest
+//! agent needs to run its children is the same POSIX on both.
 //!
 //! ```
 //! // KVM or HVF when really usable for a guest of this architecture, else None (TCG).
@@ -12,6 +13,8 @@
 //! let _ = vmkit_platform::accel::hardware_accel(std::env::consts::ARCH, qemu);
 //! assert!(vmkit_platform::limits::SUN_PATH_MAX >= 103);
 //! ```
+
+pub mod child;
 
 #[cfg(target_os = "linux")]
 pub use vmkit_linux::*;

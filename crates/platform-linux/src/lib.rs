@@ -13,6 +13,7 @@
 //!   thread retires.)
 //! - [`process`]: signals to children, the host CPU frequency.
 //! - [`system`]: the uptime, and powering off (for the guest agent).
+//! - [`mount`]: mounting and unmounting (for the guest agent's mount calls).
 //! - [`tap::open_tap`]: opens (creating if needed) a TAP interface and returns its fd,
 //!   to be passed to the VMM.
 //! - [`vhost_vsock`]: whether kernel vsock for guests exists here, and the kernel's own
@@ -32,6 +33,7 @@
 //! ```
 
 pub mod kvm;
+pub mod mount;
 pub mod process;
 pub mod spawn;
 pub mod system;

@@ -21,6 +21,23 @@ pub fn signal(pid: u32, signal: i32) -> io::Result<()> {
     }
 }
 
+/// Makes this process a child subreaper (`PR_SET_CHILD_SUBREAPER`): orphaned
+/// descendants are reparented to it rather than to PID 1, so an agent that is not
+/// PID 1 still reaps what its children leave behind. Returns whether it took effect.
+///
+/// # Errors
+/// `prctl(2)`'s error.
+pub fn become_subreaper() -> io::Result<bool> {
+    // SAFETY: prctl(PR_SET_CHILD_SUBREAPER, 1) takes integers only.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    if rc == 0 {
+        Ok(true)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// The host CPU's frequency in kHz from `/proc/cpuinfo` (what microvm guests need as
 /// `tsc_early_khz`), when the kernel reports one.
 pub fn tsc_khz() -> Option<u64> {

@@ -12,6 +12,7 @@
 //!   privileged, or a `stream` netdev to a socket_vmnet or gvproxy socket (the backends
 //!   are vmkit-core's `NicBackend`s; vmkit-qemu writes their `-netdev`s).
 //! - [`limits`]: `sun_path` is 104 bytes on macOS, so a socket path may be 103.
+//! - [`mount`]: refused (only a Linux guest's agent mounts; the same names as Linux's).
 //! - [`system`]: the uptime (the agent's host test mode); powering off is refused.
 //! - [`tap`], [`vhost_vsock`], [`vhost_user`]: what macOS does not have, refused with a
 //!   reason (so `GuestTransport::Auto` picks virtio-serial).
@@ -40,6 +41,7 @@
 
 pub mod accel;
 pub mod limits;
+pub mod mount;
 pub mod net;
 pub mod system;
 pub mod tap;

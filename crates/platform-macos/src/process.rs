@@ -19,6 +19,14 @@ pub fn signal(pid: u32, signal: i32) -> io::Result<()> {
     }
 }
 
+/// macOS has no child subreapers: orphans go to launchd. Returns `false`.
+///
+/// # Errors
+/// Never; the signature is Linux's.
+pub fn become_subreaper() -> io::Result<bool> {
+    Ok(false)
+}
+
 /// No TSC frequency is read on macOS (microvm is not offered there).
 pub fn tsc_khz() -> Option<u64> {
     None
