@@ -1,58 +1,91 @@
 //! Running a program to completion for the `Exec` call, and spawning one for an exec
-//! stream.
+//! stream. Both spawn through the process service's reaper, and both kill their program
+//! when their caller goes away.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::process::{Child, Command};
+use tokio::net::unix::pipe;
+use vmkit_platform::child::Exit;
 use vmkit_proto::agent::{ExecRequest, ExecResponse};
+
+use crate::process::Reaper;
+use crate::process::reaper::ExitWatch;
+use crate::process::spawn::{SpawnError, Spec, Stdio3, start};
 
 /// Output kept per stream; more is read and dropped, and the response says so.
 pub(crate) const MAX_OUTPUT: usize = 1 << 20;
 /// The timeout when the request gives none.
 pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
-/// The PATH programs see unless the request sets one.
-const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// Why a request could not be run.
-#[derive(Debug)]
-pub(crate) enum ExecError {
-    /// The request itself is malformed.
-    Invalid(String),
-    /// The program could not be started.
-    Spawn(String),
+/// A program spawned for `Exec` or an exec stream: its pipes, and a guard that kills it
+/// (`SIGKILL`) unless it has exited when the guard is dropped.
+pub(crate) struct Spawned {
+    pub(crate) stdin: pipe::Sender,
+    pub(crate) stdout: pipe::Receiver,
+    pub(crate) stderr: pipe::Receiver,
+    pub(crate) guard: KillOnDrop,
 }
 
-/// A command for `argv` with a minimal environment plus `env` ("KEY=VALUE"), in `cwd`
-/// (or "/"), killed when dropped.
-pub(crate) fn command(argv: &[String], env: &[String], cwd: &str) -> Result<Command, ExecError> {
-    let (program, args) = argv
-        .split_first()
-        .ok_or_else(|| ExecError::Invalid("argv is empty".into()))?;
-    if program.is_empty() {
-        return Err(ExecError::Invalid("argv[0] is empty".into()));
+/// Kills a program that has not exited when dropped.
+pub(crate) struct KillOnDrop {
+    reaper: Reaper,
+    pid: u32,
+    exit: ExitWatch,
+}
+
+impl KillOnDrop {
+    /// Waits for the program's exit.
+    pub(crate) async fn wait(&mut self) -> Option<Exit> {
+        self.exit
+            .wait_for(Option::is_some)
+            .await
+            .ok()
+            .and_then(|e| *e)
     }
-    let mut cmd = Command::new(program);
-    cmd.args(args)
-        .env_clear()
-        .env("PATH", DEFAULT_PATH)
-        .env("HOME", "/")
-        .current_dir(if cwd.is_empty() { "/" } else { cwd })
-        .kill_on_drop(true);
-    for (i, entry) in env.iter().enumerate() {
-        match entry.split_once('=') {
-            Some((key, value)) if !key.is_empty() => {
-                cmd.env(key, value);
-            }
-            _ => {
-                return Err(ExecError::Invalid(format!(
-                    "env[{i}] {entry:?} is not KEY=VALUE"
-                )));
-            }
+
+    /// Kills the program now.
+    pub(crate) fn kill(&self) {
+        let _ = self.reaper.signal(self.pid, libc::SIGKILL);
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if self.exit.borrow().is_none() {
+            self.kill();
         }
     }
-    Ok(cmd)
+}
+
+/// Spawns `argv` with `env` in `cwd`, on pipes.
+pub(crate) fn spawn(
+    reaper: &Reaper,
+    argv: &[String],
+    env: &[String],
+    cwd: &str,
+) -> Result<Spawned, SpawnError> {
+    let spec = Spec::plain(argv.to_vec(), env, cwd)?;
+    let started = start(&spec, reaper)?;
+    let guard = KillOnDrop {
+        reaper: reaper.clone(),
+        pid: started.pid,
+        exit: started.exit,
+    };
+    match started.stdio {
+        Stdio3::Pipes {
+            stdin,
+            stdout,
+            stderr,
+        } => Ok(Spawned {
+            stdin,
+            stdout,
+            stderr,
+            guard,
+        }),
+        // A plain spec never asks for a TTY.
+        Stdio3::Tty(_) => Err(SpawnError::Failed("exec: spawned on a tty".into())),
+    }
 }
 
 /// Reads all of `from`, keeping the first [`MAX_OUTPUT`] bytes. Returns them and
@@ -75,81 +108,42 @@ async fn drain(mut from: impl AsyncRead + Unpin) -> (Vec<u8>, bool) {
     }
 }
 
-fn spawn(mut cmd: Command, argv0: &str) -> Result<Child, ExecError> {
-    cmd.spawn()
-        .map_err(|e| ExecError::Spawn(format!("exec {argv0}: {e}")))
-}
-
 /// Runs the request to completion (or its timeout).
-pub(crate) async fn run(req: &ExecRequest) -> Result<ExecResponse, ExecError> {
-    let mut cmd = command(&req.argv, &req.env, &req.cwd)?;
-    cmd.stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = spawn(cmd, &req.argv[0])?;
+pub(crate) async fn run(reaper: &Reaper, req: &ExecRequest) -> Result<ExecResponse, SpawnError> {
+    let Spawned {
+        mut stdin,
+        stdout,
+        stderr,
+        mut guard,
+    } = spawn(reaper, &req.argv, &req.env, &req.cwd)?;
     let timeout = match req.timeout_ms {
         0 => DEFAULT_TIMEOUT,
         ms => Duration::from_millis(u64::from(ms)),
     };
-    let stdin = child.stdin.take();
     let input = req.stdin.clone();
     let feed = async move {
-        if let Some(mut stdin) = stdin {
-            // A program that exits without reading its input is not an error.
-            let _ = stdin.write_all(&input).await;
-        } // dropping stdin closes it
-    };
-    let stdout = drain(
-        child
-            .stdout
-            .take()
-            .ok_or_else(|| ExecError::Spawn("no stdout pipe".into()))?,
-    );
-    let stderr = drain(
-        child
-            .stderr
-            .take()
-            .ok_or_else(|| ExecError::Spawn("no stderr pipe".into()))?,
-    );
-    let work = async { tokio::join!(feed, stdout, stderr, child.wait()) };
+        // A program that exits without reading its input is not an error.
+        let _ = stdin.write_all(&input).await;
+    }; // dropping stdin closes it
     let mut resp = ExecResponse::new();
-    match tokio::time::timeout(timeout, work).await {
-        Ok(((), (out, out_cut), (err, err_cut), status)) => {
-            let status =
-                status.map_err(|e| ExecError::Spawn(format!("wait for {}: {e}", req.argv[0])))?;
-            resp.stdout = out;
-            resp.stdout_truncated = out_cut;
-            resp.stderr = err;
-            resp.stderr_truncated = err_cut;
-            set_status(&mut resp, status);
-        }
+    let work = async { tokio::join!(feed, drain(stdout), drain(stderr), guard.wait()) };
+    let (out, err, status) = match tokio::time::timeout(timeout, work).await {
+        Ok(((), out, err, status)) => (out, err, status),
         Err(_) => {
-            let _ = child.start_kill();
-            if let Ok(status) = child.wait().await {
-                set_status(&mut resp, status);
-            }
+            guard.kill();
             resp.timed_out = true;
+            ((Vec::new(), false), (Vec::new(), false), guard.wait().await)
         }
+    };
+    (resp.stdout, resp.stdout_truncated) = out;
+    (resp.stderr, resp.stderr_truncated) = err;
+    match status {
+        Some(Exit::Code(code)) => resp.exit_code = code,
+        Some(Exit::Signal(signal)) => {
+            resp.exit_code = -1;
+            resp.signal = signal;
+        }
+        None => resp.exit_code = -1,
     }
     Ok(resp)
-}
-
-fn set_status(resp: &mut ExecResponse, status: std::process::ExitStatus) {
-    use std::os::unix::process::ExitStatusExt;
-    match (status.code(), status.signal()) {
-        (Some(code), _) => resp.exit_code = code,
-        (None, signal) => {
-            resp.exit_code = -1;
-            resp.signal = signal.unwrap_or(0);
-        }
-    }
-}
-
-/// Spawns `argv` for an exec stream: stdin, stdout and stderr piped.
-pub(crate) fn spawn_for_stream(argv: &[String]) -> Result<Child, ExecError> {
-    let mut cmd = command(argv, &[], "/")?;
-    cmd.stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    spawn(cmd, &argv[0])
 }

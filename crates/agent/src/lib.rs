@@ -26,7 +26,9 @@ mod exec;
 mod info;
 mod limits;
 mod listen;
+mod mount;
 mod online;
+mod process;
 mod root;
 mod rpc;
 mod serial;
@@ -149,8 +151,24 @@ pub fn start_with_root(
     limits: Limits,
     root: &std::path::Path,
 ) -> std::io::Result<Serving> {
-    let power_off = matches!(listen, Listen::Vsock | Listen::Serial(SerialEnd::Device(_)));
-    let service = Arc::new(service::AgentService::new(power_off, root::Root::at(root)));
+    // In a guest: power off for real, and reap every child, orphans included.
+    let in_guest = matches!(listen, Listen::Vsock | Listen::Serial(SerialEnd::Device(_)));
+    if in_guest
+        && std::process::id() != 1
+        && let Err(e) = vmkit_platform::process::become_subreaper()
+    {
+        log_line(&format!("vmkit-agent: become a child subreaper: {e}"));
+    }
+    let processes = Arc::new(process::Processes::new(
+        process::Reaper::start(in_guest),
+        limits.max_processes,
+        limits.output_buffer,
+    ));
+    let service = Arc::new(service::AgentService::new(
+        in_guest,
+        root::Root::at(root),
+        Arc::clone(&processes),
+    ));
     let named = |what: &str, listener: std::io::Result<Listener>| {
         listener.map_err(|e| std::io::Error::new(e.kind(), format!("listen for {what}: {e}")))
     };
@@ -183,8 +201,9 @@ pub fn start_with_root(
     }
     tokio::spawn(stop.bounding(streams::serve(
         streams,
-        limits::Gate::new(limits.max_connections),
+        limits::Gate::new(limits.max_streams),
         stop.clone(),
+        processes,
     )));
     let gate = limits::Gate::new(limits.max_connections);
     let budget = limits::Budget::new(limits.body_budget);

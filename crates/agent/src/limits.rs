@@ -1,14 +1,18 @@
 //! What callers may hold in the agent, so that no caller (a buggy host, or anyone who
 //! reaches the vsock port) can exhaust a small guest's memory or its file table:
 //!
-//! - **Connections**: at most [`Limits::max_connections`] per listener; one more is
-//!   closed at once (the caller sees its connection end and may try again later).
+//! - **Connections**: at most [`Limits::max_connections`] TTRPC connections and
+//!   [`Limits::max_streams`] stream connections; one more is closed at once (the caller sees its connection end and may try again later).
 //! - **Request bodies**: a body over [`SMALL_BODY`] is read only once
 //!   [`Limits::body_budget`] bytes, shared by every connection, can cover its declared
 //!   length, and every body grows as its bytes arrive instead of being allocated from
 //!   the declared length. A connection that waits for budget is not read, so its sender
 //!   is held back by the transport. Small bodies (every call but a large `Exec` stdin)
 //!   never wait: a flood of large ones cannot starve `Ping`.
+//! - **Processes**: at most [`Limits::max_processes`] held at once (one more spawn is
+//!   refused), each output buffering at most [`Limits::output_buffer`] bytes waiting for
+//!   its reader (the process blocks beyond) and as many retained for a reconnect. With
+//!   the defaults, 128 processes hold at most 128 MiB of output and about 800 fds.
 //! - **Time**: a frame must arrive whole within [`Limits::frame_timeout`] once its header
 //!   began; a connection with no request in flight that sends nothing for
 //!   [`Limits::idle_timeout`] is closed (the host's client re-dials).
@@ -25,24 +29,36 @@ pub(crate) const SMALL_BODY: usize = 64 << 10;
 /// The agent's limits; [`Limits::default`] is what a guest runs with.
 #[derive(Debug, Clone)]
 pub struct Limits {
-    /// Connections per listener.
+    /// TTRPC connections at once.
     pub max_connections: usize,
+    /// Stream connections at once (each process with pipes holds three while attached).
+    pub max_streams: usize,
     /// Bytes of request bodies being read or served at once, over all connections.
     pub body_budget: usize,
     /// How long a started frame may take to arrive.
     pub frame_timeout: Duration,
     /// How long a connection with nothing in flight may stay silent.
     pub idle_timeout: Duration,
+    /// Processes the process service holds at once (running, or exited and not yet
+    /// waited for); one more spawn is refused.
+    pub max_processes: usize,
+    /// Output bytes each process stream may hold waiting for its reader; as many
+    /// again are retained for a reconnecting host. A process whose reader falls this
+    /// far behind blocks on its write.
+    pub output_buffer: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_connections: 64,
+            max_streams: 512,
             // Four frames of TTRPC's largest size (4 MiB) at once.
             body_budget: 16 << 20,
             frame_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(600),
+            max_processes: 128,
+            output_buffer: 256 << 10,
         }
     }
 }

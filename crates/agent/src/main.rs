@@ -9,9 +9,11 @@
 //! vmkit-agent --serial-socket PATH
 //!                             # for tests: a Unix socket standing in for the port
 //! vmkit-agent --root DIR      # read /proc and /sys under DIR (a fake guest's files)
-//! vmkit-agent --max-connections N --body-budget BYTES \
-//!             --frame-timeout-ms MS --idle-timeout-ms MS
-//!                             # the limits (see `Limits`), defaults 64, 16 MiB, 30 s, 10 min
+//! vmkit-agent --max-connections N --max-streams N --body-budget BYTES \
+//!             --frame-timeout-ms MS --idle-timeout-ms MS \
+//!             --max-processes N --output-buffer BYTES
+//!                             # the limits (see `Limits`), defaults 64, 512, 16 MiB,
+//!                             # 30 s, 10 min, 128, 256 KiB
 //! ```
 
 use std::path::PathBuf;
@@ -20,8 +22,9 @@ use std::process::ExitCode;
 use vmkit_agent::{Limits, Listen, SerialEnd};
 
 const USAGE: &str = "usage: vmkit-agent [--unix DIR | --serial DEV | --serial-socket PATH] \
-                     [--root DIR] [--max-connections N] \
-                     [--body-budget BYTES] [--frame-timeout-ms MS] [--idle-timeout-ms MS]";
+                     [--root DIR] [--max-connections N] [--max-streams N] \
+                     [--body-budget BYTES] [--frame-timeout-ms MS] [--idle-timeout-ms MS] \
+                     [--max-processes N] [--output-buffer BYTES]";
 
 /// What the command line asks for.
 struct Args {
@@ -60,6 +63,15 @@ fn parse_args() -> Result<Args, String> {
             "--root" => root = args.next().ok_or("--root needs a directory")?.into(),
             "--max-connections" => {
                 limits.max_connections = usize::try_from(number(&arg)?).unwrap_or(usize::MAX);
+            }
+            "--max-streams" => {
+                limits.max_streams = usize::try_from(number(&arg)?).unwrap_or(usize::MAX);
+            }
+            "--max-processes" => {
+                limits.max_processes = usize::try_from(number(&arg)?).unwrap_or(usize::MAX);
+            }
+            "--output-buffer" => {
+                limits.output_buffer = usize::try_from(number(&arg)?).unwrap_or(usize::MAX);
             }
             "--body-budget" => {
                 limits.body_budget = usize::try_from(number(&arg)?).unwrap_or(usize::MAX);

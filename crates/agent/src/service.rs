@@ -1,16 +1,24 @@
 //! The `vmkit.agent.v1.Agent` service.
 
 use async_trait::async_trait;
+use std::sync::Arc;
 use ttrpc::Code;
 use ttrpc::r#async::TtrpcContext;
 use ttrpc::error::get_rpc_status;
+
+use vmkit_platform::child::Exit;
 use vmkit_proto::agent::{
-    ExecRequest, ExecResponse, GuestInfoRequest, GuestInfoResponse, OnlineResourcesRequest,
-    OnlineResourcesResponse, PingRequest, PingResponse, PowerOffRequest, PowerOffResponse,
+    CloseStdinRequest, CloseStdinResponse, ExecRequest, ExecResponse, GuestInfoRequest,
+    GuestInfoResponse, ListProcessesRequest, ListProcessesResponse, MakeDirRequest,
+    MakeDirResponse, MountRequest, MountResponse, OnlineResourcesRequest, OnlineResourcesResponse,
+    PingRequest, PingResponse, PowerOffRequest, PowerOffResponse, ProcessEntry, ResizeTtyRequest,
+    ResizeTtyResponse, SignalProcessRequest, SignalProcessResponse, SpawnProcessRequest,
+    SpawnProcessResponse, UnmountRequest, UnmountResponse, WaitProcessRequest, WaitProcessResponse,
     WaitResourcesRequest, WaitResourcesResponse,
 };
 
-use crate::exec::ExecError;
+use crate::process::spawn::{SpawnError, Spec};
+use crate::process::{ProcError, Processes};
 use crate::root::Root;
 
 /// The longest ping payload echoed back.
@@ -21,11 +29,45 @@ const MAX_PING_PAYLOAD: usize = 64 << 10;
 pub(crate) struct AgentService {
     power_off: bool,
     root: Root,
+    processes: Arc<Processes>,
 }
 
 impl AgentService {
-    pub(crate) fn new(power_off: bool, root: Root) -> AgentService {
-        AgentService { power_off, root }
+    pub(crate) fn new(power_off: bool, root: Root, processes: Arc<Processes>) -> AgentService {
+        AgentService {
+            power_off,
+            root,
+            processes,
+        }
+    }
+}
+
+/// A process call's error as a TTRPC status, prefixed with the call.
+fn status(call: &str, e: ProcError) -> ttrpc::Error {
+    let (code, reason) = match e {
+        ProcError::Invalid(r) => (Code::INVALID_ARGUMENT, r),
+        ProcError::NotFound(r) => (Code::NOT_FOUND, r),
+        ProcError::Precondition(r) => (Code::FAILED_PRECONDITION, r),
+        ProcError::Exhausted(r) => (Code::RESOURCE_EXHAUSTED, r),
+        ProcError::Failed(r) => (Code::INTERNAL, r),
+    };
+    get_rpc_status(code, format!("{call}: {reason}"))
+}
+
+impl AgentService {
+    /// Mounts and directories change the guest's filesystem: in the host test mode they
+    /// would change the host's, so there they are checked, then refused.
+    fn in_guest_only(&self, call: &str) -> ttrpc::Result<()> {
+        if self.power_off {
+            Ok(())
+        } else {
+            Err(status(
+                call,
+                ProcError::Precondition(
+                    "refused outside a guest (the agent runs with --unix)".into(),
+                ),
+            ))
+        }
     }
 }
 
@@ -57,12 +99,18 @@ impl vmkit_proto::Agent for AgentService {
     }
 
     async fn exec(&self, _ctx: &TtrpcContext, req: ExecRequest) -> ttrpc::Result<ExecResponse> {
-        crate::exec::run(&req).await.map_err(|e| match e {
-            ExecError::Invalid(reason) => {
-                get_rpc_status(Code::INVALID_ARGUMENT, format!("exec: {reason}"))
-            }
-            ExecError::Spawn(reason) => get_rpc_status(Code::FAILED_PRECONDITION, reason),
-        })
+        // The codes `Exec` always gave: a program or cwd that is not there is a
+        // precondition here, not NOT_FOUND as in the process service.
+        crate::exec::run(self.processes.reaper(), &req)
+            .await
+            .map_err(|e| match e {
+                SpawnError::Invalid(reason) => {
+                    get_rpc_status(Code::INVALID_ARGUMENT, format!("exec: {reason}"))
+                }
+                SpawnError::NotFound(reason) | SpawnError::Failed(reason) => {
+                    get_rpc_status(Code::FAILED_PRECONDITION, reason)
+                }
+            })
     }
 
     async fn online_resources(
@@ -102,5 +150,139 @@ impl vmkit_proto::Agent for AgentService {
             crate::log_line(&format!("vmkit-agent: power off: {e}"));
         });
         Ok(PowerOffResponse::new())
+    }
+
+    async fn spawn_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: SpawnProcessRequest,
+    ) -> ttrpc::Result<SpawnProcessResponse> {
+        let tty = req.tty.as_ref().map(|t| (t.rows, t.cols));
+        let spec = Spec::new(
+            req.argv,
+            &req.env,
+            &req.cwd,
+            (req.uid, req.gid),
+            tty,
+            req.tag,
+        )
+        .map_err(|e| status("spawn", ProcError::from(e)))?;
+        let (id, pid) = self.processes.spawn(spec).map_err(|e| status("spawn", e))?;
+        let mut resp = SpawnProcessResponse::new();
+        resp.id = id;
+        resp.pid = pid;
+        Ok(resp)
+    }
+
+    async fn wait_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: WaitProcessRequest,
+    ) -> ttrpc::Result<WaitProcessResponse> {
+        let exit = self
+            .processes
+            .wait(req.id)
+            .await
+            .map_err(|e| status(&format!("wait {}", req.id), e))?;
+        let mut resp = WaitProcessResponse::new();
+        match exit {
+            Exit::Code(code) => resp.exit_code = code,
+            Exit::Signal(signal) => {
+                resp.exit_code = -1;
+                resp.signal = signal;
+            }
+        }
+        Ok(resp)
+    }
+
+    async fn signal_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: SignalProcessRequest,
+    ) -> ttrpc::Result<SignalProcessResponse> {
+        self.processes
+            .signal(req.id, req.signal)
+            .map_err(|e| status(&format!("signal {} to {}", req.signal, req.id), e))?;
+        Ok(SignalProcessResponse::new())
+    }
+
+    async fn resize_tty(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ResizeTtyRequest,
+    ) -> ttrpc::Result<ResizeTtyResponse> {
+        self.processes
+            .resize(req.id, req.rows, req.cols)
+            .map_err(|e| status(&format!("resize {}", req.id), e))?;
+        Ok(ResizeTtyResponse::new())
+    }
+
+    async fn close_stdin(
+        &self,
+        _ctx: &TtrpcContext,
+        req: CloseStdinRequest,
+    ) -> ttrpc::Result<CloseStdinResponse> {
+        self.processes
+            .close_stdin(req.id)
+            .await
+            .map_err(|e| status(&format!("close stdin of {}", req.id), e))?;
+        Ok(CloseStdinResponse::new())
+    }
+
+    async fn list_processes(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: ListProcessesRequest,
+    ) -> ttrpc::Result<ListProcessesResponse> {
+        let mut resp = ListProcessesResponse::new();
+        resp.processes = self
+            .processes
+            .list()
+            .into_iter()
+            .map(|p| {
+                let mut entry = ProcessEntry::new();
+                entry.id = p.id;
+                entry.pid = p.pid;
+                entry.argv = p.argv;
+                entry.tag = p.tag;
+                entry.tty = p.tty;
+                entry.exited = p.exited;
+                entry.buffered_bytes = p.buffered;
+                entry
+            })
+            .collect();
+        Ok(resp)
+    }
+
+    async fn mount(&self, _ctx: &TtrpcContext, req: MountRequest) -> ttrpc::Result<MountResponse> {
+        let call = format!("mount at {}", req.target);
+        let planned = crate::mount::plan(&req, &self.root).map_err(|e| status(&call, e))?;
+        self.in_guest_only(&call)?;
+        crate::mount::mount(&planned).map_err(|e| status(&call, e))?;
+        Ok(MountResponse::new())
+    }
+
+    async fn unmount(
+        &self,
+        _ctx: &TtrpcContext,
+        req: UnmountRequest,
+    ) -> ttrpc::Result<UnmountResponse> {
+        let call = format!("unmount {}", req.target);
+        let target = crate::mount::plan_unmount(&req).map_err(|e| status(&call, e))?;
+        self.in_guest_only(&call)?;
+        crate::mount::unmount(&target, req.lazy).map_err(|e| status(&call, e))?;
+        Ok(UnmountResponse::new())
+    }
+
+    async fn make_dir(
+        &self,
+        _ctx: &TtrpcContext,
+        req: MakeDirRequest,
+    ) -> ttrpc::Result<MakeDirResponse> {
+        let call = format!("make dir {}", req.path);
+        let (path, mode) = crate::mount::plan_make_dir(&req).map_err(|e| status(&call, e))?;
+        self.in_guest_only(&call)?;
+        crate::mount::make_dir(&path, mode).map_err(|e| status(&call, e))?;
+        Ok(MakeDirResponse::new())
     }
 }

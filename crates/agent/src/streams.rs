@@ -3,6 +3,7 @@
 //! stream's bytes then travel in frames (`vmkit_proto::FramedStream`) so each side's
 //! end of data survives transports without half-close.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
@@ -10,9 +11,12 @@ use tokio::sync::mpsc;
 use vmkit_proto::{FramedStream, MAX_HEADER, StreamHeader, StreamReply};
 
 use crate::Stop;
-use crate::exec::{ExecError, spawn_for_stream};
+use crate::exec::{Spawned, spawn};
 use crate::limits::Gate;
 use crate::listen::{Conn, Listener};
+use crate::process::input::Fed;
+use crate::process::spawn::SpawnError;
+use crate::process::{Attached, ProcError, Processes};
 
 /// How long a new connection may take to send its header.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -21,15 +25,16 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Accepts streams forever; each connection is served on its own task, up to the
 /// gate's limit (one more is closed at once).
-pub(crate) async fn serve(listener: Listener, gate: Gate, stop: Stop) {
+pub(crate) async fn serve(listener: Listener, gate: Gate, stop: Stop, processes: Arc<Processes>) {
     loop {
         let conn = listener.accept_or_pause().await;
         let Some(admitted) = gate.admit() else {
             drop(conn);
             continue;
         };
+        let processes = Arc::clone(&processes);
         tokio::spawn(stop.bounding(async move {
-            handle(conn).await;
+            handle(conn, &processes).await;
             drop(admitted);
         }));
     }
@@ -50,7 +55,7 @@ async fn read_header(conn: &mut Box<dyn Conn>) -> Result<StreamHeader, String> {
     StreamHeader::parse(&line).map_err(|e| e.to_string())
 }
 
-async fn handle(mut conn: Box<dyn Conn>) {
+async fn handle(mut conn: Box<dyn Conn>, processes: &Processes) {
     let header = match tokio::time::timeout(HEADER_TIMEOUT, read_header(&mut conn)).await {
         Ok(Ok(h)) => h,
         Ok(Err(reason)) => return refuse(conn, &reason).await,
@@ -67,11 +72,63 @@ async fn handle(mut conn: Box<dyn Conn>) {
                 linger(read.unsplit(write)).await;
             }
         }
-        StreamHeader::Exec { argv } => exec_stream(conn, &argv).await,
-        // No process service yet (docs/decision-process-service.md): no id is known.
-        StreamHeader::Attach { id, stream, .. } => {
-            let reason = format!("attach {id} {}: no such process", stream.name());
-            refuse(conn, &reason).await;
+        StreamHeader::Exec { argv } => exec_stream(conn, processes, &argv).await,
+        StreamHeader::Attach { id, stream, from } => match processes.attach(id, stream, from) {
+            Ok(attached) => attach(conn, attached).await,
+            Err(
+                ProcError::Invalid(reason)
+                | ProcError::NotFound(reason)
+                | ProcError::Precondition(reason)
+                | ProcError::Exhausted(reason)
+                | ProcError::Failed(reason),
+            ) => {
+                let reason = if reason.starts_with("attach") {
+                    reason
+                } else {
+                    format!("attach {id} {}: {reason}", stream.name())
+                };
+                refuse(conn, &reason).await;
+            }
+        },
+    }
+}
+
+/// Carries one stream of a process on the connection: an output until its end, the
+/// host's bytes into its input until the host's end, or both for a TTY.
+async fn attach(mut conn: Box<dyn Conn>, attached: Attached) {
+    if conn.write_all(&StreamReply::Ok.encode()).await.is_err() {
+        return;
+    }
+    let framed = FramedStream::new(conn);
+    match attached {
+        Attached::Output(output, attachment) => {
+            let (read, mut write) = tokio::io::split(framed);
+            if output.deliver(attachment, &mut write).await.is_ok() {
+                linger(read.unsplit(write)).await;
+            }
+        }
+        Attached::Input(entry) => {
+            let (mut read, mut write) = tokio::io::split(framed);
+            if entry.input().feed(&mut read).await == Fed::Closed && write.shutdown().await.is_ok()
+            {
+                linger(read.unsplit(write)).await;
+            }
+        }
+        Attached::Tty(entry, output, attachment) => {
+            let (mut read, mut write) = tokio::io::split(framed);
+            // The host's keys go in until its end; the session ends with the output's
+            // (so the keys never end the select).
+            let keys = async {
+                entry.input().feed(&mut read).await;
+                std::future::pending::<()>().await;
+            };
+            let delivered = tokio::select! {
+                delivered = output.deliver(attachment, &mut write) => delivered.is_ok(),
+                () = keys => false,
+            };
+            if delivered {
+                linger(read.unsplit(write)).await;
+            }
         }
     }
 }
@@ -96,10 +153,17 @@ async fn refuse(mut conn: Box<dyn Conn>, reason: &str) {
 
 /// The program's stdio over the stream: the stream's bytes go to stdin, stdout and
 /// stderr come back as they are produced.
-async fn exec_stream(mut conn: Box<dyn Conn>, argv: &[String]) {
-    let mut child = match spawn_for_stream(argv) {
-        Ok(c) => c,
-        Err(ExecError::Invalid(r) | ExecError::Spawn(r)) => return refuse(conn, &r).await,
+async fn exec_stream(mut conn: Box<dyn Conn>, processes: &Processes, argv: &[String]) {
+    let Spawned {
+        stdin,
+        stdout,
+        stderr,
+        mut guard,
+    } = match spawn(processes.reaper(), argv, &[], "/") {
+        Ok(spawned) => spawned,
+        Err(SpawnError::Invalid(r) | SpawnError::NotFound(r) | SpawnError::Failed(r)) => {
+            return refuse(conn, &r).await;
+        }
     };
     if conn.write_all(&StreamReply::Ok.encode()).await.is_err() {
         return;
@@ -107,16 +171,10 @@ async fn exec_stream(mut conn: Box<dyn Conn>, argv: &[String]) {
     let (mut from_host, mut to_host) = tokio::io::split(FramedStream::new(conn));
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(16);
     let pumps = [
-        child
-            .stdout
-            .take()
-            .map(|o| Box::new(o) as Box<dyn AsyncRead + Send + Unpin>),
-        child
-            .stderr
-            .take()
-            .map(|e| Box::new(e) as Box<dyn AsyncRead + Send + Unpin>),
+        Box::new(stdout) as Box<dyn AsyncRead + Send + Unpin>,
+        Box::new(stderr),
     ];
-    for mut out in pumps.into_iter().flatten() {
+    for mut out in pumps {
         let tx = tx.clone();
         tokio::spawn(async move {
             let mut buf = vec![0u8; 32 << 10];
@@ -128,15 +186,11 @@ async fn exec_stream(mut conn: Box<dyn Conn>, argv: &[String]) {
         });
     }
     drop(tx);
-    let stdin = child.stdin.take();
     // The host's bytes to the program's stdin; its end frame closes stdin. Hands the
     // read half back for the final linger.
     let feeder = tokio::spawn(async move {
-        if let Some(mut stdin) = stdin {
-            let _ = tokio::io::copy(&mut from_host, &mut stdin).await;
-        } else {
-            let _ = tokio::io::copy(&mut from_host, &mut tokio::io::sink()).await;
-        }
+        let mut stdin = stdin;
+        let _ = tokio::io::copy(&mut from_host, &mut stdin).await;
         from_host
     });
     let mut delivered = true;
@@ -146,7 +200,7 @@ async fn exec_stream(mut conn: Box<dyn Conn>, argv: &[String]) {
             break;
         }
     }
-    let _ = child.wait().await;
+    let _ = guard.wait().await;
     if delivered
         && to_host.shutdown().await.is_ok()
         && let Ok(Ok(from_host)) = tokio::time::timeout(CLOSE_TIMEOUT, feeder).await

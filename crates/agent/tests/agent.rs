@@ -182,7 +182,7 @@ async fn bad_requests_get_reasons_and_the_agent_keeps_serving() {
     );
     assert_eq!(code, ttrpc::Code::FAILED_PRECONDITION);
     assert!(
-        msg.starts_with("exec /nonexistent/prog: No such file"),
+        msg.starts_with("program /nonexistent/prog: no such file"),
         "{msg}"
     );
     let mut bad_env = exec_req(&["true"]);
@@ -363,11 +363,14 @@ async fn streams_echo_and_carry_a_programs_stdio_and_refuse_bad_headers() {
         reply,
         "ERR unknown stream kind \"tar\" (known: echo, exec, attach)\n"
     );
-    // The header is understood; the process service that owns ids is not built yet.
+    // The process service knows no process 3.
     let (_, reply) = stream(&agent.stream_path(), b"VMKIT-STREAM/1 attach 3 stdout\n").await;
-    assert_eq!(reply, "ERR attach 3 stdout: no such process\n");
+    assert_eq!(reply, "ERR attach 3 stdout: no process 3\n");
     let (_, reply) = stream(&agent.stream_path(), b"VMKIT-STREAM/1 exec [\"/nope\"]\n").await;
-    assert!(reply.starts_with("ERR exec /nope: No such file"), "{reply}");
+    assert!(
+        reply.starts_with("ERR program /nope: no such file"),
+        "{reply}"
+    );
     let (_, reply) = stream(&agent.stream_path(), &[b'x'; 5000]).await;
     assert_eq!(reply, "ERR stream header longer than 4096 bytes\n");
 }

@@ -6,8 +6,8 @@
 //! ```text
 //! host  → VMKIT-STREAM/1 echo\n
 //! agent → OK\n
-//! host  → VMKIT-STREAM/1 exec ["cat","-n"]\n
-//! agent → ERR exec cat: No such file or directory\n
+//! host  → VMKIT-STREAM/1 exec ["nope"]\n
+//! agent → ERR program nope: not found in PATH /usr/local/sbin:…\n
 //! host  → VMKIT-STREAM/1 attach 7 stdout from=4096\n
 //! ```
 
