@@ -21,7 +21,7 @@
 //! | `concurrent_calls` | two `start`s at once: exactly one succeeds, the other is `InvalidState`; then many reads and agent calls at once all answer |
 //! | `device_hotplug` | with `DISK_HOTPLUG`: a hot-plugged disk is accepted, a duplicate id is `BadArgument`, its unplug succeeds (with `DeviceDeleted` published), a second unplug is `NotFound`; without it, `hotplug_disk` is `Unsupported`. The same for a NIC ([`Target::nic`]) with `NIC_HOTPLUG` |
 //! | `resource_hotplug` | with `CPU_HOTPLUG`: `set_vcpus(n + 1)` reaches it and `query_cpus` shows it; with `MEMORY_HOTPLUG`: `hotplug_memory` adds to `query_memory`'s plugged memory |
-//! | `guest_calls_and_streams` | with `GUEST_AGENT`: calls at once on one client answer; with `GUEST_STREAMS`: a stream to the agent's stream port echoes 256 KiB byte-exact |
+//! | `guest_calls_and_streams` | with `GUEST_AGENT`: calls at once on one client answer; with `GUEST_STREAMS`: a stream to the agent's stream port echoes 256 KiB byte-exact; with both: a process runs end to end through the agent's process service (`cat` echoes its stdin, an exit code comes back) |
 //! | `two_runs_in_a_row` | a second VM on the same config (its state dir) starts and stops after the first |
 //! | `cancelled_start` | a `start` whose future is dropped midway (with [`Target::slow_start`]) ends like a failed one: `Shutdown` within 5 s, `Exited` published, nothing left |
 //! | `nothing_left` | after `shutdown` and the instance's drop: no process names the state dir (the VMM, its helpers), none holds a file in it, no Unix socket is bound or left in it, its lock is free, the reported VMM process is gone, a TAP it created is gone, a CID it reported is not leased ([`Target::held_outside`]) — where it cannot look (no `/proc`, no `/sys/class/net`, a CID the target cannot check), the check fails instead of passing |
@@ -883,7 +883,7 @@ async fn resource_hotplug(target: &dyn Target) -> Result<String, String> {
 }
 
 async fn guest_calls_and_streams(target: &dyn Target) -> Result<String, String> {
-    let vm = started(target, "conf-guest").await?;
+    let vm: std::sync::Arc<dyn Instance> = started(target, "conf-guest").await?.into();
     let caps = vm.vm_info().capabilities;
     if caps.contains(Capabilities::GUEST_AGENT) {
         let client = vm.client().await.map_err(|e| format!("client(): {e}"))?;
@@ -897,8 +897,70 @@ async fn guest_calls_and_streams(target: &dyn Target) -> Result<String, String> 
             .await
             .map_err(|e| format!("a stream with GUEST_STREAMS: {e}"))?;
     }
+    if caps.contains(Capabilities::GUEST_AGENT | Capabilities::GUEST_STREAMS) {
+        process_end_to_end(&vm)
+            .await
+            .map_err(|e| format!("a process with GUEST_AGENT and GUEST_STREAMS: {e}"))?;
+    }
     shutdown(target, vm.as_ref()).await?;
     Ok(String::new())
+}
+
+/// A process through the guest's process service (`vmkit-process`): `cat` echoes its
+/// stdin and exits 0 once it is closed; `sh -c 'exit 42'` is reported as exit code 42.
+async fn process_end_to_end(vm: &std::sync::Arc<dyn Instance>) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use vmkit_process::{Command, ExitStatus, Processes};
+    let deadline = Duration::from_secs(30);
+    let processes = Processes::new(vm.clone());
+    let work = async {
+        let mut cat = processes
+            .spawn(&Command::new(["cat"]), deadline)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut stdin = cat.take_stdin().ok_or("cat has no stdin")?;
+        let mut stdout = cat.take_stdout().ok_or("cat has no stdout")?;
+        let mut stderr = cat.take_stderr().ok_or("cat has no stderr")?;
+        stdin
+            .write_all(b"through the process service\n")
+            .await
+            .map_err(|e| format!("cat's stdin: {e}"))?;
+        stdin
+            .shutdown()
+            .await
+            .map_err(|e| format!("close cat's stdin: {e}"))?;
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let (read_out, read_err, status) = tokio::join!(
+            stdout.read_to_end(&mut out),
+            stderr.read_to_end(&mut err),
+            cat.wait(deadline)
+        );
+        read_out.map_err(|e| format!("cat's stdout: {e}"))?;
+        read_err.map_err(|e| format!("cat's stderr: {e}"))?;
+        let status = status.map_err(|e| e.to_string())?;
+        ensure(out == b"through the process service\n", || {
+            format!("cat echoed {:?}", String::from_utf8_lossy(&out))
+        })?;
+        ensure(status == ExitStatus::Code(0), || {
+            format!("cat ended with {status}")
+        })?;
+        let mut exits = processes
+            .spawn(&Command::new(["sh", "-c", "exit 42"]), deadline)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (out, err) = (exits.take_stdout(), exits.take_stderr());
+        let drain = async move {
+            for mut stream in [out, err].into_iter().flatten() {
+                let _ = stream.read_to_end(&mut Vec::new()).await;
+            }
+        };
+        let (status, ()) = tokio::join!(exits.wait(deadline), drain);
+        let status = status.map_err(|e| e.to_string())?;
+        ensure(status == ExitStatus::Code(42), || {
+            format!("`sh -c 'exit 42'` ended with {status}")
+        })
+    };
+    bounded("the process", Duration::from_secs(60), work).await?
 }
 
 /// 256 KiB through an echo stream on the agent's stream port, byte-exact.

@@ -24,6 +24,9 @@
 //!   (proptest-state-machine) for any backend, with the shrunk sequence on a failure.
 //! - [`leaks`]: this process's children and fds, and the processes that name a path:
 //!   what a test counts to prove nothing was left.
+//! - [`process_checks`]: checks of a guest's process service (stdio, exit statuses, a
+//!   TTY, many processes, reattaching, a stalled reader, bad requests) for any instance
+//!   with a guest agent.
 //! - [`qemu`]: find the real QEMU (failing under CI when it is missing) and run a
 //!   paused, diskless one with a QMP socket.
 //!
@@ -54,6 +57,7 @@ pub mod mock_qmp;
 pub mod mocks;
 #[cfg(feature = "model")]
 pub mod model;
+pub mod process_checks;
 pub mod qemu;
 
 pub use guest::{GuestImage, guest_image, require_arm64_guest_image, require_guest_image};

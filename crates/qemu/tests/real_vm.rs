@@ -380,7 +380,7 @@ async fn a_16_mib_stream_echoes_byte_exact_and_exec_streams_carry_stdio() {
     assert!(
         refused
             .to_string()
-            .contains("the agent refused: exec /no/such/program: No such file"),
+            .contains("the agent refused: program /no/such/program: no such file"),
         "{refused}"
     );
     vm.shutdown().await.unwrap();
