@@ -357,6 +357,9 @@ pub struct Stall {
     /// This process's resident memory grew by this much during the stall (KiB; 0 when
     /// it shrank or cannot be read).
     pub host_rss_growth_kib: u64,
+    /// The agent's resident memory at the end of the stall (KiB), when it is a process
+    /// of its own (`vmkit-agent` in a guest; not in the host test mode).
+    pub agent_rss_kib: Option<u64>,
 }
 
 fn rss_kib() -> u64 {
@@ -396,9 +399,19 @@ pub async fn stalled_reader(
         .iter()
         .find(|l| l.id == dd.id())
         .ok_or("dd is not listed")?;
+    let agent_rss = shell(
+        p,
+        "pid=$(pidof vmkit-agent) && grep VmRSS /proc/$pid/status || true",
+        scale.deadline,
+    )
+    .await?;
     let stall = Stall {
         agent_buffered: me.buffered_bytes,
         host_rss_growth_kib: rss_kib().saturating_sub(before),
+        agent_rss_kib: agent_rss
+            .split_whitespace()
+            .nth(1)
+            .and_then(|kib| kib.parse().ok()),
     };
     if me.exited {
         return Err("dd finished while nobody read its output".into());
@@ -436,6 +449,18 @@ pub async fn stalled_reader(
 
 /// Bad requests get typed errors naming their cause, and the service goes on.
 pub async fn bad_requests(p: &Processes, deadline: Duration) -> Result<(), String> {
+    bad_spawns(p, deadline).await?;
+    bad_calls(p, deadline).await?;
+    // And the service goes on.
+    let got = status_of(p, &["true"], deadline).await?;
+    if !got.success() {
+        return Err(format!("after the bad requests, `true`: {got}"));
+    }
+    Ok(())
+}
+
+/// Spawns the agent must refuse, each with the error kind and the words expected.
+async fn bad_spawns(p: &Processes, deadline: Duration) -> Result<(), String> {
     let empty: [&str; 0] = [];
     /// What is asked, the command, the error kind expected, and what its message names.
     type Case = (&'static str, Command, fn(&Error) -> bool, &'static str);
@@ -482,6 +507,12 @@ pub async fn bad_requests(p: &Processes, deadline: Duration) -> Result<(), Strin
             }
         }
     }
+    Ok(())
+}
+
+/// Calls on a process that it cannot take: a resize without a TTY, signal 0, an
+/// attach to an id that never was; then its stdin closed by call ends it.
+async fn bad_calls(p: &Processes, deadline: Duration) -> Result<(), String> {
     let mut plain = p
         .spawn(&Command::new(["cat"]), deadline)
         .await
@@ -512,11 +543,6 @@ pub async fn bad_requests(p: &Processes, deadline: Duration) -> Result<(), Strin
     let (status, ()) = tokio::join!(plain.wait(deadline), drain);
     if status.map_err(fail("wait for cat"))? != ExitStatus::Code(0) {
         return Err("cat did not end at the end of its stdin".into());
-    }
-    // And the service goes on.
-    let got = status_of(p, &["true"], deadline).await?;
-    if !got.success() {
-        return Err(format!("after the bad requests, `true`: {got}"));
     }
     Ok(())
 }
@@ -617,6 +643,34 @@ pub async fn mount_bad_requests(fs: &Filesystem, deadline: Duration) -> Result<(
     }
 }
 
+/// The disk `serial` mounted read-only at /data shows its `hello`, refuses a write, and
+/// unmounts.
+async fn disk_mount(
+    fs: &Filesystem,
+    p: &Processes,
+    serial: &str,
+    deadline: Duration,
+) -> Result<(), String> {
+    let data = Mount::disk(serial, "ext4", "/data")
+        .option("ro")
+        .create_target();
+    fs.mount(&data, deadline)
+        .await
+        .map_err(fail("mount the disk"))?;
+    let hello = shell(
+        p,
+        "cat /data/hello; touch /data/x 2>/dev/null && echo writable; true",
+        deadline,
+    )
+    .await?;
+    if hello != "hello from the host\n" {
+        return Err(format!("the disk read {hello:?} (and must be read-only)"));
+    }
+    fs.unmount("/data", false, deadline)
+        .await
+        .map_err(fail("unmount the disk"))
+}
+
 /// In a guest: a directory made with its mode, a tmpfs, a writable overlay, and (given
 /// `disk`, a serial whose ext4 filesystem holds `hello` = "hello from the host\n") a
 /// read-only disk, each seen by a process, then unmounted; a second unmount is refused.
@@ -671,24 +725,7 @@ pub async fn mounts(
         return Err(format!("through the overlay: {merged:?}"));
     }
     if let Some(serial) = disk {
-        let data = Mount::disk(serial, "ext4", "/data")
-            .option("ro")
-            .create_target();
-        fs.mount(&data, deadline)
-            .await
-            .map_err(fail("mount the disk"))?;
-        let hello = shell(
-            p,
-            "cat /data/hello; touch /data/x 2>/dev/null && echo writable; true",
-            deadline,
-        )
-        .await?;
-        if hello != "hello from the host\n" {
-            return Err(format!("the disk read {hello:?} (and must be read-only)"));
-        }
-        fs.unmount("/data", false, deadline)
-            .await
-            .map_err(fail("unmount the disk"))?;
+        disk_mount(fs, p, serial, deadline).await?;
     }
     fs.unmount("/scratch/merged", false, deadline)
         .await
@@ -700,4 +737,33 @@ pub async fn mounts(
         Err(Error::Refused { reason, .. }) if reason.contains("nothing is mounted") => Ok(()),
         other => Err(format!("a second unmount: {other:?}, expected Refused")),
     }
+}
+
+/// Zombies in the guest now: processes whose state (in `/proc/<pid>/stat`) is `Z`.
+async fn zombies(p: &Processes, deadline: Duration) -> Result<usize, String> {
+    let listed = shell(
+        p,
+        "for s in /proc/[0-9]*/stat; do read -r line < $s 2>/dev/null && case \"${line##*) }\" in Z*) echo z;; esac; done; true",
+        deadline,
+    )
+    .await?;
+    Ok(listed.lines().count())
+}
+
+/// In a guest: processes that leave orphans behind (a background `sleep` outliving its
+/// shell) leave no zombie once the orphans end — the agent, a child subreaper, reaps
+/// them.
+pub async fn orphans_reaped(p: &Processes, deadline: Duration) -> Result<(), String> {
+    let before = zombies(p, deadline).await?;
+    for _ in 0..4 {
+        shell(p, "sleep 0.3 </dev/null >/dev/null 2>&1 & exit 0", deadline).await?;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = zombies(p, deadline).await?;
+    if after > before {
+        return Err(format!(
+            "{after} zombies after the orphans ended ({before} before): nobody reaped them"
+        ));
+    }
+    Ok(())
 }

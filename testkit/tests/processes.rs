@@ -78,3 +78,29 @@ async fn many_processes_reattach_stall_and_bad_requests() {
     );
     vm.shutdown().await.unwrap();
 }
+
+/// A fake VM that ends takes its processes with it: they run on this host, and nothing
+/// of a VM may outlive it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fake_vms_processes_end_with_it() {
+    let (_dir, vm) = running().await;
+    let p = Processes::new(vm.clone());
+    let deadline = Duration::from_secs(10);
+    let sleeper = p
+        .spawn(&vmkit_process::Command::new(["sleep", "600"]), deadline)
+        .await
+        .unwrap();
+    let pid = i32::try_from(sleeper.pid()).unwrap();
+    let alive = |pid: i32| nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
+    assert!(alive(pid));
+    vm.shutdown().await.unwrap();
+    drop((sleeper, p, vm));
+    let gone = async {
+        while alive(pid) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), gone)
+        .await
+        .expect("the fake VM's process was killed and reaped");
+}

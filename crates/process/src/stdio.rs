@@ -58,17 +58,6 @@ fn counted<S: AsyncRead + Unpin>(
     polled
 }
 
-impl AsyncRead for Output {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        counted(&mut this.conn, &mut this.received, cx, buf)
-    }
-}
-
 /// The process's stdin. `shutdown()` closes it (the process reads end of file);
 /// writes wait while the process does not read (its pipe and the agent's buffers are
 /// full).
@@ -85,24 +74,6 @@ impl std::fmt::Debug for Stdin {
 impl Stdin {
     pub(crate) fn new(conn: Conn) -> Stdin {
         Stdin { conn }
-    }
-}
-
-impl AsyncWrite for Stdin {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().conn).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().conn).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().conn).poll_shutdown(cx)
     }
 }
 
@@ -135,31 +106,47 @@ impl Tty {
     }
 }
 
-impl AsyncRead for Tty {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        counted(&mut this.conn, &mut this.received, cx, buf)
-    }
+/// `AsyncRead` for a stream type with `conn` and `received`: reads count into it.
+macro_rules! counted_read {
+    ($t:ty) => {
+        impl AsyncRead for $t {
+            fn poll_read(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &mut ReadBuf<'_>,
+            ) -> Poll<io::Result<()>> {
+                let this = self.get_mut();
+                counted(&mut this.conn, &mut this.received, cx, buf)
+            }
+        }
+    };
 }
 
-impl AsyncWrite for Tty {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().conn).poll_write(cx, buf)
-    }
+/// `AsyncWrite` for a stream type with `conn`: straight through (`shutdown` sends the
+/// end frame).
+macro_rules! forward_write {
+    ($t:ty) => {
+        impl AsyncWrite for $t {
+            fn poll_write(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &[u8],
+            ) -> Poll<io::Result<usize>> {
+                Pin::new(&mut self.get_mut().conn).poll_write(cx, buf)
+            }
 
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().conn).poll_flush(cx)
-    }
+            fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                Pin::new(&mut self.get_mut().conn).poll_flush(cx)
+            }
 
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().conn).poll_shutdown(cx)
-    }
+            fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                Pin::new(&mut self.get_mut().conn).poll_shutdown(cx)
+            }
+        }
+    };
 }
+
+counted_read!(Output);
+counted_read!(Tty);
+forward_write!(Stdin);
+forward_write!(Tty);
