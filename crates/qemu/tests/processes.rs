@@ -96,6 +96,11 @@ async fn every_check(id: &str, transport: GuestTransport) {
         "mounts: a dir, a tmpfs, an overlay, an ext4 disk by serial",
         t,
     );
+    let t = Instant::now();
+    process_checks::orphans_reaped(&p, scale.deadline)
+        .await
+        .unwrap();
+    step("orphans reaped", t);
     assert!(
         p.list(scale.deadline).await.unwrap().is_empty(),
         "every process was waited for"
