@@ -767,3 +767,28 @@ pub async fn orphans_reaped(p: &Processes, deadline: Duration) -> Result<(), Str
     }
     Ok(())
 }
+
+/// A process spawned as user and group 1000 runs as them, in its cwd, with its env;
+/// a uid without a gid is refused. (In a guest, where the agent is root.)
+pub async fn runs_as_user(p: &Processes, deadline: Duration) -> Result<(), String> {
+    let cmd = Command::new(["sh", "-c", "echo $(id -u) $(id -g) $(pwd) $GREETING"])
+        .user(1000, 1000)
+        .cwd("/tmp")
+        .env("GREETING", "hi");
+    let mut proc = p
+        .spawn(&cmd, deadline)
+        .await
+        .map_err(fail("spawn as 1000"))?;
+    let out = proc.take_stdout().ok_or("no stdout")?;
+    let err = proc.take_stderr().ok_or("no stderr")?;
+    let (out, _, status) = tokio::join!(
+        read_all(out, "stdout"),
+        read_all(err, "stderr"),
+        proc.wait(deadline)
+    );
+    let out = String::from_utf8_lossy(&out?).into_owned();
+    if out != "1000 1000 /tmp hi\n" || !status.map_err(fail("wait"))?.success() {
+        return Err(format!("as user 1000: {out:?}"));
+    }
+    Ok(())
+}

@@ -567,3 +567,75 @@ async fn under_a_root_the_agent_reports_and_onlines_what_its_files_say() {
     assert!(resp.reached, "{resp:?}");
     assert_eq!(resp.online_cpus, [0, 1, 2]);
 }
+
+/// A process outlives the TTRPC connection that spawned it and the streams attached to
+/// it: a second connection feeds its stdin, reads its output from where the first left
+/// off, and waits for it; a second wait gives the same status; the process is then
+/// gone from the list, and a signal to it is refused naming its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_outlives_the_connections_that_started_it() {
+    use vmkit_proto::agent::{
+        ListProcessesRequest, SignalProcessRequest, SpawnProcessRequest, WaitProcessRequest,
+    };
+    let agent = Agent::start().await;
+    let first = agent.client().await;
+    let mut spawn = SpawnProcessRequest::new();
+    spawn.argv = ["sh", "-c", "echo early; read x; echo \"got $x\"; exit 5"]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+    spawn.tag = "outlives".into();
+    let spawned = first.spawn_process(ctx(), &spawn).await.unwrap();
+    let id = spawned.id;
+    let header = |stream: &str, from: u64| {
+        format!("VMKIT-STREAM/1 attach {id} {stream} from={from}\n").into_bytes()
+    };
+    let (mut out, reply) = stream(&agent.stream_path(), &header("stdout", 0)).await;
+    assert_eq!(reply, "OK\n");
+    let mut early = [0u8; 6];
+    out.read_exact(&mut early).await.unwrap();
+    assert_eq!(&early, b"early\n");
+    // Everything of the first host goes away.
+    drop((first, out));
+
+    let second = agent.client().await;
+    let listed = second
+        .list_processes(ctx(), &ListProcessesRequest::new())
+        .await
+        .unwrap();
+    assert_eq!(listed.processes.len(), 1);
+    assert_eq!(listed.processes[0].tag, "outlives");
+    assert!(!listed.processes[0].exited);
+    let (mut stdin, reply) = stream(&agent.stream_path(), &header("stdin", 0)).await;
+    assert_eq!(reply, "OK\n");
+    stdin.write_all(b"more\n").await.unwrap();
+    stdin.shutdown().await.unwrap();
+    let (mut out, reply) = stream(&agent.stream_path(), &header("stdout", 6)).await;
+    assert_eq!(reply, "OK\n");
+    let (mut err, _) = stream(&agent.stream_path(), &header("stderr", 0)).await;
+    let mut rest = String::new();
+    let mut errors = Vec::new();
+    let mut wait = WaitProcessRequest::new();
+    wait.id = id;
+    let (read, _, waited) = tokio::join!(
+        out.read_to_string(&mut rest),
+        err.read_to_end(&mut errors),
+        second.wait_process(ctx(), &wait)
+    );
+    read.unwrap();
+    assert_eq!(rest, "got more\n");
+    assert_eq!(waited.unwrap().exit_code, 5);
+    let again = second.wait_process(ctx(), &wait).await.unwrap();
+    assert_eq!(again.exit_code, 5, "a second wait gives the same status");
+    let listed = second
+        .list_processes(ctx(), &ListProcessesRequest::new())
+        .await
+        .unwrap();
+    assert!(listed.processes.is_empty());
+    let mut signal = SignalProcessRequest::new();
+    signal.id = id;
+    signal.signal = 15;
+    let (code, msg) = status(second.signal_process(ctx(), &signal).await.unwrap_err());
+    assert_eq!(code, ttrpc::Code::FAILED_PRECONDITION);
+    assert!(msg.contains("has ended (exit code 5)"), "{msg}");
+}

@@ -101,6 +101,9 @@ async fn every_check(id: &str, transport: GuestTransport) {
         .await
         .unwrap();
     step("orphans reaped", t);
+    process_checks::runs_as_user(&p, scale.deadline)
+        .await
+        .unwrap();
     assert!(
         p.list(scale.deadline).await.unwrap().is_empty(),
         "every process was waited for"

@@ -109,6 +109,13 @@ impl Spec {
                 }
             }
         };
+        // A uid alone would keep group 0: a process meant to be unprivileged must name
+        // its group too.
+        if user.0.is_some() != user.1.is_some() {
+            return Err(SpawnError::Invalid(
+                "uid and gid come together (a uid alone would keep group 0)".into(),
+            ));
+        }
         if tag.len() > MAX_TAG {
             return Err(SpawnError::Invalid(format!(
                 "tag of {} bytes exceeds {MAX_TAG}",
@@ -283,6 +290,69 @@ pub(crate) fn start(spec: &Spec, reaper: &Reaper) -> Result<Started, SpawnError>
                 stdio: Stdio3::Tty(pty.primary),
                 exit,
             })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(
+        argv: &[&str],
+        env: &[&str],
+        cwd: &str,
+        user: (Option<u32>, Option<u32>),
+        tty: Option<(u32, u32)>,
+        tag: &str,
+    ) -> String {
+        let argv = argv.iter().map(|s| (*s).to_owned()).collect();
+        let env: Vec<String> = env.iter().map(|s| (*s).to_owned()).collect();
+        match Spec::new(argv, &env, cwd, user, tty, tag.to_owned()) {
+            Err(SpawnError::Invalid(reason)) => reason,
+            other => panic!("{other:?}, expected Invalid"),
+        }
+    }
+
+    #[test]
+    fn malformed_requests_are_refused_before_fork_naming_the_field() {
+        let none = (None, None);
+        assert_eq!(refused(&[], &[], "", none, None, ""), "argv is empty");
+        assert_eq!(refused(&[""], &[], "", none, None, ""), "argv[0] is empty");
+        assert!(refused(&["a", "b\0c"], &[], "", none, None, "").starts_with("argv[1]"));
+        assert!(refused(&["a"], &["NOEQUALS"], "", none, None, "").starts_with("env[0]"));
+        assert!(refused(&["a"], &["=x"], "", none, None, "").starts_with("env[0]"));
+        assert!(refused(&["a"], &[], "tmp", none, None, "").contains("not absolute"));
+        assert!(refused(&["a"], &[], "/", none, Some((0, 80)), "").contains("tty size"));
+        assert!(refused(&["a"], &[], "/", none, Some((24, 70_000)), "").contains("tty size"));
+        assert!(refused(&["a"], &[], "/", (Some(1000), None), None, "").contains("uid and gid"));
+        assert!(refused(&["a"], &[], "/", none, None, &"t".repeat(257)).contains("tag"));
+    }
+
+    #[test]
+    fn the_environment_is_minimal_and_the_request_overrides_it() {
+        let spec = Spec::new(
+            vec!["sh".into()],
+            &["PATH=/opt/bin".into(), "A=1".into()],
+            "",
+            (None, None),
+            Some((24, 80)),
+            String::new(),
+        )
+        .unwrap();
+        assert_eq!(
+            spec.env,
+            [
+                ("HOME".to_owned(), "/".to_owned()),
+                ("TERM".into(), "xterm".into()),
+                ("PATH".into(), "/opt/bin".into()),
+                ("A".into(), "1".into()),
+            ]
+        );
+        assert_eq!(spec.cwd, Path::new("/"));
+        match spec.program() {
+            Err(SpawnError::NotFound(reason)) => assert!(reason.contains("/opt/bin"), "{reason}"),
+            other => panic!("{other:?}"),
         }
     }
 }
