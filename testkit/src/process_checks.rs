@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use vmkit_core::{GuestClient, GuestCommunicator, GuestStream};
 use vmkit_process::{Command, Error, ExitStatus, Filesystem, Mount, Processes, Resume};
 
 /// How big the checks are: the acceptance sizes on a real guest, smaller ones where
@@ -293,13 +294,56 @@ pub async fn many_at_once(p: &Processes, scale: Scale) -> Result<(), String> {
     Ok(())
 }
 
-/// The host drops every connection to a running process; attaching again from the
-/// offsets it had received gets the rest of its output, nothing twice or missing, and
+/// A guest channel of its own: `client()` is one connection dialled for this wrapper
+/// alone (not the instance's cached one), closed when the wrapper is dropped; streams go
+/// through the instance. What a host that restarts has: new connections.
+struct OwnConnection {
+    guest: Arc<dyn GuestCommunicator>,
+    client: tokio::sync::OnceCell<GuestClient>,
+}
+
+#[async_trait::async_trait]
+impl GuestCommunicator for OwnConnection {
+    async fn client(&self) -> vmkit_core::Result<GuestClient> {
+        self.client
+            .get_or_try_init(|| self.guest.dial_client())
+            .await
+            .cloned()
+    }
+
+    async fn dial_client(&self) -> vmkit_core::Result<GuestClient> {
+        self.guest.dial_client().await
+    }
+
+    async fn dial_client_with_retry(&self, timeout: Duration) -> vmkit_core::Result<GuestClient> {
+        self.guest.dial_client_with_retry(timeout).await
+    }
+
+    async fn start_stream(&self, port: u32) -> vmkit_core::Result<Box<dyn GuestStream>> {
+        self.guest.start_stream(port).await
+    }
+}
+
+fn own_connection(guest: &Arc<dyn GuestCommunicator>) -> Processes {
+    Processes::new(Arc::new(OwnConnection {
+        guest: Arc::clone(guest),
+        client: tokio::sync::OnceCell::new(),
+    }))
+}
+
+/// A host spawns a process on connections of its own, reads part of its output, and
+/// drops every connection (TTRPC and streams); the process finishes with nobody
+/// connected. A new host, on new connections, finds it exited, attaches from the offsets
+/// the first had received, gets the rest of its output (nothing twice, nothing lost) and
 /// its exit status.
-pub async fn reattach(p: &Processes, deadline: Duration) -> Result<(), String> {
+pub async fn reattach(
+    guest: &Arc<dyn GuestCommunicator>,
+    deadline: Duration,
+) -> Result<(), String> {
     let script =
         "read go; i=0; while [ $i -lt 3000 ]; do echo \"line $i\"; i=$((i+1)); done; exit 3";
-    let mut first = p
+    let first_host = own_connection(guest);
+    let mut first = first_host
         .spawn(&Command::new(["sh", "-c", script]), deadline)
         .await
         .map_err(fail("spawn the writer"))?;
@@ -318,7 +362,21 @@ pub async fn reattach(p: &Processes, deadline: Duration) -> Result<(), String> {
         stderr: stderr.received(),
         tty: 0,
     };
-    drop((first, stdout, stderr, stdin));
+    drop((first, stdout, stderr, stdin, first_host));
+    let p = own_connection(guest);
+    let ended = async {
+        loop {
+            let listed = p.list(deadline).await.map_err(fail("list"))?;
+            match listed.iter().find(|l| l.id == id) {
+                Some(l) if l.exited => return Ok(()),
+                Some(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                None => return Err(format!("process {id} is gone from the list")),
+            }
+        }
+    };
+    tokio::time::timeout(deadline, ended)
+        .await
+        .map_err(|_| "the process did not finish with nobody connected".to_owned())??;
     let mut again = p
         .attach(id, resume, deadline)
         .await

@@ -50,7 +50,12 @@ async fn many_processes_reattach_stall_and_bad_requests() {
     let p = Processes::new(vm.clone());
     let scale = Scale::quick();
     process_checks::many_at_once(&p, scale).await.unwrap();
-    process_checks::reattach(&p, scale.deadline).await.unwrap();
+    process_checks::reattach(
+        &(vm.clone() as Arc<dyn vmkit_core::GuestCommunicator>),
+        scale.deadline,
+    )
+    .await
+    .unwrap();
     let stall = process_checks::stalled_reader(&p, scale, 2 * (256 << 10))
         .await
         .unwrap();

@@ -72,7 +72,12 @@ async fn every_check(id: &str, transport: GuestTransport) {
     process_checks::many_at_once(&p, scale).await.unwrap();
     step("32 processes at once", t);
     let t = Instant::now();
-    process_checks::reattach(&p, scale.deadline).await.unwrap();
+    process_checks::reattach(
+        &(vm.clone() as Arc<dyn vmkit_core::GuestCommunicator>),
+        scale.deadline,
+    )
+    .await
+    .unwrap();
     step("reattach", t);
     let t = Instant::now();
     let stall = process_checks::stalled_reader(&p, scale, 2 * OUTPUT_BUFFER)
