@@ -5,6 +5,7 @@
 //! are both `ENOENT` from the kernel, and only one of them would be named).
 
 use std::os::fd::OwnedFd;
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
@@ -208,8 +209,6 @@ impl Spec {
         Ok(cmd)
     }
 }
-
-use std::os::unix::process::CommandExt as _;
 
 fn is_executable(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
