@@ -43,6 +43,7 @@ pub mod info;
 pub mod instance;
 pub mod lifecycle;
 pub mod resources;
+pub mod share;
 pub mod state;
 pub mod state_cell;
 pub mod state_dir;
@@ -68,6 +69,7 @@ pub use resources::{
     CpuFailure, CpuHotplugger, CpuInfo, CpuTopology, DimmInfo, MemoryHotplugger, MemoryInfo,
     ResourceManager, VcpuResize,
 };
+pub use share::{DeviceSpec, MAX_SHARE_TAG, ShareCache, ShareConfig, ShareVia};
 pub use state::VmState;
 pub use state_cell::StateCell;
 pub use state_dir::StateDirLock;

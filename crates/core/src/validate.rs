@@ -22,6 +22,8 @@ pub enum Exists {
     Any,
     /// An existing regular file (or block device, for disks).
     File,
+    /// An existing directory (a share's).
+    Dir,
 }
 
 /// An id that becomes a QEMU object or device id, a file name and a log tag: non-empty,
@@ -51,7 +53,7 @@ pub fn check_id(field: &str, id: &str) -> Result<()> {
 /// A path that will be handed to the VMM: absolute, at most [`MAX_PATH_LEN`] bytes, and
 /// free of NUL, newline and carriage return (which would break an option or a log line).
 /// Commas are allowed: the backend escapes them. With [`Exists::File`] the path must
-/// name an existing non-directory.
+/// name an existing non-directory, with [`Exists::Dir`] an existing directory.
 pub fn check_path(field: &str, path: &Path, exists: Exists) -> Result<()> {
     let bytes = path.as_os_str().as_bytes();
     if bytes.is_empty() {
@@ -80,6 +82,20 @@ pub fn check_path(field: &str, path: &Path, exists: Exists) -> Result<()> {
             field,
             format!("path is {} bytes; at most {MAX_PATH_LEN}", bytes.len()),
         ));
+    }
+    if exists == Exists::Dir {
+        match std::fs::metadata(path) {
+            Ok(meta) if meta.is_dir() => {}
+            Ok(_) => {
+                return Err(Error::config(
+                    field,
+                    format!("{} is not a directory", path.display()),
+                ));
+            }
+            Err(e) => {
+                return Err(Error::config(field, format!("{}: {e}", path.display())));
+            }
+        }
     }
     if exists == Exists::File {
         match std::fs::metadata(path) {
