@@ -10,7 +10,7 @@ use vmkit_platform::child::Exit;
 use vmkit_proto::agent::{ExecRequest, ExecResponse};
 
 use crate::process::Reaper;
-use crate::process::reaper::ExitWatch;
+use crate::process::reaper::{ExitWatch, exit_fields};
 use crate::process::spawn::{SpawnError, Spec, Stdio3, start};
 
 /// Output kept per stream; more is read and dropped, and the response says so.
@@ -137,13 +137,7 @@ pub(crate) async fn run(reaper: &Reaper, req: &ExecRequest) -> Result<ExecRespon
     };
     (resp.stdout, resp.stdout_truncated) = out;
     (resp.stderr, resp.stderr_truncated) = err;
-    match status {
-        Some(Exit::Code(code)) => resp.exit_code = code,
-        Some(Exit::Signal(signal)) => {
-            resp.exit_code = -1;
-            resp.signal = signal;
-        }
-        None => resp.exit_code = -1,
-    }
+    // No status: the reaper is gone (the agent is stopping); -1 as for a signal.
+    (resp.exit_code, resp.signal) = status.map_or((-1, 0), exit_fields);
     Ok(resp)
 }

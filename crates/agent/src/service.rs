@@ -6,7 +6,6 @@ use ttrpc::Code;
 use ttrpc::r#async::TtrpcContext;
 use ttrpc::error::get_rpc_status;
 
-use vmkit_platform::child::Exit;
 use vmkit_proto::agent::{
     CloseStdinRequest, CloseStdinResponse, ExecRequest, ExecResponse, GuestInfoRequest,
     GuestInfoResponse, ListProcessesRequest, ListProcessesResponse, MakeDirRequest,
@@ -17,6 +16,7 @@ use vmkit_proto::agent::{
     WaitResourcesRequest, WaitResourcesResponse,
 };
 
+use crate::process::reaper::exit_fields;
 use crate::process::spawn::{SpawnError, Spec};
 use crate::process::{ProcError, Processes};
 use crate::root::Root;
@@ -24,20 +24,36 @@ use crate::root::Root;
 /// The longest ping payload echoed back.
 const MAX_PING_PAYLOAD: usize = 64 << 10;
 
-/// The service; `power_off` says whether `PowerOff` may really power off (only in a
-/// guest, never in the `--unix` test mode); `root` is where `/proc` and `/sys` are read.
+/// The service; `in_guest` says whether it runs in a guest: only there does `PowerOff`
+/// really power off and do mounts and directories change anything (never in the `--unix`
+/// test mode); `root` is where `/proc` and `/sys` are read.
 pub(crate) struct AgentService {
-    power_off: bool,
+    in_guest: bool,
     root: Root,
     processes: Arc<Processes>,
 }
 
 impl AgentService {
-    pub(crate) fn new(power_off: bool, root: Root, processes: Arc<Processes>) -> AgentService {
+    pub(crate) fn new(in_guest: bool, root: Root, processes: Arc<Processes>) -> AgentService {
         AgentService {
-            power_off,
+            in_guest,
             root,
             processes,
+        }
+    }
+
+    /// Mounts and directories change the guest's filesystem: in the host test mode they
+    /// would change the host's, so there they are checked, then refused.
+    fn in_guest_only(&self, call: &str) -> ttrpc::Result<()> {
+        if self.in_guest {
+            Ok(())
+        } else {
+            Err(status(
+                call,
+                ProcError::Precondition(
+                    "refused outside a guest (the agent runs with --unix)".into(),
+                ),
+            ))
         }
     }
 }
@@ -52,23 +68,6 @@ fn status(call: &str, e: ProcError) -> ttrpc::Error {
         ProcError::Failed(r) => (Code::INTERNAL, r),
     };
     get_rpc_status(code, format!("{call}: {reason}"))
-}
-
-impl AgentService {
-    /// Mounts and directories change the guest's filesystem: in the host test mode they
-    /// would change the host's, so there they are checked, then refused.
-    fn in_guest_only(&self, call: &str) -> ttrpc::Result<()> {
-        if self.power_off {
-            Ok(())
-        } else {
-            Err(status(
-                call,
-                ProcError::Precondition(
-                    "refused outside a guest (the agent runs with --unix)".into(),
-                ),
-            ))
-        }
-    }
 }
 
 #[async_trait]
@@ -134,7 +133,7 @@ impl vmkit_proto::Agent for AgentService {
         _ctx: &TtrpcContext,
         _req: PowerOffRequest,
     ) -> ttrpc::Result<PowerOffResponse> {
-        if !self.power_off {
+        if !self.in_guest {
             return Err(get_rpc_status(
                 Code::FAILED_PRECONDITION,
                 "power off: refused outside a guest (the agent runs with --unix)",
@@ -185,13 +184,7 @@ impl vmkit_proto::Agent for AgentService {
             .await
             .map_err(|e| status(&format!("wait {}", req.id), e))?;
         let mut resp = WaitProcessResponse::new();
-        match exit {
-            Exit::Code(code) => resp.exit_code = code,
-            Exit::Signal(signal) => {
-                resp.exit_code = -1;
-                resp.signal = signal;
-            }
-        }
+        (resp.exit_code, resp.signal) = exit_fields(exit);
         Ok(resp)
     }
 

@@ -15,8 +15,7 @@ use crate::exec::{Spawned, spawn};
 use crate::limits::Gate;
 use crate::listen::{Conn, Listener};
 use crate::process::input::Fed;
-use crate::process::spawn::SpawnError;
-use crate::process::{Attached, ProcError, Processes};
+use crate::process::{Attached, Processes};
 
 /// How long a new connection may take to send its header.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -75,18 +74,8 @@ async fn handle(mut conn: Box<dyn Conn>, processes: &Processes) {
         StreamHeader::Exec { argv } => exec_stream(conn, processes, &argv).await,
         StreamHeader::Attach { id, stream, from } => match processes.attach(id, stream, from) {
             Ok(attached) => attach(conn, attached).await,
-            Err(
-                ProcError::Invalid(reason)
-                | ProcError::NotFound(reason)
-                | ProcError::Precondition(reason)
-                | ProcError::Exhausted(reason)
-                | ProcError::Failed(reason),
-            ) => {
-                let reason = if reason.starts_with("attach") {
-                    reason
-                } else {
-                    format!("attach {id} {}: {reason}", stream.name())
-                };
+            Err(e) => {
+                let reason = format!("attach {id} {}: {}", stream.name(), e.into_reason());
                 refuse(conn, &reason).await;
             }
         },
@@ -161,9 +150,7 @@ async fn exec_stream(mut conn: Box<dyn Conn>, processes: &Processes, argv: &[Str
         mut guard,
     } = match spawn(processes.reaper(), argv, &[], "/") {
         Ok(spawned) => spawned,
-        Err(SpawnError::Invalid(r) | SpawnError::NotFound(r) | SpawnError::Failed(r)) => {
-            return refuse(conn, &r).await;
-        }
+        Err(e) => return refuse(conn, &e.into_reason()).await,
     };
     if conn.write_all(&StreamReply::Ok.encode()).await.is_err() {
         return;

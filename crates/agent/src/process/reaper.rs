@@ -19,6 +19,15 @@ use vmkit_platform::child::{Exit, reap};
 /// A child's exit, once known.
 pub(crate) type ExitWatch = watch::Receiver<Option<Exit>>;
 
+/// An exit as the agent's answers carry it: `(exit_code, signal)`, the code -1 and the
+/// signal set when a signal killed it.
+pub(crate) fn exit_fields(exit: Exit) -> (i32, i32) {
+    match exit {
+        Exit::Code(code) => (code, 0),
+        Exit::Signal(signal) => (-1, signal),
+    }
+}
+
 /// How often the reaper looks even without a `SIGCHLD` (signals coalesce, and one
 /// raised before the handler existed is not seen).
 const SWEEP: Duration = Duration::from_secs(1);

@@ -31,6 +31,26 @@ pub(crate) enum SpawnError {
     Failed(String),
 }
 
+impl SpawnError {
+    /// The reason, whatever the kind.
+    pub(crate) fn into_reason(self) -> String {
+        match self {
+            SpawnError::Invalid(r) | SpawnError::NotFound(r) | SpawnError::Failed(r) => r,
+        }
+    }
+}
+
+/// A TTY size as the kernel takes it: rows and cols each 1..=65535.
+pub(crate) fn tty_size(rows: u32, cols: u32) -> Result<(u16, u16), String> {
+    let fit = |n: u32| u16::try_from(n).ok().filter(|n| *n > 0);
+    match (fit(rows), fit(cols)) {
+        (Some(r), Some(c)) => Ok((r, c)),
+        _ => Err(format!(
+            "tty size {rows}x{cols}: rows and cols must be 1..=65535"
+        )),
+    }
+}
+
 /// A checked spawn request.
 #[derive(Debug, Clone)]
 pub(crate) struct Spec {
@@ -98,17 +118,7 @@ impl Spec {
         }
         let tty = match tty {
             None => None,
-            Some((rows, cols)) => {
-                let fit = |n: u32| u16::try_from(n).ok().filter(|n| *n > 0);
-                match (fit(rows), fit(cols)) {
-                    (Some(r), Some(c)) => Some((r, c)),
-                    _ => {
-                        return Err(SpawnError::Invalid(format!(
-                            "tty size {rows}x{cols}: rows and cols must be 1..=65535"
-                        )));
-                    }
-                }
-            }
+            Some((rows, cols)) => Some(tty_size(rows, cols).map_err(SpawnError::Invalid)?),
         };
         // A uid alone would keep group 0: a process meant to be unprivileged must name
         // its group too.

@@ -13,7 +13,7 @@ use vmkit_proto::StdioStream;
 use super::input::Input;
 use super::output::Output;
 use super::reaper::{ExitWatch, Reaper};
-use super::spawn::{SpawnError, Spec, Stdio3, start};
+use super::spawn::{SpawnError, Spec, Stdio3, start, tty_size};
 
 /// How many ended processes' statuses are kept for a second `WaitProcess`.
 const ENDED_KEPT: usize = 1024;
@@ -32,6 +32,19 @@ pub(crate) enum ProcError {
     Exhausted(String),
     /// The system refused (`INTERNAL`).
     Failed(String),
+}
+
+impl ProcError {
+    /// The reason, whatever the kind.
+    pub(crate) fn into_reason(self) -> String {
+        match self {
+            ProcError::Invalid(r)
+            | ProcError::NotFound(r)
+            | ProcError::Precondition(r)
+            | ProcError::Exhausted(r)
+            | ProcError::Failed(r) => r,
+        }
+    }
 }
 
 impl From<SpawnError> for ProcError {
@@ -121,11 +134,19 @@ struct Table {
     ended: VecDeque<(u64, Exit)>,
 }
 
-fn describe(exit: Exit) -> String {
-    match exit {
+/// Process `id` ended with `exit`: why a call that needs it running is refused.
+fn ended(id: u64, exit: Exit) -> ProcError {
+    let how = match exit {
         Exit::Code(code) => format!("exit code {code}"),
         Exit::Signal(signal) => format!("signal {signal}"),
-    }
+    };
+    ProcError::Precondition(format!("process {id} has ended ({how})"))
+}
+
+/// What the table knows of an id.
+enum Known {
+    Live(Arc<Entry>),
+    Ended(Exit),
 }
 
 impl Processes {
@@ -151,18 +172,23 @@ impl Processes {
         self.table.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The live entry `id`, or why there is none.
-    fn entry(&self, id: u64) -> Result<Arc<Entry>, ProcError> {
+    /// The live entry `id`, or how it ended (among the last [`ENDED_KEPT`]).
+    fn known(&self, id: u64) -> Result<Known, ProcError> {
         let table = self.lock();
         if let Some(entry) = table.live.get(&id) {
-            return Ok(Arc::clone(entry));
+            return Ok(Known::Live(Arc::clone(entry)));
         }
         match table.ended.iter().find(|(i, _)| *i == id) {
-            Some((_, exit)) => Err(ProcError::Precondition(format!(
-                "process {id} has ended ({})",
-                describe(*exit)
-            ))),
+            Some((_, exit)) => Ok(Known::Ended(*exit)),
             None => Err(ProcError::NotFound(format!("no process {id}"))),
+        }
+    }
+
+    /// The live entry `id`, or why there is none.
+    fn entry(&self, id: u64) -> Result<Arc<Entry>, ProcError> {
+        match self.known(id)? {
+            Known::Live(entry) => Ok(entry),
+            Known::Ended(exit) => Err(ended(id, exit)),
         }
     }
 
@@ -233,16 +259,9 @@ impl Processes {
     /// Waits until process `id` has exited and its output is delivered; its status
     /// (again, for a process that was waited for already).
     pub(crate) async fn wait(&self, id: u64) -> Result<Exit, ProcError> {
-        let entry = match self.entry(id) {
-            Ok(entry) => entry,
-            Err(ProcError::Precondition(_)) => {
-                let table = self.lock();
-                let found = table.ended.iter().find(|(i, _)| *i == id);
-                return found
-                    .map(|(_, exit)| *exit)
-                    .ok_or_else(|| ProcError::NotFound(format!("no process {id}")));
-            }
-            Err(e) => return Err(e),
+        let entry = match self.known(id)? {
+            Known::Live(entry) => entry,
+            Known::Ended(exit) => return Ok(exit),
         };
         let mut exit = entry.exit.clone();
         let status = exit
@@ -271,10 +290,7 @@ impl Processes {
         let entry = self.entry(id)?;
         let exited = *entry.exit.borrow();
         if let Some(exit) = exited {
-            return Err(ProcError::Precondition(format!(
-                "process {id} has ended ({})",
-                describe(exit)
-            )));
+            return Err(ended(id, exit));
         }
         match self.reaper.signal(entry.pid, signal) {
             Ok(true) => Ok(()),
@@ -292,12 +308,7 @@ impl Processes {
         let Some(tty) = &entry.tty else {
             return Err(ProcError::Precondition(format!("process {id} has no TTY")));
         };
-        let fit = |n: u32| u16::try_from(n).ok().filter(|n| *n > 0);
-        let (Some(rows), Some(cols)) = (fit(rows), fit(cols)) else {
-            return Err(ProcError::Invalid(format!(
-                "tty size {rows}x{cols}: rows and cols must be 1..=65535"
-            )));
-        };
+        let (rows, cols) = tty_size(rows, cols).map_err(ProcError::Invalid)?;
         vmkit_platform::child::set_window_size(tty.as_fd(), rows, cols)
             .map_err(|e| ProcError::Failed(format!("resize the tty of process {id}: {e}")))
     }
@@ -328,7 +339,8 @@ impl Processes {
         listed
     }
 
-    /// Process `id`'s `stream`, resumed at `from`.
+    /// Process `id`'s `stream`, resumed at `from`. A refusal's reason does not name the
+    /// attach (the stream server prefixes every one with it).
     pub(crate) fn attach(
         &self,
         id: u64,
@@ -336,11 +348,10 @@ impl Processes {
         from: u64,
     ) -> Result<Attached, ProcError> {
         let entry = self.entry(id)?;
-        let name = stream.name();
         let resume = |output: &Arc<Output>| {
             output
                 .attach(from)
-                .map_err(|e| ProcError::Invalid(format!("attach {id} {name}: {e}")))
+                .map_err(|e| ProcError::Invalid(e.to_string()))
         };
         match (&entry.outputs, stream) {
             (Outputs::Pipes { stdout, .. }, StdioStream::Stdout) => {
@@ -353,7 +364,7 @@ impl Processes {
                 Ok(Attached::Input(Arc::clone(&entry)))
             }
             (Outputs::Pipes { .. }, StdioStream::Stdin) => Err(ProcError::Invalid(format!(
-                "attach {id} stdin: from={from}, but stdin is not resumable (from=0 only)"
+                "from={from}, but stdin is not resumable (from=0 only)"
             ))),
             (Outputs::Tty(tty), StdioStream::Tty) => {
                 let attachment = resume(tty)?;
@@ -364,10 +375,10 @@ impl Processes {
                 ))
             }
             (Outputs::Pipes { .. }, StdioStream::Tty) => Err(ProcError::Precondition(format!(
-                "attach {id} tty: process {id} has no TTY (attach stdin, stdout, stderr)"
+                "process {id} has no TTY (attach stdin, stdout, stderr)"
             ))),
             (Outputs::Tty(_), _) => Err(ProcError::Precondition(format!(
-                "attach {id} {name}: process {id} runs on a TTY (attach tty)"
+                "process {id} runs on a TTY (attach tty)"
             ))),
         }
     }
