@@ -909,55 +909,28 @@ async fn guest_calls_and_streams(target: &dyn Target) -> Result<String, String> 
 /// A process through the guest's process service (`vmkit-process`): `cat` echoes its
 /// stdin and exits 0 once it is closed; `sh -c 'exit 42'` is reported as exit code 42.
 async fn process_end_to_end(vm: &std::sync::Arc<dyn Instance>) -> Result<(), String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use crate::process_checks::run;
     use vmkit_process::{Command, ExitStatus, Processes};
     let deadline = Duration::from_secs(30);
     let processes = Processes::new(vm.clone());
     let work = async {
-        let mut cat = processes
-            .spawn(&Command::new(["cat"]), deadline)
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut stdin = cat.take_stdin().ok_or("cat has no stdin")?;
-        let mut stdout = cat.take_stdout().ok_or("cat has no stdout")?;
-        let mut stderr = cat.take_stderr().ok_or("cat has no stderr")?;
-        stdin
-            .write_all(b"through the process service\n")
-            .await
-            .map_err(|e| format!("cat's stdin: {e}"))?;
-        stdin
-            .shutdown()
-            .await
-            .map_err(|e| format!("close cat's stdin: {e}"))?;
-        let (mut out, mut err) = (Vec::new(), Vec::new());
-        let (read_out, read_err, status) = tokio::join!(
-            stdout.read_to_end(&mut out),
-            stderr.read_to_end(&mut err),
-            cat.wait(deadline)
-        );
-        read_out.map_err(|e| format!("cat's stdout: {e}"))?;
-        read_err.map_err(|e| format!("cat's stderr: {e}"))?;
-        let status = status.map_err(|e| e.to_string())?;
-        ensure(out == b"through the process service\n", || {
-            format!("cat echoed {:?}", String::from_utf8_lossy(&out))
+        let line = b"through the process service\n";
+        let cat = run(&processes, &Command::new(["cat"]), line, deadline).await?;
+        ensure(cat.stdout == line, || {
+            format!("cat echoed {:?}", String::from_utf8_lossy(&cat.stdout))
         })?;
-        ensure(status == ExitStatus::Code(0), || {
-            format!("cat ended with {status}")
+        ensure(cat.status == ExitStatus::Code(0), || {
+            format!("cat ended with {}", cat.status)
         })?;
-        let mut exits = processes
-            .spawn(&Command::new(["sh", "-c", "exit 42"]), deadline)
-            .await
-            .map_err(|e| e.to_string())?;
-        let (out, err) = (exits.take_stdout(), exits.take_stderr());
-        let drain = async move {
-            for mut stream in [out, err].into_iter().flatten() {
-                let _ = stream.read_to_end(&mut Vec::new()).await;
-            }
-        };
-        let (status, ()) = tokio::join!(exits.wait(deadline), drain);
-        let status = status.map_err(|e| e.to_string())?;
-        ensure(status == ExitStatus::Code(42), || {
-            format!("`sh -c 'exit 42'` ended with {status}")
+        let exits = run(
+            &processes,
+            &Command::new(["sh", "-c", "exit 42"]),
+            b"",
+            deadline,
+        )
+        .await?;
+        ensure(exits.status == ExitStatus::Code(42), || {
+            format!("`sh -c 'exit 42'` ended with {}", exits.status)
         })
     };
     bounded("the process", Duration::from_secs(60), work).await?

@@ -130,23 +130,52 @@ pub async fn stdio_round_trip(p: &Processes, scale: Scale) -> Result<f64, String
     Ok(data.len() as f64 / f64::from(1 << 20) / secs)
 }
 
-/// Runs `argv` with its output read, and returns how it ended.
-async fn status_of(p: &Processes, argv: &[&str], deadline: Duration) -> Result<ExitStatus, String> {
+/// What a finished process left: how it ended, and its stdout and stderr.
+pub(crate) struct Ran {
+    pub(crate) status: ExitStatus,
+    pub(crate) stdout: Vec<u8>,
+    pub(crate) stderr: Vec<u8>,
+}
+
+/// Spawns `cmd`, writes `input` to its stdin and closes it, and reads both outputs while
+/// waiting for its exit (the agent answers the wait only once they are delivered).
+pub(crate) async fn run(
+    p: &Processes,
+    cmd: &Command,
+    input: &[u8],
+    deadline: Duration,
+) -> Result<Ran, String> {
+    let argv = cmd.argv();
     let mut proc = p
-        .spawn(&Command::new(argv.iter().copied()), deadline)
+        .spawn(cmd, deadline)
         .await
         .map_err(fail(&format!("spawn {argv:?}")))?;
-    let (out, err) = (proc.take_stdout(), proc.take_stderr());
-    let drain = async move {
-        if let Some(out) = out {
-            let _ = read_all(out, "stdout").await;
-        }
-        if let Some(err) = err {
-            let _ = read_all(err, "stderr").await;
-        }
+    let mut stdin = proc.take_stdin().ok_or("no stdin")?;
+    let out = proc.take_stdout().ok_or("no stdout")?;
+    let err = proc.take_stderr().ok_or("no stderr")?;
+    let feed = async move {
+        stdin.write_all(input).await?;
+        stdin.shutdown().await
     };
-    let (status, ()) = tokio::join!(proc.wait(deadline), drain);
-    status.map_err(fail(&format!("wait for {argv:?}")))
+    let (fed, stdout, stderr, status) = tokio::join!(
+        feed,
+        read_all(out, "stdout"),
+        read_all(err, "stderr"),
+        proc.wait(deadline)
+    );
+    fed.map_err(|e| format!("{argv:?}'s stdin: {e}"))?;
+    Ok(Ran {
+        status: status.map_err(fail(&format!("wait for {argv:?}")))?,
+        stdout: stdout?,
+        stderr: stderr?,
+    })
+}
+
+/// Runs `argv` with its output read, and returns how it ended.
+async fn status_of(p: &Processes, argv: &[&str], deadline: Duration) -> Result<ExitStatus, String> {
+    Ok(run(p, &Command::new(argv.iter().copied()), b"", deadline)
+        .await?
+        .status)
 }
 
 /// Exit codes 0 and 42 come back as they are; a process killed with SIGTERM is
@@ -266,23 +295,13 @@ pub async fn many_at_once(p: &Processes, scale: Scale) -> Result<(), String> {
         let p = p.clone();
         running.spawn(async move {
             let argv = ["sh".to_owned(), "-c".into(), script.into(), n.to_string()];
-            let mut proc = p
-                .spawn(&Command::new(argv), scale.deadline)
-                .await
-                .map_err(fail(&format!("spawn process {n}")))?;
-            let out = proc.take_stdout().ok_or("no stdout")?;
-            let err = proc.take_stderr().ok_or("no stderr")?;
-            let (out, _, status) = tokio::join!(
-                read_all(out, "stdout"),
-                read_all(err, "stderr"),
-                proc.wait(scale.deadline)
-            );
+            let ran = run(&p, &Command::new(argv), b"", scale.deadline).await?;
             let want: String = (0..200).map(|i| format!("{n} line {i}\n")).collect();
-            if out? != want.as_bytes() {
+            if ran.stdout != want.as_bytes() {
                 return Err(format!("process {n}: its stdout is not its own 200 lines"));
             }
             let code = i32::try_from(n % 50).unwrap_or_default();
-            match status.map_err(fail(&format!("wait for process {n}")))? {
+            match ran.status {
                 ExitStatus::Code(c) if c == code => Ok(()),
                 other => Err(format!("process {n}: {other}, expected exit code {code}")),
             }
@@ -607,26 +626,15 @@ async fn bad_calls(p: &Processes, deadline: Duration) -> Result<(), String> {
 
 /// Runs `script` with `sh -c` and returns its stdout, failing unless it exits 0.
 async fn shell(p: &Processes, script: &str, deadline: Duration) -> Result<String, String> {
-    let mut proc = p
-        .spawn(&Command::new(["sh", "-c", script]), deadline)
-        .await
-        .map_err(fail(&format!("spawn {script:?}")))?;
-    let out = proc.take_stdout().ok_or("no stdout")?;
-    let err = proc.take_stderr().ok_or("no stderr")?;
-    let (out, err, status) = tokio::join!(
-        read_all(out, "stdout"),
-        read_all(err, "stderr"),
-        proc.wait(deadline)
-    );
-    let status = status.map_err(fail(&format!("wait for {script:?}")))?;
-    let (out, err) = (out?, err?);
-    if !status.success() {
+    let ran = run(p, &Command::new(["sh", "-c", script]), b"", deadline).await?;
+    if !ran.status.success() {
         return Err(format!(
-            "{script:?}: {status}; stderr {:?}",
-            String::from_utf8_lossy(&err)
+            "{script:?}: {}; stderr {:?}",
+            ran.status,
+            String::from_utf8_lossy(&ran.stderr)
         ));
     }
-    Ok(String::from_utf8_lossy(&out).into_owned())
+    Ok(String::from_utf8_lossy(&ran.stdout).into_owned())
 }
 
 /// Mount requests the agent must refuse before touching anything, each with a typed
@@ -826,27 +834,17 @@ pub async fn orphans_reaped(p: &Processes, deadline: Duration) -> Result<(), Str
     Ok(())
 }
 
-/// A process spawned as user and group 1000 runs as them, in its cwd, with its env;
-/// a uid without a gid is refused. (In a guest, where the agent is root.)
+/// A process spawned as user and group 1000 runs as them, in its cwd, with its env.
+/// (In a guest, where the agent is root.)
 pub async fn runs_as_user(p: &Processes, deadline: Duration) -> Result<(), String> {
     let cmd = Command::new(["sh", "-c", "echo $(id -u) $(id -g) $(pwd) $GREETING"])
         .user(1000, 1000)
         .cwd("/tmp")
         .env("GREETING", "hi");
-    let mut proc = p
-        .spawn(&cmd, deadline)
-        .await
-        .map_err(fail("spawn as 1000"))?;
-    let out = proc.take_stdout().ok_or("no stdout")?;
-    let err = proc.take_stderr().ok_or("no stderr")?;
-    let (out, _, status) = tokio::join!(
-        read_all(out, "stdout"),
-        read_all(err, "stderr"),
-        proc.wait(deadline)
-    );
-    let out = String::from_utf8_lossy(&out?).into_owned();
-    if out != "1000 1000 /tmp hi\n" || !status.map_err(fail("wait"))?.success() {
-        return Err(format!("as user 1000: {out:?}"));
+    let ran = run(p, &cmd, b"", deadline).await?;
+    let out = String::from_utf8_lossy(&ran.stdout);
+    if out != "1000 1000 /tmp hi\n" || !ran.status.success() {
+        return Err(format!("as user 1000: {out:?}, {}", ran.status));
     }
     Ok(())
 }
