@@ -14,12 +14,12 @@
 //! | `start_twice` | a second `start` is `InvalidState` and changes nothing |
 //! | `shutdown_twice_and_at_once` | concurrent and repeated `shutdown`s return the same `ExitInfo`, as `wait()` does |
 //! | `shutdown_before_start` | `NeverStarted`, straight to `Shutdown` |
-//! | `devices_before_start_only` | cold devices are accepted in `New` only |
+//! | `devices_before_start_only` | cold devices are accepted in `New` only, a duplicate id is `InvalidConfig`, and `devices()` lists each as given (cold, attached); with `FS_SHARE` a share is accepted and listed, without it `Unsupported` |
 //! | `capabilities_are_honest` | a reported capability works; a hot-plugger is `Some` exactly when its capability is reported; with `GUEST_AGENT`, `vm_info().guest` is where a client dialled by vmkit-vsock answers `Ping` |
 //! | `wait_after_a_crash` | a VM that dies resolves `wait()` with `Crashed` and ends in `Shutdown` (with [`Target::crash`]) |
 //! | `start_timeout` | a slow start given a short deadline (`StartOptions::with_timeout`) fails with `Timeout` by it, ends in `Shutdown` and leaves nothing (with [`Target::slow_start`]) |
 //! | `concurrent_calls` | two `start`s at once: exactly one succeeds, the other is `InvalidState`; then many reads and agent calls at once all answer |
-//! | `device_hotplug` | with `DISK_HOTPLUG`: a hot-plugged disk is accepted, a duplicate id is `BadArgument`, its unplug succeeds (with `DeviceDeleted` published), a second unplug is `NotFound`; without it, `hotplug_disk` is `Unsupported`. The same for a NIC ([`Target::nic`]) with `NIC_HOTPLUG` |
+//! | `device_hotplug` | with `DISK_HOTPLUG`: a hot-plugged disk is accepted, a duplicate id is `BadArgument`, its unplug succeeds (with `DeviceDeleted` published), a second unplug is `NotFound`, and `devices()` lists the disk (hot) in between and not after; without it, `hotplug_disk` is `Unsupported`. The same for a NIC ([`Target::nic`]) with `NIC_HOTPLUG`; a share with `FS_SHARE` is plugged, listed and unplugged, or `Unsupported` (a cold-only transport), and `Unsupported` without it |
 //! | `resource_hotplug` | with `CPU_HOTPLUG`: `set_vcpus(n + 1)` reaches it and `query_cpus` shows it; with `MEMORY_HOTPLUG`: `hotplug_memory` adds to `query_memory`'s plugged memory |
 //! | `guest_calls_and_streams` | with `GUEST_AGENT`: calls at once on one client answer; with `GUEST_STREAMS`: a stream to the agent's stream port echoes 256 KiB byte-exact; with both: a process runs end to end through the agent's process service (`cat` echoes its stdin, an exit code comes back) |
 //! | `two_runs_in_a_row` | a second VM on the same config (its state dir) starts and stops after the first |
@@ -62,8 +62,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use vmkit_core::{
-    Backend, Capabilities, DiskConfig, Error, ExitReason, Instance, InstanceConfig, StartOptions,
-    VmEvent, VmState,
+    Backend, Capabilities, DeviceInfo, DeviceSpec, DeviceState, DiskConfig, Error, ExitReason,
+    Instance, InstanceConfig, ShareConfig, StartOptions, VmEvent, VmState,
 };
 
 /// What the suite runs against.
@@ -445,7 +445,7 @@ async fn wrong_state_calls(target: &dyn Target) -> Result<String, String> {
     if let Some(disk) = target.disk() {
         refused(
             vm.add_disk(DiskConfig::new("late", disk)),
-            "add_disk",
+            "add_device",
             running,
         )?;
     }
@@ -522,7 +522,8 @@ async fn devices_before_start_only(target: &dyn Target) -> Result<String, String
         return Ok("skipped: the target gives no disk image".into());
     };
     let vm = create(target, "conf-devices")?;
-    vm.add_disk(DiskConfig::new("data", &disk))
+    let data = DiskConfig::new("data", &disk);
+    vm.add_disk(data.clone())
         .map_err(|e| format!("add_disk in New: {e}"))?;
     match vm.add_disk(DiskConfig::new("data", &disk)) {
         Err(Error::InvalidConfig { .. }) => {}
@@ -532,14 +533,45 @@ async fn devices_before_start_only(target: &dyn Target) -> Result<String, String
             ));
         }
     }
+    listed(vm.as_ref(), "data", Some(&DeviceSpec::Disk(data)), false)?;
+    let shared = tempfile::tempdir().map_err(|e| format!("a directory to share: {e}"))?;
+    let share = ShareConfig::new("conf-share", "conf-share", shared.path());
+    let added = vm.add_device(DeviceSpec::Share(share.clone()));
+    if reports(vm.as_ref(), Capabilities::FS_SHARE) {
+        added.map_err(|e| format!("add_device of a share with FS_SHARE: {e}"))?;
+        listed(vm.as_ref(), "conf-share", Some(&share.into()), false)?;
+    } else {
+        unsupported_without("add_device of a share", "FS_SHARE", added)?;
+    }
     start(target, vm.as_ref()).await?;
     refused(
         vm.add_disk(DiskConfig::new("late", &disk)),
-        "add_disk",
+        "add_device",
         VmState::Running,
     )?;
+    listed(vm.as_ref(), "late", None, false)?;
     shutdown(target, vm.as_ref()).await?;
     Ok(String::new())
+}
+
+/// `vm.devices()` lists `id` once as `spec` (hot or cold as `hot`, attached), or, with
+/// no `spec`, does not list it.
+fn listed(vm: &dyn Instance, id: &str, spec: Option<&DeviceSpec>, hot: bool) -> Result<(), String> {
+    let devices = vm.devices();
+    let found: Vec<&DeviceInfo> = devices.iter().filter(|d| d.id() == id).collect();
+    match (spec, found.as_slice()) {
+        (None, []) => Ok(()),
+        (Some(spec), [one])
+            if &one.spec == spec && one.hot == hot && one.state == DeviceState::Attached =>
+        {
+            Ok(())
+        }
+        (Some(spec), _) => Err(format!(
+            "devices() lists {found:?} for {id:?}, expected one attached {} (hot: {hot}): {spec:?}",
+            spec.kind()
+        )),
+        (None, _) => Err(format!("devices() still lists {found:?} for {id:?}")),
+    }
 }
 
 async fn capabilities_are_honest(target: &dyn Target) -> Result<String, String> {
@@ -757,6 +789,7 @@ async fn device_hotplug(target: &dyn Target) -> Result<String, String> {
         return unsupported_without("hotplug_disk", "DISK_HOTPLUG", plugged);
     }
     plugged.map_err(|e| format!("hotplug_disk with DISK_HOTPLUG: {e}"))?;
+    listed(vm.as_ref(), "conf-hot", Some(&disk.clone().into()), true)?;
     let again = bounded("hotplug_disk", hotplug, vm.hotplug_disk(disk)).await?;
     refused_as_duplicate("disk", again)?;
     let mut events = vm.events();
@@ -777,11 +810,13 @@ async fn device_hotplug(target: &dyn Target) -> Result<String, String> {
     ensure(deleted, || {
         "unplug succeeded but no DeviceDeleted was published".into()
     })?;
+    listed(vm.as_ref(), "conf-hot", None, true)?;
     match bounded("unplug", hotplug, vm.unplug("conf-hot")).await? {
         Err(Error::NotFound { .. }) => {}
         other => return Err(format!("a second unplug: {other:?}, expected NotFound")),
     }
-    let note = nic_hotplug(target, vm.as_ref(), hotplug).await?;
+    let mut note = nic_hotplug(target, vm.as_ref(), hotplug).await?;
+    note += &share_hotplug(vm.as_ref(), hotplug).await?;
     shutdown(target, vm.as_ref()).await?;
     Ok(note)
 }
@@ -835,6 +870,34 @@ async fn nic_hotplug(
     bounded("unplug", hotplug, vm.unplug("conf-nic"))
         .await?
         .map_err(|e| format!("unplug a hot-plugged NIC: {e}"))?;
+    Ok(String::new())
+}
+
+/// With `FS_SHARE`, a share hot-plugged is listed and unplugged, or `Unsupported`
+/// (a share's transport may be cold only); without, `Unsupported`.
+async fn share_hotplug(vm: &dyn Instance, hotplug: Duration) -> Result<String, String> {
+    let shared = tempfile::tempdir().map_err(|e| format!("a directory to share: {e}"))?;
+    let spec = DeviceSpec::Share(ShareConfig::new(
+        "conf-hshare",
+        "conf-hshare",
+        shared.path(),
+    ));
+    let plugged = bounded("hotplug_device", hotplug, vm.hotplug_device(spec.clone())).await?;
+    if !reports(vm, Capabilities::FS_SHARE) {
+        return unsupported_without("hotplug_device of a share", "FS_SHARE", plugged);
+    }
+    match plugged {
+        Err(Error::Unsupported { .. }) => {
+            return Ok(" (shares: cold only here)".into());
+        }
+        Err(e) => return Err(format!("hotplug_device of a share with FS_SHARE: {e}")),
+        Ok(()) => {}
+    }
+    listed(vm, "conf-hshare", Some(&spec), true)?;
+    bounded("unplug", hotplug, vm.unplug("conf-hshare"))
+        .await?
+        .map_err(|e| format!("unplug a hot-plugged share: {e}"))?;
+    listed(vm, "conf-hshare", None, true)?;
     Ok(String::new())
 }
 

@@ -48,10 +48,10 @@ use async_trait::async_trait;
 use mockall::mock;
 use tokio::sync::broadcast;
 use vmkit_core::{
-    Backend, Capabilities, CpuHotplugger, CpuInfo, CpuTopology, DeviceConfigurator, DiskConfig,
-    ExitInfo, GuestClient, GuestCommunicator, GuestStream, Instance, InstanceConfig,
-    MemoryHotplugger, MemoryInfo, NicConfig, ResourceManager, Result, StartOptions, VcpuResize,
-    VmEvent, VmInfo, VmState,
+    Backend, Capabilities, CpuHotplugger, CpuInfo, CpuTopology, DeviceConfigurator, DeviceInfo,
+    DeviceSpec, ExitInfo, GuestClient, GuestCommunicator, GuestStream, Instance, InstanceConfig,
+    MemoryHotplugger, MemoryInfo, ResourceManager, Result, StartOptions, VcpuResize, VmEvent,
+    VmInfo, VmState,
 };
 
 /// A value that lives for the rest of the test process, for the mocks' methods that
@@ -63,7 +63,7 @@ pub fn leak<T>(value: T) -> &'static T {
 
 mock! {
     /// A mock [`Instance`]: every method of it and of its supertraits is an expectation
-    /// (`expect_start`, `expect_add_disk`, `expect_client`, `expect_cpu_hotplugger`, …).
+    /// (`expect_start`, `expect_add_device`, `expect_client`, `expect_cpu_hotplugger`, …).
     pub Instance {}
 
     #[async_trait]
@@ -80,11 +80,10 @@ mock! {
 
     #[async_trait]
     impl DeviceConfigurator for Instance {
-        fn add_disk(&self, disk: DiskConfig) -> Result<()>;
-        fn add_nic(&self, nic: NicConfig) -> Result<()>;
-        async fn hotplug_disk(&self, disk: DiskConfig) -> Result<()>;
-        async fn hotplug_nic(&self, nic: NicConfig) -> Result<()>;
+        fn add_device(&self, spec: DeviceSpec) -> Result<()>;
+        async fn hotplug_device(&self, spec: DeviceSpec) -> Result<()>;
         async fn unplug(&self, id: &str) -> Result<()>;
+        fn devices(&self) -> Vec<DeviceInfo>;
     }
 
     #[async_trait]
@@ -203,22 +202,26 @@ mock! {
     /// A mock [`DeviceConfigurator`] alone.
     ///
     /// ```
-    /// use vmkit_core::{DeviceConfigurator, DiskConfig};
+    /// use vmkit_core::{DeviceConfigurator, DeviceSpec, DiskConfig};
     /// use vmkit_testkit::mocks::MockDeviceConfigurator;
     ///
     /// let mut devices = MockDeviceConfigurator::new();
-    /// devices.expect_add_disk().withf(|d| d.id == "data").times(1).returning(|_| Ok(()));
+    /// // `add_disk` is a provided wrapper: it reaches the mock as `add_device`.
+    /// devices
+    ///     .expect_add_device()
+    ///     .withf(|spec| matches!(spec, DeviceSpec::Disk(d) if d.id == "data"))
+    ///     .times(1)
+    ///     .returning(|_| Ok(()));
     /// devices.add_disk(DiskConfig::new("data", "/var/lib/data.img")).unwrap();
     /// ```
     pub DeviceConfigurator {}
 
     #[async_trait]
     impl DeviceConfigurator for DeviceConfigurator {
-        fn add_disk(&self, disk: DiskConfig) -> Result<()>;
-        fn add_nic(&self, nic: NicConfig) -> Result<()>;
-        async fn hotplug_disk(&self, disk: DiskConfig) -> Result<()>;
-        async fn hotplug_nic(&self, nic: NicConfig) -> Result<()>;
+        fn add_device(&self, spec: DeviceSpec) -> Result<()>;
+        async fn hotplug_device(&self, spec: DeviceSpec) -> Result<()>;
         async fn unplug(&self, id: &str) -> Result<()>;
+        fn devices(&self) -> Vec<DeviceInfo>;
     }
 }
 

@@ -150,7 +150,7 @@ async fn calls_outside_their_states_are_refused_as_the_table_says() {
             .unwrap_err();
     assert_eq!(
         late.to_string(),
-        "add_nic: not allowed while the VM is running"
+        "add_device: not allowed while the VM is running"
     );
     assert_eq!(
         f.vm.start(StartOptions::new())

@@ -10,9 +10,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::broadcast;
 use vmkit_core::{
-    Backend, Capabilities, CpuHotplugger, DeviceConfigurator, DiskConfig, Error, ExitInfo,
-    GuestClient, GuestCommunicator, GuestStream, Instance, InstanceConfig, MemoryHotplugger,
-    NicConfig, ResourceManager, StartOptions, StateDirLock, VmEvent, VmInfo, VmState,
+    Backend, Capabilities, CpuHotplugger, DeviceConfigurator, DeviceInfo, DeviceSpec, Error,
+    ExitInfo, GuestClient, GuestCommunicator, GuestStream, Instance, InstanceConfig,
+    MemoryHotplugger, ResourceManager, StartOptions, StateDirLock, VmEvent, VmInfo, VmState,
 };
 use vmkit_testkit::conformance::{self, Target};
 use vmkit_testkit::fake_backend::{FakeBackend, FakeInstance};
@@ -245,30 +245,28 @@ impl Instance for Mutant {
 
 #[async_trait]
 impl DeviceConfigurator for Mutant {
-    fn add_disk(&self, disk: DiskConfig) -> vmkit_core::Result<()> {
-        self.inner.add_disk(disk)
+    fn add_device(&self, spec: DeviceSpec) -> vmkit_core::Result<()> {
+        self.inner.add_device(spec)
     }
 
-    fn add_nic(&self, nic: NicConfig) -> vmkit_core::Result<()> {
-        self.inner.add_nic(nic)
-    }
-
-    async fn hotplug_disk(&self, disk: DiskConfig) -> vmkit_core::Result<()> {
-        if self.mutation == Mutation::LyingDiskHotplug {
-            return Err(Error::unsupported("hotplug_disk", "mutant", "no ports"));
+    async fn hotplug_device(&self, spec: DeviceSpec) -> vmkit_core::Result<()> {
+        match (&spec, self.mutation) {
+            (DeviceSpec::Disk(_), Mutation::LyingDiskHotplug) => {
+                Err(Error::unsupported("hotplug_disk", "mutant", "no ports"))
+            }
+            (DeviceSpec::Nic(_), Mutation::LyingNicHotplug) => {
+                Err(Error::unsupported("hotplug_nic", "mutant", "no NICs"))
+            }
+            _ => self.inner.hotplug_device(spec).await,
         }
-        self.inner.hotplug_disk(disk).await
-    }
-
-    async fn hotplug_nic(&self, nic: NicConfig) -> vmkit_core::Result<()> {
-        if self.mutation == Mutation::LyingNicHotplug {
-            return Err(Error::unsupported("hotplug_nic", "mutant", "no NICs"));
-        }
-        self.inner.hotplug_nic(nic).await
     }
 
     async fn unplug(&self, id: &str) -> vmkit_core::Result<()> {
         self.inner.unplug(id).await
+    }
+
+    fn devices(&self) -> Vec<DeviceInfo> {
+        self.inner.devices()
     }
 }
 

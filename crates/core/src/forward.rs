@@ -10,6 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::broadcast;
 
+use crate::device_spec::{DeviceInfo, DeviceSpec};
 use crate::devices::{DiskConfig, MacAddr, NicConfig};
 use crate::error::Result;
 use crate::info::{ExitInfo, VmEvent, VmInfo};
@@ -58,6 +59,22 @@ macro_rules! forward {
 
         #[async_trait]
         impl<T: DeviceConfigurator + ?Sized> DeviceConfigurator for $pointer<T> {
+            fn add_device(&self, spec: DeviceSpec) -> Result<()> {
+                (**self).add_device(spec)
+            }
+
+            async fn hotplug_device(&self, spec: DeviceSpec) -> Result<()> {
+                (**self).hotplug_device(spec).await
+            }
+
+            async fn unplug(&self, id: &str) -> Result<()> {
+                (**self).unplug(id).await
+            }
+
+            fn devices(&self) -> Vec<DeviceInfo> {
+                (**self).devices()
+            }
+
             fn add_disk(&self, disk: DiskConfig) -> Result<()> {
                 (**self).add_disk(disk)
             }
@@ -76,10 +93,6 @@ macro_rules! forward {
 
             async fn hotplug_nic(&self, nic: NicConfig) -> Result<()> {
                 (**self).hotplug_nic(nic).await
-            }
-
-            async fn unplug(&self, id: &str) -> Result<()> {
-                (**self).unplug(id).await
             }
         }
 

@@ -31,6 +31,10 @@ bitflags::bitflags! {
         const GUEST_AGENT = 1 << 7;
         /// Raw byte streams to the guest (`start_stream`).
         const GUEST_STREAMS = 1 << 8;
+        /// Host directories can be shared with the guest (`DeviceSpec::Share`): before
+        /// start always; after start where the share's transport allows (virtio-fs;
+        /// a virtio-9p share is cold only and its hot-plug is `Unsupported`).
+        const FS_SHARE = 1 << 9;
     }
 }
 

@@ -8,6 +8,7 @@ use async_trait::async_trait;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::broadcast;
 
+use crate::device_spec::{DeviceInfo, DeviceSpec};
 use crate::devices::{DiskConfig, MacAddr, NicConfig};
 use crate::error::Result;
 use crate::info::{ExitInfo, VmEvent, VmInfo};
@@ -127,64 +128,90 @@ pub trait Instance: DeviceConfigurator + GuestCommunicator + ResourceManager + S
     fn events(&self) -> broadcast::Receiver<VmEvent>;
 }
 
-/// Devices: cold-plugged before start, hot-plugged after.
+/// Devices, as data ([`DeviceSpec`]): added before start, hot-plugged after, unplugged,
+/// listed. A backend implements the four required methods; `add_disk`, `hotplug_nic`
+/// and the rest are provided wrappers that build the spec.
 #[async_trait]
 pub trait DeviceConfigurator: Send + Sync {
-    /// Adds a disk to boot with. Validated now: the image must exist, the id must be
-    /// well-formed and unique.
+    /// Adds a device to boot with. Validated now: the kind's own checks (a disk's image
+    /// exists, a NIC's MAC is unicast, a share's directory exists and is the caller's),
+    /// and an id unique among the VM's devices.
     ///
     /// Allowed in: `New`.
     ///
     /// # Errors
-    /// `InvalidState`, `InvalidConfig`.
-    fn add_disk(&self, disk: DiskConfig) -> Result<()>;
+    /// `InvalidState`, `InvalidConfig`; `Unsupported` for a kind the backend lacks
+    /// (a share without [`crate::Capabilities::FS_SHARE`]).
+    fn add_device(&self, spec: DeviceSpec) -> Result<()>;
 
-    /// Adds a NIC to boot with. Validated now (id, interface name or fd, MAC).
-    ///
-    /// Allowed in: `New`.
-    ///
-    /// # Errors
-    /// `InvalidState`, `InvalidConfig`.
-    fn add_nic(&self, nic: NicConfig) -> Result<()>;
-
-    /// Adds a NIC on the TAP device `tap`; shorthand for [`Self::add_nic`].
-    ///
-    /// # Errors
-    /// As [`Self::add_nic`].
-    fn add_tap_nic(&self, id: &str, tap: &str, mac: Option<MacAddr>) -> Result<()> {
-        self.add_nic(NicConfig::tap(id, tap, mac))
-    }
-
-    /// Attaches a disk to the running VM; returns once the guest sees it.
+    /// Attaches a device to the running VM; returns once the guest sees it.
     ///
     /// Allowed in: `Running` only: the call waits for the guest to see the device,
     /// which a paused guest never does (`Paused` is refused with `InvalidState`).
     /// Deadline: the config's `timeouts.command` per VMM command, `timeouts.hotplug`
-    /// for the guest. Needs [`crate::Capabilities::DISK_HOTPLUG`].
+    /// for the guest. Needs the kind's [`DeviceSpec::hotplug_capability`].
     ///
     /// # Errors
-    /// `InvalidState`, `InvalidConfig`, `Unsupported`, `Timeout`, `Backend` with the
-    /// VMM's own error text; on failure nothing of the disk is left attached.
-    async fn hotplug_disk(&self, disk: DiskConfig) -> Result<()>;
+    /// `InvalidState`; `BadArgument` (a malformed spec, a taken id); `Unsupported`;
+    /// `Exhausted` (no free slot); `Timeout`; `Backend` with the VMM's own error text.
+    /// On failure nothing of the device is left attached.
+    async fn hotplug_device(&self, spec: DeviceSpec) -> Result<()>;
 
-    /// Attaches a NIC to the running VM; returns once the guest sees it.
-    ///
-    /// Allowed in: `Running` only, as [`Self::hotplug_disk`]. Needs
-    /// [`crate::Capabilities::NIC_HOTPLUG`].
-    ///
-    /// # Errors
-    /// As [`Self::hotplug_disk`].
-    async fn hotplug_nic(&self, nic: NicConfig) -> Result<()>;
-
-    /// Detaches the hot-pluggable device `id` and waits until the VMM reports it gone.
+    /// Detaches the hot-plugged device `id` and waits until the VMM reports it gone.
     ///
     /// Allowed in: `Running`. Deadline: the config's `timeouts.command` for the request
     /// plus the guest's acknowledgement.
     ///
     /// # Errors
-    /// `InvalidState`, `InvalidConfig` (no such device), `Timeout` (the guest never
-    /// released it), `Backend`.
+    /// `InvalidState`, `NotFound` (no hot-plugged device with that id), `Timeout` (the
+    /// guest never released it), `Backend`.
     async fn unplug(&self, id: &str) -> Result<()>;
+
+    /// Every device the VM has, cold and hot, in the order added, with its state: the
+    /// one answer to "what does this VM have".
+    fn devices(&self) -> Vec<DeviceInfo>;
+
+    /// Adds a disk to boot with: [`Self::add_device`] of a [`DeviceSpec::Disk`].
+    ///
+    /// # Errors
+    /// As [`Self::add_device`].
+    fn add_disk(&self, disk: DiskConfig) -> Result<()> {
+        self.add_device(DeviceSpec::Disk(disk))
+    }
+
+    /// Adds a NIC to boot with: [`Self::add_device`] of a [`DeviceSpec::Nic`].
+    ///
+    /// # Errors
+    /// As [`Self::add_device`].
+    fn add_nic(&self, nic: NicConfig) -> Result<()> {
+        self.add_device(DeviceSpec::Nic(nic))
+    }
+
+    /// Adds a NIC on the TAP device `tap`; shorthand for [`Self::add_nic`].
+    ///
+    /// # Errors
+    /// As [`Self::add_device`].
+    fn add_tap_nic(&self, id: &str, tap: &str, mac: Option<MacAddr>) -> Result<()> {
+        self.add_nic(NicConfig::tap(id, tap, mac))
+    }
+
+    /// Attaches a disk to the running VM: [`Self::hotplug_device`] of a
+    /// [`DeviceSpec::Disk`]. Needs [`crate::Capabilities::DISK_HOTPLUG`].
+    ///
+    /// # Errors
+    /// As [`Self::hotplug_device`].
+    async fn hotplug_disk(&self, disk: DiskConfig) -> Result<()> {
+        self.hotplug_device(DeviceSpec::Disk(disk)).await
+    }
+
+    /// Attaches a NIC to the running VM: [`Self::hotplug_device`] of a
+    /// [`DeviceSpec::Nic`]. Needs [`crate::Capabilities::NIC_HOTPLUG`].
+    ///
+    /// # Errors
+    /// As [`Self::hotplug_device`].
+    async fn hotplug_nic(&self, nic: NicConfig) -> Result<()> {
+        self.hotplug_device(DeviceSpec::Nic(nic)).await
+    }
 }
 
 /// Talking to the agent in the guest.

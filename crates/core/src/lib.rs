@@ -35,6 +35,7 @@
 
 pub mod backend;
 pub mod config;
+pub mod device_spec;
 pub mod devices;
 pub mod error;
 mod forward;
@@ -54,6 +55,7 @@ pub use config::{
     Accel, DEFAULT_AGENT_PORT, GuestTransport, InstanceConfig, KernelConfig, MemoryHotplug,
     Resources, StateLayout, Timeouts,
 };
+pub use device_spec::{DeviceInfo, DeviceSpec, DeviceState};
 pub use devices::{DiskConfig, DiskFormat, HostFd, MacAddr, NicBackend, NicConfig, VmnetMode};
 pub use error::{Error, Result};
 pub use guest_addr::GuestAddr;
@@ -69,7 +71,7 @@ pub use resources::{
     CpuFailure, CpuHotplugger, CpuInfo, CpuTopology, DimmInfo, MemoryHotplugger, MemoryInfo,
     ResourceManager, VcpuResize,
 };
-pub use share::{DeviceSpec, MAX_SHARE_TAG, ShareCache, ShareConfig, ShareVia};
+pub use share::{MAX_SHARE_TAG, ShareCache, ShareConfig, ShareVia};
 pub use state::VmState;
 pub use state_cell::StateCell;
 pub use state_dir::StateDirLock;

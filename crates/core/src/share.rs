@@ -1,15 +1,11 @@
-//! Directories shared with the guest, and [`DeviceSpec`]: every device kind as data.
-//!
-//! Plain data, validated when added, like disks and NICs. Nothing in the contract takes
-//! them yet: the trait methods that do are the next step of issue 24
-//! (`docs/decision-devices-as-data.md`).
+//! Directories shared with the guest ([`ShareConfig`]): plain data, validated when
+//! added, like disks and NICs; a [`crate::DeviceSpec::Share`] is one.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::devices::{DiskConfig, NicConfig};
 use crate::error::{Error, Result};
 use crate::validate::{Exists, check_id, check_path};
 
@@ -134,55 +130,10 @@ impl ShareConfig {
     }
 }
 
-/// A device of any kind, as data: what `add_device` and `hotplug_device` will take, and
-/// what crosses the plugin wire as it is.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-#[non_exhaustive]
-pub enum DeviceSpec {
-    /// A virtio block device.
-    Disk(DiskConfig),
-    /// A virtio NIC.
-    Nic(NicConfig),
-    /// A shared directory.
-    Share(ShareConfig),
-}
-
-impl DeviceSpec {
-    /// The device's id.
-    pub fn id(&self) -> &str {
-        match self {
-            DeviceSpec::Disk(d) => &d.id,
-            DeviceSpec::Nic(n) => &n.id,
-            DeviceSpec::Share(s) => &s.id,
-        }
-    }
-
-    /// The kind's name: `disk`, `nic`, `share`.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            DeviceSpec::Disk(_) => "disk",
-            DeviceSpec::Nic(_) => "nic",
-            DeviceSpec::Share(_) => "share",
-        }
-    }
-
-    /// Checks the device; `field` is its place in the config.
-    ///
-    /// # Errors
-    /// The kind's own validation error.
-    pub fn validate(&self, field: &str) -> Result<()> {
-        match self {
-            DeviceSpec::Disk(d) => d.validate(field),
-            DeviceSpec::Nic(n) => n.validate(field),
-            DeviceSpec::Share(s) => s.validate(field),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{DeviceSpec, DiskConfig};
 
     fn reason(e: Error) -> String {
         e.to_string()

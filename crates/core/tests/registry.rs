@@ -9,9 +9,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::broadcast;
 use vmkit_core::{
-    Backend, Capabilities, CpuHotplugger, DeviceConfigurator, DiskConfig, Error, ExitInfo,
-    GuestClient, GuestCommunicator, GuestStream, Instance, InstanceConfig, MemoryHotplugger,
-    NicConfig, Registry, ResourceManager, Result, StartOptions, StateCell, VmEvent, VmInfo,
+    Backend, Capabilities, CpuHotplugger, DeviceConfigurator, DeviceInfo, DeviceSpec, DiskConfig,
+    Error, ExitInfo, GuestClient, GuestCommunicator, GuestStream, Instance, InstanceConfig,
+    MemoryHotplugger, Registry, ResourceManager, Result, StartOptions, StateCell, VmEvent, VmInfo,
     VmState,
 };
 
@@ -112,26 +112,21 @@ impl Instance for LoopbackVm {
 
 #[async_trait]
 impl DeviceConfigurator for LoopbackVm {
-    fn add_disk(&self, disk: DiskConfig) -> Result<()> {
-        self.state.require("add_disk", &[VmState::New])?;
-        disk.validate("disk")
+    fn add_device(&self, spec: DeviceSpec) -> Result<()> {
+        self.state.require("add_device", &[VmState::New])?;
+        spec.validate(spec.kind())
     }
 
-    fn add_nic(&self, nic: NicConfig) -> Result<()> {
-        self.state.require("add_nic", &[VmState::New])?;
-        nic.validate("nic")
-    }
-
-    async fn hotplug_disk(&self, _disk: DiskConfig) -> Result<()> {
-        Err(self.unsupported("hotplug_disk"))
-    }
-
-    async fn hotplug_nic(&self, _nic: NicConfig) -> Result<()> {
-        Err(self.unsupported("hotplug_nic"))
+    async fn hotplug_device(&self, spec: DeviceSpec) -> Result<()> {
+        Err(self.unsupported(spec.hotplug_op()))
     }
 
     async fn unplug(&self, _id: &str) -> Result<()> {
         Err(self.unsupported("unplug"))
+    }
+
+    fn devices(&self) -> Vec<DeviceInfo> {
+        Vec::new()
     }
 }
 
@@ -231,7 +226,7 @@ async fn created_instances_follow_the_state_machine() {
     let late_disk = DiskConfig::new("d", dir.path().join("vmlinuz"));
     assert_eq!(
         vm.add_disk(late_disk).unwrap_err().to_string(),
-        "add_disk: not allowed while the VM is running"
+        "add_device: not allowed while the VM is running"
     );
     vm.pause().await.unwrap();
     vm.resume().await.unwrap();

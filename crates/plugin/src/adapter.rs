@@ -15,9 +15,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::broadcast;
 use vmkit_core::{
-    Backend, Capabilities, CpuHotplugger, CpuInfo, CpuTopology, DeviceConfigurator, DiskConfig,
-    Error as CoreError, ExitInfo, GuestAddr, GuestClient, GuestCommunicator, GuestStream,
-    GuestTransport, Instance, InstanceConfig, MemoryHotplugger, MemoryInfo, NicConfig,
+    Backend, Capabilities, CpuHotplugger, CpuInfo, CpuTopology, DeviceConfigurator, DeviceInfo,
+    DeviceSpec, Error as CoreError, ExitInfo, GuestAddr, GuestClient, GuestCommunicator,
+    GuestStream, GuestTransport, Instance, InstanceConfig, MemoryHotplugger, MemoryInfo,
     ResourceManager, StartOptions, Timeouts, VcpuResize, VmEvent, VmInfo, VmState,
 };
 
@@ -58,17 +58,18 @@ pub trait Channel: Send + Sync + 'static {
 }
 
 /// The reply's error, or an error saying the reply was not the one expected.
-/// Refuses a NIC whose TAP is an fd of this process: an fd cannot cross to a plugin
-/// (its requests are serialised data), so the backend is told the TAP's name instead.
-fn crossable(op: &'static str, nic: &NicConfig) -> vmkit_core::Result<()> {
-    if matches!(nic.backend, vmkit_core::NicBackend::TapFd { .. }) {
+/// Refuses a device that cannot cross to a plugin: one holding a live fd of this
+/// process (a NIC on a TAP fd), which is never serialised.
+fn crossable(op: &'static str, spec: &DeviceSpec) -> vmkit_core::Result<()> {
+    if let Err(e) = serde_json::to_value(spec) {
         return Err(CoreError::unsupported(
             op,
             "plugin",
             format!(
-                "NIC {}: a TAP fd is this process's and cannot cross to a plugin backend; \
-                 name the TAP instead (NicBackend::Tap)",
-                nic.id
+                "{} {}: cannot cross to a plugin backend ({e}); a fd is this process's \
+                 (for a NIC, name the TAP instead: NicBackend::Tap)",
+                spec.kind(),
+                spec.id()
             ),
         ));
     }
@@ -159,7 +160,7 @@ impl PluginBackend {
     /// As `Backend::create`; or the plugin is gone.
     pub fn create_plugin(&self, config: InstanceConfig) -> vmkit_core::Result<PluginInstance> {
         for nic in &config.nics {
-            crossable("create", nic)?;
+            crossable("create", &DeviceSpec::Nic(nic.clone()))?;
         }
         let deadline = config.timeouts.command.max(SETUP_DEADLINE);
         let id = match self.channel.call_blocking(
@@ -232,8 +233,7 @@ impl Remote {
             Request::Wait { .. } => return None,
             Request::Start { timeout_ms, .. } => timeout_ms.map_or(t.start, Duration::from_millis),
             Request::Shutdown { .. } => t.shutdown_bound(),
-            Request::HotplugDisk { .. }
-            | Request::HotplugNic { .. }
+            Request::HotplugDevice { .. }
             | Request::Unplug { .. }
             | Request::HotplugCpu { .. }
             | Request::HotplugCpuAt { .. }
@@ -463,50 +463,48 @@ impl Instance for PluginInstance {
 
 #[async_trait]
 impl DeviceConfigurator for PluginInstance {
-    fn add_disk(&self, disk: DiskConfig) -> vmkit_core::Result<()> {
-        match self.remote.call_now(Request::AddDisk {
+    fn add_device(&self, spec: DeviceSpec) -> vmkit_core::Result<()> {
+        crossable("add_device", &spec)?;
+        match self.remote.call_now(Request::AddDevice {
             instance: self.remote.id,
-            disk,
+            spec,
         })? {
             Reply::Done => Ok(()),
-            other => Err(unexpected("add_disk", other)),
+            other => Err(unexpected("add_device", other)),
         }
     }
 
-    fn add_nic(&self, nic: NicConfig) -> vmkit_core::Result<()> {
-        crossable("add_nic", &nic)?;
-        match self.remote.call_now(Request::AddNic {
-            instance: self.remote.id,
-            nic,
-        })? {
-            Reply::Done => Ok(()),
-            other => Err(unexpected("add_nic", other)),
-        }
-    }
-
-    async fn hotplug_disk(&self, disk: DiskConfig) -> vmkit_core::Result<()> {
+    async fn hotplug_device(&self, spec: DeviceSpec) -> vmkit_core::Result<()> {
+        // Errors name the kind's hot-plug (`hotplug_disk …`), as a linked-in backend's.
+        let op = spec.hotplug_op();
+        crossable(op, &spec)?;
         self.remote
             .done(
-                "hotplug_disk",
-                Request::HotplugDisk {
+                op,
+                Request::HotplugDevice {
                     instance: self.remote.id,
-                    disk,
+                    spec,
                 },
             )
             .await
     }
 
-    async fn hotplug_nic(&self, nic: NicConfig) -> vmkit_core::Result<()> {
-        crossable("hotplug_nic", &nic)?;
-        self.remote
-            .done(
-                "hotplug_nic",
-                Request::HotplugNic {
-                    instance: self.remote.id,
-                    nic,
-                },
-            )
-            .await
+    fn devices(&self) -> Vec<DeviceInfo> {
+        match self.remote.call_now(Request::Devices {
+            instance: self.remote.id,
+        }) {
+            Ok(Reply::Devices { devices }) => devices,
+            // An instance whose plugin is gone (or answers nonsense) lists nothing;
+            // every other call on it says why.
+            Ok(other) => {
+                tracing::warn!(reply = ?other, "devices: unexpected answer from the plugin");
+                Vec::new()
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "devices: the plugin did not answer");
+                Vec::new()
+            }
+        }
     }
 
     async fn unplug(&self, id: &str) -> vmkit_core::Result<()> {
@@ -708,14 +706,17 @@ mod tests {
     #[test]
     fn a_tap_fd_never_crosses_to_a_plugin() {
         let fd: std::os::fd::OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
-        let nic = NicConfig {
+        let nic = vmkit_core::NicConfig {
             id: "net0".into(),
             backend: vmkit_core::NicBackend::TapFd { fd: fd.into() },
             mac: None,
         };
-        let err = crossable("hotplug_nic", &nic).unwrap_err();
+        let err = crossable("hotplug_device", &DeviceSpec::Nic(nic)).unwrap_err();
         assert!(matches!(err, CoreError::Unsupported { .. }), "{err:?}");
-        assert!(err.to_string().contains("NIC net0: a TAP fd"), "{err}");
-        assert!(crossable("add_nic", &NicConfig::tap("net1", "tap1", None)).is_ok());
+        let message = err.to_string();
+        assert!(message.contains("nic net0: cannot cross"), "{message}");
+        assert!(message.contains("name the TAP instead"), "{message}");
+        let named = vmkit_core::NicConfig::tap("net1", "tap1", None);
+        assert!(crossable("add_device", &DeviceSpec::Nic(named)).is_ok());
     }
 }

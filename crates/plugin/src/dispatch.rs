@@ -219,12 +219,14 @@ impl Dispatcher {
                 },
                 Err(reply) => reply,
             },
-            Request::AddDisk { instance, disk } => match vm(*instance) {
-                Ok(vm) => done(vm.add_disk(disk.clone())),
+            Request::AddDevice { instance, spec } => match vm(*instance) {
+                Ok(vm) => done(vm.add_device(spec.clone())),
                 Err(reply) => reply,
             },
-            Request::AddNic { instance, nic } => match vm(*instance) {
-                Ok(vm) => done(vm.add_nic(nic.clone())),
+            Request::Devices { instance } => match vm(*instance) {
+                Ok(vm) => Reply::Devices {
+                    devices: vm.devices(),
+                },
                 Err(reply) => reply,
             },
             _ => return None,
@@ -312,8 +314,7 @@ async fn run(vm: Arc<dyn Instance>, req: Request) -> Reply {
         Request::Wait { .. } => Reply::Exit {
             exit: vm.wait().await,
         },
-        Request::HotplugDisk { disk, .. } => done(vm.hotplug_disk(disk).await),
-        Request::HotplugNic { nic, .. } => done(vm.hotplug_nic(nic).await),
+        Request::HotplugDevice { spec, .. } => done(vm.hotplug_device(spec).await),
         Request::Unplug { id, .. } => done(vm.unplug(&id).await),
         other => run_resource(vm, other).await,
     }

@@ -798,22 +798,15 @@ mod tests {
             Request::State { instance: 1 },
             Request::VmInfo { instance: 1 },
             Request::Hotpluggers { instance: 1 },
-            Request::AddDisk {
+            Request::AddDevice {
                 instance: 1,
-                disk: vmkit_core::DiskConfig::new("d", "/d.img"),
+                spec: vmkit_core::DiskConfig::new("d", "/d.img").into(),
             },
-            Request::AddNic {
+            Request::HotplugDevice {
                 instance: 1,
-                nic: vmkit_core::NicConfig::tap("n", "tap0", None),
+                spec: vmkit_core::NicConfig::tap("n", "tap0", None).into(),
             },
-            Request::HotplugDisk {
-                instance: 1,
-                disk: vmkit_core::DiskConfig::new("d", "/d.img"),
-            },
-            Request::HotplugNic {
-                instance: 1,
-                nic: vmkit_core::NicConfig::tap("n", "tap0", None),
-            },
+            Request::Devices { instance: 1 },
             Request::Unplug {
                 instance: 1,
                 id: "d".into(),
@@ -847,16 +840,16 @@ mod tests {
             },
         ];
         for request in ops {
-            let name = request.name();
+            let tag = request.tag();
             assert!(
-                page.contains(&format!("`{name}`")),
-                "docs/plugin-protocol.md does not name the operation {name}"
+                page.contains(&format!("`{tag}`")),
+                "docs/plugin-protocol.md does not name the operation {tag}"
             );
             let line = line_of(&ToBackend::Call { id: 3, request });
             let json = std::str::from_utf8(&line).unwrap();
             assert!(
-                json.contains(&format!("\"op\":\"{name}\"")),
-                "{name} is tagged by its name: {json}"
+                json.contains(&format!("\"op\":\"{tag}\"")),
+                "{tag} is tagged by its name: {json}"
             );
             assert!(serde_json::from_slice::<ToBackend>(&line).is_ok(), "{json}");
         }

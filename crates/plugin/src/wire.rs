@@ -8,12 +8,12 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use vmkit_core::{
-    Capabilities, CpuFailure, CpuInfo, CpuTopology, DiskConfig, Error as CoreError, ExitInfo,
-    InstanceConfig, MemoryInfo, NicConfig, StartOptions, VcpuResize, VmEvent, VmInfo, VmState,
+    Capabilities, CpuFailure, CpuInfo, CpuTopology, DeviceInfo, DeviceSpec, Error as CoreError,
+    ExitInfo, InstanceConfig, MemoryInfo, StartOptions, VcpuResize, VmEvent, VmInfo, VmState,
 };
 
 /// The schema's version; a host refuses a peer with another one.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// The largest message (request, reply or event) either transport carries, in bytes:
 /// a `VmInfo` or a config is a few KiB. A larger one is refused before it is held
@@ -126,33 +126,25 @@ pub enum Request {
         /// The instance.
         instance: InstanceId,
     },
-    /// `DeviceConfigurator::add_disk`.
-    AddDisk {
+    /// `DeviceConfigurator::add_device`: a device of any kind, as vmkit-core's
+    /// `DeviceSpec` spells it (a new kind crosses without a change here).
+    AddDevice {
         /// The instance.
         instance: InstanceId,
-        /// The disk.
-        disk: DiskConfig,
+        /// The device.
+        spec: DeviceSpec,
     },
-    /// `DeviceConfigurator::add_nic`.
-    AddNic {
+    /// `DeviceConfigurator::hotplug_device`.
+    HotplugDevice {
         /// The instance.
         instance: InstanceId,
-        /// The NIC.
-        nic: NicConfig,
+        /// The device.
+        spec: DeviceSpec,
     },
-    /// `DeviceConfigurator::hotplug_disk`.
-    HotplugDisk {
+    /// `DeviceConfigurator::devices`.
+    Devices {
         /// The instance.
         instance: InstanceId,
-        /// The disk.
-        disk: DiskConfig,
-    },
-    /// `DeviceConfigurator::hotplug_nic`.
-    HotplugNic {
-        /// The instance.
-        instance: InstanceId,
-        /// The NIC.
-        nic: NicConfig,
     },
     /// `DeviceConfigurator::unplug`.
     Unplug {
@@ -228,10 +220,9 @@ impl Request {
             | State { instance }
             | VmInfo { instance }
             | Hotpluggers { instance }
-            | AddDisk { instance, .. }
-            | AddNic { instance, .. }
-            | HotplugDisk { instance, .. }
-            | HotplugNic { instance, .. }
+            | AddDevice { instance, .. }
+            | HotplugDevice { instance, .. }
+            | Devices { instance }
             | Unplug { instance, .. }
             | QueryCpus { instance }
             | HotplugCpu { instance }
@@ -244,9 +235,17 @@ impl Request {
         }
     }
 
-    /// The operation's name, as the contract's method is called (`"start"`,
-    /// `"hotplug_disk"`); errors about the call name it.
+    /// The operation's name, as the contract's method is called (`"start"`, and a
+    /// device's hot-plug by its kind: `"hotplug_disk"`); errors about the call name it.
     pub fn name(&self) -> &'static str {
+        match self {
+            Request::HotplugDevice { spec, .. } => spec.hotplug_op(),
+            other => other.tag(),
+        }
+    }
+
+    /// The request's `op` tag on the wire (`"start"`, `"hotplug_device"`).
+    pub fn tag(&self) -> &'static str {
         use Request::*;
         match self {
             Describe => "describe",
@@ -260,10 +259,9 @@ impl Request {
             State { .. } => "state",
             VmInfo { .. } => "vm_info",
             Hotpluggers { .. } => "hotpluggers",
-            AddDisk { .. } => "add_disk",
-            AddNic { .. } => "add_nic",
-            HotplugDisk { .. } => "hotplug_disk",
-            HotplugNic { .. } => "hotplug_nic",
+            AddDevice { .. } => "add_device",
+            HotplugDevice { .. } => "hotplug_device",
+            Devices { .. } => "devices",
             Unplug { .. } => "unplug",
             QueryCpus { .. } => "query_cpus",
             HotplugCpu { .. } => "hotplug_cpu",
@@ -319,6 +317,11 @@ pub enum Reply {
     Exit {
         /// The exit.
         exit: ExitInfo,
+    },
+    /// What `Devices` asked.
+    Devices {
+        /// Every device, cold and hot.
+        devices: Vec<DeviceInfo>,
     },
     /// Which hot-pluggers an instance has.
     Hotpluggers {
@@ -516,6 +519,9 @@ const OPS: &[&str] = &[
     "add_nic",
     "hotplug_disk",
     "hotplug_nic",
+    "add_device",
+    "hotplug_device",
+    "devices",
     "unplug",
     "client",
     "dial_client",
@@ -537,6 +543,7 @@ const OPS: &[&str] = &[
 /// name.
 fn static_op(op: &str) -> &'static str {
     OPS.iter()
+        .chain(DeviceSpec::HOTPLUG_OPS)
         .find(|known| **known == op)
         .copied()
         .unwrap_or("a plugin operation")

@@ -212,7 +212,7 @@ fn wrong_descriptors(_rt: &tokio::runtime::Runtime) {
             "other-target",
             "target: \"riscv64gc-unknown-linux-gnu\", this host is",
         ),
-        ("schema-2", "schema: 2, this host speaks 1"),
+        ("schema-1", "schema: 1, this host speaks 2"),
         (
             "old-vmkit",
             "vmkit_version: built with vmkit \"0.0.9\", this host is",

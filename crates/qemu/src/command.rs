@@ -8,7 +8,7 @@ use std::os::fd::RawFd;
 use serde_json::json;
 use vmkit_core::{Accel, DiskConfig, InstanceConfig, MemoryHotplug, NicConfig};
 
-use crate::devices::{disk_args, nic_args};
+use crate::devices::{ROOT_PORT_PREFIX, disk_args, nic_args};
 use crate::escape::{escape_opt, escape_path};
 use crate::guest::GuestDevice;
 use crate::options::{Machine, QemuOptions};
@@ -48,9 +48,6 @@ const VSOCK_PORT_CHASSIS: u32 = 33;
 /// The id of the pvpanic device (PCI machines): the guest kernel reports a panic through it,
 /// QEMU emits GUEST_PANICKED and the instance ends with `ExitReason::GuestPanic`.
 pub(crate) const PVPANIC_ID: &str = "vmkit-pvpanic";
-
-/// The id prefix of the PCIe root ports reserved for hot-plug (`vmkit-rp0`, …).
-pub(crate) const ROOT_PORT_PREFIX: &str = "vmkit-rp";
 
 /// Everything the command line is built from.
 #[derive(Debug)]

@@ -9,8 +9,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::broadcast;
 use vmkit_core::{
-    CpuHotplugger, DeviceConfigurator, DiskConfig, Error as CoreError, ExitInfo, GuestClient,
-    GuestCommunicator, GuestStream, Instance, InstanceConfig, MemoryHotplugger, NicConfig,
+    CpuHotplugger, DeviceConfigurator, DeviceInfo, DeviceSpec, Error as CoreError, ExitInfo,
+    GuestClient, GuestCommunicator, GuestStream, Instance, InstanceConfig, MemoryHotplugger,
     ResourceManager, StartOptions, VmEvent, VmInfo, VmState,
 };
 use vmkit_proto::{AgentClient, StreamHeader};
@@ -216,28 +216,33 @@ impl Instance for QemuInstance {
 
 #[async_trait]
 impl DeviceConfigurator for QemuInstance {
-    fn add_disk(&self, disk: DiskConfig) -> vmkit_core::Result<()> {
-        self.vm.add_disk(disk)
+    fn add_device(&self, spec: DeviceSpec) -> vmkit_core::Result<()> {
+        self.vm.add_device(spec)
     }
 
-    fn add_nic(&self, nic: NicConfig) -> vmkit_core::Result<()> {
-        self.vm.add_nic(nic)
-    }
-
-    async fn hotplug_disk(&self, disk: DiskConfig) -> vmkit_core::Result<()> {
-        let op = format!("hotplug_disk {}", disk.id);
-        self.pci_job("hotplug_disk", op, |ctx| async move {
-            pci::add_disk(&ctx, disk).await
-        })
-        .await
-    }
-
-    async fn hotplug_nic(&self, nic: NicConfig) -> vmkit_core::Result<()> {
-        let op = format!("hotplug_nic {}", nic.id);
-        self.pci_job("hotplug_nic", op, |ctx| async move {
-            pci::add_nic(&ctx, nic).await
-        })
-        .await
+    async fn hotplug_device(&self, spec: DeviceSpec) -> vmkit_core::Result<()> {
+        let call = spec.hotplug_op();
+        let op = format!("{call} {}", spec.id());
+        match spec {
+            DeviceSpec::Disk(disk) => {
+                self.pci_job(
+                    call,
+                    op,
+                    |ctx| async move { pci::add_disk(&ctx, disk).await },
+                )
+                .await
+            }
+            DeviceSpec::Nic(nic) => {
+                self.pci_job(call, op, |ctx| async move { pci::add_nic(&ctx, nic).await })
+                    .await
+            }
+            other => Err(self.vm.life().unsupported(
+                call,
+                BACKEND_NAME,
+                &[VmState::Running],
+                &format!("a {} cannot be hot-plugged by this backend", other.kind()),
+            )),
+        }
     }
 
     async fn unplug(&self, id: &str) -> vmkit_core::Result<()> {
@@ -248,6 +253,10 @@ impl DeviceConfigurator for QemuInstance {
                 pci::remove_device(&ctx, &id).await
             })
             .await
+    }
+
+    fn devices(&self) -> Vec<DeviceInfo> {
+        self.vm.devices().list()
     }
 }
 

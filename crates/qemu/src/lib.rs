@@ -62,7 +62,7 @@ mod vm;
 
 use std::sync::Arc;
 
-use vmkit_core::{Backend, Capabilities, Instance, InstanceConfig};
+use vmkit_core::{Backend, Capabilities, DeviceSpec, Instance, InstanceConfig};
 
 pub use devices::{ColdDevices, stable_mac};
 pub use error::Error;
@@ -116,12 +116,11 @@ impl QemuBackend {
                 .map_err(|e| vmkit_core::Error::config("state_dir", format!("{what}: {e}")))?;
         }
         // The config's own devices go through the same checks as later add_* calls.
-        let mut devices = devices::ColdDevices::default();
-        for disk in &config.disks {
-            devices.add_disk(disk.clone())?;
-        }
-        for nic in &config.nics {
-            devices.add_nic(nic.clone())?;
+        let devices = devices::DeviceTable::default();
+        let disks = config.disks.iter().cloned().map(DeviceSpec::Disk);
+        let nics = config.nics.iter().cloned().map(DeviceSpec::Nic);
+        for spec in disks.chain(nics) {
+            devices.add_cold(spec, || Ok(()))?;
         }
         Ok(QemuInstance::new(vm::Vm::new(config, options, devices)))
     }

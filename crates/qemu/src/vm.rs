@@ -7,15 +7,15 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::broadcast;
 use vmkit_core::{
-    DiskConfig, Error as CoreError, ExitInfo, ExitReason, GuestClient, GuestTransport,
-    InstanceConfig, Lifecycle, NicConfig, VmEvent, VmState,
+    DeviceSpec, Error as CoreError, ExitInfo, ExitReason, GuestClient, GuestTransport,
+    InstanceConfig, Lifecycle, VmEvent, VmState,
 };
 use vmkit_proto::AgentClient;
 use vmkit_qmp::QmpClient;
 use vmkit_vsock::GuestAddr;
 
 use crate::BACKEND_NAME;
-use crate::devices::ColdDevices;
+use crate::devices::{ColdDevices, DeviceTable};
 use crate::error::Error;
 use crate::features::Features;
 use crate::guest::{self, Link};
@@ -49,7 +49,7 @@ pub(crate) struct Vm {
     features: Features,
     events: broadcast::Sender<VmEvent>,
     life: Lifecycle,
-    devices: Mutex<ColdDevices>,
+    devices: Arc<DeviceTable>,
     hotplug: Arc<Hotplug>,
     /// What the current boot took; `None` before a start and once the VM is gone.
     running: Mutex<Option<Running>>,
@@ -60,7 +60,7 @@ pub(crate) struct Vm {
 
 impl Vm {
     /// A VM in `New` (the config and options already validated).
-    pub(crate) fn new(config: InstanceConfig, options: QemuOptions, devices: ColdDevices) -> Self {
+    pub(crate) fn new(config: InstanceConfig, options: QemuOptions, devices: DeviceTable) -> Self {
         let (events, _) = broadcast::channel(256);
         let features = Features::of(&config, &options);
         let hotplug = Arc::new(Hotplug::new(config.resources.boot_vcpus));
@@ -71,7 +71,7 @@ impl Vm {
             hotplug,
             config,
             options,
-            devices: Mutex::new(devices),
+            devices: Arc::new(devices),
             running: Mutex::new(None),
             clues: Mutex::new(Clues::default()),
             dialing: tokio::sync::Mutex::new(()),
@@ -108,23 +108,20 @@ impl Vm {
         let _ = self.events.send(event);
     }
 
-    /// The disks and NICs the VM boots with.
+    /// The devices the VM boots with.
     pub(crate) fn cold_devices(&self) -> ColdDevices {
-        lock(&self.devices).clone()
+        self.devices.cold()
     }
 
-    /// Adds a cold disk (only in `New`).
-    pub(crate) fn add_disk(&self, disk: DiskConfig) -> vmkit_core::Result<()> {
-        let mut devices = lock(&self.devices);
-        self.life.require("add_disk", &[VmState::New])?;
-        devices.add_disk(disk)
+    /// The device table.
+    pub(crate) fn devices(&self) -> &DeviceTable {
+        &self.devices
     }
 
-    /// Adds a cold NIC (only in `New`).
-    pub(crate) fn add_nic(&self, nic: NicConfig) -> vmkit_core::Result<()> {
-        let mut devices = lock(&self.devices);
-        self.life.require("add_nic", &[VmState::New])?;
-        devices.add_nic(nic)
+    /// Adds a cold device (only in `New`).
+    pub(crate) fn add_device(&self, spec: DeviceSpec) -> vmkit_core::Result<()> {
+        self.devices
+            .add_cold(spec, || self.life.require("add_device", &[VmState::New]))
     }
 
     fn running(&self) -> MutexGuard<'_, Option<Running>> {
@@ -303,7 +300,6 @@ impl Vm {
             shares_ram: self.features.shares_ram(),
             accel,
             deadline: self.config.timeouts.hotplug,
-            cold: self.cold_devices(),
         };
         let agent: Arc<dyn AgentSource> = Arc::clone(self) as Arc<dyn AgentSource>;
         Ok(Context::new(
@@ -312,6 +308,7 @@ impl Vm {
             limits,
             self.events.clone(),
             Arc::clone(&self.hotplug),
+            Arc::clone(&self.devices),
         ))
     }
 

@@ -17,9 +17,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::broadcast;
 use vmkit_core::{
-    Backend, Capabilities, CpuHotplugger, DeviceConfigurator, DiskConfig, Error, ExitInfo,
-    ExitReason, GuestClient, GuestCommunicator, GuestStream, Instance, InstanceConfig, Lifecycle,
-    MemoryHotplugger, NicConfig, ResourceManager, Result, StartOptions, VmEvent, VmInfo, VmState,
+    Backend, Capabilities, CpuHotplugger, DeviceConfigurator, DeviceInfo, DeviceSpec, Error,
+    ExitInfo, ExitReason, GuestClient, GuestCommunicator, GuestStream, Instance, InstanceConfig,
+    Lifecycle, MemoryHotplugger, ResourceManager, Result, StartOptions, VmEvent, VmInfo, VmState,
 };
 
 /// The backend: `"null"`, VMs that run nothing.
@@ -52,8 +52,8 @@ vmkit_plugin::export_backend!(NullBackend);
 struct NullVm {
     config: InstanceConfig,
     life: Lifecycle,
-    /// The ids of its cold-plugged disks and NICs.
-    devices: Mutex<Vec<String>>,
+    /// Its cold-plugged disks and NICs.
+    devices: Mutex<Vec<DeviceInfo>>,
 }
 
 /// What a null VM cannot do.
@@ -64,24 +64,37 @@ impl NullVm {
         self.life.unsupported(op, "null", live, NOTHING)
     }
 
-    /// Keeps a cold device's id: before start only, once per id, checked by `check`.
-    fn add_cold(
-        &self,
-        op: &'static str,
-        id: &str,
-        check: impl FnOnce() -> Result<()>,
-    ) -> Result<()> {
-        self.life.require(op, &[VmState::New])?;
-        check()?;
-        let mut devices = self.devices.lock().unwrap_or_else(|p| p.into_inner());
-        if devices.iter().any(|d| d == id) {
-            return Err(Error::config(
-                "id",
-                format!("{op}: duplicate device id {id:?}"),
+    /// Keeps a cold disk or NIC: before start only, validated, once per id. A kind it
+    /// has nothing for (a share) is `Unsupported`.
+    fn add_cold(&self, spec: DeviceSpec) -> Result<()> {
+        const OP: &str = "add_device";
+        self.life.require(OP, &[VmState::New])?;
+        if !matches!(spec, DeviceSpec::Disk(_) | DeviceSpec::Nic(_)) {
+            return Err(Error::unsupported(
+                OP,
+                "null",
+                format!("a null VM keeps disks and NICs, not a {}", spec.kind()),
             ));
         }
-        devices.push(id.to_owned());
+        spec.validate(spec.kind())?;
+        let mut devices = self.devices.lock().unwrap_or_else(|p| p.into_inner());
+        let id = spec.id();
+        if devices.iter().any(|d| d.id() == id) {
+            return Err(Error::config(
+                format!("{}.id", spec.kind()),
+                format!("{OP}: duplicate device id {id:?}"),
+            ));
+        }
+        devices.push(DeviceInfo::attached(spec, false));
         Ok(())
+    }
+
+    /// Its devices, in the order added.
+    fn devices(&self) -> Vec<DeviceInfo> {
+        self.devices
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
@@ -137,24 +150,20 @@ impl Instance for NullVm {
 
 #[async_trait]
 impl DeviceConfigurator for NullVm {
-    fn add_disk(&self, disk: DiskConfig) -> Result<()> {
-        self.add_cold("add_disk", &disk.id, || disk.validate("disk"))
+    fn add_device(&self, spec: DeviceSpec) -> Result<()> {
+        self.add_cold(spec)
     }
 
-    fn add_nic(&self, nic: NicConfig) -> Result<()> {
-        self.add_cold("add_nic", &nic.id, || nic.validate("nic"))
-    }
-
-    async fn hotplug_disk(&self, _disk: DiskConfig) -> Result<()> {
-        Err(self.unsupported("hotplug_disk", &[VmState::Running]))
-    }
-
-    async fn hotplug_nic(&self, _nic: NicConfig) -> Result<()> {
-        Err(self.unsupported("hotplug_nic", &[VmState::Running]))
+    async fn hotplug_device(&self, spec: DeviceSpec) -> Result<()> {
+        Err(self.unsupported(spec.hotplug_op(), &[VmState::Running]))
     }
 
     async fn unplug(&self, _id: &str) -> Result<()> {
         Err(self.unsupported("unplug", &[VmState::Running]))
+    }
+
+    fn devices(&self) -> Vec<DeviceInfo> {
+        NullVm::devices(self)
     }
 }
 

@@ -4,7 +4,7 @@
 //! `FakeBackend` (`"fake"`), except that creating an instance whose id starts with
 //! `panic` panics inside the plugin; and `VMKIT_TEST_PLUGIN_DESCRIPTOR` makes its
 //! descriptor wrong when it is asked for: `bad-magic`, `abi-2`, `short`, `other-target`,
-//! `schema-2`, `old-vmkit`, `panic-abort`, `no-name`, `null` — or an older one that is
+//! `schema-1`, `old-vmkit`, `panic-abort`, `no-name`, `null` — or an older one that is
 //! still right: `abi-1.0` (no `configure`). Each create logs an INFO record (its own copy of `tracing`), which the host
 //! must receive.
 
@@ -61,7 +61,7 @@ pub extern "C" fn vmkit_plugin_v1() -> *const DescriptorV1 {
         "other-target" => {
             wrong.target = vmkit_plugin::abi::RawStr::of("riscv64gc-unknown-linux-gnu")
         }
-        "schema-2" => wrong.schema = 2,
+        "schema-1" => wrong.schema = 1,
         "old-vmkit" => wrong.vmkit_version = vmkit_plugin::abi::RawStr::of("0.0.9"),
         "panic-abort" => wrong.panic = vmkit_plugin::abi::PANIC_ABORT,
         "no-name" => wrong.name = vmkit_plugin::abi::RawStr::of(""),

@@ -48,12 +48,26 @@ ops! {
     HotplugDisk = "hotplug_disk",
     /// `hotplug_nic`.
     HotplugNic = "hotplug_nic",
+    /// `hotplug_device` of a share.
+    HotplugShare = "hotplug_share",
     /// `unplug` (a disk or NIC).
     Unplug = "unplug",
     /// `state()` (synchronous: a fault there blocks the caller's thread).
     State = "state",
     /// `vm_info()` (synchronous, as `State`).
     VmInfo = "vm_info",
+}
+
+impl Op {
+    /// The hot-plug operation of `spec`'s kind.
+    pub fn of(spec: &vmkit_core::DeviceSpec) -> Op {
+        match spec {
+            vmkit_core::DeviceSpec::Nic(_) => Op::HotplugNic,
+            vmkit_core::DeviceSpec::Share(_) => Op::HotplugShare,
+            // A disk, and any kind added later, counts as a disk.
+            _ => Op::HotplugDisk,
+        }
+    }
 }
 
 /// What an operation does instead of, or before, its work.

@@ -45,9 +45,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::broadcast;
 use vmkit_core::{
-    Backend, Capabilities, CpuHotplugger, DeviceConfigurator, DiskConfig, Error, ExitInfo,
-    ExitReason, GuestAddr, GuestClient, GuestCommunicator, GuestStream, Instance, InstanceConfig,
-    Lifecycle, MemoryHotplugger, NicConfig, ResourceManager, ShutdownStage, StartOptions,
+    Backend, Capabilities, CpuHotplugger, DeviceConfigurator, DeviceInfo, DeviceSpec, Error,
+    ExitInfo, ExitReason, GuestAddr, GuestClient, GuestCommunicator, GuestStream, Instance,
+    InstanceConfig, Lifecycle, MemoryHotplugger, ResourceManager, ShutdownStage, StartOptions,
     StateDirLock, VmEvent, VmInfo, VmState,
 };
 
@@ -65,6 +65,7 @@ pub const CAPABILITIES: Capabilities = Capabilities::PAUSE
     .union(Capabilities::MEMORY_HOTPLUG)
     .union(Capabilities::DISK_HOTPLUG)
     .union(Capabilities::NIC_HOTPLUG)
+    .union(Capabilities::FS_SHARE)
     .union(Capabilities::GUEST_AGENT)
     .union(Capabilities::GUEST_STREAMS);
 
@@ -178,10 +179,7 @@ impl FakeBackend {
         let vm = Arc::new(Vm {
             life: Lifecycle::new(),
             faults: Mutex::new(faults),
-            devices: Mutex::new(Devices {
-                ports,
-                ..Devices::default()
-            }),
+            devices: Mutex::new(Devices::of(&config, ports)),
             resources: Mutex::new(resources),
             held: Arc::default(),
             agent: Arc::default(),
@@ -252,13 +250,32 @@ pub(crate) struct Vm {
     agent: Arc<vmkit_vsock::AgentCache>,
 }
 
-/// Cold and hot devices, by id.
+/// Cold and hot devices, in the order added.
 #[derive(Debug, Default)]
 struct Devices {
-    cold: Vec<String>,
-    hot: Vec<String>,
+    all: Vec<DeviceInfo>,
     /// Hot-plug ports (`hotplug_ports`).
     ports: u32,
+}
+
+impl Devices {
+    /// The devices of `config`, with `ports` hot-plug ports.
+    fn of(config: &InstanceConfig, ports: u32) -> Self {
+        let disks = config.disks.iter().cloned().map(DeviceSpec::Disk);
+        let nics = config.nics.iter().cloned().map(DeviceSpec::Nic);
+        Devices {
+            all: disks
+                .chain(nics)
+                .map(|spec| DeviceInfo::attached(spec, false))
+                .collect(),
+            ports,
+        }
+    }
+
+    /// How many ports hot-plugged devices take.
+    fn hot(&self) -> usize {
+        self.all.iter().filter(|d| d.hot).count()
+    }
 }
 
 /// What the VM holds while it lives.
@@ -554,83 +571,71 @@ impl Instance for FakeInstance {
 
 #[async_trait]
 impl DeviceConfigurator for FakeInstance {
-    fn add_disk(&self, disk: DiskConfig) -> vmkit_core::Result<()> {
-        disk.validate("disk")?;
-        self.add_cold("add_disk", &disk.id)
+    fn add_device(&self, spec: DeviceSpec) -> vmkit_core::Result<()> {
+        let mut devices = lock(&self.vm.devices);
+        self.vm.life.require("add_device", &[VmState::New])?;
+        spec.validate(spec.kind())?;
+        let id = spec.id();
+        if devices.all.iter().any(|d| d.id() == id) {
+            return Err(Error::config(
+                format!("{}.id", spec.kind()),
+                format!("add_device: duplicate device id {id:?}"),
+            ));
+        }
+        devices.all.push(DeviceInfo::attached(spec, false));
+        Ok(())
     }
 
-    fn add_nic(&self, nic: NicConfig) -> vmkit_core::Result<()> {
-        nic.validate("nic")?;
-        self.add_cold("add_nic", &nic.id)
-    }
-
-    async fn hotplug_disk(&self, disk: DiskConfig) -> vmkit_core::Result<()> {
-        disk.validate("disk")?;
-        self.add_hot("hotplug_disk", Op::HotplugDisk, disk.id).await
-    }
-
-    async fn hotplug_nic(&self, nic: NicConfig) -> vmkit_core::Result<()> {
-        nic.validate("nic")?;
-        self.add_hot("hotplug_nic", Op::HotplugNic, nic.id).await
+    async fn hotplug_device(&self, spec: DeviceSpec) -> vmkit_core::Result<()> {
+        let vm = &self.vm;
+        let call = format!("{} {}", spec.hotplug_op(), spec.id());
+        vm.hotplug_allowed(spec.hotplug_op())?;
+        spec.validate(spec.kind())
+            .map_err(|e| Error::bad_argument(&call, spec.kind(), e.to_string()))?;
+        {
+            let devices = lock(&vm.devices);
+            let id = spec.id();
+            if devices.all.iter().any(|d| d.id() == id) {
+                return Err(Error::bad_argument(
+                    &call,
+                    "id",
+                    format!("duplicate device id {id:?}"),
+                ));
+            }
+            if devices.hot() >= devices.ports as usize {
+                return Err(Error::exhausted(
+                    &call,
+                    "hot-plug port",
+                    format!("all {} hot-plug ports are in use", devices.ports),
+                ));
+            }
+        }
+        vm.fault(Op::of(&spec), vm.config.timeouts.command).await?;
+        vm.life.require(spec.hotplug_op(), &[VmState::Running])?;
+        lock(&vm.devices).all.push(DeviceInfo::attached(spec, true));
+        Ok(())
     }
 
     async fn unplug(&self, id: &str) -> vmkit_core::Result<()> {
         let vm = &self.vm;
         vm.hotplug_allowed("unplug")?;
-        if !lock(&vm.devices).hot.iter().any(|d| d == id) {
+        if !lock(&vm.devices).all.iter().any(|d| d.hot && d.id() == id) {
             return Err(Error::not_found(
                 format!("unplug {id}"),
                 "no hot-plugged device with that id (cold-plugged devices stay for the VM's life)",
             ));
         }
         vm.fault(Op::Unplug, vm.config.timeouts.command).await?;
-        lock(&vm.devices).hot.retain(|d| d != id);
+        lock(&vm.devices).all.retain(|d| !(d.hot && d.id() == id));
         vm.life.publish(VmEvent::DeviceDeleted {
             id: Some(id.to_owned()),
             path: format!("/machine/peripheral/{id}"),
         });
         Ok(())
     }
-}
 
-impl FakeInstance {
-    fn add_cold(&self, op: &'static str, id: &str) -> vmkit_core::Result<()> {
-        let mut devices = lock(&self.vm.devices);
-        self.vm.life.require(op, &[VmState::New])?;
-        if devices.cold.iter().any(|d| d == id) {
-            return Err(Error::config(
-                "id",
-                format!("{op}: duplicate device id {id:?}"),
-            ));
-        }
-        devices.cold.push(id.to_owned());
-        Ok(())
-    }
-
-    async fn add_hot(&self, call: &'static str, op: Op, id: String) -> vmkit_core::Result<()> {
-        let vm = &self.vm;
-        vm.hotplug_allowed(call)?;
-        {
-            let devices = lock(&vm.devices);
-            if devices.cold.iter().chain(&devices.hot).any(|d| *d == id) {
-                return Err(Error::bad_argument(
-                    format!("{call} {id}"),
-                    "id",
-                    format!("duplicate device id {id:?}"),
-                ));
-            }
-            if devices.hot.len() >= devices.ports as usize {
-                return Err(Error::exhausted(
-                    format!("{call} {id}"),
-                    "hot-plug port",
-                    format!("all {} hot-plug ports are in use", devices.ports),
-                ));
-            }
-        }
-        vm.fault(op, vm.config.timeouts.command).await?;
-        vm.life.require(call, &[VmState::Running])?;
-        lock(&vm.devices).hot.push(id);
-        Ok(())
+    fn devices(&self) -> Vec<DeviceInfo> {
+        lock(&self.vm.devices).all.clone()
     }
 }
 

@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 use proptest_state_machine::StateMachineTest;
 use tokio::sync::broadcast::{self, error::TryRecvError};
 use vmkit_core::{
-    Capabilities, CpuHotplugger, CpuTopology, DeviceConfigurator, DiskConfig, Error, ExitReason,
-    GuestCommunicator, Instance, InstanceConfig, MemoryHotplugger, ResourceManager, StartOptions,
-    VmEvent, VmState,
+    Capabilities, CpuHotplugger, CpuTopology, DeviceConfigurator, DeviceState, DiskConfig, Error,
+    ExitReason, GuestCommunicator, Instance, InstanceConfig, MemoryHotplugger, ResourceManager,
+    StartOptions, VmEvent, VmState,
 };
 
 use super::ModelTarget;
@@ -37,6 +37,8 @@ pub struct Sut<T: ModelTarget> {
     /// The ids of the hot-plugged memory, disks and NICs, in plug order.
     dimm_ids: Vec<String>,
     hot_ids: Vec<String>,
+    /// Ids of the cold devices the steps added, in order.
+    cold_ids: Vec<String>,
     next_id: u32,
     /// vCPU slots as the backend reported them, by index.
     slots: BTreeMap<u32, CpuTopology>,
@@ -257,13 +259,15 @@ impl<T: ModelTarget> Sut<T> {
         match step {
             Step::AddDisk => {
                 let disk = self.disk("c");
+                let id = disk.id.clone();
                 let r = self.vm.add_disk(disk);
-                self.outcome(&r)
+                self.cold_step(r, id)
             }
             Step::AddNic => {
                 let nic = self.nic("cn");
+                let id = nic.id.clone();
                 let r = self.vm.add_nic(nic);
-                self.outcome(&r)
+                self.cold_step(r, id)
             }
             Step::Start => {
                 let r = self.call("start", self.vm.start(StartOptions::new()));
@@ -385,7 +389,45 @@ impl<T: ModelTarget> Sut<T> {
         if let (Ok(()), Some(id)) = (&r, id) {
             self.hot_ids.push(id);
         }
-        self.outcome(&r)
+        let outcome = self.outcome(&r);
+        self.checked_listing(outcome)
+    }
+
+    /// A cold device added (`id`, when `r` is `Ok`), then the listing checked.
+    fn cold_step(&mut self, r: vmkit_core::Result<()>, id: String) -> Expect {
+        if r.is_ok() {
+            self.cold_ids.push(id);
+        }
+        let outcome = self.outcome(&r);
+        self.checked_listing(outcome)
+    }
+
+    /// `outcome`, or `Failed` (saying why) when `devices()` disagrees with the calls.
+    fn checked_listing(&mut self, outcome: Expect) -> Expect {
+        match self.devices_disagree() {
+            None => outcome,
+            Some(why) => {
+                self.last_error = Some(why);
+                Expect::Failed
+            }
+        }
+    }
+
+    /// How `devices()` differs from the devices the calls added and removed: the cold
+    /// ones (after the config's own) in order, then the hot ones, all attached.
+    fn devices_disagree(&self) -> Option<String> {
+        let listed = self.vm.devices();
+        let cold: Vec<&str> = listed.iter().filter(|d| !d.hot).map(|d| d.id()).collect();
+        let hot: Vec<&str> = listed.iter().filter(|d| d.hot).map(|d| d.id()).collect();
+        let cold_ok = cold.ends_with(&self.cold_ids.iter().map(String::as_str).collect::<Vec<_>>());
+        let attached = listed.iter().all(|d| d.state == DeviceState::Attached);
+        if cold_ok && hot == self.hot_ids && attached {
+            return None;
+        }
+        Some(format!(
+            "devices() lists {listed:?}; the calls added cold {:?} and hot {:?}",
+            self.cold_ids, self.hot_ids
+        ))
     }
 
     fn vcpu_step(&mut self, step: &Step) -> Expect {
@@ -475,6 +517,7 @@ impl<T: ModelTarget> StateMachineTest for Sut<T> {
             exited: false,
             dimm_ids: Vec::new(),
             hot_ids: Vec::new(),
+            cold_ids: Vec::new(),
             next_id: 0,
             slots: BTreeMap::new(),
             last_error: None,

@@ -12,7 +12,7 @@ use vmkit_proto::AgentClient;
 use vmkit_proto::agent::{GuestInfoRequest, WaitResourcesRequest, WaitResourcesResponse};
 
 use super::state::Hotplug;
-use crate::devices::ColdDevices;
+use crate::devices::DeviceTable;
 use crate::error::Error;
 use crate::options::Machine;
 use crate::qmp::Qmp;
@@ -50,8 +50,6 @@ pub(crate) struct Limits {
     pub(crate) accel: Accel,
     /// How long one hot-plug may wait for the guest (`timeouts.hotplug`).
     pub(crate) deadline: Duration,
-    /// The cold devices (their ids are taken).
-    pub(crate) cold: ColdDevices,
 }
 
 /// One hot-plug operation's view of the VM.
@@ -62,6 +60,7 @@ pub(crate) struct Context {
     limits: Arc<Limits>,
     events: broadcast::Sender<VmEvent>,
     state: Arc<Hotplug>,
+    devices: Arc<DeviceTable>,
 }
 
 impl Context {
@@ -71,6 +70,7 @@ impl Context {
         limits: Limits,
         events: broadcast::Sender<VmEvent>,
         state: Arc<Hotplug>,
+        devices: Arc<DeviceTable>,
     ) -> Self {
         Context {
             qmp,
@@ -78,6 +78,7 @@ impl Context {
             limits: Arc::new(limits),
             events,
             state,
+            devices,
         }
     }
 
@@ -91,6 +92,11 @@ impl Context {
 
     pub(crate) fn state(&self) -> &Hotplug {
         &self.state
+    }
+
+    /// The VM's device table.
+    pub(crate) fn devices(&self) -> &Arc<DeviceTable> {
+        &self.devices
     }
 
     /// A receiver of the VM's events (subscribe before the command whose answer it
@@ -204,13 +210,4 @@ pub(crate) async fn until_guest_memory(
     let mut req = WaitResourcesRequest::new();
     req.mem_total_at_least = at_least;
     wait_in_guest(agent, op, what, req, limit).await.map(drop)
-}
-
-/// The lowest free `<prefix><n>` among `taken`.
-pub(crate) fn free_name<'a>(prefix: &str, taken: impl Iterator<Item = &'a str> + Clone) -> String {
-    (0u32..)
-        .map(|n| format!("{prefix}{n}"))
-        .find(|candidate| taken.clone().all(|t| t != candidate))
-        // `u32` runs out only after 4 billion names are taken.
-        .unwrap_or_else(|| format!("{prefix}x"))
 }

@@ -5,8 +5,9 @@
 use vmkit_core::{DimmInfo, Error as CoreError};
 use vmkit_qmp::qapi_qmp::MemoryDeviceInfo;
 
-use super::context::{Context, MIB, free_name, guest_memory, qmp_err, until_guest_memory};
+use super::context::{Context, MIB, guest_memory, qmp_err, until_guest_memory};
 use super::eject::eject;
+use crate::devices::free_name;
 use crate::qmp::Device;
 
 /// The id prefix of hot-plugged DIMMs; the backend object is `<id>-ram`.

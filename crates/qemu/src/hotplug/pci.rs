@@ -6,11 +6,11 @@ use std::os::fd::AsFd;
 use std::time::Duration;
 
 use tokio::time::{Instant, sleep};
-use vmkit_core::{DiskConfig, Error as CoreError, HostFd, NicBackend, NicConfig};
+use vmkit_core::{DeviceSpec, DiskConfig, Error as CoreError, HostFd, NicBackend, NicConfig};
 use vmkit_proto::AgentClient;
 
-use super::context::{Context, POLL, free_name, guest_info, qmp_err};
-use super::state::{HotBackend, HotDevice};
+use super::context::{Context, POLL, guest_info, qmp_err};
+use crate::devices::{HotBackend, Reservation};
 use crate::error::Error;
 use crate::qmp::Device;
 
@@ -23,12 +23,12 @@ async fn delete_backend(ctx: &Context, backend: &HotBackend) -> vmkit_core::Resu
     result.map_err(|e| qmp_err(&format!("{command} {}", backend.name()), e))
 }
 
-/// `device_add`s `device` (a `driver` with id `id` on `port`) over `backend` and records
-/// it as hot-plugged. When QEMU refuses, the backend is deleted again and QEMU's words
-/// come back in the error.
+/// `device_add`s `device` (a `driver` with id `id`) on the reserved port over `backend`
+/// and records it as attached. When QEMU refuses, the backend is deleted again, the
+/// reservation dropped, and QEMU's words come back in the error.
 async fn plug(
     ctx: &Context,
-    port: String,
+    reserved: Reservation,
     device: Device,
     backend: HotBackend,
 ) -> vmkit_core::Result<()> {
@@ -37,49 +37,22 @@ async fn plug(
         if let Err(del) = delete_backend(ctx, &backend).await {
             tracing::warn!(backend = backend.name(), error = %del, "deleting the backend after a failed device_add failed");
         }
+        let port = reserved.port().to_owned();
         return Err(qmp_err(&format!("device_add {driver} {id} on {port}"), e));
     }
-    ctx.state().devices().push(HotDevice { id, backend, port });
+    reserved.attached(backend);
     Ok(())
 }
 
-/// A free reserved root port and a free backend name `<prefix><n>`, or why not.
-fn free_port_and_name(
+/// A free reserved root port and backend name `<prefix><n>` for `spec`, or why not.
+fn reserve(
     ctx: &Context,
     op: &str,
-    id: &str,
+    spec: DeviceSpec,
     prefix: &str,
-) -> vmkit_core::Result<(String, String)> {
-    if ctx.limits().cold.has_id(id) {
-        return Err(CoreError::bad_argument(
-            op,
-            "id",
-            format!("duplicate device id {id:?} (a cold-plugged device has it)"),
-        ));
-    }
-    let hot = ctx.state().devices();
-    if hot.iter().any(|d| d.id == id) {
-        return Err(CoreError::bad_argument(
-            op,
-            "id",
-            format!("duplicate device id {id:?} (already hot-plugged)"),
-        ));
-    }
-    let ports = ctx.limits().hotplug_ports;
-    let port = (0..ports)
-        .map(|i| format!("{}{i}", crate::command::ROOT_PORT_PREFIX))
-        .find(|p| hot.iter().all(|d| &d.port != p))
-        .ok_or_else(|| {
-            CoreError::exhausted(
-                op,
-                "hot-plug port",
-                format!(
-                    "all {ports} hot-plug root ports are in use (backend_options.hotplug_ports)"
-                ),
-            )
-        })?;
-    let name = free_name(prefix, hot.iter().map(|d| d.backend.name()));
-    Ok((port, name))
+) -> vmkit_core::Result<Reservation> {
+    ctx.devices()
+        .reserve(op, spec, ctx.limits().hotplug_ports, prefix)
 }
 
 /// Adds `disk` on a free reserved root port and waits until the guest lists it (by
@@ -88,7 +61,8 @@ pub(crate) async fn add_disk(ctx: &Context, disk: DiskConfig) -> vmkit_core::Res
     let op = format!("hotplug_disk {}", disk.id);
     let field = "disk";
     disk.validate(field)?;
-    let (port, node) = free_port_and_name(ctx, &op, &disk.id, "vmkit-hot")?;
+    let reserved = reserve(ctx, &op, DeviceSpec::Disk(disk.clone()), "vmkit-hot")?;
+    let (port, node) = (reserved.port().to_owned(), reserved.name().to_owned());
     let agent = ctx.agent().await.ok();
     // With a serial the new disk is recognised by it; without, by the count going up.
     let disks_before = match (&agent, &disk.serial) {
@@ -104,7 +78,7 @@ pub(crate) async fn add_disk(ctx: &Context, disk: DiskConfig) -> vmkit_core::Res
             e,
         )
     })?;
-    plug(ctx, port, device, HotBackend::Block(node)).await?;
+    plug(ctx, reserved, device, HotBackend::Block(node)).await?;
     let (Some(agent), Some(before)) = (agent, disks_before) else {
         return Ok(());
     };
@@ -156,12 +130,22 @@ async fn guest_disk_count(agent: &AgentClient, op: &str) -> vmkit_core::Result<u
 /// its block node or netdev.
 pub(crate) async fn remove_device(ctx: &Context, id: &str) -> vmkit_core::Result<()> {
     let op = format!("unplug {id}");
-    let Some(device) = ctx.state().devices().iter().find(|d| d.id == id).cloned() else {
-        return Err(CoreError::not_found(
-            op,
-            "no hot-plugged device with that id (cold-plugged devices stay for the VM's life)",
-        ));
-    };
+    ctx.devices().begin_unplug(&op, id)?;
+    let result = delete_device(ctx, &op, id).await;
+    if result.is_err() {
+        ctx.devices().unplug_failed(id);
+    }
+    result?;
+    // Dropping the place closes the TAP fd vmkit held for a NIC.
+    let place = ctx.devices().remove(id);
+    if let Some(backend) = place.and_then(|p| p.backend) {
+        delete_backend(ctx, &backend).await?;
+    }
+    Ok(())
+}
+
+/// `device_del` of `id`, waiting for its `DEVICE_DELETED`.
+async fn delete_device(ctx: &Context, op: &str, id: &str) -> vmkit_core::Result<()> {
     let mut events = ctx.subscribe();
     ctx.qmp()
         .device_del(id)
@@ -180,21 +164,13 @@ pub(crate) async fn remove_device(ctx: &Context, id: &str) -> vmkit_core::Result
     })
     .await;
     match deleted {
-        Ok(true) => {}
-        Ok(false) => {
-            return Err(CoreError::backend(op, Error::ShuttingDown));
-        }
-        Err(_) => {
-            return Err(CoreError::Timeout {
-                op: format!("{op}: waiting for DEVICE_DELETED (the guest did not release it)"),
-                after: ctx.limits().deadline,
-            });
-        }
+        Ok(true) => Ok(()),
+        Ok(false) => Err(CoreError::backend(op.to_owned(), Error::ShuttingDown)),
+        Err(_) => Err(CoreError::Timeout {
+            op: format!("{op}: waiting for DEVICE_DELETED (the guest did not release it)"),
+            after: ctx.limits().deadline,
+        }),
     }
-    ctx.state().devices().retain(|d| d.id != id);
-    delete_backend(ctx, &device.backend).await?;
-    // Dropping `device` closes the TAP fd vmkit held for a NIC.
-    Ok(())
 }
 
 /// Adds `nic` on a free reserved root port: its TAP fd goes to QEMU over QMP
@@ -203,7 +179,8 @@ pub(crate) async fn remove_device(ctx: &Context, id: &str) -> vmkit_core::Result
 pub(crate) async fn add_nic(ctx: &Context, nic: NicConfig) -> vmkit_core::Result<()> {
     let op = format!("hotplug_nic {}", nic.id);
     nic.validate("nic")?;
-    let (port, netdev) = free_port_and_name(ctx, &op, &nic.id, "vmkit-hotnet")?;
+    let reserved = reserve(ctx, &op, DeviceSpec::Nic(nic.clone()), "vmkit-hotnet")?;
+    let (port, netdev) = (reserved.port().to_owned(), reserved.name().to_owned());
     // The VM holds the TAP for as long as the NIC exists: one vmkit opened (closing
     // it removes a TAP vmkit created) or the caller's.
     let tap: HostFd = match &nic.backend {
@@ -237,7 +214,7 @@ pub(crate) async fn add_nic(ctx: &Context, nic: NicConfig) -> vmkit_core::Result
         .on(port.clone())
         .with("netdev", netdev.as_str())
         .with("mac", mac.to_string());
-    plug(ctx, port, device, HotBackend::Net { netdev, _tap: tap }).await?;
+    plug(ctx, reserved, device, HotBackend::Net { netdev, _tap: tap }).await?;
     let Ok(agent) = ctx.agent().await else {
         return Ok(());
     };

@@ -21,7 +21,6 @@ use vmkit_vsock::GuestAddr;
 use super::context::{AgentSource, Context, Limits};
 use super::state::Hotplug;
 use super::{cpu, memory, pci};
-use crate::devices::ColdDevices;
 use crate::options::Machine;
 use crate::qmp::Qmp;
 
@@ -107,7 +106,6 @@ impl Rig {
             shares_ram: true,
             accel,
             deadline: Duration::from_millis(400),
-            cold: ColdDevices::default(),
         };
         let agent_source = Arc::new(HostAgent {
             client: AgentClient::new(ttrpc),
@@ -119,6 +117,7 @@ impl Rig {
             limits,
             events,
             Arc::new(Hotplug::new(1)),
+            Arc::default(),
         );
         Rig {
             qmp,
@@ -134,7 +133,7 @@ impl Rig {
     }
 
     /// The same QEMU and agent seen through a new context: a guest that `runs` or is
-    /// paused, and `limits` (the events and hot-plug state start afresh).
+    /// paused, and `limits` (the events, hot-plug state and device table start afresh).
     async fn reframe(&mut self, runs: bool, limits: Limits) {
         let agent = Arc::new(HostAgent {
             client: self.ctx.agent().await.unwrap(),
@@ -146,6 +145,7 @@ impl Rig {
             limits,
             broadcast::channel(4).0,
             Arc::new(Hotplug::new(1)),
+            Arc::default(),
         );
     }
 
@@ -675,7 +675,7 @@ async fn a_disk_lands_on_a_free_port_and_returns_once_the_guest_lists_it() {
     assert_eq!(device["id"], "data");
     assert_eq!(device["bus"], "vmkit-rp0");
     assert_eq!(device["drive"], rig.args_of("blockdev-add")["node-name"]);
-    assert_eq!(rig.ctx.state().devices().len(), 1);
+    assert_eq!(rig.ctx.devices().hot_count(), 1);
 }
 
 #[tokio::test]
@@ -699,7 +699,7 @@ async fn a_disk_qemu_refuses_takes_its_block_node_with_it() {
         rig.args_of("blockdev-del")["node-name"],
         rig.args_of("blockdev-add")["node-name"]
     );
-    assert!(rig.ctx.state().devices().is_empty());
+    assert!((rig.ctx.devices().hot_count() == 0));
 }
 
 #[tokio::test]
@@ -797,7 +797,7 @@ async fn a_nic_passes_its_fd_and_each_refusal_removes_what_came_before() {
         .unwrap_err();
     assert!(err.to_string().contains("MAC in use"), "{err}");
     assert_eq!(rig.args_of("netdev_del"), json!({"id": "vmkit-hotnet0"}));
-    assert!(rig.ctx.state().devices().is_empty());
+    assert!((rig.ctx.devices().hot_count() == 0));
 }
 
 #[tokio::test]
@@ -835,7 +835,7 @@ async fn unplugging_a_device_waits_for_device_deleted_then_removes_its_backend()
     rig.qmp.on_once("device_del", MockReply::ok(json!({})));
     let err = pci::remove_device(&rig.ctx, "data").await.unwrap_err();
     assert!(matches!(err, CoreError::Timeout { .. }), "{err:?}");
-    assert_eq!(rig.ctx.state().devices().len(), 1);
+    assert_eq!(rig.ctx.devices().hot_count(), 1);
     rig.qmp.on(
         "device_del",
         MockReply::ok(json!({})).then_event(
@@ -844,7 +844,7 @@ async fn unplugging_a_device_waits_for_device_deleted_then_removes_its_backend()
         ),
     );
     pci::remove_device(&rig.ctx, "data").await.unwrap();
-    assert!(rig.ctx.state().devices().is_empty());
+    assert!((rig.ctx.devices().hot_count() == 0));
     assert!(
         rig.sent()
             .ends_with(&["device_del".to_owned(), "blockdev-del".to_owned()])
@@ -1028,7 +1028,7 @@ async fn a_qmp_error_at_any_step_is_reported_with_qemus_words_and_leaves_nothing
                 steps.name
             );
             assert!(
-                rig.ctx.state().devices().is_empty(),
+                (rig.ctx.devices().hot_count() == 0),
                 "{} with {failing} failing: a device stays recorded",
                 steps.name
             );
@@ -1093,12 +1093,11 @@ async fn a_disk_the_guest_never_lists_times_out_naming_it() {
 #[tokio::test]
 async fn a_hot_plug_may_not_take_a_cold_devices_id() {
     let dir = tempfile::tempdir().unwrap();
-    let mut rig = Rig::dimm().await;
-    let mut cold = ColdDevices::default();
-    cold.add_disk(disk(dir.path(), "root")).unwrap();
-    let mut limits = rig.ctx.limits().clone();
-    limits.cold = cold;
-    rig.reframe(true, limits).await;
+    let rig = Rig::dimm().await;
+    rig.ctx
+        .devices()
+        .add_cold(disk(dir.path(), "root").into(), || Ok(()))
+        .unwrap();
     let err = pci::add_disk(&rig.ctx, disk(dir.path(), "root"))
         .await
         .unwrap_err();
@@ -1133,7 +1132,7 @@ async fn a_backend_qemu_will_not_delete_after_the_device_went_is_reported() {
         "{err}"
     );
     assert!(
-        rig.ctx.state().devices().is_empty(),
+        (rig.ctx.devices().hot_count() == 0),
         "the device itself is gone from QEMU"
     );
 }

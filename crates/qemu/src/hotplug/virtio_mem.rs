@@ -16,9 +16,10 @@ use tokio::time::{Instant, sleep};
 use vmkit_core::{DimmInfo, Error as CoreError};
 use vmkit_qmp::qapi_qmp::{MemoryDeviceInfo, VirtioMEMDeviceInfo};
 
-use super::context::{Context, MIB, POLL, free_name, guest_memory, qmp_err, until_guest_memory};
+use super::context::{Context, MIB, POLL, guest_memory, qmp_err, until_guest_memory};
 use super::state::Grant;
 use crate::command::{VIRTIO_MEM_BLOCK_MIB, VIRTIO_MEM_ID};
+use crate::devices::free_name;
 
 /// The id prefix of virtio-mem grants (`vmkit-vmem.0`, …).
 const GRANT_PREFIX: &str = "vmkit-vmem.";
