@@ -63,7 +63,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use vmkit_core::{
     Backend, Capabilities, DeviceInfo, DeviceSpec, DeviceState, DiskConfig, Error, ExitReason,
-    Instance, InstanceConfig, ShareConfig, StartOptions, VmEvent, VmState,
+    Instance, InstanceConfig, ShareConfig, ShareVia, StartOptions, VmEvent, VmState,
 };
 
 /// What the suite runs against.
@@ -554,6 +554,20 @@ async fn devices_before_start_only(target: &dyn Target) -> Result<String, String
     Ok(String::new())
 }
 
+/// Whether `listed` is the device `given`, with what a backend decides filled in: a
+/// share asked for with transport `Auto` is listed with the transport it got.
+fn as_given(given: &DeviceSpec, listed: &DeviceSpec) -> bool {
+    match (given, listed) {
+        (DeviceSpec::Share(g), DeviceSpec::Share(l)) if g.via == ShareVia::Auto => {
+            ShareConfig {
+                via: ShareVia::Auto,
+                ..l.clone()
+            } == *g
+        }
+        _ => given == listed,
+    }
+}
+
 /// `vm.devices()` lists `id` once as `spec` (hot or cold as `hot`, attached), or, with
 /// no `spec`, does not list it.
 fn listed(vm: &dyn Instance, id: &str, spec: Option<&DeviceSpec>, hot: bool) -> Result<(), String> {
@@ -562,7 +576,9 @@ fn listed(vm: &dyn Instance, id: &str, spec: Option<&DeviceSpec>, hot: bool) -> 
     match (spec, found.as_slice()) {
         (None, []) => Ok(()),
         (Some(spec), [one])
-            if &one.spec == spec && one.hot == hot && one.state == DeviceState::Attached =>
+            if as_given(spec, &one.spec)
+                && one.hot == hot
+                && one.state == DeviceState::Attached =>
         {
             Ok(())
         }

@@ -153,6 +153,31 @@ impl FakeGuest {
         std::fs::remove_dir_all(self.root.join("sys/block").join(name))
     }
 
+    /// Shows exactly `names` as virtio devices the guest's virtio-fs driver has bound
+    /// and made live (`sys/bus/virtio/drivers/virtiofs/<name>/status`).
+    ///
+    /// # Errors
+    /// When a file cannot be written or a stale one removed.
+    pub fn set_fs_devices(&self, names: &[String]) -> std::io::Result<()> {
+        let driver = self.root.join("sys/bus/virtio/drivers/virtiofs");
+        if let Ok(dir) = std::fs::read_dir(&driver) {
+            for entry in dir.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if !names.contains(&name) {
+                    std::fs::remove_dir_all(entry.path())?;
+                }
+            }
+        }
+        for name in names {
+            // DRIVER_OK and before: a live device.
+            self.put(
+                &format!("sys/bus/virtio/drivers/virtiofs/{name}/status"),
+                "0x0000000f",
+            )?;
+        }
+        Ok(())
+    }
+
     /// Writes `text` to the file `rel` under the root whole: a reader sees the old
     /// content or the new, never a part.
     fn put(&self, rel: &str, text: &str) -> std::io::Result<()> {

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use vmkit_proto::agent::{BlockDevice, CpuPlace, GuestInfoResponse, NetInterface};
+use vmkit_proto::agent::{BlockDevice, CpuPlace, FsDevice, GuestInfoResponse, NetInterface};
 
 use crate::root::Root;
 
@@ -124,6 +124,47 @@ fn nics(root: &Root) -> Vec<NetInterface> {
     nics
 }
 
+/// The virtio status bit a driver sets once the device is live.
+const VIRTIO_DRIVER_OK: u32 = 4;
+
+/// Whether the virtio device at `dir` has DRIVER_OK in its status (`0x0000000f`).
+fn driver_ok(dir: &Path) -> bool {
+    read_sync(dir.join("status"))
+        .ok()
+        .and_then(|s| u32::from_str_radix(s.trim_start_matches("0x"), 16).ok())
+        .is_some_and(|status| status & VIRTIO_DRIVER_OK != 0)
+}
+
+/// The virtio devices bound to the virtio-fs and 9p drivers, by name.
+fn fs_devices(root: &Root) -> Vec<FsDevice> {
+    let mut found = Vec::new();
+    for (driver, tag_file) in [("virtiofs", "tag"), ("9pnet_virtio", "mount_tag")] {
+        let dir = root.path(&format!("/sys/bus/virtio/drivers/{driver}"));
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            // Listed once its driver has finished with it: the driver links the device
+            // before its probe runs, and sets DRIVER_OK in the virtio status near the
+            // probe's end (virtio-fs right before it registers the tag).
+            if !name.starts_with("virtio") || !driver_ok(&entry.path()) {
+                continue;
+            }
+            let mut device = FsDevice::new();
+            // 9p's mount_tag may end in NULs.
+            device.tag = read_sync(entry.path().join(tag_file))
+                .map(|t| t.trim_end_matches('\0').to_owned())
+                .unwrap_or_default();
+            device.driver = driver.to_owned();
+            device.name = name;
+            found.push(device);
+        }
+    }
+    found.sort_by(|a, b| a.name.cmp(&b.name));
+    found
+}
+
 /// Where CPU `cpu` sits (`cpuN/topology`): its package, core, and its position among its
 /// thread siblings. `None` when the kernel does not say.
 fn cpu_place(root: &Root, cpu: u32) -> Option<CpuPlace> {
@@ -158,6 +199,7 @@ fn guest_info_sync(root: &Root) -> GuestInfoResponse {
     info.uptime_ms = uptime_ms();
     info.disks = disks(root);
     info.nics = nics(root);
+    info.fs_devices = fs_devices(root);
     info
 }
 
@@ -171,6 +213,36 @@ pub(crate) async fn guest_info(root: Root) -> GuestInfoResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shared_directory_devices_are_listed_with_their_tags() {
+        let dir = tempfile::tempdir().unwrap();
+        let drivers = dir.path().join("sys/bus/virtio/drivers");
+        let nine = drivers.join("9pnet_virtio/virtio4");
+        let fs = drivers.join("virtiofs/virtio2");
+        std::fs::create_dir_all(&nine).unwrap();
+        std::fs::create_dir_all(&fs).unwrap();
+        std::fs::create_dir_all(drivers.join("virtiofs/bind")).unwrap();
+        std::fs::write(nine.join("mount_tag"), b"data\0").unwrap();
+        std::fs::write(nine.join("status"), "0x0000000f\n").unwrap();
+        std::fs::write(fs.join("status"), "0x0000000f\n").unwrap();
+        // Bound but not live yet: not listed.
+        let probing = drivers.join("virtiofs/virtio5");
+        std::fs::create_dir_all(&probing).unwrap();
+        std::fs::write(probing.join("status"), "0x00000003\n").unwrap();
+        let root = Root::at(dir.path());
+        let found: Vec<(String, String, String)> = fs_devices(&root)
+            .into_iter()
+            .map(|d| (d.name, d.driver, d.tag))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                ("virtio2".into(), "virtiofs".into(), String::new()),
+                ("virtio4".into(), "9pnet_virtio".into(), "data".into()),
+            ]
+        );
+    }
 
     #[test]
     fn a_cpu_place_comes_from_its_sysfs_topology() {

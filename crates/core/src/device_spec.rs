@@ -116,7 +116,9 @@ pub enum DeviceState {
 /// One device of a VM, as `devices()` lists it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceInfo {
-    /// What was asked for (its id is [`DeviceSpec::id`]).
+    /// What was asked for, with what the backend decided filled in: a share asked for
+    /// with [`crate::ShareVia::Auto`] is listed with the transport it got. Its id is
+    /// [`DeviceSpec::id`].
     pub spec: DeviceSpec,
     /// Hot-plugged after start (`false`: added before start, there for the VM's life).
     pub hot: bool,

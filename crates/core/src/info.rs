@@ -215,6 +215,15 @@ pub enum VmEvent {
         /// The VMM's path for it.
         path: String,
     },
+    /// A device stopped working while the VM runs: the daemon serving it (a share's
+    /// virtiofsd) died. The VM and its other devices go on; the device stays listed
+    /// until unplugged.
+    DeviceFailed {
+        /// The device's id.
+        id: String,
+        /// What happened, for people (`"virtiofsd (pid 4242) exited: killed by signal 9"`).
+        reason: String,
+    },
     /// The guest kernel panicked.
     GuestPanicked,
     /// A step of `start` finished (`"spawned"`, `"qmp connected"`, `"guest ready"`), with

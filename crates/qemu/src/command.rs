@@ -6,9 +6,14 @@ use std::ffi::OsString;
 use std::os::fd::RawFd;
 
 use serde_json::json;
-use vmkit_core::{Accel, DiskConfig, InstanceConfig, MemoryHotplug, NicConfig};
+use vmkit_core::{
+    Accel, DiskConfig, InstanceConfig, MemoryHotplug, NicConfig, ShareConfig, ShareVia,
+};
 
-use crate::devices::{ROOT_PORT_PREFIX, disk_args, nic_args};
+use crate::devices::{
+    ROOT_PORT_PREFIX, cold_share_name, disk_args, nic_args, nine_p_args, virtio_fs_args,
+    virtiofsd_socket,
+};
 use crate::escape::{escape_opt, escape_path};
 use crate::guest::GuestDevice;
 use crate::options::{Machine, QemuOptions};
@@ -71,6 +76,12 @@ pub(crate) struct Launch<'a> {
     pub nics: &'a [(NicConfig, Option<RawFd>)],
     /// The vsock device, if the guest is reached over vsock.
     pub vsock: Option<&'a GuestDevice>,
+    /// Shares, in order, each with its transport decided; a virtio-fs one's daemon
+    /// serves at `devices::virtiofsd_socket(state_dir, devices::cold_share_name(i))`.
+    pub shares: &'a [ShareConfig],
+    /// Virtio-fs shares may be attached (now or hot-plugged later): guest RAM must be
+    /// a shared memfd for their daemons.
+    pub vhost_user_fs: bool,
 }
 
 /// The arguments (without the binary).
@@ -90,9 +101,9 @@ fn strs(parts: &[&str]) -> Vec<OsString> {
     parts.iter().map(OsString::from).collect()
 }
 
-/// Whether guest RAM is shared with a vhost-user daemon (hybrid vsock).
+/// Whether guest RAM is shared with vhost-user daemons (hybrid vsock, virtio-fs).
 fn shares_ram(launch: &Launch<'_>) -> bool {
-    matches!(launch.vsock, Some(GuestDevice::VhostUser { .. }))
+    matches!(launch.vsock, Some(GuestDevice::VhostUser { .. })) || launch.vhost_user_fs
 }
 
 /// The VM's name, and no defaults, display or reboot.
@@ -286,6 +297,15 @@ fn device_args(launch: &Launch<'_>) -> Vec<OsString> {
     for (i, (nic, fd)) in launch.nics.iter().enumerate() {
         args.extend(nic_args(i, &launch.config.id, nic, *fd, machine));
     }
+    for (i, share) in launch.shares.iter().enumerate() {
+        args.extend(match share.via {
+            ShareVia::VirtioFs => {
+                let socket = virtiofsd_socket(&launch.config.state_dir, &cold_share_name(i));
+                virtio_fs_args(i, share, &socket, machine)
+            }
+            ShareVia::Auto | ShareVia::NineP => nine_p_args(i, share, machine),
+        });
+    }
     if let Some(vsock) = launch.vsock {
         if machine.has_pci() && matches!(vsock, GuestDevice::VhostUser { .. }) {
             let port = json!({"driver": "pcie-root-port", "id": VSOCK_PORT_ID,
@@ -411,6 +431,8 @@ mod tests {
             disks: &[],
             nics: &[],
             vsock,
+            shares: &[],
+            vhost_user_fs: false,
         })
     }
 
@@ -444,6 +466,8 @@ mod tests {
                 disks: &[],
                 nics: &[],
                 vsock: None,
+                shares: &[],
+                vhost_user_fs: false,
             })
         };
         let sandboxed = |options: &QemuOptions| launched(options, false);
@@ -515,6 +539,8 @@ mod tests {
                 disks: &[],
                 nics: &[(nic.clone(), None)],
                 vsock: Some(&serial),
+                shares: &[],
+                vhost_user_fs: false,
             })
         };
         let args = launch(Accel::Hvf);

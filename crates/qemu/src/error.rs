@@ -123,6 +123,29 @@ pub enum Error {
         stderr: String,
     },
 
+    /// A share's virtiofsd could not be started.
+    #[error("virtiofsd for share {share} ({}): {source}", binary.display())]
+    ShareDaemonSpawn {
+        /// The share's id.
+        share: String,
+        /// The binary that was tried.
+        binary: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A share's virtiofsd exited before QEMU could use it.
+    #[error("virtiofsd for share {share} exited before it was ready ({status}){}", stderr_suffix(.log))]
+    ShareDaemonExited {
+        /// The share's id.
+        share: String,
+        /// How it exited.
+        status: String,
+        /// The last lines of its output.
+        log: String,
+    },
+
     /// The guest link was found dead after a resume: the agent did not answer on a
     /// fresh connection. With hybrid vsock this is vhost-device-vsock 0.3 having ended
     /// its worker (anything reaching it while the VM was paused does that).

@@ -17,7 +17,8 @@ pub const CAPABILITIES: Capabilities = Capabilities::PAUSE
     .union(Capabilities::GUEST_AGENT)
     .union(Capabilities::GUEST_STREAMS)
     .union(Capabilities::VSOCK)
-    .union(Capabilities::HYBRID_VSOCK);
+    .union(Capabilities::HYBRID_VSOCK)
+    .union(Capabilities::FS_SHARE);
 
 /// One VM's feature set.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,6 +33,9 @@ pub(crate) struct Features {
     pub(crate) hotplug_ports: u32,
     /// How the guest is reached.
     pub(crate) transport: Plan,
+    /// Shares can go over virtio-fs: this host's QEMU has vhost-user and virtiofsd is
+    /// there to run (else they go over virtio-9p, cold only).
+    pub(crate) virtio_fs: bool,
 }
 
 impl Features {
@@ -56,6 +60,7 @@ impl Features {
                 0
             },
             transport: Plan::for_config(config, options),
+            virtio_fs: crate::host::vhost_user_supported() && options.virtiofsd_binary.is_file(),
         }
     }
 
@@ -64,10 +69,11 @@ impl Features {
         self.hotplug_ports > 0
     }
 
-    /// Whether guest RAM is shared with a vhost-user daemon (hybrid vsock), so that
-    /// hot-added RAM must be shared too.
+    /// Whether guest RAM is shared with vhost-user daemons (hybrid vsock, or a
+    /// virtio-fs share, cold or hot-plugged later), so that hot-added RAM must be
+    /// shared too.
     pub(crate) fn shares_ram(&self) -> bool {
-        matches!(self.transport, Plan::Hybrid { .. })
+        matches!(self.transport, Plan::Hybrid { .. }) || self.virtio_fs
     }
 
     /// What the VM offers: no guest parts without an agent, only the vsock flavour it

@@ -146,7 +146,7 @@ impl QemuInstance {
             return Err(CoreError::unsupported(
                 call,
                 BACKEND_NAME,
-                "disk and NIC hot-plug need q35 with hot-plug root ports (backend option hotplug_ports)",
+                "hot-plugging disks, NICs and shares needs q35 with hot-plug root ports (backend option hotplug_ports)",
             ));
         }
         let ctx = self.vm.hotplug_context(call, &[VmState::Running])?;
@@ -236,6 +236,14 @@ impl DeviceConfigurator for QemuInstance {
                 self.pci_job(call, op, |ctx| async move { pci::add_nic(&ctx, nic).await })
                     .await
             }
+            DeviceSpec::Share(share) => {
+                self.pci_job(
+                    call,
+                    op,
+                    |ctx| async move { pci::add_share(&ctx, share).await },
+                )
+                .await
+            }
             other => Err(self.vm.life().unsupported(
                 call,
                 BACKEND_NAME,
@@ -261,6 +269,11 @@ impl DeviceConfigurator for QemuInstance {
 }
 
 impl QemuInstance {
+    /// The pid of the virtiofsd serving share `id`, while it runs.
+    pub fn share_daemon_pid(&self, id: &str) -> Option<u32> {
+        self.vm.devices().daemon_pid(id)
+    }
+
     /// The typed agent client (the cached connection; see [`GuestCommunicator::client`]).
     ///
     /// # Errors

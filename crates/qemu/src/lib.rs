@@ -40,6 +40,7 @@ mod error;
 mod escape;
 mod events;
 mod features;
+mod fs_daemon;
 mod guest;
 mod host;
 mod hotplug;
@@ -62,7 +63,7 @@ mod vm;
 
 use std::sync::Arc;
 
-use vmkit_core::{Backend, Capabilities, DeviceSpec, Instance, InstanceConfig};
+use vmkit_core::{Backend, Capabilities, Instance, InstanceConfig};
 
 pub use devices::{ColdDevices, stable_mac};
 pub use error::Error;
@@ -116,13 +117,7 @@ impl QemuBackend {
                 .map_err(|e| vmkit_core::Error::config("state_dir", format!("{what}: {e}")))?;
         }
         // The config's own devices go through the same checks as later add_* calls.
-        let devices = devices::DeviceTable::default();
-        let disks = config.disks.iter().cloned().map(DeviceSpec::Disk);
-        let nics = config.nics.iter().cloned().map(DeviceSpec::Nic);
-        for spec in disks.chain(nics) {
-            devices.add_cold(spec, || Ok(()))?;
-        }
-        Ok(QemuInstance::new(vm::Vm::new(config, options, devices)))
+        Ok(QemuInstance::new(vm::Vm::new(config, options)?))
     }
 }
 

@@ -97,6 +97,7 @@ pub const MAX_HOTPLUG_PORTS: u32 = 32;
 /// | `ready_line` | the serial-console line prefix that says the guest is up | `VMKIT_READY` |
 /// | `sandbox` | `auto` (on when QEMU has seccomp), `on`, `off` | `auto` |
 /// | `vhost_vsock_binary` | the `vhost-device-vsock` daemon for hybrid vsock | `$VMKIT_VHOST_VSOCK`, else on `PATH`, else `~/.cargo/bin` |
+/// | `virtiofsd_binary` | the `virtiofsd` daemon for virtio-fs shares | `$VMKIT_VIRTIOFSD`, else on `PATH`, else `~/.cargo/bin`, else `/usr/libexec/virtiofsd` |
 /// | `run_as` | the unprivileged user QEMU drops to (`-run-with user=`): a user name or `uid:gid` | none |
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QemuOptions {
@@ -113,6 +114,8 @@ pub struct QemuOptions {
     /// The `vhost-device-vsock` binary (hybrid vsock, when the host has no
     /// `/dev/vhost-vsock`).
     pub vhost_vsock_binary: PathBuf,
+    /// The `virtiofsd` binary (virtio-fs shares; without it shares go over virtio-9p).
+    pub virtiofsd_binary: PathBuf,
     /// The unprivileged user QEMU drops to once it has opened what it needs at start
     /// (`-run-with user=`): a user name, or `uid:gid`. `None`: QEMU keeps vmkit's user.
     pub run_as: Option<String>,
@@ -135,6 +138,8 @@ struct Entry {
     sandbox: Option<Sandbox>,
     #[serde(default, deserialize_with = "some")]
     vhost_vsock_binary: Option<PathBuf>,
+    #[serde(default, deserialize_with = "some")]
+    virtiofsd_binary: Option<PathBuf>,
     #[serde(default, deserialize_with = "some")]
     run_as: Option<String>,
 }
@@ -167,6 +172,7 @@ impl QemuOptions {
             ready_line: "VMKIT_READY".to_owned(),
             sandbox: Sandbox::Auto,
             vhost_vsock_binary: default_vhost_vsock_binary(),
+            virtiofsd_binary: default_virtiofsd_binary(),
             run_as: None,
         };
         for (key, value) in map {
@@ -219,6 +225,9 @@ impl QemuOptions {
         if let Some(binary) = entry.vhost_vsock_binary {
             self.vhost_vsock_binary = nonempty(binary)?;
         }
+        if let Some(binary) = entry.virtiofsd_binary {
+            self.virtiofsd_binary = nonempty(binary)?;
+        }
         if let Some(user) = entry.run_as {
             check_run_as(&user)?;
             self.run_as = Some(user);
@@ -264,6 +273,20 @@ fn check_run_as(value: &str) -> Result<(), String> {
 /// found on `PATH`, else the bare name (the spawn then fails with a clear "not found").
 pub(crate) fn default_binary(machine: Machine) -> PathBuf {
     find_binary("VMKIT_QEMU", machine.binary_name(), &[])
+}
+
+/// `$VMKIT_VIRTIOFSD`, else `virtiofsd` on `PATH`, else in `~/.cargo/bin` (where
+/// `cargo install` puts it), else Debian's `/usr/libexec/virtiofsd`.
+pub(crate) fn default_virtiofsd_binary() -> PathBuf {
+    let cargo_bin = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .map(|home| home.join("bin"));
+    let dirs: Vec<PathBuf> = cargo_bin
+        .into_iter()
+        .chain([PathBuf::from("/usr/libexec")])
+        .collect();
+    find_binary("VMKIT_VIRTIOFSD", "virtiofsd", &dirs)
 }
 
 /// `$VMKIT_VHOST_VSOCK`, else `vhost-device-vsock` on `PATH`, else in `~/.cargo/bin`

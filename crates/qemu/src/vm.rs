@@ -59,12 +59,22 @@ pub(crate) struct Vm {
 }
 
 impl Vm {
-    /// A VM in `New` (the config and options already validated).
-    pub(crate) fn new(config: InstanceConfig, options: QemuOptions, devices: DeviceTable) -> Self {
+    /// A VM in `New` (the config and options already validated), with the config's
+    /// own devices in its table.
+    ///
+    /// # Errors
+    /// `InvalidConfig` for a device of the config, as `add_device` would say.
+    pub(crate) fn new(config: InstanceConfig, options: QemuOptions) -> vmkit_core::Result<Self> {
         let (events, _) = broadcast::channel(256);
         let features = Features::of(&config, &options);
+        let devices = DeviceTable::new(features.virtio_fs);
+        let disks = config.disks.iter().cloned().map(DeviceSpec::Disk);
+        let nics = config.nics.iter().cloned().map(DeviceSpec::Nic);
+        for spec in disks.chain(nics) {
+            devices.add_cold(spec, || Ok(()))?;
+        }
         let hotplug = Arc::new(Hotplug::new(config.resources.boot_vcpus));
-        Vm {
+        Ok(Vm {
             life: Lifecycle::with_events(events.clone()),
             events,
             features,
@@ -75,7 +85,7 @@ impl Vm {
             running: Mutex::new(None),
             clues: Mutex::new(Clues::default()),
             dialing: tokio::sync::Mutex::new(()),
-        }
+        })
     }
 
     pub(crate) fn config(&self) -> &InstanceConfig {
@@ -144,6 +154,7 @@ impl Vm {
             if let Some(vm) = weak.upgrade() {
                 let left = vm.running().take();
                 drop(left);
+                drop(vm.devices.take_daemons());
             }
         });
     }
@@ -270,6 +281,10 @@ impl Vm {
                 if let Some(running) = running {
                     running.release().await;
                 }
+                // After QEMU: the share daemons it used.
+                for daemon in self.devices.take_daemons() {
+                    daemon.stop().await;
+                }
             })
             .await;
         tracing::info!(vm = %self.config.id, reason = ?exit.reason, stage = ?exit.stage, "VM gone");
@@ -300,6 +315,9 @@ impl Vm {
             shares_ram: self.features.shares_ram(),
             accel,
             deadline: self.config.timeouts.hotplug,
+            state_dir: self.config.state_dir.clone(),
+            log_dir: self.config.layout().log_dir().to_owned(),
+            virtiofsd: self.options.virtiofsd_binary.clone(),
         };
         let agent: Arc<dyn AgentSource> = Arc::clone(self) as Arc<dyn AgentSource>;
         Ok(Context::new(

@@ -12,6 +12,9 @@ const CARGO_DENY_VERSION: &str = "0.20.2";
 /// vhost-device-vsock (hybrid vsock for guests on hosts without /dev/vhost-vsock),
 /// pinned to the version the vsock recipe was measured with.
 const VHOST_DEVICE_VSOCK_VERSION: &str = "0.3.0";
+/// virtiofsd (virtio-fs shares): Debian bookworm has none, and newer Debian builds
+/// need a newer glibc, so it is built from crates.io, pinned.
+const VIRTIOFSD_VERSION: &str = "1.14.0";
 /// The QEMU major version the project is tested with (Debian bookworm-backports).
 const QEMU_MAJOR: u32 = 10;
 
@@ -21,6 +24,7 @@ pub(crate) fn ensure_all() -> Result<(), String> {
     ensure_cargo_deny()?;
     ensure_qemu()?;
     ensure_vhost_device_vsock()?;
+    ensure_virtiofsd()?;
     Ok(())
 }
 
@@ -59,9 +63,38 @@ fn ensure_vhost_device_vsock() -> Result<(), String> {
     )
 }
 
+/// `cargo install` puts virtiofsd in `~/.cargo/bin`, where vmkit-qemu looks for it
+/// when it is not on `PATH`. Building it needs libseccomp's and libcap-ng's headers.
+fn ensure_virtiofsd() -> Result<(), String> {
+    let binary = cargo_tool_path("virtiofsd");
+    let have = output(Command::new(&binary).arg("--version")).unwrap_or_default();
+    if have.split_whitespace().nth(1) == Some(VIRTIOFSD_VERSION) {
+        return Ok(());
+    }
+    let headers = Path::new("/usr/include/seccomp.h").is_file()
+        && Path::new("/usr/include/cap-ng.h").is_file();
+    if !headers {
+        apt_install(&["libseccomp-dev", "libcap-ng-dev", "pkg-config"], None)?;
+    }
+    step(
+        "install virtiofsd (about a minute, once per machine)",
+        cargo().args([
+            "install",
+            "--locked",
+            "virtiofsd",
+            "--version",
+            VIRTIOFSD_VERSION,
+        ]),
+    )
+}
+
 /// Where vhost-device-vsock is: on `PATH`, else in cargo's bin dir.
 fn vmkit_qemu_vhost_vsock_path() -> std::path::PathBuf {
-    let name = "vhost-device-vsock";
+    cargo_tool_path("vhost-device-vsock")
+}
+
+/// Where the cargo-installed tool `name` is: on `PATH`, else in cargo's bin dir.
+fn cargo_tool_path(name: &str) -> std::path::PathBuf {
     if succeeds(Command::new(name).arg("--version")) {
         return name.into();
     }

@@ -60,6 +60,11 @@ enum Device {
     },
     /// A PCIe root port.
     Port,
+    /// A virtio-fs device on chardev `chardev`; `bus` as a disk's.
+    Fs {
+        chardev: String,
+        bus: Option<String>,
+    },
     /// Anything else the command line made (the vsock device, virtio-mem, …).
     Other,
 }
@@ -81,6 +86,8 @@ pub(crate) struct Machine {
     devices: BTreeMap<String, Device>,
     /// The chardev path of the vhost-user vsock device, when there is one.
     vsock_socket: Option<PathBuf>,
+    /// Chardevs added over QMP, and the socket each connected to.
+    chardevs: BTreeMap<String, PathBuf>,
     guest: Option<FakeGuest>,
 }
 
@@ -257,12 +264,14 @@ impl Machine {
             "object-del" => self.object_del(args).map(|()| (json!({}), Vec::new())),
             "blockdev-add" => self.blockdev_add(args).map(|()| (json!({}), Vec::new())),
             "blockdev-del" => self.blockdev_del(args).map(|()| (json!({}), Vec::new())),
+            "chardev-add" => self.chardev_add(args).map(|()| (json!({}), Vec::new())),
+            "chardev-remove" => self.chardev_remove(args).map(|()| (json!({}), Vec::new())),
             _ => return None,
         })
     }
 
     /// The commands [`Machine::handle`] answers.
-    pub(crate) const COMMANDS: [&'static str; 9] = [
+    pub(crate) const COMMANDS: [&'static str; 11] = [
         "query-hotpluggable-cpus",
         "query-cpus-fast",
         "query-memory-devices",
@@ -272,6 +281,8 @@ impl Machine {
         "object-del",
         "blockdev-add",
         "blockdev-del",
+        "chardev-add",
+        "chardev-remove",
     ];
 
     fn props(core: u32) -> Value {
@@ -338,6 +349,7 @@ impl Machine {
             CPU_DRIVER => self.add_cpu(args, id.as_deref())?,
             "pc-dimm" => self.add_dimm(args)?,
             "virtio-blk-pci" => self.add_disk(args)?,
+            "vhost-user-fs-pci" => self.add_fs(args)?,
             "pcie-root-port" => Device::Port,
             _ => Device::Other,
         };
@@ -482,12 +494,15 @@ impl Machine {
                 self.cpus.remove(socket);
             }
             Device::Dimm { .. } => {}
-            Device::Disk { bus: None, .. } | Device::Port | Device::Other => {
+            Device::Disk { bus: None, .. }
+            | Device::Fs { bus: None, .. }
+            | Device::Port
+            | Device::Other => {
                 return Err(refuse(format!(
                     "Bus 'pcie.0' does not support hotplugging (device {id})"
                 )));
             }
-            Device::Disk { .. } => {}
+            Device::Disk { .. } | Device::Fs { .. } => {}
         }
         self.devices.remove(id);
         self.sync_guest();
@@ -543,6 +558,54 @@ impl Machine {
         Ok(())
     }
 
+    fn add_fs(&self, args: &Value) -> Result<Device, Refusal> {
+        let chardev = str_of(args, "chardev")
+            .ok_or_else(|| refuse("Property 'vhost-user-fs-pci.chardev' can't be empty"))?;
+        if !self.chardevs.contains_key(chardev) {
+            return Err(refuse(format!(
+                "Property 'vhost-user-fs-pci.chardev' can't find value '{chardev}'"
+            )));
+        }
+        Ok(Device::Fs {
+            chardev: chardev.to_owned(),
+            bus: str_of(args, "bus").map(str::to_owned),
+        })
+    }
+
+    fn chardev_add(&mut self, args: &Value) -> Result<(), Refusal> {
+        let id = str_of(args, "id").ok_or_else(|| refuse("Parameter 'id' is missing"))?;
+        if self.chardevs.contains_key(id) {
+            return Err(refuse(format!("Chardev '{id}' already exists")));
+        }
+        let path = args
+            .pointer("/backend/data/addr/data/path")
+            .and_then(Value::as_str)
+            .ok_or_else(|| refuse("Parameter 'backend.data.addr.data.path' is missing"))?;
+        if !std::path::Path::new(path).exists() {
+            return Err(refuse(format!(
+                "Failed to connect to '{path}': No such file or directory"
+            )));
+        }
+        self.chardevs.insert(id.to_owned(), PathBuf::from(path));
+        Ok(())
+    }
+
+    fn chardev_remove(&mut self, args: &Value) -> Result<(), Refusal> {
+        let id = str_of(args, "id").ok_or_else(|| refuse("Parameter 'id' is missing"))?;
+        if !self.chardevs.contains_key(id) {
+            return Err(refuse(format!("Chardev '{id}' not found")));
+        }
+        let busy = self
+            .devices
+            .values()
+            .any(|d| matches!(d, Device::Fs { chardev, .. } if chardev == id));
+        if busy {
+            return Err(refuse(format!("Chardev '{id}' is busy")));
+        }
+        self.chardevs.remove(id);
+        Ok(())
+    }
+
     fn blockdev_del(&mut self, args: &Value) -> Result<(), Refusal> {
         let node =
             str_of(args, "node-name").ok_or_else(|| refuse("Parameter 'node-name' is missing"))?;
@@ -585,6 +648,15 @@ impl Machine {
                     guest.remove_disk(gone)?;
                 }
                 disks.iter().try_for_each(|d| guest.put_disk(d))
+            })
+            .and_then(|()| {
+                let fs: Vec<String> = self
+                    .devices
+                    .iter()
+                    .filter(|(_, d)| matches!(d, Device::Fs { .. }))
+                    .map(|(id, _)| format!("virtio-{id}"))
+                    .collect();
+                guest.set_fs_devices(&fs)
             });
         if let Err(e) = result {
             eprintln!("fake-qemu: updating the fake guest: {e}");
@@ -712,6 +784,29 @@ mod tests {
         );
         ok(&mut m, "object-del", json!({"id": "m0"}));
         assert!(refused(&mut m, "object-del", json!({"id": "m0"})).contains("not found"));
+    }
+
+    #[test]
+    fn a_virtio_fs_device_needs_its_chardev_which_stays_busy_until_it_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = machine(dir.path());
+        let socket = dir.path().join("fs.sock");
+        let chardev = |path: &std::path::Path| {
+            json!({"id": "c0", "backend": {"type": "socket",
+                   "data": {"addr": {"type": "unix", "data": {"path": path}}}}})
+        };
+        assert!(refused(&mut m, "chardev-add", chardev(&socket)).contains("Failed to connect"));
+        std::fs::write(&socket, b"").unwrap();
+        let fs = json!({"driver": "vhost-user-fs-pci", "id": "s0", "chardev": "c0",
+                        "tag": "t", "bus": "vmkit-rp0"});
+        assert!(refused(&mut m, "device_add", fs.clone()).contains("can't find value 'c0'"));
+        ok(&mut m, "chardev-add", chardev(&socket));
+        assert!(refused(&mut m, "chardev-add", chardev(&socket)).contains("already exists"));
+        ok(&mut m, "device_add", fs);
+        assert!(refused(&mut m, "chardev-remove", json!({"id": "c0"})).contains("busy"));
+        ok(&mut m, "device_del", json!({"id": "s0"}));
+        ok(&mut m, "chardev-remove", json!({"id": "c0"}));
+        assert!(refused(&mut m, "chardev-remove", json!({"id": "c0"})).contains("not found"));
     }
 
     #[test]

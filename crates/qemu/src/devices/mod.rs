@@ -5,18 +5,25 @@
 
 mod disk;
 mod nic;
+mod share;
 
 use std::sync::{Arc, Mutex};
 
 use vmkit_core::{
     DeviceInfo, DeviceSpec, DeviceState, DiskConfig, Error as CoreError, HostFd, NicConfig,
+    ShareConfig,
 };
 
+use crate::fs_daemon::FsDaemon;
 use crate::locks::lock;
 
 pub(crate) use disk::{disk_args, disk_json};
 pub(crate) use nic::nic_args;
 pub use nic::stable_mac;
+pub(crate) use share::{
+    cold_name as cold_share_name, nine_p_args, virtio_fs_args, virtio_fs_device, virtiofsd_args,
+    virtiofsd_socket,
+};
 
 /// The id prefix of the PCIe root ports reserved for hot-plug (`vmkit-rp0`, …).
 pub(crate) const ROOT_PORT_PREFIX: &str = "vmkit-rp";
@@ -28,6 +35,8 @@ pub struct ColdDevices {
     pub disks: Vec<DiskConfig>,
     /// NICs, in the order added.
     pub nics: Vec<NicConfig>,
+    /// Shares, in the order added, each with its transport decided (never `Auto`).
+    pub shares: Vec<ShareConfig>,
 }
 
 /// The QEMU backend object of a hot-plugged device, removed after the device.
@@ -42,13 +51,15 @@ pub(crate) enum HotBackend {
         /// Held for its drop: closing it removes a TAP vmkit created.
         _tap: HostFd,
     },
+    /// A virtio-fs share's chardev to its virtiofsd (the daemon is the entry's).
+    Chardev(String),
 }
 
 impl HotBackend {
-    /// The node or netdev name.
+    /// The node, netdev or chardev name.
     pub(crate) fn name(&self) -> &str {
         match self {
-            HotBackend::Block(n) | HotBackend::Net { netdev: n, .. } => n,
+            HotBackend::Block(n) | HotBackend::Net { netdev: n, .. } | HotBackend::Chardev(n) => n,
         }
     }
 }
@@ -65,21 +76,54 @@ pub(crate) struct HotPlace {
 }
 
 /// One device.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Entry {
     spec: DeviceSpec,
     /// `None` for a cold device.
     hot: Option<HotPlace>,
     state: DeviceState,
+    /// The daemon serving it (a virtio-fs share's virtiofsd) while the VM runs.
+    daemon: Option<FsDaemon>,
+}
+
+/// What leaves the table when a hot-plugged device is removed.
+#[derive(Debug)]
+pub(crate) struct Removed {
+    /// Where it sat and what backed it.
+    pub(crate) place: Option<HotPlace>,
+    /// Its daemon, to stop.
+    pub(crate) daemon: Option<FsDaemon>,
 }
 
 /// Every device of one VM, in the order added.
 #[derive(Debug, Default)]
 pub(crate) struct DeviceTable {
     entries: Mutex<Vec<Entry>>,
+    /// Shares may go over virtio-fs (see `Features::virtio_fs`).
+    virtio_fs: bool,
 }
 
 impl DeviceTable {
+    /// An empty table; `virtio_fs`: this VM can run virtiofsd for its shares.
+    pub(crate) fn new(virtio_fs: bool) -> Self {
+        DeviceTable {
+            entries: Mutex::default(),
+            virtio_fs,
+        }
+    }
+
+    /// Decides the transport of `share` (see [`share::resolve`]).
+    ///
+    /// # Errors
+    /// As `share::resolve`.
+    pub(crate) fn resolve_share(
+        &self,
+        op: &str,
+        share: ShareConfig,
+    ) -> vmkit_core::Result<ShareConfig> {
+        share::resolve(op, share, self.virtio_fs)
+    }
+
     /// Adds a cold device after `allowed` (the state check, run under the table's lock
     /// so a start cannot take the cold devices in between), the kind's validation (as
     /// `disks[<n>]` / `nics[<n>]`) and a free id.
@@ -92,13 +136,14 @@ impl DeviceTable {
         spec: DeviceSpec,
         allowed: impl FnOnce() -> vmkit_core::Result<()>,
     ) -> vmkit_core::Result<()> {
+        let mut spec = spec;
         let mut entries = lock(&self.entries);
         allowed()?;
         let same_kind = entries
             .iter()
             .filter(|e| e.spec.kind() == spec.kind())
             .count();
-        let field = match &spec {
+        let field = match &mut spec {
             DeviceSpec::Disk(disk) => {
                 let field = format!("disks[{same_kind}]");
                 disk.validate(&field)?;
@@ -108,6 +153,13 @@ impl DeviceTable {
             DeviceSpec::Nic(nic) => {
                 let field = format!("nics[{same_kind}]");
                 nic.validate(&field)?;
+                field
+            }
+            DeviceSpec::Share(share) => {
+                let field = format!("shares[{same_kind}]");
+                share.validate(&field)?;
+                disk::utf8_path(&format!("{field}.path"), &share.path)?;
+                *share = self.resolve_share("add_device", share.clone())?;
                 field
             }
             other => {
@@ -132,8 +184,32 @@ impl DeviceTable {
             spec,
             hot: None,
             state: DeviceState::Attached,
+            daemon: None,
         });
         Ok(())
+    }
+
+    /// Gives device `id` its daemon (a cold share's, at start).
+    pub(crate) fn set_daemon(&self, id: &str, daemon: FsDaemon) {
+        if let Some(e) = lock(&self.entries).iter_mut().find(|e| e.spec.id() == id) {
+            e.daemon = Some(daemon);
+        }
+    }
+
+    /// Takes every daemon out (the VM ended), for the caller to stop.
+    pub(crate) fn take_daemons(&self) -> Vec<FsDaemon> {
+        lock(&self.entries)
+            .iter_mut()
+            .filter_map(|e| e.daemon.take())
+            .collect()
+    }
+
+    /// The daemon pid of device `id`, if it has a daemon running.
+    pub(crate) fn daemon_pid(&self, id: &str) -> Option<u32> {
+        lock(&self.entries)
+            .iter()
+            .find(|e| e.spec.id() == id)
+            .and_then(|e| e.daemon.as_ref().map(FsDaemon::pid))
     }
 
     /// The cold devices, for the command line.
@@ -143,6 +219,7 @@ impl DeviceTable {
             match &entry.spec {
                 DeviceSpec::Disk(d) => cold.disks.push(d.clone()),
                 DeviceSpec::Nic(n) => cold.nics.push(n.clone()),
+                DeviceSpec::Share(s) => cold.shares.push(s.clone()),
                 _ => {}
             }
         }
@@ -220,6 +297,7 @@ impl DeviceTable {
             spec,
             hot: Some(place.clone()),
             state: DeviceState::Plugging,
+            daemon: None,
         });
         Ok(Reservation {
             table: Arc::clone(self),
@@ -261,12 +339,16 @@ impl DeviceTable {
         self.set_state(id, DeviceState::Attached);
     }
 
-    /// The device `id` is gone: its entry is removed and returned (dropping it closes a
-    /// NIC's TAP).
-    pub(crate) fn remove(&self, id: &str) -> Option<HotPlace> {
+    /// The device `id` is gone: its entry is removed, and what backed it returned
+    /// (dropping it closes a NIC's TAP, kills a share's daemon).
+    pub(crate) fn remove(&self, id: &str) -> Option<Removed> {
         let mut entries = lock(&self.entries);
         let at = entries.iter().position(|e| e.spec.id() == id)?;
-        entries.remove(at).hot
+        let entry = entries.remove(at);
+        Some(Removed {
+            place: entry.hot,
+            daemon: entry.daemon,
+        })
     }
 
     fn set_state(&self, id: &str, state: DeviceState) {
@@ -296,11 +378,13 @@ impl Reservation {
         &self.place.name
     }
 
-    /// QEMU took the device, backed by `backend`: it is `Attached`.
-    pub(crate) fn attached(mut self, backend: HotBackend) {
+    /// QEMU took the device, backed by `backend` (and served by `daemon`): it is
+    /// `Attached`.
+    pub(crate) fn attached(mut self, backend: HotBackend, daemon: Option<FsDaemon>) {
         let mut entries = lock(&self.table.entries);
         if let Some(e) = entries.iter_mut().find(|e| e.spec.id() == self.id) {
             e.state = DeviceState::Attached;
+            e.daemon = daemon;
             if let Some(place) = e.hot.as_mut() {
                 place.backend = Some(backend);
             }
@@ -329,7 +413,7 @@ pub(crate) fn free_name<'a>(prefix: &str, taken: impl Iterator<Item = &'a str> +
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vmkit_core::ShareConfig;
+    use vmkit_core::ShareVia;
 
     fn image() -> (tempfile::TempDir, std::path::PathBuf) {
         let dir = tempfile::tempdir().unwrap();
@@ -376,17 +460,26 @@ mod tests {
     }
 
     #[test]
-    fn the_state_check_comes_first_and_a_kind_not_taken_is_unsupported() {
+    fn the_state_check_comes_first_and_a_share_gets_its_transport() {
         let (dir, path) = image();
         let table = DeviceTable::default();
         let refused = table.add_cold(DiskConfig::new("d0", &path).into(), || {
             Err(CoreError::config("state", "not now"))
         });
         assert!(refused.unwrap_err().to_string().contains("not now"));
-        let share = ShareConfig::new("s0", "tag", dir.path());
-        let err = table.add_cold(share.into(), ok).unwrap_err();
-        assert!(matches!(err, CoreError::Unsupported { .. }), "{err}");
         assert!(table.list().is_empty());
+        // A share's transport is decided when it is added: 9p without virtiofsd.
+        let share = ShareConfig::new("s0", "tag", dir.path());
+        table.add_cold(share.into(), ok).unwrap();
+        let cold = table.cold();
+        assert_eq!(cold.shares[0].via, ShareVia::NineP);
+        let asked = ShareConfig {
+            via: ShareVia::VirtioFs,
+            ..ShareConfig::new("s1", "tag1", dir.path())
+        };
+        let err = table.add_cold(asked.into(), ok).unwrap_err();
+        assert!(matches!(err, CoreError::Unsupported { .. }), "{err}");
+        assert_eq!(table.list().len(), 1);
     }
 
     #[test]
@@ -410,7 +503,7 @@ mod tests {
         let full = table.reserve("op", DiskConfig::new("h2", &path).into(), 2, "node");
         assert!(matches!(full, Err(CoreError::Exhausted { .. })));
         drop(second);
-        first.attached(HotBackend::Block("node0".into()));
+        first.attached(HotBackend::Block("node0".into()), None);
         let listed = table.list();
         assert_eq!(listed.len(), 2, "{listed:?}");
         assert_eq!((listed[1].id(), listed[1].hot), ("h0", true));

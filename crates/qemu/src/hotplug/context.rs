@@ -3,6 +3,7 @@
 //! event stream, and its hot-plug state. An operation built on it runs the same against
 //! a real QEMU and against `MockQmpServer` with the agent's host test mode.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -50,6 +51,12 @@ pub(crate) struct Limits {
     pub(crate) accel: Accel,
     /// How long one hot-plug may wait for the guest (`timeouts.hotplug`).
     pub(crate) deadline: Duration,
+    /// The VM's private state dir (a hot share's daemon socket goes there).
+    pub(crate) state_dir: PathBuf,
+    /// Where daemons log.
+    pub(crate) log_dir: PathBuf,
+    /// The virtiofsd binary.
+    pub(crate) virtiofsd: PathBuf,
 }
 
 /// One hot-plug operation's view of the VM.
@@ -97,6 +104,11 @@ impl Context {
     /// The VM's device table.
     pub(crate) fn devices(&self) -> &Arc<DeviceTable> {
         &self.devices
+    }
+
+    /// Where the VM's events are published (a share's daemon reports its death there).
+    pub(crate) fn publisher(&self) -> broadcast::Sender<VmEvent> {
+        self.events.clone()
     }
 
     /// A receiver of the VM's events (subscribe before the command whose answer it

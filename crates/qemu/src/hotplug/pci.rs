@@ -6,12 +6,16 @@ use std::os::fd::AsFd;
 use std::time::Duration;
 
 use tokio::time::{Instant, sleep};
-use vmkit_core::{DeviceSpec, DiskConfig, Error as CoreError, HostFd, NicBackend, NicConfig};
+use vmkit_core::{
+    DeviceSpec, DiskConfig, Error as CoreError, HostFd, NicBackend, NicConfig, ShareConfig,
+    ShareVia, VmEvent,
+};
 use vmkit_proto::AgentClient;
 
 use super::context::{Context, POLL, guest_info, qmp_err};
-use crate::devices::{HotBackend, Reservation};
+use crate::devices::{HotBackend, Reservation, virtio_fs_device, virtiofsd_args, virtiofsd_socket};
 use crate::error::Error;
+use crate::fs_daemon::{DaemonLaunch, FsDaemon};
 use crate::qmp::Device;
 
 /// Deletes a device's backend object in QEMU: `blockdev-del` or `netdev_del`.
@@ -19,18 +23,21 @@ async fn delete_backend(ctx: &Context, backend: &HotBackend) -> vmkit_core::Resu
     let (command, result) = match backend {
         HotBackend::Block(node) => ("blockdev-del", ctx.qmp().blockdev_del(node).await),
         HotBackend::Net { netdev, .. } => ("netdev_del", ctx.qmp().netdev_del(netdev).await),
+        HotBackend::Chardev(id) => ("chardev-remove", ctx.qmp().chardev_remove(id).await),
     };
     result.map_err(|e| qmp_err(&format!("{command} {}", backend.name()), e))
 }
 
 /// `device_add`s `device` (a `driver` with id `id`) on the reserved port over `backend`
-/// and records it as attached. When QEMU refuses, the backend is deleted again, the
-/// reservation dropped, and QEMU's words come back in the error.
+/// (served by `daemon`) and records it as attached. When QEMU refuses, the backend is
+/// deleted again, the daemon stopped, the reservation dropped, and QEMU's words come
+/// back in the error.
 async fn plug(
     ctx: &Context,
     reserved: Reservation,
     device: Device,
     backend: HotBackend,
+    daemon: Option<FsDaemon>,
 ) -> vmkit_core::Result<()> {
     let (driver, id) = (device.driver().to_owned(), device.id().to_owned());
     if let Err(e) = ctx.qmp().device_add(device).await {
@@ -40,7 +47,7 @@ async fn plug(
         let port = reserved.port().to_owned();
         return Err(qmp_err(&format!("device_add {driver} {id} on {port}"), e));
     }
-    reserved.attached(backend);
+    reserved.attached(backend, daemon);
     Ok(())
 }
 
@@ -78,7 +85,7 @@ pub(crate) async fn add_disk(ctx: &Context, disk: DiskConfig) -> vmkit_core::Res
             e,
         )
     })?;
-    plug(ctx, reserved, device, HotBackend::Block(node)).await?;
+    plug(ctx, reserved, device, HotBackend::Block(node), None).await?;
     let (Some(agent), Some(before)) = (agent, disks_before) else {
         return Ok(());
     };
@@ -137,8 +144,13 @@ pub(crate) async fn remove_device(ctx: &Context, id: &str) -> vmkit_core::Result
     }
     result?;
     // Dropping the place closes the TAP fd vmkit held for a NIC.
-    let place = ctx.devices().remove(id);
-    if let Some(backend) = place.and_then(|p| p.backend) {
+    let Some(removed) = ctx.devices().remove(id) else {
+        return Ok(());
+    };
+    if let Some(daemon) = removed.daemon {
+        daemon.stop().await;
+    }
+    if let Some(backend) = removed.place.and_then(|p| p.backend) {
         delete_backend(ctx, &backend).await?;
     }
     Ok(())
@@ -214,7 +226,14 @@ pub(crate) async fn add_nic(ctx: &Context, nic: NicConfig) -> vmkit_core::Result
         .on(port.clone())
         .with("netdev", netdev.as_str())
         .with("mac", mac.to_string());
-    plug(ctx, reserved, device, HotBackend::Net { netdev, _tap: tap }).await?;
+    plug(
+        ctx,
+        reserved,
+        device,
+        HotBackend::Net { netdev, _tap: tap },
+        None,
+    )
+    .await?;
     let Ok(agent) = ctx.agent().await else {
         return Ok(());
     };
@@ -225,6 +244,71 @@ pub(crate) async fn add_nic(ctx: &Context, nic: NicConfig) -> vmkit_core::Result
         &format!("a NIC with MAC {mac}"),
         ctx.limits().deadline,
         |info| info.nics.iter().any(|n| n.mac == mac),
+    )
+    .await
+}
+
+/// Adds `share` over virtio-fs on a free reserved root port: its virtiofsd first (its
+/// death afterwards is published as `DeviceFailed`), then the chardev to it and
+/// `vhost-user-fs-pci`; returns once the guest's driver has bound one more
+/// shared-directory device. A virtio-9p share is cold only. Any failure removes what
+/// was created, the daemon included.
+pub(crate) async fn add_share(ctx: &Context, share: ShareConfig) -> vmkit_core::Result<()> {
+    let op = format!("hotplug_share {}", share.id);
+    share.validate("share")?;
+    let share = ctx.devices().resolve_share(&op, share)?;
+    if share.via != ShareVia::VirtioFs {
+        return Err(CoreError::unsupported(
+            op,
+            crate::BACKEND_NAME,
+            "a virtio-9p share is cold only: QEMU's QMP cannot add an -fsdev to a running \
+             VM; add it before start, or share over virtio-fs (virtiofsd)",
+        ));
+    }
+    let reserved = reserve(ctx, &op, DeviceSpec::Share(share.clone()), "vmkit-hotfs")?;
+    let (port, chardev) = (reserved.port().to_owned(), reserved.name().to_owned());
+    let agent = ctx.agent().await.ok();
+    let before = match &agent {
+        Some(agent) => Some(guest_info(agent, &op).await?.fs_devices.len()),
+        None => None,
+    };
+    let limits = ctx.limits();
+    let socket = virtiofsd_socket(&limits.state_dir, &chardev);
+    let launch = DaemonLaunch {
+        binary: limits.virtiofsd.clone(),
+        args: virtiofsd_args(&share, &socket, vmkit_core::state_dir::euid() == 0),
+        socket: socket.clone(),
+        log: limits.log_dir.join(format!("{chardev}.log")),
+    };
+    let events = ctx.publisher();
+    let id = share.id.clone();
+    let on_exit = move |reason| {
+        let _ = events.send(VmEvent::DeviceFailed { id, reason });
+    };
+    let deadline = Instant::now() + limits.deadline;
+    let daemon = FsDaemon::spawn(&op, &share, launch, deadline, on_exit).await?;
+    ctx.qmp()
+        .add_unix_chardev(&chardev, &socket)
+        .await
+        .map_err(|e| qmp_err(&format!("chardev-add {chardev} ({})", socket.display()), e))?;
+    let device = Device::from_json(virtio_fs_device(&share, &chardev, limits.machine)).on(port);
+    plug(
+        ctx,
+        reserved,
+        device,
+        HotBackend::Chardev(chardev),
+        Some(daemon),
+    )
+    .await?;
+    let (Some(agent), Some(before)) = (agent, before) else {
+        return Ok(());
+    };
+    until_guest_shows(
+        &agent,
+        &op,
+        "a new shared-directory device",
+        limits.deadline,
+        move |info| info.fs_devices.len() > before,
     )
     .await
 }

@@ -106,6 +106,9 @@ impl Rig {
             shares_ram: true,
             accel,
             deadline: Duration::from_millis(400),
+            state_dir: dir.path().to_owned(),
+            log_dir: dir.path().to_owned(),
+            virtiofsd: "/nonexistent/virtiofsd".into(),
         };
         let agent_source = Arc::new(HostAgent {
             client: AgentClient::new(ttrpc),

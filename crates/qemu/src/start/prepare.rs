@@ -9,10 +9,15 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use vmkit_core::{Error as CoreError, HostFd, NicBackend, NicConfig};
+use tokio::time::Instant;
+use vmkit_core::{
+    Error as CoreError, HostFd, NicBackend, NicConfig, ShareConfig, ShareVia, VmEvent,
+};
 
 use super::{Progress, unless_missing};
 use crate::command::{Launch, build};
+use crate::devices::{cold_share_name, virtiofsd_args, virtiofsd_socket};
+use crate::fs_daemon::{DaemonLaunch, FsDaemon};
 use crate::guest::{self, GuestDevice};
 use crate::locks::lock;
 use crate::options::{Machine, Sandbox};
@@ -72,6 +77,7 @@ pub(super) async fn prepare(vm: &Arc<Vm>, progress: &Progress<'_>) -> vmkit_core
     let (nics, taps) = open_taps(&devices.nics)?;
     let mut keep_fds: Vec<RawFd> = nics.iter().filter_map(|(_, fd)| *fd).collect();
     let vsock = link(vm, progress).await?;
+    share_daemons(vm, &devices.shares, progress).await?;
     if let Some(GuestDevice::Kernel { vhostfd, .. }) = &vsock {
         keep_fds.push(*vhostfd);
     }
@@ -85,6 +91,8 @@ pub(super) async fn prepare(vm: &Arc<Vm>, progress: &Progress<'_>) -> vmkit_core
         disks: &devices.disks,
         nics: &nics,
         vsock: vsock.as_ref(),
+        shares: &devices.shares,
+        vhost_user_fs: vm.features().virtio_fs,
     });
     let vmm_log = config.layout().vmm_log();
     let stderr = vmkit_core::state_dir::create_private_file(&vmm_log)
@@ -144,6 +152,47 @@ async fn link(vm: &Vm, progress: &Progress<'_>) -> vmkit_core::Result<Option<Gue
         Ok(None) => Ok(None),
         Err(e) => Err(CoreError::backend(op("set up the guest's vsock"), e)),
     }
+}
+
+/// Starts the virtiofsd of each cold virtio-fs share (the table holds each until the
+/// VM ends) and waits until each serves, within the start's deadline.
+async fn share_daemons(
+    vm: &Arc<Vm>,
+    shares: &[ShareConfig],
+    progress: &Progress<'_>,
+) -> vmkit_core::Result<()> {
+    let config = vm.config();
+    let deadline = Instant::now() + config.timeouts.start;
+    let root = vmkit_core::state_dir::euid() == 0;
+    for (i, share) in shares.iter().enumerate() {
+        if share.via != ShareVia::VirtioFs {
+            continue;
+        }
+        let name = cold_share_name(i);
+        let socket = virtiofsd_socket(&config.state_dir, &name);
+        let launch = DaemonLaunch {
+            binary: vm.options().virtiofsd_binary.clone(),
+            args: virtiofsd_args(share, &socket, root),
+            socket,
+            log: config.layout().log_dir().join(format!("{name}.log")),
+        };
+        let weak = Arc::downgrade(vm);
+        let id = share.id.clone();
+        let on_exit = move |reason| {
+            if let Some(vm) = weak.upgrade() {
+                vm.publish(VmEvent::DeviceFailed { id, reason });
+            }
+        };
+        let op = op(&format!("virtiofsd for share {}", share.id));
+        let daemon = FsDaemon::spawn(&op, share, launch, deadline, on_exit).await?;
+        progress.report(format!(
+            "virtiofsd for share {} up (pid {})",
+            share.id,
+            daemon.pid()
+        ));
+        vm.devices().set_daemon(&share.id, daemon);
+    }
+    Ok(())
 }
 
 /// Makes the state and log dirs private, takes this VM's hold on the state dir (the
