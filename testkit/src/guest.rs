@@ -1,6 +1,7 @@
 //! The test guests that `cargo xtask image` builds (kernel + initramfs in
-//! `target/vmkit-image/`, and the arm64 one for machine `virt` in
-//! `target/vmkit-image-arm64/`), and configs that boot them quickly under TCG.
+//! `target/vmkit-image/`, the arm64 one for machine `virt` in
+//! `target/vmkit-image-arm64/`, and one on Debian's generic kernel, which has 9p, in
+//! `target/vmkit-image-generic/`), and configs that boot them quickly under TCG.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -28,6 +29,12 @@ pub fn image_dir() -> PathBuf {
 /// `<workspace>/target/vmkit-image-arm64` (under `$CARGO_TARGET_DIR` when set).
 pub fn arm64_image_dir() -> PathBuf {
     dir_of("VMKIT_ARM64_IMAGE_DIR", "vmkit-image-arm64")
+}
+
+/// The generic-kernel image's directory (x86_64; its kernel has 9p):
+/// `$VMKIT_GENERIC_IMAGE_DIR`, else `<workspace>/target/vmkit-image-generic`.
+pub fn generic_image_dir() -> PathBuf {
+    dir_of("VMKIT_GENERIC_IMAGE_DIR", "vmkit-image-generic")
 }
 
 /// `$env_var`, else `name` in the target dir.
@@ -74,6 +81,15 @@ pub fn require_guest_image() -> Option<GuestImage> {
 /// Under CI, when it is missing: `cargo xtask test` builds it.
 pub fn require_arm64_guest_image() -> Option<GuestImage> {
     require_in(&arm64_image_dir(), "cargo xtask image --arm64")
+}
+
+/// The x86_64 test guest on Debian's generic kernel (which has 9p), or `None` with a
+/// note on stderr.
+///
+/// # Panics
+/// Under CI, when it is missing: `cargo xtask test` builds it.
+pub fn require_generic_guest_image() -> Option<GuestImage> {
+    require_in(&generic_image_dir(), "cargo xtask image --generic")
 }
 
 fn require_in(dir: &Path, build: &str) -> Option<GuestImage> {

@@ -60,5 +60,8 @@ pub mod model;
 pub mod process_checks;
 pub mod qemu;
 
-pub use guest::{GuestImage, guest_image, require_arm64_guest_image, require_guest_image};
+pub use guest::{
+    GuestImage, guest_image, require_arm64_guest_image, require_generic_guest_image,
+    require_guest_image,
+};
 pub use mock_qmp::{Greeting, MockQmpServer, MockReply, ReceivedCommand};

@@ -21,6 +21,8 @@ use vmkit_qemu::{QemuBackend, QemuInstance};
 
 mod common;
 use common::*;
+use vmkit_testkit::qemu::require_qemu;
+use vmkit_testkit::require_generic_guest_image;
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -265,6 +267,82 @@ async fn virtio_fs_shares_on_the_real_guest() {
     for socket in sockets {
         assert!(!socket.exists(), "{} left behind", socket.display());
     }
+}
+
+/// The same over virtio-9p, on the generic-kernel guest (the cloud kernel has no 9p):
+/// both ways, rename and delete, a program run from the share, EROFS, links the guest
+/// makes stored as plain files on the host (`mapped-xattr`), and no hot-plug.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nine_p_shares_on_the_real_guest() {
+    if require_qemu().is_none() {
+        return;
+    }
+    let Some(image) = require_generic_guest_image() else {
+        return;
+    };
+    let _slot = VMS.acquire().await.unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let state = root.path().join("state");
+    let vm = QemuBackend
+        .create_instance(image.config("nine-p", &state))
+        .unwrap();
+    let rw = root.path().join("shares/rw");
+    let ro = root.path().join("shares/ro");
+    for dir in [&rw, &ro, &root.path().join("shares/host-only-sibling")] {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    std::fs::write(rw.join("from-host"), "written on the host\n").unwrap();
+    std::fs::write(ro.join("kept"), "read-only\n").unwrap();
+    let nine_p = |id: &str, dir: &Path| ShareConfig {
+        via: ShareVia::NineP,
+        ..ShareConfig::new(id, id, dir)
+    };
+    vm.add_device(nine_p("rw", &rw).into()).unwrap();
+    vm.add_device(
+        ShareConfig {
+            read_only: true,
+            ..nine_p("ro", &ro)
+        }
+        .into(),
+    )
+    .unwrap();
+    let vm = Arc::new(start(vm).await);
+    let p = Processes::new(vm.clone());
+    let fs = Filesystem::new(vm.clone());
+    for tag in ["rw", "ro"] {
+        let mount = Mount::share(tag, &format!("/mnt/{tag}"))
+            .nine_p()
+            .create_target();
+        fs.mount(&mount, DEADLINE).await.unwrap();
+    }
+    both_ways(&p, &rw).await;
+    links_stay_in_the_guest(&p, &rw).await;
+    let link = std::fs::symlink_metadata(rw.join("shadow")).unwrap();
+    assert!(
+        link.file_type().is_file(),
+        "a guest's symlink is a plain file on the host: {link:?}"
+    );
+    assert_eq!(
+        ok(
+            &p,
+            "cp \"$(readlink -f /bin/sh)\" /mnt/rw/busybox && /mnt/rw/busybox echo mapped"
+        )
+        .await,
+        "mapped\n"
+    );
+    assert_eq!(ok(&p, "cat /mnt/ro/kept").await, "read-only\n");
+    let (code, out) = sh(&p, "echo x > /mnt/ro/new").await;
+    assert_ne!(code, 0);
+    assert!(out.contains("Read-only file system"), "{out}");
+    let hot = vm.hotplug_device(nine_p("hot", &ro).into()).await;
+    match hot {
+        Err(vmkit_core::Error::Unsupported { reason, .. }) => {
+            assert!(reason.contains("cold only"), "{reason}");
+        }
+        other => panic!("a hot 9p share: {other:?}"),
+    }
+    vm.shutdown().await.unwrap();
+    assert_eq!(processes_mentioning(&state), Vec::<u32>::new());
 }
 
 fn nix_kill(pid: u32) {

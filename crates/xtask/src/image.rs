@@ -13,6 +13,10 @@
 //!
 //! The build is skipped when `target/vmkit-image/stamp` matches the kernel package, the
 //! contents of `images/` and the agent binary.
+//!
+//! A second x86_64 image, `target/vmkit-image-generic/`, boots Debian's generic kernel
+//! (`linux-image-<ver>-amd64-unsigned`) instead of the cloud one: the cloud kernel has
+//! no 9p modules, and the 9p shares test needs them ([`Flavour::Generic`]).
 
 use std::collections::hash_map::DefaultHasher;
 use std::fs;
@@ -26,18 +30,48 @@ use crate::run::{output, step, workspace_root};
 
 const BUSYBOX: &str = "busybox-static";
 
-/// Where the image for `arch` lives: `<target dir>/vmkit-image[-arm64]`.
-pub(crate) fn image_dir(arch: GuestArch) -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| workspace_root().join("target"), PathBuf::from);
-    target.join(arch.image_dir_name())
+/// Which Debian kernel an image boots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Flavour {
+    /// `linux-image-<ver>-cloud-<arch>`: small, quick to boot; the default test guest.
+    Cloud,
+    /// `linux-image-<ver>-<arch>`: what the cloud kernel leaves out (9p).
+    Generic,
 }
 
-/// Builds the image for `arch` unless the cached one is current. Returns its directory.
+impl Flavour {
+    /// Its name, as `images/modules.list` tags a line with it.
+    fn name(self) -> &'static str {
+        match self {
+            Flavour::Cloud => "cloud",
+            Flavour::Generic => "generic",
+        }
+    }
+}
+
+/// Where the image for `arch` and `flavour` lives: `<target dir>/vmkit-image[-arm64]`,
+/// or `vmkit-image-generic` for the generic kernel.
+pub(crate) fn image_dir(arch: GuestArch, flavour: Flavour) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace_root().join("target"), PathBuf::from);
+    match flavour {
+        Flavour::Cloud => target.join(arch.image_dir_name()),
+        Flavour::Generic => target.join(format!("{}-generic", arch.image_dir_name())),
+    }
+}
+
+/// Builds the cloud-kernel image for `arch` unless the cached one is current. Returns
+/// its directory.
 pub(crate) fn ensure_image(arch: GuestArch) -> Result<PathBuf, String> {
-    let dir = image_dir(arch);
+    ensure_flavour(arch, Flavour::Cloud)
+}
+
+/// Builds the image for `arch` with `flavour`'s kernel unless the cached one is
+/// current. Returns its directory.
+pub(crate) fn ensure_flavour(arch: GuestArch, flavour: Flavour) -> Result<PathBuf, String> {
+    let dir = image_dir(arch, flavour);
     let inputs = workspace_root().join("images");
-    let kernel_pkg = kernel_package(arch)?;
+    let kernel_pkg = kernel_package(arch, flavour)?;
     let agent_path = arch.build_agent()?;
     let agent = read_bytes(&agent_path)?;
     let stamp = format!(
@@ -77,7 +111,13 @@ pub(crate) fn ensure_image(arch: GuestArch) -> Result<PathBuf, String> {
     fs::copy(&vmlinuz, dir.join("vmlinuz"))
         .map_err(|e| format!("copy {}: {e}", vmlinuz.display()))?;
 
-    let (initrd, module_count) = initramfs(arch, &inputs, &kernel_root, &busybox_root, &agent)?;
+    let (initrd, module_count) = initramfs(
+        (arch, flavour),
+        &inputs,
+        &kernel_root,
+        &busybox_root,
+        &agent,
+    )?;
     fs::write(dir.join("initrd.img"), &initrd).map_err(|e| format!("write initrd.img: {e}"))?;
     let _ = fs::remove_dir_all(&debs);
     let _ = fs::remove_dir_all(&busybox_root);
@@ -96,7 +136,7 @@ pub(crate) fn ensure_image(arch: GuestArch) -> Result<PathBuf, String> {
 /// `images/modules.list` names for `arch` with their dependencies, in `insmod` order.
 /// Returns it and how many modules it holds.
 fn initramfs(
-    arch: GuestArch,
+    (arch, flavour): (GuestArch, Flavour),
     inputs: &Path,
     kernel_root: &Path,
     busybox_root: &Path,
@@ -105,7 +145,7 @@ fn initramfs(
     let modules_dir = find_file(&kernel_root.join("lib/modules"), |_| true)?;
     let module_list = read(&inputs.join("modules.list"))?;
     let builtin = fs::read_to_string(modules_dir.join("modules.builtin")).unwrap_or_default();
-    let modules = modules_for(&module_list, arch, &builtin);
+    let modules = modules_for(&module_list, (arch, flavour), &builtin);
 
     let mut cpio = Cpio::default();
     for d in [
@@ -160,43 +200,64 @@ fn initramfs(
     Ok((cpio.finish(), ordered.len()))
 }
 
-/// `linux-image-<ver>-cloud-<arch>-unsigned` for the version the metapackage depends on.
-fn kernel_package(arch: GuestArch) -> Result<String, String> {
-    let meta = arch.kernel_meta();
+/// `linux-image-<ver>-cloud-<arch>-unsigned` (or `-<arch>-unsigned`, generic) for the
+/// version the metapackage depends on.
+fn kernel_package(arch: GuestArch, flavour: Flavour) -> Result<String, String> {
+    let meta = match flavour {
+        Flavour::Cloud => arch.kernel_meta(),
+        Flavour::Generic => format!("linux-image-{}", arch.debian()),
+    };
     let depends = || output(arch.apt("apt-cache").args(["depends", &meta]));
     let mut text = depends().unwrap_or_default();
     if !text.contains("Depends:") {
         arch.update_lists()?;
         text = depends().unwrap_or_default();
     }
-    parse_kernel_package(&text, arch).ok_or_else(|| {
+    parse_kernel_package(&text, arch, flavour).ok_or_else(|| {
         format!("cannot tell the kernel version: `apt-cache depends {meta}` said {text:?}")
     })
 }
 
-fn parse_kernel_package(depends: &str, arch: GuestArch) -> Option<String> {
-    let suffix = format!("-cloud-{}", arch.debian());
+fn parse_kernel_package(depends: &str, arch: GuestArch, flavour: Flavour) -> Option<String> {
+    let cloud = format!("-cloud-{}", arch.debian());
+    let generic = format!("-{}", arch.debian());
     depends
         .lines()
         .filter_map(|l| l.trim().strip_prefix("Depends:"))
         .map(str::trim)
-        .find(|p| p.starts_with("linux-image-") && p.ends_with(&suffix))
+        .find(|p| {
+            p.starts_with("linux-image-")
+                && match flavour {
+                    Flavour::Cloud => p.ends_with(&cloud),
+                    Flavour::Generic => {
+                        p.ends_with(&generic) && !p.contains("-cloud-") && !p.contains("-rt-")
+                    }
+                }
+        })
         .map(|p| format!("{p}-unsigned"))
 }
 
-/// The modules of `images/modules.list` to put in `arch`'s image: a line is a module
-/// name, optionally followed by the Debian architectures it is for (`pvpanic-pci
-/// amd64`: arm64's cloud kernel has no pvpanic); modules the kernel has built in
-/// (its `modules.builtin`) are left out.
-fn modules_for<'a>(list: &'a str, arch: GuestArch, builtin: &str) -> Vec<&'a str> {
+/// The modules of `images/modules.list` to put in an image: a line is a module name,
+/// optionally followed by the Debian architectures it is for (`pvpanic-pci amd64`:
+/// arm64's cloud kernel has no pvpanic) and the kernel flavour it is for (`9p
+/// generic`: the cloud kernel has no 9p); modules the kernel has built in (its
+/// `modules.builtin`) are left out.
+fn modules_for<'a>(
+    list: &'a str,
+    (arch, flavour): (GuestArch, Flavour),
+    builtin: &str,
+) -> Vec<&'a str> {
+    let flavours = [Flavour::Cloud.name(), Flavour::Generic.name()];
     list.lines()
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
         .filter_map(|line| {
             let mut words = line.split_whitespace();
             let name = words.next()?;
-            let archs: Vec<&str> = words.collect();
-            (archs.is_empty() || archs.contains(&arch.debian())).then_some(name)
+            let (kinds, archs): (Vec<&str>, Vec<&str>) = words.partition(|w| flavours.contains(w));
+            let arch_ok = archs.is_empty() || archs.contains(&arch.debian());
+            let flavour_ok = kinds.is_empty() || kinds.contains(&flavour.name());
+            (arch_ok && flavour_ok).then_some(name)
         })
         .filter(|name| {
             let file = format!("/{name}.ko");
@@ -388,34 +449,51 @@ mod tests {
     #[test]
     fn kernel_package_comes_from_the_metapackage_dependency() {
         let text = "linux-image-cloud-amd64\n  Depends: linux-image-6.1.0-56-cloud-amd64\n";
+        let cloud = Flavour::Cloud;
         assert_eq!(
-            parse_kernel_package(text, GuestArch::X86_64).as_deref(),
+            parse_kernel_package(text, GuestArch::X86_64, cloud).as_deref(),
             Some("linux-image-6.1.0-56-cloud-amd64-unsigned")
         );
-        assert_eq!(parse_kernel_package(text, GuestArch::Aarch64), None);
+        assert_eq!(parse_kernel_package(text, GuestArch::Aarch64, cloud), None);
         let arm = "linux-image-cloud-arm64\n  Depends: linux-image-6.1.0-57-cloud-arm64\n";
         assert_eq!(
-            parse_kernel_package(arm, GuestArch::Aarch64).as_deref(),
+            parse_kernel_package(arm, GuestArch::Aarch64, cloud).as_deref(),
             Some("linux-image-6.1.0-57-cloud-arm64-unsigned")
         );
         assert_eq!(
-            parse_kernel_package("linux-image-cloud-amd64\n", GuestArch::X86_64),
+            parse_kernel_package("linux-image-cloud-amd64\n", GuestArch::X86_64, cloud),
             None
+        );
+        let generic = "linux-image-amd64\n  Depends: linux-image-6.1.0-57-amd64\n";
+        assert_eq!(
+            parse_kernel_package(generic, GuestArch::X86_64, Flavour::Generic).as_deref(),
+            Some("linux-image-6.1.0-57-amd64-unsigned")
+        );
+        assert_eq!(
+            parse_kernel_package(text, GuestArch::X86_64, Flavour::Generic),
+            None,
+            "the cloud kernel is not the generic one"
         );
     }
 
     #[test]
     fn modules_are_picked_per_architecture_and_builtins_left_out() {
-        let list = "# comment\nvirtio_pci\nbutton\npvpanic-pci amd64\n\nevdev amd64 arm64\n";
+        let list =
+            "# comment\nvirtio_pci\nbutton\npvpanic-pci amd64\n\nevdev amd64 arm64\n9p generic\n";
         let arm_builtin =
             "kernel/drivers/acpi/button.ko\nkernel/drivers/tty/serial/amba-pl011.ko\n";
+        let x86 = (GuestArch::X86_64, Flavour::Cloud);
         assert_eq!(
-            modules_for(list, GuestArch::X86_64, ""),
+            modules_for(list, x86, ""),
             ["virtio_pci", "button", "pvpanic-pci", "evdev"]
         );
         assert_eq!(
-            modules_for(list, GuestArch::Aarch64, arm_builtin),
+            modules_for(list, (GuestArch::Aarch64, Flavour::Cloud), arm_builtin),
             ["virtio_pci", "evdev"]
+        );
+        assert_eq!(
+            modules_for(list, (GuestArch::X86_64, Flavour::Generic), ""),
+            ["virtio_pci", "button", "pvpanic-pci", "evdev", "9p"]
         );
     }
 

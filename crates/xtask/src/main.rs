@@ -93,16 +93,17 @@ fn demo(args: &[String]) -> Result<(), String> {
 
 /// `cargo xtask image [--arm64]`.
 fn image_task(args: &[String]) -> Result<(), String> {
-    let arch = match args {
-        [] => image::GuestArch::X86_64,
+    let (arch, flavour) = match args {
+        [] => (image::GuestArch::X86_64, image::Flavour::Cloud),
         [flag] if flag == "--arm64" => {
             install::ensure_arm64_tools()?;
-            image::GuestArch::Aarch64
+            (image::GuestArch::Aarch64, image::Flavour::Cloud)
         }
+        [flag] if flag == "--generic" => (image::GuestArch::X86_64, image::Flavour::Generic),
         other => return Err(format!("image: unknown arguments {other:?}")),
     };
     install::ensure_all()?;
-    image::ensure_image(arch).map(drop)
+    image::ensure_flavour(arch, flavour).map(drop)
 }
 
 fn main() -> ExitCode {

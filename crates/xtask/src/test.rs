@@ -20,6 +20,8 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
     let image = image::ensure_image(image::GuestArch::X86_64)?;
     // The arm64 guest for machine virt (what Apple Silicon runs), emulated here.
     let arm64_image = image::ensure_image(image::GuestArch::Aarch64)?;
+    // The generic kernel, for the 9p shares test (the cloud kernel has no 9p).
+    let generic_image = image::ensure_flavour(image::GuestArch::X86_64, image::Flavour::Generic)?;
     if lint {
         step("format", cargo().args(["fmt", "--all", "--", "--check"]))?;
         step(
@@ -70,6 +72,7 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
         cargo()
             .env("VMKIT_IMAGE_DIR", &image)
             .env("VMKIT_ARM64_IMAGE_DIR", &arm64_image)
+            .env("VMKIT_GENERIC_IMAGE_DIR", &generic_image)
             .args(["test", "--workspace", "--all-features", "--locked"])
             .args(test_args),
     )
