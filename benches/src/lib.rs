@@ -15,6 +15,10 @@
 //! - `plugin`: the QEMU backend static, from its library and out of process:
 //!   start → agent ready and `Ping` (each plugin within 1.05x of static), and the cost
 //!   of `state()` and `vm_info()` per transport.
+//! - `process`: process spawn → exit and stdout throughput through `vmkit-process`, vs
+//!   `Exec` and a raw exec stream.
+//! - `shares`: a 256 MiB file and 2,000 small files read over virtio-fs, virtio-9p and
+//!   a virtio-blk disk (virtio-fs must beat 9p on both).
 //! - `soak`: 50 start/stop cycles of the test guest with its agent (and a TAP NIC where
 //!   possible); target: no process, fd, socket, lock file or TAP left.
 //!

@@ -17,7 +17,7 @@ pub enum Error {
     /// `op` is not allowed in the VM's current `state` (see [`VmState::can_transition_to`]).
     #[error("{op}: not allowed while the VM is {state}")]
     InvalidState {
-        /// The operation that was refused (`"start"`, `"pause"`, `"add_disk"`, …).
+        /// The operation that was refused (`"start"`, `"pause"`, `"add_device"`, …).
         op: &'static str,
         /// The state the VM was found in.
         state: VmState,

@@ -46,7 +46,7 @@ async fn boots_with_a_disk_pauses_resumes_and_powers_off_by_acpi() {
     let late = vm.add_disk(DiskConfig::new("late", disk(dir.path(), "late.img")));
     assert_eq!(
         late.unwrap_err().to_string(),
-        "add_disk: not allowed while the VM is running"
+        "add_device: not allowed while the VM is running"
     );
 
     vm.pause().await.unwrap();

@@ -2,13 +2,15 @@
 //! per share, supervised by vmkit-qemu. A file crosses both ways; rename and delete are
 //! seen on both sides; a program on the share runs (exec maps it from the file, so mmap
 //! works); a read-only share gives EROFS; a symlink the guest plants never reaches the
-//! host's file; a share hot-plugged to the running VM is mounted, used and unplugged;
-//! memory hot-plug still works beside a share; a virtiofsd killed from outside is a
-//! `DeviceFailed` event while the VM goes on; shutdown leaves no daemon or socket.
+//! host's file; a path with a comma stays one path; a share hot-plugged to the running
+//! VM is mounted, used and unplugged; memory hot-plug (a DIMM here, virtio-mem in the 9p
+//! test) still works beside a share; a virtiofsd killed from outside is a
+//! `DeviceFailed` event while the VM goes on; shutdown leaves no daemon or socket. The
+//! 9p test does the same on the generic-kernel guest, with 9p's cold-only hot-plug.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -126,86 +128,117 @@ async fn links_stay_in_the_guest(p: &Processes, host: &Path) {
     );
 }
 
-async fn start_with_shares(id: &str, root: &Path) -> (QemuInstance, std::path::PathBuf) {
-    let image = setup().expect("the guest image and QEMU");
-    let state = root.join("state");
-    let mut config = image.config(id, &state);
-    config.resources.max_memory_mib = Some(config.resources.memory_mib + 256);
-    config.resources.memory_slots = 2;
-    let vm = QemuBackend.create_instance(config).unwrap();
-    let rw = root.join("shares/rw");
-    let ro = root.join("shares/ro");
-    for dir in [&rw, &ro, &root.join("shares/host-only-sibling")] {
-        std::fs::create_dir_all(dir).unwrap();
-    }
-    std::fs::write(rw.join("from-host"), "written on the host\n").unwrap();
-    std::fs::write(ro.join("kept"), "read-only\n").unwrap();
-    vm.add_device(share("rw", &rw).into()).unwrap();
-    vm.add_device(
-        ShareConfig {
-            read_only: true,
-            ..share("ro", &ro)
-        }
-        .into(),
-    )
-    .unwrap();
-    let listed: Vec<(String, bool)> = vm
-        .devices()
-        .into_iter()
-        .filter_map(|d| match d.spec {
-            DeviceSpec::Share(s) => Some((s.id, s.via == ShareVia::VirtioFs)),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(listed, [("rw".into(), true), ("ro".into(), true)]);
-    (start(vm).await, state)
+/// The host side of a test: `shares/r,w` (holding `from-host`) and
+/// `shares/ro,readonly=off` (holding `kept`) under `root` — a comma in a path is part of
+/// the path, never another option — and a marker directory beside them.
+struct HostDirs {
+    rw: PathBuf,
+    ro: PathBuf,
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn virtio_fs_shares_on_the_real_guest() {
-    if setup().is_none() {
-        return;
+impl HostDirs {
+    fn make(root: &Path) -> HostDirs {
+        let dirs = HostDirs {
+            rw: root.join("shares/r,w"),
+            ro: root.join("shares/ro,readonly=off"),
+        };
+        for dir in [&dirs.rw, &dirs.ro, &root.join("shares/host-only-sibling")] {
+            std::fs::create_dir_all(dir).unwrap();
+        }
+        std::fs::write(dirs.rw.join("from-host"), "written on the host\n").unwrap();
+        std::fs::write(dirs.ro.join("kept"), "read-only\n").unwrap();
+        dirs
     }
-    let _slot = VMS.acquire().await.unwrap();
-    let root = tempfile::tempdir().unwrap();
-    let (vm, state) = start_with_shares("shares", root.path()).await;
-    let vm = Arc::new(vm);
-    let p = Processes::new(vm.clone());
-    let fs = Filesystem::new(vm.clone());
+
+    /// Adds `rw` and a read-only `ro` over `via`; `devices()` lists them with it.
+    fn add_to(&self, vm: &QemuInstance, via: ShareVia) {
+        let share = |id: &str, dir: &Path| ShareConfig {
+            via,
+            ..ShareConfig::new(id, id, dir)
+        };
+        vm.add_device(share("rw", &self.rw).into()).unwrap();
+        let ro = ShareConfig {
+            read_only: true,
+            ..share("ro", &self.ro)
+        };
+        vm.add_device(ro.into()).unwrap();
+        let listed: Vec<(String, ShareVia)> = vm
+            .devices()
+            .into_iter()
+            .filter_map(|d| match d.spec {
+                DeviceSpec::Share(s) => Some((s.id, s.via)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(listed, [("rw".into(), via), ("ro".into(), via)]);
+    }
+}
+
+/// Mounts `rw` and `ro` at `/mnt/rw` and `/mnt/ro` (`nine_p`: over 9p).
+async fn mount_both(fs: &Filesystem, nine_p: bool) {
     for tag in ["rw", "ro"] {
-        let mount = Mount::share(tag, &format!("/mnt/{tag}")).create_target();
+        let mut mount = Mount::share(tag, &format!("/mnt/{tag}")).create_target();
+        if nine_p {
+            mount = mount.nine_p();
+        }
         fs.mount(&mount, DEADLINE).await.unwrap();
     }
-    let rw = root.path().join("shares/rw");
-    both_ways(&p, &rw).await;
-    links_stay_in_the_guest(&p, &rw).await;
-    // mmap of a shared file: exec maps the program's segments from the file.
+}
+
+/// What every transport must do: files both ways, rename and delete, links kept in the
+/// guest, a program run from the share (exec maps it from the file: mmap), EROFS.
+async fn file_checks(p: &Processes, dirs: &HostDirs) {
+    both_ways(p, &dirs.rw).await;
+    links_stay_in_the_guest(p, &dirs.rw).await;
     assert_eq!(
         ok(
-            &p,
+            p,
             "cp \"$(readlink -f /bin/sh)\" /mnt/rw/busybox && /mnt/rw/busybox echo mapped"
         )
         .await,
         "mapped\n"
     );
-    assert_eq!(ok(&p, "cat /mnt/ro/kept").await, "read-only\n");
-    let (code, out) = sh(&p, "echo x > /mnt/ro/new").await;
+    assert_eq!(ok(p, "cat /mnt/ro/kept").await, "read-only\n");
+    let (code, out) = sh(p, "echo x > /mnt/ro/new").await;
     assert_ne!(code, 0);
     assert!(out.contains("Read-only file system"), "{out}");
+}
 
-    // Memory hot-plug beside a share (guest RAM is a shared memfd, so is the DIMM),
-    // then the share read into the guest's memory.
+/// Memory hot-plugged beside the shares, then 64 MiB of the `rw` share read into a
+/// guest tmpfs.
+async fn memory_beside(vm: &QemuInstance, fs: &Filesystem, p: &Processes, dirs: &HostDirs) {
     let memory = vm.memory_hotplugger().expect("memory hot-plug");
     memory.hotplug_memory(128).await.unwrap();
-    std::fs::write(rw.join("big"), vec![7u8; 64 << 20]).unwrap();
+    std::fs::write(dirs.rw.join("big"), vec![7u8; 64 << 20]).unwrap();
     fs.mount(&Mount::tmpfs("/mnt/mem").create_target(), DEADLINE)
         .await
         .unwrap();
     ok(
-        &p,
+        p,
         "cat /mnt/rw/big > /mnt/mem/big && cmp -s /mnt/rw/big /mnt/mem/big && rm /mnt/mem/big",
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn virtio_fs_shares_on_the_real_guest() {
+    let Some(image) = setup() else { return };
+    let _slot = VMS.acquire().await.unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let state = root.path().join("state");
+    let mut config = image.config("shares", &state);
+    config.resources.max_memory_mib = Some(config.resources.memory_mib + 256);
+    config.resources.memory_slots = 2;
+    let vm = QemuBackend.create_instance(config).unwrap();
+    let dirs = HostDirs::make(root.path());
+    dirs.add_to(&vm, ShareVia::VirtioFs);
+    let vm = Arc::new(start(vm).await);
+    let p = Processes::new(vm.clone());
+    let fs = Filesystem::new(vm.clone());
+    mount_both(&fs, false).await;
+    file_checks(&p, &dirs).await;
+    // A DIMM: guest RAM is a shared memfd, so is the DIMM.
+    memory_beside(&vm, &fs, &p, &dirs).await;
 
     // A share hot-plugged, mounted, used, unmounted and unplugged.
     let hot = root.path().join("shares/hot");
@@ -248,7 +281,7 @@ async fn virtio_fs_shares_on_the_real_guest() {
     assert!(failed.1.contains("virtiofsd"), "{}", failed.1);
     assert_eq!(ok(&p, "cat /mnt/ro/kept").await, "read-only\n");
 
-    let sockets: Vec<std::path::PathBuf> = std::fs::read_dir(&state)
+    let sockets: Vec<PathBuf> = std::fs::read_dir(&state)
         .unwrap()
         .flatten()
         .map(|e| e.path())
@@ -270,8 +303,8 @@ async fn virtio_fs_shares_on_the_real_guest() {
 }
 
 /// The same over virtio-9p, on the generic-kernel guest (the cloud kernel has no 9p):
-/// both ways, rename and delete, a program run from the share, EROFS, links the guest
-/// makes stored as plain files on the host (`mapped-xattr`), and no hot-plug.
+/// the file checks, a link the guest makes stored as a plain file on the host
+/// (`mapped-xattr`), virtio-mem beside the shares, and no hot-plug.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nine_p_shares_on_the_real_guest() {
     if require_qemu().is_none() {
@@ -283,59 +316,29 @@ async fn nine_p_shares_on_the_real_guest() {
     let _slot = VMS.acquire().await.unwrap();
     let root = tempfile::tempdir().unwrap();
     let state = root.path().join("state");
-    let vm = QemuBackend
-        .create_instance(image.config("nine-p", &state))
-        .unwrap();
-    let rw = root.path().join("shares/rw");
-    let ro = root.path().join("shares/ro");
-    for dir in [&rw, &ro, &root.path().join("shares/host-only-sibling")] {
-        std::fs::create_dir_all(dir).unwrap();
-    }
-    std::fs::write(rw.join("from-host"), "written on the host\n").unwrap();
-    std::fs::write(ro.join("kept"), "read-only\n").unwrap();
-    let nine_p = |id: &str, dir: &Path| ShareConfig {
-        via: ShareVia::NineP,
-        ..ShareConfig::new(id, id, dir)
-    };
-    vm.add_device(nine_p("rw", &rw).into()).unwrap();
-    vm.add_device(
-        ShareConfig {
-            read_only: true,
-            ..nine_p("ro", &ro)
-        }
-        .into(),
-    )
-    .unwrap();
+    let mut config = image.config("nine-p", &state);
+    config.resources.max_memory_mib = Some(config.resources.memory_mib + 256);
+    config.resources.memory_slots = 0;
+    config.resources.memory_hotplug = vmkit_core::MemoryHotplug::VirtioMem;
+    let vm = QemuBackend.create_instance(config).unwrap();
+    let dirs = HostDirs::make(root.path());
+    dirs.add_to(&vm, ShareVia::NineP);
     let vm = Arc::new(start(vm).await);
     let p = Processes::new(vm.clone());
     let fs = Filesystem::new(vm.clone());
-    for tag in ["rw", "ro"] {
-        let mount = Mount::share(tag, &format!("/mnt/{tag}"))
-            .nine_p()
-            .create_target();
-        fs.mount(&mount, DEADLINE).await.unwrap();
-    }
-    both_ways(&p, &rw).await;
-    links_stay_in_the_guest(&p, &rw).await;
-    let link = std::fs::symlink_metadata(rw.join("shadow")).unwrap();
+    mount_both(&fs, true).await;
+    file_checks(&p, &dirs).await;
+    let link = std::fs::symlink_metadata(dirs.rw.join("shadow")).unwrap();
     assert!(
         link.file_type().is_file(),
         "a guest's symlink is a plain file on the host: {link:?}"
     );
-    assert_eq!(
-        ok(
-            &p,
-            "cp \"$(readlink -f /bin/sh)\" /mnt/rw/busybox && /mnt/rw/busybox echo mapped"
-        )
-        .await,
-        "mapped\n"
-    );
-    assert_eq!(ok(&p, "cat /mnt/ro/kept").await, "read-only\n");
-    let (code, out) = sh(&p, "echo x > /mnt/ro/new").await;
-    assert_ne!(code, 0);
-    assert!(out.contains("Read-only file system"), "{out}");
-    let hot = vm.hotplug_device(nine_p("hot", &ro).into()).await;
-    match hot {
+    memory_beside(&vm, &fs, &p, &dirs).await;
+    let hot = ShareConfig {
+        via: ShareVia::NineP,
+        ..ShareConfig::new("hot", "hot", &dirs.ro)
+    };
+    match vm.hotplug_device(hot.into()).await {
         Err(vmkit_core::Error::Unsupported { reason, .. }) => {
             assert!(reason.contains("cold only"), "{reason}");
         }

@@ -28,9 +28,11 @@ tasks:
             (std built from Debian's Rust source, unpacked under target/debian-rust/;
             nothing links or runs)
   install   install what is missing (system packages need root) and stop
-  image [--arm64]
+  image [--arm64 | --generic]
             build the test guest (kernel + initramfs) into target/vmkit-image/, cached
-            (--arm64: the arm64 guest for machine virt, into target/vmkit-image-arm64/)
+            (--arm64: the arm64 guest for machine virt, into target/vmkit-image-arm64/;
+            --generic: on Debian's generic kernel, which has 9p, into
+            target/vmkit-image-generic/)
   demo      boot a VM, talk to the guest, hotplug, shut down
 ";
 
@@ -43,23 +45,20 @@ fn bench(args: &[String]) -> Result<(), String> {
     };
     install::ensure_all()?;
     let image = image::ensure_image(image::GuestArch::X86_64)?;
+    // The shares bench compares 9p too, which only the generic kernel has.
+    let generic = image::ensure_flavour(image::GuestArch::X86_64, image::Flavour::Generic)?;
     // The plugin bench loads the QEMU plugin's library and runs its executable.
     run::step(
         "build the QEMU plugin (release)",
         run::cargo().args(["build", "--release", "--locked", "-p", "vmkit-plugin-qemu"]),
     )?;
     for bench in [
-        "qmp", "boot", "guest", "serial", "hotplug", "plugin", "soak",
+        "qmp", "boot", "guest", "serial", "hotplug", "plugin", "process", "shares", "soak",
     ] {
         let mut cmd = run::cargo();
-        cmd.env("VMKIT_IMAGE_DIR", &image).args([
-            "bench",
-            "--locked",
-            "-p",
-            "vmkit-benches",
-            "--bench",
-            bench,
-        ]);
+        cmd.env("VMKIT_IMAGE_DIR", &image)
+            .env("VMKIT_GENERIC_IMAGE_DIR", &generic)
+            .args(["bench", "--locked", "-p", "vmkit-benches", "--bench", bench]);
         if check {
             cmd.args(["--", "--check"]);
         }
