@@ -5,9 +5,9 @@
 //! - **The real state table**: every call is allowed exactly where the contract allows it
 //!   and otherwise refused with the same `InvalidState`; `shutdown` is idempotent and
 //!   concurrent callers get the same [`ExitInfo`]; the same [`VmEvent`]s are published.
-//! - **Devices and resources as the config allows**: cold disks and NICs before start
-//!   (validated and unique), hot ones on `hotplug_ports` ports (backend option, default
-//!   4), vCPUs from `boot_vcpus` to `max_vcpus`, memory in 128 MiB multiples up to
+//! - **Devices and resources as the config allows**: cold disks, NICs and shares before
+//!   start (validated and unique; a share is listed, nothing is mounted), hot ones on
+//!   `hotplug_ports` ports (backend option, default 4), all listed by `devices()`; vCPUs from `boot_vcpus` to `max_vcpus`, memory in 128 MiB multiples up to
 //!   `max_memory_mib` in `memory_slots` DIMMs.
 //! - **A real guest agent**: `start` serves vmkit-agent's own service (its host test
 //!   mode) on Unix sockets in the state dir, so [`GuestCommunicator::client`],
