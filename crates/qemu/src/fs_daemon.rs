@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use tokio::time::{Instant, sleep};
+use tokio::time::Instant;
 use vmkit_core::{Error as CoreError, ShareConfig};
 
 use crate::error::Error;
@@ -98,31 +98,24 @@ impl FsDaemon {
         deadline: Instant,
     ) -> vmkit_core::Result<()> {
         let began = Instant::now();
-        let mut pause = Duration::from_millis(1);
-        loop {
-            if tokio::fs::metadata(&self.socket).await.is_ok() {
-                return Ok(());
-            }
-            if let Some(exit) = self.process.exited() {
+        match tokio::time::timeout_at(deadline, self.process.until_file(&self.socket)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(exit)) => {
                 let exited = Error::ShareDaemonExited {
                     share: share.id.clone(),
                     status: exit.to_string(),
                     log: tail(log_path, LOG_LINES).await,
                 };
-                return Err(CoreError::backend(op.to_owned(), exited));
+                Err(CoreError::backend(op.to_owned(), exited))
             }
-            if Instant::now() >= deadline {
-                return Err(CoreError::Timeout {
-                    op: format!(
-                        "{op}: virtiofsd for share {} to serve {}",
-                        share.id,
-                        self.socket.display()
-                    ),
-                    after: began.elapsed(),
-                });
-            }
-            sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(20));
+            Err(_) => Err(CoreError::Timeout {
+                op: format!(
+                    "{op}: virtiofsd for share {} to serve {}",
+                    share.id,
+                    self.socket.display()
+                ),
+                after: began.elapsed(),
+            }),
         }
     }
 
@@ -175,9 +168,5 @@ fn pid_file(socket: &Path) -> PathBuf {
 }
 
 fn remove_if_present(path: &Path) {
-    if let Err(e) = std::fs::remove_file(path)
-        && e.kind() != std::io::ErrorKind::NotFound
-    {
-        tracing::warn!(path = %path.display(), error = %e, "cannot remove a virtiofsd socket");
-    }
+    crate::host::remove_if_present(path, "a virtiofsd socket or pid file");
 }

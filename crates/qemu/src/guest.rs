@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use tokio::time::{Instant, sleep};
+use tokio::time::Instant;
 use vmkit_core::{Error as CoreError, GuestTransport, InstanceConfig};
 use vmkit_vsock::{
     CidAllocator, CidLease, CidOptions, ConnHealth, GuestAddr, LinkGate, Reservation, TtrpcClient,
@@ -283,11 +283,7 @@ fn remove_all(sockets: &[PathBuf], dirs: &[PathBuf]) {
 }
 
 fn remove_if_present(path: &Path) {
-    if let Err(e) = std::fs::remove_file(path)
-        && e.kind() != std::io::ErrorKind::NotFound
-    {
-        tracing::warn!(path = %path.display(), error = %e, "cannot remove a vsock socket");
-    }
+    host::remove_if_present(path, "a vsock socket");
 }
 
 /// The host-wide CID allocator of this process: lock files in `$VMKIT_CID_DIR`, else
@@ -493,23 +489,20 @@ pub(crate) async fn spawn_daemon(
     let daemon = Arc::new(daemon);
     // The daemon creates its vhost-user socket when it is ready for QEMU; the socket's
     // identity then tells a later re-creation apart.
-    let mut pause = Duration::from_millis(1);
-    loop {
-        if let Ok(meta) = tokio::fs::metadata(&vhost).await {
+    match daemon.until_file(&vhost).await {
+        Ok(meta) => {
             tracing::debug!(vm = %config.id, pid = daemon.pid(), "vhost-device-vsock up");
-            return Ok((daemon, SocketIdentity::of(&meta)));
+            Ok((daemon, SocketIdentity::of(&meta)))
         }
-        if let Some(exit) = daemon.exited() {
+        Err(exit) => {
             for socket in [uds, vhost.as_path()] {
                 remove_if_present(socket);
             }
-            return Err(Error::VsockDaemonExited {
+            Err(Error::VsockDaemonExited {
                 status: exit.to_string(),
                 stderr: tail(&log_path, DAEMON_LOG_LINES).await,
-            });
+            })
         }
-        sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_millis(20));
     }
 }
 

@@ -24,6 +24,17 @@ pub(crate) fn default_accel(machine: Machine, qemu: &Path) -> Accel {
         .unwrap_or(Accel::Tcg)
 }
 
+/// Removes the file at `path` (a socket, a pid file) unless it is already gone; a failure
+/// is logged naming `what`, as nothing can be done about it. A plain unlink, usable
+/// from `Drop`.
+pub(crate) fn remove_if_present(path: &Path, what: &str) {
+    if let Err(e) = std::fs::remove_file(path)
+        && e.kind() != io::ErrorKind::NotFound
+    {
+        tracing::warn!(path = %path.display(), error = %e, "cannot remove {what}");
+    }
+}
+
 /// Checks that `path` fits this host's Unix socket addresses (103 bytes on macOS, 107
 /// on Linux).
 pub(crate) fn check_socket_path(path: &std::path::Path) -> Result<(), String> {

@@ -155,6 +155,23 @@ impl Process {
         }
     }
 
+    /// Waits until the file at `path` exists (a daemon's socket, made once it serves)
+    /// and returns its metadata, polling with a backoff up to 20 ms; or how the process
+    /// ended, if it ends first. Unbounded: callers put a deadline on it.
+    pub(crate) async fn until_file(&self, path: &Path) -> Result<std::fs::Metadata, ProcessExit> {
+        let mut pause = Duration::from_millis(1);
+        loop {
+            if let Ok(meta) = tokio::fs::metadata(path).await {
+                return Ok(meta);
+            }
+            if let Some(exit) = self.exited() {
+                return Err(exit);
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(20));
+        }
+    }
+
     /// Waits at most `timeout` for the exit.
     pub(crate) async fn wait_timeout(&self, timeout: Duration) -> Option<ProcessExit> {
         tokio::time::timeout(timeout, self.wait()).await.ok()

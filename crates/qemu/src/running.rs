@@ -156,9 +156,5 @@ impl Drop for Running {
 /// sockets are the link's, so each socket has one owner. A plain unlink, also needed
 /// from `Drop`.
 fn remove_control_socket(socket: &std::path::Path) {
-    if let Err(e) = std::fs::remove_file(socket)
-        && e.kind() != std::io::ErrorKind::NotFound
-    {
-        tracing::warn!(socket = %socket.display(), error = %e, "cannot remove the control socket");
-    }
+    crate::host::remove_if_present(socket, "the control socket");
 }
