@@ -21,7 +21,7 @@ pub(crate) use disk::{disk_args, disk_json};
 pub(crate) use nic::nic_args;
 pub use nic::stable_mac;
 pub(crate) use share::{
-    cold_name as cold_share_name, nine_p_args, virtio_fs_args, virtio_fs_device, virtiofsd_args,
+    cold_name as cold_share_name, nine_p_args, virtio_fs_args, virtio_fs_device, virtiofsd_launch,
     virtiofsd_socket,
 };
 

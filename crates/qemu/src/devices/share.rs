@@ -10,6 +10,7 @@ use serde_json::json;
 use vmkit_core::{Error as CoreError, ShareCache, ShareConfig, ShareVia};
 
 use crate::escape::escape_path;
+use crate::fs_daemon::DaemonLaunch;
 use crate::options::Machine;
 
 /// The share with its transport decided: `Auto` becomes virtio-fs when this VM can run
@@ -46,10 +47,30 @@ pub(crate) fn virtiofsd_socket(state_dir: &Path, name: &str) -> PathBuf {
     state_dir.join(format!("{name}.sock"))
 }
 
+/// How to run the virtiofsd of `share` whose QEMU objects are named `name` (a cold
+/// share's [`cold_name`], a hot one's reserved name): `binary`, serving
+/// [`virtiofsd_socket`] in `state_dir`, logging to `<log_dir>/<name>.log`, sandboxed
+/// when vmkit runs as root.
+pub(crate) fn virtiofsd_launch(
+    share: &ShareConfig,
+    binary: &Path,
+    state_dir: &Path,
+    log_dir: &Path,
+    name: &str,
+) -> DaemonLaunch {
+    let socket = virtiofsd_socket(state_dir, name);
+    DaemonLaunch {
+        binary: binary.to_owned(),
+        args: virtiofsd_args(share, &socket, vmkit_core::state_dir::euid() == 0),
+        socket,
+        log: log_dir.join(format!("{name}.log")),
+    }
+}
+
 /// virtiofsd's arguments for `share` on `socket`: the shared dir, read-only and cache
 /// mode as asked, and a sandbox (its own mount namespace when it runs as root, where
 /// it can make one; none otherwise).
-pub(crate) fn virtiofsd_args(share: &ShareConfig, socket: &Path, root: bool) -> Vec<OsString> {
+fn virtiofsd_args(share: &ShareConfig, socket: &Path, root: bool) -> Vec<OsString> {
     let cache = match share.cache {
         ShareCache::Auto => "auto",
         ShareCache::Always => "always",

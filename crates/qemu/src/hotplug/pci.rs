@@ -13,9 +13,9 @@ use vmkit_core::{
 use vmkit_proto::AgentClient;
 
 use super::context::{Context, POLL, guest_info, qmp_err};
-use crate::devices::{HotBackend, Reservation, virtio_fs_device, virtiofsd_args, virtiofsd_socket};
+use crate::devices::{HotBackend, Reservation, virtio_fs_device, virtiofsd_launch};
 use crate::error::Error;
-use crate::fs_daemon::{DaemonLaunch, FsDaemon};
+use crate::fs_daemon::FsDaemon;
 use crate::qmp::Device;
 
 /// Deletes a device's backend object in QEMU: `blockdev-del` or `netdev_del`.
@@ -273,13 +273,14 @@ pub(crate) async fn add_share(ctx: &Context, share: ShareConfig) -> vmkit_core::
         None => None,
     };
     let limits = ctx.limits();
-    let socket = virtiofsd_socket(&limits.state_dir, &chardev);
-    let launch = DaemonLaunch {
-        binary: limits.virtiofsd.clone(),
-        args: virtiofsd_args(&share, &socket, vmkit_core::state_dir::euid() == 0),
-        socket: socket.clone(),
-        log: limits.log_dir.join(format!("{chardev}.log")),
-    };
+    let launch = virtiofsd_launch(
+        &share,
+        &limits.virtiofsd,
+        &limits.state_dir,
+        &limits.log_dir,
+        &chardev,
+    );
+    let socket = launch.socket.clone();
     let events = ctx.publisher();
     let id = share.id.clone();
     let on_exit = move |reason| {

@@ -16,8 +16,8 @@ use vmkit_core::{
 
 use super::{Progress, unless_missing};
 use crate::command::{Launch, build};
-use crate::devices::{cold_share_name, virtiofsd_args, virtiofsd_socket};
-use crate::fs_daemon::{DaemonLaunch, FsDaemon};
+use crate::devices::{cold_share_name, virtiofsd_launch};
+use crate::fs_daemon::FsDaemon;
 use crate::guest::{self, GuestDevice};
 use crate::locks::lock;
 use crate::options::{Machine, Sandbox};
@@ -163,19 +163,18 @@ async fn share_daemons(
 ) -> vmkit_core::Result<()> {
     let config = vm.config();
     let deadline = Instant::now() + config.timeouts.start;
-    let root = vmkit_core::state_dir::euid() == 0;
+    let layout = config.layout();
     for (i, share) in shares.iter().enumerate() {
         if share.via != ShareVia::VirtioFs {
             continue;
         }
-        let name = cold_share_name(i);
-        let socket = virtiofsd_socket(&config.state_dir, &name);
-        let launch = DaemonLaunch {
-            binary: vm.options().virtiofsd_binary.clone(),
-            args: virtiofsd_args(share, &socket, root),
-            socket,
-            log: config.layout().log_dir().join(format!("{name}.log")),
-        };
+        let launch = virtiofsd_launch(
+            share,
+            &vm.options().virtiofsd_binary,
+            &config.state_dir,
+            layout.log_dir(),
+            &cold_share_name(i),
+        );
         let weak = Arc::downgrade(vm);
         let id = share.id.clone();
         let on_exit = move |reason| {
