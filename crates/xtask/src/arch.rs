@@ -1,9 +1,10 @@
 //! The guest architectures the test image is built for: the host's own (x86_64), and
 //! arm64 for the Arm `virt` machine (what Apple Silicon runs), emulated here under TCG.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
+use crate::apt::AptRoot;
 use crate::debian_rust::{self, Toolchain};
 use crate::run::{cargo, step, workspace_root};
 
@@ -43,45 +44,30 @@ impl GuestArch {
     /// `target/vmkit-apt-arm64/` (the same sources, another architecture), so the
     /// system's apt configuration is not touched.
     pub(crate) fn apt(self, tool: &str) -> Command {
-        let mut cmd = Command::new(tool);
-        if self == GuestArch::Aarch64 {
-            let dir = apt_dir(self);
-            cmd.arg("-o")
-                .arg(format!("APT::Architecture={}", self.debian()))
-                .arg("-o")
-                .arg(format!("APT::Architectures::={}", self.debian()))
-                .arg("-o")
-                .arg(format!("Dir::State::Lists={}", dir.join("lists").display()))
-                .arg("-o")
-                .arg(format!("Dir::Cache={}", dir.join("cache").display()))
-                .arg("-o")
-                .arg(format!(
-                    "Dir::State::status={}",
-                    dir.join("status").display()
-                ));
+        match self {
+            GuestArch::X86_64 => Command::new(tool),
+            GuestArch::Aarch64 => AptRoot::foreign(self.debian()).command(tool),
         }
-        cmd
     }
 
     /// Makes sure this architecture's package lists exist (`apt-get update` into its own
     /// lists for a foreign one; the system's otherwise, when they do not know `package`).
     pub(crate) fn update_lists(self) -> Result<(), String> {
-        if self == GuestArch::Aarch64 {
-            let dir = apt_dir(self);
-            for sub in ["lists/partial", "cache/archives/partial"] {
-                std::fs::create_dir_all(dir.join(sub))
-                    .map_err(|e| format!("create {}: {e}", dir.join(sub).display()))?;
-            }
-            let status = dir.join("status");
-            if !status.exists() {
-                std::fs::write(&status, "")
-                    .map_err(|e| format!("write {}: {e}", status.display()))?;
-            }
+        match self {
+            GuestArch::X86_64 => step(
+                "apt-get update (amd64 lists)",
+                Command::new("apt-get").args(["update", "-q"]),
+            ),
+            GuestArch::Aarch64 => AptRoot::foreign(self.debian()).update(self.debian()),
         }
-        step(
-            &format!("apt-get update ({} lists)", self.debian()),
-            self.apt("apt-get").args(["update", "-q"]),
-        )
+    }
+
+    /// The GNU triplet its shared libraries live under (`/lib/<triplet>`).
+    pub(crate) fn triplet(self) -> &'static str {
+        match self {
+            GuestArch::X86_64 => "x86_64-linux-gnu",
+            GuestArch::Aarch64 => "aarch64-linux-gnu",
+        }
     }
 
     /// Builds `vmkit-agent` as a static binary for this architecture; returns its path.
@@ -133,11 +119,4 @@ impl GuestArch {
             }
         }
     }
-}
-
-/// Where a foreign architecture's apt lists and downloads live.
-fn apt_dir(arch: GuestArch) -> PathBuf {
-    Path::new(&workspace_root())
-        .join("target")
-        .join(format!("vmkit-apt-{}", arch.debian()))
 }

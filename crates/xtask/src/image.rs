@@ -8,8 +8,9 @@
 //! - Initramfs (`initrd.img`, uncompressed `newc` cpio written here, so neither `cpio`
 //!   nor `gzip` is needed, and the guest spends no time decompressing): static busybox,
 //!   `images/init` as `/init`, the modules listed in `images/modules.list`, the
-//!   hotplug helper, the ACPI power-button handler, and `vmkit-agent` (built here as a
-//!   static binary, see [`GuestArch::build_agent`]).
+//!   hotplug helper, the ACPI power-button handler, `vmkit-agent` (built here as a
+//!   static binary, see [`GuestArch::build_agent`]), and crun with its libraries for
+//!   the containers the containerd shim runs (`crun.rs`).
 //!
 //! The build is skipped when `target/vmkit-image/stamp` matches the kernel package, the
 //! contents of `images/` and the agent binary.
@@ -25,7 +26,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::apt::unpack;
 pub(crate) use crate::arch::GuestArch;
+use crate::crun;
 use crate::run::{output, step, workspace_root};
 
 const BUSYBOX: &str = "busybox-static";
@@ -74,8 +77,10 @@ pub(crate) fn ensure_flavour(arch: GuestArch, flavour: Flavour) -> Result<PathBu
     let kernel_pkg = kernel_package(arch, flavour)?;
     let agent_path = arch.build_agent()?;
     let agent = read_bytes(&agent_path)?;
+    // What else the image holds: crun and its libraries (crun.rs), from sid's packages.
     let stamp = format!(
-        "{kernel_pkg} {:016x} {:016x}\n",
+        "{kernel_pkg} sid:{} {:016x} {:016x}\n",
+        crun::PACKAGES.join(","),
         hash_dir(&inputs)?,
         hash_bytes(&agent)
     );
@@ -106,6 +111,9 @@ pub(crate) fn ensure_flavour(arch: GuestArch, flavour: Flavour) -> Result<PathBu
     let busybox_root = dir.join("busybox");
     unpack(&debs, &kernel_pkg, &kernel_root)?;
     unpack(&debs, BUSYBOX, &busybox_root)?;
+    let crun_root = dir.join("crun");
+    crun::fetch(arch, &debs, &crun_root)?;
+    let crun_files = crun::files(arch, &crun_root)?;
 
     let vmlinuz = find_file(&kernel_root.join("boot"), |n| n.starts_with("vmlinuz-"))?;
     fs::copy(&vmlinuz, dir.join("vmlinuz"))
@@ -116,11 +124,12 @@ pub(crate) fn ensure_flavour(arch: GuestArch, flavour: Flavour) -> Result<PathBu
         &inputs,
         &kernel_root,
         &busybox_root,
-        &agent,
+        (&agent, &crun_files),
     )?;
     fs::write(dir.join("initrd.img"), &initrd).map_err(|e| format!("write initrd.img: {e}"))?;
     let _ = fs::remove_dir_all(&debs);
     let _ = fs::remove_dir_all(&busybox_root);
+    let _ = fs::remove_dir_all(&crun_root);
     let _ = fs::remove_dir_all(&kernel_root);
     fs::write(&stamp_path, stamp).map_err(|e| format!("write {}: {e}", stamp_path.display()))?;
     println!(
@@ -132,15 +141,16 @@ pub(crate) fn ensure_flavour(arch: GuestArch, flavour: Flavour) -> Result<PathBu
     Ok(dir)
 }
 
-/// The initramfs: busybox, `/init` and its helpers, the agent, and the modules
-/// `images/modules.list` names for `arch` with their dependencies, in `insmod` order.
-/// Returns it and how many modules it holds.
+/// The initramfs: busybox, `/init` and its helpers, the agent, crun with its
+/// libraries (`extra`, as path and bytes), and the modules `images/modules.list` names
+/// for `arch` with their dependencies, in `insmod` order. Returns it and how many
+/// modules it holds.
 fn initramfs(
     (arch, flavour): (GuestArch, Flavour),
     inputs: &Path,
     kernel_root: &Path,
     busybox_root: &Path,
-    agent: &[u8],
+    (agent, extra): (&[u8], &[(String, Vec<u8>)]),
 ) -> Result<(Vec<u8>, usize), String> {
     let modules_dir = find_file(&kernel_root.join("lib/modules"), |_| true)?;
     let module_list = read(&inputs.join("modules.list"))?;
@@ -162,8 +172,13 @@ fn initramfs(
         "lib/modules",
         "tmp",
         "run",
+        "usr",
+        "usr/bin",
     ] {
         cpio.dir(d);
+    }
+    for (path, bytes) in extra {
+        cpio.file_in_dirs(path, 0o755, bytes);
     }
     cpio.file(
         "bin/busybox",
@@ -264,16 +279,6 @@ fn modules_for<'a>(
             !builtin.lines().any(|l| l.trim().ends_with(&file))
         })
         .collect()
-}
-
-fn unpack(debs: &Path, package: &str, into: &Path) -> Result<(), String> {
-    let prefix = format!("{package}_");
-    let deb = find_file(debs, |n| n.starts_with(&prefix) && n.ends_with(".deb"))?;
-    mkdir(into)?;
-    step(
-        &format!("unpack {package}"),
-        Command::new("dpkg-deb").arg("-x").arg(&deb).arg(into),
-    )
 }
 
 /// The first entry of `dir` (sorted) whose name satisfies `pred`.
@@ -399,15 +404,31 @@ fn read_bytes(path: &Path) -> Result<Vec<u8>, String> {
 struct Cpio {
     out: Vec<u8>,
     ino: u32,
+    /// The directories written so far.
+    dirs: Vec<String>,
 }
 
 impl Cpio {
     fn dir(&mut self, name: &str) {
+        self.dirs.push(name.to_owned());
         self.entry(name, 0o040_755, &[]);
     }
 
     fn file(&mut self, name: &str, perm: u32, data: &[u8]) {
         self.entry(name, 0o100_000 | perm, data);
+    }
+
+    /// A file at `name`, after the directories on its way that are not there yet.
+    fn file_in_dirs(&mut self, name: &str, perm: u32, data: &[u8]) {
+        let mut at = 0;
+        while let Some(slash) = name[at..].find('/') {
+            let dir = &name[..at + slash];
+            if !self.dirs.iter().any(|d| d == dir) {
+                self.dir(dir);
+            }
+            at += slash + 1;
+        }
+        self.file(name, perm, data);
     }
 
     fn entry(&mut self, name: &str, mode: u32, data: &[u8]) {

@@ -1,7 +1,10 @@
 //! `cargo xtask`: the project's tasks. The README's two set-up commands are
 //! `cargo xtask demo` and `cargo xtask test`; both install what is missing first.
 
+mod apt;
 mod arch;
+mod containerd;
+mod crun;
 mod debian_rust;
 mod image;
 mod install;
@@ -33,6 +36,9 @@ tasks:
             (--arm64: the arm64 guest for machine virt, into target/vmkit-image-arm64/;
             --generic: on Debian's generic kernel, which has 9p, into
             target/vmkit-image-generic/)
+  containerd
+            fetch containerd 2.x (Debian sid's package, with apt lists of its own) and lay
+            out a busybox root filesystem, into target/vmkit-containerd/ (the shim's tests)
   demo      boot a VM, talk to the guest, hotplug, shut down
 ";
 
@@ -112,6 +118,7 @@ fn main() -> ExitCode {
         Some("install") => install::ensure_all(),
         Some("check-macos") => macos::check(),
         Some("image") => image_task(&args[1..]),
+        Some("containerd") => containerd::ensure().map(drop),
         Some("bench") => bench(&args[1..]),
         Some("demo") => demo(&args[1..]),
         Some("-h" | "--help" | "help") => {

@@ -1,7 +1,7 @@
 //! `cargo xtask test`: what CI runs (`.ci/run` calls exactly this).
 
 use crate::run::{cargo, step};
-use crate::{image, install};
+use crate::{containerd, image, install};
 
 pub(crate) fn run(args: &[String]) -> Result<(), String> {
     let (ours, test_args) = match args.iter().position(|a| a == "--") {
@@ -22,6 +22,8 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
     let arm64_image = image::ensure_image(image::GuestArch::Aarch64)?;
     // The generic kernel, for the 9p shares test (the cloud kernel has no 9p).
     let generic_image = image::ensure_flavour(image::GuestArch::X86_64, image::Flavour::Generic)?;
+    // containerd 2.x and a busybox root filesystem, for the shim's tests.
+    let containerd = containerd::ensure()?;
     if lint {
         step("format", cargo().args(["fmt", "--all", "--", "--check"]))?;
         step(
@@ -73,6 +75,8 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
             .env("VMKIT_IMAGE_DIR", &image)
             .env("VMKIT_ARM64_IMAGE_DIR", &arm64_image)
             .env("VMKIT_GENERIC_IMAGE_DIR", &generic_image)
+            .env("VMKIT_CONTAINERD_DIR", &containerd.bin_dir)
+            .env("VMKIT_BUSYBOX_ROOTFS", &containerd.busybox_rootfs)
             .args(["test", "--workspace", "--all-features", "--locked"])
             .args(test_args),
     )

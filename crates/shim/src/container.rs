@@ -1,0 +1,271 @@
+//! One container: its bundle on the host, the directory the VM shares (the guest's
+//! spec and, bound in, the root filesystem), and its processes.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use containerd_shim_protos::api::CreateTaskRequest;
+use sha2::{Digest, Sha256};
+use vmkit_process::Command;
+
+use crate::error::{Error, Result};
+use crate::mounts;
+use crate::process::Proc;
+use crate::spec;
+use crate::stdio::StdioPaths;
+
+/// crun in the guest image, and its state dir there.
+const CRUN: [&str; 3] = ["/usr/bin/crun", "--root", "/run/crun"];
+/// Where a container's shared directory is mounted in the guest (`/<dir>/<id>`).
+const GUEST_ROOT: &str = "/containers";
+
+/// 16 hex digits naming `what` (a container or a VM) in tags and state dirs, which are
+/// too short for containerd's 76-byte ids.
+pub(crate) fn short_key(what: &str) -> String {
+    let digest = Sha256::digest(what.as_bytes());
+    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+/// containerd's ids, as the shim takes them into paths and argv: a letter or digit,
+/// then letters, digits, `_`, `.`, `-`; at most 76 bytes.
+pub(crate) fn check_id(what: &str, id: &str) -> Result<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 76
+        && id.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::bad(
+            format!("{what} {id:?}"),
+            "not a containerd identifier",
+        ))
+    }
+}
+
+/// A container the shim holds.
+pub(crate) struct Container {
+    pub(crate) id: String,
+    pub(crate) bundle: PathBuf,
+    /// `<bundle>/vmkit`: the share.
+    host_dir: PathBuf,
+    /// Where the guest mounts it.
+    pub(crate) guest_dir: String,
+    /// The share's device id and tag.
+    pub(crate) share_id: String,
+    pub(crate) tag: String,
+    /// The rootfs mounts containerd gave (unmounted at the end).
+    mounted_rootfs: bool,
+    pub(crate) init: Arc<Proc>,
+    execs: Mutex<HashMap<String, Arc<Proc>>>,
+}
+
+impl Container {
+    /// Prepares the host side of `req`'s container: mounts its root filesystem, binds
+    /// it into the directory the VM will share, and writes the guest's spec there.
+    pub(crate) fn prepare(namespace: &str, req: &CreateTaskRequest) -> Result<Container> {
+        check_id("container", &req.id)?;
+        let op = format!("create container {}", req.id);
+        let bundle = PathBuf::from(&req.bundle);
+        if !bundle.is_absolute() {
+            return Err(Error::bad(
+                &op,
+                format!("bundle {:?} is not absolute", req.bundle),
+            ));
+        }
+        let text = std::fs::read(bundle.join("config.json"))
+            .map_err(Error::io(format!("{op}: read the bundle's config.json")))?;
+        let oci: serde_json::Value = serde_json::from_slice(&text)
+            .map_err(|e| Error::bad(&op, format!("config.json: {e}")))?;
+        let guest = spec::for_guest(&req.id, &oci)?;
+
+        // The root filesystem: containerd's mounts at <bundle>/rootfs, or the directory
+        // the spec names (`ctr run --rootfs DIR`).
+        let rootfs = bundle.join("rootfs");
+        let mounted_rootfs = !req.rootfs.is_empty();
+        let source = if mounted_rootfs {
+            std::fs::create_dir_all(&rootfs).map_err(Error::io(format!("{op}: create rootfs")))?;
+            mounts::mount_all(&req.rootfs, &rootfs)?;
+            rootfs.clone()
+        } else {
+            let path = oci["root"]["path"].as_str().unwrap_or("rootfs");
+            let path = Path::new(path);
+            if path.is_absolute() {
+                path.to_owned()
+            } else {
+                bundle.join(path)
+            }
+        };
+        let host_dir = bundle.join("vmkit");
+        let container = Container {
+            id: req.id.clone(),
+            guest_dir: format!("{GUEST_ROOT}/{}", req.id),
+            share_id: format!("c-{}", short_key(&format!("{namespace}/{}", req.id))),
+            tag: format!("c{}", short_key(&format!("{namespace}/{}", req.id))),
+            init: Arc::new(Proc::new(
+                "",
+                StdioPaths {
+                    stdin: req.stdin.clone(),
+                    stdout: req.stdout.clone(),
+                    stderr: req.stderr.clone(),
+                    terminal: guest.terminal || req.terminal,
+                },
+                Command::new(CRUN.iter().copied().chain([
+                    "run",
+                    "--no-pivot",
+                    "--bundle",
+                    &format!("{GUEST_ROOT}/{}", req.id),
+                    &req.id,
+                ])),
+            )),
+            host_dir: host_dir.clone(),
+            bundle,
+            mounted_rootfs,
+            execs: Mutex::new(HashMap::new()),
+        };
+        // From here on, what failed is undone by cleanup.
+        let made = (|| {
+            std::fs::create_dir_all(host_dir.join("rootfs"))
+                .map_err(Error::io(format!("{op}: create {}", host_dir.display())))?;
+            mounts::bind(&source, &host_dir.join("rootfs"))?;
+            let spec = serde_json::to_vec_pretty(&guest.spec)
+                .map_err(|e| Error::bad(&op, e.to_string()))?;
+            std::fs::write(host_dir.join("config.json"), spec)
+                .map_err(Error::io(format!("{op}: write the guest's config.json")))
+        })();
+        if let Err(e) = made {
+            container.cleanup_host();
+            return Err(e);
+        }
+        Ok(container)
+    }
+
+    /// The directory the VM shares.
+    pub(crate) fn host_dir(&self) -> &Path {
+        &self.host_dir
+    }
+
+    /// Undoes the host side: the bind and containerd's rootfs mounts.
+    pub(crate) fn cleanup_host(&self) {
+        cleanup_bundle(&self.bundle, self.mounted_rootfs);
+    }
+
+    /// The process `exec_id` (empty: the init process).
+    pub(crate) fn process(&self, exec_id: &str) -> Result<Arc<Proc>> {
+        if exec_id.is_empty() {
+            return Ok(self.init.clone());
+        }
+        self.execs().get(exec_id).cloned().ok_or_else(|| {
+            Error::not_found(format!("container {}", self.id), format!("exec {exec_id}"))
+        })
+    }
+
+    fn execs(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Proc>>> {
+        // A poisoned lock only means a panic elsewhere; the map is still whole.
+        self.execs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Adds the exec `exec_id` running `process` (an OCI process spec).
+    pub(crate) fn add_exec(
+        &self,
+        exec_id: &str,
+        process: &serde_json::Value,
+        stdio: StdioPaths,
+    ) -> Result<Arc<Proc>> {
+        check_id("exec", exec_id)?;
+        let op = format!("exec {exec_id} in container {}", self.id);
+        if self.execs().contains_key(exec_id) {
+            return Err(Error::state(&op, "the exec id is taken"));
+        }
+        let guest = spec::process_for_guest(process)?;
+        let name = format!("exec-{exec_id}.json");
+        let bytes = serde_json::to_vec(&guest.spec).map_err(|e| Error::bad(&op, e.to_string()))?;
+        std::fs::write(self.host_dir.join(&name), bytes)
+            .map_err(Error::io(format!("{op}: write its process spec")))?;
+        let path = format!("{}/{name}", self.guest_dir);
+        let command =
+            Command::new(
+                CRUN.iter()
+                    .copied()
+                    .chain(["exec", "--process", &path, &self.id]),
+            );
+        let stdio = StdioPaths {
+            terminal: stdio.terminal || guest.terminal,
+            ..stdio
+        };
+        let proc = Arc::new(Proc::new(exec_id, stdio, command));
+        self.execs().insert(exec_id.to_owned(), proc.clone());
+        Ok(proc)
+    }
+
+    /// Forgets the exec `exec_id`.
+    pub(crate) fn remove_exec(&self, exec_id: &str) {
+        self.execs().remove(exec_id);
+        let _ = std::fs::remove_file(self.host_dir.join(format!("exec-{exec_id}.json")));
+    }
+
+    /// `crun kill [--all] <id> <signal>`, for the guest.
+    pub(crate) fn kill_command(&self, signal: u32, all: bool) -> Command {
+        let signal = signal.to_string();
+        let mut argv: Vec<&str> = CRUN.to_vec();
+        argv.push("kill");
+        if all {
+            argv.push("--all");
+        }
+        argv.extend([self.id.as_str(), signal.as_str()]);
+        Command::new(argv)
+    }
+
+    /// The guest pids of the container's processes (the crun processes the agent runs).
+    pub(crate) fn pids(&self) -> Vec<u32> {
+        let mut pids = vec![self.init.pid()];
+        pids.extend(self.execs().values().map(|p| p.pid()));
+        pids.retain(|p| *p != 0);
+        pids
+    }
+}
+
+/// Unmounts what the shim mounted in `bundle`: the bind in `vmkit/rootfs`, and
+/// `rootfs` when containerd's mounts were made there. Also what the `delete`
+/// subcommand runs after a shim was killed.
+pub(crate) fn cleanup_bundle(bundle: &Path, mounted_rootfs: bool) {
+    for (target, ours) in [
+        (bundle.join("vmkit/rootfs"), true),
+        (bundle.join("rootfs"), mounted_rootfs),
+    ] {
+        if ours && let Err(e) = mounts::unmount(&target) {
+            log::warn!("{e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_containerd_identifiers() {
+        for ok in ["c1", "a", "0abc_d.e-f", &"x".repeat(76)] {
+            assert!(check_id("container", ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "-a", ".a", "a/b", "../x", "a b", "a\0", &"x".repeat(77)] {
+            let err = check_id("container", bad).unwrap_err().to_string();
+            assert!(
+                err.contains("not a containerd identifier"),
+                "{bad:?}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn short_keys_are_stable_and_distinct() {
+        assert_eq!(short_key("default/c1"), short_key("default/c1"));
+        assert_ne!(short_key("default/c1"), short_key("default/c2"));
+        assert_eq!(short_key("x").len(), 16);
+    }
+}

@@ -1,0 +1,140 @@
+//! The VM that holds a container, or a pod's containers: booted with the first
+//! container's directory as a share, later ones hot-plugged; its agent runs crun.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use vmkit_core::{DeviceConfigurator, DeviceSpec, Instance, ShareConfig, ShareVia, StartOptions};
+use vmkit_process::{Command, Filesystem, Mount, Process, Processes};
+
+use crate::config::ShimConfig;
+use crate::error::{Error, Result};
+
+/// How long one guest call may take (a mount, a spawn, a `crun kill`).
+pub(crate) const CALL: Duration = Duration::from_secs(30);
+
+/// One VM and the guest services the shim uses.
+pub(crate) struct Sandbox {
+    vm: Arc<dyn Instance>,
+    processes: Processes,
+    fs: Filesystem,
+}
+
+/// A directory of the host the guest mounts: the share's id and tag.
+pub(crate) fn share(id: &str, tag: &str, dir: &std::path::Path) -> ShareConfig {
+    ShareConfig {
+        via: ShareVia::VirtioFs,
+        ..ShareConfig::new(id, tag, dir)
+    }
+}
+
+impl Sandbox {
+    /// Makes the VM `key` (its state in `<state_root>/<key>`) with `first` shared, and
+    /// starts it: the agent answered.
+    pub(crate) async fn boot(
+        config: &ShimConfig,
+        key: &str,
+        first: ShareConfig,
+    ) -> Result<Sandbox> {
+        let vm_id = format!("vm{key}");
+        let op = format!("start VM {vm_id}");
+        let backend = config.backend()?;
+        let vm: Arc<dyn Instance> = Arc::from(
+            backend
+                .create(config.instance(&vm_id, key))
+                .map_err(Error::vm(&op))?,
+        );
+        vm.add_device(DeviceSpec::Share(first))
+            .map_err(Error::vm(&op))?;
+        if let Err(e) = vm.start(StartOptions::new()).await {
+            let _ = vm.shutdown().await;
+            return Err(Error::vm(op)(e));
+        }
+        Ok(Sandbox {
+            processes: Processes::new(vm.clone()),
+            fs: Filesystem::new(vm.clone()),
+            vm,
+        })
+    }
+
+    /// Hot-plugs another container's directory.
+    pub(crate) async fn add_share(&self, share: ShareConfig) -> Result<()> {
+        let op = format!("share {} with the VM", share.path.display());
+        self.vm
+            .hotplug_device(DeviceSpec::Share(share))
+            .await
+            .map_err(Error::vm(op))
+    }
+
+    /// Unplugs a container's directory.
+    pub(crate) async fn remove_share(&self, id: &str) -> Result<()> {
+        self.vm
+            .unplug(id)
+            .await
+            .map_err(Error::vm(format!("unplug share {id}")))
+    }
+
+    /// Mounts the share `tag` at `target` in the guest.
+    pub(crate) async fn mount(&self, tag: &str, target: &str) -> Result<()> {
+        self.fs
+            .mount(&Mount::share(tag, target).create_target(), CALL)
+            .await
+            .map_err(Error::guest(format!(
+                "mount share {tag} at {target} in the guest"
+            )))
+    }
+
+    /// Unmounts `target` in the guest.
+    pub(crate) async fn unmount(&self, target: &str) -> Result<()> {
+        self.fs
+            .unmount(target, true, CALL)
+            .await
+            .map_err(Error::guest(format!("unmount {target} in the guest")))
+    }
+
+    /// Starts `cmd` in the guest.
+    pub(crate) async fn spawn(&self, cmd: &Command) -> Result<Process> {
+        self.processes
+            .spawn(cmd, CALL)
+            .await
+            .map_err(Error::guest(format!("run {:?} in the guest", cmd.argv())))
+    }
+
+    /// Runs `cmd` in the guest to its end; its stderr when it fails.
+    pub(crate) async fn run(&self, cmd: &Command) -> Result<()> {
+        use tokio::io::AsyncReadExt;
+        let op = format!("{:?} in the guest", cmd.argv());
+        let mut process = self.spawn(cmd).await?;
+        let mut stderr = process.take_stderr();
+        let drain_out = process.take_stdout().map(|mut out| {
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut out, &mut tokio::io::sink()).await;
+            })
+        });
+        let mut message = String::new();
+        if let Some(err) = stderr.as_mut() {
+            let _ = tokio::time::timeout(CALL, err.read_to_string(&mut message)).await;
+        }
+        let status = process.wait(CALL).await.map_err(Error::guest(&op))?;
+        if let Some(task) = drain_out {
+            let _ = task.await;
+        }
+        if status.success() {
+            Ok(())
+        } else {
+            Err(Error::state(op, format!("{status}: {}", message.trim())))
+        }
+    }
+
+    /// The VMM's process id on the host (what containerd shows as the task's pid).
+    pub(crate) fn pid(&self) -> u32 {
+        self.vm.vm_info().pid.unwrap_or(0)
+    }
+
+    /// Stops the VM; it leaves nothing behind.
+    pub(crate) async fn shutdown(&self) {
+        if let Err(e) = self.vm.shutdown().await {
+            log::warn!("shut the VM down: {e}");
+        }
+    }
+}

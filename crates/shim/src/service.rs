@@ -1,0 +1,442 @@
+//! containerd's task service over the shim's containers and their VM.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use containerd_shim::asynchronous::ExitSignal;
+use containerd_shim::protos::events::task::{
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskStart,
+};
+use containerd_shim::{TtrpcContext, TtrpcResult, api};
+use containerd_shim_protos::shim_async::Task;
+use containerd_shim_protos::types::task::Status as TaskStatus;
+
+use crate::config::ShimConfig;
+use crate::container::{Container, short_key};
+use crate::error::{Error, Result};
+use crate::events::{Events, timestamp};
+use crate::process::{Exit, Proc, Status};
+use crate::sandbox::{self, Sandbox};
+use crate::stdio::StdioPaths;
+
+/// The task service of one shim: the containers it holds and their VM.
+pub(crate) struct Service {
+    namespace: String,
+    /// Names the VM's state dir: the shim's id (the pod's, or the container's).
+    key: String,
+    events: Events,
+    exit: Arc<ExitSignal>,
+    sandbox: tokio::sync::Mutex<Option<Arc<Sandbox>>>,
+    containers: Mutex<HashMap<String, Arc<Container>>>,
+}
+
+impl Service {
+    pub(crate) fn new(
+        namespace: &str,
+        shim_id: &str,
+        events: Events,
+        exit: Arc<ExitSignal>,
+    ) -> Service {
+        Service {
+            namespace: namespace.to_owned(),
+            key: short_key(&format!("{namespace}/{shim_id}")),
+            events,
+            exit,
+            sandbox: tokio::sync::Mutex::new(None),
+            containers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn containers(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Container>>> {
+        // A poisoned lock only means a panic elsewhere; the map is still whole.
+        self.containers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn container(&self, id: &str) -> Result<Arc<Container>> {
+        self.containers()
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Error::not_found("task", format!("container {id}")))
+    }
+
+    async fn sandbox(&self) -> Result<Arc<Sandbox>> {
+        self.sandbox
+            .lock()
+            .await
+            .clone()
+            .ok_or_else(|| Error::state("task", "the VM is not running"))
+    }
+
+    /// Shares `container`'s directory with the VM (booting it for the first container)
+    /// and mounts it in the guest.
+    async fn attach(&self, container: &Container) -> Result<Arc<Sandbox>> {
+        let share = sandbox::share(&container.share_id, &container.tag, container.host_dir());
+        let mut slot = self.sandbox.lock().await;
+        let vm = match slot.as_ref() {
+            Some(vm) => {
+                vm.add_share(share).await?;
+                vm.clone()
+            }
+            None => {
+                let config = ShimConfig::load()?;
+                let vm = Arc::new(Sandbox::boot(&config, &self.key, share).await?);
+                *slot = Some(vm.clone());
+                vm
+            }
+        };
+        drop(slot);
+        vm.mount(&container.tag, &container.guest_dir).await?;
+        Ok(vm)
+    }
+
+    async fn create(&self, req: &api::CreateTaskRequest) -> Result<u32> {
+        if self.containers().contains_key(&req.id) {
+            return Err(Error::state(
+                format!("create container {}", req.id),
+                "it exists",
+            ));
+        }
+        let container = Arc::new(Container::prepare(&self.namespace, req)?);
+        let vm = match self.attach(&container).await {
+            Ok(vm) => vm,
+            Err(e) => {
+                container.cleanup_host();
+                self.shutdown_if_empty().await;
+                return Err(e);
+            }
+        };
+        self.containers().insert(req.id.clone(), container.clone());
+        let pid = vm.pid();
+        self.events.send(TaskCreate {
+            container_id: req.id.clone(),
+            bundle: req.bundle.clone(),
+            rootfs: req.rootfs.clone(),
+            io: Some(TaskIO {
+                stdin: req.stdin.clone(),
+                stdout: req.stdout.clone(),
+                stderr: req.stderr.clone(),
+                terminal: req.terminal,
+                ..Default::default()
+            })
+            .into(),
+            pid,
+            ..Default::default()
+        });
+        Ok(pid)
+    }
+
+    async fn start(&self, id: &str, exec_id: &str) -> Result<u32> {
+        let container = self.container(id)?;
+        let proc = container.process(exec_id)?;
+        let vm = self.sandbox().await?;
+        let events = self.events.clone();
+        let (cid, eid) = (id.to_owned(), exec_id.to_owned());
+        let pid = proc
+            .start(&vm, move |exit: Exit| {
+                events.send(TaskExit {
+                    container_id: cid.clone(),
+                    id: if eid.is_empty() { cid } else { eid },
+                    pid: 0,
+                    exit_status: exit.code,
+                    exited_at: Some(timestamp(exit.at)).into(),
+                    ..Default::default()
+                });
+            })
+            .await?;
+        if exec_id.is_empty() {
+            self.events.send(TaskStart {
+                container_id: id.to_owned(),
+                pid,
+                ..Default::default()
+            });
+        } else {
+            self.events.send(TaskExecStarted {
+                container_id: id.to_owned(),
+                exec_id: exec_id.to_owned(),
+                pid,
+                ..Default::default()
+            });
+        }
+        Ok(pid)
+    }
+
+    async fn kill(&self, req: &api::KillRequest) -> Result<()> {
+        let container = self.container(&req.id)?;
+        let proc = container.process(&req.exec_id)?;
+        if let Some(exit) = proc.end_unstarted(req.signal) {
+            self.send_exit(&container.id, &proc, exit);
+            return Ok(());
+        }
+        if !req.exec_id.is_empty() {
+            return proc.signal(req.signal).await;
+        }
+        if proc.status() == Status::Stopped {
+            return Err(Error::not_found(
+                format!("kill {}", req.id),
+                "process already finished",
+            ));
+        }
+        let vm = self.sandbox().await?;
+        vm.run(&container.kill_command(req.signal, req.all)).await
+    }
+
+    fn send_exit(&self, id: &str, proc: &Proc, exit: Exit) {
+        self.events.send(TaskExit {
+            container_id: id.to_owned(),
+            id: if proc.exec_id.is_empty() {
+                id.to_owned()
+            } else {
+                proc.exec_id.clone()
+            },
+            exit_status: exit.code,
+            exited_at: Some(timestamp(exit.at)).into(),
+            ..Default::default()
+        });
+    }
+
+    async fn delete(&self, id: &str, exec_id: &str) -> Result<api::DeleteResponse> {
+        let container = self.container(id)?;
+        let proc = container.process(exec_id)?;
+        let op = format!("delete {id} {exec_id}");
+        let exit = match (proc.status(), proc.exit()) {
+            (Status::Running, _) => return Err(Error::state(op, "it is still running")),
+            (_, Some(exit)) => exit,
+            (_, None) => Exit::of(vmkit_process::ExitStatus::Code(0)),
+        };
+        if exec_id.is_empty() {
+            self.containers().remove(id);
+            if let Some(vm) = self.sandbox.lock().await.clone() {
+                if let Err(e) = vm.unmount(&container.guest_dir).await {
+                    log::warn!("{e}");
+                }
+                let others = !self.containers().is_empty();
+                if others && let Err(e) = vm.remove_share(&container.share_id).await {
+                    log::warn!("{e}");
+                }
+            }
+            self.shutdown_if_empty().await;
+            container.cleanup_host();
+            self.events.send(TaskDelete {
+                container_id: id.to_owned(),
+                exit_status: exit.code,
+                exited_at: Some(timestamp(exit.at)).into(),
+                ..Default::default()
+            });
+        } else {
+            container.remove_exec(exec_id);
+        }
+        Ok(api::DeleteResponse {
+            pid: proc.pid(),
+            exit_status: exit.code,
+            exited_at: Some(timestamp(exit.at)).into(),
+            ..Default::default()
+        })
+    }
+
+    /// Stops the VM once no container is left in it.
+    async fn shutdown_if_empty(&self) {
+        if !self.containers().is_empty() {
+            return;
+        }
+        let vm = self.sandbox.lock().await.take();
+        if let Some(vm) = vm {
+            vm.shutdown().await;
+        }
+    }
+
+    fn state(&self, id: &str, exec_id: &str) -> Result<api::StateResponse> {
+        let container = self.container(id)?;
+        let proc = container.process(exec_id)?;
+        let status = match proc.status() {
+            Status::Created => TaskStatus::CREATED,
+            Status::Running => TaskStatus::RUNNING,
+            Status::Stopped => TaskStatus::STOPPED,
+        };
+        let exit = proc.exit();
+        Ok(api::StateResponse {
+            id: id.to_owned(),
+            bundle: container.bundle.display().to_string(),
+            pid: proc.pid(),
+            status: status.into(),
+            stdin: proc.stdio.stdin.clone(),
+            stdout: proc.stdio.stdout.clone(),
+            stderr: proc.stdio.stderr.clone(),
+            terminal: proc.stdio.terminal,
+            exit_status: exit.map_or(0, |e| e.code),
+            exited_at: exit.map(|e| timestamp(e.at)).into(),
+            exec_id: exec_id.to_owned(),
+            ..Default::default()
+        })
+    }
+
+    fn exec(&self, req: &api::ExecProcessRequest) -> Result<()> {
+        let container = self.container(&req.id)?;
+        let op = format!("exec {} in {}", req.exec_id, req.id);
+        let process: serde_json::Value = serde_json::from_slice(&req.spec.value)
+            .map_err(|e| Error::bad(&op, format!("process spec: {e}")))?;
+        container.add_exec(
+            &req.exec_id,
+            &process,
+            StdioPaths {
+                stdin: req.stdin.clone(),
+                stdout: req.stdout.clone(),
+                stderr: req.stderr.clone(),
+                terminal: req.terminal,
+            },
+        )?;
+        self.events.send(TaskExecAdded {
+            container_id: req.id.clone(),
+            exec_id: req.exec_id.clone(),
+            ..Default::default()
+        });
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Task for Service {
+    async fn create(
+        &self,
+        _: &TtrpcContext,
+        req: api::CreateTaskRequest,
+    ) -> TtrpcResult<api::CreateTaskResponse> {
+        log::info!("create {}", req.id);
+        let pid = Service::create(self, &req).await?;
+        Ok(api::CreateTaskResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    async fn start(
+        &self,
+        _: &TtrpcContext,
+        req: api::StartRequest,
+    ) -> TtrpcResult<api::StartResponse> {
+        let pid = Service::start(self, &req.id, &req.exec_id).await?;
+        Ok(api::StartResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    async fn state(
+        &self,
+        _: &TtrpcContext,
+        req: api::StateRequest,
+    ) -> TtrpcResult<api::StateResponse> {
+        Ok(Service::state(self, &req.id, &req.exec_id)?)
+    }
+
+    async fn wait(
+        &self,
+        _: &TtrpcContext,
+        req: api::WaitRequest,
+    ) -> TtrpcResult<api::WaitResponse> {
+        let proc = self.container(&req.id)?.process(&req.exec_id)?;
+        let exit = proc.wait().await;
+        Ok(api::WaitResponse {
+            exit_status: exit.code,
+            exited_at: Some(timestamp(exit.at)).into(),
+            ..Default::default()
+        })
+    }
+
+    async fn kill(&self, _: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
+        Service::kill(self, &req).await?;
+        Ok(api::Empty::new())
+    }
+
+    async fn delete(
+        &self,
+        _: &TtrpcContext,
+        req: api::DeleteRequest,
+    ) -> TtrpcResult<api::DeleteResponse> {
+        Ok(Service::delete(self, &req.id, &req.exec_id).await?)
+    }
+
+    async fn exec(
+        &self,
+        _: &TtrpcContext,
+        req: api::ExecProcessRequest,
+    ) -> TtrpcResult<api::Empty> {
+        Service::exec(self, &req)?;
+        Ok(api::Empty::new())
+    }
+
+    async fn resize_pty(
+        &self,
+        _: &TtrpcContext,
+        req: api::ResizePtyRequest,
+    ) -> TtrpcResult<api::Empty> {
+        let proc = self.container(&req.id)?.process(&req.exec_id)?;
+        proc.resize(req.width, req.height).await?;
+        Ok(api::Empty::new())
+    }
+
+    async fn close_io(
+        &self,
+        _: &TtrpcContext,
+        req: api::CloseIORequest,
+    ) -> TtrpcResult<api::Empty> {
+        if req.stdin {
+            self.container(&req.id)?
+                .process(&req.exec_id)?
+                .close_stdin();
+        }
+        Ok(api::Empty::new())
+    }
+
+    async fn pids(
+        &self,
+        _: &TtrpcContext,
+        req: api::PidsRequest,
+    ) -> TtrpcResult<api::PidsResponse> {
+        let container = self.container(&req.id)?;
+        let processes = container
+            .pids()
+            .into_iter()
+            .map(|pid| containerd_shim_protos::types::task::ProcessInfo {
+                pid,
+                ..Default::default()
+            })
+            .collect();
+        Ok(api::PidsResponse {
+            processes,
+            ..Default::default()
+        })
+    }
+
+    async fn connect(
+        &self,
+        _: &TtrpcContext,
+        req: api::ConnectRequest,
+    ) -> TtrpcResult<api::ConnectResponse> {
+        let task_pid = match self.sandbox.lock().await.as_ref() {
+            Some(vm) => vm.pid(),
+            None => 0,
+        };
+        let _ = self.container(&req.id)?;
+        Ok(api::ConnectResponse {
+            shim_pid: std::process::id(),
+            task_pid,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            ..Default::default()
+        })
+    }
+
+    async fn shutdown(
+        &self,
+        _: &TtrpcContext,
+        _req: api::ShutdownRequest,
+    ) -> TtrpcResult<api::Empty> {
+        if self.containers().is_empty() {
+            self.shutdown_if_empty().await;
+            self.exit.signal();
+        }
+        Ok(api::Empty::new())
+    }
+}

@@ -1,0 +1,89 @@
+//! containerd 2.x for the shim's tests, and a busybox root filesystem for their
+//! containers, under `target/vmkit-containerd/`.
+//!
+//! Debian's bookworm has containerd 1.6, whose shims speak task API v2; the shim speaks
+//! v3 (containerd ≥ 2.0). So containerd comes from sid's package, fetched with
+//! `apt-get download` against apt lists of our own ([`AptRoot`]) and unpacked here —
+//! sid is never added to the system's sources (an install from it upgrades the host's
+//! libc halfway). The sid build is a static Go binary set and runs on bookworm.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::apt::{AptRoot, unpack};
+use crate::run::{output, step, workspace_root};
+
+/// What the shim's tests need: containerd's binaries and a busybox root filesystem.
+pub(crate) struct Containerd {
+    /// Holds `containerd`, `ctr` and `containerd-shim-runc-v2`.
+    pub(crate) bin_dir: PathBuf,
+    /// A root filesystem of static busybox and its applets.
+    pub(crate) busybox_rootfs: PathBuf,
+}
+
+/// Fetches and unpacks containerd and lays out the busybox root filesystem, unless
+/// they are there already.
+pub(crate) fn ensure() -> Result<Containerd, String> {
+    let dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace_root().join("target"), PathBuf::from)
+        .join("vmkit-containerd");
+    let bin_dir = dir.join("root/usr/bin");
+    let busybox_rootfs = dir.join("busybox-rootfs");
+    if bin_dir.join("containerd").is_file() && busybox_rootfs.join("bin/busybox").is_file() {
+        println!("==> containerd: up to date in {}", dir.display());
+        return Ok(Containerd {
+            bin_dir,
+            busybox_rootfs,
+        });
+    }
+    let _ = fs::remove_dir_all(&dir);
+    let debs = dir.join("debs");
+    fs::create_dir_all(&debs).map_err(|e| format!("create {}: {e}", debs.display()))?;
+    // apt's sandbox user must be able to write here, or apt warns and falls back to root.
+    let _ = Command::new("chmod").arg("777").arg(&debs).status();
+    AptRoot::sid(None).download("sid", &debs, &["containerd"])?;
+    step(
+        "download busybox-static",
+        Command::new("apt-get")
+            .current_dir(&debs)
+            .args(["download", "-q", "busybox-static"]),
+    )?;
+    unpack(&debs, "containerd", &dir.join("root"))?;
+    let busybox = dir.join("busybox");
+    unpack(&debs, "busybox-static", &busybox)?;
+    busybox_tree(&busybox.join("bin/busybox"), &busybox_rootfs)?;
+    let _ = fs::remove_dir_all(&debs);
+    let _ = fs::remove_dir_all(&busybox);
+    let version =
+        output(Command::new(bin_dir.join("containerd")).arg("--version")).unwrap_or_default();
+    println!("==> containerd: {} in {}", version.trim(), dir.display());
+    Ok(Containerd {
+        bin_dir,
+        busybox_rootfs,
+    })
+}
+
+/// A root filesystem holding `busybox` at `/bin/busybox`, a symlink per applet in
+/// `/bin`, and the directories a container's mounts need.
+fn busybox_tree(busybox: &Path, rootfs: &Path) -> Result<(), String> {
+    for sub in ["bin", "proc", "sys", "dev", "etc", "tmp", "root"] {
+        fs::create_dir_all(rootfs.join(sub))
+            .map_err(|e| format!("create {}: {e}", rootfs.join(sub).display()))?;
+    }
+    fs::copy(busybox, rootfs.join("bin/busybox"))
+        .map_err(|e| format!("copy {}: {e}", busybox.display()))?;
+    let list = output(Command::new(busybox).arg("--list"))
+        .ok_or_else(|| format!("{} --list failed", busybox.display()))?;
+    for applet in list
+        .lines()
+        .map(str::trim)
+        .filter(|a| !a.is_empty() && *a != "busybox")
+    {
+        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet))
+            .map_err(|e| format!("link applet {applet}: {e}"))?;
+    }
+    fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n")
+        .map_err(|e| format!("write etc/passwd: {e}"))?;
+    fs::write(rootfs.join("etc/group"), "root:x:0:\n").map_err(|e| format!("write etc/group: {e}"))
+}
