@@ -12,11 +12,14 @@ use vmkit_process::Command;
 use crate::error::{Error, Result};
 use crate::mounts;
 use crate::process::Proc;
+use crate::resize::Ask;
 use crate::spec;
 use crate::stdio::StdioPaths;
 
 /// crun in the guest image, and its state dir there.
 const CRUN: [&str; 3] = ["/usr/bin/crun", "--root", "/run/crun"];
+/// The init process's pid file, in the shared directory.
+const PID_FILE: &str = "init.pid";
 /// Where a container's shared directory is mounted in the guest (`/<dir>/<id>`).
 const GUEST_ROOT: &str = "/containers";
 
@@ -61,6 +64,8 @@ pub(crate) struct Container {
     mounted_rootfs: bool,
     pub(crate) init: Arc<Proc>,
     execs: Mutex<HashMap<String, Arc<Proc>>>,
+    /// What its last `Update` asked of the VM.
+    ask: Mutex<Ask>,
 }
 
 impl Container {
@@ -116,15 +121,19 @@ impl Container {
                 Command::new(CRUN.iter().copied().chain([
                     "run",
                     "--no-pivot",
+                    "--pid-file",
+                    &format!("{GUEST_ROOT}/{}/{PID_FILE}", req.id),
                     "--bundle",
                     &format!("{GUEST_ROOT}/{}", req.id),
                     &req.id,
                 ])),
+                host_dir.join(PID_FILE),
             )),
             host_dir: host_dir.clone(),
             bundle,
             mounted_rootfs,
             execs: Mutex::new(HashMap::new()),
+            ask: Mutex::new(Ask::default()),
         };
         // From here on, what failed is undone by cleanup.
         let made = (|| {
@@ -188,17 +197,26 @@ impl Container {
         std::fs::write(self.host_dir.join(&name), bytes)
             .map_err(Error::io(format!("{op}: write its process spec")))?;
         let path = format!("{}/{name}", self.guest_dir);
-        let command =
-            Command::new(
-                CRUN.iter()
-                    .copied()
-                    .chain(["exec", "--process", &path, &self.id]),
-            );
+        let pid_file = format!("exec-{exec_id}.pid");
+        let guest_pid_file = format!("{}/{pid_file}", self.guest_dir);
+        let command = Command::new(CRUN.iter().copied().chain([
+            "exec",
+            "--pid-file",
+            &guest_pid_file,
+            "--process",
+            &path,
+            &self.id,
+        ]));
         let stdio = StdioPaths {
             terminal: stdio.terminal || guest.terminal,
             ..stdio
         };
-        let proc = Arc::new(Proc::new(exec_id, stdio, command));
+        let proc = Arc::new(Proc::new(
+            exec_id,
+            stdio,
+            command,
+            self.host_dir.join(pid_file),
+        ));
         self.execs().insert(exec_id.to_owned(), proc.clone());
         Ok(proc)
     }
@@ -207,6 +225,36 @@ impl Container {
     pub(crate) fn remove_exec(&self, exec_id: &str) {
         self.execs().remove(exec_id);
         let _ = std::fs::remove_file(self.host_dir.join(format!("exec-{exec_id}.json")));
+        let _ = std::fs::remove_file(self.host_dir.join(format!("exec-{exec_id}.pid")));
+    }
+
+    /// What its last `Update` asked of the VM.
+    pub(crate) fn ask(&self) -> Ask {
+        *self
+            .ask
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Takes `resources` (OCI `LinuxResources`) as the container's: what it asks of the
+    /// VM, and the file `crun update` reads in the guest; returns `crun update`'s
+    /// command.
+    pub(crate) fn update(&self, resources: &serde_json::Value) -> Result<Command> {
+        let op = format!("update container {}", self.id);
+        let bytes = serde_json::to_vec(resources).map_err(|e| Error::bad(&op, e.to_string()))?;
+        std::fs::write(self.host_dir.join("resources.json"), bytes)
+            .map_err(Error::io(format!("{op}: write resources.json")))?;
+        *self
+            .ask
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Ask::of(resources);
+        let path = format!("{}/resources.json", self.guest_dir);
+        Ok(Command::new(CRUN.iter().copied().chain([
+            "update",
+            "--resources",
+            &path,
+            &self.id,
+        ])))
     }
 
     /// `crun kill [--all] <id> <signal>`, for the guest.
@@ -221,7 +269,7 @@ impl Container {
         Command::new(argv)
     }
 
-    /// The guest pids of the container's processes (the crun processes the agent runs).
+    /// The guest pids of the container's processes.
     pub(crate) fn pids(&self) -> Vec<u32> {
         let mut pids = vec![self.init.pid()];
         pids.extend(self.execs().values().map(|p| p.pid()));

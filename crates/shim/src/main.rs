@@ -18,6 +18,7 @@ mod error;
 mod events;
 mod mounts;
 mod process;
+mod resize;
 mod sandbox;
 mod service;
 mod shim;

@@ -2,8 +2,9 @@
 //! through the guest agent: started, its stdio copied to containerd's FIFOs, its exit
 //! recorded once its output has drained.
 
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::watch;
 use vmkit_process::{Command, ExitStatus, Process};
@@ -11,6 +12,9 @@ use vmkit_process::{Command, ExitStatus, Process};
 use crate::error::{Error, Result};
 use crate::sandbox::{CALL, Sandbox};
 use crate::stdio::{self, StdinPump, StdioPaths};
+
+/// How long crun may take from spawned to the container process running.
+const RUNNING: Duration = Duration::from_secs(60);
 
 /// How a process ended, for containerd.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +48,7 @@ pub(crate) enum Status {
 #[derive(Default)]
 struct Running {
     process: Option<Arc<Process>>,
+    /// The container process's pid in the guest (crun's child, not crun).
     pid: u32,
     stdin: Option<StdinPump>,
 }
@@ -54,13 +59,21 @@ pub(crate) struct Proc {
     pub(crate) exec_id: String,
     pub(crate) stdio: StdioPaths,
     command: Command,
+    pid_file: PathBuf,
     running: Mutex<Running>,
     exit: watch::Sender<Option<Exit>>,
 }
 
 impl Proc {
     /// A process not started yet, which will run `command` in the guest.
-    pub(crate) fn new(exec_id: &str, stdio: StdioPaths, command: Command) -> Proc {
+    /// `pid_file` is where crun writes (through the share) the container process's
+    /// pid in the guest once it runs: `command` names it as `--pid-file`.
+    pub(crate) fn new(
+        exec_id: &str,
+        stdio: StdioPaths,
+        command: Command,
+        pid_file: PathBuf,
+    ) -> Proc {
         let command = if stdio.terminal {
             command.tty(24, 80)
         } else {
@@ -70,6 +83,7 @@ impl Proc {
             exec_id: exec_id.to_owned(),
             stdio,
             command,
+            pid_file,
             running: Mutex::new(Running::default()),
             exit: watch::channel(None).0,
         }
@@ -137,11 +151,9 @@ impl Proc {
             }
         }
         let process = Arc::new(process);
-        let pid = process.pid();
         {
             let mut running = self.running();
             running.process = Some(process.clone());
-            running.pid = pid;
             running.stdin = stdin;
         }
         let me = self.clone();
@@ -154,7 +166,40 @@ impl Proc {
             me.exit.send_replace(Some(exit));
             on_exit(exit);
         });
+        let pid = self.until_running().await?;
+        self.running().pid = pid;
         Ok(pid)
+    }
+
+    /// Waits until crun has the container process running: its pid file appears.
+    async fn until_running(&self) -> Result<u32> {
+        let op = format!("start process {:?}", self.exec_id);
+        let until = Instant::now() + RUNNING;
+        loop {
+            if let Ok(text) = tokio::fs::read_to_string(&self.pid_file).await {
+                // Written by crun in the guest: a number, or the guest is lying.
+                match text.trim().parse::<u32>() {
+                    Ok(pid) if pid > 0 => return Ok(pid),
+                    _ if text.ends_with('\n') || text.len() > 10 => {
+                        return Err(Error::state(op, format!("bad pid file {text:?}")));
+                    }
+                    _ => {} // being written
+                }
+            }
+            if let Some(exit) = self.exit() {
+                return Err(Error::state(
+                    op,
+                    format!(
+                        "crun ended with code {} before the process ran (its stderr has why)",
+                        exit.code
+                    ),
+                ));
+            }
+            if Instant::now() > until {
+                return Err(Error::state(op, format!("not running after {RUNNING:?}")));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Waits until it ended.
@@ -200,6 +245,10 @@ impl Proc {
 
     /// Resizes its TTY.
     pub(crate) async fn resize(&self, cols: u32, rows: u32) -> Result<()> {
+        // A terminal of unknown size reports 0x0: nothing to pass on.
+        if cols == 0 || rows == 0 {
+            return Ok(());
+        }
         let op = format!("resize the tty of process {:?}", self.exec_id);
         let process = self.running().process.clone();
         let process = process.ok_or_else(|| Error::state(&op, "it has not started"))?;

@@ -9,6 +9,7 @@ use vmkit_process::{Command, Filesystem, Mount, Process, Processes};
 
 use crate::config::ShimConfig;
 use crate::error::{Error, Result};
+use crate::resize::Ask;
 
 /// How long one guest call may take (a mount, a spawn, a `crun kill`).
 pub(crate) const CALL: Duration = Duration::from_secs(30);
@@ -16,6 +17,11 @@ pub(crate) const CALL: Duration = Duration::from_secs(30);
 /// One VM and the guest services the shim uses.
 pub(crate) struct Sandbox {
     vm: Arc<dyn Instance>,
+    /// vCPUs and MiB the VM booted with, and its vCPU ceiling.
+    base: Ask,
+    max_vcpus: u32,
+    /// Removed when the VM ends.
+    state_dir: std::path::PathBuf,
     processes: Processes,
     fs: Filesystem,
 }
@@ -39,18 +45,23 @@ impl Sandbox {
         let vm_id = format!("vm{key}");
         let op = format!("start VM {vm_id}");
         let backend = config.backend()?;
-        let vm: Arc<dyn Instance> = Arc::from(
-            backend
-                .create(config.instance(&vm_id, key))
-                .map_err(Error::vm(&op))?,
-        );
+        let instance = config.instance(&vm_id, key);
+        let state_dir = instance.state_dir.clone();
+        let vm: Arc<dyn Instance> = Arc::from(backend.create(instance).map_err(Error::vm(&op))?);
         vm.add_device(DeviceSpec::Share(first))
             .map_err(Error::vm(&op))?;
         if let Err(e) = vm.start(StartOptions::new()).await {
             let _ = vm.shutdown().await;
+            let _ = std::fs::remove_dir_all(&state_dir);
             return Err(Error::vm(op)(e));
         }
         Ok(Sandbox {
+            base: Ask {
+                vcpus: config.resources.boot_vcpus,
+                memory_mib: config.resources.memory_mib,
+            },
+            max_vcpus: config.resources.max_vcpus,
+            state_dir,
             processes: Processes::new(vm.clone()),
             fs: Filesystem::new(vm.clone()),
             vm,
@@ -126,15 +137,62 @@ impl Sandbox {
         }
     }
 
+    /// Sizes the VM for its containers' `asks` on top of its base: vCPUs to the sum
+    /// (at most its ceiling), memory grown by hot-plug (never shrunk: a guest rarely
+    /// gives memory back).
+    pub(crate) async fn resize(&self, asks: Ask) -> Result<()> {
+        let vcpus = self
+            .base
+            .vcpus
+            .saturating_add(asks.vcpus)
+            .min(self.max_vcpus);
+        let op = format!("resize the VM to {vcpus} vCPUs");
+        let cpus = self
+            .vm
+            .cpu_hotplugger()
+            .ok_or_else(|| Error::unsupported(&op, "the backend cannot change vCPUs"))?;
+        let resized = cpus.set_vcpus(vcpus).await.map_err(Error::vm(&op))?;
+        if let Some(failure) = resized.failures.first() {
+            return Err(Error::state(
+                op,
+                format!("vCPU {}: {}", failure.index, failure.error),
+            ));
+        }
+        if asks.memory_mib == 0 {
+            return Ok(());
+        }
+        let want = self.base.memory_mib.saturating_add(asks.memory_mib);
+        let op = format!("grow the VM's memory to {want} MiB");
+        let memory = self
+            .vm
+            .memory_hotplugger()
+            .ok_or_else(|| Error::unsupported(&op, "the backend cannot change memory"))?;
+        let now = memory.query_memory().await.map_err(Error::vm(&op))?;
+        let have = now.base_mib + now.plugged_mib;
+        if want > have {
+            memory
+                .hotplug_memory(want - have)
+                .await
+                .map_err(Error::vm(op))?;
+        }
+        Ok(())
+    }
+
     /// The VMM's process id on the host (what containerd shows as the task's pid).
     pub(crate) fn pid(&self) -> u32 {
         self.vm.vm_info().pid.unwrap_or(0)
     }
 
-    /// Stops the VM; it leaves nothing behind.
+    /// Stops the VM and removes its state dir (its logs too): it leaves nothing behind.
     pub(crate) async fn shutdown(&self) {
         if let Err(e) = self.vm.shutdown().await {
             log::warn!("shut the VM down: {e}");
+        }
+        if let Err(e) = std::fs::remove_dir_all(&self.state_dir) {
+            log::warn!(
+                "remove the VM's state dir {}: {e}",
+                self.state_dir.display()
+            );
         }
     }
 }

@@ -1,6 +1,7 @@
 //! containerd's task service over the shim's containers and their VM.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -17,6 +18,7 @@ use crate::container::{Container, short_key};
 use crate::error::{Error, Result};
 use crate::events::{Events, timestamp};
 use crate::process::{Exit, Proc, Status};
+use crate::resize::Ask;
 use crate::sandbox::{self, Sandbox};
 use crate::stdio::StdioPaths;
 
@@ -28,6 +30,9 @@ pub(crate) struct Service {
     events: Events,
     exit: Arc<ExitSignal>,
     sandbox: tokio::sync::Mutex<Option<Arc<Sandbox>>>,
+    /// The VM's pid on the host, once it runs: the pid containerd is told for every
+    /// process (a guest pid means nothing on the host).
+    vm_pid: AtomicU32,
     containers: Mutex<HashMap<String, Arc<Container>>>,
 }
 
@@ -44,6 +49,7 @@ impl Service {
             events,
             exit,
             sandbox: tokio::sync::Mutex::new(None),
+            vm_pid: AtomicU32::new(0),
             containers: Mutex::new(HashMap::new()),
         }
     }
@@ -83,6 +89,7 @@ impl Service {
             None => {
                 let config = ShimConfig::load()?;
                 let vm = Arc::new(Sandbox::boot(&config, &self.key, share).await?);
+                self.vm_pid.store(vm.pid(), Ordering::Relaxed);
                 *slot = Some(vm.clone());
                 vm
             }
@@ -131,21 +138,24 @@ impl Service {
     async fn start(&self, id: &str, exec_id: &str) -> Result<u32> {
         let container = self.container(id)?;
         let proc = container.process(exec_id)?;
+        log::info!("start {id} {exec_id:?}");
         let vm = self.sandbox().await?;
         let events = self.events.clone();
         let (cid, eid) = (id.to_owned(), exec_id.to_owned());
-        let pid = proc
-            .start(&vm, move |exit: Exit| {
-                events.send(TaskExit {
-                    container_id: cid.clone(),
-                    id: if eid.is_empty() { cid } else { eid },
-                    pid: 0,
-                    exit_status: exit.code,
-                    exited_at: Some(timestamp(exit.at)).into(),
-                    ..Default::default()
-                });
-            })
-            .await?;
+        // containerd gets host pids: the VM's (the container's pid is the guest's).
+        let pid = vm.pid();
+        proc.start(&vm, move |exit: Exit| {
+            log::info!("{cid} {eid:?} exited: {}", exit.code);
+            events.send(TaskExit {
+                container_id: cid.clone(),
+                id: if eid.is_empty() { cid } else { eid },
+                pid,
+                exit_status: exit.code,
+                exited_at: Some(timestamp(exit.at)).into(),
+                ..Default::default()
+            });
+        })
+        .await?;
         if exec_id.is_empty() {
             self.events.send(TaskStart {
                 container_id: id.to_owned(),
@@ -229,7 +239,7 @@ impl Service {
             container.remove_exec(exec_id);
         }
         Ok(api::DeleteResponse {
-            pid: proc.pid(),
+            pid: self.vm_pid.load(Ordering::Relaxed),
             exit_status: exit.code,
             exited_at: Some(timestamp(exit.at)).into(),
             ..Default::default()
@@ -247,6 +257,23 @@ impl Service {
         }
     }
 
+    /// Resizes the VM for what its containers now ask, then applies the container's
+    /// limits in the guest.
+    async fn update(&self, req: &api::UpdateTaskRequest) -> Result<()> {
+        let container = self.container(&req.id)?;
+        let op = format!("update container {}", req.id);
+        let resources: serde_json::Value = serde_json::from_slice(&req.resources.value)
+            .map_err(|e| Error::bad(&op, format!("resources: {e}")))?;
+        let crun_update = container.update(&resources)?;
+        let vm = self.sandbox().await?;
+        let asks: Vec<Ask> = self.containers().values().map(|c| c.ask()).collect();
+        vm.resize(Ask::total(&asks)).await?;
+        if container.init.status() == Status::Running {
+            vm.run(&crun_update).await?;
+        }
+        Ok(())
+    }
+
     fn state(&self, id: &str, exec_id: &str) -> Result<api::StateResponse> {
         let container = self.container(id)?;
         let proc = container.process(exec_id)?;
@@ -259,7 +286,7 @@ impl Service {
         Ok(api::StateResponse {
             id: id.to_owned(),
             bundle: container.bundle.display().to_string(),
-            pid: proc.pid(),
+            pid: self.vm_pid.load(Ordering::Relaxed),
             status: status.into(),
             stdin: proc.stdio.stdin.clone(),
             stdout: proc.stdio.stdout.clone(),
@@ -408,6 +435,15 @@ impl Task for Service {
             processes,
             ..Default::default()
         })
+    }
+
+    async fn update(
+        &self,
+        _: &TtrpcContext,
+        req: api::UpdateTaskRequest,
+    ) -> TtrpcResult<api::Empty> {
+        Service::update(self, &req).await?;
+        Ok(api::Empty::new())
     }
 
     async fn connect(

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use async_trait::async_trait;
+use containerd_shim::asynchronous::util::write_str_to_file;
 use containerd_shim::asynchronous::{ExitSignal, Shim, spawn};
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{Config, Flags, StartOpts};
@@ -16,6 +17,9 @@ use crate::config::ShimConfig;
 use crate::container::{cleanup_bundle, short_key};
 use crate::events::{Events, timestamp};
 use crate::service::Service;
+
+/// Where the shim server's address is kept, in the bundle.
+const ADDRESS_FILE: &str = "address";
 
 /// The annotation CRI sets on a pod's containers: the pod's sandbox id.
 const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
@@ -59,7 +63,11 @@ impl Shim for VmkitShim {
             .ok()
             .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
         let group = grouping(&opts.id, spec.as_ref());
-        spawn(opts, &group, Vec::new()).await
+        let address = spawn(opts, &group, Vec::new()).await?;
+        // The server removes its socket at its end by this file (cwd is the bundle);
+        // `delete` does when the server was killed.
+        write_str_to_file(ADDRESS_FILE, &address).await?;
+        Ok(address)
     }
 
     async fn delete_shim(&mut self) -> containerd_shim::Result<DeleteResponse> {
@@ -67,6 +75,12 @@ impl Shim for VmkitShim {
         // its QEMU and daemons died with it (parent-death signal); what is left are
         // the mounts in the bundle and the VM's state dir.
         cleanup_bundle(&self.bundle, true);
+        if let Ok(address) = std::fs::read_to_string(self.bundle.join(ADDRESS_FILE)) {
+            let socket = address.trim().trim_start_matches("unix://");
+            if socket.starts_with("/run/containerd/s/") && !socket.contains("..") {
+                let _ = std::fs::remove_file(socket);
+            }
+        }
         if let Ok(config) = ShimConfig::load() {
             let dir = config
                 .state_root

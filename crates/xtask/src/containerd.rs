@@ -1,6 +1,10 @@
 //! containerd 2.x for the shim's tests, and a busybox root filesystem for their
 //! containers, under `target/vmkit-containerd/`.
 //!
+//! The busybox root filesystem is also written as an OCI image archive
+//! (`images.tar`: a busybox image and a pause image for CRI's pods), which the tests
+//! import with `ctr image import` — no registry.
+//!
 //! Debian's bookworm has containerd 1.6, whose shims speak task API v2; the shim speaks
 //! v3 (containerd ≥ 2.0). So containerd comes from sid's package, fetched with
 //! `apt-get download` against apt lists of our own ([`AptRoot`]) and unpacked here —
@@ -12,6 +16,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::apt::{AptRoot, unpack};
+use crate::arch::GuestArch;
+use crate::oci_image::{self, Image};
 use crate::run::{output, step, workspace_root};
 
 /// What the shim's tests need: containerd's binaries and a busybox root filesystem.
@@ -20,7 +26,21 @@ pub(crate) struct Containerd {
     pub(crate) bin_dir: PathBuf,
     /// A root filesystem of static busybox and its applets.
     pub(crate) busybox_rootfs: PathBuf,
+    /// An OCI archive of [`BUSYBOX_IMAGE`] and [`PAUSE_IMAGE`], for `ctr image import`.
+    pub(crate) images: PathBuf,
 }
+
+/// The busybox image's name: `/bin/sh` by default.
+pub(crate) const BUSYBOX_IMAGE: &str = "vmkit.test/busybox:1";
+/// The pause image's name: a pod's sandbox container, which sleeps until stopped.
+pub(crate) const PAUSE_IMAGE: &str = "vmkit.test/pause:1";
+/// The pause image's entrypoint: sleeps, and ends at SIGTERM (PID 1 of its namespace
+/// would ignore a signal it has no handler for).
+const PAUSE: &[&str] = &[
+    "/bin/sh",
+    "-c",
+    "trap 'exit 0' TERM INT; while :; do sleep 3600 & wait $!; done",
+];
 
 /// Fetches and unpacks containerd and lays out the busybox root filesystem, unless
 /// they are there already.
@@ -30,11 +50,13 @@ pub(crate) fn ensure() -> Result<Containerd, String> {
         .join("vmkit-containerd");
     let bin_dir = dir.join("root/usr/bin");
     let busybox_rootfs = dir.join("busybox-rootfs");
-    if bin_dir.join("containerd").is_file() && busybox_rootfs.join("bin/busybox").is_file() {
+    let images = dir.join("images.tar");
+    if bin_dir.join("containerd").is_file() && images.is_file() {
         println!("==> containerd: up to date in {}", dir.display());
         return Ok(Containerd {
             bin_dir,
             busybox_rootfs,
+            images,
         });
     }
     let _ = fs::remove_dir_all(&dir);
@@ -55,12 +77,28 @@ pub(crate) fn ensure() -> Result<Containerd, String> {
     busybox_tree(&busybox.join("bin/busybox"), &busybox_rootfs)?;
     let _ = fs::remove_dir_all(&debs);
     let _ = fs::remove_dir_all(&busybox);
+    oci_image::write(
+        &busybox_rootfs,
+        &[
+            Image {
+                name: BUSYBOX_IMAGE,
+                entrypoint: None,
+            },
+            Image {
+                name: PAUSE_IMAGE,
+                entrypoint: Some(PAUSE),
+            },
+        ],
+        GuestArch::X86_64,
+        &images,
+    )?;
     let version =
         output(Command::new(bin_dir.join("containerd")).arg("--version")).unwrap_or_default();
     println!("==> containerd: {} in {}", version.trim(), dir.display());
     Ok(Containerd {
         bin_dir,
         busybox_rootfs,
+        images,
     })
 }
 

@@ -25,7 +25,17 @@ pub(crate) fn ensure_all() -> Result<(), String> {
     ensure_qemu()?;
     ensure_vhost_device_vsock()?;
     ensure_virtiofsd()?;
+    ensure_protoc()?;
     Ok(())
+}
+
+/// protoc: the CRI client of the shim's tests (the `k8s-cri` crate) is generated with
+/// it when it builds.
+fn ensure_protoc() -> Result<(), String> {
+    if succeeds(Command::new("protoc").arg("--version")) {
+        return Ok(());
+    }
+    apt_install(&["protobuf-compiler"], None)
 }
 
 /// What the arm64 guest needs here: QEMU's Arm emulator, and the cross linker and arm64

@@ -9,6 +9,7 @@ mod debian_rust;
 mod image;
 mod install;
 mod macos;
+mod oci_image;
 mod run;
 mod test;
 

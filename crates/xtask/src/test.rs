@@ -77,6 +77,7 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
             .env("VMKIT_GENERIC_IMAGE_DIR", &generic_image)
             .env("VMKIT_CONTAINERD_DIR", &containerd.bin_dir)
             .env("VMKIT_BUSYBOX_ROOTFS", &containerd.busybox_rootfs)
+            .env("VMKIT_TEST_IMAGES", &containerd.images)
             .args(["test", "--workspace", "--all-features", "--locked"])
             .args(test_args),
     )

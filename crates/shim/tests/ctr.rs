@@ -1,0 +1,271 @@
+//! The shim under a real containerd 2.x (Debian sid's, unpacked by `cargo xtask
+//! containerd`) on the real test guest, through `ctr`: stdout and stderr apart, exit
+//! codes, a TTY, 64 MiB of output byte-exact, exec, SIGTERM, events in order, an
+//! image's overlay snapshot as the root filesystem, four containers at once.
+//! Each test starts its own containerd with a private config, root, state and socket.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+mod common;
+use common::*;
+
+#[test]
+fn ctr_run_keeps_stdout_and_stderr_apart_and_passes_the_exit_code_on() {
+    let Some(parts) = parts() else {
+        return;
+    };
+    let _one = one_at_a_time();
+    let containerd = Containerd::start(&parts, false);
+    let rootfs = containerd.rootfs("rootfs1", &parts.busybox);
+    // --rootfs gives no image config, so no PATH: commands are named by path.
+    let script = "echo out; echo err >&2; exit 7";
+    let out = containerd
+        .run(&["--rm"], &rootfs, "c1", &["/bin/sh", "-c", script])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(7), "{}", show(&out, &containerd));
+    assert_eq!(text(&out.stdout), "out\n", "{}", show(&out, &containerd));
+    assert_eq!(text(&out.stderr), "err\n", "{}", show(&out, &containerd));
+    containerd.assert_empty();
+}
+
+#[test]
+fn sixty_four_mib_of_stdout_arrive_byte_exact() {
+    let Some(parts) = parts() else {
+        return;
+    };
+    let _one = one_at_a_time();
+    let containerd = Containerd::start(&parts, false);
+    let rootfs = containerd.rootfs("rootfs", &parts.busybox);
+    let script = "head -c 67108864 /dev/urandom > /blob && sha256sum /blob >&2 && cat /blob";
+    let started = Instant::now();
+    let out = containerd
+        .run(&["--rm"], &rootfs, "big", &["/bin/sh", "-c", script])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", show(&out, &containerd));
+    assert_eq!(out.stdout.len(), 64 << 20);
+    let hashed = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = hashed.stdin.as_ref().unwrap();
+        stdin.write_all(&out.stdout).unwrap();
+    }
+    let ours = hashed.wait_with_output().unwrap();
+    let ours = text(&ours.stdout);
+    let theirs = text(&out.stderr);
+    assert_eq!(
+        ours.split_whitespace().next(),
+        theirs.split_whitespace().next(),
+        "the container's sha256 and ours"
+    );
+    eprintln!(
+        "64 MiB through ctr in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    containerd.assert_empty();
+}
+
+#[test]
+fn ctr_run_t_gives_the_container_a_tty() {
+    let Some(parts) = parts() else {
+        return;
+    };
+    let _one = one_at_a_time();
+    let containerd = Containerd::start(&parts, false);
+    let rootfs = containerd.rootfs("rootfs", &parts.busybox);
+    let run = containerd.run(
+        &["--rm", "-t"],
+        &rootfs,
+        "tty1",
+        &[
+            "/bin/sh",
+            "-c",
+            "test -t 0 && test -t 1 && echo is-a-tty; exit 5",
+        ],
+    );
+    // ctr -t wants a terminal of its own: script(1) gives it one, running `line`.
+    let quote = |a: &std::ffi::OsStr| format!("'{}'", a.to_string_lossy().replace('\'', r"'\''"));
+    let line = std::iter::once(quote(run.get_program()))
+        .chain(run.get_args().map(quote))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let out = Command::new("script")
+        .args(["-qec", &line, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        text(&out.stdout).contains("is-a-tty"),
+        "{}",
+        show(&out, &containerd)
+    );
+    assert_eq!(out.status.code(), Some(5), "{}", show(&out, &containerd));
+    containerd.assert_empty();
+}
+
+#[test]
+fn exec_runs_in_the_running_container_and_sigterm_reaches_it() {
+    let Some(parts) = parts() else {
+        return;
+    };
+    let _one = one_at_a_time();
+    let containerd = Containerd::start(&parts, false);
+    let rootfs = containerd.rootfs("rootfs", &parts.busybox);
+    // PID 1 of a PID namespace ignores signals it has no handler for: the shell's
+    // handler passes SIGTERM on to sleep, which dies of it (143).
+    let script = "echo ready > /ready; /bin/sleep 1000 & p=$!; trap 'kill -TERM $p' TERM; \
+                  wait $p; wait $p; exit $?";
+    let mut fg = containerd
+        .run(&["--rm"], &rootfs, "c2", &["/bin/sh", "-c", script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    containerd.wait_status("c2", "RUNNING", Duration::from_secs(60));
+    let until = Instant::now() + Duration::from_secs(30);
+    while !rootfs.join("ready").exists() {
+        assert!(Instant::now() < until, "the container never wrote /ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let exec = containerd
+        .ctr()
+        .args(["task", "exec", "--exec-id", "e1", "c2", "/bin/sh", "-c"])
+        .arg("echo from-exec; cat /ready; echo exec-err >&2; exit 3")
+        .output()
+        .unwrap();
+    assert_eq!(exec.status.code(), Some(3), "{}", show(&exec, &containerd));
+    assert_eq!(text(&exec.stdout), "from-exec\nready\n");
+    assert_eq!(text(&exec.stderr), "exec-err\n");
+
+    let kill = containerd
+        .ctr()
+        .args(["task", "kill", "-s", "SIGTERM", "c2"])
+        .output()
+        .unwrap();
+    assert!(kill.status.success(), "{}", show(&kill, &containerd));
+    let until = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = fg.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < until, "ctr run did not end after SIGTERM");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(status.code(), Some(128 + 15), "{}", containerd.log());
+    containerd.assert_empty();
+}
+
+#[test]
+fn events_arrive_in_containerds_order() {
+    let Some(parts) = parts() else {
+        return;
+    };
+    let _one = one_at_a_time();
+    let containerd = Containerd::start(&parts, false);
+    let rootfs = containerd.rootfs("rootfs", &parts.busybox);
+    let mut events = containerd
+        .ctr()
+        .arg("events")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300)); // subscribed
+    let out = containerd
+        .run(&["--rm"], &rootfs, "ev1", &["/bin/true"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", show(&out, &containerd));
+    std::thread::sleep(Duration::from_millis(500)); // the last event delivered
+    events.kill().unwrap();
+    let seen = text(&events.wait_with_output().unwrap().stdout);
+    let topics: Vec<&str> = seen
+        .lines()
+        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with("/tasks/")))
+        .collect();
+    assert_eq!(
+        topics,
+        [
+            "/tasks/create",
+            "/tasks/start",
+            "/tasks/exit",
+            "/tasks/delete"
+        ],
+        "{seen}"
+    );
+    containerd.assert_empty();
+}
+
+#[test]
+fn an_images_snapshot_is_the_root_filesystem_and_is_unmounted_after() {
+    let Some(parts) = parts() else {
+        return;
+    };
+    let _one = one_at_a_time();
+    let containerd = Containerd::start(&parts, false);
+    containerd.import_images("default", &parts.images);
+    // The image's config gives PATH: `sh` is found.
+    let script = "echo \"$PATH\"; touch /written && ls /written; grep ' / ' /proc/self/mountinfo";
+    let out = containerd
+        .ctr()
+        .args(["run", "--rm", "--runtime", "io.containerd.vmkit.v1"])
+        .args(["vmkit.test/busybox:1", "img1", "sh", "-c", script])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", show(&out, &containerd));
+    let stdout = text(&out.stdout);
+    assert!(stdout.starts_with("/usr/local/sbin:"), "{stdout}");
+    assert!(stdout.contains("/written\n"), "{stdout}");
+    assert!(
+        stdout.contains("virtiofs"),
+        "the root is the shared snapshot: {stdout}"
+    );
+    assert_eq!(containerd.mounts(), Vec::<String>::new(), "mounts left");
+    containerd.assert_empty();
+}
+
+#[test]
+fn four_containers_at_once_each_in_a_vm_of_its_own() {
+    let Some(parts) = parts() else {
+        return;
+    };
+    let _one = one_at_a_time();
+    let containerd = Containerd::start(&parts, false);
+    let runs: Vec<_> = (0..4)
+        .map(|i| {
+            let rootfs = containerd.rootfs(&format!("rootfs{i}"), &parts.busybox);
+            let id = format!("four{i}");
+            containerd
+                .run(
+                    &["--rm"],
+                    &rootfs,
+                    &id,
+                    &["/bin/cat", "/proc/sys/kernel/random/boot_id"],
+                )
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut boot_ids: Vec<String> = runs
+        .into_iter()
+        .map(|child| {
+            let out = child.wait_with_output().unwrap();
+            assert!(out.status.success(), "{}", show(&out, &containerd));
+            text(&out.stdout).trim().to_owned()
+        })
+        .collect();
+    boot_ids.sort();
+    boot_ids.dedup();
+    assert_eq!(boot_ids.len(), 4, "four kernels: {boot_ids:?}");
+    containerd.assert_empty();
+}
