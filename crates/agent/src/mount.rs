@@ -252,6 +252,18 @@ fn resolved(target: &Path) -> Result<PathBuf, ProcError> {
     Ok(real)
 }
 
+/// How long a virtio-fs share's mount is retried while its tag may not be registered
+/// yet (see the agent's `mount`).
+pub(crate) const TAG_SETTLE: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl Planned {
+    /// Whether it mounts a virtio-fs tag, which a just-plugged device registers a
+    /// moment after it reports itself live.
+    pub(crate) fn waits_for_tag(&self) -> bool {
+        self.fstype == "virtiofs"
+    }
+}
+
 /// Mounts a planned mount.
 pub(crate) fn mount(planned: &Planned) -> Result<(), ProcError> {
     if planned.create_target {

@@ -251,8 +251,19 @@ impl vmkit_proto::Agent for AgentService {
         let call = format!("mount at {}", req.target);
         let planned = crate::mount::plan(&req, &self.root).map_err(|e| status(&call, e))?;
         self.in_guest_only(&call)?;
-        crate::mount::mount(&planned).map_err(|e| status(&call, e))?;
-        Ok(MountResponse::new())
+        // virtio-fs sets DRIVER_OK (what GuestInfo's fs_devices waits for) just before
+        // it registers the tag: a mount right after a hot-plug can find no such tag
+        // (EINVAL) for a moment. A share's mount is tried again, for at most a second.
+        let until = std::time::Instant::now() + crate::mount::TAG_SETTLE;
+        loop {
+            match crate::mount::mount(&planned) {
+                Ok(()) => return Ok(MountResponse::new()),
+                Err(_) if planned.waits_for_tag() && std::time::Instant::now() < until => {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                Err(e) => return Err(status(&call, e)),
+            }
+        }
     }
 
     async fn unmount(

@@ -18,6 +18,8 @@ use crate::stdio::StdioPaths;
 
 /// crun in the guest image, and its state dir there.
 const CRUN: [&str; 3] = ["/usr/bin/crun", "--root", "/run/crun"];
+/// The annotation CRI sets on a pod's containers: `sandbox` for its pause container.
+const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
 /// The init process's pid file, in the shared directory.
 const PID_FILE: &str = "init.pid";
 /// Where a container's shared directory is mounted in the guest (`/<dir>/<id>`).
@@ -57,6 +59,9 @@ pub(crate) struct Container {
     host_dir: PathBuf,
     /// Where the guest mounts it.
     pub(crate) guest_dir: String,
+    /// Whether it is a pod's sandbox (pause) container, whose namespaces the pod's
+    /// other containers join.
+    pub(crate) is_sandbox: bool,
     /// The share's device id and tag.
     pub(crate) share_id: String,
     pub(crate) tag: String,
@@ -71,7 +76,11 @@ pub(crate) struct Container {
 impl Container {
     /// Prepares the host side of `req`'s container: mounts its root filesystem, binds
     /// it into the directory the VM will share, and writes the guest's spec there.
-    pub(crate) fn prepare(namespace: &str, req: &CreateTaskRequest) -> Result<Container> {
+    pub(crate) fn prepare(
+        namespace: &str,
+        req: &CreateTaskRequest,
+        sandbox_pid: Option<u32>,
+    ) -> Result<Container> {
         check_id("container", &req.id)?;
         let op = format!("create container {}", req.id);
         let bundle = PathBuf::from(&req.bundle);
@@ -85,7 +94,16 @@ impl Container {
             .map_err(Error::io(format!("{op}: read the bundle's config.json")))?;
         let oci: serde_json::Value = serde_json::from_slice(&text)
             .map_err(|e| Error::bad(&op, format!("config.json: {e}")))?;
-        let guest = spec::for_guest(&req.id, &oci)?;
+        let guest_dir = format!("{GUEST_ROOT}/{}", req.id);
+        let guest = spec::for_guest(
+            &req.id,
+            &oci,
+            spec::Guest {
+                dir: &guest_dir,
+                sandbox_pid,
+            },
+        )?;
+        let is_sandbox = oci["annotations"][CONTAINER_TYPE].as_str() == Some("sandbox");
 
         // The root filesystem: containerd's mounts at <bundle>/rootfs, or the directory
         // the spec names (`ctr run --rootfs DIR`).
@@ -107,7 +125,8 @@ impl Container {
         let host_dir = bundle.join("vmkit");
         let container = Container {
             id: req.id.clone(),
-            guest_dir: format!("{GUEST_ROOT}/{}", req.id),
+            guest_dir: guest_dir.clone(),
+            is_sandbox,
             share_id: format!("c-{}", short_key(&format!("{namespace}/{}", req.id))),
             tag: format!("c{}", short_key(&format!("{namespace}/{}", req.id))),
             init: Arc::new(Proc::new(
@@ -139,7 +158,12 @@ impl Container {
         let made = (|| {
             std::fs::create_dir_all(host_dir.join("rootfs"))
                 .map_err(Error::io(format!("{op}: create {}", host_dir.display())))?;
-            mounts::bind(&source, &host_dir.join("rootfs"))?;
+            mounts::bind(&source, &host_dir.join("rootfs"), false)?;
+            for (index, bind) in guest.binds.iter().enumerate() {
+                let at = host_dir.join("mounts").join(index.to_string());
+                mounts::bind_placeholder(Path::new(&bind.source), &at)?;
+                mounts::bind(Path::new(&bind.source), &at, bind.read_only)?;
+            }
             let spec = serde_json::to_vec_pretty(&guest.spec)
                 .map_err(|e| Error::bad(&op, e.to_string()))?;
             std::fs::write(host_dir.join("config.json"), spec)
@@ -278,15 +302,16 @@ impl Container {
     }
 }
 
-/// Unmounts what the shim mounted in `bundle`: the bind in `vmkit/rootfs`, and
-/// `rootfs` when containerd's mounts were made there. Also what the `delete`
-/// subcommand runs after a shim was killed.
+/// Unmounts what the shim mounted in `bundle`: everything under `vmkit/` (the
+/// rootfs bind and the host binds), and `rootfs` when containerd's mounts were made
+/// there. Also what the `delete` subcommand runs after a shim was killed.
 pub(crate) fn cleanup_bundle(bundle: &Path, mounted_rootfs: bool) {
-    for (target, ours) in [
-        (bundle.join("vmkit/rootfs"), true),
-        (bundle.join("rootfs"), mounted_rootfs),
-    ] {
-        if ours && let Err(e) = mounts::unmount(&target) {
+    let mut targets = mounts::under(&bundle.join("vmkit"));
+    if mounted_rootfs {
+        targets.push(bundle.join("rootfs"));
+    }
+    for target in targets {
+        if let Err(e) = mounts::unmount(&target) {
             log::warn!("{e}");
         }
     }

@@ -28,8 +28,10 @@ pub(crate) fn mount_all(mounts: &[Mount], target: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Binds `source` (and what is mounted under it) at `target`.
-pub(crate) fn bind(source: &Path, target: &Path) -> Result<()> {
+/// Binds `source` (and what is mounted under it) at `target`; read-only on the host
+/// too when `read_only` (the guest reaches it through the share, past crun's options).
+pub(crate) fn bind(source: &Path, target: &Path, read_only: bool) -> Result<()> {
+    let op = || format!("bind {} at {}", source.display(), target.display());
     nix::mount::mount(
         Some(source),
         target,
@@ -37,7 +39,80 @@ pub(crate) fn bind(source: &Path, target: &Path) -> Result<()> {
         MsFlags::MS_BIND | MsFlags::MS_REC,
         None::<&str>,
     )
-    .map_err(|e| Error::io(format!("bind {} at {}", source.display(), target.display()))(e.into()))
+    .map_err(|e| Error::io(op())(e.into()))?;
+    if read_only {
+        nix::mount::mount(
+            None::<&str>,
+            target,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+            None::<&str>,
+        )
+        .map_err(|e| Error::io(format!("{}: read-only", op()))(e.into()))?;
+    }
+    Ok(())
+}
+
+/// Makes what a bind of `source` needs at `target`: a directory, or an empty file.
+pub(crate) fn bind_placeholder(source: &Path, target: &Path) -> Result<()> {
+    let op = format!("bind {} at {}", source.display(), target.display());
+    let meta = std::fs::metadata(source).map_err(Error::io(&op))?;
+    if let Some(parent) = target.parent() {
+        std::fs::create_dir_all(parent).map_err(Error::io(&op))?;
+    }
+    if meta.is_dir() {
+        std::fs::create_dir_all(target).map_err(Error::io(op))
+    } else {
+        std::fs::File::create(target)
+            .map(drop)
+            .map_err(Error::io(op))
+    }
+}
+
+/// The mount points at or under `dir`, deepest first (the order to unmount them in).
+pub(crate) fn under(dir: &Path) -> Vec<std::path::PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut found = mount_points_under(&info, dir);
+    found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    found
+}
+
+/// The mount points in `mountinfo` at or under `dir`.
+fn mount_points_under(mountinfo: &str, dir: &Path) -> Vec<std::path::PathBuf> {
+    mountinfo
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(unescape)
+        .map(std::path::PathBuf::from)
+        .filter(|p| p.starts_with(dir))
+        .collect()
+}
+
+/// mountinfo's octal escapes (`\040` for a space) undone.
+fn unescape(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|b| (b'0'..=b'7').contains(b)))
+            .and_then(|d| {
+                let value = d.iter().fold(0u32, |v, b| v * 8 + u32::from(b - b'0'));
+                u8::try_from(value).ok()
+            });
+        match (bytes[i], octal) {
+            (b'\\', Some(byte)) => {
+                out.push(byte);
+                i += 4;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Unmounts whatever is mounted at `target` (lazily, so a busy one goes once it is
@@ -76,6 +151,30 @@ fn options(options: &[String]) -> (MsFlags, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mount_points_under_a_dir_are_found_in_mountinfo() {
+        let info = "36 35 98:0 / / rw - ext3 /dev/root rw\n\
+                    40 36 0:5 / /run/b/vmkit/rootfs rw - overlay overlay rw\n\
+                    41 40 0:6 / /run/b/vmkit/mounts/0 rw - tmpfs shm rw\n\
+                    42 36 0:7 / /run/b/vmkit\\040x rw - tmpfs t rw\n\
+                    43 36 0:8 / /run/bb rw - tmpfs t rw\n";
+        let found = mount_points_under(info, Path::new("/run/b/vmkit"));
+        assert_eq!(
+            found,
+            [
+                Path::new("/run/b/vmkit/rootfs"),
+                Path::new("/run/b/vmkit/mounts/0")
+            ]
+        );
+        assert_eq!(unescape("/a\\040b"), "/a b");
+        assert_eq!(unescape("/a\\9"), "/a\\9");
+        assert_eq!(
+            unescape("/a\\777"),
+            "/a\\777",
+            "out of a byte's range: kept"
+        );
+    }
 
     #[test]
     fn flags_are_split_from_file_system_data() {

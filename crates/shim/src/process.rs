@@ -11,7 +11,7 @@ use vmkit_process::{Command, ExitStatus, Process};
 
 use crate::error::{Error, Result};
 use crate::sandbox::{CALL, Sandbox};
-use crate::stdio::{self, StdinPump, StdioPaths};
+use crate::stdio::{self, StdinPump, StdioPaths, Tail};
 
 /// How long crun may take from spawned to the container process running.
 const RUNNING: Duration = Duration::from_secs(60);
@@ -60,6 +60,8 @@ pub(crate) struct Proc {
     pub(crate) stdio: StdioPaths,
     command: Command,
     pid_file: PathBuf,
+    /// The end of what it wrote where containerd gave no FIFO.
+    tail: Tail,
     running: Mutex<Running>,
     exit: watch::Sender<Option<Exit>>,
 }
@@ -84,6 +86,7 @@ impl Proc {
             stdio,
             command,
             pid_file,
+            tail: Tail::default(),
             running: Mutex::new(Running::default()),
             exit: watch::channel(None).0,
         }
@@ -131,16 +134,16 @@ impl Proc {
         let mut stdin = None;
         if let Some(tty) = process.take_tty() {
             let (reader, writer) = tokio::io::split(tty);
-            outputs.push(stdio::output_to(reader, &self.stdio.stdout)?);
+            outputs.push(stdio::output_to(reader, &self.stdio.stdout, &self.tail)?);
             if !self.stdio.stdin.is_empty() {
                 stdin = Some(StdinPump::start(&self.stdio.stdin, writer)?);
             }
         } else {
             if let Some(out) = process.take_stdout() {
-                outputs.push(stdio::output_to(out, &self.stdio.stdout)?);
+                outputs.push(stdio::output_to(out, &self.stdio.stdout, &self.tail)?);
             }
             if let Some(err) = process.take_stderr() {
-                outputs.push(stdio::output_to(err, &self.stdio.stderr)?);
+                outputs.push(stdio::output_to(err, &self.stdio.stderr, &self.tail)?);
             }
             if let Some(input) = process.take_stdin() {
                 if self.stdio.stdin.is_empty() {
@@ -187,10 +190,16 @@ impl Proc {
                 }
             }
             if let Some(exit) = self.exit() {
+                let said = self.tail.text();
+                let why = if said.is_empty() {
+                    "its stderr has why".to_owned()
+                } else {
+                    said
+                };
                 return Err(Error::state(
                     op,
                     format!(
-                        "crun ended with code {} before the process ran (its stderr has why)",
+                        "crun ended with code {} before the process ran: {why}",
                         exit.code
                     ),
                 ));

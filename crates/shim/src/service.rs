@@ -33,6 +33,8 @@ pub(crate) struct Service {
     /// The VM's pid on the host, once it runs: the pid containerd is told for every
     /// process (a guest pid means nothing on the host).
     vm_pid: AtomicU32,
+    /// The guest pid of the pod's sandbox container, once it runs.
+    sandbox_pid: Mutex<Option<u32>>,
     containers: Mutex<HashMap<String, Arc<Container>>>,
 }
 
@@ -50,6 +52,7 @@ impl Service {
             exit,
             sandbox: tokio::sync::Mutex::new(None),
             vm_pid: AtomicU32::new(0),
+            sandbox_pid: Mutex::new(None),
             containers: Mutex::new(HashMap::new()),
         }
     }
@@ -106,7 +109,11 @@ impl Service {
                 "it exists",
             ));
         }
-        let container = Arc::new(Container::prepare(&self.namespace, req)?);
+        let sandbox_pid = *self
+            .sandbox_pid
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let container = Arc::new(Container::prepare(&self.namespace, req, sandbox_pid)?);
         let vm = match self.attach(&container).await {
             Ok(vm) => vm,
             Err(e) => {
@@ -156,6 +163,12 @@ impl Service {
             });
         })
         .await?;
+        if exec_id.is_empty() && container.is_sandbox {
+            *self
+                .sandbox_pid
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(proc.pid());
+        }
         if exec_id.is_empty() {
             self.events.send(TaskStart {
                 container_id: id.to_owned(),

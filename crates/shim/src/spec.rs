@@ -5,12 +5,20 @@
 //! - `process.terminal` becomes `false`: the TTY is the agent's (crun runs on it), so
 //!   resizes reach it through the process API.
 //! - Hooks are dropped: they name host binaries.
-//! - A namespace to join by path names a host namespace: the network one is dropped
-//!   (the container uses the VM's network, which is the pod's), any other is refused.
+//! - A namespace to join by path names a host namespace. The network one is dropped:
+//!   the container uses the VM's network, which is the pod's. `/proc/<pid>/ns/<kind>`
+//!   (how CRI points a pod's containers at its sandbox container's namespaces, by the
+//!   pid containerd was told: the VM's) becomes the sandbox container's namespace in
+//!   the guest, when the shim holds a running one; any other path is refused.
+//! - A hostname with no UTS namespace (a host-network pod) gets the pod's UTS
+//!   namespace: the VM is the pod's host.
 //! - A cgroup path in systemd's `slice:prefix:name` form becomes `/vmkit/<id>`: the
 //!   guest has no systemd.
 //! - AppArmor and SELinux labels are dropped: the guest kernel enforces neither.
-//! - A bind mount of a host path is refused: the guest does not see the host's files.
+//! - A bind mount of a host path (CRI's `/etc/hosts`, `/etc/resolv.conf`, the pod's
+//!   `/dev/shm`, a volume) reaches the guest through the container's share: the shim
+//!   binds the source at `mounts/<n>` in the shared directory ([`GuestSpec::binds`])
+//!   and the guest's spec binds it from there.
 //!
 //! The rest — namespaces, cgroups, user, env, cwd, mounts of kernel file systems,
 //! rlimits, capabilities, seccomp — reaches crun as containerd wrote it.
@@ -26,10 +34,28 @@ pub(crate) struct GuestSpec {
     pub(crate) spec: Value,
     /// `process.terminal` as containerd asked.
     pub(crate) terminal: bool,
+    /// The host paths to bind into the shared directory, each at `mounts/<index>`.
+    pub(crate) binds: Vec<Bind>,
+}
+
+/// A host path a container binds, and whether it is bound read-only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Bind {
+    pub(crate) source: String,
+    pub(crate) read_only: bool,
+}
+
+/// Where the guest finds what it needs of the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Guest<'a> {
+    /// The container's shared directory in the guest.
+    pub(crate) dir: &'a str,
+    /// The pod's sandbox container's pid in the guest, once it runs.
+    pub(crate) sandbox_pid: Option<u32>,
 }
 
 /// Rewrites the bundle's spec `spec` of container `id` for the guest.
-pub(crate) fn for_guest(id: &str, spec: &Value) -> Result<GuestSpec> {
+pub(crate) fn for_guest(id: &str, spec: &Value, guest: Guest<'_>) -> Result<GuestSpec> {
     let op = format!("spec of container {id}");
     let mut spec = spec.clone();
     let top = spec
@@ -50,14 +76,22 @@ pub(crate) fn for_guest(id: &str, spec: &Value) -> Result<GuestSpec> {
         None => return Err(Error::bad(&op, "config.json has no process")),
     };
     if let Some(linux) = top.get_mut("linux").and_then(Value::as_object_mut) {
-        linux_for_guest(&op, id, linux)?;
+        linux_for_guest(&op, id, linux, guest.sandbox_pid)?;
     }
-    if let Some(mounts) = top.get("mounts").and_then(Value::as_array) {
+    uts_for_hostname(top, guest.sandbox_pid);
+    let mut binds = Vec::new();
+    if let Some(mounts) = top.get_mut("mounts").and_then(Value::as_array_mut) {
         for mount in mounts {
-            check_mount(&op, mount)?;
+            if let Some(bind) = bind_through_share(&op, mount, guest.dir, binds.len())? {
+                binds.push(bind);
+            }
         }
     }
-    Ok(GuestSpec { spec, terminal })
+    Ok(GuestSpec {
+        spec,
+        terminal,
+        binds,
+    })
 }
 
 /// An exec's process spec for the guest, and whether it wants a TTY.
@@ -70,6 +104,7 @@ pub(crate) fn process_for_guest(process: &Value) -> Result<GuestSpec> {
     Ok(GuestSpec {
         spec: process,
         terminal,
+        binds: Vec::new(),
     })
 }
 
@@ -85,7 +120,12 @@ fn for_guest_process(process: &mut Map<String, Value>) -> bool {
     terminal
 }
 
-fn linux_for_guest(op: &str, id: &str, linux: &mut Map<String, Value>) -> Result<()> {
+fn linux_for_guest(
+    op: &str,
+    id: &str,
+    linux: &mut Map<String, Value>,
+    sandbox_pid: Option<u32>,
+) -> Result<()> {
     linux.remove("mountLabel");
     if let Some(namespaces) = linux.get_mut("namespaces").and_then(Value::as_array_mut) {
         let mut kept = Vec::new();
@@ -94,12 +134,20 @@ fn linux_for_guest(op: &str, id: &str, linux: &mut Map<String, Value>) -> Result
             match ns.get("path").and_then(Value::as_str) {
                 None | Some("") => kept.push(ns),
                 Some(_) if kind == "network" => {}
-                Some(path) => {
-                    return Err(Error::unsupported(
-                        op,
-                        format!("joining the host's {kind} namespace at {path}"),
-                    ));
-                }
+                Some(path) => match (proc_ns_kind(path), sandbox_pid) {
+                    (Some(of), Some(pid)) => {
+                        let mut ns = Map::new();
+                        ns.insert("type".into(), kind.into());
+                        ns.insert("path".into(), format!("/proc/{pid}/ns/{of}").into());
+                        kept.push(Value::Object(ns));
+                    }
+                    _ => {
+                        return Err(Error::unsupported(
+                            op,
+                            format!("joining the host's {kind} namespace at {path}"),
+                        ));
+                    }
+                },
             }
         }
         *namespaces = kept;
@@ -111,32 +159,84 @@ fn linux_for_guest(op: &str, id: &str, linux: &mut Map<String, Value>) -> Result
     Ok(())
 }
 
-/// Refuses a bind mount (of a host path, which the guest cannot see).
-fn check_mount(op: &str, mount: &Value) -> Result<()> {
+/// A hostname with no UTS namespace to set it in (CRI's host-network pods: the host's
+/// UTS namespace, here the VM's) gets the pod's: a new one for the sandbox container
+/// (no sandbox runs yet), the sandbox container's for the pod's others (which then
+/// leave the hostname as the sandbox set it).
+fn uts_for_hostname(top: &mut Map<String, Value>, sandbox_pid: Option<u32>) {
+    let named = top
+        .get("hostname")
+        .and_then(Value::as_str)
+        .is_some_and(|h| !h.is_empty());
+    let Some(namespaces) = top
+        .get_mut("linux")
+        .and_then(|l| l.get_mut("namespaces"))
+        .and_then(Value::as_array_mut)
+    else {
+        return;
+    };
+    if !named || namespaces.iter().any(|ns| ns["type"] == "uts") {
+        return;
+    }
+    let mut uts = Map::new();
+    uts.insert("type".into(), "uts".into());
+    if let Some(pid) = sandbox_pid {
+        uts.insert("path".into(), format!("/proc/{pid}/ns/uts").into());
+    }
+    namespaces.push(Value::Object(uts));
+    if sandbox_pid.is_some() {
+        top.remove("hostname");
+    }
+}
+
+/// `<kind>` of a `/proc/<pid>/ns/<kind>` path.
+fn proc_ns_kind(path: &str) -> Option<&str> {
+    let rest = path.strip_prefix("/proc/")?;
+    let (pid, rest) = rest.split_once('/')?;
+    let kind = rest.strip_prefix("ns/")?;
+    let known = ["ipc", "uts", "pid", "net", "mnt", "cgroup", "user", "time"];
+    (pid.bytes().all(|b| b.is_ascii_digit()) && !pid.is_empty() && known.contains(&kind))
+        .then_some(kind)
+}
+
+/// A bind mount of a host path: points it at `mounts/<index>` of the shared directory
+/// `dir` in the guest, and returns what the shim binds there.
+fn bind_through_share(
+    op: &str,
+    mount: &mut Value,
+    dir: &str,
+    index: usize,
+) -> Result<Option<Bind>> {
     let kind = mount
         .get("type")
         .and_then(Value::as_str)
         .unwrap_or_default();
-    let options = mount.get("options").and_then(Value::as_array);
-    let bind =
-        kind == "bind" || options.is_some_and(|o| o.iter().any(|v| v == "bind" || v == "rbind"));
-    if bind {
-        let source = mount
-            .get("source")
-            .and_then(Value::as_str)
-            .unwrap_or_default();
-        let target = mount
-            .get("destination")
-            .and_then(Value::as_str)
-            .unwrap_or_default();
-        return Err(Error::unsupported(
+    let options: Vec<&str> = mount
+        .get("options")
+        .and_then(Value::as_array)
+        .map(|o| o.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let bind = kind == "bind" || options.iter().any(|o| *o == "bind" || *o == "rbind");
+    if !bind {
+        return Ok(None);
+    }
+    let source = mount
+        .get("source")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    if !source.starts_with('/') || source.split('/').any(|p| p == "..") {
+        return Err(Error::bad(
             op,
-            format!(
-                "bind mount of host path {source} at {target}: the VM does not see the host's files"
-            ),
+            format!("bind mount source {source:?} is not a plain absolute path"),
         ));
     }
-    Ok(())
+    let read_only = options.contains(&"ro");
+    let bind = Bind {
+        source: source.to_owned(),
+        read_only,
+    };
+    mount["source"] = format!("{dir}/mounts/{index}").into();
+    Ok(Some(bind))
 }
 
 #[cfg(test)]
@@ -145,6 +245,11 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    const GUEST: Guest<'static> = Guest {
+        dir: "/containers/c1",
+        sandbox_pid: None,
+    };
 
     fn ctr_spec() -> Value {
         json!({
@@ -165,7 +270,7 @@ mod tests {
 
     #[test]
     fn host_only_parts_are_rewritten_and_the_rest_is_kept() {
-        let guest = for_guest("c1", &ctr_spec()).unwrap();
+        let guest = for_guest("c1", &ctr_spec(), GUEST).unwrap();
         assert!(guest.terminal);
         let spec = guest.spec;
         assert_eq!(spec["root"], json!({"path": "rootfs", "readonly": true}));
@@ -188,7 +293,7 @@ mod tests {
     fn a_cgroupfs_path_is_kept() {
         let mut spec = ctr_spec();
         spec["linux"]["cgroupsPath"] = json!("/default/c1");
-        let guest = for_guest("c1", &spec).unwrap();
+        let guest = for_guest("c1", &spec, GUEST).unwrap();
         assert_eq!(guest.spec["linux"]["cgroupsPath"], json!("/default/c1"));
     }
 
@@ -196,25 +301,106 @@ mod tests {
     fn what_cannot_hold_in_the_guest_is_refused_by_name() {
         let mut join = ctr_spec();
         join["linux"]["namespaces"] = json!([{"type": "ipc", "path": "/proc/42/ns/ipc"}]);
-        let mut bind = ctr_spec();
-        bind["mounts"] = json!([{"destination": "/etc/hosts", "type": "bind", "source": "/var/lib/x/hosts", "options": ["rbind"]}]);
+        let mut host_ns = ctr_spec();
+        host_ns["linux"]["namespaces"] = json!([{"type": "ipc", "path": "/run/ipcns/x"}]);
+        let mut bad_bind = ctr_spec();
+        bad_bind["mounts"] = json!([{"destination": "/x", "type": "bind", "source": "/a/../etc", "options": ["rbind"]}]);
         let mut no_process = ctr_spec();
         no_process.as_object_mut().unwrap().remove("process");
         for (spec, needle) in [
             (join, "joining the host's ipc namespace at /proc/42/ns/ipc"),
-            (
-                bind,
-                "bind mount of host path /var/lib/x/hosts at /etc/hosts",
-            ),
+            (host_ns, "joining the host's ipc namespace at /run/ipcns/x"),
+            (bad_bind, "is not a plain absolute path"),
             (no_process, "has no process"),
             (json!([1]), "not a JSON object"),
         ] {
-            let err = for_guest("c1", &spec).unwrap_err().to_string();
+            let err = for_guest("c1", &spec, GUEST).unwrap_err().to_string();
             assert!(
                 err.contains(needle) && err.contains("spec of container c1"),
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn a_pods_namespaces_are_its_sandbox_containers_in_the_guest() {
+        let mut spec = ctr_spec();
+        spec["linux"]["namespaces"] = json!([
+            {"type": "ipc", "path": "/proc/4242/ns/ipc"},
+            {"type": "uts", "path": "/proc/4242/ns/uts"},
+            {"type": "mount"}
+        ]);
+        let guest = Guest {
+            sandbox_pid: Some(7),
+            ..GUEST
+        };
+        let spec = for_guest("c1", &spec, guest).unwrap().spec;
+        assert_eq!(
+            spec["linux"]["namespaces"],
+            json!([
+                {"type": "ipc", "path": "/proc/7/ns/ipc"},
+                {"type": "uts", "path": "/proc/7/ns/uts"},
+                {"type": "mount"}
+            ])
+        );
+        assert_eq!(proc_ns_kind("/proc/1/ns/net"), Some("net"));
+        assert_eq!(proc_ns_kind("/proc/x/ns/net"), None);
+        assert_eq!(proc_ns_kind("/proc/1/ns/../../etc"), None);
+    }
+
+    #[test]
+    fn a_host_network_pods_hostname_gets_the_pods_uts_namespace() {
+        let mut spec = ctr_spec();
+        spec["hostname"] = json!("pod1");
+        spec["linux"]["namespaces"] = json!([{"type": "pid"}]);
+        let sandbox = for_guest("p", &spec, GUEST).unwrap().spec;
+        assert_eq!(
+            sandbox["linux"]["namespaces"],
+            json!([{"type": "pid"}, {"type": "uts"}])
+        );
+        assert_eq!(sandbox["hostname"], json!("pod1"));
+        let guest = Guest {
+            sandbox_pid: Some(9),
+            ..GUEST
+        };
+        let member = for_guest("c", &spec, guest).unwrap().spec;
+        assert_eq!(
+            member["linux"]["namespaces"],
+            json!([{"type": "pid"}, {"type": "uts", "path": "/proc/9/ns/uts"}])
+        );
+        assert!(member.get("hostname").is_none());
+        spec.as_object_mut().unwrap().remove("hostname");
+        let unnamed = for_guest("c", &spec, GUEST).unwrap().spec;
+        assert_eq!(unnamed["linux"]["namespaces"], json!([{"type": "pid"}]));
+    }
+
+    #[test]
+    fn host_binds_go_through_the_share() {
+        let mut spec = ctr_spec();
+        spec["mounts"] = json!([
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/etc/hosts", "type": "bind", "source": "/var/lib/cri/hosts", "options": ["rbind", "rprivate", "rw"]},
+            {"destination": "/data", "source": "/srv/data", "options": ["rbind", "ro"]}
+        ]);
+        let guest = for_guest("c1", &spec, GUEST).unwrap();
+        assert_eq!(
+            guest.binds,
+            [
+                Bind {
+                    source: "/var/lib/cri/hosts".into(),
+                    read_only: false
+                },
+                Bind {
+                    source: "/srv/data".into(),
+                    read_only: true
+                },
+            ]
+        );
+        let mounts = &guest.spec["mounts"];
+        assert_eq!(mounts[0]["source"], json!("proc"));
+        assert_eq!(mounts[1]["source"], json!("/containers/c1/mounts/0"));
+        assert_eq!(mounts[1]["options"], json!(["rbind", "rprivate", "rw"]));
+        assert_eq!(mounts[2]["source"], json!("/containers/c1/mounts/1"));
     }
 
     #[test]

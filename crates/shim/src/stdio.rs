@@ -30,16 +30,53 @@ fn check(path: &str) -> Result<()> {
     Ok(())
 }
 
-/// Copies `from` (a guest output) into the FIFO at `path` until it ends. `None` when
-/// `path` is empty: the output is read and dropped, so the process is never held back.
-pub(crate) fn output_to<R>(from: R, path: &str) -> Result<JoinHandle<()>>
+/// The last bytes of an output nobody reads (crun's errors, for a container started
+/// without stdio).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Tail(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Tail {
+    /// How much of the end is kept.
+    const KEEP: usize = 4096;
+
+    fn push(&self, bytes: &[u8]) {
+        let mut tail = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        tail.extend_from_slice(bytes);
+        let excess = tail.len().saturating_sub(Tail::KEEP);
+        tail.drain(..excess);
+    }
+
+    /// What was kept, as text.
+    pub(crate) fn text(&self) -> String {
+        let tail = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        String::from_utf8_lossy(&tail).trim().to_owned()
+    }
+}
+
+/// Copies `from` (a guest output) into the FIFO at `path` until it ends. When `path`
+/// is empty the output is read (the process is never held back) and its end kept in
+/// `tail`.
+pub(crate) fn output_to<R>(from: R, path: &str, tail: &Tail) -> Result<JoinHandle<()>>
 where
     R: AsyncRead + Unpin + Send + 'static,
 {
     let mut from = from;
     if path.is_empty() {
+        let tail = tail.clone();
         return Ok(tokio::spawn(async move {
-            let _ = tokio::io::copy(&mut from, &mut tokio::io::sink()).await;
+            let mut buf = vec![0u8; 16 << 10];
+            while let Ok(n) = from.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                tail.push(&buf[..n]);
+            }
         }));
     }
     check(path)?;
