@@ -38,7 +38,7 @@ pub fn generic_image_dir() -> PathBuf {
 }
 
 /// `$env_var`, else `name` in the target dir.
-fn dir_of(env_var: &str, name: &str) -> PathBuf {
+pub(crate) fn dir_of(env_var: &str, name: &str) -> PathBuf {
     if let Some(dir) = std::env::var_os(env_var) {
         return PathBuf::from(dir);
     }

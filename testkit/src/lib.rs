@@ -7,6 +7,8 @@
 //!   demand and records what it received — for faults a real QEMU cannot be made to
 //!   produce on demand.
 //! - [`conformance`]: the backend conformance suite every backend must pass.
+//! - [`containerd`]: a containerd 2.x of a test's own, for testing a containerd shim
+//!   against the real thing (`ctr`, CRI), and what it left.
 //! - [`fake_backend`]: `FakeBackend` (`"fake"`), the whole `Instance` contract in
 //!   process with no VM: the state table, devices and resources, a real guest agent, and
 //!   faults on demand.
@@ -46,6 +48,7 @@
 //! ```
 
 pub mod conformance;
+pub mod containerd;
 pub mod fake_backend;
 pub mod fake_guest;
 pub mod fake_qemu;

@@ -130,7 +130,7 @@ async fn exec(cri: &mut Cri, id: &str, cmd: &[&str]) -> String {
 }
 
 async fn pod_checks(containerd: &Containerd) {
-    let mut cri = connect(containerd.dir().join("c.sock")).await;
+    let mut cri = connect(containerd.socket()).await;
     let logs = containerd.dir().join("pod-logs");
     std::fs::create_dir_all(&logs).unwrap();
     let config = pod_config(&logs);
@@ -253,8 +253,8 @@ fn a_pod_of_two_containers_runs_in_one_vm_and_leaves_nothing() {
         return;
     };
     let _one = one_at_a_time();
-    let containerd = Containerd::start(&parts, true);
-    containerd.import_images("k8s.io", &parts.images);
+    let containerd = start(&parts, true);
+    containerd.import_images("k8s.io", &parts.images).unwrap();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(pod_checks(&containerd));
     let until = Instant::now() + Duration::from_secs(30);

@@ -18,8 +18,8 @@ fn ctr_run_keeps_stdout_and_stderr_apart_and_passes_the_exit_code_on() {
         return;
     };
     let _one = one_at_a_time();
-    let containerd = Containerd::start(&parts, false);
-    let rootfs = containerd.rootfs("rootfs1", &parts.busybox);
+    let containerd = start(&parts, false);
+    let rootfs = containerd.rootfs("rootfs1", &parts.busybox).unwrap();
     // --rootfs gives no image config, so no PATH: commands are named by path.
     let script = "echo out; echo err >&2; exit 7";
     let out = containerd
@@ -29,7 +29,7 @@ fn ctr_run_keeps_stdout_and_stderr_apart_and_passes_the_exit_code_on() {
     assert_eq!(out.status.code(), Some(7), "{}", show(&out, &containerd));
     assert_eq!(text(&out.stdout), "out\n", "{}", show(&out, &containerd));
     assert_eq!(text(&out.stderr), "err\n", "{}", show(&out, &containerd));
-    containerd.assert_empty();
+    assert_empty(&containerd);
 }
 
 #[test]
@@ -38,8 +38,8 @@ fn sixty_four_mib_of_stdout_arrive_byte_exact() {
         return;
     };
     let _one = one_at_a_time();
-    let containerd = Containerd::start(&parts, false);
-    let rootfs = containerd.rootfs("rootfs", &parts.busybox);
+    let containerd = start(&parts, false);
+    let rootfs = containerd.rootfs("rootfs", &parts.busybox).unwrap();
     let script = "head -c 67108864 /dev/urandom > /blob && sha256sum /blob >&2 && cat /blob";
     let started = Instant::now();
     let out = containerd
@@ -70,7 +70,7 @@ fn sixty_four_mib_of_stdout_arrive_byte_exact() {
         "64 MiB through ctr in {:.1} s",
         started.elapsed().as_secs_f64()
     );
-    containerd.assert_empty();
+    assert_empty(&containerd);
 }
 
 #[test]
@@ -79,8 +79,8 @@ fn ctr_run_t_gives_the_container_a_tty() {
         return;
     };
     let _one = one_at_a_time();
-    let containerd = Containerd::start(&parts, false);
-    let rootfs = containerd.rootfs("rootfs", &parts.busybox);
+    let containerd = start(&parts, false);
+    let rootfs = containerd.rootfs("rootfs", &parts.busybox).unwrap();
     let run = containerd.run(
         &["--rm", "-t"],
         &rootfs,
@@ -108,7 +108,7 @@ fn ctr_run_t_gives_the_container_a_tty() {
         show(&out, &containerd)
     );
     assert_eq!(out.status.code(), Some(5), "{}", show(&out, &containerd));
-    containerd.assert_empty();
+    assert_empty(&containerd);
 }
 
 #[test]
@@ -117,8 +117,8 @@ fn exec_runs_in_the_running_container_and_sigterm_reaches_it() {
         return;
     };
     let _one = one_at_a_time();
-    let containerd = Containerd::start(&parts, false);
-    let rootfs = containerd.rootfs("rootfs", &parts.busybox);
+    let containerd = start(&parts, false);
+    let rootfs = containerd.rootfs("rootfs", &parts.busybox).unwrap();
     // PID 1 of a PID namespace ignores signals it has no handler for: the shell's
     // handler passes SIGTERM on to sleep, which dies of it (143).
     let script = "echo ready > /ready; /bin/sleep 1000 & p=$!; trap 'kill -TERM $p' TERM; \
@@ -129,7 +129,9 @@ fn exec_runs_in_the_running_container_and_sigterm_reaches_it() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    containerd.wait_status("c2", "RUNNING", Duration::from_secs(60));
+    containerd
+        .wait_status("c2", "RUNNING", Duration::from_secs(60))
+        .unwrap();
     let until = Instant::now() + Duration::from_secs(30);
     while !rootfs.join("ready").exists() {
         assert!(Instant::now() < until, "the container never wrote /ready");
@@ -161,7 +163,7 @@ fn exec_runs_in_the_running_container_and_sigterm_reaches_it() {
         std::thread::sleep(Duration::from_millis(100));
     };
     assert_eq!(status.code(), Some(128 + 15), "{}", containerd.log());
-    containerd.assert_empty();
+    assert_empty(&containerd);
 }
 
 #[test]
@@ -170,8 +172,8 @@ fn events_arrive_in_containerds_order() {
         return;
     };
     let _one = one_at_a_time();
-    let containerd = Containerd::start(&parts, false);
-    let rootfs = containerd.rootfs("rootfs", &parts.busybox);
+    let containerd = start(&parts, false);
+    let rootfs = containerd.rootfs("rootfs", &parts.busybox).unwrap();
     let mut events = containerd
         .ctr()
         .arg("events")
@@ -201,7 +203,7 @@ fn events_arrive_in_containerds_order() {
         ],
         "{seen}"
     );
-    containerd.assert_empty();
+    assert_empty(&containerd);
 }
 
 #[test]
@@ -210,8 +212,8 @@ fn an_images_snapshot_is_the_root_filesystem_and_is_unmounted_after() {
         return;
     };
     let _one = one_at_a_time();
-    let containerd = Containerd::start(&parts, false);
-    containerd.import_images("default", &parts.images);
+    let containerd = start(&parts, false);
+    containerd.import_images("default", &parts.images).unwrap();
     // The image's config gives PATH: `sh` is found.
     let script = "echo \"$PATH\"; touch /written && ls /written; grep ' / ' /proc/self/mountinfo";
     let out = containerd
@@ -229,7 +231,7 @@ fn an_images_snapshot_is_the_root_filesystem_and_is_unmounted_after() {
         "the root is the shared snapshot: {stdout}"
     );
     assert_eq!(containerd.mounts(), Vec::<String>::new(), "mounts left");
-    containerd.assert_empty();
+    assert_empty(&containerd);
 }
 
 #[test]
@@ -238,10 +240,12 @@ fn four_containers_at_once_each_in_a_vm_of_its_own() {
         return;
     };
     let _one = one_at_a_time();
-    let containerd = Containerd::start(&parts, false);
+    let containerd = start(&parts, false);
     let runs: Vec<_> = (0..4)
         .map(|i| {
-            let rootfs = containerd.rootfs(&format!("rootfs{i}"), &parts.busybox);
+            let rootfs = containerd
+                .rootfs(&format!("rootfs{i}"), &parts.busybox)
+                .unwrap();
             let id = format!("four{i}");
             containerd
                 .run(
@@ -267,5 +271,5 @@ fn four_containers_at_once_each_in_a_vm_of_its_own() {
     boot_ids.sort();
     boot_ids.dedup();
     assert_eq!(boot_ids.len(), 4, "four kernels: {boot_ids:?}");
-    containerd.assert_empty();
+    assert_empty(&containerd);
 }

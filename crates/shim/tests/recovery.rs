@@ -30,8 +30,8 @@ fn a_killed_shim_leaves_no_qemu_daemon_socket_or_mount() {
         return;
     };
     let _one = one_at_a_time();
-    let containerd = Containerd::start(&parts, false);
-    containerd.import_images("default", &parts.images);
+    let containerd = start(&parts, false);
+    containerd.import_images("default", &parts.images).unwrap();
     let out = containerd
         .ctr()
         .args(["run", "-d", "--runtime", "io.containerd.vmkit.v1"])
@@ -39,18 +39,22 @@ fn a_killed_shim_leaves_no_qemu_daemon_socket_or_mount() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", show(&out, &containerd));
-    let qemu = task_pid(&containerd.wait_status("k1", "RUNNING", Duration::from_secs(60)));
+    let qemu = task_pid(
+        &containerd
+            .wait_status("k1", "RUNNING", Duration::from_secs(60))
+            .unwrap(),
+    );
     assert!(alive(qemu));
     let shims = containerd.shims(Some("k1"));
     assert_eq!(shims.len(), 1, "one shim serves k1: {shims:?}");
     let state_root = containerd.dir().join("vms");
-    let daemons = pids_with(&state_root.display().to_string());
+    let daemons = vmkit_testkit::leaks::processes_mentioning(&state_root);
     assert!(
         !containerd.mounts().is_empty(),
         "the snapshot is mounted while it runs"
     );
 
-    assert!(nix_kill(shims[0], 9));
+    assert!(signal(shims[0], 9));
     eventually("QEMU ends with its shim", Duration::from_secs(20), || {
         !alive(qemu)
     });
@@ -91,8 +95,8 @@ fn a_restarted_containerd_still_lists_the_container_and_can_kill_it() {
         return;
     };
     let _one = one_at_a_time();
-    let mut containerd = Containerd::start(&parts, false);
-    containerd.import_images("default", &parts.images);
+    let mut containerd = start(&parts, false);
+    containerd.import_images("default", &parts.images).unwrap();
     let out = containerd
         .ctr()
         .args(["run", "-d", "--runtime", "io.containerd.vmkit.v1"])
@@ -100,10 +104,16 @@ fn a_restarted_containerd_still_lists_the_container_and_can_kill_it() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", show(&out, &containerd));
-    let qemu = task_pid(&containerd.wait_status("r1", "RUNNING", Duration::from_secs(60)));
+    let qemu = task_pid(
+        &containerd
+            .wait_status("r1", "RUNNING", Duration::from_secs(60))
+            .unwrap(),
+    );
 
-    containerd.restart();
-    let line = containerd.wait_status("r1", "RUNNING", Duration::from_secs(30));
+    containerd.restart().unwrap();
+    let line = containerd
+        .wait_status("r1", "RUNNING", Duration::from_secs(30))
+        .unwrap();
     assert_eq!(task_pid(&line), qemu, "the same VM");
     let kill = containerd
         .ctr()
@@ -111,7 +121,9 @@ fn a_restarted_containerd_still_lists_the_container_and_can_kill_it() {
         .output()
         .unwrap();
     assert!(kill.status.success(), "{}", show(&kill, &containerd));
-    containerd.wait_status("r1", "STOPPED", Duration::from_secs(30));
+    containerd
+        .wait_status("r1", "STOPPED", Duration::from_secs(30))
+        .unwrap();
     let rm = containerd
         .ctr()
         .args(["task", "rm", "r1"])
@@ -133,5 +145,5 @@ fn a_restarted_containerd_still_lists_the_container_and_can_kill_it() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(containerd.mounts(), Vec::<String>::new(), "mounts left");
-    containerd.assert_empty();
+    assert_empty(&containerd);
 }
