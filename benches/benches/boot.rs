@@ -93,6 +93,13 @@ fn bare_boot(qemu: &Path, image: &GuestImage) -> Duration {
         .arg(&image.initrd)
         .arg("-append")
         .arg(cmdline())
+        // vmkit's entropy device, so both boot the same devices.
+        .args([
+            "-object",
+            "rng-random,id=rng0,filename=/dev/urandom",
+            "-device",
+            "virtio-rng-pci,rng=rng0",
+        ])
         .args((0..4).flat_map(|i| {
             [
                 "-device".to_owned(),

@@ -271,8 +271,31 @@ fn kernel_args(launch: &Launch<'_>) -> Vec<OsString> {
     args
 }
 
-/// pvpanic and the hot-plug root ports (PCI machines), the cold disks and NICs, and the vsock
-/// device (on a root port of its own when it can be replaced).
+/// The id of the entropy device (virtio-rng) and of its backend object.
+pub(crate) const RNG_ID: &str = "vmkit-rng";
+
+/// The entropy device: virtio-rng fed from the host's `/dev/urandom`. Without it a
+/// guest's CRNG takes about a second of jitter to initialise, and whatever reads
+/// `getrandom()` first (crun, for one) waits that long.
+fn rng_args(machine: Machine) -> Vec<OsString> {
+    let backend = json!({"qom-type": "rng-random", "id": format!("{RNG_ID}-backend"),
+                         "filename": "/dev/urandom"});
+    let device = if machine.has_pci() {
+        json!({"driver": "virtio-rng-pci", "id": RNG_ID, "rng": format!("{RNG_ID}-backend"),
+               "bus": "pcie.0"})
+    } else {
+        json!({"driver": "virtio-rng-device", "id": RNG_ID, "rng": format!("{RNG_ID}-backend")})
+    };
+    strs(&[
+        "-object",
+        &backend.to_string(),
+        "-device",
+        &device.to_string(),
+    ])
+}
+
+/// pvpanic and the hot-plug root ports (PCI machines), the entropy device, the cold disks
+/// and NICs, and the vsock device (on a root port of its own when it can be replaced).
 fn device_args(launch: &Launch<'_>) -> Vec<OsString> {
     let machine = launch.options.machine;
     let mut args: Vec<OsString> = Vec::new();
@@ -291,6 +314,7 @@ fn device_args(launch: &Launch<'_>) -> Vec<OsString> {
             }));
         }
     }
+    args.extend(rng_args(machine));
     for (i, disk) in launch.disks.iter().enumerate() {
         args.extend(disk_args(i, disk, machine));
     }
@@ -498,8 +522,13 @@ mod tests {
         let devices = value_after(&args, "-device");
         assert_eq!(
             devices.len(),
-            5,
-            "the pvpanic device and 4 root ports by default"
+            6,
+            "the pvpanic device, 4 root ports and the entropy device by default"
+        );
+        assert!(
+            devices[5].contains(r#""driver":"virtio-rng-pci""#),
+            "{}",
+            devices[5]
         );
         assert_eq!(
             devices[0],
@@ -571,12 +600,13 @@ mod tests {
                 "pcie-root-port",
                 "pcie-root-port",
                 "pcie-root-port",
+                "virtio-rng-pci",
                 "virtio-net-pci",
                 "virtio-serial-pci",
                 "virtserialport"
             ]
         );
-        assert_eq!(devices[6]["bus"], "pcie.0");
+        assert_eq!(devices[7]["bus"], "pcie.0");
         // The same board under TCG (an Intel Mac or a Linux host emulating arm64)
         // needs a 64-bit CPU model; under KVM on an arm64 host, the host's GIC.
         let tcg = launch(Accel::Tcg);

@@ -23,6 +23,7 @@ mod sandbox;
 mod service;
 mod shim;
 mod spec;
+mod stats;
 mod stdio;
 
 use vmkit_qemu as _; // links the QEMU backend

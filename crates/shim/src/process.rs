@@ -207,7 +207,7 @@ impl Proc {
             if Instant::now() > until {
                 return Err(Error::state(op, format!("not running after {RUNNING:?}")));
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 

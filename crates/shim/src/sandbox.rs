@@ -111,27 +111,36 @@ impl Sandbox {
             .map_err(Error::guest(format!("run {:?} in the guest", cmd.argv())))
     }
 
-    /// Runs `cmd` in the guest to its end; its stderr when it fails.
-    pub(crate) async fn run(&self, cmd: &Command) -> Result<()> {
+    /// Runs `cmd` in the guest to its end; its stdout (the first 64 KiB), or its stderr
+    /// in the error when it fails.
+    pub(crate) async fn run(&self, cmd: &Command) -> Result<String> {
         use tokio::io::AsyncReadExt;
+        const KEEP: u64 = 64 << 10;
         let op = format!("{:?} in the guest", cmd.argv());
         let mut process = self.spawn(cmd).await?;
-        let mut stderr = process.take_stderr();
-        let drain_out = process.take_stdout().map(|mut out| {
+        let stdout = process.take_stdout().map(|out| {
             tokio::spawn(async move {
+                let mut kept = Vec::new();
+                let mut out = out;
+                let _ = (&mut out).take(KEEP).read_to_end(&mut kept).await;
                 let _ = tokio::io::copy(&mut out, &mut tokio::io::sink()).await;
+                kept
             })
         });
         let mut message = String::new();
-        if let Some(err) = stderr.as_mut() {
-            let _ = tokio::time::timeout(CALL, err.read_to_string(&mut message)).await;
+        if let Some(mut err) = process.take_stderr() {
+            let _ = tokio::time::timeout(CALL, (&mut err).take(KEEP).read_to_string(&mut message))
+                .await;
+            let _ =
+                tokio::time::timeout(CALL, tokio::io::copy(&mut err, &mut tokio::io::sink())).await;
         }
         let status = process.wait(CALL).await.map_err(Error::guest(&op))?;
-        if let Some(task) = drain_out {
-            let _ = task.await;
-        }
+        let kept = match stdout {
+            Some(task) => task.await.unwrap_or_default(),
+            None => Vec::new(),
+        };
         if status.success() {
-            Ok(())
+            Ok(String::from_utf8_lossy(&kept).into_owned())
         } else {
             Err(Error::state(op, format!("{status}: {}", message.trim())))
         }

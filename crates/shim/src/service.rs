@@ -20,6 +20,7 @@ use crate::events::{Events, timestamp};
 use crate::process::{Exit, Proc, Status};
 use crate::resize::Ask;
 use crate::sandbox::{self, Sandbox};
+use crate::stats;
 use crate::stdio::StdioPaths;
 
 /// The task service of one shim: the containers it holds and their VM.
@@ -113,6 +114,7 @@ impl Service {
             .sandbox_pid
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let began = std::time::Instant::now();
         let container = Arc::new(Container::prepare(&self.namespace, req, sandbox_pid)?);
         let vm = match self.attach(&container).await {
             Ok(vm) => vm,
@@ -124,6 +126,7 @@ impl Service {
         };
         self.containers().insert(req.id.clone(), container.clone());
         let pid = vm.pid();
+        log::info!("created {} in {:?}", req.id, began.elapsed());
         self.events.send(TaskCreate {
             container_id: req.id.clone(),
             bundle: req.bundle.clone(),
@@ -151,6 +154,7 @@ impl Service {
         let (cid, eid) = (id.to_owned(), exec_id.to_owned());
         // containerd gets host pids: the VM's (the container's pid is the guest's).
         let pid = vm.pid();
+        let began = std::time::Instant::now();
         proc.start(&vm, move |exit: Exit| {
             log::info!("{cid} {eid:?} exited: {}", exit.code);
             events.send(TaskExit {
@@ -163,6 +167,7 @@ impl Service {
             });
         })
         .await?;
+        log::info!("started {id} {exec_id:?} in {:?}", began.elapsed());
         if exec_id.is_empty() && container.is_sandbox {
             *self
                 .sandbox_pid
@@ -203,7 +208,9 @@ impl Service {
             ));
         }
         let vm = self.sandbox().await?;
-        vm.run(&container.kill_command(req.signal, req.all)).await
+        vm.run(&container.kill_command(req.signal, req.all))
+            .await
+            .map(drop)
     }
 
     fn send_exit(&self, id: &str, proc: &Proc, exit: Exit) {
@@ -230,18 +237,21 @@ impl Service {
             (_, None) => Exit::of(vmkit_process::ExitStatus::Code(0)),
         };
         if exec_id.is_empty() {
+            let began = std::time::Instant::now();
             self.containers().remove(id);
-            if let Some(vm) = self.sandbox.lock().await.clone() {
+            // With others left in the VM its share goes; the last one's goes with the VM.
+            let others = !self.containers().is_empty();
+            if let Some(vm) = self.sandbox.lock().await.clone().filter(|_| others) {
                 if let Err(e) = vm.unmount(&container.guest_dir).await {
                     log::warn!("{e}");
                 }
-                let others = !self.containers().is_empty();
-                if others && let Err(e) = vm.remove_share(&container.share_id).await {
+                if let Err(e) = vm.remove_share(&container.share_id).await {
                     log::warn!("{e}");
                 }
             }
             self.shutdown_if_empty().await;
             container.cleanup_host();
+            log::info!("deleted {id} in {:?}", began.elapsed());
             self.events.send(TaskDelete {
                 container_id: id.to_owned(),
                 exit_status: exit.code,
@@ -268,6 +278,23 @@ impl Service {
         if let Some(vm) = vm {
             vm.shutdown().await;
         }
+    }
+
+    /// The container's cgroup counters, read in the guest.
+    async fn stats(&self, id: &str) -> Result<api::StatsResponse> {
+        let container = self.container(id)?;
+        let op = format!("stats of container {id}");
+        if container.init.status() != Status::Running {
+            return Err(Error::state(op, "it is not running"));
+        }
+        let vm = self.sandbox().await?;
+        let text = vm.run(&stats::command(container.init.pid())).await?;
+        let any = containerd_shim::util::convert_to_any(Box::new(stats::parse(&text)))
+            .map_err(|e| Error::bad(op, e.to_string()))?;
+        Ok(api::StatsResponse {
+            stats: Some(any).into(),
+            ..Default::default()
+        })
     }
 
     /// Resizes the VM for what its containers now ask, then applies the container's
@@ -448,6 +475,14 @@ impl Task for Service {
             processes,
             ..Default::default()
         })
+    }
+
+    async fn stats(
+        &self,
+        _: &TtrpcContext,
+        req: api::StatsRequest,
+    ) -> TtrpcResult<api::StatsResponse> {
+        Ok(Service::stats(self, &req.id).await?)
     }
 
     async fn update(

@@ -148,6 +148,19 @@ fn exec_runs_in_the_running_container_and_sigterm_reaches_it() {
     assert_eq!(text(&exec.stdout), "from-exec\nready\n");
     assert_eq!(text(&exec.stderr), "exec-err\n");
 
+    // Stats: the container's cgroup in the guest.
+    let metrics = containerd
+        .ctr()
+        .args(["task", "metrics", "c2"])
+        .output()
+        .unwrap();
+    assert!(metrics.status.success(), "{}", show(&metrics, &containerd));
+    let metrics = text(&metrics.stdout);
+    assert!(
+        metrics.contains("pids.current") && metrics.contains("cpu.usage_usec"),
+        "{metrics}"
+    );
+
     let kill = containerd
         .ctr()
         .args(["task", "kill", "-s", "SIGTERM", "c2"])

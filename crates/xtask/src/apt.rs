@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::run::{step, succeeds, workspace_root};
+use crate::run::{step, succeeds, target_dir};
 
 /// sid's sources line: signed by keys bookworm's keyring holds.
 const SID: &str = "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] \
@@ -115,13 +115,6 @@ impl AptRoot {
     fn path(&self, name: &str) -> String {
         self.dir.join(name).display().to_string()
     }
-}
-
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map_or_else(
-        || Path::new(&workspace_root()).join("target"),
-        PathBuf::from,
-    )
 }
 
 /// Unpacks the `.deb` of `package` in `debs` into `into` (`dpkg-deb -x`).

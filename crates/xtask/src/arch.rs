@@ -6,7 +6,7 @@ use std::process::Command;
 
 use crate::apt::AptRoot;
 use crate::debian_rust::{self, Toolchain};
-use crate::run::{cargo, step, workspace_root};
+use crate::run::{cargo, step, target_dir};
 
 /// A guest architecture.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,9 +91,7 @@ impl GuestArch {
                         ])
                         .env("RUSTFLAGS", "-C target-feature=+crt-static"),
                 )?;
-                let target = std::env::var_os("CARGO_TARGET_DIR")
-                    .map_or_else(|| workspace_root().join("target"), PathBuf::from);
-                Ok(target.join(triple).join("release/vmkit-agent"))
+                Ok(target_dir().join(triple).join("release/vmkit-agent"))
             }
             GuestArch::Aarch64 => {
                 // rustup has no arm64 std here: Debian's compiler builds it, Debian's

@@ -18,7 +18,7 @@ use std::process::Command;
 use crate::apt::{AptRoot, unpack};
 use crate::arch::GuestArch;
 use crate::oci_image::{self, Image};
-use crate::run::{output, step, workspace_root};
+use crate::run::{output, step, target_dir};
 
 /// What the shim's tests need: containerd's binaries and a busybox root filesystem.
 pub(crate) struct Containerd {
@@ -45,9 +45,7 @@ const PAUSE: &[&str] = &[
 /// Fetches and unpacks containerd and lays out the busybox root filesystem, unless
 /// they are there already.
 pub(crate) fn ensure() -> Result<Containerd, String> {
-    let dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| workspace_root().join("target"), PathBuf::from)
-        .join("vmkit-containerd");
+    let dir = target_dir().join("vmkit-containerd");
     let bin_dir = dir.join("root/usr/bin");
     let busybox_rootfs = dir.join("busybox-rootfs");
     let images = dir.join("images.tar");

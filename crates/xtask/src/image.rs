@@ -29,7 +29,7 @@ use std::process::Command;
 use crate::apt::unpack;
 pub(crate) use crate::arch::GuestArch;
 use crate::crun;
-use crate::run::{output, step, workspace_root};
+use crate::run::{output, step, target_dir, workspace_root};
 
 const BUSYBOX: &str = "busybox-static";
 
@@ -55,8 +55,7 @@ impl Flavour {
 /// Where the image for `arch` and `flavour` lives: `<target dir>/vmkit-image[-arm64]`,
 /// or `vmkit-image-generic` for the generic kernel.
 pub(crate) fn image_dir(arch: GuestArch, flavour: Flavour) -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| workspace_root().join("target"), PathBuf::from);
+    let target = target_dir();
     match flavour {
         Flavour::Cloud => target.join(arch.image_dir_name()),
         Flavour::Generic => target.join(format!("{}-generic", arch.image_dir_name())),

@@ -29,6 +29,14 @@ pub(crate) fn ensure_all() -> Result<(), String> {
     Ok(())
 }
 
+/// runc, the containerd bench's floor (containerd's own runtime, on the host): Debian's.
+pub(crate) fn ensure_runc() -> Result<(), String> {
+    if succeeds(Command::new("runc").arg("--version")) {
+        return Ok(());
+    }
+    apt_install(&["runc"], None)
+}
+
 /// protoc: the CRI client of the shim's tests (the `k8s-cri` crate) is generated with
 /// it when it builds.
 fn ensure_protoc() -> Result<(), String> {

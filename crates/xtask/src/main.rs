@@ -59,12 +59,39 @@ fn bench(args: &[String]) -> Result<(), String> {
         "build the QEMU plugin (release)",
         run::cargo().args(["build", "--release", "--locked", "-p", "vmkit-plugin-qemu"]),
     )?;
+    // The containerd bench runs the shim (release) and, as its floor, runc.
+    let containerd = containerd::ensure()?;
+    install::ensure_runc()?;
+    run::step(
+        "build the containerd shim (release)",
+        run::cargo().args([
+            "build",
+            "--release",
+            "--locked",
+            "-p",
+            "containerd-shim-vmkit-v1",
+        ]),
+    )?;
+    let shim_dir = run::target_dir().join("release");
     for bench in [
-        "qmp", "boot", "guest", "serial", "hotplug", "plugin", "process", "shares", "soak",
+        "qmp",
+        "boot",
+        "guest",
+        "serial",
+        "hotplug",
+        "plugin",
+        "process",
+        "shares",
+        "containerd",
+        "soak",
     ] {
         let mut cmd = run::cargo();
         cmd.env("VMKIT_IMAGE_DIR", &image)
             .env("VMKIT_GENERIC_IMAGE_DIR", &generic)
+            .env("VMKIT_CONTAINERD_DIR", &containerd.bin_dir)
+            .env("VMKIT_TEST_IMAGES", &containerd.images)
+            .env("VMKIT_BUSYBOX_ROOTFS", &containerd.busybox_rootfs)
+            .env("VMKIT_SHIM_DIR", &shim_dir)
             .args(["bench", "--locked", "-p", "vmkit-benches", "--bench", bench]);
         if check {
             cmd.args(["--", "--check"]);

@@ -77,3 +77,9 @@ pub(crate) fn show(cmd: &Command) -> String {
         format!("{} {}", env.join(" "), parts.join(" "))
     }
 }
+
+/// Cargo's target dir: `$CARGO_TARGET_DIR`, else `<workspace>/target`.
+pub(crate) fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace_root().join("target"), PathBuf::from)
+}
