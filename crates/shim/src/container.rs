@@ -51,6 +51,50 @@ pub(crate) fn check_id(what: &str, id: &str) -> Result<()> {
     }
 }
 
+/// The bundle's OCI spec.
+fn read_spec(op: &str, bundle: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read(bundle.join("config.json"))
+        .map_err(Error::io(format!("{op}: read the bundle's config.json")))?;
+    serde_json::from_slice(&text).map_err(|e| Error::bad(op, format!("config.json: {e}")))
+}
+
+/// The container's root filesystem on the host, and whether the shim mounted it:
+/// containerd's mounts made at `<bundle>/rootfs`, or the directory the spec names
+/// (`ctr run --rootfs DIR`).
+fn rootfs_source(
+    op: &str,
+    bundle: &Path,
+    req: &CreateTaskRequest,
+    oci: &serde_json::Value,
+) -> Result<(PathBuf, bool)> {
+    if !req.rootfs.is_empty() {
+        let rootfs = bundle.join("rootfs");
+        std::fs::create_dir_all(&rootfs).map_err(Error::io(format!("{op}: create rootfs")))?;
+        mounts::mount_all(&req.rootfs, &rootfs)?;
+        return Ok((rootfs, true));
+    }
+    let path = Path::new(oci["root"]["path"].as_str().unwrap_or("rootfs"));
+    let source = if path.is_absolute() {
+        path.to_owned()
+    } else {
+        bundle.join(path)
+    };
+    Ok((source, false))
+}
+
+/// `crun run` of container `id`, its pid file and bundle in the shared directory.
+fn init_command(id: &str) -> Command {
+    Command::new(CRUN.iter().copied().chain([
+        "run",
+        "--no-pivot",
+        "--pid-file",
+        &format!("{GUEST_ROOT}/{id}/{PID_FILE}"),
+        "--bundle",
+        &format!("{GUEST_ROOT}/{id}"),
+        id,
+    ]))
+}
+
 /// A container the shim holds.
 pub(crate) struct Container {
     pub(crate) id: String,
@@ -90,10 +134,7 @@ impl Container {
                 format!("bundle {:?} is not absolute", req.bundle),
             ));
         }
-        let text = std::fs::read(bundle.join("config.json"))
-            .map_err(Error::io(format!("{op}: read the bundle's config.json")))?;
-        let oci: serde_json::Value = serde_json::from_slice(&text)
-            .map_err(|e| Error::bad(&op, format!("config.json: {e}")))?;
+        let oci = read_spec(&op, &bundle)?;
         let guest_dir = format!("{GUEST_ROOT}/{}", req.id);
         let guest = spec::for_guest(
             &req.id,
@@ -105,23 +146,7 @@ impl Container {
         )?;
         let is_sandbox = oci["annotations"][CONTAINER_TYPE].as_str() == Some("sandbox");
 
-        // The root filesystem: containerd's mounts at <bundle>/rootfs, or the directory
-        // the spec names (`ctr run --rootfs DIR`).
-        let rootfs = bundle.join("rootfs");
-        let mounted_rootfs = !req.rootfs.is_empty();
-        let source = if mounted_rootfs {
-            std::fs::create_dir_all(&rootfs).map_err(Error::io(format!("{op}: create rootfs")))?;
-            mounts::mount_all(&req.rootfs, &rootfs)?;
-            rootfs.clone()
-        } else {
-            let path = oci["root"]["path"].as_str().unwrap_or("rootfs");
-            let path = Path::new(path);
-            if path.is_absolute() {
-                path.to_owned()
-            } else {
-                bundle.join(path)
-            }
-        };
+        let (source, mounted_rootfs) = rootfs_source(&op, &bundle, req, &oci)?;
         let host_dir = bundle.join("vmkit");
         let container = Container {
             id: req.id.clone(),
@@ -137,15 +162,7 @@ impl Container {
                     stderr: req.stderr.clone(),
                     terminal: guest.terminal || req.terminal,
                 },
-                Command::new(CRUN.iter().copied().chain([
-                    "run",
-                    "--no-pivot",
-                    "--pid-file",
-                    &format!("{GUEST_ROOT}/{}/{PID_FILE}", req.id),
-                    "--bundle",
-                    &format!("{GUEST_ROOT}/{}", req.id),
-                    &req.id,
-                ])),
+                init_command(&req.id),
                 host_dir.join(PID_FILE),
             )),
             host_dir: host_dir.clone(),
@@ -155,25 +172,29 @@ impl Container {
             ask: Mutex::new(Ask::default()),
         };
         // From here on, what failed is undone by cleanup.
-        let made = (|| {
-            std::fs::create_dir_all(host_dir.join("rootfs"))
-                .map_err(Error::io(format!("{op}: create {}", host_dir.display())))?;
-            mounts::bind(&source, &host_dir.join("rootfs"), false)?;
-            for (index, bind) in guest.binds.iter().enumerate() {
-                let at = host_dir.join("mounts").join(index.to_string());
-                mounts::bind_placeholder(Path::new(&bind.source), &at)?;
-                mounts::bind(Path::new(&bind.source), &at, bind.read_only)?;
-            }
-            let spec = serde_json::to_vec_pretty(&guest.spec)
-                .map_err(|e| Error::bad(&op, e.to_string()))?;
-            std::fs::write(host_dir.join("config.json"), spec)
-                .map_err(Error::io(format!("{op}: write the guest's config.json")))
-        })();
-        if let Err(e) = made {
+        if let Err(e) = container.fill_share(&op, &source, &guest) {
             container.cleanup_host();
             return Err(e);
         }
         Ok(container)
+    }
+
+    /// Lays out the directory the VM shares: the root filesystem `source` bound at
+    /// `rootfs`, the spec's host binds at `mounts/<n>`, the guest's `config.json`.
+    fn fill_share(&self, op: &str, source: &Path, guest: &spec::GuestSpec) -> Result<()> {
+        let dir = &self.host_dir;
+        std::fs::create_dir_all(dir.join("rootfs"))
+            .map_err(Error::io(format!("{op}: create {}", dir.display())))?;
+        mounts::bind(source, &dir.join("rootfs"), false)?;
+        for (index, bind) in guest.binds.iter().enumerate() {
+            let at = dir.join("mounts").join(index.to_string());
+            mounts::bind_placeholder(Path::new(&bind.source), &at)?;
+            mounts::bind(Path::new(&bind.source), &at, bind.read_only)?;
+        }
+        let spec =
+            serde_json::to_vec_pretty(&guest.spec).map_err(|e| Error::bad(op, e.to_string()))?;
+        std::fs::write(dir.join("config.json"), spec)
+            .map_err(Error::io(format!("{op}: write the guest's config.json")))
     }
 
     /// The directory the VM shares.

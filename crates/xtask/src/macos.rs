@@ -12,8 +12,9 @@ use crate::run::step;
 
 /// The macOS targets vmkit's host crates are checked for.
 const TARGETS: [&str; 2] = ["x86_64-apple-darwin", "aarch64-apple-darwin"];
-/// Host crates that never build for macOS: the Linux layer and this task.
-const LINUX_ONLY: [&str; 2] = ["vmkit-linux", "xtask"];
+/// Host crates that never build for macOS: the Linux layer, containerd's shim (a Linux
+/// container runtime: mounts, cgroups) and this task.
+const LINUX_ONLY: [&str; 3] = ["vmkit-linux", "containerd-shim-vmkit-v1", "xtask"];
 
 /// Type-checks and lints the workspace's host crates for both macOS targets.
 pub(crate) fn check() -> Result<(), String> {
