@@ -8,9 +8,7 @@ use vmkit_core::Registry;
 use vmkit_plugin::PluginBackend;
 use vmkit_plugin::process::ProcessChannel;
 
-/// The usage line.
-pub(crate) const USAGE: &str =
-    "vmkit backends [--plugins DIR]... [--library FILE]... [--process NAME=EXECUTABLE]...";
+use crate::args::BackendSources;
 
 /// Where to look for more backends.
 #[derive(Debug, Default)]
@@ -21,28 +19,23 @@ pub(crate) struct Options {
 }
 
 impl Options {
-    pub(crate) fn parse(args: &[String]) -> Result<Options, String> {
-        let mut opts = Options::default();
-        let mut it = args.iter();
-        while let Some(arg) = it.next() {
-            let mut value = || {
-                it.next()
-                    .ok_or(format!("{arg} needs a value\nusage: {USAGE}"))
-            };
-            match arg.as_str() {
-                "--plugins" => opts.dirs.push(value()?.into()),
-                "--library" => opts.libraries.push(value()?.into()),
-                "--process" => {
-                    let spec = value()?;
-                    let (name, exe) = spec
-                        .split_once('=')
-                        .ok_or(format!("--process {spec:?}: expected NAME=EXECUTABLE"))?;
-                    opts.processes.push((name.to_owned(), exe.into()));
-                }
-                other => return Err(format!("unknown argument {other:?}\nusage: {USAGE}")),
-            }
-        }
-        Ok(opts)
+    /// The sources `vmkit backends` was given.
+    pub(crate) fn from_args(sources: &BackendSources) -> Result<Options, String> {
+        let processes = sources
+            .processes
+            .iter()
+            .map(|spec| {
+                spec.split_once('=')
+                    .filter(|(name, exe)| !name.is_empty() && !exe.is_empty())
+                    .map(|(name, exe)| (name.to_owned(), PathBuf::from(exe)))
+                    .ok_or(format!("--process {spec:?}: expected NAME=EXECUTABLE"))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Options {
+            dirs: sources.dirs.clone(),
+            libraries: sources.libraries.clone(),
+            processes,
+        })
     }
 }
 
@@ -105,21 +98,14 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    fn args(list: &[&str]) -> Vec<String> {
-        list.iter().map(|s| (*s).to_owned()).collect()
-    }
-
     #[test]
     fn every_source_is_read_and_a_bad_one_is_named() {
-        let opts = Options::parse(&args(&[
-            "--plugins",
-            "/opt/vmkit/plugins",
-            "--library",
-            "/opt/x.so",
-            "--process",
-            "qemu=/usr/libexec/vmkit-backend-qemu",
-        ]))
-        .unwrap();
+        let sources = BackendSources {
+            dirs: vec!["/opt/vmkit/plugins".into()],
+            libraries: vec!["/opt/x.so".into()],
+            processes: vec!["qemu=/usr/libexec/vmkit-backend-qemu".into()],
+        };
+        let opts = Options::from_args(&sources).unwrap();
         assert_eq!(opts.dirs, [PathBuf::from("/opt/vmkit/plugins")]);
         assert_eq!(opts.libraries, [PathBuf::from("/opt/x.so")]);
         assert_eq!(
@@ -129,9 +115,11 @@ mod tests {
                 PathBuf::from("/usr/libexec/vmkit-backend-qemu")
             )]
         );
-        let err = Options::parse(&args(&["--process", "qemu"])).unwrap_err();
+        let bad = BackendSources {
+            processes: vec!["qemu".into()],
+            ..BackendSources::default()
+        };
+        let err = Options::from_args(&bad).unwrap_err();
         assert_eq!(err, "--process \"qemu\": expected NAME=EXECUTABLE");
-        let err = Options::parse(&args(&["--library"])).unwrap_err();
-        assert!(err.starts_with("--library needs a value"), "{err}");
     }
 }

@@ -18,26 +18,13 @@ pub(crate) struct Options {
 }
 
 impl Options {
-    pub(crate) fn parse(args: &[String]) -> Result<Options, String> {
-        let mut opts = Options {
-            image_dir: std::env::var_os("VMKIT_IMAGE_DIR")
-                .map_or_else(|| PathBuf::from("target/vmkit-image"), PathBuf::from),
-            nic: true,
-        };
-        let mut args = args.iter();
-        while let Some(arg) = args.next() {
-            match arg.as_str() {
-                "--image-dir" => {
-                    opts.image_dir = args
-                        .next()
-                        .map(PathBuf::from)
-                        .ok_or("--image-dir needs a directory")?;
-                }
-                "--no-nic" => opts.nic = false,
-                other => return Err(format!("demo: unknown argument {other:?}")),
-            }
+    /// The demo of the guest in `image_dir` (default `$VMKIT_IMAGE_DIR`, else
+    /// `target/vmkit-image`), with a NIC where one can be made unless `nic` is off.
+    pub(crate) fn new(image_dir: Option<PathBuf>, nic: bool) -> Options {
+        Options {
+            image_dir: image_dir.unwrap_or_else(crate::default_image_dir),
+            nic,
         }
-        Ok(opts)
     }
 }
 
