@@ -89,8 +89,6 @@ pub(crate) enum Command {
     Backends(BackendSources),
     /// What this host can do: accelerators, vsock kinds, vhost-user, QEMU, and why not.
     Check,
-    /// One VM's whole life, step by step, with times (the test guest).
-    Demo(DemoArgs),
     /// The per-VM supervisor behind `run --detach` (started by vmkit, not by people).
     #[command(hide = true)]
     Supervise {
@@ -283,15 +281,4 @@ pub(crate) struct BackendSources {
     /// A backend executable, `NAME=EXECUTABLE` (repeat for more).
     #[arg(long = "process", value_name = "NAME=EXE")]
     pub(crate) processes: Vec<String>,
-}
-
-/// `vmkit demo`.
-#[derive(Debug, Args)]
-pub(crate) struct DemoArgs {
-    /// The test guest's directory (default `$VMKIT_IMAGE_DIR` or `target/vmkit-image`).
-    #[arg(long, value_name = "DIR")]
-    pub(crate) image_dir: Option<PathBuf>,
-    /// No NIC, even where a TAP device can be made.
-    #[arg(long)]
-    pub(crate) no_nic: bool,
 }

@@ -4,7 +4,7 @@
 //! vmkit run [--cpus N] [--memory MIB] [--disk SPEC]… [--share SPEC]… [-- CMD…]
 //! vmkit run -d --name web            # detached: a supervisor holds the VM
 //! vmkit ps | inspect web | exec -it web -- sh | hotplug web cpu 2 | stop web | rm web
-//! vmkit logs -f web | pause web | resume web | unplug web ID | backends | check | demo
+//! vmkit logs -f web | pause web | resume web | unplug web ID | backends | check
 //! ```
 //!
 //! Built on vmkit's public API only. `run` boots a VM in the foreground (its console,
@@ -17,7 +17,6 @@ mod args;
 mod backends;
 mod check;
 mod control;
-mod demo;
 mod detach;
 mod device_args;
 mod error;
@@ -176,10 +175,6 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             backends::run(&opts).map_err(Error::BadArgument).map(|()| 0)
         }
         Command::Check => check::run(&out).await.map(|()| 0),
-        Command::Demo(args) => demo::run(demo::Options::new(args.image_dir, !args.no_nic))
-            .await
-            .map_err(Error::BadArgument)
-            .map(|()| 0),
         Command::Supervise { dir } => {
             let entry = supervised_entry(&dir)?;
             let span = tracing::info_span!("vm", name = %entry.name());

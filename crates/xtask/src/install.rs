@@ -29,6 +29,12 @@ pub(crate) fn ensure_all() -> Result<(), String> {
     Ok(())
 }
 
+/// What `cargo xtask demo` needs: QEMU (its guest channel is virtio-serial, which
+/// needs no daemon; the image build fetches its own parts).
+pub(crate) fn ensure_demo() -> Result<(), String> {
+    ensure_qemu()
+}
+
 /// runc, the containerd bench's floor (containerd's own runtime, on the host): Debian's.
 pub(crate) fn ensure_runc() -> Result<(), String> {
     if succeeds(Command::new("runc").arg("--version")) {

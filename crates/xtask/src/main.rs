@@ -6,6 +6,7 @@ mod arch;
 mod containerd;
 mod crun;
 mod debian_rust;
+mod demo;
 mod image;
 mod install;
 mod macos;
@@ -101,29 +102,6 @@ fn bench(args: &[String]) -> Result<(), String> {
     Ok(())
 }
 
-/// `cargo xtask demo`: install what is missing, build the guest, run `vmkit demo`.
-fn demo(args: &[String]) -> Result<(), String> {
-    install::ensure_all()?;
-    let image = image::ensure_image(image::GuestArch::X86_64)?;
-    run::step(
-        "demo",
-        run::cargo()
-            .env("VMKIT_IMAGE_DIR", &image)
-            .args([
-                "run",
-                "--quiet",
-                "--locked",
-                "-p",
-                "vmkit-cli",
-                "--bin",
-                "vmkit",
-                "--",
-                "demo",
-            ])
-            .args(args),
-    )
-}
-
 /// `cargo xtask image [--arm64]`.
 fn image_task(args: &[String]) -> Result<(), String> {
     let (arch, flavour) = match args {
@@ -148,7 +126,7 @@ fn main() -> ExitCode {
         Some("image") => image_task(&args[1..]),
         Some("containerd") => containerd::ensure().map(drop),
         Some("bench") => bench(&args[1..]),
-        Some("demo") => demo(&args[1..]),
+        Some("demo") => demo::run(&args[1..]),
         Some("-h" | "--help" | "help") => {
             print!("{USAGE}");
             Ok(())
