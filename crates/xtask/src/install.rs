@@ -162,6 +162,18 @@ fn ensure_cargo_deny() -> Result<(), String> {
     )
 }
 
+/// `cargo <subcommand>` from the crate `krate`, installed once (`cargo install
+/// --locked`, its newest version).
+pub(crate) fn ensure_cargo_tool(krate: &str, subcommand: &str) -> Result<(), String> {
+    if succeeds(cargo().args([subcommand, "--version"])) {
+        return Ok(());
+    }
+    step(
+        &format!("install {krate} (once per machine)"),
+        cargo().args(["install", "--locked", krate]),
+    )
+}
+
 /// QEMU's major version, if `qemu-system-x86_64` runs.
 pub(crate) fn qemu_major() -> Option<u32> {
     parse_qemu_major(&output(

@@ -11,6 +11,7 @@ mod image;
 mod install;
 mod macos;
 mod oci_image;
+mod release;
 mod run;
 mod test;
 
@@ -23,7 +24,9 @@ tasks:
   test [--no-lint] [-- <cargo test args>]
             install what is missing and build both test guests (x86_64, arm64), then:
             fmt check, clippy -D warnings (Linux, then both macOS targets), doc with -D warnings,
-            cargo deny (bans licenses sources), the whole test suite
+            cargo deny (bans licenses sources), cargo package of the published crates,
+            a check with the MSRV's Rust, semver against the last v* tag (once one
+            exists), the whole test suite
   bench [--check]
             install what is missing, then run the benchmarks in benches/; each prints
             its figures against a baseline measured in the same run (--check: exit
@@ -41,7 +44,9 @@ tasks:
   containerd
             fetch containerd 2.x (Debian sid's package, with apt lists of its own) and lay
             out a busybox root filesystem, into target/vmkit-containerd/ (the shim's tests)
-  demo      boot a VM, talk to the guest, hotplug, shut down
+  demo [<vmkit run flags>]
+            install only QEMU, build the test guest and the vmkit command, and drive it:
+            run a VM detached, exec in it, hot-plug a vCPU and memory, stop, remove
 ";
 
 /// `cargo xtask bench`: every benchmark, in release mode, one at a time.

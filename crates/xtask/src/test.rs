@@ -61,6 +61,7 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
                 "sources",
             ]),
         )?;
+        crate::release::check()?;
     }
     // The plugin libraries the loader tests load (cargo builds a cdylib only when asked).
     step(
