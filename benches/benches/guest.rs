@@ -109,6 +109,16 @@ async fn latency(vm: &vmkit_qemu::QemuInstance, uds: &Path) -> bool {
         p(&ours, 99.0)
     );
     println!("  ratio p50 (Ping / raw echo) : {ratio:.2}  (target <= 1.5)");
+    vmkit_benches::Row::new(
+        "guest",
+        "TTRPC Ping p50, hybrid vsock",
+        "µs",
+        p(&ours, 50.0),
+        PINGS,
+    )
+    .against("raw hybrid-vsock echo round trip", p(&base, 50.0))
+    .ratio_at_most(1.5)
+    .record();
     ratio <= 1.5
 }
 
@@ -169,5 +179,15 @@ async fn throughput(vm: &vmkit_qemu::QemuInstance, uds: &Path) -> bool {
     println!("  raw frames by hand   : {base_rate:6.1} MiB/s");
     println!("  vmkit open_stream    : {ours_rate:6.1} MiB/s");
     println!("  ratio (vmkit / raw)  : {ratio:.2}  (target >= 0.7)");
+    vmkit_benches::Row::new(
+        "guest",
+        "stream echo throughput, hybrid vsock",
+        "MiB/s",
+        ours_rate,
+        STREAM_ROUNDS,
+    )
+    .against("raw frames on a hand-driven connection", base_rate)
+    .ratio_at_least(0.7)
+    .record();
     ratio >= 0.7
 }

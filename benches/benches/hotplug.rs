@@ -71,6 +71,21 @@ fn main() {
             ours.as_secs_f64() * 1e3,
             raw.as_secs_f64() * 1e3
         );
+        let runs = if what.contains("vCPU") {
+            CPU_ROUNDS
+        } else {
+            ROUNDS
+        };
+        vmkit_benches::Row::new(
+            "hotplug",
+            &format!("{what}: command -> guest-visible"),
+            "ms",
+            ours.as_secs_f64() * 1e3,
+            runs,
+        )
+        .against("raw QMP sequence", raw.as_secs_f64() * 1e3)
+        .ratio_at_most(1.1)
+        .record();
     }
     vmkit_benches::finish(ok);
 }

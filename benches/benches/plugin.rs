@@ -114,6 +114,37 @@ fn main() {
             "  {name} / static: start->ready {ready:.3}, Ping {ping:.3} (targets <= 1.05: {})",
             if met { "met" } else { "missed" }
         );
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let us = |d: Duration| d.as_secs_f64() * 1e6;
+        vmkit_benches::Row::new(
+            "plugin",
+            &format!("start -> agent ready, {name}"),
+            "ms",
+            ms(medians[i].0),
+            ROUNDS,
+        )
+        .against("the static backend", ms(medians[0].0))
+        .ratio_at_most(1.05)
+        .record();
+        vmkit_benches::Row::new(
+            "plugin",
+            &format!("Ping p50, {name}"),
+            "µs",
+            us(medians[i].1),
+            ROUNDS,
+        )
+        .against("the static backend", us(medians[0].1))
+        .ratio_at_most(1.05)
+        .record();
+        vmkit_benches::Row::new(
+            "plugin",
+            &format!("state() p50, {name}"),
+            "µs",
+            us(medians[i].2),
+            ROUNDS,
+        )
+        .against("the static backend", us(medians[0].2))
+        .record();
     }
     vmkit_benches::finish(ok);
 }

@@ -115,6 +115,15 @@ async fn spawn_to_exit(vm: &Arc<QemuInstance>) {
         "  ratio p50 (process / Exec)      : {:.2}  (reported; no target)",
         ms(&ours, 50.0) / ms(&base, 50.0)
     );
+    vmkit_benches::Row::new(
+        "process",
+        "spawn -> exit of `true` p50",
+        "ms",
+        ms(&ours, 50.0),
+        SPAWNS,
+    )
+    .against("one Exec call", ms(&base, 50.0))
+    .record();
 }
 
 async fn throughput(vm: &Arc<QemuInstance>) -> bool {
@@ -142,5 +151,15 @@ async fn throughput(vm: &Arc<QemuInstance>) -> bool {
     println!("  raw exec stream       : {base_rate:6.1} MiB/s");
     println!("  vmkit-process stdout  : {ours_rate:6.1} MiB/s");
     println!("  ratio (process / raw) : {ratio:.2}  (target >= 0.8)");
+    vmkit_benches::Row::new(
+        "process",
+        "stdout throughput (256 MiB from dd)",
+        "MiB/s",
+        ours_rate,
+        ROUNDS,
+    )
+    .against("raw exec stream", base_rate)
+    .ratio_at_least(0.8)
+    .record();
     ratio >= 0.8
 }

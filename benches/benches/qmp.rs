@@ -146,7 +146,8 @@ async fn run(binary: &Path, command_ids: CommandIds) -> bool {
     let qmp = QmpClient::connect(qemu.qmp_path(), opts).await.unwrap();
     let mut raw = RawClient::connect(&raw_socket, false).await;
     let mut pipe = RawClient::connect(&pipe_socket, true).await;
-    let role = if command_ids == CommandIds::default() {
+    let role_has_targets = command_ids == CommandIds::default();
+    let role = if role_has_targets {
         "the default; targets apply"
     } else {
         "for comparison: what ids cost"
@@ -207,6 +208,19 @@ async fn run(binary: &Path, command_ids: CommandIds) -> bool {
         micros(o99)
     );
     println!("  ratio p50 (vmkit/raw) : {latency_ratio:.3}  (target <= 1.10)");
+    let latency_row = vmkit_benches::Row::new(
+        "qmp",
+        &format!("query-status latency p50 (CommandIds::{command_ids:?})"),
+        "µs",
+        micros(o50),
+        SEQUENTIAL,
+    )
+    .against("raw JSON-lines client", micros(b50));
+    if role_has_targets {
+        latency_row.ratio_at_most(1.10).record();
+    } else {
+        latency_row.record();
+    }
 
     // Throughput, in interleaved rounds so that drift on a noisy machine hits both
     // sides alike: the raw client sequentially, then 16 concurrent vmkit callers, then
@@ -251,6 +265,19 @@ async fn run(binary: &Path, command_ids: CommandIds) -> bool {
     println!("  raw client, sequential           : {raw_rate:8.0} /s");
     println!("  vmkit-qmp, {CONCURRENT_CALLERS} concurrent callers : {ours_rate:8.0} /s");
     println!("  ratio (vmkit/raw)                : {throughput_ratio:.2}  (target >= 1.80)");
+    let throughput_row = vmkit_benches::Row::new(
+        "qmp",
+        &format!("throughput, {CONCURRENT_CALLERS} callers (CommandIds::{command_ids:?})"),
+        "/s",
+        ours_rate,
+        THROUGHPUT_ROUNDS,
+    )
+    .against("raw client, sequential", raw_rate);
+    if role_has_targets {
+        throughput_row.ratio_at_least(1.80).record();
+    } else {
+        throughput_row.record();
+    }
     for (window, time) in CEILING_WINDOWS.iter().zip(ceiling_time) {
         let rate = calls / time.as_secs_f64();
         println!(

@@ -66,6 +66,25 @@ fn main() {
             median(&rates[0]),
             median(&rates[1])
         );
+        vmkit_benches::Row::new(
+            "serial",
+            "TTRPC Ping p50, virtio-serial",
+            "µs",
+            sp.as_secs_f64() * 1e6,
+            pings[1].len(),
+        )
+        .against("the same over hybrid vsock", hp.as_secs_f64() * 1e6)
+        .ratio_at_most(1.5)
+        .record();
+        vmkit_benches::Row::new(
+            "serial",
+            "32 MiB stream echo, virtio-serial",
+            "MiB/s",
+            median(&rates[1]),
+            ROUNDS,
+        )
+        .against("the same over hybrid vsock", median(&rates[0]))
+        .record();
         hybrid.shutdown().await.unwrap();
         serial.shutdown().await.unwrap();
         ratio <= 1.5

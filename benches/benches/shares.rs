@@ -183,5 +183,26 @@ async fn measure(p: &Processes) -> bool {
     println!(
         "  9p time / virtio-fs time: sequential {seq:.2}, small files {tree:.2} (target: both > 1)"
     );
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    vmkit_benches::Row::new(
+        "shares",
+        &format!("{BIG_MIB} MiB sequential read, virtio-fs"),
+        "ms",
+        ms(big[0]),
+        ROUNDS,
+    )
+    .against("virtio-9p", ms(big[1]))
+    .ratio_at_most(1.0)
+    .record();
+    vmkit_benches::Row::new(
+        "shares",
+        "small files read, virtio-fs",
+        "ms",
+        ms(small[0]),
+        ROUNDS,
+    )
+    .against("virtio-9p", ms(small[1]))
+    .ratio_at_most(1.0)
+    .record();
     seq > 1.0 && tree > 1.0
 }

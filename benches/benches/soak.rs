@@ -68,6 +68,16 @@ fn main() {
         leaks.processes, leaks.fds, leaks.sockets, leaks.lock_files, leaks.taps
     );
     let ok = leaks == Leaks::default();
+    let left = leaks.processes + leaks.fds + leaks.sockets + leaks.lock_files + leaks.taps;
+    vmkit_benches::Row::new(
+        "soak",
+        "start/stop cycles: things left behind",
+        "items",
+        left as f64,
+        CYCLES,
+    )
+    .at_most(0.0)
+    .record();
     println!(
         "  target: nothing left ({})",
         if ok { "met" } else { "missed" }

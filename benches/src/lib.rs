@@ -52,6 +52,109 @@ pub fn finish(targets_met: bool) {
     }
 }
 
+/// The environment variable naming the file rows are appended to (`cargo xtask bench`
+/// sets it, then builds `target/bench/report.md` and `report.json` from the rows).
+pub const ROWS_ENV: &str = "VMKIT_BENCH_ROWS";
+
+/// One row of the benchmark table: a figure of vmkit's, the same-run baseline it is
+/// measured against, their ratio and the target, if the row has one.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Row {
+    /// The benchmark (`qmp`, `boot`, …).
+    pub bench: String,
+    /// What was measured.
+    pub what: String,
+    /// The unit of `vmkit` and `baseline` (`ms`, `µs`, `MiB/s`, `/s`, `MiB`).
+    pub unit: String,
+    /// vmkit's figure.
+    pub vmkit: f64,
+    /// What the baseline is.
+    pub baseline_name: Option<String>,
+    /// The baseline's figure, same run.
+    pub baseline: Option<f64>,
+    /// `vmkit / baseline`.
+    pub ratio: Option<f64>,
+    /// The target, as words (`ratio <= 1.10`).
+    pub target: Option<String>,
+    /// Whether the target was met.
+    pub met: Option<bool>,
+    /// How many runs (samples, rounds) the figure is from.
+    pub runs: usize,
+}
+
+impl Row {
+    /// vmkit's `value` in `unit`, from `runs` runs, with no baseline yet.
+    pub fn new(bench: &str, what: &str, unit: &str, value: f64, runs: usize) -> Row {
+        Row {
+            bench: bench.to_owned(),
+            what: what.to_owned(),
+            unit: unit.to_owned(),
+            vmkit: value,
+            baseline_name: None,
+            baseline: None,
+            ratio: None,
+            target: None,
+            met: None,
+            runs,
+        }
+    }
+
+    /// Against `baseline` (`name` says what it is); the ratio is vmkit / baseline.
+    #[must_use]
+    pub fn against(mut self, name: &str, baseline: f64) -> Row {
+        self.baseline_name = Some(name.to_owned());
+        self.baseline = Some(baseline);
+        self.ratio = (baseline != 0.0).then(|| self.vmkit / baseline);
+        self
+    }
+
+    /// The target: the ratio at most `limit`.
+    #[must_use]
+    pub fn ratio_at_most(mut self, limit: f64) -> Row {
+        self.target = Some(format!("ratio <= {limit}"));
+        self.met = self.ratio.map(|r| r <= limit);
+        self
+    }
+
+    /// The target: the ratio at least `limit`.
+    #[must_use]
+    pub fn ratio_at_least(mut self, limit: f64) -> Row {
+        self.target = Some(format!("ratio >= {limit}"));
+        self.met = self.ratio.map(|r| r >= limit);
+        self
+    }
+
+    /// The target: vmkit's figure at most `limit` (in its unit).
+    #[must_use]
+    pub fn at_most(mut self, limit: f64) -> Row {
+        self.target = Some(format!("<= {limit} {}", self.unit));
+        self.met = Some(self.vmkit <= limit);
+        self
+    }
+
+    /// Appends the row to the file `$VMKIT_BENCH_ROWS` names (one JSON line), if set.
+    /// A row that cannot be written is said on stderr: the benchmark's own output
+    /// stands.
+    pub fn record(&self) {
+        let Some(path) = std::env::var_os(ROWS_ENV) else {
+            return;
+        };
+        let written = serde_json::to_string(self)
+            .map_err(std::io::Error::other)
+            .and_then(|line| {
+                use std::io::Write;
+                let mut file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)?;
+                writeln!(file, "{line}")
+            });
+        if let Err(e) = written {
+            eprintln!("bench row for {:?} not recorded: {e}", self.what);
+        }
+    }
+}
+
 /// Percentile `p` (0–100) of `samples`, which must be sorted; `None` when empty.
 pub fn percentile<T: Copy>(sorted: &[T], p: f64) -> Option<T> {
     if sorted.is_empty() {
@@ -63,7 +166,25 @@ pub fn percentile<T: Copy>(sorted: &[T], p: f64) -> Option<T> {
 
 #[cfg(test)]
 mod tests {
-    use super::percentile;
+    use super::{Row, percentile};
+
+    #[test]
+    fn a_row_s_ratio_and_target() {
+        let row = Row::new("qmp", "latency p50", "µs", 110.0, 2000)
+            .against("raw client", 100.0)
+            .ratio_at_most(1.10);
+        assert_eq!(row.ratio.map(|r| (r * 1000.0).round()), Some(1100.0));
+        assert_eq!(row.met, Some(true));
+        let row = Row::new("x", "y", "MiB", 2.0, 8).at_most(1.0);
+        assert_eq!(
+            (row.met, row.target.as_deref()),
+            (Some(false), Some("<= 1 MiB"))
+        );
+        let row = Row::new("x", "y", "/s", 1.0, 1)
+            .against("z", 0.0)
+            .ratio_at_least(1.8);
+        assert_eq!((row.ratio, row.met), (None, None));
+    }
 
     #[test]
     fn percentiles_pick_the_nearest_rank() {

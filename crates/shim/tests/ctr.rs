@@ -23,8 +23,7 @@ fn ctr_run_keeps_stdout_and_stderr_apart_and_passes_the_exit_code_on() {
     // --rootfs gives no image config, so no PATH: commands are named by path.
     let script = "echo out; echo err >&2; exit 7";
     let out = containerd
-        .run(&["--rm"], &rootfs, "c1", &["/bin/sh", "-c", script])
-        .output()
+        .run_output(&["--rm"], &rootfs, "c1", &["/bin/sh", "-c", script])
         .unwrap();
     assert_eq!(out.status.code(), Some(7), "{}", show(&out, &containerd));
     assert_eq!(text(&out.stdout), "out\n", "{}", show(&out, &containerd));
@@ -43,8 +42,7 @@ fn sixty_four_mib_of_stdout_arrive_byte_exact() {
     let script = "head -c 67108864 /dev/urandom > /blob && sha256sum /blob >&2 && cat /blob";
     let started = Instant::now();
     let out = containerd
-        .run(&["--rm"], &rootfs, "big", &["/bin/sh", "-c", script])
-        .output()
+        .run_output(&["--rm"], &rootfs, "big", &["/bin/sh", "-c", script])
         .unwrap();
     assert!(out.status.success(), "{}", show(&out, &containerd));
     assert_eq!(out.stdout.len(), 64 << 20);
@@ -195,8 +193,7 @@ fn events_arrive_in_containerds_order() {
         .unwrap();
     std::thread::sleep(Duration::from_millis(300)); // subscribed
     let out = containerd
-        .run(&["--rm"], &rootfs, "ev1", &["/bin/true"])
-        .output()
+        .run_output(&["--rm"], &rootfs, "ev1", &["/bin/true"])
         .unwrap();
     assert!(out.status.success(), "{}", show(&out, &containerd));
     std::thread::sleep(Duration::from_millis(500)); // the last event delivered

@@ -35,6 +35,9 @@ tasks:
             clippy -D warnings on the host crates for x86_64- and aarch64-apple-darwin
             (std built from Debian's Rust source, unpacked under target/debian-rust/;
             nothing links or runs)
+  release-check
+            what a release needs: cargo package of every published crate, each built
+            from its package; a check with the MSRV's Rust; semver against the last v* tag
   install   install what is missing (system packages need root) and stop
   image [--arm64 | --generic]
             build the test guest (kernel + initramfs) into target/vmkit-image/, cached
@@ -79,6 +82,13 @@ fn bench(args: &[String]) -> Result<(), String> {
         ]),
     )?;
     let shim_dir = run::target_dir().join("release");
+    // Every bench appends its rows here; the table is made from them at the end.
+    let report_dir = run::target_dir().join("bench");
+    std::fs::create_dir_all(&report_dir)
+        .map_err(|e| format!("create {}: {e}", report_dir.display()))?;
+    let rows = report_dir.join("rows.jsonl");
+    let _ = std::fs::remove_file(&rows);
+    let mut failed = Vec::new();
     for bench in [
         "qmp",
         "boot",
@@ -89,6 +99,7 @@ fn bench(args: &[String]) -> Result<(), String> {
         "process",
         "shares",
         "containerd",
+        "fleet",
         "soak",
     ] {
         let mut cmd = run::cargo();
@@ -98,13 +109,41 @@ fn bench(args: &[String]) -> Result<(), String> {
             .env("VMKIT_TEST_IMAGES", &containerd.images)
             .env("VMKIT_BUSYBOX_ROOTFS", &containerd.busybox_rootfs)
             .env("VMKIT_SHIM_DIR", &shim_dir)
+            .env("VMKIT_BENCH_ROWS", &rows)
             .args(["bench", "--locked", "-p", "vmkit-benches", "--bench", bench]);
         if check {
             cmd.args(["--", "--check"]);
         }
-        run::step(&format!("bench {bench}"), &mut cmd)?;
+        // One bench that fails (or misses a target under --check) does not stop the
+        // others: the table shows them all.
+        if let Err(e) = run::step(&format!("bench {bench}"), &mut cmd) {
+            eprintln!("{e}");
+            failed.push(bench);
+        }
     }
-    Ok(())
+    run::step(
+        "the benchmark table",
+        run::cargo()
+            .args([
+                "run",
+                "--release",
+                "--locked",
+                "-p",
+                "vmkit-benches",
+                "--bin",
+                "bench-report",
+                "--",
+            ])
+            .arg(&rows)
+            .arg(&report_dir),
+    )?;
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "benches that failed or missed a target: {failed:?}"
+        ))
+    }
 }
 
 /// `cargo xtask image [--arm64]`.
@@ -132,6 +171,7 @@ fn main() -> ExitCode {
         Some("containerd") => containerd::ensure().map(drop),
         Some("bench") => bench(&args[1..]),
         Some("demo") => demo::run(&args[1..]),
+        Some("release-check") => release::check(true),
         Some("-h" | "--help" | "help") => {
             print!("{USAGE}");
             Ok(())

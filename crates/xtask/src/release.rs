@@ -1,8 +1,13 @@
-//! Release readiness, checked by `cargo xtask test`: every publishable crate packages
-//! (`cargo package`, which builds each one as crates.io would see it, its vmkit
-//! dependencies from the packages beside it), the workspace builds with the Rust
-//! version its `rust-version` promises, and — once a release is tagged — the public API
-//! keeps semver against it (`cargo-semver-checks`).
+//! Release readiness: every publishable crate packages (`cargo package`: the manifest
+//! has what crates.io needs and the files are there; verified, it also builds each
+//! package as crates.io would see it, its vmkit dependencies from the packages beside
+//! it), the workspace builds with the Rust version its `rust-version` promises, and —
+//! once a release is tagged — the public API keeps semver against it
+//! (`cargo-semver-checks`).
+//!
+//! `cargo xtask test` runs them with an unverified `cargo package` (verifying builds
+//! every crate and its dependencies again: five minutes of CI's budget here);
+//! `cargo xtask release-check` runs them verified, before a release.
 
 use std::process::Command;
 
@@ -19,20 +24,28 @@ const UNPUBLISHED: [&str; 7] = [
     "downstream-runtime",
 ];
 
-/// All three checks.
-pub(crate) fn check() -> Result<(), String> {
-    package()?;
+/// All three checks; `verify`: each package built from its tarball too.
+pub(crate) fn check(verify: bool) -> Result<(), String> {
+    package(verify)?;
     msrv()?;
     semver()
 }
 
-/// `cargo package` of every publishable crate, verified (each built from its package).
-fn package() -> Result<(), String> {
+/// `cargo package` of every publishable crate.
+fn package(verify: bool) -> Result<(), String> {
+    let mut cmd = cargo();
+    cmd.args(["package", "--workspace", "--locked", "--allow-dirty"])
+        .args(UNPUBLISHED.iter().flat_map(|c| ["--exclude", c]));
+    if !verify {
+        cmd.arg("--no-verify");
+    }
     step(
-        "package",
-        cargo()
-            .args(["package", "--workspace", "--locked", "--allow-dirty"])
-            .args(UNPUBLISHED.iter().flat_map(|c| ["--exclude", c])),
+        if verify {
+            "package (verified)"
+        } else {
+            "package"
+        },
+        &mut cmd,
     )
 }
 

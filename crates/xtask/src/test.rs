@@ -61,7 +61,7 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
                 "sources",
             ]),
         )?;
-        crate::release::check()?;
+        crate::release::check(false)?;
     }
     // The plugin libraries the loader tests load (cargo builds a cdylib only when asked).
     step(
