@@ -21,6 +21,8 @@
 //!   a virtio-blk disk (virtio-fs must beat 9p on both).
 //! - `containerd`: `ctr run --rm <image> true` through vmkit's shim, vs runc and vs a
 //!   plain vmkit start of the same guest (the shim within 1.15x of the plain VM).
+//! - `fleet`: 8 VMs started at once vs one after another, and the host memory per idle
+//!   instance (the vmkit process's RSS growth per VM; target at most 1 MiB).
 //! - `soak`: 50 start/stop cycles of the test guest with its agent (and a TAP NIC where
 //!   possible); target: no process, fd, socket, lock file or TAP left.
 //!
