@@ -8,7 +8,9 @@
 //! use vmkit_testkit::containerd::{Containerd, parts};
 //! let Some(parts) = parts() else { return Ok(()) }; // skipped outside CI
 //! let containerd = Containerd::start(&parts, shim_dir, false)?;
-//! containerd.import_images("default", &parts.images)?;
+//! containerd
+//!     .import_images("default", &parts.images)
+//!     .map_err(std::io::Error::other)?;
 //! let out = containerd
 //!     .ctr()
 //!     .args(["run", "--rm", "--runtime", "io.containerd.vmkit.v1"])
