@@ -3,6 +3,7 @@
 
 mod apt;
 mod arch;
+mod bench;
 mod containerd;
 mod crun;
 mod debian_rust;
@@ -52,100 +53,6 @@ tasks:
             run a VM detached, exec in it, hot-plug a vCPU and memory, stop, remove
 ";
 
-/// `cargo xtask bench`: every benchmark, in release mode, one at a time.
-fn bench(args: &[String]) -> Result<(), String> {
-    let check = match args {
-        [] => false,
-        [flag] if flag == "--check" => true,
-        other => return Err(format!("bench: unknown arguments {other:?}")),
-    };
-    install::ensure_all()?;
-    let image = image::ensure_image(image::GuestArch::X86_64)?;
-    // The shares bench compares 9p too, which only the generic kernel has.
-    let generic = image::ensure_flavour(image::GuestArch::X86_64, image::Flavour::Generic)?;
-    // The plugin bench loads the QEMU plugin's library and runs its executable.
-    run::step(
-        "build the QEMU plugin (release)",
-        run::cargo().args(["build", "--release", "--locked", "-p", "vmkit-plugin-qemu"]),
-    )?;
-    // The containerd bench runs the shim (release) and, as its floor, runc.
-    let containerd = containerd::ensure()?;
-    install::ensure_runc()?;
-    run::step(
-        "build the containerd shim (release)",
-        run::cargo().args([
-            "build",
-            "--release",
-            "--locked",
-            "-p",
-            "containerd-shim-vmkit-v1",
-        ]),
-    )?;
-    let shim_dir = run::target_dir().join("release");
-    // Every bench appends its rows here; the table is made from them at the end.
-    let report_dir = run::target_dir().join("bench");
-    std::fs::create_dir_all(&report_dir)
-        .map_err(|e| format!("create {}: {e}", report_dir.display()))?;
-    let rows = report_dir.join("rows.jsonl");
-    let _ = std::fs::remove_file(&rows);
-    let mut failed = Vec::new();
-    for bench in [
-        "qmp",
-        "boot",
-        "guest",
-        "serial",
-        "hotplug",
-        "plugin",
-        "process",
-        "shares",
-        "containerd",
-        "fleet",
-        "soak",
-    ] {
-        let mut cmd = run::cargo();
-        cmd.env("VMKIT_IMAGE_DIR", &image)
-            .env("VMKIT_GENERIC_IMAGE_DIR", &generic)
-            .env("VMKIT_CONTAINERD_DIR", &containerd.bin_dir)
-            .env("VMKIT_TEST_IMAGES", &containerd.images)
-            .env("VMKIT_BUSYBOX_ROOTFS", &containerd.busybox_rootfs)
-            .env("VMKIT_SHIM_DIR", &shim_dir)
-            .env("VMKIT_BENCH_ROWS", &rows)
-            .args(["bench", "--locked", "-p", "vmkit-benches", "--bench", bench]);
-        if check {
-            cmd.args(["--", "--check"]);
-        }
-        // One bench that fails (or misses a target under --check) does not stop the
-        // others: the table shows them all.
-        if let Err(e) = run::step(&format!("bench {bench}"), &mut cmd) {
-            eprintln!("{e}");
-            failed.push(bench);
-        }
-    }
-    run::step(
-        "the benchmark table",
-        run::cargo()
-            .args([
-                "run",
-                "--release",
-                "--locked",
-                "-p",
-                "vmkit-benches",
-                "--bin",
-                "bench-report",
-                "--",
-            ])
-            .arg(&rows)
-            .arg(&report_dir),
-    )?;
-    if failed.is_empty() {
-        Ok(())
-    } else {
-        Err(format!(
-            "benches that failed or missed a target: {failed:?}"
-        ))
-    }
-}
-
 /// `cargo xtask image [--arm64]`.
 fn image_task(args: &[String]) -> Result<(), String> {
     let (arch, flavour) = match args {
@@ -169,7 +76,7 @@ fn main() -> ExitCode {
         Some("check-macos") => macos::check(),
         Some("image") => image_task(&args[1..]),
         Some("containerd") => containerd::ensure().map(drop),
-        Some("bench") => bench(&args[1..]),
+        Some("bench") => bench::run(&args[1..]),
         Some("demo") => demo::run(&args[1..]),
         Some("release-check") => release::check(true),
         Some("-h" | "--help" | "help") => {
