@@ -14,6 +14,8 @@ use crate::error::{Error, Result};
 
 /// How long a spawn or a control call may take.
 const CALL: Duration = Duration::from_secs(30);
+/// The signal Ctrl-C passes on (Linux's and macOS's number).
+const SIGINT: i32 = 2;
 /// One round of waiting for the command to end (then another).
 const WAIT_ROUND: Duration = Duration::from_secs(3600);
 
@@ -87,7 +89,7 @@ pub(crate) async fn run(guest: Arc<dyn GuestCommunicator>, attach: &Attach) -> R
                 other => break other.map_err(process_error)?,
             },
             Some(()) = async { match interrupts.as_mut() { Some(s) => s.recv().await, None => std::future::pending().await } } => {
-                process.kill(libc_sigint(), CALL).await.map_err(process_error)?;
+                process.kill(SIGINT, CALL).await.map_err(process_error)?;
             }
         }
     };
@@ -103,10 +105,6 @@ pub(crate) async fn run(guest: Arc<dyn GuestCommunicator>, attach: &Attach) -> R
         ExitStatus::Code(code) => code,
         ExitStatus::Signal(signal) => 128 + signal,
     })
-}
-
-const fn libc_sigint() -> i32 {
-    2
 }
 
 /// Copies `from` to `to` until end of file; at the end, `to` is shut down when

@@ -202,16 +202,17 @@ impl Row {
     }
 }
 
-/// `vmkit inspect`: the status of a running VM, the record of a stopped one.
+/// `vmkit inspect`: the status of a running VM, the record of a stopped one; JSON in
+/// either mode.
 pub(crate) async fn inspect(rt: &RuntimeDir, name: &str, out: &Output) -> Result<()> {
     let entry = existing(rt, name)?;
     if entry.liveness() == Liveness::Exited {
         let ended = ended(&entry)
             .ok_or_else(|| state("inspect", name, "stopped, with no readable record"))?;
-        return out.json_always(&ended);
+        return out.json(&ended);
     }
     let status = status(rt, name, "inspect").await?;
-    out.json_always(&status)
+    out.json(&status)
 }
 
 /// `vmkit hotplug`.

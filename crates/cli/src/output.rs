@@ -31,9 +31,4 @@ impl Output {
         println!("{text}");
         Ok(())
     }
-
-    /// `value` as JSON whatever the mode (`inspect` speaks JSON to everyone).
-    pub(crate) fn json_always(&self, value: &impl Serialize) -> Result<()> {
-        self.json(value)
-    }
 }
