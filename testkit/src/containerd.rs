@@ -132,7 +132,10 @@ impl Containerd {
             config.push_str(CRI_CONFIG);
         }
         std::fs::write(d.join("config.toml"), config)?;
-        let vm = parts.image.config("template", &d.join("unused"));
+        let mut vm = parts.image.config("template", &d.join("unused"));
+        // Room to grow by memory hot-plug, for `Update`'s memory limits.
+        vm.resources.memory_slots = 4;
+        vm.resources.max_memory_mib = Some(vm.resources.memory_mib + 1024);
         let shim = serde_json::json!({
             "state_root": d.join("vms"),
             "kernel": vm.kernel,

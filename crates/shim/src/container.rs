@@ -113,7 +113,7 @@ pub(crate) struct Container {
     mounted_rootfs: bool,
     pub(crate) init: Arc<Proc>,
     execs: Mutex<HashMap<String, Arc<Proc>>>,
-    /// What its last `Update` asked of the VM.
+    /// What it asks of the VM: its spec's limits, then its last `Update`'s.
     ask: Mutex<Ask>,
 }
 
@@ -169,7 +169,7 @@ impl Container {
             bundle,
             mounted_rootfs,
             execs: Mutex::new(HashMap::new()),
-            ask: Mutex::new(Ask::default()),
+            ask: Mutex::new(Ask::of(&oci["linux"]["resources"])),
         };
         // From here on, what failed is undone by cleanup.
         if let Err(e) = container.fill_share(&op, &source, &guest) {
@@ -273,7 +273,7 @@ impl Container {
         let _ = std::fs::remove_file(self.host_dir.join(format!("exec-{exec_id}.pid")));
     }
 
-    /// What its last `Update` asked of the VM.
+    /// What it asks of the VM: its spec's limits, then its last `Update`'s.
     pub(crate) fn ask(&self) -> Ask {
         *self
             .ask

@@ -172,10 +172,13 @@ impl Sandbox {
         }
         let want = self.base.memory_mib.saturating_add(asks.memory_mib);
         let op = format!("grow the VM's memory to {want} MiB");
-        let memory = self
-            .vm
-            .memory_hotplugger()
-            .ok_or_else(|| Error::unsupported(&op, "the backend cannot change memory"))?;
+        let memory = self.vm.memory_hotplugger().ok_or_else(|| {
+            Error::unsupported(
+                &op,
+                "the VM cannot grow its memory (the shim config's resources give it \
+                     no room: memory_slots and max_memory_mib; or the backend cannot)",
+            )
+        })?;
         let now = memory.query_memory().await.map_err(Error::vm(&op))?;
         let have = now.base_mib + now.plugged_mib;
         if want > have {

@@ -125,6 +125,15 @@ impl Service {
             }
         };
         self.containers().insert(req.id.clone(), container.clone());
+        // The limits the spec gives it (CRI's CreateContainer carries them there) size
+        // the VM now, as an Update would.
+        if container.ask() != Ask::default() {
+            let asks: Vec<Ask> = self.containers().values().map(|c| c.ask()).collect();
+            if let Err(e) = vm.resize(Ask::total(&asks)).await {
+                self.detach(&container).await;
+                return Err(e);
+            }
+        }
         let pid = vm.pid();
         log::info!("created {} in {:?}", req.id, began.elapsed());
         self.events.send(TaskCreate {
@@ -238,19 +247,7 @@ impl Service {
         };
         if exec_id.is_empty() {
             let began = std::time::Instant::now();
-            self.containers().remove(id);
-            // With others left in the VM its share goes; the last one's goes with the VM.
-            let others = !self.containers().is_empty();
-            if let Some(vm) = self.sandbox.lock().await.clone().filter(|_| others) {
-                if let Err(e) = vm.unmount(&container.guest_dir).await {
-                    log::warn!("{e}");
-                }
-                if let Err(e) = vm.remove_share(&container.share_id).await {
-                    log::warn!("{e}");
-                }
-            }
-            self.shutdown_if_empty().await;
-            container.cleanup_host();
+            self.detach(&container).await;
             log::info!("deleted {id} in {:?}", began.elapsed());
             self.events.send(TaskDelete {
                 container_id: id.to_owned(),
@@ -267,6 +264,23 @@ impl Service {
             exited_at: Some(timestamp(exit.at)).into(),
             ..Default::default()
         })
+    }
+
+    /// Takes `container` out: out of the list, its share out of the VM (the last one's
+    /// goes with the VM, which stops), its files off the host.
+    async fn detach(&self, container: &Container) {
+        self.containers().remove(&container.id);
+        let others = !self.containers().is_empty();
+        if let Some(vm) = self.sandbox.lock().await.clone().filter(|_| others) {
+            if let Err(e) = vm.unmount(&container.guest_dir).await {
+                log::warn!("{e}");
+            }
+            if let Err(e) = vm.remove_share(&container.share_id).await {
+                log::warn!("{e}");
+            }
+        }
+        self.shutdown_if_empty().await;
+        container.cleanup_host();
     }
 
     /// Stops the VM once no container is left in it.

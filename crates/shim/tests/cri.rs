@@ -1,8 +1,8 @@
 //! Pods the way the kubelet asks for them: through containerd's CRI service, with the
 //! `vmkit` runtime handler. A host-network pod of two containers runs in one VM (each
 //! container sees its own root filesystem, both one kernel), ExecSync answers,
-//! UpdateContainerResources adds a vCPU the container sees, and removing the pod
-//! leaves nothing.
+//! a container's memory limit grows the VM, UpdateContainerResources adds a vCPU the
+//! container sees, and removing the pod leaves nothing.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests
 
@@ -13,10 +13,10 @@ use hyper_util::rt::TokioIo;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
     ContainerConfig, ContainerMetadata, CreateContainerRequest, ExecSyncRequest, ImageSpec,
-    LinuxContainerResources, LinuxPodSandboxConfig, LinuxSandboxSecurityContext,
-    ListPodSandboxRequest, NamespaceMode, NamespaceOption, PodSandboxConfig, PodSandboxMetadata,
-    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopPodSandboxRequest,
-    UpdateContainerResourcesRequest,
+    LinuxContainerConfig, LinuxContainerResources, LinuxPodSandboxConfig,
+    LinuxSandboxSecurityContext, ListPodSandboxRequest, NamespaceMode, NamespaceOption,
+    PodSandboxConfig, PodSandboxMetadata, RemovePodSandboxRequest, RunPodSandboxRequest,
+    StartContainerRequest, StopPodSandboxRequest, UpdateContainerResourcesRequest,
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -70,13 +70,14 @@ fn pod_config(logs: &Path) -> PodSandboxConfig {
     }
 }
 
-/// Creates and starts the container `name` of the pod, running `script`.
+/// Creates and starts the container `name` of the pod, running `script`, with
+/// `resources`.
 async fn container(
     cri: &mut Cri,
     pod: &str,
     config: &PodSandboxConfig,
-    name: &str,
-    script: &str,
+    (name, script): (&str, &str),
+    resources: Option<LinuxContainerResources>,
 ) -> String {
     let created = cri
         .create_container(CreateContainerRequest {
@@ -92,6 +93,10 @@ async fn container(
                 }),
                 command: vec!["sh".into(), "-c".into(), script.into()],
                 log_path: format!("{name}.log"),
+                linux: Some(LinuxContainerConfig {
+                    resources,
+                    ..Default::default()
+                }),
                 ..Default::default()
             }),
             sandbox_config: Some(config.clone()),
@@ -149,18 +154,31 @@ async fn pod_checks(containerd: &Containerd) {
         &mut cri,
         &pod,
         &config,
-        "one",
-        "echo one > /whoami; exec sleep 1000",
+        ("one", "echo one > /whoami; exec sleep 1000"),
+        None,
     )
     .await;
+    let mem_total = ["sh", "-c", "grep MemTotal /proc/meminfo | tr -dc 0-9"];
+    let kib_before: u64 = exec(&mut cri, &one, &mem_total).await.parse().unwrap();
+    // A memory limit at creation (how the kubelet gives a pod's limits): the VM
+    // grows by it.
+    let limit = LinuxContainerResources {
+        memory_limit_in_bytes: 128 << 20,
+        ..Default::default()
+    };
     let two = container(
         &mut cri,
         &pod,
         &config,
-        "two",
-        "echo two > /whoami; exec sleep 1000",
+        ("two", "echo two > /whoami; exec sleep 1000"),
+        Some(limit),
     )
     .await;
+    let kib_after: u64 = exec(&mut cri, &one, &mem_total).await.parse().unwrap();
+    assert!(
+        kib_after >= kib_before + (120 << 10),
+        "128 MiB more memory: {kib_before} KiB then {kib_after} KiB"
+    );
     eprintln!(
         "two containers up in {:.1} s",
         started.elapsed().as_secs_f64()

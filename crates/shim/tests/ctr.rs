@@ -1,7 +1,8 @@
 //! The shim under a real containerd 2.x (Debian sid's, unpacked by `cargo xtask
 //! containerd`) on the real test guest, through `ctr`: stdout and stderr apart, exit
-//! codes, a TTY, 64 MiB of output byte-exact, exec, SIGTERM, events in order, an
-//! image's overlay snapshot as the root filesystem, four containers at once.
+//! codes, a TTY, 64 MiB of output byte-exact, exec, update (a vCPU and memory by
+//! hot-plug), SIGTERM, events in order, an image's overlay snapshot as the root
+//! filesystem, four containers at once.
 //! Each test starts its own containerd with a private config, root, state and socket.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests
@@ -110,7 +111,7 @@ fn ctr_run_t_gives_the_container_a_tty() {
 }
 
 #[test]
-fn exec_runs_in_the_running_container_and_sigterm_reaches_it() {
+fn exec_update_and_sigterm_reach_the_running_container() {
     let Some(parts) = parts() else {
         return;
     };
@@ -159,6 +160,60 @@ fn exec_runs_in_the_running_container_and_sigterm_reaches_it() {
         "{metrics}"
     );
 
+    // `ctr task update`: containerd 2.x's ctr has no such command any more, so the
+    // test makes the call it made, Tasks.Update on containerd's gRPC API.
+    let looks = std::cell::Cell::new(0);
+    let in_c2 = |script: &str| {
+        looks.set(looks.get() + 1);
+        let out = containerd
+            .ctr()
+            .args(["task", "exec", "--exec-id", &format!("look{}", looks.get())])
+            .args(["c2", "/bin/sh", "-c", script])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", show(&out, &containerd));
+        text(&out.stdout).trim().to_owned()
+    };
+    let mem_total = "grep MemTotal /proc/meminfo | tr -dc 0-9";
+    let kib_before: u64 = in_c2(mem_total).parse().unwrap();
+    assert_eq!(in_c2("cat /sys/devices/system/cpu/online"), "0");
+    let resources = serde_json::json!({
+        "cpu": {"quota": 100_000, "period": 100_000},
+        "memory": {"limit": 128 << 20},
+    });
+    update_task(&containerd, "c2", &resources);
+    assert_eq!(
+        in_c2("cat /sys/devices/system/cpu/online"),
+        "0-1",
+        "the container sees the hot-plugged vCPU"
+    );
+    let kib_after: u64 = in_c2(mem_total).parse().unwrap();
+    assert!(
+        kib_after >= kib_before + (120 << 10),
+        "128 MiB more memory: {kib_before} KiB then {kib_after} KiB"
+    );
+    // The limits themselves, in the container's cgroup in the guest (ctr mounts no
+    // cgroupfs in the container: they are read through Stats): the memory limit, and
+    // CPU periods counted, which the kernel does only under a quota.
+    let metrics = containerd
+        .ctr()
+        .args(["task", "metrics", "c2"])
+        .output()
+        .unwrap();
+    let metrics = text(&metrics.stdout);
+    let metric = |name: &str| -> u64 {
+        let line = metrics
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(name));
+        let value = line.and_then(|l| l.split_whitespace().nth(1));
+        value
+            .unwrap_or_else(|| panic!("{name} in {metrics}"))
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(metric("memory.usage_limit"), 128 << 20, "{metrics}");
+    assert!(metric("cpu.nr_periods") > 0, "{metrics}");
+
     let kill = containerd
         .ctr()
         .args(["task", "kill", "-s", "SIGTERM", "c2"])
@@ -175,6 +230,39 @@ fn exec_runs_in_the_running_container_and_sigterm_reaches_it() {
     };
     assert_eq!(status.code(), Some(128 + 15), "{}", containerd.log());
     assert_empty(&containerd);
+}
+
+/// Tasks.Update of task `id` in the `default` namespace with OCI `resources`, as
+/// containerd's own client sends them (JSON in an Any of the runtime-spec type).
+fn update_task(containerd: &Containerd, id: &str, resources: &serde_json::Value) {
+    use containerd_client::services::v1::UpdateTaskRequest;
+    use containerd_client::services::v1::tasks_client::TasksClient;
+    use containerd_client::tonic::Request;
+    use containerd_client::with_namespace;
+
+    let request = UpdateTaskRequest {
+        container_id: id.to_owned(),
+        resources: Some(prost_types::Any {
+            type_url: "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources".into(),
+            value: serde_json::to_vec(resources).unwrap(),
+        }),
+        annotations: Default::default(),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let channel = containerd_client::connect(containerd.socket())
+            .await
+            .unwrap();
+        let mut tasks = TasksClient::new(channel);
+        let call = tasks.update(with_namespace!(request, "default"));
+        let answer = tokio::time::timeout(Duration::from_secs(120), call).await;
+        answer
+            .expect("Tasks.Update answers within 2 minutes")
+            .unwrap_or_else(|e| panic!("Tasks.Update: {e}\n{}", containerd.log()));
+    });
 }
 
 #[test]
