@@ -14,11 +14,15 @@ use crate::{image, install, run};
 pub(crate) fn run(args: &[String]) -> Result<(), String> {
     let began = Instant::now();
     install::ensure_demo()?;
-    let image = image::ensure_image(image::GuestArch::X86_64)?;
-    run::step(
+    // The command builds while the guest's agent does (different profiles: no crate is
+    // built twice by the pair).
+    let cli = run::beside(
         "build the vmkit command",
         run::cargo().args(["build", "--locked", "-p", "vmkit-cli", "--bin", "vmkit"]),
+        run::target_dir().join("demo-build.log"),
     )?;
+    let image = image::ensure_image(image::GuestArch::X86_64)?;
+    cli.finish()?;
     let vmkit = run::target_dir().join("debug/vmkit");
     let work = std::env::temp_dir().join(format!("vmkit-demo-{}", std::process::id()));
     std::fs::create_dir_all(&work).map_err(|e| format!("create {}: {e}", work.display()))?;

@@ -11,6 +11,7 @@ mod demo;
 mod image;
 mod install;
 mod macos;
+mod manifest;
 mod oci_image;
 mod release;
 mod run;
@@ -25,7 +26,7 @@ tasks:
   test [--no-lint] [-- <cargo test args>]
             install what is missing and build both test guests (x86_64, arm64), then:
             fmt check, clippy -D warnings (Linux, then both macOS targets), doc with -D warnings,
-            cargo deny (bans licenses sources), cargo package of the published crates,
+            cargo deny (bans licenses sources), cargo publish --dry-run of the published crates,
             a check with the MSRV's Rust, semver against the last v* tag (once one
             exists), the whole test suite
   bench [--check]
@@ -37,7 +38,7 @@ tasks:
             (std built from Debian's Rust source, unpacked under target/debian-rust/;
             nothing links or runs)
   release-check
-            what a release needs: cargo package of every published crate, each built
+            what a release needs: cargo publish --dry-run of every published crate, each built
             from its package; a check with the MSRV's Rust; semver against the last v* tag
   install   install what is missing (system packages need root) and stop
   image [--arm64 | --generic]
@@ -77,6 +78,7 @@ fn main() -> ExitCode {
         Some("image") => image_task(&args[1..]),
         Some("containerd") => containerd::ensure().map(drop),
         Some("bench") => bench::run(&args[1..]),
+        Some("soak") => bench::soak(&args[1..]),
         Some("demo") => demo::run(&args[1..]),
         Some("release-check") => release::check(true),
         Some("-h" | "--help" | "help") => {

@@ -1,74 +1,89 @@
-//! Release readiness: every publishable crate packages (`cargo package`: the manifest
+//! Release readiness: every publishable crate packages (`cargo publish --dry-run`: the manifest
 //! has what crates.io needs and the files are there; verified, it also builds each
 //! package as crates.io would see it, its vmkit dependencies from the packages beside
 //! it), the workspace builds with the Rust version its `rust-version` promises, and —
 //! once a release is tagged — the public API keeps semver against it
 //! (`cargo-semver-checks`).
 //!
-//! `cargo xtask test` runs them with an unverified `cargo package` (verifying builds
+//! `cargo xtask test` runs them unverified (verifying builds
 //! every crate and its dependencies again: five minutes of CI's budget here);
 //! `cargo xtask release-check` runs them verified, before a release.
 
+use std::path::Path;
 use std::process::Command;
 
+use crate::manifest;
 use crate::run::{cargo, output, step, workspace_root};
-
-/// The crates not for crates.io (each says `publish = false`).
-const UNPUBLISHED: [&str; 7] = [
-    "xtask",
-    "vmkit-benches",
-    "vmkit-plugin-example",
-    "vmkit-plugin-qemu",
-    "vmkit-plugin-testing",
-    "containerd-shim-vmkit-v1",
-    "downstream-runtime",
-];
 
 /// All three checks; `verify`: each package built from its tarball too.
 pub(crate) fn check(verify: bool) -> Result<(), String> {
+    let unpublished = unpublished()?;
     package(verify)?;
-    msrv()?;
-    semver()
+    msrv(&unpublished)?;
+    semver(&unpublished)
 }
 
-/// `cargo package` of every publishable crate.
+/// `cargo publish --dry-run` of every publishable crate (cargo leaves out those whose
+/// manifest says `publish = false`, and packages each against the others' packages).
 fn package(verify: bool) -> Result<(), String> {
     let mut cmd = cargo();
-    cmd.args(["package", "--workspace", "--locked", "--allow-dirty"])
-        .args(UNPUBLISHED.iter().flat_map(|c| ["--exclude", c]));
+    cmd.args([
+        "publish",
+        "--workspace",
+        "--dry-run",
+        "--locked",
+        "--allow-dirty",
+    ]);
     if !verify {
         cmd.arg("--no-verify");
     }
     step(
         if verify {
-            "package (verified)"
+            "publish --dry-run (verified)"
         } else {
-            "package"
+            "publish --dry-run"
         },
         &mut cmd,
     )
 }
 
+/// The root manifest's text.
+fn root_manifest() -> Result<String, String> {
+    read(&workspace_root().join("Cargo.toml"))
+}
+
+fn read(path: &Path) -> Result<String, String> {
+    std::fs::read_to_string(path).map_err(|e| format!("read {}: {e}", path.display()))
+}
+
 /// The workspace's `rust-version`, from its manifest.
 fn rust_version() -> Result<String, String> {
-    let path = workspace_root().join("Cargo.toml");
-    let text =
-        std::fs::read_to_string(&path).map_err(|e| format!("read {}: {e}", path.display()))?;
-    text.lines()
-        .find_map(|line| {
-            let value = line
-                .trim()
-                .strip_prefix("rust-version")?
-                .trim()
-                .strip_prefix('=')?;
-            Some(value.trim().trim_matches('"').to_owned())
-        })
-        .ok_or_else(|| format!("{}: no rust-version", path.display()))
+    manifest::value(&root_manifest()?, "workspace.package", "rust-version")
+        .ok_or_else(|| "Cargo.toml: no rust-version in [workspace.package]".to_owned())
+}
+
+/// The members whose manifests say `publish = false`, by package name: the manifests
+/// are the one list of what is not for crates.io.
+fn unpublished() -> Result<Vec<String>, String> {
+    let root = workspace_root();
+    let members = manifest::array(&root_manifest()?, "workspace", "members");
+    let mut names = Vec::new();
+    for member in members {
+        let path = root.join(&member).join("Cargo.toml");
+        let text = read(&path)?;
+        if manifest::value(&text, "package", "publish").as_deref() == Some("false") {
+            names.push(
+                manifest::value(&text, "package", "name")
+                    .ok_or_else(|| format!("{}: no package name", path.display()))?,
+            );
+        }
+    }
+    Ok(names)
 }
 
 /// The library crates and binaries checked with the oldest Rust the manifest promises
 /// (rustup fetches that toolchain once).
-fn msrv() -> Result<(), String> {
+fn msrv(unpublished: &[String]) -> Result<(), String> {
     let version = rust_version()?;
     let toolchain = format!("+{version}");
     let have = output(Command::new("rustup").args(["run", &version, "rustc", "--version"]));
@@ -93,12 +108,12 @@ fn msrv() -> Result<(), String> {
                 "--bins",
                 "--locked",
             ])
-            .args(UNPUBLISHED.iter().flat_map(|c| ["--exclude", c])),
+            .args(unpublished.iter().flat_map(|c| ["--exclude", c.as_str()])),
     )
 }
 
 /// `cargo semver-checks` against the newest `v*` tag, when there is one.
-fn semver() -> Result<(), String> {
+fn semver(unpublished: &[String]) -> Result<(), String> {
     let tags = output(Command::new("git").current_dir(workspace_root()).args([
         "tag",
         "--list",
@@ -115,6 +130,6 @@ fn semver() -> Result<(), String> {
         &format!("semver against {last}"),
         cargo()
             .args(["semver-checks", "--workspace", "--baseline-rev", last])
-            .args(UNPUBLISHED.iter().flat_map(|c| ["--exclude", c])),
+            .args(unpublished.iter().flat_map(|c| ["--exclude", c.as_str()])),
     )
 }

@@ -40,6 +40,79 @@ pub(crate) fn step(what: &str, cmd: &mut Command) -> Result<(), String> {
     }
 }
 
+/// A step running beside others (see [`beside`]); [`Beside::finish`] waits for it.
+pub(crate) struct Beside {
+    what: String,
+    shown: String,
+    child: std::process::Child,
+    log: PathBuf,
+    started: Instant,
+}
+
+/// Starts `cmd` as the step `what` without waiting for it, its output going to the file
+/// `log` (shown if it fails): two builds at once keep both cores busy where one alone
+/// leaves one idle (its link, its last crates).
+pub(crate) fn beside(what: &str, cmd: &mut Command, log: PathBuf) -> Result<Beside, String> {
+    let shown = show(cmd);
+    println!(
+        "==> {what} (beside the next steps, output in {}): {shown}",
+        log.display()
+    );
+    if let Some(dir) = log.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    }
+    let file = std::fs::File::create(&log).map_err(|e| format!("create {}: {e}", log.display()))?;
+    let err = file
+        .try_clone()
+        .map_err(|e| format!("{what}: {}: {e}", log.display()))?;
+    let child = cmd
+        .stdout(file)
+        .stderr(err)
+        .spawn()
+        .map_err(|e| format!("{what}: cannot run {shown}: {e}"))?;
+    Ok(Beside {
+        what: what.to_owned(),
+        shown,
+        child,
+        log,
+        started: Instant::now(),
+    })
+}
+
+impl Beside {
+    /// Waits for the step; its error carries the end of its output.
+    pub(crate) fn finish(mut self) -> Result<(), String> {
+        let status = self
+            .child
+            .wait()
+            .map_err(|e| format!("{}: wait for {}: {e}", self.what, self.shown))?;
+        let took = self.started.elapsed().as_secs_f64();
+        if status.success() {
+            println!("==> {}: ok ({took:.1} s)", self.what);
+            return Ok(());
+        }
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(30).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        Err(format!(
+            "{}: {} failed ({status}) after {took:.1} s; its output ends:\n{}",
+            self.what,
+            self.shown,
+            tail.join("\n")
+        ))
+    }
+}
+
+impl Drop for Beside {
+    /// A step nobody waited for (an earlier step failed) does not run on alone.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// `true` when `cmd` runs and exits 0 (its output discarded).
 pub(crate) fn succeeds(cmd: &mut Command) -> bool {
     cmd.stdout(Stdio::null())
