@@ -80,22 +80,26 @@ fn prepare() -> Result<Parts, String> {
     // The containerd bench runs the shim and, as its floor, runc.
     let containerd = containerd::ensure()?;
     install::ensure_runc()?;
-    // Everything in release, in one cargo run (both cores busy throughout, each
-    // dependency built once): the QEMU plugin's library and executable (the plugin
-    // bench), the shim, the table's tool and every bench.
+    // Everything in release before the first bench runs, each in as few cargo runs as
+    // can build it (both cores busy throughout): the QEMU plugin's library and
+    // executable (the plugin bench), the shim, the table's tool, then every bench.
     run::step(
-        "build the benches, the QEMU plugin and the shim (release)",
+        "build the QEMU plugin, the shim and the table's tool (release)",
         run::cargo().args([
-            "bench",
-            "--no-run",
+            "build",
+            "--release",
             "--locked",
-            "-p",
-            "vmkit-benches",
             "-p",
             "vmkit-plugin-qemu",
             "-p",
             "containerd-shim-vmkit-v1",
+            "-p",
+            "vmkit-benches",
         ]),
+    )?;
+    run::step(
+        "build the benches (release)",
+        run::cargo().args(["bench", "--no-run", "--locked", "-p", "vmkit-benches"]),
     )?;
     Ok(Parts {
         env: vec![

@@ -32,7 +32,8 @@ tasks:
   bench [--check]
             install what is missing, then run the benchmarks in benches/; each prints
             its figures against a baseline measured in the same run (--check: exit
-            non-zero when a target is missed)
+            non-zero when a target is missed); the table in target/bench/report.md
+  soak      the leak soak: 50 start/stop cycles of the test guest, nothing may be left
   check-macos
             clippy -D warnings on the host crates for x86_64- and aarch64-apple-darwin
             (std built from Debian's Rust source, unpacked under target/debian-rust/;
