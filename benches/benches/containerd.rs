@@ -65,9 +65,7 @@ fn ctr_run(containerd: &Containerd, runtime: &str, id: &str) -> Duration {
 /// A plain vmkit VM of the shim's config with one virtio-fs share: start → agent
 /// answered → shut down, timed.
 async fn plain_vm(parts: &Parts, dir: &Path, round: usize) -> Duration {
-    let config = parts
-        .image
-        .config(&format!("plain{round}"), &dir.join(format!("vm{round}")));
+    let config = parts.vm_config(&format!("plain{round}"), &dir.join(format!("vm{round}")));
     let started = Instant::now();
     let vm = Arc::new(QemuBackend.create_instance(config).unwrap());
     let share = ShareConfig {

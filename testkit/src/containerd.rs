@@ -26,6 +26,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use vmkit_core::InstanceConfig;
+
 use crate::guest::{GuestImage, dir_of};
 use crate::leaks::processes_mentioning;
 use crate::qemu::under_ci;
@@ -51,6 +53,18 @@ pub struct Parts {
     pub images: PathBuf,
     /// The test guest.
     pub image: GuestImage,
+}
+
+impl Parts {
+    /// The config of VM `id` (state in `state_dir`) that the shim of a
+    /// [`Containerd::start`] makes its VMs from: the test guest's, with room to grow by
+    /// memory hot-plug (for `Update`'s memory limits).
+    pub fn vm_config(&self, id: &str, state_dir: &Path) -> InstanceConfig {
+        let mut vm = self.image.config(id, state_dir);
+        vm.resources.memory_slots = 4;
+        vm.resources.max_memory_mib = Some(vm.resources.memory_mib + 1024);
+        vm
+    }
 }
 
 /// The [`Parts`], or `None` when they are missing (or this is not root, which
@@ -132,10 +146,7 @@ impl Containerd {
             config.push_str(CRI_CONFIG);
         }
         std::fs::write(d.join("config.toml"), config)?;
-        let mut vm = parts.image.config("template", &d.join("unused"));
-        // Room to grow by memory hot-plug, for `Update`'s memory limits.
-        vm.resources.memory_slots = 4;
-        vm.resources.max_memory_mib = Some(vm.resources.memory_mib + 1024);
+        let vm = parts.vm_config("template", &d.join("unused"));
         let shim = serde_json::json!({
             "state_root": d.join("vms"),
             "kernel": vm.kernel,
