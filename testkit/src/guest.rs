@@ -13,8 +13,12 @@ use crate::qemu::under_ci;
 /// The test guest's files.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GuestImage {
-    /// The kernel (`vmlinuz`).
+    /// The kernel the guest boots: the uncompressed `vmlinux` where the image has one
+    /// (x86_64: QEMU boots it through PVH, skipping real mode and decompression), else
+    /// `vmlinuz`.
     pub kernel: PathBuf,
+    /// The compressed kernel (`vmlinuz`, a bzImage on x86_64).
+    pub vmlinuz: PathBuf,
     /// The initramfs (`initrd.img`): busybox init, modules, the ready line.
     pub initrd: PathBuf,
 }
@@ -54,8 +58,15 @@ pub(crate) fn dir_of(env_var: &str, name: &str) -> PathBuf {
 
 /// The image in `dir`, if built.
 fn image_in(dir: &Path) -> Option<GuestImage> {
+    let vmlinux = dir.join("vmlinux");
+    let vmlinuz = dir.join("vmlinuz");
     let image = GuestImage {
-        kernel: dir.join("vmlinuz"),
+        kernel: if vmlinux.is_file() {
+            vmlinux
+        } else {
+            vmlinuz.clone()
+        },
+        vmlinuz,
         initrd: dir.join("initrd.img"),
     };
     (image.kernel.is_file() && image.initrd.is_file()).then_some(image)
@@ -121,6 +132,18 @@ impl GuestImage {
         config.resources.max_vcpus = 4;
         config.timeouts.start = Duration::from_secs(60);
         config.timeouts.shutdown_grace = Duration::from_secs(10);
+        config
+    }
+
+    /// [`GuestImage::config`] on QEMU's `microvm` machine, which boots the compressed
+    /// kernel (vmkit refuses a PVH kernel there: the guest would find no virtio-mmio
+    /// device).
+    pub fn microvm_config(&self, id: &str, state_dir: &Path) -> InstanceConfig {
+        let mut config = self.config(id, state_dir);
+        config.kernel.path = self.vmlinuz.clone();
+        config
+            .backend_options
+            .insert("machine".into(), "microvm".into());
         config
     }
 

@@ -153,11 +153,12 @@ fn default_config(
     let kernel = match &args.kernel {
         Some(kernel) => absolute("--kernel", kernel)?,
         None => {
-            let kernel = image_dir.join("vmlinuz");
-            if !kernel.is_file() {
-                return Err(Error::NoTestGuest(image_dir.to_owned()));
-            }
-            kernel
+            // The uncompressed kernel boots faster (PVH), where the image has one.
+            let kernel = ["vmlinux", "vmlinuz"]
+                .iter()
+                .map(|name| image_dir.join(name))
+                .find(|path| path.is_file());
+            kernel.ok_or_else(|| Error::NoTestGuest(image_dir.to_owned()))?
         }
     };
     if !kernel.is_file() {

@@ -588,10 +588,7 @@ async fn a_link_that_cannot_be_repaired_is_reported_at_once() {
     let Some(image) = setup() else { return };
     let _slot = VMS.acquire().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let mut config = image.config("unrepairable", &dir.path().join("state"));
-    config
-        .backend_options
-        .insert("machine".into(), "microvm".into());
+    let config = image.microvm_config("unrepairable", &dir.path().join("state"));
     let vm = start(QemuBackend.create_instance(config).unwrap()).await;
     let careless = break_link_while_paused(&vm).await;
     let began = std::time::Instant::now();

@@ -240,10 +240,7 @@ async fn microvm_boots_with_a_virtio_mmio_disk_and_powers_off_by_acpi() {
     let Some(image) = setup() else { return };
     let _slot = VMS.acquire().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let mut config = image.config("micro", &dir.path().join("state"));
-    config
-        .backend_options
-        .insert("machine".into(), "microvm".into());
+    let config = image.microvm_config("micro", &dir.path().join("state"));
     let vm = QemuBackend.create_instance(config).unwrap();
     let mut data = DiskConfig::new("data", disk(dir.path(), "data.img"));
     data.serial = Some("micro-data".into());

@@ -4,7 +4,9 @@
 //!
 //! - Kernel: the `vmlinuz` of Debian's `linux-image-<ver>-cloud-<arch>-unsigned` (the
 //!   version `linux-image-cloud-<arch>` points at), fetched with `apt-get download` and
-//!   unpacked with `dpkg-deb -x`. Its virtio and vsock drivers are modules.
+//!   unpacked with `dpkg-deb -x`. Its virtio and vsock drivers are modules. On x86_64
+//!   also its uncompressed `vmlinux`, which QEMU boots through PVH (`pvh.rs`): the
+//!   test guests boot that one.
 //! - Initramfs (`initrd.img`, uncompressed `newc` cpio written here, so neither `cpio`
 //!   nor `gzip` is needed, and the guest spends no time decompressing): static busybox,
 //!   `images/init` as `/init`, the modules listed in `images/modules.list`, the
@@ -28,8 +30,8 @@ use std::process::Command;
 
 use crate::apt::unpack;
 pub(crate) use crate::arch::GuestArch;
-use crate::crun;
 use crate::run::{output, step, target_dir, workspace_root};
+use crate::{crun, install, pvh};
 
 const BUSYBOX: &str = "busybox-static";
 
@@ -78,7 +80,7 @@ pub(crate) fn ensure_flavour(arch: GuestArch, flavour: Flavour) -> Result<PathBu
     let agent = read_bytes(&agent_path)?;
     // What else the image holds: crun and its libraries (crun.rs), from sid's packages.
     let stamp = format!(
-        "{kernel_pkg} sid:{} {:016x} {:016x}\n",
+        "{kernel_pkg} pvh sid:{} {:016x} {:016x}\n",
         crun::PACKAGES.join(","),
         hash_dir(&inputs)?,
         hash_bytes(&agent)
@@ -86,6 +88,7 @@ pub(crate) fn ensure_flavour(arch: GuestArch, flavour: Flavour) -> Result<PathBu
     let stamp_path = dir.join("stamp");
     if fs::read_to_string(&stamp_path).is_ok_and(|s| s == stamp)
         && dir.join("vmlinuz").is_file()
+        && (arch != GuestArch::X86_64 || dir.join("vmlinux").is_file())
         && dir.join("initrd.img").is_file()
     {
         println!("==> guest image: up to date in {}", dir.display());
@@ -117,6 +120,9 @@ pub(crate) fn ensure_flavour(arch: GuestArch, flavour: Flavour) -> Result<PathBu
     let vmlinuz = find_file(&kernel_root.join("boot"), |n| n.starts_with("vmlinuz-"))?;
     fs::copy(&vmlinuz, dir.join("vmlinuz"))
         .map_err(|e| format!("copy {}: {e}", vmlinuz.display()))?;
+    if arch == GuestArch::X86_64 {
+        write_vmlinux(&vmlinuz, &dir.join("vmlinux"))?;
+    }
 
     let (initrd, module_count) = initramfs(
         (arch, flavour),
@@ -132,12 +138,28 @@ pub(crate) fn ensure_flavour(arch: GuestArch, flavour: Flavour) -> Result<PathBu
     let _ = fs::remove_dir_all(&kernel_root);
     fs::write(&stamp_path, stamp).map_err(|e| format!("write {}: {e}", stamp_path.display()))?;
     println!(
-        "==> guest image: vmlinuz + initrd.img ({} KiB, {} modules) in {}",
+        "==> guest image: vmlinuz (and vmlinux on x86_64) + initrd.img ({} KiB, {} modules) in {}",
         initrd.len() / 1024,
         module_count,
         dir.display()
     );
     Ok(dir)
+}
+
+/// The PVH-bootable `vmlinux` of the bzImage `vmlinuz`, written to `to`.
+fn write_vmlinux(vmlinuz: &Path, to: &Path) -> Result<(), String> {
+    let bzimage = read_bytes(vmlinuz)?;
+    let why = |e: String| format!("the PVH vmlinux of {}: {e}", vmlinuz.display());
+    let (_, tool) = pvh::payload(&bzimage).map_err(why)?;
+    install::ensure_package_tool(tool)?;
+    let elf = pvh::vmlinux(&bzimage).map_err(why)?;
+    fs::write(to, &elf).map_err(|e| format!("write {}: {e}", to.display()))?;
+    println!(
+        "==> PVH kernel: {} ({} KiB, uncompressed with {tool})",
+        to.display(),
+        elf.len() / 1024
+    );
+    Ok(())
 }
 
 /// The initramfs: busybox, `/init` and its helpers, the agent, crun with its

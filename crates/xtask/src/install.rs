@@ -35,6 +35,15 @@ pub(crate) fn ensure_demo() -> Result<(), String> {
     ensure_qemu()
 }
 
+/// The command `tool` from the Debian package of the same name (`lz4`, `zstd`, `xz`
+/// is `xz-utils`), installed when missing.
+pub(crate) fn ensure_package_tool(tool: &str) -> Result<(), String> {
+    if succeeds(Command::new(tool).arg("--version")) {
+        return Ok(());
+    }
+    apt_install(&[if tool == "xz" { "xz-utils" } else { tool }], None)
+}
+
 /// runc, the containerd bench's floor (containerd's own runtime, on the host): Debian's.
 pub(crate) fn ensure_runc() -> Result<(), String> {
     if succeeds(Command::new("runc").arg("--version")) {

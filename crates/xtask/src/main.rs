@@ -13,6 +13,7 @@ mod install;
 mod macos;
 mod manifest;
 mod oci_image;
+mod pvh;
 mod release;
 mod run;
 mod test;

@@ -133,3 +133,25 @@ fn semver(unpublished: &[String]) -> Result<(), String> {
             .args(unpublished.iter().flat_map(|c| ["--exclude", c.as_str()])),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_workspaces_manifests_name_what_is_not_published() {
+        let names = unpublished().unwrap_or_else(|e| panic!("{e}"));
+        for binary in ["xtask", "vmkit-benches", "containerd-shim-vmkit-v1"] {
+            assert!(names.iter().any(|n| n == binary), "{binary} in {names:?}");
+        }
+        assert!(
+            !names.iter().any(|n| n.starts_with("vmkit-core")),
+            "{names:?}"
+        );
+        let msrv = rust_version().unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            msrv.split('.').all(|p| p.parse::<u32>().is_ok()),
+            "rust-version {msrv:?}"
+        );
+    }
+}
