@@ -19,7 +19,7 @@ use vmkit_core::{Instance, StartOptions};
 use vmkit_qemu::QemuBackend;
 use vmkit_testkit::{GuestImage, qemu::require_qemu, require_guest_image};
 
-const ROUNDS: usize = 10;
+const ROUNDS: usize = 8;
 
 fn main() {
     let (Some(qemu), Some(image)) = (require_qemu(), require_guest_image()) else {

@@ -3,6 +3,7 @@
 //! (`target/bench/report.md`, `report.json`).
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use crate::{containerd, image, install, run};
 
@@ -18,6 +19,18 @@ const BENCHES: [&str; 10] = [
     "shares",
     "containerd",
     "fleet",
+];
+
+/// The packages every cargo run of the benches names: the benches, and what the plugin
+/// and containerd benches run (the QEMU plugin's library and executable, the shim). The
+/// same set each time, so each dependency is built once, with one set of features.
+const PACKAGES: [&str; 6] = [
+    "-p",
+    "vmkit-benches",
+    "-p",
+    "vmkit-plugin-qemu",
+    "-p",
+    "containerd-shim-vmkit-v1",
 ];
 
 /// The leak soak (`benches/benches/soak.rs`): a check that runs for minutes, not a
@@ -40,8 +53,9 @@ pub(crate) fn soak(args: &[String]) -> Result<(), String> {
         "soak",
         run::cargo()
             .env("VMKIT_IMAGE_DIR", image)
-            .args(["bench", "--locked", "-p", "vmkit-benches", "--bench", SOAK])
-            .args(["--", "--check"]),
+            .args(["bench", "--locked"])
+            .args(PACKAGES)
+            .args(["--bench", SOAK, "--", "--check"]),
     )
 }
 
@@ -80,26 +94,15 @@ fn prepare() -> Result<Parts, String> {
     // The containerd bench runs the shim and, as its floor, runc.
     let containerd = containerd::ensure()?;
     install::ensure_runc()?;
-    // Everything in release before the first bench runs, each in as few cargo runs as
-    // can build it (both cores busy throughout): the QEMU plugin's library and
-    // executable (the plugin bench), the shim, the table's tool, then every bench.
+    // Everything in release, in one cargo run before the first bench runs (both cores
+    // busy throughout): the plugin's library and executable, the shim, the table's
+    // tool and every bench.
     run::step(
-        "build the QEMU plugin, the shim and the table's tool (release)",
-        run::cargo().args([
-            "build",
-            "--release",
-            "--locked",
-            "-p",
-            "vmkit-plugin-qemu",
-            "-p",
-            "containerd-shim-vmkit-v1",
-            "-p",
-            "vmkit-benches",
-        ]),
-    )?;
-    run::step(
-        "build the benches (release)",
-        run::cargo().args(["bench", "--no-run", "--locked", "-p", "vmkit-benches"]),
+        "build the benches, the QEMU plugin and the shim (release)",
+        run::cargo()
+            .args(["build", "--release", "--locked"])
+            .args(PACKAGES)
+            .args(["--lib", "--bins", "--benches"]),
     )?;
     Ok(Parts {
         env: vec![
@@ -121,7 +124,9 @@ fn run_all(parts: &Parts, rows: &Path, check: bool) -> Vec<&'static str> {
         let mut cmd = run::cargo();
         cmd.envs(parts.env.iter().map(|(k, v)| (k, v)))
             .env("VMKIT_BENCH_ROWS", rows)
-            .args(["bench", "--locked", "-p", "vmkit-benches", "--bench", bench]);
+            .args(["bench", "--locked"])
+            .args(PACKAGES)
+            .args(["--bench", bench]);
         if check {
             cmd.args(["--", "--check"]);
         }
@@ -133,21 +138,12 @@ fn run_all(parts: &Parts, rows: &Path, check: bool) -> Vec<&'static str> {
     failed
 }
 
-/// `bench-report`: the rows into `report.md` and `report.json` in `dir`.
+/// `bench-report` (built with the benches): the rows into `report.md` and
+/// `report.json` in `dir`.
 fn table(rows: &Path, dir: &Path) -> Result<(), String> {
     run::step(
         "the benchmark table",
-        run::cargo()
-            .args([
-                "run",
-                "--release",
-                "--locked",
-                "-p",
-                "vmkit-benches",
-                "--bin",
-                "bench-report",
-                "--",
-            ])
+        Command::new(run::target_dir().join("release/bench-report"))
             .arg(rows)
             .arg(dir),
     )
