@@ -10,7 +10,7 @@ use std::process::Command;
 
 use crate::apt::{AptRoot, unpack};
 use crate::arch::GuestArch;
-use crate::run::output;
+use crate::run::{output, read_bytes};
 
 /// Debian packages holding crun and every library it loads: sid's crun (1.28), as
 /// containerd 2.x writes OCI spec 1.2 and bookworm's crun 1.8.1 reads 1.0 only. They
@@ -36,7 +36,7 @@ pub(crate) fn files(arch: GuestArch, unpacked: &Path) -> Result<Vec<(String, Vec
         unpacked.join("lib").join(arch.triplet()),
         unpacked.join("usr/lib").join(arch.triplet()),
     ];
-    let mut out = vec![("usr/bin/crun".to_owned(), read(&crun)?)];
+    let mut out = vec![("usr/bin/crun".to_owned(), read_bytes(&crun)?)];
     let interp = interpreter(&crun)?;
     // A merged-/usr Debian (sid) ships `/lib64/…` as `/usr/lib64/…`.
     let interp_file = [
@@ -48,7 +48,7 @@ pub(crate) fn files(arch: GuestArch, unpacked: &Path) -> Result<Vec<(String, Vec
     .ok_or_else(|| format!("crun's loader {interp} is in none of its packages"))?;
     out.push((
         interp.trim_start_matches('/').to_owned(),
-        read(&resolve(unpacked, &interp_file)?)?,
+        read_bytes(&resolve(unpacked, &interp_file)?)?,
     ));
     let mut seen: Vec<String> = Vec::new();
     let mut queue = needed(&crun)?;
@@ -63,7 +63,7 @@ pub(crate) fn files(arch: GuestArch, unpacked: &Path) -> Result<Vec<(String, Vec
             .ok_or_else(|| format!("crun needs {name}, which none of its packages holds"))?;
         let file = resolve(unpacked, &found)?;
         queue.extend(needed(&file)?);
-        out.push((format!("lib/{}/{name}", arch.triplet()), read(&file)?));
+        out.push((format!("lib/{}/{name}", arch.triplet()), read_bytes(&file)?));
         seen.push(name);
     }
     Ok(out)
@@ -132,10 +132,6 @@ fn parse_interpreter(readelf: &str) -> Option<String> {
     let at = readelf.find(KEY)? + KEY.len();
     let end = readelf[at..].find(']')? + at;
     Some(readelf[at..end].trim().to_owned())
-}
-
-fn read(path: &Path) -> Result<Vec<u8>, String> {
-    fs::read(path).map_err(|e| format!("read {}: {e}", path.display()))
 }
 
 #[cfg(test)]

@@ -30,7 +30,7 @@ use std::process::Command;
 
 use crate::apt::unpack;
 pub(crate) use crate::arch::GuestArch;
-use crate::run::{output, step, target_dir, workspace_root};
+use crate::run::{output, read_bytes, read_text, step, target_dir, workspace_root};
 use crate::{crun, install, pvh};
 
 const BUSYBOX: &str = "busybox-static";
@@ -150,14 +150,15 @@ pub(crate) fn ensure_flavour(arch: GuestArch, flavour: Flavour) -> Result<PathBu
 fn write_vmlinux(vmlinuz: &Path, to: &Path) -> Result<(), String> {
     let bzimage = read_bytes(vmlinuz)?;
     let why = |e: String| format!("the PVH vmlinux of {}: {e}", vmlinuz.display());
-    let (_, tool) = pvh::payload(&bzimage).map_err(why)?;
-    install::ensure_package_tool(tool)?;
-    let elf = pvh::vmlinux(&bzimage).map_err(why)?;
+    let (payload, compressor) = pvh::payload(&bzimage).map_err(why)?;
+    install::ensure_command(compressor.tool, compressor.package)?;
+    let elf = pvh::vmlinux(payload, compressor).map_err(why)?;
     fs::write(to, &elf).map_err(|e| format!("write {}: {e}", to.display()))?;
     println!(
-        "==> PVH kernel: {} ({} KiB, uncompressed with {tool})",
+        "==> PVH kernel: {} ({} KiB, uncompressed with {})",
         to.display(),
-        elf.len() / 1024
+        elf.len() / 1024,
+        compressor.tool
     );
     Ok(())
 }
@@ -174,7 +175,7 @@ fn initramfs(
     (agent, extra): (&[u8], &[(String, Vec<u8>)]),
 ) -> Result<(Vec<u8>, usize), String> {
     let modules_dir = find_file(&kernel_root.join("lib/modules"), |_| true)?;
-    let module_list = read(&inputs.join("modules.list"))?;
+    let module_list = read_text(&inputs.join("modules.list"))?;
     let builtin = fs::read_to_string(modules_dir.join("modules.builtin")).unwrap_or_default();
     let modules = modules_for(&module_list, (arch, flavour), &builtin);
 
@@ -410,14 +411,6 @@ fn hash_bytes(bytes: &[u8]) -> u64 {
 
 fn mkdir(dir: &Path) -> Result<(), String> {
     fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))
-}
-
-fn read(path: &Path) -> Result<String, String> {
-    fs::read_to_string(path).map_err(|e| format!("read {}: {e}", path.display()))
-}
-
-fn read_bytes(path: &Path) -> Result<Vec<u8>, String> {
-    fs::read(path).map_err(|e| format!("read {}: {e}", path.display()))
 }
 
 /// A `newc` cpio archive (the initramfs format), built in memory.

@@ -35,30 +35,23 @@ pub(crate) fn ensure_demo() -> Result<(), String> {
     ensure_qemu()
 }
 
-/// The command `tool` from the Debian package of the same name (`lz4`, `zstd`, `xz`
-/// is `xz-utils`), installed when missing.
-pub(crate) fn ensure_package_tool(tool: &str) -> Result<(), String> {
+/// The command `tool`, from the Debian package `package` when it is missing.
+pub(crate) fn ensure_command(tool: &str, package: &str) -> Result<(), String> {
     if succeeds(Command::new(tool).arg("--version")) {
         return Ok(());
     }
-    apt_install(&[if tool == "xz" { "xz-utils" } else { tool }], None)
+    apt_install(&[package], None)
 }
 
 /// runc, the containerd bench's floor (containerd's own runtime, on the host): Debian's.
 pub(crate) fn ensure_runc() -> Result<(), String> {
-    if succeeds(Command::new("runc").arg("--version")) {
-        return Ok(());
-    }
-    apt_install(&["runc"], None)
+    ensure_command("runc", "runc")
 }
 
 /// protoc: the CRI client of the shim's tests (the `k8s-cri` crate) is generated with
 /// it when it builds.
 fn ensure_protoc() -> Result<(), String> {
-    if succeeds(Command::new("protoc").arg("--version")) {
-        return Ok(());
-    }
-    apt_install(&["protobuf-compiler"], None)
+    ensure_command("protoc", "protobuf-compiler")
 }
 
 /// What the arm64 guest needs here: QEMU's Arm emulator, and the cross linker and arm64

@@ -18,32 +18,61 @@ const PAYLOAD_OFFSET: usize = 0x248;
 const PAYLOAD_LENGTH: usize = 0x24c;
 
 /// `XEN_ELFNOTE_PHYS32_ENTRY`: the note a PVH-bootable kernel carries.
-const PVH_NOTE: u32 = 18;
+const PVH_NOTE: usize = 18;
 
-/// The compressors a kernel payload may use: magic, the Debian package and tool, and
-/// the tool's arguments to decompress stdin to stdout.
-const COMPRESSORS: [(&[u8], &str, &[&str]); 4] = [
-    (&[0x02, 0x21, 0x4c, 0x18], "lz4", &["-dc"]),
+/// A compression a kernel payload may use.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Compressor {
+    /// The payload's first bytes.
+    magic: &'static [u8],
+    /// The command that decompresses it.
+    pub(crate) tool: &'static str,
+    /// The Debian package the command comes in.
+    pub(crate) package: &'static str,
+    /// The command's arguments to decompress stdin to stdout.
+    args: &'static [&'static str],
+}
+
+const COMPRESSORS: [Compressor; 4] = [
+    Compressor {
+        magic: &[0x02, 0x21, 0x4c, 0x18],
+        tool: "lz4",
+        package: "lz4",
+        args: &["-dc"],
+    },
     // The kernel's zstd frames use a window larger than zstd's default limit.
-    (
-        &[0x28, 0xb5, 0x2f, 0xfd],
-        "zstd",
-        &["-dc", "--memory=2048MB"],
-    ),
-    (
-        &[0xfd, b'7', b'z', b'X', b'Z', 0],
-        "xz",
-        &["-dc", "--single-stream"],
-    ),
-    (&[0x1f, 0x8b], "gzip", &["-dc"]),
+    Compressor {
+        magic: &[0x28, 0xb5, 0x2f, 0xfd],
+        tool: "zstd",
+        package: "zstd",
+        args: &["-dc", "--memory=2048MB"],
+    },
+    Compressor {
+        magic: &[0xfd, b'7', b'z', b'X', b'Z', 0],
+        tool: "xz",
+        package: "xz-utils",
+        args: &["-dc", "--single-stream"],
+    },
+    Compressor {
+        magic: &[0x1f, 0x8b],
+        tool: "gzip",
+        package: "gzip",
+        args: &["-dc"],
+    },
 ];
 
-/// The payload of `bzimage` and the tool (package name) that decompresses it.
-pub(crate) fn payload(bzimage: &[u8]) -> Result<(&[u8], &'static str), String> {
-    let u32_at = |at: usize| -> Option<u32> {
-        let bytes = bzimage.get(at..at + 4)?;
-        Some(u32::from_le_bytes(bytes.try_into().ok()?))
-    };
+/// The `N` bytes of `bytes` at `at`, if it holds them.
+fn at<const N: usize>(bytes: &[u8], at: usize) -> Option<[u8; N]> {
+    bytes.get(at..at.checked_add(N)?)?.try_into().ok()
+}
+
+/// The little-endian `u32` of `bytes` at `offset`, as a `usize`.
+fn u32_at(bytes: &[u8], offset: usize) -> Option<usize> {
+    at(bytes, offset).map(|b| u32::from_le_bytes(b) as usize)
+}
+
+/// The compressed payload of `bzimage` and how it is compressed.
+pub(crate) fn payload(bzimage: &[u8]) -> Result<(&[u8], &'static Compressor), String> {
     if bzimage.get(HEADER_MAGIC..HEADER_MAGIC + 4) != Some(b"HdrS") {
         return Err("not a bzImage: no HdrS setup header".into());
     }
@@ -52,41 +81,39 @@ pub(crate) fn payload(bzimage: &[u8]) -> Result<(&[u8], &'static str), String> {
         Some(n) => usize::from(*n),
         None => return Err("bzImage too short".into()),
     };
-    let (Some(offset), Some(length)) = (u32_at(PAYLOAD_OFFSET), u32_at(PAYLOAD_LENGTH)) else {
+    let (Some(offset), Some(length)) = (
+        u32_at(bzimage, PAYLOAD_OFFSET),
+        u32_at(bzimage, PAYLOAD_LENGTH),
+    ) else {
         return Err("bzImage too short for its payload fields".into());
     };
-    let start = (setup_sects + 1) * 512 + offset as usize;
+    let start = (setup_sects + 1) * 512 + offset;
     let payload = bzimage
-        .get(start..start + length as usize)
+        .get(start..start + length)
         .ok_or_else(|| format!("payload {start}+{length} lies past the bzImage's end"))?;
-    let tool = COMPRESSORS
+    let compressor = COMPRESSORS
         .iter()
-        .find(|(magic, _, _)| payload.starts_with(magic))
-        .map(|(_, tool, _)| *tool)
+        .find(|c| payload.starts_with(c.magic))
         .ok_or_else(|| {
             format!(
                 "unknown payload compression (first bytes {:02x?})",
                 &payload[..payload.len().min(6)]
             )
         })?;
-    Ok((payload, tool))
+    Ok((payload, compressor))
 }
 
 /// The uncompressed size the payload ends with.
 fn stated_size(payload: &[u8]) -> Option<usize> {
-    let tail = payload.get(payload.len().checked_sub(4)?..)?;
-    Some(u32::from_le_bytes(tail.try_into().ok()?) as usize)
+    u32_at(payload, payload.len().checked_sub(4)?)
 }
 
-/// The `vmlinux` inside `bzimage`, decompressed with its tool (which must be installed).
-pub(crate) fn vmlinux(bzimage: &[u8]) -> Result<Vec<u8>, String> {
-    let (payload, tool) = payload(bzimage)?;
-    let args = COMPRESSORS
-        .iter()
-        .find(|(_, t, _)| *t == tool)
-        .map_or(&[][..], |(_, _, args)| *args);
+/// The `vmlinux` of a bzImage: its `payload`, decompressed with `compressor`'s tool
+/// (which must be installed); see [`payload`].
+pub(crate) fn vmlinux(payload: &[u8], compressor: &Compressor) -> Result<Vec<u8>, String> {
+    let tool = compressor.tool;
     let mut child = Command::new(tool)
-        .args(args)
+        .args(compressor.args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -126,25 +153,17 @@ pub(crate) fn vmlinux(bzimage: &[u8]) -> Result<Vec<u8>, String> {
 
 /// Whether the ELF64 `elf` has a Xen note of type [`PVH_NOTE`] in a `PT_NOTE` segment.
 fn has_pvh_note(elf: &[u8]) -> bool {
-    let u16_at = |at: usize| {
-        elf.get(at..at + 2)
-            .map(|b| u16::from_le_bytes([b[0], b[1]]))
-    };
-    let u32_at = |at: usize| -> Option<u32> {
-        Some(u32::from_le_bytes(elf.get(at..at + 4)?.try_into().ok()?))
-    };
-    let u64_at = |at: usize| -> Option<usize> {
-        let v = u64::from_le_bytes(elf.get(at..at + 8)?.try_into().ok()?);
-        usize::try_from(v).ok()
-    };
+    let u16_at = |offset: usize| at(elf, offset).map(|b| usize::from(u16::from_le_bytes(b)));
+    let u64_at =
+        |offset: usize| at(elf, offset).and_then(|b| usize::try_from(u64::from_le_bytes(b)).ok());
     let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38))
     else {
         return false;
     };
-    (0..usize::from(phnum)).any(|i| {
-        let ph = phoff + i * usize::from(phentsize);
-        const PT_NOTE: u32 = 4;
-        if u32_at(ph) != Some(PT_NOTE) {
+    (0..phnum).any(|i| {
+        let ph = phoff + i * phentsize;
+        const PT_NOTE: usize = 4;
+        if u32_at(elf, ph) != Some(PT_NOTE) {
             return false;
         }
         let (Some(offset), Some(size)) = (u64_at(ph + 8), u64_at(ph + 32)) else {
@@ -159,18 +178,16 @@ fn has_pvh_note(elf: &[u8]) -> bool {
 }
 
 /// The (name, type) of each note in a note segment.
-fn notes(mut segment: &[u8]) -> impl Iterator<Item = (&[u8], u32)> {
+fn notes(mut segment: &[u8]) -> impl Iterator<Item = (&[u8], usize)> {
     std::iter::from_fn(move || {
-        let word = |at: usize| -> Option<usize> {
-            Some(u32::from_le_bytes(segment.get(at..at + 4)?.try_into().ok()?) as usize)
-        };
+        let word = |offset: usize| u32_at(segment, offset);
         let (namesz, descsz, kind) = (word(0)?, word(4)?, word(8)?);
         let align = |n: usize| n.div_ceil(4) * 4;
         let name = segment.get(12..12 + namesz)?;
         let name = name.strip_suffix(&[0]).unwrap_or(name);
         let next = 12 + align(namesz) + align(descsz);
         segment = segment.get(next..).unwrap_or_default();
-        Some((name, kind as u32))
+        Some((name, kind))
     })
 }
 
@@ -194,8 +211,8 @@ mod tests {
     #[test]
     fn the_payload_and_its_compressor_are_found_from_the_header() {
         let image = bzimage(&[0x28, 0xb5, 0x2f, 0xfd, 1, 2, 3, 4]);
-        let (payload, tool) = payload(&image).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(tool, "zstd");
+        let (payload, compressor) = payload(&image).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(compressor.tool, "zstd");
         assert_eq!(payload.len(), 8);
         assert_eq!(
             stated_size(payload),
@@ -224,7 +241,7 @@ mod tests {
         elf[0x38..0x3a].copy_from_slice(&1u16.to_le_bytes());
         let note_at = elf.len() as u64;
         let mut note = Vec::new();
-        for word in [4u32, 4, PVH_NOTE] {
+        for word in [4, 4, PVH_NOTE as u32] {
             note.extend_from_slice(&word.to_le_bytes());
         }
         note.extend_from_slice(b"Xen\0");
@@ -250,13 +267,17 @@ mod tests {
             out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
             out
         };
-        let back = vmlinux(&bzimage(&gzip(&elf))).unwrap_or_else(|e| panic!("{e}"));
+        let unpack = |image: Vec<u8>| {
+            let (payload, compressor) = payload(&image)?;
+            vmlinux(payload, compressor)
+        };
+        let back = unpack(bzimage(&gzip(&elf))).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(back, elf);
 
         let mut no_note = elf.clone();
         let kind_at = note_at as usize + 8;
         no_note[kind_at..kind_at + 4].copy_from_slice(&6u32.to_le_bytes());
-        let err = vmlinux(&bzimage(&gzip(&no_note))).err().unwrap_or_default();
+        let err = unpack(bzimage(&gzip(&no_note))).err().unwrap_or_default();
         assert!(err.contains("no PVH entry note"), "{err}");
     }
 }

@@ -9,11 +9,10 @@
 //! every crate and its dependencies again: five minutes of CI's budget here);
 //! `cargo xtask release-check` runs them verified, before a release.
 
-use std::path::Path;
 use std::process::Command;
 
 use crate::manifest;
-use crate::run::{cargo, output, step, workspace_root};
+use crate::run::{cargo, output, read_text, step, workspace_root};
 
 /// All three checks; `verify`: each package built from its tarball too.
 pub(crate) fn check(verify: bool) -> Result<(), String> {
@@ -49,11 +48,7 @@ fn package(verify: bool) -> Result<(), String> {
 
 /// The root manifest's text.
 fn root_manifest() -> Result<String, String> {
-    read(&workspace_root().join("Cargo.toml"))
-}
-
-fn read(path: &Path) -> Result<String, String> {
-    std::fs::read_to_string(path).map_err(|e| format!("read {}: {e}", path.display()))
+    read_text(&workspace_root().join("Cargo.toml"))
 }
 
 /// The workspace's `rust-version`, from its manifest.
@@ -70,7 +65,7 @@ fn unpublished() -> Result<Vec<String>, String> {
     let mut names = Vec::new();
     for member in members {
         let path = root.join(&member).join("Cargo.toml");
-        let text = read(&path)?;
+        let text = read_text(&path)?;
         if manifest::value(&text, "package", "publish").as_deref() == Some("false") {
             names.push(
                 manifest::value(&text, "package", "name")

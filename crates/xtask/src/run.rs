@@ -1,6 +1,6 @@
 //! Running commands: echoed, timed, with errors that say which command failed.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
@@ -149,6 +149,16 @@ pub(crate) fn show(cmd: &Command) -> String {
     } else {
         format!("{} {}", env.join(" "), parts.join(" "))
     }
+}
+
+/// The text of the file `path`; the error names it.
+pub(crate) fn read_text(path: &Path) -> Result<String, String> {
+    std::fs::read_to_string(path).map_err(|e| format!("read {}: {e}", path.display()))
+}
+
+/// The bytes of the file `path`; the error names it.
+pub(crate) fn read_bytes(path: &Path) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("read {}: {e}", path.display()))
 }
 
 /// Cargo's target dir: `$CARGO_TARGET_DIR`, else `<workspace>/target`.
