@@ -127,12 +127,11 @@ impl Service {
         self.containers().insert(req.id.clone(), container.clone());
         // The limits the spec gives it (CRI's CreateContainer carries them there) size
         // the VM now, as an Update would.
-        if container.ask() != Ask::default() {
-            let asks: Vec<Ask> = self.containers().values().map(|c| c.ask()).collect();
-            if let Err(e) = vm.resize(Ask::total(&asks)).await {
-                self.detach(&container).await;
-                return Err(e);
-            }
+        if container.ask() != Ask::default()
+            && let Err(e) = vm.resize(self.total_ask()).await
+        {
+            self.detach(&container).await;
+            return Err(e);
         }
         let pid = vm.pid();
         log::info!("created {} in {:?}", req.id, began.elapsed());
@@ -266,6 +265,12 @@ impl Service {
         })
     }
 
+    /// What the containers in the VM ask of it together.
+    fn total_ask(&self) -> Ask {
+        let asks: Vec<Ask> = self.containers().values().map(|c| c.ask()).collect();
+        Ask::total(&asks)
+    }
+
     /// Takes `container` out: out of the list, its share out of the VM (the last one's
     /// goes with the VM, which stops), its files off the host.
     async fn detach(&self, container: &Container) {
@@ -320,8 +325,7 @@ impl Service {
             .map_err(|e| Error::bad(&op, format!("resources: {e}")))?;
         let crun_update = container.update(&resources)?;
         let vm = self.sandbox().await?;
-        let asks: Vec<Ask> = self.containers().values().map(|c| c.ask()).collect();
-        vm.resize(Ask::total(&asks)).await?;
+        vm.resize(self.total_ask()).await?;
         if container.init.status() == Status::Running {
             vm.run(&crun_update).await?;
         }
