@@ -3,7 +3,7 @@
 //!
 //! - spawn → exit of `true` through `vmkit-process` (SpawnProcess, three attach streams,
 //!   WaitProcess) against today's `Exec` of `true` (one call);
-//! - stdout throughput: 256 MiB from `dd` read through a process's stdout against the
+//! - stdout throughput: 128 MiB from `dd` read through a process's stdout against the
 //!   same `dd` on a raw exec stream (`VMKIT-STREAM/1 exec`, the stream port's own
 //!   framing, nothing else). Target: at least 0.8x.
 
@@ -22,8 +22,8 @@ use vmkit_qemu::{QemuBackend, QemuInstance};
 use vmkit_testkit::{qemu::require_qemu, require_guest_image};
 
 const SPAWNS: usize = 40;
-const DD_BYTES: u64 = 256 << 20;
-const DD: [&str; 4] = ["dd", "if=/dev/zero", "bs=65536", "count=4096"];
+const DD_BYTES: u64 = 128 << 20;
+const DD: [&str; 4] = ["dd", "if=/dev/zero", "bs=65536", "count=2048"];
 const ROUNDS: usize = 2;
 
 fn main() {
@@ -147,13 +147,13 @@ async fn throughput(vm: &Arc<QemuInstance>) -> bool {
     let mib = (DD_BYTES as usize * ROUNDS) as f64 / f64::from(1u32 << 20);
     let (ours_rate, base_rate) = (mib / ours.as_secs_f64(), mib / base.as_secs_f64());
     let ratio = ours_rate / base_rate;
-    println!("stdout throughput, {ROUNDS} x 256 MiB from dd, interleaved:");
+    println!("stdout throughput, {ROUNDS} x 128 MiB from dd, interleaved:");
     println!("  raw exec stream       : {base_rate:6.1} MiB/s");
     println!("  vmkit-process stdout  : {ours_rate:6.1} MiB/s");
     println!("  ratio (process / raw) : {ratio:.2}  (target >= 0.8)");
     vmkit_benches::Row::new(
         "process",
-        "stdout throughput (256 MiB from dd)",
+        "stdout throughput (128 MiB from dd)",
         "MiB/s",
         ours_rate,
         ROUNDS,

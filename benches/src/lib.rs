@@ -17,7 +17,7 @@
 //!   of `state()` and `vm_info()` per transport.
 //! - `process`: process spawn → exit and stdout throughput through `vmkit-process`, vs
 //!   `Exec` and a raw exec stream.
-//! - `shares`: a 256 MiB file and 2,000 small files read over virtio-fs, virtio-9p and
+//! - `shares`: a 256 MiB file and 1,000 small files read over virtio-fs, virtio-9p and
 //!   a virtio-blk disk (virtio-fs must beat 9p on both).
 //! - `containerd`: `ctr run --rm <image> true` through vmkit's shim, vs runc and vs a
 //!   plain vmkit start of the same guest (the shim within 1.15x of the plain VM).

@@ -96,13 +96,14 @@ fn prepare() -> Result<Parts, String> {
     install::ensure_runc()?;
     // Everything in release, in one cargo run before the first bench runs (both cores
     // busy throughout): the plugin's library and executable, the shim, the table's
-    // tool and every bench.
+    // tool and every bench. `--bench '*'`, not `--benches`: that would also build each
+    // library and binary as a test harness, with its dev-dependencies.
     run::step(
         "build the benches, the QEMU plugin and the shim (release)",
         run::cargo()
             .args(["build", "--release", "--locked"])
             .args(PACKAGES)
-            .args(["--lib", "--bins", "--benches"]),
+            .args(["--lib", "--bins", "--bench", "*"]),
     )?;
     Ok(Parts {
         env: vec![
