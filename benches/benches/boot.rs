@@ -1,10 +1,11 @@
 //! Cold start (issues 4 and 27): the default path — vmkit starts the test guest and its
 //! agent answers `Ping` — against a bare `qemu-system-x86_64` command line written out
 //! here with the same devices (the vhost-device-vsock daemon, shared RAM, the vsock
-//! device, entropy, pvpanic, the hot-plug ports) and a raw client that dials every
-//! 5 ms until the agent answers on its stream port. Beside them, in the same
-//! rounds: bare boots to the guest's ready line on the serial console, from the PVH
-//! `vmlinux` and from the compressed `vmlinuz` — the floor of what QEMU can do.
+//! device, entropy, pvpanic, the hot-plug ports) and a raw client that dials as vmkit
+//! does (pauses from 1 ms doubling to 50 ms) until the agent answers on its stream
+//! port. Beside them, in the same rounds: bare boots to the guest's ready line on the
+//! serial console, from the PVH `vmlinux` and from the compressed `vmlinuz` — the floor
+//! of what QEMU can do.
 //!
 //! Targets: vmkit within 1.05x of the bare agent start (issue 4's figure on the path
 //! users take), and within 1.10x of the bare PVH boot to the ready line (issue 27).
@@ -27,9 +28,10 @@ use vmkit_testkit::{GuestImage, qemu::require_qemu, require_guest_image};
 const ROUNDS: usize = 5;
 /// How long any one boot may take before the bench gives up on it.
 const BOOT_DEADLINE: Duration = Duration::from_secs(60);
-/// How often the baselines look at the console or dial the agent. Not every
-/// millisecond: each early dial that reaches the guest costs it a reset under TCG.
+/// How often the baselines look at the console (and for the daemon's socket).
 const POLL: Duration = Duration::from_millis(5);
+/// How long a bare guest's agent may take to answer before the start counts as failed.
+const AGENT_DEADLINE: Duration = Duration::from_secs(30);
 /// The guest CID the bare daemon gives the guest (vmkit's hybrid VMs use the same).
 const GUEST_CID: &str = "3";
 
@@ -209,9 +211,21 @@ impl Bare<'_> {
         took
     }
 
-    /// Spawn the vsock daemon, then QEMU with vmkit's devices, and dial the agent's
-    /// stream port every [`POLL`] until the agent answers the echo header.
+    /// [`Bare::agent_once`], once more when the guest never answered: vhost-device-vsock
+    /// 0.3's start fault (about one start in a hundred, vmkit's too), which the real-VM
+    /// tests also meet with a second start.
     fn agent_start(&self) -> Duration {
+        self.agent_once().unwrap_or_else(|| {
+            println!("  (a bare start met vhost-device-vsock's start fault; once more)");
+            self.agent_once()
+                .expect("the bare guest's agent never answered, twice")
+        })
+    }
+
+    /// Spawn the vsock daemon, then QEMU with vmkit's devices, and dial the agent's
+    /// stream port the way vmkit dials (a pause from 1 ms doubling to 50 ms) until the
+    /// agent answers the echo header; `None` if it never did within [`AGENT_DEADLINE`].
+    fn agent_once(&self) -> Option<Duration> {
         let dir = tempfile::tempdir().unwrap();
         let (vhost, uds) = (dir.path().join("vhost.sock"), dir.path().join("vsock.sock"));
         let began = Instant::now();
@@ -241,11 +255,18 @@ impl Bare<'_> {
             .arg(format!("socket,id=vsock,path={}", vhost.display()))
             .args(["-device", "vhost-user-vsock-pci,chardev=vsock,bus=rpv"]);
         let qemu = Reaped(cmd.spawn().unwrap());
-        until(began, "the bare guest's agent", || agent_answers(&uds));
+        let mut pause = Duration::from_millis(1);
+        while !agent_answers(&uds) {
+            if began.elapsed() > AGENT_DEADLINE {
+                return None;
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(50));
+        }
         let took = began.elapsed();
         drop(qemu);
         drop(daemon);
-        took
+        Some(took)
     }
 }
 

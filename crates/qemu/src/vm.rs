@@ -315,6 +315,7 @@ impl Vm {
             shares_ram: self.features.shares_ram(),
             accel,
             deadline: self.config.timeouts.hotplug,
+            unplug_ask_again: crate::hotplug::context::UNPLUG_ASK_AGAIN,
             state_dir: self.config.state_dir.clone(),
             log_dir: self.config.layout().log_dir().to_owned(),
             virtiofsd: self.options.virtiofsd_binary.clone(),

@@ -20,6 +20,11 @@ use crate::qmp::Qmp;
 
 /// How often the guest or QEMU is asked again while waiting.
 pub(crate) const POLL: Duration = Duration::from_millis(10);
+/// How long an unplug waits for `DEVICE_DELETED` before it repeats `device_del`. A PCIe
+/// guest ignores the attention button pressed while it is still bringing the slot up
+/// (a device unplugged right after it appeared), and QEMU lets the button be pressed
+/// again once 5 s have passed since the last press.
+pub(crate) const UNPLUG_ASK_AGAIN: Duration = Duration::from_secs(6);
 /// Bytes in a MiB.
 pub(crate) const MIB: u64 = 1 << 20;
 /// The deadline of one short agent call (a query).
@@ -51,6 +56,9 @@ pub(crate) struct Limits {
     pub(crate) accel: Accel,
     /// How long one hot-plug may wait for the guest (`timeouts.hotplug`).
     pub(crate) deadline: Duration,
+    /// How long an unplug waits for the guest before it asks again
+    /// ([`UNPLUG_ASK_AGAIN`] but in tests).
+    pub(crate) unplug_ask_again: Duration,
     /// The VM's private state dir (a hot share's daemon socket goes there).
     pub(crate) state_dir: PathBuf,
     /// Where daemons log.

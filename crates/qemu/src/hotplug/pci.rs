@@ -156,32 +156,55 @@ pub(crate) async fn remove_device(ctx: &Context, id: &str) -> vmkit_core::Result
     Ok(())
 }
 
-/// `device_del` of `id`, waiting for its `DEVICE_DELETED`.
+/// `device_del` of `id`, waiting for its `DEVICE_DELETED`; the request is repeated
+/// every `unplug_ask_again` of the limits while the guest has not answered (a PCIe guest ignores an attention button pressed while it still brings the
+/// slot up). A repeat QEMU refuses (the last press is still pending) changes nothing.
 async fn delete_device(ctx: &Context, op: &str, id: &str) -> vmkit_core::Result<()> {
     let mut events = ctx.subscribe();
     ctx.qmp()
         .device_del(id)
         .await
         .map_err(|e| qmp_err(&format!("device_del {id}"), e))?;
-    let deleted = tokio::time::timeout(ctx.limits().deadline, async {
-        loop {
-            match events.recv().await {
-                Ok(vmkit_core::VmEvent::DeviceDeleted { id: Some(gone), .. }) if gone == id => {
-                    return true;
+    let limits = ctx.limits();
+    let deadline = tokio::time::Instant::now() + limits.deadline;
+    let mut asks = 1u32;
+    loop {
+        let wait_until = (tokio::time::Instant::now() + limits.unplug_ask_again).min(deadline);
+        match tokio::time::timeout_at(wait_until, device_deleted(&mut events, id)).await {
+            Ok(true) => return Ok(()),
+            Ok(false) => return Err(CoreError::backend(op.to_owned(), Error::ShuttingDown)),
+            Err(_) if wait_until >= deadline => {
+                return Err(CoreError::Timeout {
+                    op: format!(
+                        "{op}: waiting for DEVICE_DELETED (the guest did not release it; \
+                         asked {asks} times)"
+                    ),
+                    after: limits.deadline,
+                });
+            }
+            Err(_) => {
+                asks += 1;
+                if let Err(e) = ctx.qmp().device_del(id).await {
+                    tracing::debug!(device = id, error = %e, "device_del repeated: refused");
                 }
-                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return false,
             }
         }
-    })
-    .await;
-    match deleted {
-        Ok(true) => Ok(()),
-        Ok(false) => Err(CoreError::backend(op.to_owned(), Error::ShuttingDown)),
-        Err(_) => Err(CoreError::Timeout {
-            op: format!("{op}: waiting for DEVICE_DELETED (the guest did not release it)"),
-            after: ctx.limits().deadline,
-        }),
+    }
+}
+
+/// Waits for `id`'s `DEVICE_DELETED`: true, or false once the VM's events end.
+async fn device_deleted(
+    events: &mut tokio::sync::broadcast::Receiver<vmkit_core::VmEvent>,
+    id: &str,
+) -> bool {
+    loop {
+        match events.recv().await {
+            Ok(vmkit_core::VmEvent::DeviceDeleted { id: Some(gone), .. }) if gone == id => {
+                return true;
+            }
+            Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return false,
+        }
     }
 }
 

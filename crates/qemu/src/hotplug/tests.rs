@@ -106,6 +106,7 @@ impl Rig {
             shares_ram: true,
             accel,
             deadline: Duration::from_millis(400),
+            unplug_ask_again: Duration::from_millis(150),
             state_dir: dir.path().to_owned(),
             log_dir: dir.path().to_owned(),
             virtiofsd: "/nonexistent/virtiofsd".into(),
@@ -852,6 +853,31 @@ async fn unplugging_a_device_waits_for_device_deleted_then_removes_its_backend()
         rig.sent()
             .ends_with(&["device_del".to_owned(), "blockdev-del".to_owned()])
     );
+}
+
+/// A guest that ignored the first `device_del` (pressed while it still brought the slot
+/// up) is asked again, and the unplug ends when it answers the repeat.
+#[tokio::test]
+async fn an_unplug_the_guest_ignored_is_asked_again() {
+    let rig = Rig::dimm().await;
+    rig.qmp.on("blockdev-add", MockReply::ok(json!({})));
+    rig.qmp.on("blockdev-del", MockReply::ok(json!({})));
+    disk_plug_works(&rig);
+    pci::add_disk(&rig.ctx, disk(rig._dir.path(), "data"))
+        .await
+        .unwrap();
+    rig.qmp.on(
+        "device_del",
+        MockReply::ok(json!({})).then_event(
+            "DEVICE_DELETED",
+            json!({"device": "data", "path": "/machine/peripheral/data"}),
+        ),
+    );
+    rig.qmp.on_once("device_del", MockReply::ok(json!({})));
+    pci::remove_device(&rig.ctx, "data").await.unwrap();
+    assert_eq!(rig.ctx.devices().hot_count(), 0);
+    let dels = rig.sent().iter().filter(|c| *c == "device_del").count();
+    assert_eq!(dels, 2, "{:?}", rig.sent());
 }
 
 #[tokio::test]
