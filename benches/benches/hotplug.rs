@@ -22,9 +22,9 @@ use vmkit_qemu::{QemuBackend, QemuInstance};
 use vmkit_qmp::QmpClient;
 use vmkit_testkit::{qemu::require_qemu, require_guest_image};
 
-const ROUNDS: usize = 9;
+const ROUNDS: usize = 7;
 /// vCPU rounds: each adds two vCPUs (ours, then raw), within `max_vcpus` 24.
-const CPU_ROUNDS: usize = 11;
+const CPU_ROUNDS: usize = 9;
 const POLL: Duration = Duration::from_millis(10);
 
 fn main() {

@@ -20,10 +20,10 @@ use crate::qmp::Qmp;
 
 /// How often the guest or QEMU is asked again while waiting.
 pub(crate) const POLL: Duration = Duration::from_millis(10);
-/// How long an unplug waits for `DEVICE_DELETED` before it repeats `device_del`. A PCIe
-/// guest ignores the attention button pressed while it is still bringing the slot up
-/// (a device unplugged right after it appeared), and QEMU lets the button be pressed
-/// again once 5 s have passed since the last press.
+/// How long an unplug waits for `DEVICE_DELETED` before it repeats `device_del`. A guest
+/// can miss an unplug request that arrives while it still handles the plug (a device
+/// unplugged right after it appeared: seen once in a hundred under TCG), and QEMU lets
+/// the request be made again once 5 s have passed since the last one.
 pub(crate) const UNPLUG_ASK_AGAIN: Duration = Duration::from_secs(6);
 /// Bytes in a MiB.
 pub(crate) const MIB: u64 = 1 << 20;

@@ -157,8 +157,9 @@ pub(crate) async fn remove_device(ctx: &Context, id: &str) -> vmkit_core::Result
 }
 
 /// `device_del` of `id`, waiting for its `DEVICE_DELETED`; the request is repeated
-/// every `unplug_ask_again` of the limits while the guest has not answered (a PCIe guest ignores an attention button pressed while it still brings the
-/// slot up). A repeat QEMU refuses (the last press is still pending) changes nothing.
+/// every `unplug_ask_again` of the limits while the guest has not answered (a guest
+/// can miss a request made while it still handles the plug). A repeat QEMU refuses
+/// (the last request is still pending) changes nothing.
 async fn delete_device(ctx: &Context, op: &str, id: &str) -> vmkit_core::Result<()> {
     let mut events = ctx.subscribe();
     ctx.qmp()
