@@ -649,6 +649,23 @@ fn disk(dir: &std::path::Path, id: &str) -> DiskConfig {
 
 /// `device_add` of the disk `data` (serial `ser-data`) that QEMU takes and the guest
 /// lists.
+/// `device_del` of `id` answered, and the device gone (`DEVICE_DELETED`).
+fn device_deleted(id: &str) -> MockReply {
+    MockReply::ok(json!({})).then_event(
+        "DEVICE_DELETED",
+        json!({"device": id, "path": format!("/machine/peripheral/{id}")}),
+    )
+}
+
+/// Hot-plugs the disk `data` (its block node added, the guest listing it).
+async fn plug_disk_data(rig: &Rig) {
+    rig.qmp.on("blockdev-add", MockReply::ok(json!({})));
+    disk_plug_works(rig);
+    pci::add_disk(&rig.ctx, disk(rig._dir.path(), "data"))
+        .await
+        .unwrap();
+}
+
 fn disk_plug_works(rig: &Rig) {
     let guest = rig.guest.clone();
     rig.qmp.on(
@@ -669,11 +686,7 @@ fn disk_plug_works(rig: &Rig) {
 #[tokio::test]
 async fn a_disk_lands_on_a_free_port_and_returns_once_the_guest_lists_it() {
     let rig = Rig::dimm().await;
-    rig.qmp.on("blockdev-add", MockReply::ok(json!({})));
-    disk_plug_works(&rig);
-    pci::add_disk(&rig.ctx, disk(rig._dir.path(), "data"))
-        .await
-        .unwrap();
+    plug_disk_data(&rig).await;
     let device = rig.args_of("device_add");
     assert_eq!(device["driver"], "virtio-blk-pci");
     assert_eq!(device["id"], "data");
@@ -829,24 +842,14 @@ async fn unplugging_a_device_waits_for_device_deleted_then_removes_its_backend()
     let rig = Rig::dimm().await;
     let missing = pci::remove_device(&rig.ctx, "nope").await.unwrap_err();
     assert!(matches!(missing, CoreError::NotFound { .. }), "{missing:?}");
-    rig.qmp.on("blockdev-add", MockReply::ok(json!({})));
     rig.qmp.on("blockdev-del", MockReply::ok(json!({})));
-    disk_plug_works(&rig);
-    pci::add_disk(&rig.ctx, disk(rig._dir.path(), "data"))
-        .await
-        .unwrap();
+    plug_disk_data(&rig).await;
     // No DEVICE_DELETED: a timeout, and the device stays recorded.
     rig.qmp.on_once("device_del", MockReply::ok(json!({})));
     let err = pci::remove_device(&rig.ctx, "data").await.unwrap_err();
     assert!(matches!(err, CoreError::Timeout { .. }), "{err:?}");
     assert_eq!(rig.ctx.devices().hot_count(), 1);
-    rig.qmp.on(
-        "device_del",
-        MockReply::ok(json!({})).then_event(
-            "DEVICE_DELETED",
-            json!({"device": "data", "path": "/machine/peripheral/data"}),
-        ),
-    );
+    rig.qmp.on("device_del", device_deleted("data"));
     pci::remove_device(&rig.ctx, "data").await.unwrap();
     assert!((rig.ctx.devices().hot_count() == 0));
     assert!(
@@ -860,19 +863,9 @@ async fn unplugging_a_device_waits_for_device_deleted_then_removes_its_backend()
 #[tokio::test]
 async fn an_unplug_the_guest_ignored_is_asked_again() {
     let rig = Rig::dimm().await;
-    rig.qmp.on("blockdev-add", MockReply::ok(json!({})));
     rig.qmp.on("blockdev-del", MockReply::ok(json!({})));
-    disk_plug_works(&rig);
-    pci::add_disk(&rig.ctx, disk(rig._dir.path(), "data"))
-        .await
-        .unwrap();
-    rig.qmp.on(
-        "device_del",
-        MockReply::ok(json!({})).then_event(
-            "DEVICE_DELETED",
-            json!({"device": "data", "path": "/machine/peripheral/data"}),
-        ),
-    );
+    plug_disk_data(&rig).await;
+    rig.qmp.on("device_del", device_deleted("data"));
     rig.qmp.on_once("device_del", MockReply::ok(json!({})));
     pci::remove_device(&rig.ctx, "data").await.unwrap();
     assert_eq!(rig.ctx.devices().hot_count(), 0);
@@ -1141,18 +1134,8 @@ async fn a_hot_plug_may_not_take_a_cold_devices_id() {
 #[tokio::test]
 async fn a_backend_qemu_will_not_delete_after_the_device_went_is_reported() {
     let rig = Rig::dimm().await;
-    rig.qmp.on("blockdev-add", MockReply::ok(json!({})));
-    disk_plug_works(&rig);
-    pci::add_disk(&rig.ctx, disk(rig._dir.path(), "data"))
-        .await
-        .unwrap();
-    rig.qmp.on(
-        "device_del",
-        MockReply::ok(json!({})).then_event(
-            "DEVICE_DELETED",
-            json!({"device": "data", "path": "/machine/peripheral/data"}),
-        ),
-    );
+    plug_disk_data(&rig).await;
+    rig.qmp.on("device_del", device_deleted("data"));
     rig.qmp
         .on("blockdev-del", qemu_error("Node vmkit-hot0 is in use"));
     let err = pci::remove_device(&rig.ctx, "data").await.unwrap_err();
