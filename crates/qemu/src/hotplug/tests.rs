@@ -647,8 +647,6 @@ fn disk(dir: &std::path::Path, id: &str) -> DiskConfig {
     disk
 }
 
-/// `device_add` of the disk `data` (serial `ser-data`) that QEMU takes and the guest
-/// lists.
 /// `device_del` of `id` answered, and the device gone (`DEVICE_DELETED`).
 fn device_deleted(id: &str) -> MockReply {
     MockReply::ok(json!({})).then_event(
@@ -666,6 +664,8 @@ async fn plug_disk_data(rig: &Rig) {
         .unwrap();
 }
 
+/// `device_add` of the disk `data` (serial `ser-data`) that QEMU takes and the guest
+/// lists.
 fn disk_plug_works(rig: &Rig) {
     let guest = rig.guest.clone();
     rig.qmp.on(
