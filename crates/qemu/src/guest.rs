@@ -506,9 +506,13 @@ pub(crate) async fn spawn_daemon(
     }
 }
 
-/// What vhost-device-vsock logs: warnings, without the one it repeats for each early dial
-/// (`Received a backend event before vring initialization`).
-const DAEMON_LOG_FILTER: &str = "warn,vhost_device_vsock::vhu_vsock=error";
+/// What vhost-device-vsock logs: warnings, without the one its `vhu_vsock` module
+/// repeats for each early dial (`Received a backend event before vring
+/// initialization`). A directive matches by module-path prefix, so `vhu_vsock_thread`
+/// (where a refused or failed host connection is logged) is named on its own; the
+/// longer name wins.
+const DAEMON_LOG_FILTER: &str =
+    "warn,vhost_device_vsock::vhu_vsock=error,vhost_device_vsock::vhu_vsock_thread=warn";
 
 /// Whether the hybrid daemon has re-created its vhost-user socket (`server`: the path
 /// and the inode QEMU connected to). vhost-device-vsock 0.3 does that when its

@@ -103,7 +103,7 @@ pub(crate) async fn repair(vm: &Vm) -> Result<(), Error> {
 /// driver probed it and set it up): before that, a host connection would reach a
 /// daemon that has no vrings yet.
 async fn wait_started(qmp: &Qmp, deadline: Instant) -> Result<(), Error> {
-    let path = format!("/machine/peripheral/{VSOCK_ID}/virtio-backend");
+    let path = vsock_backend_path();
     let mut last = String::from("no answer yet");
     while Instant::now() < deadline {
         match qmp.vhost_started(&path).await {
@@ -114,4 +114,10 @@ async fn wait_started(qmp: &Qmp, deadline: Instant) -> Result<(), Error> {
         sleep(STARTED_POLL).await;
     }
     Err(failed("wait for the guest to start the new device")(last))
+}
+
+/// The QOM path of the hybrid-vsock device's virtio backend, as
+/// `x-query-virtio-status` wants it.
+pub(crate) fn vsock_backend_path() -> String {
+    format!("/machine/peripheral/{VSOCK_ID}/virtio-backend")
 }

@@ -8,7 +8,8 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 
 use vmkit_core::{
-    DeviceConfigurator, Error as CoreError, GuestCommunicator, Instance, StartOptions, VmState,
+    DeviceConfigurator, Error as CoreError, GuestCommunicator, Instance, StartOptions, VmEvent,
+    VmState,
 };
 use vmkit_proto::AgentClient;
 use vmkit_qemu::QemuBackend;
@@ -572,6 +573,90 @@ async fn a_link_broken_while_paused_is_repaired_on_resume() {
         .unwrap();
     assert!(guest_cmdline(fresh).await.contains("console=ttyS0"));
     drop(careless);
+    shut_down_gracefully(&vm).await;
+    assert_eq!(
+        processes_mentioning(&state),
+        Vec::<u32>::new(),
+        "a daemon or QEMU outlived the VM"
+    );
+}
+
+/// The real vhost-device-vsock, found as vmkit-qemu finds it.
+fn real_vsock_daemon() -> PathBuf {
+    if let Some(path) = std::env::var_os("VMKIT_VHOST_VSOCK") {
+        return path.into();
+    }
+    let home_bin = std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo/bin"));
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .chain(home_bin)
+        .map(|dir| dir.join("vhost-device-vsock"))
+        .find(|p| p.is_file())
+        .expect("vhost-device-vsock installed")
+}
+
+/// vhost-device-vsock's start fault, on demand: the first daemon the VM gets serves
+/// QEMU's vhost-user socket through one backend, while the host socket vmkit dials
+/// belongs to a second backend of the same process that QEMU never connects to — it
+/// has no guest memory table and drops every dial unread, as the lost daemon does. The
+/// start sees QEMU report the device started while dials are still dropped, replaces
+/// the device and its daemon (a plain one, the second time), and the agent answers
+/// well before the start's deadline; the VM then ends with nothing left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_replaces_a_vsock_daemon_that_drops_every_dial() {
+    let Some(image) = setup() else { return };
+    let _slot = VMS.acquire().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let wrapper = dir.path().join("vhost-device-vsock");
+    let script = format!(
+        "#!/bin/sh\n\
+         # vmkit passes: --guest-cid CID --socket VHOST --uds-path UDS\n\
+         [ -e '{mark}' ] && exec '{real}' \"$@\"\n\
+         : > '{mark}'\n\
+         exec '{real}' --vm \"guest-cid=$2,socket=$4,uds-path=$6.served\" \\\n\
+           --vm \"guest-cid=$(($2 + 1)),socket=$4.unused,uds-path=$6\"\n",
+        mark = dir.path().join("faulted").display(),
+        real = real_vsock_daemon().display(),
+    );
+    std::fs::write(&wrapper, script).unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut config = image.config("lost-daemon", &state);
+    config
+        .backend_options
+        .insert("vhost_vsock_binary".into(), wrapper.display().to_string());
+    let timeout = config.timeouts.start;
+    let vm = QemuBackend.create_instance(config).unwrap();
+    let mut events = vm.events();
+    let began = std::time::Instant::now();
+    vm.start(StartOptions::new())
+        .await
+        .unwrap_or_else(|e| panic!("start: {e}\n{}", logs(&vm)));
+    let took = began.elapsed();
+    assert!(dir.path().join("faulted").exists(), "the faulty daemon ran");
+    assert!(took < timeout / 2, "started in {took:?} of {timeout:?}");
+    let mut steps = Vec::new();
+    while let Ok(event) = events.try_recv() {
+        if let VmEvent::StartProgress { step, .. } = event {
+            steps.push(step);
+        }
+    }
+    assert!(
+        steps
+            .iter()
+            .any(|s| s == "replaced the vsock daemon that lost the guest's device"),
+        "{steps:?}"
+    );
+    let daemon = vsock_daemon(&vm);
+    let cmdline = std::fs::read(format!("/proc/{daemon}/cmdline")).unwrap();
+    assert!(
+        !String::from_utf8_lossy(&cmdline).contains("--vm"),
+        "a plain daemon serves the VM now"
+    );
+    let agent = vm.agent().await.unwrap();
+    assert!(!agent_pid(&agent).await.is_empty());
     shut_down_gracefully(&vm).await;
     assert_eq!(
         processes_mentioning(&state),

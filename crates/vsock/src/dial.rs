@@ -2,6 +2,7 @@
 //! ([`dial_with_retry`]), over kernel vsock or hybrid vsock.
 
 use std::io;
+use std::path::Path;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -300,45 +301,111 @@ async fn attempt(addr: &GuestAddr, deadline: Instant) -> Result<GuestConn> {
     }
 }
 
+/// `CONNECT <port>\n`, then `OK <n>\n` (see [`handshake`]), its failure as a dial error.
+async fn hybrid_handshake(addr: &GuestAddr, stream: &mut UnixStream, port: u32) -> Result<()> {
+    handshake(stream, port)
+        .await
+        .map_err(|failed| match failed {
+            Handshake::Write(e) => {
+                failure(addr, format!("write CONNECT {port}: {e}"), transient_io(&e))
+            }
+            Handshake::Closed => failure(
+                addr,
+                format!("closed before OK: nothing listens on guest port {port} yet"),
+                true,
+            ),
+            Handshake::Read(e) => failure(
+                addr,
+                format!("read the CONNECT answer: {e}"),
+                transient_io(&e),
+            ),
+            Handshake::Garbage(line) => garbage(addr, &line),
+        })
+}
+
+/// How a hybrid-vsock handshake failed.
+enum Handshake {
+    /// Writing the `CONNECT` line failed.
+    Write(io::Error),
+    /// The daemon closed after reading it: it asked the guest, and nothing listens.
+    Closed,
+    /// Reading the answer failed.
+    Read(io::Error),
+    /// The answer was not `OK <n>`.
+    Garbage(Vec<u8>),
+}
+
 /// `CONNECT <port>\n`, then `OK <n>\n`, read a byte at a time so that nothing the guest
 /// sends after the `OK` is swallowed.
-async fn hybrid_handshake(addr: &GuestAddr, stream: &mut UnixStream, port: u32) -> Result<()> {
+async fn handshake(stream: &mut UnixStream, port: u32) -> std::result::Result<(), Handshake> {
     stream
         .write_all(format!("CONNECT {port}\n").as_bytes())
         .await
-        .map_err(|e| failure(addr, format!("write CONNECT {port}: {e}"), transient_io(&e)))?;
+        .map_err(Handshake::Write)?;
     let mut line = Vec::with_capacity(16);
     loop {
         let byte = match stream.read_u8().await {
             Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                return Err(failure(
-                    addr,
-                    format!("closed before OK: nothing listens on guest port {port} yet"),
-                    true,
-                ));
-            }
-            Err(e) => {
-                return Err(failure(
-                    addr,
-                    format!("read the CONNECT answer: {e}"),
-                    transient_io(&e),
-                ));
-            }
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(Handshake::Closed),
+            Err(e) => return Err(Handshake::Read(e)),
         };
         if byte == b'\n' {
             break;
         }
         line.push(byte);
         if line.len() > MAX_HANDSHAKE_LINE {
-            return Err(garbage(addr, &line));
+            return Err(Handshake::Garbage(line));
         }
     }
-    let text = String::from_utf8_lossy(&line);
-    match text.strip_prefix("OK ") {
+    match String::from_utf8_lossy(&line).strip_prefix("OK ") {
         Some(n) if n.parse::<u32>().is_ok() => Ok(()),
-        _ => Err(garbage(addr, &line)),
+        _ => Err(Handshake::Garbage(line)),
     }
+}
+
+/// What one hybrid-vsock dial found out about the daemon behind a socket
+/// ([`probe_hybrid`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HybridProbe {
+    /// A guest program accepted the connection (`OK <n>`).
+    Answered,
+    /// The daemon read the `CONNECT` line, asked the guest and closed: nothing listens
+    /// on the port yet.
+    NotListening,
+    /// The daemon closed the connection without reading the `CONNECT` line (a broken
+    /// pipe, or a reset: a socket closed with unread data resets). vhost-device-vsock
+    /// does that to every dial while it has no guest memory table: before the guest's
+    /// driver started the device, or when the daemon lost it.
+    Unread,
+    /// Anything else: no socket, no answer in time, an answer that is not `OK <n>`.
+    Other,
+}
+
+/// One dial of guest `port` through the hybrid-vsock daemon at `uds`, bounded by
+/// `timeout`, to learn what the daemon does with it (see [`HybridProbe`]). The
+/// connection is closed at once, and a paused VM's [`LinkGate`] is not waited for: the
+/// caller knows its VM runs.
+pub async fn probe_hybrid(uds: &Path, port: u32, timeout: Duration) -> HybridProbe {
+    let probe = async {
+        let Ok(mut stream) = UnixStream::connect(uds).await else {
+            return HybridProbe::Other;
+        };
+        let unread = |e: &io::Error| {
+            matches!(
+                e.kind(),
+                io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+            )
+        };
+        match handshake(&mut stream, port).await {
+            Ok(()) => HybridProbe::Answered,
+            Err(Handshake::Closed) => HybridProbe::NotListening,
+            Err(Handshake::Write(e) | Handshake::Read(e)) if unread(&e) => HybridProbe::Unread,
+            Err(_) => HybridProbe::Other,
+        }
+    };
+    tokio::time::timeout(timeout, probe)
+        .await
+        .unwrap_or(HybridProbe::Other)
 }
 
 fn garbage(addr: &GuestAddr, line: &[u8]) -> Error {

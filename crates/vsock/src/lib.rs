@@ -32,7 +32,7 @@ pub use client::{
     AgentCache, ConnHealth, TtrpcClient, connect_agent, connect_ttrpc, connect_ttrpc_with_retry,
     ttrpc_client, ttrpc_client_tracked,
 };
-pub use dial::{GuestConn, HybridConn, dial, dial_with_retry};
+pub use dial::{GuestConn, HybridConn, HybridProbe, dial, dial_with_retry, probe_hybrid};
 pub use error::{Error, Result};
 pub use gate::LinkGate;
 pub use stream::{AgentStream, begin_stream, open_stream};

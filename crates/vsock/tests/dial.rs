@@ -219,3 +219,59 @@ async fn streams_open_after_the_agents_ok_and_carry_bytes() {
         )
     );
 }
+
+/// A daemon that has no guest memory table: it accepts every dial and closes it at
+/// once, unread (vhost-device-vsock 0.3 before the guest's driver started its device).
+fn serve_unread(path: PathBuf) {
+    let listener = UnixListener::bind(path).unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            drop(stream);
+        }
+    });
+}
+
+#[tokio::test]
+async fn a_probe_tells_a_daemon_that_drops_dials_unread_from_an_empty_port() {
+    use vmkit_vsock::{HybridProbe, probe_hybrid};
+    let dir = tempfile::tempdir().unwrap();
+    let (healthy, unread) = (dir.path().join("v.sock"), dir.path().join("u.sock"));
+    serve(healthy.clone());
+    serve_unread(unread.clone());
+    let within = Duration::from_secs(2);
+    assert_eq!(
+        probe_hybrid(&healthy, ECHO, within).await,
+        HybridProbe::Answered
+    );
+    assert_eq!(
+        probe_hybrid(&healthy, CLOSED, within).await,
+        HybridProbe::NotListening
+    );
+    assert_eq!(
+        probe_hybrid(&healthy, GARBAGE, within).await,
+        HybridProbe::Other
+    );
+    // Either way the unread close shows (a broken pipe, or a reset): every time.
+    for _ in 0..50 {
+        assert_eq!(
+            probe_hybrid(&unread, ECHO, within).await,
+            HybridProbe::Unread
+        );
+    }
+    let missing = dir.path().join("missing.sock");
+    assert_eq!(
+        probe_hybrid(&missing, ECHO, within).await,
+        HybridProbe::Other
+    );
+    // A daemon that never answers: the probe ends by its timeout.
+    let _silent = std::os::unix::net::UnixListener::bind(dir.path().join("s.sock")).unwrap();
+    let began = Instant::now();
+    let silent = probe_hybrid(&dir.path().join("s.sock"), ECHO, Duration::from_millis(200)).await;
+    assert_eq!(silent, HybridProbe::Other);
+    assert!(
+        began.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        began.elapsed()
+    );
+}

@@ -6,6 +6,7 @@
 //! what the boot took and ends in `Shutdown` with an error naming the phase and cause.
 
 mod console;
+mod daemon_watch;
 mod prepare;
 
 use std::os::unix::fs::PermissionsExt;
@@ -150,7 +151,7 @@ async fn boot(
     match vm.link_info() {
         Some((_, addr)) => {
             progress.enter(Phase::Agent);
-            reach_agent(vm, &process, addr, deadline, timeout).await?;
+            reach_agent(vm, &process, progress, addr, (deadline, timeout)).await?;
             progress.report("guest agent answered".to_owned());
         }
         None => {
@@ -191,17 +192,46 @@ async fn connect_qmp(vm: &Arc<Vm>, process: &Process, deadline: Instant) -> vmki
     Ok(())
 }
 
-/// Waits for the guest agent at `addr` to answer `Ping`, and caches its connection.
+/// Waits for the guest agent at `addr` to answer `Ping`, and caches its connection. A
+/// hybrid-vsock daemon that lost the guest's device is replaced, once
+/// ([`daemon_watch`]).
 async fn reach_agent(
     vm: &Vm,
     process: &Process,
+    progress: &Progress<'_>,
     addr: vmkit_vsock::GuestAddr,
-    deadline: Instant,
-    timeout: Duration,
+    (deadline, timeout): (Instant, Duration),
 ) -> vmkit_core::Result<()> {
-    let agent = tokio::select! {
-        agent = guest::wait_for_agent(&addr, deadline) => agent,
-        exit = process.wait() => return Err(console::exited_early(vm, exit).await),
+    // Only a device on a hot-plug port can be replaced (not microvm's).
+    let mut watched = match &addr {
+        vmkit_vsock::GuestAddr::HybridVsock { uds, port } if vm.options().machine.has_pci() => {
+            Some((uds.clone(), *port))
+        }
+        _ => None,
+    };
+    let agent = loop {
+        let watch = async {
+            match &watched {
+                Some((uds, port)) => daemon_watch::daemon_lost(vm, uds, *port).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            agent = guest::wait_for_agent(&addr, deadline) => break agent,
+            exit = process.wait() => return Err(console::exited_early(vm, exit).await),
+            () = watch => {}
+        }
+        watched = None;
+        tracing::warn!(vm = %vm.id(), %addr, "the vsock daemon drops every dial although the guest started its device; replacing both");
+        let replaced = crate::relink::repair(vm).await;
+        vm.open_link(true);
+        replaced.map_err(|e| {
+            CoreError::backend(
+                "start: replace the vsock daemon that lost the guest's device",
+                e,
+            )
+        })?;
+        progress.report("replaced the vsock daemon that lost the guest's device".to_owned());
     };
     match agent {
         Ok(agent) => {
