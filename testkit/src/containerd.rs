@@ -206,9 +206,7 @@ impl Containerd {
         cmd
     }
 
-    /// [`Containerd::run`]'s output; a run whose VM hit vhost-device-vsock 0.3's
-    /// start fault ([`crate::guest::vsock_daemon_fault`], about one VM in a hundred) is
-    /// cleaned up and run once more, as the other real-VM tests do.
+    /// [`Containerd::run`]'s output, through [`Containerd::output_retrying`].
     ///
     /// # Errors
     /// `ctr` could not be run.
@@ -219,16 +217,109 @@ impl Containerd {
         id: &str,
         argv: &[&str],
     ) -> io::Result<std::process::Output> {
-        let out = self.run(flags, rootfs, id, argv).output()?;
-        if out.status.success()
-            || !crate::guest::vsock_daemon_fault(&String::from_utf8_lossy(&out.stderr))
-        {
+        self.output_retrying(id, || self.run(flags, rootfs, id, argv))
+    }
+
+    /// The output of `make()` — a `ctr run` (or `ctr run -d`) of task `id`; a run whose
+    /// VM hit vhost-device-vsock 0.3's start fault ([`crate::guest::vsock_daemon_fault`],
+    /// about one VM in a hundred) is cleaned up and run once more, as the other real-VM
+    /// tests do.
+    ///
+    /// # Errors
+    /// `ctr` could not be run.
+    pub fn output_retrying(
+        &self,
+        id: &str,
+        make: impl Fn() -> Command,
+    ) -> io::Result<std::process::Output> {
+        let out = make().output()?;
+        // Both streams: `ctr run -t` under script(1) has its errors on stdout.
+        let said = [out.stdout.as_slice(), out.stderr.as_slice()].concat();
+        if out.status.success() || !self.met_daemon_fault(id, &said) {
             return Ok(out);
+        }
+        make().output()
+    }
+
+    /// Spawns `make()` — a foreground `ctr run` of task `id`, its stdout and stderr
+    /// piped — and returns it once the task is `RUNNING`. A run that ends first because
+    /// its VM hit the vsock daemon's start fault is cleaned up and spawned once more (see
+    /// [`Containerd::output_retrying`]).
+    ///
+    /// # Errors
+    /// The run ended before its task ran (its status, stderr and containerd's log), or
+    /// the task was not running within `within` of a spawn.
+    pub fn spawn_running(
+        &self,
+        id: &str,
+        make: impl Fn() -> Command,
+        within: Duration,
+    ) -> Result<Child, String> {
+        let mut retried = false;
+        'spawn: loop {
+            let mut child = make()
+                .spawn()
+                .map_err(|e| format!("spawn ctr run {id}: {e}"))?;
+            let until = Instant::now() + within;
+            loop {
+                if self.task_line(id, "RUNNING")?.is_some() {
+                    return Ok(child);
+                }
+                let ended = child
+                    .try_wait()
+                    .map_err(|e| format!("wait for ctr run {id}: {e}"))?;
+                if ended.is_some() {
+                    let out = child
+                        .wait_with_output()
+                        .map_err(|e| format!("ctr run {id}'s output: {e}"))?;
+                    if !retried && self.met_daemon_fault(id, &out.stderr) {
+                        retried = true;
+                        continue 'spawn;
+                    }
+                    return Err(format!(
+                        "ctr run {id} ended ({}) before its task ran: {}\ncontainerd log:\n{}",
+                        out.status,
+                        String::from_utf8_lossy(&out.stderr),
+                        self.log()
+                    ));
+                }
+                if Instant::now() > until {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(format!(
+                        "task {id} not RUNNING within {within:?}\ncontainerd log:\n{}",
+                        self.log()
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+
+    /// Whether a `ctr run` of `id` that failed with `stderr` met the vsock daemon's start
+    /// fault; if so, what it left is removed (and the test's stderr says so).
+    fn met_daemon_fault(&self, id: &str, stderr: &[u8]) -> bool {
+        if !crate::guest::vsock_daemon_fault(&String::from_utf8_lossy(stderr)) {
+            return false;
         }
         eprintln!("note: {id}: the vsock daemon's start fault; running it once more");
         let _ = self.ctr().args(["task", "rm", "-f", id]).output();
         let _ = self.ctr().args(["container", "rm", id]).output();
-        self.run(flags, rootfs, id, argv).output()
+        true
+    }
+
+    /// `ctr task ls`'s line for `id` (`ID PID STATUS`) if its status is `status`.
+    fn task_line(&self, id: &str, status: &str) -> Result<Option<String>, String> {
+        let listed = self
+            .ctr()
+            .args(["task", "ls"])
+            .output()
+            .map_err(|e| format!("ctr task ls: {e}"))?;
+        Ok(String::from_utf8_lossy(&listed.stdout)
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(id))
+            .filter(|l| l.split_whitespace().nth(2) == Some(status))
+            .map(str::to_owned))
     }
 
     /// `ctr task ls`'s line for `id` (`ID PID STATUS`) once its status is `status`.
@@ -238,22 +329,15 @@ impl Containerd {
     pub fn wait_status(&self, id: &str, status: &str, within: Duration) -> Result<String, String> {
         let until = Instant::now() + within;
         loop {
-            let listed = self
-                .ctr()
-                .args(["task", "ls"])
-                .output()
-                .map_err(|e| format!("ctr task ls: {e}"))?;
-            let listed = String::from_utf8_lossy(&listed.stdout).into_owned();
-            let line = listed
-                .lines()
-                .find(|l| l.split_whitespace().next() == Some(id))
-                .filter(|l| l.split_whitespace().nth(2) == Some(status));
-            if let Some(line) = line {
-                return Ok(line.to_owned());
+            if let Some(line) = self.task_line(id, status)? {
+                return Ok(line);
             }
             if Instant::now() > until {
+                let listed = self.ctr().args(["task", "ls"]).output();
+                let listed = listed.map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
                 return Err(format!(
-                    "task {id} not {status} within {within:?}: {listed}\n{}",
+                    "task {id} not {status} within {within:?}: {}\n{}",
+                    listed.unwrap_or_else(|e| format!("ctr task ls: {e}")),
                     self.log()
                 ));
             }

@@ -96,10 +96,12 @@ fn ctr_run_t_gives_the_container_a_tty() {
         .chain(run.get_args().map(quote))
         .collect::<Vec<_>>()
         .join(" ");
-    let out = Command::new("script")
-        .args(["-qec", &line, "/dev/null"])
-        .stdin(Stdio::null())
-        .output()
+    let out = containerd
+        .output_retrying("tty1", || {
+            let mut cmd = Command::new("script");
+            cmd.args(["-qec", &line, "/dev/null"]).stdin(Stdio::null());
+            cmd
+        })
         .unwrap();
     assert!(
         text(&out.stdout).contains("is-a-tty"),
@@ -122,14 +124,13 @@ fn exec_update_and_sigterm_reach_the_running_container() {
     // handler passes SIGTERM on to sleep, which dies of it (143).
     let script = "echo ready > /ready; /bin/sleep 1000 & p=$!; trap 'kill -TERM $p' TERM; \
                   wait $p; wait $p; exit $?";
+    let run = || {
+        let mut cmd = containerd.run(&["--rm"], &rootfs, "c2", &["/bin/sh", "-c", script]);
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd
+    };
     let mut fg = containerd
-        .run(&["--rm"], &rootfs, "c2", &["/bin/sh", "-c", script])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    containerd
-        .wait_status("c2", "RUNNING", Duration::from_secs(60))
+        .spawn_running("c2", run, Duration::from_secs(150))
         .unwrap();
     let until = Instant::now() + Duration::from_secs(30);
     while !rootfs.join("ready").exists() {
@@ -339,29 +340,34 @@ fn four_containers_at_once_each_in_a_vm_of_its_own() {
     };
     let _one = one_at_a_time();
     let containerd = start(&parts, false);
+    let argv = ["/bin/cat", "/proc/sys/kernel/random/boot_id"];
     let runs: Vec<_> = (0..4)
         .map(|i| {
             let rootfs = containerd
                 .rootfs(&format!("rootfs{i}"), &parts.busybox)
                 .unwrap();
             let id = format!("four{i}");
-            containerd
-                .run(
-                    &["--rm"],
-                    &rootfs,
-                    &id,
-                    &["/bin/cat", "/proc/sys/kernel/random/boot_id"],
-                )
+            let child = containerd
+                .run(&["--rm"], &rootfs, &id, &argv)
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .spawn()
-                .unwrap()
+                .unwrap();
+            (id, rootfs, child)
         })
         .collect();
     let mut boot_ids: Vec<String> = runs
         .into_iter()
-        .map(|child| {
-            let out = child.wait_with_output().unwrap();
+        .map(|(id, rootfs, child)| {
+            let mut out = child.wait_with_output().unwrap();
+            if !out.status.success() && vsock_daemon_fault(&text(&out.stderr)) {
+                // One VM in a hundred meets the vsock daemon's start fault: that one
+                // runs once more, on its own.
+                let _ = containerd.ctr().args(["container", "rm", &id]).output();
+                out = containerd
+                    .run_output(&["--rm"], &rootfs, &id, &argv)
+                    .unwrap();
+            }
             assert!(out.status.success(), "{}", show(&out, &containerd));
             text(&out.stdout).trim().to_owned()
         })

@@ -33,10 +33,12 @@ fn a_killed_shim_leaves_no_qemu_daemon_socket_or_mount() {
     let containerd = start(&parts, false);
     containerd.import_images("default", &parts.images).unwrap();
     let out = containerd
-        .ctr()
-        .args(["run", "-d", "--runtime", "io.containerd.vmkit.v1"])
-        .args(["vmkit.test/busybox:1", "k1", "sleep", "1000"])
-        .output()
+        .output_retrying("k1", || {
+            let mut cmd = containerd.ctr();
+            cmd.args(["run", "-d", "--runtime", "io.containerd.vmkit.v1"])
+                .args(["vmkit.test/busybox:1", "k1", "sleep", "1000"]);
+            cmd
+        })
         .unwrap();
     assert!(out.status.success(), "{}", show(&out, &containerd));
     let qemu = task_pid(
@@ -98,10 +100,12 @@ fn a_restarted_containerd_still_lists_the_container_and_can_kill_it() {
     let mut containerd = start(&parts, false);
     containerd.import_images("default", &parts.images).unwrap();
     let out = containerd
-        .ctr()
-        .args(["run", "-d", "--runtime", "io.containerd.vmkit.v1"])
-        .args(["vmkit.test/busybox:1", "r1", "sleep", "1000"])
-        .output()
+        .output_retrying("r1", || {
+            let mut cmd = containerd.ctr();
+            cmd.args(["run", "-d", "--runtime", "io.containerd.vmkit.v1"])
+                .args(["vmkit.test/busybox:1", "r1", "sleep", "1000"]);
+            cmd
+        })
         .unwrap();
     assert!(out.status.success(), "{}", show(&out, &containerd));
     let qemu = task_pid(

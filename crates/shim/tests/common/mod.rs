@@ -9,6 +9,7 @@ use std::process::Output;
 use std::sync::Mutex;
 
 pub use vmkit_testkit::containerd::{Containerd, Parts, parts, signal};
+pub use vmkit_testkit::guest::vsock_daemon_fault;
 pub use vmkit_testkit::leaks::alive;
 
 /// One VM-booting test at a time (two cores, TCG).
