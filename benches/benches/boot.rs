@@ -25,7 +25,7 @@ use vmkit_proto::StreamHeader;
 use vmkit_qemu::{QemuBackend, QemuOptions};
 use vmkit_testkit::{GuestImage, qemu::require_qemu, require_guest_image};
 
-const ROUNDS: usize = 5;
+const ROUNDS: usize = 4;
 /// How long any one boot may take before the bench gives up on it.
 const BOOT_DEADLINE: Duration = Duration::from_secs(60);
 /// How often the baselines look at the console (and for the daemon's socket).

@@ -23,7 +23,7 @@ use vmkit_plugin::PluginBackend;
 use vmkit_plugin::process::ProcessChannel;
 use vmkit_testkit::{GuestImage, qemu::require_qemu, require_guest_image};
 
-const ROUNDS: usize = 4;
+const ROUNDS: usize = 3;
 const PINGS: usize = 200;
 const CHEAP: usize = 1000;
 

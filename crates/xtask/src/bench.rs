@@ -96,14 +96,16 @@ fn prepare() -> Result<Parts, String> {
     install::ensure_runc()?;
     // Everything in release, in one cargo run before the first bench runs (both cores
     // busy throughout): the plugin's library and executable, the shim, the table's
-    // tool and every bench. `--bench '*'`, not `--benches`: that would also build each
-    // library and binary as a test harness, with its dev-dependencies.
+    // tool and the benches the table runs (not the soak: `cargo xtask soak` builds it).
+    // Benches by name, not `--benches`: that would also build each library and binary
+    // as a test harness, with its dev-dependencies.
     run::step(
         "build the benches, the QEMU plugin and the shim (release)",
         run::cargo()
             .args(["build", "--release", "--locked"])
             .args(PACKAGES)
-            .args(["--lib", "--bins", "--bench", "*"]),
+            .args(["--lib", "--bins"])
+            .args(BENCHES.iter().flat_map(|bench| ["--bench", bench])),
     )?;
     Ok(Parts {
         env: vec![
