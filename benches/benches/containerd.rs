@@ -156,5 +156,16 @@ fn main() {
         "  shim / plain VM  {ratio:>8.2}x  (target ≤ {TARGET}x: {})",
         if met { "met" } else { "MISSED" }
     );
+    // Where the shim's time went in the last round, as its log says.
+    let last = format!("vmkit{}", ROUNDS - 1);
+    for line in containerd.log().lines() {
+        if line.contains(&last)
+            && ["created ", "started ", "exited", "deleted "]
+                .iter()
+                .any(|w| line.contains(w))
+        {
+            println!("  shim log: {}", line.trim());
+        }
+    }
     vmkit_benches::finish(met);
 }

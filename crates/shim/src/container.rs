@@ -83,9 +83,13 @@ fn rootfs_source(
 }
 
 /// `crun run` of container `id`, its pid file and bundle in the shared directory.
+/// `--keep`: crun does not delete the container when its process ends, so the exit
+/// reaches containerd without waiting for that; `Delete` does it when the VM goes on
+/// ([`Container::delete_command`]), and the last container needs none (its VM stops).
 fn init_command(id: &str) -> Command {
     Command::new(CRUN.iter().copied().chain([
         "run",
+        "--keep",
         "--no-pivot",
         "--pid-file",
         &format!("{GUEST_ROOT}/{id}/{PID_FILE}"),
@@ -300,6 +304,16 @@ impl Container {
             &path,
             &self.id,
         ])))
+    }
+
+    /// `crun delete --force <id>`, for the guest: what `crun run --keep` left (its state
+    /// and cgroup), and any process still in it.
+    pub(crate) fn delete_command(&self) -> Command {
+        Command::new(
+            CRUN.iter()
+                .copied()
+                .chain(["delete", "--force", self.id.as_str()]),
+        )
     }
 
     /// `crun kill [--all] <id> <signal>`, for the guest.

@@ -271,12 +271,15 @@ impl Service {
         Ask::total(&asks)
     }
 
-    /// Takes `container` out: out of the list, its share out of the VM (the last one's
-    /// goes with the VM, which stops), its files off the host.
+    /// Takes `container` out: out of the list, out of crun's state and its share out of
+    /// the VM (the last one's go with the VM, which stops), its files off the host.
     async fn detach(&self, container: &Container) {
         self.containers().remove(&container.id);
         let others = !self.containers().is_empty();
         if let Some(vm) = self.sandbox.lock().await.clone().filter(|_| others) {
+            if let Err(e) = vm.run(&container.delete_command()).await {
+                log::warn!("{e}");
+            }
             if let Err(e) = vm.unmount(&container.guest_dir).await {
                 log::warn!("{e}");
             }

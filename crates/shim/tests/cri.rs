@@ -15,8 +15,9 @@ use k8s_cri::v1::{
     ContainerConfig, ContainerMetadata, CreateContainerRequest, ExecSyncRequest, ImageSpec,
     LinuxContainerConfig, LinuxContainerResources, LinuxPodSandboxConfig,
     LinuxSandboxSecurityContext, ListPodSandboxRequest, NamespaceMode, NamespaceOption,
-    PodSandboxConfig, PodSandboxMetadata, RemovePodSandboxRequest, RunPodSandboxRequest,
-    StartContainerRequest, StopPodSandboxRequest, UpdateContainerResourcesRequest,
+    PodSandboxConfig, PodSandboxMetadata, RemoveContainerRequest, RemovePodSandboxRequest,
+    RunPodSandboxRequest, StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
+    UpdateContainerResourcesRequest,
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -249,6 +250,28 @@ async fn pod_checks(containerd: &Containerd) {
     assert_eq!(
         exec(&mut cri, &one, &["sh", "-c", cpu_max]).await,
         "100000 100000"
+    );
+
+    // One container of the pod removed while the VM goes on: crun deletes what it kept
+    // of it (`crun run --keep`), its cgroup too.
+    let own_cgroup = ["sh", "-c", "cut -d: -f3 /proc/self/cgroup"];
+    let two_cgroup = exec(&mut cri, &two, &own_cgroup).await;
+    cri.stop_container(StopContainerRequest {
+        container_id: two.clone(),
+        timeout: 10,
+    })
+    .await
+    .unwrap();
+    cri.remove_container(RemoveContainerRequest {
+        container_id: two.clone(),
+    })
+    .await
+    .unwrap();
+    let look = format!("test -e /sys/fs/cgroup{two_cgroup} && echo kept || echo gone");
+    assert_eq!(
+        exec(&mut cri, &one, &["sh", "-c", &look]).await,
+        "gone",
+        "container two's cgroup {two_cgroup}"
     );
 
     cri.stop_pod_sandbox(StopPodSandboxRequest {
