@@ -66,6 +66,7 @@ pub(super) async fn daemon_lost(vm: &Vm, uds: &Path, port: u32) {
         } else {
             HybridProbe::Other
         };
+        tracing::trace!(vm = %vm.id(), started, ?probe, "vsock daemon watch");
         if lost.look(started, probe, Instant::now()) {
             return;
         }
