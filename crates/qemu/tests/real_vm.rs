@@ -482,8 +482,10 @@ async fn a_guest_whose_agent_never_answers_fails_start_and_leaves_nothing() {
     assert!(
         err.starts_with("start: waiting for the guest agent to answer Ping (")
             && err.contains(" dials of hvsock://")
-            && (err.contains("; last: closed before OK: nothing listens on guest port 1025 yet)")
-                || err.contains("; last: write CONNECT 1025: Broken pipe"))
+            && (err.contains(
+                "; last: closed before OK: nothing listens on guest port 1025 yet; \
+                 QEMU reports the guest's vsock device started)"
+            ) || err.contains("; last: write CONNECT 1025: Broken pipe"))
             && err.ends_with(": timed out after 15s"),
         "{err}"
     );

@@ -73,6 +73,28 @@ pub(super) async fn daemon_lost(vm: &Vm, uds: &Path, port: u32) {
     }
 }
 
+/// What QEMU says of the hybrid-vsock device, for a start that timed out waiting for
+/// the agent: whether the guest's driver started it (so the daemon should have the
+/// guest's memory) or not (the guest never set the device up). Empty when there is no
+/// such device or QEMU does not answer within [`PROBE_TIMEOUT`] (the start's deadline
+/// has passed: this must not hold it up).
+pub(super) async fn device_state(vm: &Vm) -> String {
+    let Ok(client) = vm.qmp("start") else {
+        return String::new();
+    };
+    let qmp = Qmp::new(client);
+    let path = vsock_backend_path();
+    match tokio::time::timeout(PROBE_TIMEOUT, qmp.vhost_started(&path)).await {
+        Ok(Ok(true)) => "; QEMU reports the guest's vsock device started".to_owned(),
+        Ok(Ok(false)) => {
+            "; QEMU reports the guest's vsock device not started (the guest's driver never \
+             set it up)"
+                .to_owned()
+        }
+        Ok(Err(_)) | Err(_) => String::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -251,9 +251,10 @@ async fn reach_agent(
             } else {
                 ""
             };
+            let device = daemon_watch::device_state(vm).await;
             Err(CoreError::Timeout {
                 op: format!(
-                    "start: {} ({attempts} dials of {addr}; last: {last}{why})",
+                    "start: {} ({attempts} dials of {addr}; last: {last}{why}{device})",
                     Phase::Agent.describe()
                 ),
                 after: timeout,
