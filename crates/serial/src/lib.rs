@@ -49,4 +49,5 @@ mod mux;
 pub use channel::Channel;
 pub use error::Error;
 pub use frame::MAX_PAYLOAD;
+pub use link::MAX_QUEUED;
 pub use mux::{Incoming, Mux, Side};

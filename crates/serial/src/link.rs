@@ -3,6 +3,7 @@
 //! and why the link died once it did.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::task::Waker;
 
@@ -93,10 +94,19 @@ pub(crate) struct State {
     pub(crate) ports: Option<Vec<u32>>,
 }
 
+/// The most bytes this side lets wait for its writer. What is queued is bounded by the
+/// credit windows of this side's own channels plus its answers to the other side's
+/// frames (a refused open, a reset, a hello's answer); a peer that reads nothing while
+/// it sends frames that each ask for an answer would make that grow without end. Past
+/// this the link ends: such a peer is dead or hostile.
+pub const MAX_QUEUED: usize = 16 << 20;
+
 /// What the mux's tasks and channels share.
 pub(crate) struct Shared {
     state: Mutex<State>,
     out: mpsc::UnboundedSender<Vec<u8>>,
+    /// Bytes queued for the writer and not written yet.
+    queued: AtomicUsize,
     /// Ticks `true` when the link dies (the tasks stop).
     pub(crate) stop: watch::Sender<bool>,
     /// Ticks on every hello (or answer) from the other side: what opens waiting for
@@ -109,14 +119,34 @@ impl Shared {
         Shared {
             state: Mutex::new(state),
             out,
+            queued: AtomicUsize::new(0),
             stop: watch::channel(false).0,
             met: watch::channel(0).0,
         }
     }
 
-    /// Queues raw bytes (the sync pad) for the writer task.
+    /// Queues raw bytes (the sync pad) for the writer task; past [`MAX_QUEUED`] the link
+    /// ends instead. Never called with the state locked ([`Shared::kill`] takes it).
     pub(crate) fn send_raw(&self, bytes: Vec<u8>) {
-        let _ = self.out.send(bytes);
+        let len = bytes.len();
+        let queued = self.queued.fetch_add(len, Ordering::Relaxed) + len;
+        if queued > MAX_QUEUED {
+            self.queued.fetch_sub(len, Ordering::Relaxed);
+            self.kill(&format!(
+                "the other side reads nothing: {} MiB wait to be written to it",
+                MAX_QUEUED >> 20
+            ));
+            return;
+        }
+        if self.out.send(bytes).is_err() {
+            // The writer is gone with the link: nothing waits.
+            self.queued.fetch_sub(len, Ordering::Relaxed);
+        }
+    }
+
+    /// The writer wrote `n` queued bytes.
+    pub(crate) fn written(&self, n: usize) {
+        self.queued.fetch_sub(n, Ordering::Relaxed);
     }
 
     pub(crate) fn state(&self) -> MutexGuard<'_, State> {
@@ -125,9 +155,10 @@ impl Shared {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queues `frame` for the writer task (a dead link drops it).
+    /// Queues `frame` for the writer task (a dead link drops it; see
+    /// [`Shared::send_raw`]).
     pub(crate) fn send(&self, frame: &Frame) {
-        let _ = self.out.send(frame.encode());
+        self.send_raw(frame.encode());
     }
 
     /// Ends the link: every channel, every open and the acceptor fail with `reason`.

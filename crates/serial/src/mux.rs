@@ -287,6 +287,7 @@ async fn write_frames<W: AsyncWrite>(
             shared.kill(&format!("write: {e}"));
             return;
         }
+        shared.written(bytes.len());
     }
 }
 

@@ -406,3 +406,60 @@ async fn it_runs_over_a_unix_socket() {
         pattern(1 << 20, 5)
     );
 }
+
+/// FNV-1a, as the wire sums its header and payload.
+fn fnv1a(bytes: &[u8]) -> u32 {
+    bytes.iter().fold(0x811c_9dc5_u32, |h, &b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    })
+}
+
+/// A frame as a hostile peer writes it by hand (crates/serial/src/frame.rs's layout).
+fn raw_frame(kind: u8, channel: u32, payload: &[u8]) -> Vec<u8> {
+    let mut out = b"VMX1".to_vec();
+    out.extend_from_slice(&[kind, 0]);
+    out.extend_from_slice(&channel.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    let sum = fnv1a(&out);
+    out.extend_from_slice(&sum.to_le_bytes());
+    out.extend_from_slice(payload);
+    out.extend_from_slice(&fnv1a(payload).to_le_bytes());
+    out
+}
+
+/// A peer that asks for an answer with every frame (an open this side refuses) and reads
+/// none of them: this side queues its answers up to `MAX_QUEUED`, then ends the link
+/// saying why, instead of holding more without end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_reads_nothing_cannot_make_this_side_queue_without_end() {
+    let (h, mut g) = tokio::io::duplex(64 << 10);
+    let (host, incoming) = Mux::new(h, Side::Host);
+    drop(incoming); // this side accepts no channel: every open is refused
+    // Each open (26 bytes) is answered by a refusal of about 60: 16 MiB of answers
+    // need about 300,000 opens, 8 MiB written.
+    let opens: Vec<u8> = (1..=400_000u32)
+        .flat_map(|channel| raw_frame(3, channel * 2, &1025u32.to_le_bytes()))
+        .collect();
+    let began = Instant::now();
+    let writing = tokio::spawn(async move {
+        let _ = g.write_all(&opens).await;
+        g
+    });
+    let err = loop {
+        match host.open(ECHO, Duration::from_millis(200)).await {
+            Err(Error::Closed { reason }) => break reason,
+            _ => {
+                assert!(
+                    began.elapsed() < Duration::from_secs(60),
+                    "the link still lives"
+                );
+            }
+        }
+    };
+    assert!(err.contains("the other side reads nothing"), "{err}");
+    assert!(
+        err.contains(&format!("{} MiB", vmkit_serial::MAX_QUEUED >> 20)),
+        "{err}"
+    );
+    drop(writing);
+}
