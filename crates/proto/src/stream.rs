@@ -267,7 +267,15 @@ impl StreamReply {
             return Ok(StreamReply::Ok);
         }
         match text.strip_prefix("ERR ") {
-            Some(reason) => Ok(StreamReply::Err(reason.to_owned())),
+            // The guest's words end up in the host's errors and logs: control
+            // characters (a terminal's escapes, more lines) become spaces, as
+            // `encode` writes them.
+            Some(reason) => Ok(StreamReply::Err(
+                reason
+                    .chars()
+                    .map(|c| if c.is_control() { ' ' } else { c })
+                    .collect(),
+            )),
             None => Err(StreamHeaderError::BadReply(shorten(text))),
         }
     }
@@ -297,6 +305,18 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use proptest::prelude::*;
+
+    /// Found by the `stream_header` fuzz target: a reason with control characters read
+    /// back differently from what it encodes to, and carried a guest's escapes into the
+    /// host's errors.
+    #[test]
+    fn a_replys_control_characters_become_spaces() {
+        let reply = StreamReply::parse(b"ERR \n\n\n\n").unwrap();
+        assert_eq!(reply, StreamReply::Err("   ".into()));
+        assert_eq!(StreamReply::parse(&reply.encode()).unwrap(), reply);
+        let escape = StreamReply::parse(b"ERR \x1b[2Jgone\n").unwrap();
+        assert_eq!(escape, StreamReply::Err(" [2Jgone".into()));
+    }
 
     #[test]
     fn headers_round_trip_and_read_as_documented() {
