@@ -39,6 +39,8 @@
 mod client;
 mod error;
 mod event;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod options;
 mod wire;
 

@@ -20,7 +20,7 @@ pub(crate) const MAGIC: [u8; 4] = *b"VMX1";
 /// The fixed part before the payload.
 pub(crate) const HEADER: usize = 4 + 1 + 1 + 4 + 4 + 4;
 /// The payload's checksum after it.
-const TRAILER: usize = 4;
+pub(crate) const TRAILER: usize = 4;
 /// The largest payload of one frame.
 pub const MAX_PAYLOAD: usize = 16 << 10;
 
@@ -167,6 +167,8 @@ pub(crate) struct Decoder {
     buf: Vec<u8>,
     /// Bytes skipped so far (garbage, cut or damaged frames).
     skipped: u64,
+    /// The wire size of the last frame delivered.
+    last_frame: usize,
 }
 
 impl Decoder {
@@ -178,6 +180,18 @@ impl Decoder {
     /// Bytes skipped so far as not part of an intact frame.
     pub(crate) fn skipped(&self) -> u64 {
         self.skipped
+    }
+
+    /// Bytes held: fed, neither skipped nor delivered yet.
+    #[cfg_attr(not(feature = "fuzzing"), allow(dead_code))]
+    pub(crate) fn held(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The wire size of the last frame [`Decoder::next_frame`] delivered.
+    #[cfg_attr(not(feature = "fuzzing"), allow(dead_code))]
+    pub(crate) fn last_frame_len(&self) -> usize {
+        self.last_frame
     }
 
     /// The next intact frame, or `None` until more bytes arrive. What it skips is
@@ -220,6 +234,7 @@ impl Decoder {
         match found {
             Some((frame, size)) => {
                 self.buf.drain(..at + size);
+                self.last_frame = size;
                 Some(frame)
             }
             None => {

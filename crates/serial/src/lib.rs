@@ -43,6 +43,8 @@
 mod channel;
 mod error;
 mod frame;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod link;
 mod mux;
 

@@ -8,6 +8,7 @@ mod containerd;
 mod crun;
 mod debian_rust;
 mod demo;
+mod fuzz;
 mod image;
 mod install;
 mod macos;
@@ -35,6 +36,9 @@ tasks:
             its figures against a baseline measured in the same run (--check: exit
             non-zero when a target is missed); the table in target/bench/report.md
   soak      the leak soak: 50 start/stop cycles of the test guest, nothing may be left
+  fuzz [TARGET] [--time S]
+            build fuzz/'s targets with libFuzzer coverage (stable Rust, needs g++) and run
+            each, or TARGET, for S seconds (default 60); findings in target/fuzz/artifacts/
   check-macos
             clippy -D warnings on the host crates for x86_64- and aarch64-apple-darwin
             (std built from Debian's Rust source, unpacked under target/debian-rust/;
@@ -81,6 +85,7 @@ fn main() -> ExitCode {
         Some("containerd") => containerd::ensure().map(drop),
         Some("bench") => bench::run(&args[1..]),
         Some("soak") => bench::soak(&args[1..]),
+        Some("fuzz") => fuzz::run(&args[1..]),
         Some("demo") => demo::run(&args[1..]),
         Some("release-check") => release::check(true),
         Some("-h" | "--help" | "help") => {
