@@ -103,10 +103,9 @@ pub(crate) async fn repair(vm: &Vm) -> Result<(), Error> {
 /// driver probed it and set it up): before that, a host connection would reach a
 /// daemon that has no vrings yet.
 async fn wait_started(qmp: &Qmp, deadline: Instant) -> Result<(), Error> {
-    let path = vsock_backend_path();
     let mut last = String::from("no answer yet");
     while Instant::now() < deadline {
-        match qmp.vhost_started(&path).await {
+        match vsock_started(qmp).await {
             Ok(true) => return Ok(()),
             Ok(false) => last = "vhost-started false".to_owned(),
             Err(e) => last = e.to_string(),
@@ -116,8 +115,9 @@ async fn wait_started(qmp: &Qmp, deadline: Instant) -> Result<(), Error> {
     Err(failed("wait for the guest to start the new device")(last))
 }
 
-/// The QOM path of the hybrid-vsock device's virtio backend, as
-/// `x-query-virtio-status` wants it.
-pub(crate) fn vsock_backend_path() -> String {
-    format!("/machine/peripheral/{VSOCK_ID}/virtio-backend")
+/// Whether QEMU reports the hybrid-vsock device's vhost backend started (the guest's
+/// driver set the device up), by its virtio backend's QOM path.
+pub(crate) async fn vsock_started(qmp: &Qmp) -> Result<bool, vmkit_qmp::Error> {
+    qmp.vhost_started(&format!("/machine/peripheral/{VSOCK_ID}/virtio-backend"))
+        .await
 }

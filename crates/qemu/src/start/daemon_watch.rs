@@ -15,7 +15,7 @@ use tokio::time::{Instant, sleep};
 use vmkit_vsock::{HybridProbe, probe_hybrid};
 
 use crate::qmp::Qmp;
-use crate::relink::vsock_backend_path;
+use crate::relink::vsock_started;
 use crate::vm::Vm;
 
 /// How often the watch looks.
@@ -56,11 +56,10 @@ pub(super) async fn daemon_lost(vm: &Vm, uds: &Path, port: u32) {
         return std::future::pending().await;
     };
     let qmp = Qmp::new(client);
-    let path = vsock_backend_path();
     let mut lost = LostDaemon::default();
     loop {
         sleep(LOOK_EVERY).await;
-        let started = qmp.vhost_started(&path).await.unwrap_or(false);
+        let started = vsock_started(&qmp).await.unwrap_or(false);
         let probe = if started {
             probe_hybrid(uds, port, PROBE_TIMEOUT).await
         } else {
@@ -83,8 +82,7 @@ pub(super) async fn device_state(vm: &Vm) -> String {
         return String::new();
     };
     let qmp = Qmp::new(client);
-    let path = vsock_backend_path();
-    match tokio::time::timeout(PROBE_TIMEOUT, qmp.vhost_started(&path)).await {
+    match tokio::time::timeout(PROBE_TIMEOUT, vsock_started(&qmp)).await {
         Ok(Ok(true)) => "; QEMU reports the guest's vsock device started".to_owned(),
         Ok(Ok(false)) => {
             "; QEMU reports the guest's vsock device not started (the guest's driver never \
