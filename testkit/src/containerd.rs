@@ -297,8 +297,9 @@ impl Containerd {
     }
 
     /// Whether a `ctr run` of `id` that failed with `stderr` met the vsock daemon's start
-    /// fault; if so, what it left is removed (and the test's stderr says so).
-    fn met_daemon_fault(&self, id: &str, stderr: &[u8]) -> bool {
+    /// fault; if so, what it left is removed (and the test's stderr says so), ready for
+    /// the run once more.
+    pub fn met_daemon_fault(&self, id: &str, stderr: &[u8]) -> bool {
         if !crate::guest::vsock_daemon_fault(&String::from_utf8_lossy(stderr)) {
             return false;
         }

@@ -360,12 +360,12 @@ fn four_containers_at_once_each_in_a_vm_of_its_own() {
         .into_iter()
         .map(|(id, rootfs, child)| {
             let mut out = child.wait_with_output().unwrap();
-            if !out.status.success() && vsock_daemon_fault(&text(&out.stderr)) {
+            if !out.status.success() && containerd.met_daemon_fault(&id, &out.stderr) {
                 // One VM in a hundred meets the vsock daemon's start fault: that one
                 // runs once more, on its own.
-                let _ = containerd.ctr().args(["container", "rm", &id]).output();
                 out = containerd
-                    .run_output(&["--rm"], &rootfs, &id, &argv)
+                    .run(&["--rm"], &rootfs, &id, &argv)
+                    .output()
                     .unwrap();
             }
             assert!(out.status.success(), "{}", show(&out, &containerd));
